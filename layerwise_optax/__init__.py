@@ -1,0 +1,13 @@
+"""Layer-wise (per-axis, Kronecker-factored) preconditioners as optax transforms."""
+
+from layerwise_optax import linalg as linalg
+from layerwise_optax._axes import DimensionNumbers as DimensionNumbers
+from layerwise_optax._axes import default_dimension_numbers as default_dimension_numbers
+from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
+from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
+from layerwise_optax._shampoo import shampoo as shampoo
+from layerwise_optax._soap import ScaleBySoapState as ScaleBySoapState
+from layerwise_optax._soap import scale_by_soap as scale_by_soap
+from layerwise_optax._soap import soap as soap
+
+__version__ = "0.1.0"

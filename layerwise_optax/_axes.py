@@ -1,0 +1,382 @@
+"""Axis bookkeeping: how each parameter's axes map onto Kronecker factors.
+
+This is the only module that knows about axis permutations, merging and
+blocking. Every optimizer asks it for a :class:`LeafPlan` per parameter and then
+works on the plan's *block view*, a stacked array of shape
+``(num_blocks, b_1, ..., b_k)``:
+
+1. the leaf is transposed so that batch axes come first, then each factor group
+   in order, then the identity axes;
+2. each factor group is merged (reshaped) into one dimension ``d_i``;
+3. every dimension longer than ``block_size`` is zero-padded to a multiple of
+   ``block_size`` and split into blocks; blocks and batch slices are stacked on
+   the leading axis.
+
+Padding is exact, not an approximation: padded rows of a block are zero in every
+gradient, so a block's factor is block-diagonal with a zero corner, every matrix
+function we use keeps that structure, and the padded entries are dropped by
+:meth:`LeafPlan.from_blocks`. Stacking the blocks lets each refresh run as one
+batched matrix call per leaf and axis.
+
+Each dimension of the view has a *kind*:
+
+* ``'full'``: a dense ``b × b`` factor (``2 <= b <= max_precond_dim``);
+* ``'diag'``: a diagonal factor, for dimensions longer than
+  ``max_precond_dim`` (after blocking);
+* ``'none'``: no factor (identity), for unit dimensions, identity axes, and leaves
+  whose spec is ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Kind = Literal["full", "diag", "none"]
+
+
+class DimensionNumbers(NamedTuple):
+    """How a parameter's axes map onto Kronecker factors.
+
+    Attributes:
+      factor_axes: Groups of axes; each group is merged (in the given order) into
+        one factor dimension. ``((0,), (1,))`` for a dense kernel,
+        ``((0, 1, 2), (3,))`` for a conv kernel viewed as a matrix,
+        ``((0,), (1,), (2,))`` for full per-axis Shampoo on an order-3 tensor.
+      batch_axes: Axes mapped over independently (stacked or scanned layers,
+        attention heads): each slice gets its own factors.
+      identity_axes: Axes that are contracted in the statistics but never
+        preconditioned (one-sided preconditioning, e.g. only the input axis of a
+        kernel).
+    """
+
+    factor_axes: tuple[tuple[int, ...], ...]
+    batch_axes: tuple[int, ...] = ()
+    identity_axes: tuple[int, ...] = ()
+
+
+DimNumsTree = Any  # a tree of DimensionNumbers | None, matching the params.
+DimNumsOrFn = Union[DimNumsTree, Callable[[Any], DimNumsTree]]
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _as_tuple(axes: Any) -> tuple[int, ...]:
+    if isinstance(axes, (int, np.integer)):
+        return (int(axes),)
+    return tuple(int(a) for a in axes)
+
+
+def normalize(spec: Any, shape: tuple[int, ...], path: str = "") -> DimensionNumbers | None:
+    """Canonicalizes a spec for a leaf of ``shape``; the single validator.
+
+    Accepts a :class:`DimensionNumbers`, a bare tuple of factor groups (ints or
+    tuples of ints), or ``None``. Negative axes are resolved. Every axis must
+    appear exactly once across ``factor_axes``, ``batch_axes`` and
+    ``identity_axes``.
+
+    Args:
+      spec: The spec to normalize.
+      shape: The leaf's shape.
+      path: The leaf's tree path, used in error messages.
+
+    Returns:
+      A canonical :class:`DimensionNumbers`, or ``None``.
+
+    Raises:
+      ValueError: If an axis is out of range, repeated, or not covered.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, DimensionNumbers):
+        if isinstance(spec, tuple):
+            spec = DimensionNumbers(factor_axes=spec)
+        else:
+            raise ValueError(
+                f"param {path} with shape {shape}: dimension_numbers must be a "
+                f"DimensionNumbers, a tuple of axis groups or None, got {spec!r}."
+            )
+    ndim = len(shape)
+
+    def canon(a: int) -> int:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"param {path} with shape {shape}: dimension_numbers {tuple(spec)} "
+                f"name axis {a}, which does not exist."
+            )
+        return a % ndim
+
+    groups = tuple(tuple(canon(a) for a in _as_tuple(g)) for g in spec.factor_axes)
+    groups = tuple(g for g in groups if g)
+    batch = tuple(canon(a) for a in _as_tuple(spec.batch_axes))
+    ident = tuple(canon(a) for a in _as_tuple(spec.identity_axes))
+    used = [a for g in groups for a in g] + list(batch) + list(ident)
+    if len(used) != len(set(used)):
+        raise ValueError(
+            f"param {path} with shape {shape}: dimension_numbers {tuple(spec)} "
+            "use an axis more than once."
+        )
+    missing = sorted(set(range(ndim)) - set(used))
+    if missing:
+        raise ValueError(
+            f"param {path} with shape {shape}: dimension_numbers {tuple(spec)} "
+            f"do not cover axis {missing[0] if len(missing) == 1 else missing}."
+        )
+    return DimensionNumbers(groups, batch, ident)
+
+
+def default_dimension_numbers(
+    shape: tuple[int, ...], *, max_precond_dim: int = 1024, merge_small_dims: bool = True
+) -> DimensionNumbers | None:
+    """The library's default policy for a leaf of ``shape``.
+
+    * fewer than two axes longer than 1 (scalars, vectors, ``(1, n)``): ``None``,
+      the optimizer's documented diagonal fallback;
+    * otherwise one factor group per axis, and with ``merge_small_dims`` adjacent
+      axes are merged left to right while the merged size stays within
+      ``max_precond_dim``, always keeping at least two groups. A conv kernel
+      ``(3, 3, 64, 128)`` becomes ``((0, 1, 2), (3,))``, a ``576 × 128`` matrix;
+      unit axes are absorbed by a neighbour.
+
+    Args:
+      shape: The leaf's shape.
+      max_precond_dim: Largest dimension a merged group may reach.
+      merge_small_dims: Whether to merge adjacent small axes.
+
+    Returns:
+      A :class:`DimensionNumbers`, or ``None``.
+    """
+    shape = tuple(shape)
+    nonunit = [a for a, s in enumerate(shape) if s > 1]
+    if len(nonunit) < 2:
+        return None
+    if not merge_small_dims:
+        return DimensionNumbers(tuple((a,) for a in range(len(shape))))
+    groups: list[list[int]] = []
+    size = 0
+    for a, s in enumerate(shape):
+        remaining_nonunit = [b for b in nonunit if b > a]
+        if not groups:
+            groups.append([a])
+            size = s
+            continue
+        closes_last_group = s > 1 and not remaining_nonunit and len(groups) == 1 and size > 1
+        if s == 1 or size == 1 or (size * s <= max_precond_dim and not closes_last_group):
+            groups[-1].append(a)
+            size *= s
+        else:
+            groups.append([a])
+            size = s
+    return DimensionNumbers(tuple(tuple(g) for g in groups))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """Static description of one leaf's block view (see the module docstring).
+
+    Attributes:
+      shape: The leaf's original shape.
+      spec: The normalized spec (``None``: no factors, the whole leaf is one
+        ``'none'`` dimension).
+      perm: Transpose taking the leaf to (batch, group..., identity) order.
+      batch: Product of the batch axes.
+      dims: Merged size of each view dimension.
+      kinds: ``'full'``, ``'diag'`` or ``'none'`` per view dimension.
+      blocks: Block length per view dimension (equal to ``dims`` if unblocked).
+      num_blocks: Number of blocks per view dimension.
+    """
+
+    shape: tuple[int, ...]
+    spec: DimensionNumbers | None
+    perm: tuple[int, ...]
+    batch: int
+    dims: tuple[int, ...]
+    kinds: tuple[Kind, ...]
+    blocks: tuple[int, ...]
+    num_blocks: tuple[int, ...]
+
+    @property
+    def stack(self) -> int:
+        """Leading size of the block view: batch slices times blocks."""
+        return self.batch * math.prod(self.num_blocks)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of the block view, ``(stack, b_1, ..., b_k)``."""
+        return (self.stack,) + self.blocks
+
+    @property
+    def num_factors(self) -> int:
+        """Number of preconditioned (``'full'`` or ``'diag'``) dimensions."""
+        return sum(k != "none" for k in self.kinds)
+
+    @property
+    def is_preconditioned(self) -> bool:
+        """Whether any dimension has a factor."""
+        return self.num_factors > 0
+
+    def to_blocks(self, x: jax.Array) -> jax.Array:
+        """Maps a leaf to its block view ``(stack, b_1, ..., b_k)``."""
+        x = jnp.reshape(jnp.transpose(x, self.perm), (self.batch,) + self.dims)
+        pads = [(0, 0)] + [(0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)]
+        if any(p[1] for p in pads):
+            x = jnp.pad(x, pads)
+        k = len(self.dims)
+        split = (self.batch,) + tuple(s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b))
+        x = jnp.reshape(x, split)
+        order = (0,) + tuple(1 + 2 * i for i in range(k)) + tuple(2 + 2 * i for i in range(k))
+        return jnp.reshape(jnp.transpose(x, order), self.block_shape)
+
+    def from_blocks(self, y: jax.Array) -> jax.Array:
+        """Exact inverse of :meth:`to_blocks` (padding is dropped)."""
+        k = len(self.dims)
+        y = jnp.reshape(y, (self.batch,) + self.num_blocks + self.blocks)
+        order = (0,) + tuple(s for i in range(k) for s in (1 + i, 1 + k + i))
+        y = jnp.transpose(y, order)
+        y = jnp.reshape(y, (self.batch,) + tuple(n * b for n, b in zip(self.num_blocks, self.blocks)))
+        y = y[(slice(None),) + tuple(slice(0, d) for d in self.dims)]
+        permuted = tuple(self.shape[p] for p in self.perm)
+        y = jnp.reshape(y, permuted)
+        return jnp.transpose(y, np.argsort(self.perm))
+
+    def state_floats(self) -> int:
+        """Floats held by one factor set (statistics or roots) of this leaf."""
+        total = 0
+        for kind, b in zip(self.kinds, self.blocks):
+            if kind == "full":
+                total += self.stack * b * b
+            elif kind == "diag":
+                total += self.stack * b
+        return total
+
+
+@functools.lru_cache(maxsize=4096)
+def make_plan(
+    shape: tuple[int, ...],
+    spec: DimensionNumbers | None,
+    *,
+    max_precond_dim: int,
+    block_size: int | None,
+) -> LeafPlan:
+    """Builds the :class:`LeafPlan` of a leaf from its normalized spec."""
+    size = math.prod(shape)
+    if spec is None:
+        return LeafPlan(shape, None, tuple(range(len(shape))), 1, (size,), ("none",), (size,), (1,))
+    batch = math.prod(shape[a] for a in spec.batch_axes)
+    dims = [math.prod(shape[a] for a in g) for g in spec.factor_axes]
+    kinds: list[Kind] = []
+    blocks, nblocks = [], []
+    for d in dims:
+        b = d if block_size is None else min(d, block_size)
+        if d == 1:
+            kinds.append("none")
+        elif b > max_precond_dim:
+            kinds.append("diag")
+            b = d  # diagonal factors are never blocked.
+        else:
+            kinds.append("full")
+        blocks.append(b)
+        nblocks.append(-(-d // b))
+    ident = math.prod(shape[a] for a in spec.identity_axes)
+    if spec.identity_axes:
+        dims.append(ident)
+        kinds.append("none")
+        blocks.append(ident)
+        nblocks.append(1)
+    perm = spec.batch_axes + tuple(a for g in spec.factor_axes for a in g) + spec.identity_axes
+    return LeafPlan(
+        tuple(shape), spec, perm, batch, tuple(dims), tuple(kinds), tuple(blocks), tuple(nblocks)
+    )
+
+
+def resolve(
+    dimension_numbers: DimNumsOrFn | None,
+    tree: Any,
+    *,
+    max_precond_dim: int,
+    block_size: int | None = None,
+    merge_small_dims: bool = True,
+) -> Any:
+    """Returns a tree of :class:`LeafPlan` matching ``tree``.
+
+    Args:
+      dimension_numbers: ``None`` for :func:`default_dimension_numbers` on every
+        leaf; a tree of specs (``DimensionNumbers``, a tuple of groups, or
+        ``None`` for no factors) with the structure of ``tree``; or a callable
+        ``tree -> spec tree``, called on the tree actually received (params at
+        ``init``, updates at ``update``; inside ``optax.masked`` the masked
+        leaves are ``optax.MaskedNode``).
+      tree: Params or updates. ``optax.MaskedNode`` leaves pass through.
+      max_precond_dim: Longest factor dimension; longer ones get diagonal factors.
+      block_size: If set, factor dimensions longer than this are split into
+        blocks of this length.
+      merge_small_dims: Whether the default policy merges small adjacent axes.
+
+    Returns:
+      A tree with a :class:`LeafPlan` at each array position.
+
+    Raises:
+      ValueError: If the spec tree does not match ``tree`` or a spec does not fit
+        its leaf's shape; the message names the leaf's tree path.
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    if dimension_numbers is None:
+        specs = [None if _is_masked(x) else "default" for _, x in leaves_with_path]
+    else:
+        spec_tree = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
+        try:
+            specs = treedef.flatten_up_to(spec_tree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "dimension_numbers must have the same tree structure as the params "
+                f"(a DimensionNumbers or None at every leaf): {e}"
+            ) from None
+    plans = []
+    for (path, leaf), spec in zip(leaves_with_path, specs):
+        if _is_masked(leaf):
+            plans.append(leaf)
+            continue
+        shape = tuple(np.shape(leaf))
+        if isinstance(spec, str):
+            spec = default_dimension_numbers(
+                shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
+            )
+        else:
+            spec = normalize(spec, shape, jax.tree_util.keystr(path))
+        plans.append(make_plan(shape, spec, max_precond_dim=max_precond_dim, block_size=block_size))
+    return jax.tree_util.tree_unflatten(treedef, plans)
+
+
+def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any:
+    """Maps ``fn(x, plan, *r)`` over the leaves that ``plans`` describes.
+
+    ``plans`` (from :func:`resolve`) fixes the leaf positions, so ``tree`` and
+    ``rest`` may hold any subtree there (an array, or a per-leaf tuple of factors).
+    ``optax.MaskedNode`` positions are passed through.
+    """
+
+    def is_leaf(x: Any) -> bool:
+        return isinstance(x, LeafPlan) or _is_masked(x)
+
+    return jax.tree.map(
+        lambda p, x, *r: p if _is_masked(p) else fn(x, p, *r), plans, tree, *rest, is_leaf=is_leaf
+    )
+
+
+def unzip(tree: Any, field: str) -> Any:
+    """Extracts one field of the per-leaf NamedTuples returned by :func:`map_leaves`."""
+    return jax.tree.map(
+        lambda o: o if _is_masked(o) else getattr(o, field),
+        tree,
+        is_leaf=lambda o: _is_masked(o) or hasattr(o, "_fields") and hasattr(o, field),
+    )

@@ -1,0 +1,89 @@
+"""Diagonal moment estimates and layer-wise grafting, shared by the optimizers.
+
+Grafting (Agarwal et al., 2020) takes the *direction* of one update and the
+*norm* of another, block by block. Shampoo uses it with a diagonal method as the
+magnitude source; the same diagonal method is also the update of leaves that have
+no factors, and of every leaf before ``start_preconditioning_step``.
+
+Graft methods, with ``m_hat`` the bias-corrected first moment (Nesterov when
+asked) and ``nu`` the EMA of squared gradients:
+
+* ``'adam'``: ``m_hat / (sqrt(nu_hat) + eps)`` (``nu_hat`` bias-corrected), i.e.
+  exactly :func:`optax.adam`'s update;
+* ``'rmsprop'``: ``m_hat / (sqrt(nu) + eps)`` (no bias correction of ``nu``);
+* ``'sgd'``: ``m_hat``;
+* ``'none'``: no grafting; the preconditioned direction is used as is and
+  ``m_hat`` is the fallback.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from layerwise_optax import _kron
+
+GRAFTING = ("adam", "rmsprop", "sgd", "none")
+
+
+def needs_second_moment(grafting: str) -> bool:
+    """Whether a graft method keeps an EMA of squared gradients."""
+    return grafting in ("adam", "rmsprop")
+
+
+def bias_corrected_first_moment(
+    mu: jax.Array, g: jax.Array, b1: jax.Array, count_inc: jax.Array, nesterov: bool
+) -> jax.Array:
+    """``mu / (1 - b1^t)``, or the Nesterov (NAdam) estimate.
+
+    Args:
+      mu: Updated first moment (``b1 * mu + (1 - b1) * g``).
+      g: The current gradient.
+      b1: Momentum decay.
+      count_inc: Step number ``t >= 1``.
+      nesterov: Use the NAdam look-ahead
+        ``b1 mu / (1 - b1^{t+1}) + (1 - b1) g / (1 - b1^t)``.
+
+    Returns:
+      The estimate, in ``mu``'s dtype promoted with ``g``'s.
+    """
+    t = count_inc.astype(jnp.float32)
+    b1 = jnp.asarray(b1, jnp.float32)
+    if nesterov:
+        return b1 * mu / (1.0 - b1 ** (t + 1.0)) + (1.0 - b1) * g / (1.0 - b1**t)
+    return mu / (1.0 - b1**t)
+
+
+def graft_update(
+    grafting: str,
+    m_hat: jax.Array,
+    nu: jax.Array | None,
+    b2: jax.Array,
+    eps: jax.Array,
+    count_inc: jax.Array,
+) -> jax.Array:
+    """The diagonal update of a graft method (see the module docstring)."""
+    if grafting in ("sgd", "none"):
+        return m_hat
+    assert nu is not None
+    if grafting == "adam":
+        t = count_inc.astype(jnp.float32)
+        nu = nu / (1.0 - jnp.asarray(b2, jnp.float32) ** t)
+    return m_hat / (jnp.sqrt(nu) + eps)
+
+
+def graft_blocks(direction: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """Rescales each block of ``direction`` to the norm of ``magnitude``'s block.
+
+    Args:
+      direction: ``(stack, b_1, ..., b_k)`` block view of the direction.
+      magnitude: Block view of the update whose per-block norms are kept.
+
+    Returns:
+      ``direction * ||magnitude_blk|| / ||direction_blk||`` block by block (zero
+      where the direction's block is zero).
+    """
+    dn = _kron.block_norms(direction)
+    mn = _kron.block_norms(magnitude)
+    scale = jnp.where(dn > 0, mn / jnp.where(dn > 0, dn, 1.0), 0.0)
+    return direction * scale

@@ -1,0 +1,265 @@
+"""Per-axis Kronecker statistics and their application, shared by every optimizer.
+
+All functions act on one leaf's *block view* ``g`` of shape
+``(stack, b_1, ..., b_k)`` (see :mod:`layerwise_optax._axes`) and on per-leaf
+*factor tuples* with one entry per view dimension:
+
+* ``'full'`` dimension: ``(stack, b, b)`` matrices;
+* ``'diag'`` dimension: ``(stack, b)`` vectors (the diagonal of the factor);
+* ``'none'`` dimension: an empty ``(stack, 0)`` placeholder, so that every state
+  leaf is an array of fixed shape.
+
+Factor statistics contract every other axis of the view:
+``L_i = G_(i) G_(i)^T`` where ``G_(i)`` is the mode-``i`` unfolding of a block.
+Failure policy (the same for every optimizer): a refreshed matrix that is not
+finite is replaced by the previous one for that block, and the number of such
+blocks is returned so that the optimizer can count it in its state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from layerwise_optax import _axes, _linalg
+
+_LETTERS = "abcdefghijklmopqrstuvwxy"
+HIGHEST = jax.lax.Precision.HIGHEST
+
+Factors = tuple[jax.Array, ...]
+
+
+class Refreshed(NamedTuple):
+    """Result of a per-leaf refresh: new factors and the int32 failure count."""
+
+    factors: Factors
+    failures: jax.Array
+    perms: tuple[Any, ...] = ()
+
+
+def _idx(k: int) -> str:
+    if k > len(_LETTERS):
+        raise NotImplementedError(f"tensors with more than {len(_LETTERS)} factor dimensions")
+    return _LETTERS[:k]
+
+
+def init_factors(plan: _axes.LeafPlan, dtype: Any, *, identity: bool = False) -> Factors:
+    """Zero (or identity) factors for a leaf.
+
+    Args:
+      plan: The leaf's plan.
+      dtype: Storage dtype of the factors.
+      identity: Identity matrices / ones instead of zeros.
+
+    Returns:
+      One array per view dimension (see the module docstring for shapes).
+    """
+    out = []
+    for kind, b in zip(plan.kinds, plan.blocks):
+        if kind == "full":
+            eye = jnp.eye(b, dtype=dtype) if identity else jnp.zeros((b, b), dtype)
+            out.append(jnp.broadcast_to(eye, (plan.stack, b, b)))
+        elif kind == "diag":
+            out.append(jnp.full((plan.stack, b), 1.0 if identity else 0.0, dtype))
+        else:
+            out.append(jnp.zeros((plan.stack, 0), dtype))
+    return tuple(out)
+
+
+def axis_stats(g: jax.Array, plan: _axes.LeafPlan) -> Factors:
+    """Per-axis second moments ``G_(i) G_(i)^T`` (or their diagonals) of a block view.
+
+    Args:
+      g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
+      plan: The leaf's plan.
+
+    Returns:
+      A factor tuple of the same layout as :func:`init_factors`.
+    """
+    k = len(plan.kinds)
+    idx = _idx(k)
+    out = []
+    for i, kind in enumerate(plan.kinds):
+        if kind == "full":
+            other = idx[:i] + "Z" + idx[i + 1 :]
+            out.append(
+                jnp.einsum(f"n{idx},n{other}->n{idx[i]}Z", g, g, precision=HIGHEST)
+            )
+        elif kind == "diag":
+            out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=HIGHEST))
+        else:
+            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+    return tuple(out)
+
+
+def apply_axis_matrices(
+    g: jax.Array, mats: Factors, plan: _axes.LeafPlan, *, transpose: bool = False
+) -> jax.Array:
+    """Multiplies each axis of a block view by its factor: ``G ×_1 M_1 ... ×_k M_k``.
+
+    For a full factor ``M_i`` the result is ``sum_j M_i[a, j] G[..., j, ...]`` on
+    axis ``i`` (``M_i^T`` with ``transpose``); a diagonal factor scales the axis;
+    ``'none'`` leaves it unchanged.
+
+    Args:
+      g: ``(stack, b_1, ..., b_k)`` block view.
+      mats: Factor tuple (matrices or diagonals) per view dimension.
+      plan: The leaf's plan.
+      transpose: Use ``M_i^T`` (e.g. to rotate into an eigenbasis).
+
+    Returns:
+      The transformed block view, same shape as ``g``.
+    """
+    k = len(plan.kinds)
+    idx = _idx(k)
+    for i, (kind, m) in enumerate(zip(plan.kinds, mats)):
+        if kind == "full":
+            m = m.astype(g.dtype)
+            out = idx[:i] + "Z" + idx[i + 1 :]
+            m_idx = f"n{idx[i]}Z" if transpose else f"nZ{idx[i]}"
+            g = jnp.einsum(f"{m_idx},n{idx}->n{out}", m, g, precision=HIGHEST)
+        elif kind == "diag":
+            shape = (plan.stack,) + tuple(b if j == i else 1 for j, b in enumerate(plan.blocks))
+            g = g * jnp.reshape(m.astype(g.dtype), shape)
+    return g
+
+
+def ema(old: Factors, new: Factors, decay: jax.Array) -> Factors:
+    """``decay * old + w * new`` with ``w = 1 - decay``, or ``w = 1`` when ``decay == 1``.
+
+    ``decay == 1`` is the classic Shampoo/AdaGrad running sum.
+    """
+    decay = jnp.asarray(decay, jnp.float32)
+    w = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
+    return tuple((decay * o + w * n.astype(o.dtype)).astype(o.dtype) for o, n in zip(old, new))
+
+
+def _keep_good(new: jax.Array, prev: jax.Array, matrix: bool) -> tuple[jax.Array, jax.Array]:
+    axes = (-2, -1) if matrix else (-1,)
+    ok = jnp.all(jnp.isfinite(new), axis=axes)
+    mask = ok[:, None, None] if matrix else ok[:, None]
+    return jnp.where(mask, new.astype(prev.dtype), prev), jnp.sum(~ok).astype(jnp.int32)
+
+
+def inverse_roots(
+    stats: Factors,
+    prev: Factors,
+    plan: _axes.LeafPlan,
+    *,
+    root: float,
+    damping: jax.Array,
+    relative_damping: bool,
+    method: str = "eigh",
+) -> Refreshed:
+    """Damped inverse ``root``-th roots of every factor, keeping good previous ones.
+
+    Args:
+      stats: Factor statistics of a leaf.
+      prev: The previous roots (returned for blocks whose new root is not finite,
+        and used as the Newton warm start).
+      plan: The leaf's plan.
+      root: ``p`` in ``(L + delta I)^{-1/p}``.
+      damping: Ridge (see :mod:`layerwise_optax._linalg`).
+      relative_damping: Whether ``damping`` is relative to each factor's
+        largest eigenvalue.
+      method: ``'eigh'`` or ``'newton'`` (coupled Newton, warm-started).
+
+    Returns:
+      ``Refreshed(roots, failures)``: new roots and the int32 count of blocks
+      that kept their previous root.
+    """
+    roots, failures = [], jnp.zeros([], jnp.int32)
+    for kind, s, r in zip(plan.kinds, stats, prev):
+        if kind == "full":
+            if method == "newton":
+                new, _ = _linalg.inv_root_newton(
+                    s,
+                    int(root),
+                    damping=damping,
+                    relative_damping=relative_damping,
+                    warm_start=r,
+                )
+            else:
+                new = _linalg.inv_root_eigh(
+                    s, root, damping=damping, relative_damping=relative_damping
+                )
+            new, bad = _keep_good(new, r, matrix=True)
+        elif kind == "diag":
+            s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+            lam_max = jnp.max(s32, axis=-1, keepdims=True)
+            delta = damping * lam_max if relative_damping else damping
+            floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
+            new = jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
+            new, bad = _keep_good(new, r, matrix=False)
+        else:
+            roots.append(r)
+            continue
+        roots.append(new)
+        failures = failures + bad
+    return Refreshed(tuple(roots), failures)
+
+
+def eigenbases(
+    stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: str
+) -> Refreshed:
+    """Eigenbases of the full factors (SOAP); other dimensions keep the identity.
+
+    Args:
+      stats: Factor statistics of a leaf.
+      prev: Previous bases (kept for blocks whose refresh is not finite).
+      plan: The leaf's plan.
+      method: ``'eigh'`` (exact) or ``'qr'`` (one power step plus QR from
+        ``prev``, see :func:`layerwise_optax._linalg.refresh_eigenbasis`).
+
+    Returns:
+      ``Refreshed(bases, failures, perms)``: new bases; the int32 count of
+      blocks that kept their previous basis; per dimension the ``(stack, b)``
+      column permutation applied to the basis (``None`` where there is none).
+    """
+    bases, perms, failures = [], [], jnp.zeros([], jnp.int32)
+    for kind, s, q in zip(plan.kinds, stats, prev):
+        if kind != "full":
+            bases.append(q)
+            perms.append(None)
+            continue
+        if method == "eigh":
+            new = _linalg.eigenbasis(s)
+            perm = None
+        else:
+            new, perm = _linalg.refresh_eigenbasis(s, q)
+        if perm is not None:
+            # A block that keeps its old basis must not permute its moments either.
+            ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+            perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
+        new, bad = _keep_good(new, q, matrix=True)
+        bases.append(new)
+        perms.append(perm)
+        failures = failures + bad
+    return Refreshed(tuple(bases), failures, tuple(perms))
+
+
+def permute_axes(x: jax.Array, perms: tuple[jax.Array | None, ...], plan: _axes.LeafPlan) -> jax.Array:
+    """Reorders each axis of a block view by a per-block permutation.
+
+    Args:
+      x: ``(stack, b_1, ..., b_k)`` block view (e.g. SOAP's second moment).
+      perms: Per dimension a ``(stack, b)`` permutation, or ``None``.
+      plan: The leaf's plan.
+
+    Returns:
+      ``x`` with ``x[n, ..., j, ...] <- x[n, ..., perm[n, j], ...]`` on each axis.
+    """
+    for i, perm in enumerate(perms):
+        if perm is None:
+            continue
+        shape = (plan.stack,) + tuple(b if j == i else 1 for j, b in enumerate(plan.blocks))
+        x = jnp.take_along_axis(x, jnp.reshape(perm, shape), axis=i + 1)
+    return x
+
+
+def block_norms(x: jax.Array) -> jax.Array:
+    """Frobenius norm of each block of a block view, shape ``(stack, 1, ..., 1)``."""
+    axes = tuple(range(1, x.ndim))
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))

@@ -1,0 +1,314 @@
+"""Matrix functions for preconditioners: arrays in, arrays out.
+
+Every function takes ``(..., n, n)`` arrays (leading axes are a batch) and knows
+nothing of pytrees or optimizers. Computation runs in at least float32 (float64
+inputs stay float64) and results come back in that compute dtype; callers cast.
+Matmuls inside iterations use ``Precision.HIGHEST``: TF32 on GPUs ruins Newton
+iterations.
+
+Robustness is defined behaviour, never an exception:
+
+* symmetric inputs are re-symmetrized, eigenvalues of PSD inputs are clipped at 0;
+* a matrix containing NaN or Inf gives a NaN result (callers detect it and keep
+  their previous good result), never a hang inside LAPACK;
+* inverse roots floor the damped eigenvalues at ``eps(dtype) * lambda_max`` (and
+  at the smallest normal number), so singular and zero matrices give finite,
+  bounded roots.
+
+Damping (``damping``, ``relative_damping``): the matrix function is applied to
+``A + delta * I`` with ``delta = damping`` (absolute) or
+``delta = damping * lambda_max(A)`` (relative).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _compute_dtype(a: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(a.dtype, jnp.float32)
+
+
+def _eye_like(a: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def symmetrize(a: jax.Array) -> jax.Array:
+    """Returns ``(a + a^T) / 2`` over the last two axes.
+
+    Args:
+      a: ``(..., n, n)`` array.
+
+    Returns:
+      The symmetric part of ``a``.
+    """
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def _finite_matrices(a: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(a), axis=(-2, -1))
+
+
+def eigh_psd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigendecomposition of symmetric PSD matrices.
+
+    Args:
+      a: ``(..., n, n)`` symmetric positive semi-definite matrices.
+
+    Returns:
+      ``(w, v)``: eigenvalues ``(..., n)`` in ascending order, clipped at 0, and
+      eigenvectors ``(..., n, n)`` as columns. A matrix with a non-finite entry
+      gives NaN ``w`` and ``v``.
+    """
+    a = symmetrize(a.astype(_compute_dtype(a)))
+    ok = _finite_matrices(a)
+    safe = jnp.where(ok[..., None, None], a, _eye_like(a))
+    w, v = jnp.linalg.eigh(safe)
+    w = jnp.maximum(w, 0.0)
+    nan = jnp.asarray(jnp.nan, w.dtype)
+    return jnp.where(ok[..., None], w, nan), jnp.where(ok[..., None, None], v, nan)
+
+
+def _damped_floor(w: jax.Array, damping: jax.Array, relative_damping: bool) -> jax.Array:
+    """Damped eigenvalues with the documented floor; ``w`` is ``(..., n)``."""
+    lam_max = jnp.max(w, axis=-1, keepdims=True)
+    delta = damping * lam_max if relative_damping else damping
+    floor = jnp.maximum(jnp.finfo(w.dtype).eps * lam_max, jnp.finfo(w.dtype).tiny)
+    return jnp.maximum(w + delta, floor)
+
+
+def inv_root_eigh(
+    a: jax.Array,
+    p: float,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    relative_damping: bool = False,
+) -> jax.Array:
+    """Inverse ``p``-th root ``(A + delta I)^{-1/p}`` by eigendecomposition.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      p: Root order, any positive number (``2`` for the inverse square root).
+      damping: Ridge added to the eigenvalues (see the module docstring).
+      relative_damping: Whether ``damping`` is relative to ``lambda_max(A)``.
+
+    Returns:
+      ``(..., n, n)`` symmetric positive definite roots; NaN for non-finite inputs.
+    """
+    w, v = eigh_psd(a)
+    w = _damped_floor(w, jnp.asarray(damping, w.dtype), relative_damping)
+    scaled = v * (w ** (-1.0 / p))[..., None, :]
+    return _mm(scaled, jnp.swapaxes(v, -1, -2))
+
+
+def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
+    """Largest eigenvalue of symmetric PSD matrices by power iteration.
+
+    Starts from the all-ones vector normalized (a deterministic start); the
+    estimate is a lower bound that converges at rate ``lambda_2 / lambda_1``.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      num_iters: Number of power iterations (static).
+
+    Returns:
+      ``(...)`` eigenvalue estimates (Rayleigh quotients).
+    """
+    a = symmetrize(a.astype(_compute_dtype(a)))
+    x = jnp.ones(a.shape[:-1], a.dtype) / jnp.sqrt(a.shape[-1])
+
+    def body(_, x):
+        y = jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
+        return y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), jnp.finfo(a.dtype).tiny)
+
+    x = jax.lax.fori_loop(0, num_iters, body, x)
+    return jnp.einsum("...i,...ij,...j->...", x, a, x, precision=HIGHEST)
+
+
+def _matrix_power(m: jax.Array, p: int) -> jax.Array:
+    """``m^p`` for a static integer ``p >= 1`` by repeated squaring."""
+    result = None
+    base = m
+    while p:
+        if p & 1:
+            result = base if result is None else _mm(result, base)
+        p >>= 1
+        if p:
+            base = _mm(base, base)
+    assert result is not None
+    return result
+
+
+def _residual(x: jax.Array, a: jax.Array, p: int) -> jax.Array:
+    """``max |X^p A - I|`` per matrix: the true residual of an inverse root."""
+    r = _mm(_matrix_power(x, p), a) - _eye_like(a)
+    return jnp.max(jnp.abs(r), axis=(-2, -1))
+
+
+def inv_root_newton(
+    a: jax.Array,
+    p: int,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    relative_damping: bool = False,
+    warm_start: jax.Array | None = None,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+) -> tuple[jax.Array, jax.Array]:
+    """Inverse ``p``-th root by the coupled Newton iteration.
+
+    Cold start (Guo and Higham, 2006; as in Distributed Shampoo): with
+    ``A' = A + delta I`` and ``z = (1 + p) / (2 ||A'||_F)``, start from
+    ``X = z^{1/p} I``, ``M = z A'`` and iterate
+    ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M`` until
+    ``max |M - I| < tol``, the error stops decreasing, or ``max_iters``.
+
+    Warm start: given a previous root ``X_0``, the iteration starts from
+    ``X_0`` and ``M = X_0^p A'``. This is exact only while ``X_0`` commutes with
+    ``A'`` (slowly drifting factors nearly do), so the warm result is accepted only
+    if its true residual ``max |X^p A' - I|`` is below ``max(tol, 1e-3)``;
+    otherwise the cold start is used.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      p: Root order, a static positive int.
+      damping: Ridge (see the module docstring); with ``relative_damping`` the
+        largest eigenvalue is estimated by :func:`max_eigenvalue`.
+      relative_damping: Whether ``damping`` is relative to ``lambda_max(A)``.
+      warm_start: Optional ``(..., n, n)`` previous roots.
+      max_iters: Iteration cap (static).
+      tol: Stopping tolerance on ``max |M - I|``.
+
+    Returns:
+      ``(root, residual)``: the roots ``(..., n, n)`` and the true residuals
+      ``max |X^p A' - I|`` of shape ``(...)``. Non-finite inputs give NaN roots.
+    """
+    if not isinstance(p, int) or p < 1:
+        raise ValueError(f"p must be a positive int for the Newton iteration, got {p!r}.")
+    dtype = _compute_dtype(a)
+    a = symmetrize(a.astype(dtype))
+    ok = _finite_matrices(a)
+    a = jnp.where(ok[..., None, None], a, _eye_like(a))
+    damping = jnp.asarray(damping, dtype)
+    delta = damping * max_eigenvalue(a) if relative_damping else jnp.broadcast_to(damping, a.shape[:-2])
+    ad = a + delta[..., None, None] * _eye_like(a)
+    # The same floor as the eigendecomposition path: eps * ||A'|| on the diagonal
+    # bounds the conditioning; an all-zero matrix is handled apart below.
+    frob = jnp.linalg.norm(ad, axis=(-2, -1))
+    zero = frob <= jnp.finfo(dtype).tiny
+    ad = jnp.where(zero[..., None, None], _eye_like(ad), ad)
+    ad = ad + (jnp.finfo(dtype).eps * frob)[..., None, None] * _eye_like(ad)
+
+    def iterate(x0: jax.Array, m0: jax.Array) -> jax.Array:
+        def one(x0, m0):
+            n = x0.shape[-1]
+            ident = jnp.eye(n, dtype=dtype)
+
+            def cond(c):
+                i, _, _, err, prev_err = c
+                return (i < max_iters) & (err > tol) & (err < prev_err * 1.2)
+
+            def body(c):
+                i, x, m, err, _ = c
+                t = ((p + 1) * ident - m) / p
+                x_new = _mm(x, t)
+                m_new = _mm(_matrix_power(t, p), m)
+                err_new = jnp.max(jnp.abs(m_new - ident))
+                # Keep the previous iterate if this one made things worse.
+                better = err_new < err
+                return (
+                    i + 1,
+                    jnp.where(better, x_new, x),
+                    jnp.where(better, m_new, m),
+                    err_new,
+                    err,
+                )
+
+            err0 = jnp.max(jnp.abs(m0 - ident))
+            init = (jnp.zeros([], jnp.int32), x0, m0, err0, jnp.asarray(jnp.inf, dtype))
+            return jax.lax.while_loop(cond, body, init)[1]
+
+        batch_shape = x0.shape[:-2]
+        n = x0.shape[-1]
+        flat = jax.vmap(one)(x0.reshape((-1, n, n)), m0.reshape((-1, n, n)))
+        return flat.reshape(batch_shape + (n, n))
+
+    z = (1.0 + p) / (2.0 * jnp.linalg.norm(ad, axis=(-2, -1)))
+    x_cold0 = (z ** (1.0 / p))[..., None, None] * _eye_like(ad)
+    m_cold0 = z[..., None, None] * ad
+
+    if warm_start is None:
+        root = iterate(x_cold0, m_cold0)
+    else:
+        x_warm0 = symmetrize(warm_start.astype(dtype))
+        warm_ok = _finite_matrices(x_warm0)
+        x_warm0 = jnp.where(warm_ok[..., None, None], x_warm0, x_cold0)
+        root_warm = iterate(x_warm0, _mm(_matrix_power(x_warm0, p), ad))
+        warm_good = warm_ok & (_residual(root_warm, ad, p) < max(tol, 1e-3))
+        root = jax.lax.cond(
+            jnp.all(warm_good),
+            lambda: root_warm,
+            lambda: jnp.where(warm_good[..., None, None], root_warm, iterate(x_cold0, m_cold0)),
+        )
+    root = symmetrize(root)
+    residual = _residual(root, ad, p)
+    zero_root = jnp.finfo(dtype).tiny ** (-1.0 / p) * _eye_like(ad)
+    root = jnp.where(zero[..., None, None], zero_root, root)
+    residual = jnp.where(zero, 0.0, residual)
+    nan = jnp.asarray(jnp.nan, dtype)
+    return jnp.where(ok[..., None, None], root, nan), jnp.where(ok, residual, nan)
+
+
+def eigenbasis(a: jax.Array) -> jax.Array:
+    """Eigenvectors of symmetric PSD matrices, ordered by descending eigenvalue.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+
+    Returns:
+      ``(..., n, n)`` orthogonal matrices whose columns are eigenvectors; NaN for
+      non-finite inputs.
+    """
+    _, v = eigh_psd(a)
+    return v[..., ::-1]
+
+
+def refresh_eigenbasis(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One power-iteration step plus QR towards the eigenbasis of ``a`` (SOAP).
+
+    The columns of ``q`` are first sorted by their Rayleigh quotients
+    ``diag(Q^T A Q)`` in descending order, then ``Q <- qr(A Q)``. Optimizers that
+    hold statistics in the old basis (SOAP's second moment) apply the same
+    permutation to them.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      q: ``(..., n, n)`` current orthogonal bases.
+
+    Returns:
+      ``(q_new, perm)``: the refreshed bases and the ``(..., n)`` int32 column
+      permutation applied before the power step. Non-finite inputs give NaN
+      ``q_new``.
+    """
+    dtype = _compute_dtype(a)
+    a = symmetrize(a.astype(dtype))
+    q = q.astype(dtype)
+    ok = _finite_matrices(a) & _finite_matrices(q)
+    a = jnp.where(ok[..., None, None], a, _eye_like(a))
+    q = jnp.where(ok[..., None, None], q, _eye_like(q))
+    est = jnp.einsum("...ji,...jk,...ki->...i", q, a, q, precision=HIGHEST)
+    perm = jnp.argsort(-est, axis=-1, stable=True).astype(jnp.int32)
+    q = jnp.take_along_axis(q, perm[..., None, :], axis=-1)
+    q_new, r = jnp.linalg.qr(_mm(a, q))
+    # Fix QR's sign ambiguity so that columns keep the orientation of ``q``.
+    sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(dtype)
+    q_new = q_new * sign[..., None, :]
+    nan = jnp.asarray(jnp.nan, dtype)
+    return jnp.where(ok[..., None, None], q_new, nan), perm

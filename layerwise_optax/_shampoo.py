@@ -1,0 +1,388 @@
+"""Shampoo: per-axis Kronecker-factored preconditioning with layer-wise grafting."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerwise_optax import _axes, _checks, _grafting, _kron
+
+_STATIC_ARGS = (
+    "precondition_frequency",
+    "start_preconditioning_step",
+    "max_precond_dim",
+    "block_size",
+    "merge_small_dims",
+    "dimension_numbers",
+    "grafting",
+    "root_exponent",
+    "root_method",
+    "relative_damping",
+    "mu_dtype",
+    "precond_dtype",
+    "mask",
+    "nesterov",
+)
+
+
+class ScaleByShampooState(NamedTuple):
+    """State for :func:`scale_by_shampoo`.
+
+    Attributes:
+      count: int32 scalar, number of updates so far.
+      mu: First moment, same tree and shapes as the params, dtype ``mu_dtype``.
+      nu: EMA of squared gradients for ``'adam'``/``'rmsprop'`` grafting (same
+        tree as the params, float32 or the param dtype if wider); ``None``
+        otherwise.
+      stats: Per leaf, a tuple with one factor statistic per view dimension:
+        ``(stack, b, b)`` for full factors, ``(stack, b)`` for diagonal ones,
+        ``(stack, 0)`` placeholders otherwise (dtype ``precond_dtype``).
+      roots: Per leaf, the inverse roots of ``stats`` in the same layout.
+      skipped_stats: int32 scalar, number of (leaf, step) pairs whose gradient
+        was not finite and was kept out of every statistic and moment.
+      failed_roots: int32 scalar, number of (block, refresh) pairs whose new
+        root was not finite, so that the previous root was kept.
+
+    .. note::
+      Memory per leaf: the params-shaped ``mu`` (and ``nu`` with Adam/RMSProp
+      grafting), plus for each full factor dimension of block length ``b``,
+      ``2 * stack * b**2`` floats (statistic and root), and ``2 * stack * b`` for
+      a diagonal one. :meth:`layerwise_optax._axes.LeafPlan.state_floats` gives
+      the per-set figure.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates | None
+    stats: optax.Updates
+    roots: optax.Updates
+    skipped_stats: jax.Array
+    failed_roots: jax.Array
+
+
+class _LeafOut(NamedTuple):
+    update: jax.Array
+    mu: jax.Array
+    nu: Any
+    stats: Any
+    skipped: jax.Array
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def scale_by_shampoo(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    factor_decay: jax.typing.ArrayLike = 0.999,
+    damping: jax.typing.ArrayLike = 1e-6,
+    precondition_frequency: int = 10,
+    start_preconditioning_step: int = 1,
+    max_precond_dim: int = 1024,
+    block_size: int | None = None,
+    merge_small_dims: bool = True,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    grafting: Literal["adam", "rmsprop", "sgd", "none"] = "adam",
+    root_exponent: int | None = None,
+    root_method: Literal["eigh", "newton"] = "eigh",
+    relative_damping: bool = True,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
+
+    Args:
+      b1: First-moment decay, in ``[0, 1)``.
+      b2: Second-moment decay of the graft method, in ``[0, 1)``.
+      eps: Added to the graft method's root second moment.
+      factor_decay: EMA decay of the factor statistics, in ``(0, 1]``; ``1``
+        accumulates a running sum (classic Shampoo).
+      damping: Ridge added before each root; relative to each factor's largest
+        eigenvalue when ``relative_damping``, else absolute.
+      precondition_frequency: Steps between root refreshes (static).
+      start_preconditioning_step: Steps that use the graft method's update alone
+        before Shampoo's direction is used (static).
+      max_precond_dim: Factor dimensions longer than this get diagonal factors.
+      block_size: Split factor dimensions longer than this into blocks (static).
+      merge_small_dims: Let the default policy merge small adjacent axes.
+      dimension_numbers: Spec tree or callable (see
+        :class:`layerwise_optax.DimensionNumbers`); ``None`` is the default policy.
+      grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
+      root_exponent: ``p`` of the inverse root ``L^{-1/p}`` applied to each factor;
+        ``None`` uses ``2k`` for a leaf with ``k`` factors (``L^{-1/4} G R^{-1/4}``
+        for a matrix).
+      root_method: ``'eigh'`` or ``'newton'`` (coupled Newton, warm-started).
+      relative_damping: Whether ``damping`` scales with the largest eigenvalue.
+      mu_dtype: Storage dtype of the first moment (``None``: the param dtype).
+      precond_dtype: Storage dtype of statistics and roots.
+      nesterov: Use Nesterov (NAdam-style) momentum.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with state
+      :class:`ScaleByShampooState`.
+
+    Raises:
+      ValueError: At construction for out-of-range hyperparameters; at ``init`` if
+        ``dimension_numbers`` do not fit a parameter (naming its path).
+    """
+    _checks.in_unit_interval("b1", b1)
+    _checks.in_unit_interval("b2", b2)
+    _checks.non_negative("eps", eps)
+    _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
+    _checks.positive("factor_decay", factor_decay)
+    _checks.non_negative("damping", damping)
+    _checks.positive_int("precondition_frequency", precondition_frequency)
+    _checks.non_negative_int("start_preconditioning_step", start_preconditioning_step)
+    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.positive_int("block_size", block_size, allow_none=True)
+    _checks.boolean("merge_small_dims", merge_small_dims)
+    _checks.one_of("grafting", grafting, _grafting.GRAFTING)
+    _checks.positive_int("root_exponent", root_exponent, allow_none=True)
+    _checks.one_of("root_method", root_method, ("eigh", "newton"))
+    _checks.boolean("relative_damping", relative_damping)
+    _checks.boolean("nesterov", nesterov)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype)
+    resolve = functools.partial(
+        _axes.resolve,
+        dimension_numbers,
+        max_precond_dim=max_precond_dim,
+        block_size=block_size,
+        merge_small_dims=merge_small_dims,
+    )
+    use_nu = _grafting.needs_second_moment(grafting)
+
+    def nu_dtype(p):
+        return jnp.promote_types(p.dtype, jnp.float32)
+
+    def init_fn(params):
+        plans = resolve(params)
+        return ScaleByShampooState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
+            stats=_axes.map_leaves(lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params),
+            roots=_axes.map_leaves(
+                lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True), plans, params
+            ),
+            skipped_stats=jnp.zeros([], jnp.int32),
+            failed_roots=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        with jax.named_scope("layerwise_optax.shampoo"):
+            plans = resolve(updates)
+            count_inc = optax.safe_increment(state.count)
+
+            def accumulate(g, plan, mu, nu, stats):
+                ok = _finite(g)
+                g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+                mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
+                nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
+                new_stats = _kron.ema(stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay)
+                stats = tuple(jnp.where(ok, n, s) for n, s in zip(new_stats, stats))
+                return _LeafOut(g32, mu_new, nu_new, stats, (~ok).astype(jnp.int32))
+
+            nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
+            out = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, state.stats)
+            g32s, mus = _axes.unzip(out, "update"), _axes.unzip(out, "mu")
+            stats = _axes.unzip(out, "stats")
+            new_nu = _axes.unzip(out, "nu") if use_nu else None
+            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+
+            def refresh(stats, roots):
+                def leaf(s, plan, r):
+                    root = root_exponent or 2 * max(plan.num_factors, 1)
+                    return _kron.inverse_roots(
+                        s,
+                        r,
+                        plan,
+                        root=root,
+                        damping=damping,
+                        relative_damping=relative_damping,
+                        method=root_method,
+                    )
+
+                res = _axes.map_leaves(leaf, plans, stats, roots)
+                fails = jax.tree.leaves(_axes.unzip(res, "failures"))
+                return _axes.unzip(res, "factors"), sum(fails, jnp.zeros([], jnp.int32))
+
+            roots, failed = jax.lax.cond(
+                state.count % precondition_frequency == 0,
+                refresh,
+                lambda s, r: (r, jnp.zeros([], jnp.int32)),
+                stats,
+                state.roots,
+            )
+            use_precond = state.count >= start_preconditioning_step
+
+            def direction(g, plan, g32, mu, nu, roots):
+                ok = _finite(g)
+                m_hat = _grafting.bias_corrected_first_moment(
+                    mu.astype(g32.dtype), g32, b1, count_inc, nesterov
+                )
+                diag = _grafting.graft_update(grafting, m_hat, nu, b2, eps, count_inc)
+                if plan.is_preconditioned:
+                    pb = _kron.apply_axis_matrices(plan.to_blocks(m_hat), roots, plan)
+                    if grafting != "none":
+                        pb = _grafting.graft_blocks(pb, plan.to_blocks(diag))
+                    upd = jnp.where(use_precond, plan.from_blocks(pb), diag)
+                else:
+                    upd = diag
+                return jnp.where(ok, upd, 0).astype(g.dtype)
+
+            new_updates = _axes.map_leaves(
+                direction, plans, updates, g32s, mus, new_nu if use_nu else nus, roots
+            )
+            return new_updates, ScaleByShampooState(
+                count=count_inc,
+                mu=optax.tree.cast(mus, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mus, state.mu),
+                nu=new_nu,
+                stats=stats,
+                roots=roots,
+                skipped_stats=state.skipped_stats + skipped,
+                failed_roots=state.failed_roots + failed,
+            )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    factor_decay: jax.typing.ArrayLike = 0.999,
+    damping: jax.typing.ArrayLike = 1e-6,
+    precondition_frequency: int = 10,
+    start_preconditioning_step: int = 1,
+    max_precond_dim: int = 1024,
+    block_size: int | None = None,
+    merge_small_dims: bool = True,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    grafting: Literal["adam", "rmsprop", "sgd", "none"] = "adam",
+    root_exponent: int | None = None,
+    root_method: Literal["eigh", "newton"] = "eigh",
+    relative_damping: bool = True,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
+
+    Each parameter is viewed as a tensor with axes ``d_1..d_k`` (see
+    :class:`layerwise_optax.DimensionNumbers`; the default merges small axes, so a
+    conv kernel is a matrix). Each axis keeps an EMA of its gradient covariance
+    and the first moment is preconditioned on every axis:
+
+    .. math::
+      L^{(i)}_t = \beta L^{(i)}_{t-1} + (1-\beta)\, G_{(i)} G_{(i)}^\top, \qquad
+      U = \hat m \times_1 (L^{(1)} + \delta I)^{-1/p} \cdots
+          \times_k (L^{(k)} + \delta I)^{-1/p}
+
+    with ``p = 2k`` by default (``L^{-1/4} M R^{-1/4}`` for a matrix) or
+    ``root_exponent``. Roots are recomputed every ``precondition_frequency`` steps
+    (inside ``lax.cond``). With grafting, each block of ``U`` is rescaled to the
+    norm of the graft method's update (Adam by default), which fixes the
+    step size per layer so that Adam's learning rates transfer. Leaves without
+    factors (scalars, vectors by default) and all leaves before
+    ``start_preconditioning_step`` take the graft method's update. Axes longer
+    than ``max_precond_dim`` get a diagonal factor; with ``block_size``, long
+    axes are split into blocks with their own factors (Distributed Shampoo).
+
+    Weight decay is decoupled and multiplied by the learning rate, as in
+    :func:`optax.adamw`.
+
+    Where to use it / what to tune: hidden matrices and conv kernels of networks
+    whose gradients have strongly correlated rows/columns (ill-conditioned
+    inputs, deep nets). Start from your AdamW learning rate (Adam grafting keeps
+    the update size), then tune ``precondition_frequency`` (cost vs freshness),
+    ``block_size`` (memory and refresh cost grow as ``b^2`` and ``b^3``) and
+    ``damping``.
+
+    Args:
+      learning_rate: A global scaling factor, fixed or a schedule.
+      b1: First-moment decay, in ``[0, 1)``.
+      b2: Second-moment decay of the graft method, in ``[0, 1)``.
+      eps: Added to the graft method's root second moment.
+      factor_decay: EMA decay of factor statistics, in ``(0, 1]`` (``1``: sum).
+      damping: Ridge added before roots (relative by default, see
+        ``relative_damping``).
+      precondition_frequency: Steps between root refreshes (static).
+      start_preconditioning_step: Steps of graft-only updates first (static).
+      max_precond_dim: Longer factor dimensions get diagonal factors (static).
+      block_size: Block length for long axes, ``None`` for no blocking (static).
+      merge_small_dims: Merge small adjacent axes in the default policy.
+      dimension_numbers: Per-leaf spec tree or callable; ``None``: default.
+      grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
+      root_exponent: Root order ``p`` for every factor; ``None``: ``2k``.
+      root_method: ``'eigh'`` or ``'newton'``.
+      relative_damping: ``damping`` relative to each factor's largest eigenvalue
+        (default) or absolute.
+      weight_decay: Decoupled weight decay, fixed or a schedule.
+      mask: Weight-decay mask (tree or callable), as in :func:`optax.adamw`.
+      mu_dtype: Storage dtype of the first moment.
+      precond_dtype: Storage dtype of statistics and roots (default float32).
+      nesterov: Nesterov momentum.
+
+    Returns:
+      The corresponding :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: At construction if a hyperparameter is out of range; at ``init``
+        if ``dimension_numbers`` do not fit a parameter.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+      >>> tx = lo.shampoo(learning_rate=1e-2)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> jax.tree.map(jnp.shape, updates)
+      {'b': (3,), 'w': (4, 3)}
+
+    References:
+      Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
+      Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
+      Anil et al., `Scalable Second Order Optimization for Deep Learning
+      <https://arxiv.org/abs/2002.09018>`_, 2020.
+
+    .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
+    """
+    return optax.chain(
+        scale_by_shampoo(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            factor_decay=factor_decay,
+            damping=damping,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            max_precond_dim=max_precond_dim,
+            block_size=block_size,
+            merge_small_dims=merge_small_dims,
+            dimension_numbers=dimension_numbers,
+            grafting=grafting,
+            root_exponent=root_exponent,
+            root_method=root_method,
+            relative_damping=relative_damping,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+            nesterov=nesterov,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

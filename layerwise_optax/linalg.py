@@ -1,0 +1,19 @@
+"""Public matrix functions (see :mod:`layerwise_optax._linalg` for the conventions)."""
+
+from layerwise_optax._linalg import eigenbasis as eigenbasis
+from layerwise_optax._linalg import eigh_psd as eigh_psd
+from layerwise_optax._linalg import inv_root_eigh as inv_root_eigh
+from layerwise_optax._linalg import inv_root_newton as inv_root_newton
+from layerwise_optax._linalg import max_eigenvalue as max_eigenvalue
+from layerwise_optax._linalg import refresh_eigenbasis as refresh_eigenbasis
+from layerwise_optax._linalg import symmetrize as symmetrize
+
+__all__ = (
+    "eigenbasis",
+    "eigh_psd",
+    "inv_root_eigh",
+    "inv_root_newton",
+    "max_eigenvalue",
+    "refresh_eigenbasis",
+    "symmetrize",
+)
