@@ -299,6 +299,9 @@ def make_plan(
     )
 
 
+_DEFAULT = object()  # marks leaves that use default_dimension_numbers.
+
+
 def resolve(
     dimension_numbers: DimNumsOrFn | None,
     tree: Any,
@@ -331,7 +334,7 @@ def resolve(
     """
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
     if dimension_numbers is None:
-        specs = [None if _is_masked(x) else "default" for _, x in leaves_with_path]
+        specs = [_DEFAULT] * len(leaves_with_path)
     else:
         spec_tree = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
         try:
@@ -347,7 +350,7 @@ def resolve(
             plans.append(leaf)
             continue
         shape = tuple(np.shape(leaf))
-        if isinstance(spec, str):
+        if spec is _DEFAULT:
             spec = default_dimension_numbers(
                 shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
             )

@@ -212,28 +212,24 @@ def inv_root_newton(
             ident = jnp.eye(n, dtype=dtype)
 
             def cond(c):
-                i, _, _, err, prev_err = c
-                return (i < max_iters) & (err > tol) & (err < prev_err * 1.2)
+                i, _, _, _, err, run = c
+                return (i < max_iters) & (err > tol) & run
 
             def body(c):
-                i, x, m, err, _ = c
+                i, x, m, _, err, _ = c
                 t = ((p + 1) * ident - m) / p
                 x_new = _mm(x, t)
                 m_new = _mm(_matrix_power(t, p), m)
                 err_new = jnp.max(jnp.abs(m_new - ident))
-                # Keep the previous iterate if this one made things worse.
-                better = err_new < err
-                return (
-                    i + 1,
-                    jnp.where(better, x_new, x),
-                    jnp.where(better, m_new, m),
-                    err_new,
-                    err,
-                )
+                # The error may rise briefly before converging; stop once it has
+                # grown by more than 20% (Distributed Shampoo's rule).
+                return i + 1, x_new, m_new, x, err_new, err_new < 1.2 * err
 
             err0 = jnp.max(jnp.abs(m0 - ident))
-            init = (jnp.zeros([], jnp.int32), x0, m0, err0, jnp.asarray(jnp.inf, dtype))
-            return jax.lax.while_loop(cond, body, init)[1]
+            init = (jnp.zeros([], jnp.int32), x0, m0, x0, err0, jnp.asarray(True))
+            _, x, _, x_prev, _, run = jax.lax.while_loop(cond, body, init)
+            # If the last step diverged, return the iterate before it.
+            return jnp.where(run, x, x_prev)
 
         batch_shape = x0.shape[:-2]
         n = x0.shape[-1]

@@ -362,6 +362,8 @@ def shampoo(
 
     .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
     """
+    _checks.non_negative("learning_rate", learning_rate)
+    _checks.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_shampoo(
             b1=b1,

@@ -312,6 +312,8 @@ def soap(
 
     .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_soap`
     """
+    _checks.non_negative("learning_rate", learning_rate)
+    _checks.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_soap(
             b1=b1,

@@ -1,0 +1,67 @@
+"""``inject_hyperparams`` that knows each factory's static arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from layerwise_optax import _shampoo, _soap
+
+_STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
+    _shampoo.shampoo: _shampoo._STATIC_ARGS,
+    _shampoo.scale_by_shampoo: _shampoo._STATIC_ARGS,
+    _soap.soap: _soap._STATIC_ARGS,
+    _soap.scale_by_soap: _soap._STATIC_ARGS,
+}
+
+
+def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The arguments of a layerwise_optax factory that must stay static.
+
+    Args:
+      factory: An alias or ``scale_by_*`` function of this library.
+
+    Returns:
+      The names that fix shapes, modes or trees (they cannot be traced).
+
+    Raises:
+      ValueError: If ``factory`` is not a factory of this library.
+    """
+    try:
+        return _STATIC[factory]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"factory must be an optimizer factory of layerwise_optax, got {factory!r}."
+        ) from None
+
+
+def inject_hyperparams(
+    factory: Callable[..., Any], hyperparam_dtype: Any = None
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """:func:`optax.inject_hyperparams` with the factory's static arguments filled in.
+
+    Numeric hyperparameters (``learning_rate``, ``b1``, ``damping``, ...) become
+    part of the state and may be schedules; shape- and mode-determining ones
+    (``block_size``, ``grafting``, ``dimension_numbers``, ...) stay static.
+
+    Args:
+      factory: An alias or ``scale_by_*`` function of this library.
+      hyperparam_dtype: Optional dtype of the injected hyperparameters.
+
+    Returns:
+      A factory with the same signature whose state holds the hyperparameters.
+
+    Examples:
+      >>> import optax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> tx = lo.inject_hyperparams(lo.shampoo)(
+      ...     learning_rate=optax.linear_schedule(1e-3, 0.0, 100), block_size=128)
+      >>> state = tx.init({'w': jnp.ones((4, 3))})
+      >>> float(state.hyperparams['learning_rate'])
+      0.001
+    """
+    return optax.inject_hyperparams(
+        factory, static_args=static_args(factory), hyperparam_dtype=hyperparam_dtype
+    )

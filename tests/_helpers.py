@@ -1,0 +1,153 @@
+"""Test helpers: the optimizer catalogue, dense float64 references, tree asserts."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import scipy.linalg
+
+import layerwise_optax as lo
+
+# The single list the conformance suite iterates over: (id, factory, kwargs).
+# Adding an optimizer to the library means adding a line here.
+OPTIMIZERS = [
+    ("shampoo", lo.shampoo, dict(learning_rate=3e-2, precondition_frequency=2)),
+    ("shampoo_newton_blocked", lo.shampoo,
+     dict(learning_rate=3e-2, precondition_frequency=2, root_method="newton", block_size=3)),
+    ("shampoo_sgd_graft_nesterov", lo.shampoo,
+     dict(learning_rate=3e-2, precondition_frequency=3, grafting="sgd", nesterov=True)),
+    ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
+    ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
+]
+OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, (ta, tb)
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                   rtol=rtol, atol=atol)
+
+
+def assert_tree_finite(a):
+    for x in jax.tree.leaves(a):
+        assert np.all(np.isfinite(np.asarray(x, np.float64))), x
+
+
+def random_psd(rng, n, cond, rank=None):
+    """A random symmetric PSD matrix with eigenvalues log-spaced in [1/cond, 1]."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.logspace(0, -np.log10(cond), n)
+    if rank is not None:
+        w[rank:] = 0.0
+    return (q * w) @ q.T
+
+
+def np_inv_root(a, p, damping=0.0):
+    """(A + damping I)^{-1/p} in float64 with SciPy."""
+    a = np.asarray(a, np.float64)
+    out = scipy.linalg.fractional_matrix_power(a + damping * np.eye(a.shape[0]), -1.0 / p)
+    return np.real(out)
+
+
+def unfold_cov(g, i):
+    """G_(i) G_(i)^T for a numpy tensor."""
+    gi = np.moveaxis(g, i, 0).reshape(g.shape[i], -1)
+    return gi @ gi.T
+
+
+def shampoo_reference(grads, *, b1, b2, eps, factor_decay, damping, freq, grafting, nesterov=False,
+                      root=None, factored=None):
+    """Naive dense Shampoo on one tensor: Kronecker product of fractional powers.
+
+    The preconditioner is built explicitly as kron(P_1, ..., P_k) acting on the
+    row-major vectorization, in float64 (absolute damping, no merging, no blocks).
+    """
+    shape = grads[0].shape
+    k = len(shape)
+    factored = list(range(k)) if factored is None else factored
+    p = root or 2 * len(factored)
+    stats = [np.zeros((d, d)) for d in shape]
+    roots = [np.eye(d) for d in shape]
+    mu = np.zeros(shape)
+    nu = np.zeros(shape)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, np.float64)
+        mu = b1 * mu + (1 - b1) * g
+        nu = b2 * nu + (1 - b2) * g**2
+        w = 1.0 if factor_decay == 1 else 1 - factor_decay
+        for i in range(k):
+            stats[i] = factor_decay * stats[i] + w * unfold_cov(g, i)
+        if (t - 1) % freq == 0:
+            roots = [np_inv_root(s, p, damping) if i in factored else np.eye(len(s))
+                     for i, s in enumerate(stats)]
+        if nesterov:
+            m_hat = b1 * mu / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
+        else:
+            m_hat = mu / (1 - b1**t)
+        big = roots[0]
+        for r in roots[1:]:
+            big = np.kron(big, r)
+        direction = (big @ m_hat.reshape(-1)).reshape(shape)
+        if grafting == "adam":
+            graft = m_hat / (np.sqrt(nu / (1 - b2**t)) + eps)
+        elif grafting == "sgd":
+            graft = m_hat
+        else:
+            graft = None
+        if graft is not None:
+            direction = direction * np.linalg.norm(graft) / np.linalg.norm(direction)
+        out.append(direction)
+    return out
+
+
+def soap_reference(grads, *, b1, b2, eps, factor_decay, freq):
+    """Naive dense SOAP on a matrix in float64 (numpy eigh / QR)."""
+    m, n = grads[0].shape
+    stats = [np.zeros((m, m)), np.zeros((n, n))]
+    qs = [np.eye(m), np.eye(n)]
+    mu = np.zeros((m, n))
+    nu = np.zeros((m, n))
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, np.float64)
+        stats[0] = factor_decay * stats[0] + (1 - factor_decay) * g @ g.T
+        stats[1] = factor_decay * stats[1] + (1 - factor_decay) * g.T @ g
+        if t == 1:
+            qs = [np.linalg.eigh(s)[1][:, ::-1] for s in stats]
+        elif (t - 1) % freq == 0:
+            new = []
+            for axis, (s, q) in enumerate(zip(stats, qs)):
+                est = np.diag(q.T @ s @ q)
+                perm = np.argsort(-est, kind="stable")
+                q = q[:, perm]
+                nu = np.take(nu, perm, axis=axis)
+                qn, r = np.linalg.qr(s @ q)
+                qn = qn * np.where(np.diag(r) < 0, -1.0, 1.0)
+                new.append(qn)
+            qs = new
+        mu = b1 * mu + (1 - b1) * g
+        rot = qs[0].T @ g @ qs[1]
+        nu = b2 * nu + (1 - b2) * rot**2
+        m_rot = qs[0].T @ mu @ qs[1]
+        u = (m_rot / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+        out.append(qs[0] @ u @ qs[1].T)
+    return out
+
+
+def mixed_tree(key):
+    """Params mixing a scalar, vectors, matrices, a conv kernel, unit dims, a 5000 axis."""
+    shapes = {
+        "scalar": (),
+        "bias": (7,),
+        "dense": (6, 5),
+        "conv": (3, 3, 4, 8),
+        "unit": (1, 6, 1),
+        "long": (5000, 3),
+    }
+    keys = jax.random.split(key, len(shapes))
+    return {n: 0.1 * jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys)}

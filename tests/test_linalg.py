@@ -1,0 +1,194 @@
+"""Matrix functions against float64 NumPy/SciPy across condition numbers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layerwise_optax import linalg
+from tests._helpers import np_inv_root, random_psd
+
+CONDS = [1.0, 1e2, 1e4, 1e6, 1e8]
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_inv_root_eigh_float64_exact(cond, p):
+    rng = np.random.default_rng(int(cond) % 97 + p)
+    a = random_psd(rng, 12, cond)
+    with jax.enable_x64(True):
+        got = np.asarray(linalg.inv_root_eigh(jnp.asarray(a), p))
+    want = np_inv_root(a, p)
+    # Backward-stable eigh: relative error of order eps64 * cond.
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-13 * cond + 1e-12, err
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("p", [2, 4])
+def test_inv_root_eigh_float32_with_relative_damping(cond, p):
+    # In float32 the damped problem is what is well defined: with relative damping
+    # 1e-4 the effective condition number is at most 1e4 whatever `cond` is.
+    rng = np.random.default_rng(3)
+    a = random_psd(rng, 16, cond) * 7.0
+    got = np.asarray(linalg.inv_root_eigh(jnp.asarray(a, jnp.float32), p, damping=1e-4,
+                                          relative_damping=True))
+    lam_max = np.linalg.eigvalsh(a).max()
+    want = np_inv_root(a, p, damping=1e-4 * lam_max)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 2e-3, err
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e6], ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("p", [2, 4])
+def test_inv_root_newton_matches_scipy(cond, p):
+    rng = np.random.default_rng(11)
+    a = random_psd(rng, 10, cond)
+    with jax.enable_x64(True):
+        root, residual = linalg.inv_root_newton(jnp.asarray(a), p, max_iters=200, tol=1e-10)
+    want = np_inv_root(a, p)
+    err = np.linalg.norm(np.asarray(root) - want) / np.linalg.norm(want)
+    assert err < 1e-6, err
+    assert float(residual) < 1e-6
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+def test_inv_root_newton_float32_damped(cond):
+    rng = np.random.default_rng(5)
+    a = random_psd(rng, 16, cond)
+    root, residual = linalg.inv_root_newton(jnp.asarray(a, jnp.float32), 4, damping=1e-3,
+                                            relative_damping=True)
+    lam_max = np.linalg.eigvalsh(a).max()
+    want = np_inv_root(a, 4, damping=1e-3 * lam_max)
+    err = np.linalg.norm(np.asarray(root) - want) / np.linalg.norm(want)
+    assert err < 5e-3, err
+    assert float(residual) < 1e-2
+
+
+def test_inv_root_newton_warm_start_is_used_and_correct():
+    rng = np.random.default_rng(0)
+    a = random_psd(rng, 8, 1e3)
+    b = a + 1e-3 * random_psd(rng, 8, 10.0)  # a slightly drifted factor
+    with jax.enable_x64(True):
+        prev, _ = linalg.inv_root_newton(jnp.asarray(a), 4, tol=1e-10)
+        warm, res = linalg.inv_root_newton(jnp.asarray(b), 4, warm_start=prev, tol=1e-10)
+        bad, res_bad = linalg.inv_root_newton(jnp.asarray(b), 4, warm_start=jnp.eye(8) * 1e3,
+                                              tol=1e-10)
+    want = np_inv_root(b, 4)
+    for got, r in ((warm, res), (bad, res_bad)):  # a useless warm start falls back to cold
+        assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-6
+        assert float(r) < 1e-6
+
+
+@pytest.mark.parametrize("fn", ["eigh", "newton"])
+def test_singular_and_zero_give_finite_bounded_roots(fn):
+    rng = np.random.default_rng(1)
+    singular = random_psd(rng, 6, 10.0, rank=2)
+    zero = np.zeros((6, 6))
+    for a in (singular, zero):
+        if fn == "eigh":
+            r = linalg.inv_root_eigh(jnp.asarray(a, jnp.float32), 4)
+        else:
+            r, _ = linalg.inv_root_newton(jnp.asarray(a, jnp.float32), 4)
+        r = np.asarray(r)
+        assert np.all(np.isfinite(r))
+        # Bounded by the documented floor: eigenvalues >= eps * lambda_max (or tiny).
+        lam_max = max(np.linalg.eigvalsh(a).max(), 0.0)
+        floor = max(np.finfo(np.float32).eps * lam_max, np.finfo(np.float32).tiny)
+        assert np.abs(r).max() <= 1.01 * floor ** (-1 / 4) * 6
+
+
+def test_singular_with_damping_matches_reference():
+    rng = np.random.default_rng(2)
+    a = random_psd(rng, 6, 10.0, rank=2)
+    got = np.asarray(linalg.inv_root_eigh(jnp.asarray(a, jnp.float32), 2, damping=1e-2))
+    np.testing.assert_allclose(got, np_inv_root(a, 2, 1e-2), rtol=2e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_gives_nan_not_hang(bad):
+    a = np.eye(4)
+    a[1, 2] = bad
+    x = jnp.asarray(np.stack([a, np.eye(4)]), jnp.float32)
+    r = np.asarray(linalg.inv_root_eigh(x, 4))
+    assert np.all(np.isnan(r[0])) and np.allclose(r[1], np.eye(4))
+    rn, res = linalg.inv_root_newton(x, 4)
+    assert np.all(np.isnan(np.asarray(rn)[0])) and np.allclose(np.asarray(rn)[1], np.eye(4), atol=1e-5)
+    q = np.asarray(linalg.eigenbasis(x))
+    assert np.all(np.isnan(q[0])) and np.all(np.isfinite(q[1]))
+    q2, _ = linalg.refresh_eigenbasis(x, jnp.broadcast_to(jnp.eye(4), x.shape))
+    assert np.all(np.isnan(np.asarray(q2)[0])) and np.all(np.isfinite(np.asarray(q2)[1]))
+
+
+def test_eigh_psd_clips_and_matches_numpy():
+    rng = np.random.default_rng(4)
+    a = random_psd(rng, 9, 1e3)
+    a_noisy = a - 1e-9 * np.eye(9)
+    w, v = linalg.eigh_psd(jnp.asarray(a_noisy, jnp.float32))
+    assert np.all(np.asarray(w) >= 0)
+    np.testing.assert_allclose(np.asarray(w), np.clip(np.linalg.eigvalsh(a_noisy), 0, None),
+                               atol=1e-6)
+    recon = (np.asarray(v) * np.asarray(w)) @ np.asarray(v).T
+    np.testing.assert_allclose(recon, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e4, 1e8], ids=lambda c: f"cond{c:g}")
+def test_eigenbasis_descending_and_diagonalizes(cond):
+    rng = np.random.default_rng(6)
+    a = random_psd(rng, 10, cond)
+    with jax.enable_x64(True):
+        q = np.asarray(linalg.eigenbasis(jnp.asarray(a)))
+    d = q.T @ a @ q
+    np.testing.assert_allclose(d, np.diag(np.diag(d)), atol=1e-12)
+    assert np.all(np.diff(np.diag(d)) <= 1e-12)
+    np.testing.assert_allclose(q.T @ q, np.eye(10), atol=1e-12)
+
+
+def test_refresh_eigenbasis_is_power_step_plus_qr():
+    rng = np.random.default_rng(7)
+    a = random_psd(rng, 8, 1e2)
+    q0, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    with jax.enable_x64(True):
+        q, perm = linalg.refresh_eigenbasis(jnp.asarray(a), jnp.asarray(q0))
+    q, perm = np.asarray(q), np.asarray(perm)
+    est = np.diag(q0.T @ a @ q0)
+    np.testing.assert_array_equal(perm, np.argsort(-est, kind="stable"))
+    want, r = np.linalg.qr(a @ q0[:, perm])
+    want = want * np.where(np.diag(r) < 0, -1.0, 1.0)
+    np.testing.assert_allclose(q, want, atol=1e-10)
+    # Iterating converges to the true eigenbasis (up to signs).
+    qq = jnp.asarray(q0)
+    with jax.enable_x64(True):
+        for _ in range(200):
+            qq, _ = linalg.refresh_eigenbasis(jnp.asarray(a), qq)
+    d = np.asarray(qq).T @ a @ np.asarray(qq)
+    assert np.abs(d - np.diag(np.diag(d))).max() < 1e-6
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6], ids=lambda c: f"cond{c:g}")
+def test_max_eigenvalue(cond):
+    rng = np.random.default_rng(8)
+    a = random_psd(rng, 12, cond) * 3.0
+    est = float(linalg.max_eigenvalue(jnp.asarray(a, jnp.float32), num_iters=100))
+    assert abs(est - 3.0) / 3.0 < 1e-3
+
+
+def test_batching_jit_and_vmap_agree():
+    rng = np.random.default_rng(9)
+    a = np.stack([random_psd(rng, 5, c) for c in (1.0, 10.0, 1e3)]).astype(np.float32)
+    batched = linalg.inv_root_eigh(jnp.asarray(a), 4, damping=1e-6)
+    jitted = jax.jit(lambda x: linalg.inv_root_eigh(x, 4, damping=1e-6))(jnp.asarray(a))
+    vmapped = jax.vmap(lambda x: linalg.inv_root_eigh(x, 4, damping=1e-6))(jnp.asarray(a))
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(jitted), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(vmapped), rtol=1e-5, atol=1e-6)
+    newton_b, _ = linalg.inv_root_newton(jnp.asarray(a), 4, damping=1e-6)
+    newton_v = jax.vmap(lambda x: linalg.inv_root_newton(x, 4, damping=1e-6)[0])(jnp.asarray(a))
+    np.testing.assert_allclose(np.asarray(newton_b), np.asarray(newton_v), rtol=1e-4, atol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(batched[i]), np_inv_root(a[i], 4, 1e-6),
+                                   rtol=2e-3, atol=1e-4)
+
+
+def test_newton_rejects_non_integer_order():
+    with pytest.raises(ValueError, match="p must be a positive int"):
+        linalg.inv_root_newton(jnp.eye(3), 2.5)
