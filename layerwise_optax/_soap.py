@@ -4,10 +4,16 @@ Differences from the reference PyTorch implementation (Vyas et al., 2024), each
 deliberate:
 
 * The reference skips the parameter update of the first step (it only builds the
-  first eigenbasis). Here every step updates: the factor statistics are updated
-  first and the step-0 basis is the exact eigenbasis of the first statistics.
-  This keeps SOAP with identity bases exactly equal to :func:`optax.adam`, which
-  is a tested contract, and keeps ``optax.MultiSteps`` and schedules aligned.
+  first eigenbasis). Here the first step is an Adam step in the original
+  coordinates (the bases start as the identity), so SOAP with identity bases is
+  exactly :func:`optax.adam` (a tested contract) and ``optax.MultiSteps`` and
+  schedules stay aligned. As in the reference, each step projects with the bases
+  built from *earlier* gradients and only then adds its gradient to the
+  statistics: a basis built from the current gradient alone is rank-deficient,
+  and Adam's ``m / sqrt(nu)`` would turn the rounding noise in its null space
+  into full-size update components. The second moment of the first step was
+  accumulated in the original coordinates and is carried into the first
+  eigenbasis as is (it decays with ``b2``).
 * Bias correction is Adam's, ``m_hat / (sqrt(nu_hat) + eps)``; the reference folds
   it into the step size, which moves ``eps`` by ``sqrt(1 - b2^t)``.
 
@@ -159,17 +165,29 @@ def scale_by_soap(
             plans = resolve(updates)
             count_inc = optax.safe_increment(state.count)
 
-            def accumulate(g, plan, mu, stats):
+            def direction(g, plan, mu, nu, q):
                 ok = jnp.all(jnp.isfinite(g))
                 g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
-                new = _kron.ema(stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay)
-                stats = tuple(jnp.where(ok, n, s) for n, s in zip(new, stats))
                 mu = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
-                return _LeafOut(g32, mu, None, stats, (~ok).astype(jnp.int32))
+                gb = plan.to_blocks(g32)
+                rot = _kron.apply_axis_matrices(gb, q, plan, transpose=True)
+                nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.square(rot), nu)
+                m_rot = _kron.apply_axis_matrices(plan.to_blocks(mu), q, plan, transpose=True)
+                m_hat = optax.tree.bias_correction(m_rot, b1, count_inc)
+                nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+                u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps), q, plan)
+                upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
+                return _LeafOut(upd, mu, nu, gb, (~ok).astype(jnp.int32))
 
-            out = _axes.map_leaves(accumulate, plans, updates, state.mu, state.stats)
-            g32s, mus, stats = (_axes.unzip(out, f) for f in ("update", "mu", "stats"))
+            out = _axes.map_leaves(direction, plans, updates, state.mu, state.nu, state.bases)
+            mus, nu = _axes.unzip(out, "mu"), _axes.unzip(out, "nu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+
+            def accumulate(g, plan, gb, stats):
+                new = _kron.ema(stats, _kron.axis_stats(gb, plan), factor_decay)
+                return tuple(jnp.where(jnp.all(jnp.isfinite(g)), n, s) for n, s in zip(new, stats))
+
+            stats = _axes.map_leaves(accumulate, plans, updates, _axes.unzip(out, "stats"), state.stats)
 
             def refresh(method):
                 def run(stats, bases, nu):
@@ -187,8 +205,10 @@ def scale_by_soap(
 
                 return run
 
+            # The bases for the next step: exact after the first step, then one
+            # power step + QR every `precondition_frequency` steps.
             branch = jnp.where(
-                state.count == 0, 2, jnp.where(state.count % precondition_frequency == 0, 1, 0)
+                state.count == 0, 2, jnp.where(count_inc % precondition_frequency == 0, 1, 0)
             )
             bases, nu, failed = jax.lax.switch(
                 branch,
@@ -199,25 +219,12 @@ def scale_by_soap(
                 ],
                 stats,
                 state.bases,
-                state.nu,
+                nu,
             )
-
-            def direction(g, plan, g32, mu, nu, q):
-                ok = jnp.all(jnp.isfinite(g))
-                rot = _kron.apply_axis_matrices(plan.to_blocks(g32), q, plan, transpose=True)
-                nu_new = jnp.where(ok, b2 * nu + (1 - b2) * jnp.square(rot), nu)
-                m_rot = _kron.apply_axis_matrices(plan.to_blocks(mu.astype(g32.dtype)), q, plan, transpose=True)
-                m_hat = optax.tree.bias_correction(m_rot, b1, count_inc)
-                nu_hat = optax.tree.bias_correction(nu_new, b2, count_inc)
-                u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps), q, plan)
-                upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
-                return _LeafOut(upd, None, nu_new, None, None)
-
-            out = _axes.map_leaves(direction, plans, updates, g32s, mus, nu, bases)
             return _axes.unzip(out, "update"), ScaleBySoapState(
                 count=count_inc,
                 mu=optax.tree.cast(mus, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mus, state.mu),
-                nu=_axes.unzip(out, "nu"),
+                nu=nu,
                 stats=stats,
                 bases=bases,
                 skipped_stats=state.skipped_stats + skipped,

@@ -115,11 +115,18 @@ def soap_reference(grads, *, b1, b2, eps, factor_decay, freq):
     out = []
     for t, g in enumerate(grads, start=1):
         g = np.asarray(g, np.float64)
+        # Project with the bases from earlier gradients, then update the statistics.
+        mu = b1 * mu + (1 - b1) * g
+        rot = qs[0].T @ g @ qs[1]
+        nu = b2 * nu + (1 - b2) * rot**2
+        m_rot = qs[0].T @ mu @ qs[1]
+        u = (m_rot / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+        out.append(qs[0] @ u @ qs[1].T)
         stats[0] = factor_decay * stats[0] + (1 - factor_decay) * g @ g.T
         stats[1] = factor_decay * stats[1] + (1 - factor_decay) * g.T @ g
         if t == 1:
             qs = [np.linalg.eigh(s)[1][:, ::-1] for s in stats]
-        elif (t - 1) % freq == 0:
+        elif t % freq == 0:
             new = []
             for axis, (s, q) in enumerate(zip(stats, qs)):
                 est = np.diag(q.T @ s @ q)
@@ -130,12 +137,6 @@ def soap_reference(grads, *, b1, b2, eps, factor_decay, freq):
                 qn = qn * np.where(np.diag(r) < 0, -1.0, 1.0)
                 new.append(qn)
             qs = new
-        mu = b1 * mu + (1 - b1) * g
-        rot = qs[0].T @ g @ qs[1]
-        nu = b2 * nu + (1 - b2) * rot**2
-        m_rot = qs[0].T @ mu @ qs[1]
-        u = (m_rot / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
-        out.append(qs[0] @ u @ qs[1].T)
     return out
 
 
