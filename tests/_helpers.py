@@ -16,7 +16,7 @@ OPTIMIZERS = [
     ("shampoo_newton_blocked", lo.shampoo,
      dict(learning_rate=3e-2, precondition_frequency=2, root_method="newton", block_size=3)),
     ("shampoo_sgd_graft_nesterov", lo.shampoo,
-     dict(learning_rate=3e-2, precondition_frequency=3, grafting="sgd", nesterov=True)),
+     dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True)),
     ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
     ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
 ]
