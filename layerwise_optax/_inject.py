@@ -59,7 +59,7 @@ def inject_hyperparams(
       >>> tx = lo.inject_hyperparams(lo.shampoo)(
       ...     learning_rate=optax.linear_schedule(1e-3, 0.0, 100), block_size=128)
       >>> state = tx.init({'w': jnp.ones((4, 3))})
-      >>> float(state.hyperparams['learning_rate'])
+      >>> round(float(state.hyperparams['learning_rate']), 6)
       0.001
     """
     return optax.inject_hyperparams(
