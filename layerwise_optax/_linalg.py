@@ -15,6 +15,13 @@ Robustness is defined behaviour, never an exception:
   at the smallest normal number), so singular and zero matrices give finite,
   bounded roots.
 
+Batched LAPACK on CPU: jaxlib's CPU ``eigh``/``qr`` kernels split a batch over
+XLA's intra-op thread pool and block a pool thread while waiting for it; on small
+machines (2 cores) this deadlocks when another op holds the other thread (seen
+with jax 0.10.2 inside ``lax.cond``). On CPU we therefore factor a batch one
+matrix at a time with ``lax.map`` (CPU LAPACK runs them one after another anyway);
+other backends keep their native batched solvers (``lax.platform_dependent``).
+
 Damping (``damping``, ``relative_damping``): the matrix function is applied to
 ``A + delta * I`` with ``delta = damping`` (absolute) or
 ``delta = damping * lambda_max(A)`` (relative).
@@ -38,6 +45,21 @@ def _eye_like(a: jax.Array) -> jax.Array:
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _one_at_a_time_on_cpu(fn, *args: jax.Array):
+    """Applies a batched matrix ``fn`` over the leading axes; sequentially on CPU."""
+    batch = args[0].shape[:-2]
+    flat = [x.reshape((-1,) + x.shape[-2:]) for x in args]
+
+    def sequential(*xs):
+        return jax.lax.map(lambda ys: fn(*ys), xs)
+
+    if flat[0].shape[0] <= 1:
+        out = fn(*flat)
+    else:
+        out = jax.lax.platform_dependent(*flat, cpu=sequential, default=fn)
+    return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
 
 
 def symmetrize(a: jax.Array) -> jax.Array:
@@ -70,7 +92,7 @@ def eigh_psd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = symmetrize(a.astype(_compute_dtype(a)))
     ok = _finite_matrices(a)
     safe = jnp.where(ok[..., None, None], a, _eye_like(a))
-    w, v = jnp.linalg.eigh(safe)
+    w, v = _one_at_a_time_on_cpu(jnp.linalg.eigh, safe)
     w = jnp.maximum(w, 0.0)
     nan = jnp.asarray(jnp.nan, w.dtype)
     return jnp.where(ok[..., None], w, nan), jnp.where(ok[..., None, None], v, nan)
@@ -302,7 +324,7 @@ def refresh_eigenbasis(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array
     est = jnp.einsum("...ji,...jk,...ki->...i", q, a, q, precision=HIGHEST)
     perm = jnp.argsort(-est, axis=-1, stable=True).astype(jnp.int32)
     q = jnp.take_along_axis(q, perm[..., None, :], axis=-1)
-    q_new, r = jnp.linalg.qr(_mm(a, q))
+    q_new, r = _one_at_a_time_on_cpu(jnp.linalg.qr, _mm(a, q))
     # Fix QR's sign ambiguity so that columns keep the orientation of ``q``.
     sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(dtype)
     q_new = q_new * sign[..., None, :]

@@ -192,3 +192,28 @@ def test_batching_jit_and_vmap_agree():
 def test_newton_rejects_non_integer_order():
     with pytest.raises(ValueError, match="p must be a positive int"):
         linalg.inv_root_newton(jnp.eye(3), 2.5)
+
+
+def test_batched_refresh_inside_cond_does_not_deadlock_on_cpu():
+    # Regression: jaxlib 0.10.2's batched CPU eigh deadlocked on 2 cores inside
+    # lax.cond (about 3 runs in 4 hung before the one-at-a-time CPU path).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        import layerwise_optax as lo
+        p = {'w': jax.random.normal(jax.random.key(0), (256, 256))}
+        g = {'w': jax.random.normal(jax.random.key(1), (256, 256))}
+        for tx in (lo.shampoo(1e-3, block_size=128), lo.soap(1e-3, block_size=64)):
+            s = tx.init(p)
+            for _ in range(2):
+                u, s = jax.jit(tx.update)(g, s, p)
+            jax.block_until_ready(u)
+        print('done')
+    """)
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]

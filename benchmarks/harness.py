@@ -1,0 +1,166 @@
+"""Timing discipline and self-describing records for the benchmarks.
+
+* compile ahead of time (``jit(...).lower(...).compile()``) and record compile time;
+* warm up, then time every step separately with ``jax.block_until_ready``, so
+  that refresh steps (``count % precondition_frequency == 0``) and ordinary steps
+  are reported apart, and the amortized cost is their weighted mean;
+* report medians (and minima) over repeats;
+* write one JSON record per run with config, git revision, versions and device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class StepTiming:
+    """Per-step timings of one optimizer on one workload (seconds)."""
+
+    compile_s: float
+    ordinary_median_s: float
+    ordinary_min_s: float
+    refresh_median_s: float | None
+    refresh_min_s: float | None
+    amortized_s: float
+    steps_timed: int
+
+
+def compile_step(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], float]:
+    """AOT-compiles ``fn`` for ``args``; returns the executable and compile seconds."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=()).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_steps(
+    step: Callable[[Any], Any],
+    state: Any,
+    *,
+    frequency: int,
+    first_count: int,
+    steps: int,
+    warmup: int = 2,
+) -> tuple[list[float], list[float], Any]:
+    """Times ``state = step(state)`` call by call.
+
+    Args:
+      step: A compiled function from state to state.
+      state: Initial state.
+      frequency: Refresh period; the step with count ``c`` is a refresh step when
+        ``c % frequency == 0``.
+      first_count: The optimizer count of ``state``.
+      steps: Steps to time after warm-up.
+      warmup: Untimed steps first.
+
+    Returns:
+      ``(ordinary_times, refresh_times, state)``.
+    """
+    count = first_count
+    for _ in range(warmup):
+        state = jax.block_until_ready(step(state))
+        count += 1
+    ordinary, refresh = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(step(state))
+        dt = time.perf_counter() - t0
+        (refresh if count % frequency == 0 else ordinary).append(dt)
+        count += 1
+    return ordinary, refresh, state
+
+
+def summarize(compile_s: float, ordinary: list[float], refresh: list[float], frequency: int) -> StepTiming:
+    """Medians and the amortized cost ``((f - 1) * ordinary + refresh) / f``."""
+    o_med = statistics.median(ordinary)
+    r_med = statistics.median(refresh) if refresh else None
+    amortized = o_med if r_med is None else ((frequency - 1) * o_med + r_med) / frequency
+    return StepTiming(
+        compile_s=compile_s,
+        ordinary_median_s=o_med,
+        ordinary_min_s=min(ordinary),
+        refresh_median_s=r_med,
+        refresh_min_s=min(refresh) if refresh else None,
+        amortized_s=amortized,
+        steps_timed=len(ordinary) + len(refresh),
+    )
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays in a tree."""
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def git_revision() -> dict[str, Any]:
+    """The git SHA of the working tree and whether it is dirty."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=root, text=True).strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": dirty}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device of this process."""
+    import optax
+
+    import layerwise_optax
+
+    versions = {"jax": jax.__version__, "optax": optax.__version__,
+                "layerwise_optax": layerwise_optax.__version__, "python": platform.python_version()}
+    try:
+        import precondition  # noqa: F401
+        from importlib.metadata import version
+
+        versions["precondition-opt"] = version("precondition-opt")
+    except Exception:  # noqa: BLE001 - the peer is optional
+        pass
+    dev = jax.devices()[0]
+    return {
+        "versions": versions,
+        "device_kind": dev.device_kind,
+        "platform": dev.platform,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def write_record(out_dir: str | os.PathLike, name: str, config: dict[str, Any], results: Any) -> pathlib.Path:
+    """Writes ``<out>/<YYYY-MM-DD>_<name>/<run-id>.json`` atomically and returns its path."""
+    today = datetime.date.today().isoformat()
+    folder = pathlib.Path(out_dir) / f"{today}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    run_id = datetime.datetime.now().strftime("%H%M%S") + f"-{os.getpid()}"
+    record = {"name": name, "config": config, "git": git_revision(), **environment(),
+              "results": results}
+    path = folder / f"{run_id}.json"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serializable: {type(x)}")

@@ -1,0 +1,64 @@
+"""Peer optimizers for side-by-side runs, with the compatibility shims they need.
+
+Shims live here (and in tests), never in the library. Each loader returns
+``None`` and a message naming the peer when it cannot be imported, so the rest of
+a benchmark still runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.tree_util as tree_util
+
+
+def _restore_jax_tree_aliases() -> None:
+    """precondition-opt 0.3.0 calls ``jax.tree_map`` & co., removed from new jax."""
+    for name in ("tree_map", "tree_leaves", "tree_flatten", "tree_unflatten", "tree_structure"):
+        if not hasattr(jax, name):
+            setattr(jax, name, getattr(tree_util, name))
+
+
+def distributed_shampoo() -> tuple[Any, str | None]:
+    """precondition-opt's Distributed Shampoo module, or ``(None, reason)``."""
+    try:
+        _restore_jax_tree_aliases()
+        from precondition import distributed_shampoo as ds
+    except Exception as e:  # noqa: BLE001 - report any import failure by name
+        return None, f"precondition-opt (Distributed Shampoo) unavailable: {type(e).__name__}: {e}"
+    return ds, None
+
+
+def ds_shampoo(
+    *, learning_rate: float, block_size: int, frequency: int, graft: str, damping: float, nesterov: bool
+):
+    """Distributed Shampoo configured to match ``layerwise_optax.shampoo`` settings.
+
+    Matched: block size, refresh period (``preconditioning_compute_steps``),
+    statistics EMA 0.999 (``beta2``), momentum 0.9, relative damping, grafting
+    (RMSProp, SGD), Nesterov, no merging beyond the block size, preconditioning
+    from step 1. Its roots use the coupled Newton iteration.
+    """
+    ds, err = distributed_shampoo()
+    if ds is None:
+        raise ImportError(err)
+    graft_type = {"rmsprop": ds.GraftingType.RMSPROP, "sgd": ds.GraftingType.SGD}[graft]
+    return ds.distributed_shampoo(
+        learning_rate=learning_rate,
+        block_size=block_size,
+        beta1=0.9,
+        beta2=0.999,
+        diagonal_epsilon=1e-8,
+        matrix_epsilon=damping,
+        relative_matrix_epsilon=True,
+        start_preconditioning_step=1,
+        preconditioning_compute_steps=frequency,
+        statistics_compute_steps=1,
+        graft_type=graft_type,
+        nesterov=nesterov,
+        moving_average_for_momentum=True,
+        merge_small_dims_block_size=block_size,
+        skip_preconditioning_dim_size_gt=1 << 30,
+        generate_training_metrics=False,
+    )
