@@ -249,6 +249,22 @@ class LeafPlan:
         y = jnp.reshape(y, permuted)
         return jnp.transpose(y, np.argsort(self.perm))
 
+    def block_sum_squares(self, x: jax.Array) -> jax.Array:
+        """``sum(block**2)`` for every block of ``to_blocks(x)``, shape ``(stack, 1, ..., 1)``.
+
+        Same result as reducing the block view, without materializing it: the
+        squares are reduced in the leaf's own layout (a fused reduction), so only
+        the small per-block result is transposed.
+        """
+        k = len(self.dims)
+        y = jnp.reshape(jnp.transpose(jnp.square(x), self.perm), (self.batch,) + self.dims)
+        pads = [(0, 0)] + [(0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)]
+        if any(p[1] for p in pads):
+            y = jnp.pad(y, pads)
+        split = (self.batch,) + tuple(s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b))
+        y = jnp.sum(jnp.reshape(y, split), axis=tuple(2 + 2 * i for i in range(k)))
+        return jnp.reshape(y, (self.stack,) + (1,) * k)
+
     def state_floats(self) -> int:
         """Floats held by one factor set (statistics or roots) of this leaf."""
         total = 0

@@ -72,18 +72,18 @@ def graft_update(
     return m_hat / (jnp.sqrt(nu) + eps)
 
 
-def graft_blocks(direction: jax.Array, magnitude: jax.Array) -> jax.Array:
-    """Rescales each block of ``direction`` to the norm of ``magnitude``'s block.
+def graft_blocks(direction: jax.Array, magnitude_sq: jax.Array) -> jax.Array:
+    """Rescales each block of ``direction`` to a given per-block norm.
 
     Args:
       direction: ``(stack, b_1, ..., b_k)`` block view of the direction.
-      magnitude: Block view of the update whose per-block norms are kept.
+      magnitude_sq: ``(stack, 1, ..., 1)`` squared block norms of the update whose
+        norms are kept (see :meth:`layerwise_optax._axes.LeafPlan.block_sum_squares`).
 
     Returns:
       ``direction * ||magnitude_blk|| / ||direction_blk||`` block by block (zero
       where the direction's block is zero).
     """
     dn = _kron.block_norms(direction)
-    mn = _kron.block_norms(magnitude)
-    scale = jnp.where(dn > 0, mn / jnp.where(dn > 0, dn, 1.0), 0.0)
+    scale = jnp.where(dn > 0, jnp.sqrt(magnitude_sq) / jnp.where(dn > 0, dn, 1.0), 0.0)
     return direction * scale

@@ -234,7 +234,7 @@ def scale_by_shampoo(
                 if plan.is_preconditioned:
                     pb = _kron.apply_axis_matrices(plan.to_blocks(m_hat), roots, plan)
                     if grafting != "none":
-                        pb = _grafting.graft_blocks(pb, plan.to_blocks(diag))
+                        pb = _grafting.graft_blocks(pb, plan.block_sum_squares(diag))
                     upd = jnp.where(use_precond, plan.from_blocks(pb), diag)
                 else:
                     upd = diag

@@ -160,3 +160,13 @@ def test_state_floats_formula():
     # axis 0: 5000 > 128 -> blocks of 128 (40 blocks); axis 1: 300 -> 3 blocks of 128.
     assert plan.num_blocks == (40, 3) and plan.stack == 120
     assert plan.state_floats() == 120 * (128 * 128 + 128 * 128)
+
+
+@pytest.mark.parametrize("name", ROUNDTRIP_CASES)
+def test_block_sum_squares_matches_block_view(name):
+    shape, spec, block = ROUNDTRIP_CASES[name]
+    plan = _axes.make_plan(shape, spec, max_precond_dim=20, block_size=block)
+    x = jax.random.normal(jax.random.key(3), shape)
+    want = _kron.block_norms(plan.to_blocks(x)) ** 2
+    np.testing.assert_allclose(np.asarray(plan.block_sum_squares(x)), np.asarray(want),
+                               rtol=1e-5, atol=1e-6)
