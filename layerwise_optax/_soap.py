@@ -276,7 +276,9 @@ def soap(
     that often needs fewer steps; it is more robust to
     ``precondition_frequency`` than Shampoo (Adam's second moment keeps adapting
     between refreshes). Use AdamW-like learning rates (typically the same or a
-    little higher) and ``b1 = b2 = 0.95``; lower ``max_precond_dim`` or set
+    little higher) and ``b1 = b2 = 0.95`` (the paper's language-model setting;
+    for small-batch or noisy problems ``b2 = 0.99..0.999`` is often much better,
+    see ``notebooks/00_quickstart``); lower ``max_precond_dim`` or set
     ``block_size`` to bound memory (``b^2`` per factor) and refresh cost.
 
     Args:
