@@ -125,8 +125,9 @@ def environment() -> dict[str, Any]:
     versions = {"jax": jax.__version__, "optax": optax.__version__,
                 "layerwise_optax": layerwise_optax.__version__, "python": platform.python_version()}
     try:
-        import precondition  # noqa: F401
         from importlib.metadata import version
+
+        import precondition  # noqa: F401
 
         versions["precondition-opt"] = version("precondition-opt")
     except Exception:  # noqa: BLE001 - the peer is optional

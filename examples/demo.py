@@ -143,7 +143,7 @@ def main(argv=None):
             "wall_seconds_all_runs": seconds[name],
         }
     target = results["adamw"]["final_loss"]
-    for name, r in results.items():
+    for r in results.values():
         hit = np.nonzero(np.asarray(r["loss_curve"]) <= target)[0]
         r["steps_to_adamw_final_loss"] = int(hit[0]) if hit.size else None
 

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class DimensionNumbers(NamedTuple):
 
 
 DimNumsTree = Any  # a tree of DimensionNumbers | None, matching the params.
-DimNumsOrFn = Union[DimNumsTree, Callable[[Any], DimNumsTree]]
+DimNumsOrFn = DimNumsTree | Callable[[Any], DimNumsTree]
 
 
 def _is_masked(x: Any) -> bool:

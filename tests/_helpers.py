@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax
-import jax.numpy as jnp
+import numpy as np
 import scipy.linalg
 
 import layerwise_optax as lo

@@ -71,7 +71,7 @@ def test_bases_stay_orthogonal_and_track_eigenvectors():
     rng = np.random.default_rng(0)
     mix = rng.standard_normal((6, 6))
     update = jax.jit(tx.update)
-    for i in range(60):
+    for _ in range(60):
         g = {"w": jnp.asarray(mix @ rng.standard_normal((6, 4)), jnp.float32)}
         _, state = update(g, state, params)
     q = np.asarray(state.bases["w"][0][0])
