@@ -39,17 +39,17 @@ def test_inv_root_eigh_float32_with_relative_damping(cond, p):
     assert err < 2e-3, err
 
 
-@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e6], ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
 @pytest.mark.parametrize("p", [2, 4])
 def test_inv_root_newton_matches_scipy(cond, p):
     rng = np.random.default_rng(11)
     a = random_psd(rng, 10, cond)
     with jax.enable_x64(True):
-        root, residual = linalg.inv_root_newton(jnp.asarray(a), p, max_iters=200, tol=1e-10)
+        root, residual = linalg.inv_root_newton(jnp.asarray(a), p, max_iters=300, tol=1e-10)
     want = np_inv_root(a, p)
     err = np.linalg.norm(np.asarray(root) - want) / np.linalg.norm(want)
-    assert err < 1e-6, err
-    assert float(residual) < 1e-6
+    assert err < 1e-7, err
+    assert float(residual) < 1e-7
 
 
 @pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
