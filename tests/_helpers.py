@@ -36,6 +36,15 @@ def assert_tree_finite(a):
         assert np.all(np.isfinite(np.asarray(x, np.float64))), x
 
 
+def assert_recovers(update, state, params, grads_fn, steps=10):
+    """After faults, ``steps`` finite gradients give finite updates and a finite state."""
+    for i in range(steps):
+        u, state = update(grads_fn(100 + i), state, params)
+        assert_tree_finite(u)
+    assert_tree_finite(state)
+    return state
+
+
 def random_psd(rng, n, cond, rank=None):
     """A random symmetric PSD matrix with eigenvalues log-spaced in [1/cond, 1]."""
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))

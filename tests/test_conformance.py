@@ -4,6 +4,8 @@ Every entry of ``tests._helpers.OPTIMIZERS`` runs through every test here.
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import layerwise_optax as lo
 from tests._helpers import (
     OPTIMIZER_IDS,
     OPTIMIZERS,
+    assert_recovers,
     assert_tree_finite,
     assert_trees_close,
     mixed_tree,
@@ -307,12 +310,9 @@ def test_recovers_after_non_finite_gradients(name, factory, kwargs):
         g["dense"] = g["dense"].at[0, 0].set(bad)
         g["scalar"] = jnp.asarray(bad)
         u, state = update(g, state, params)
-        assert_tree_finite(jax.tree.map(lambda x: x, {k: v for k, v in u.items()}))
+        assert_tree_finite(u)  # faulty leaves get zero updates, the rest stay finite
     assert int(state[0].skipped_stats) == 4
-    for i in range(10):
-        u, state = update(_grads(params, 20 + i), state, params)
-        assert_tree_finite(u)
-    assert_tree_finite(state)
+    assert_recovers(update, state, params, functools.partial(_grads, params))
 
 
 @parametrize_opt
