@@ -30,6 +30,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check layerwise_optax tests benchmarks examples
+	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) results

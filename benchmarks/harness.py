@@ -84,7 +84,9 @@ def time_steps(
     return ordinary, refresh, state
 
 
-def summarize(compile_s: float, ordinary: list[float], refresh: list[float], frequency: int) -> StepTiming:
+def summarize(
+    compile_s: float, ordinary: list[float], refresh: list[float], frequency: int
+) -> StepTiming:
     """Medians and the amortized cost ``((f - 1) * ordinary + refresh) / f``."""
     o_med = statistics.median(ordinary)
     r_med = statistics.median(refresh) if refresh else None
@@ -110,7 +112,9 @@ def git_revision() -> dict[str, Any]:
     root = pathlib.Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=root, text=True).strip())
+        dirty = bool(
+            subprocess.check_output(["git", "status", "--porcelain"], cwd=root, text=True).strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "dirty": None}
     return {"sha": sha, "dirty": dirty}
@@ -122,8 +126,12 @@ def environment() -> dict[str, Any]:
 
     import layerwise_optax
 
-    versions = {"jax": jax.__version__, "optax": optax.__version__,
-                "layerwise_optax": layerwise_optax.__version__, "python": platform.python_version()}
+    versions = {
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "layerwise_optax": layerwise_optax.__version__,
+        "python": platform.python_version(),
+    }
     try:
         from importlib.metadata import version
 
@@ -143,14 +151,21 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_record(out_dir: str | os.PathLike, name: str, config: dict[str, Any], results: Any) -> pathlib.Path:
+def write_record(
+    out_dir: str | os.PathLike, name: str, config: dict[str, Any], results: Any
+) -> pathlib.Path:
     """Writes ``<out>/<YYYY-MM-DD>_<name>/<run-id>.json`` atomically and returns its path."""
     today = datetime.date.today().isoformat()
     folder = pathlib.Path(out_dir) / f"{today}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     run_id = datetime.datetime.now().strftime("%H%M%S") + f"-{os.getpid()}"
-    record = {"name": name, "config": config, "git": git_revision(), **environment(),
-              "results": results}
+    record = {
+        "name": name,
+        "config": config,
+        "git": git_revision(),
+        **environment(),
+        "results": results,
+    }
     path = folder / f"{run_id}.json"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:

@@ -34,7 +34,13 @@ def distributed_shampoo() -> tuple[Any, str | None]:
 
 
 def ds_shampoo(
-    *, learning_rate: float, block_size: int, frequency: int, graft: str, damping: float, nesterov: bool
+    *,
+    learning_rate: float,
+    block_size: int,
+    frequency: int,
+    graft: str,
+    damping: float,
+    nesterov: bool,
 ):
     """Distributed Shampoo configured to match ``layerwise_optax.shampoo`` settings.
 

@@ -25,8 +25,10 @@ def plot(record: dict, out: pathlib.Path) -> None:
     width = 0.8 / len(optimizers)
     x = np.arange(len(workloads))
     for i, name in enumerate(optimizers):
-        ys = [1e3 * results[w][name]["timing"]["amortized_s"] if name in results[w] else np.nan
-              for w in workloads]
+        ys = [
+            1e3 * results[w][name]["timing"]["amortized_s"] if name in results[w] else np.nan
+            for w in workloads
+        ]
         ax.bar(x + i * width, ys, width, label=name)
     floors = [1e3 * results[w]["floor"]["timing"]["ordinary_median_s"] for w in workloads]
     ax.scatter(x + 0.4 - width / 2, floors, marker="_", s=800, color="k", label="matmul floor")
@@ -34,8 +36,10 @@ def plot(record: dict, out: pathlib.Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("amortized step time (ms)")
     cfg = record["config"]
-    ax.set_title(f"block {cfg['block_size']}, refresh every {cfg['frequency']} steps — "
-                 f"{record['device_kind']} ({record.get('cpu_count')} cores)")
+    ax.set_title(
+        f"block {cfg['block_size']}, refresh every {cfg['frequency']} steps — "
+        f"{record['device_kind']} ({record.get('cpu_count')} cores)"
+    )
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -44,9 +48,11 @@ def plot(record: dict, out: pathlib.Path) -> None:
 
 def markdown_table(record: dict) -> str:
     """The record as a markdown table (ms; ratios against DS and the floor)."""
-    rows = ["| workload | optimizer | ordinary ms (median / min) | refresh ms | amortized ms "
-            "| vs DS (amortized) | vs floor (ordinary, median / min) | state MiB |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| workload | optimizer | ordinary ms (median / min) | refresh ms | amortized ms "
+        "| vs DS (amortized) | vs floor (ordinary, median / min) | state MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for w, per in record["results"].items():
         ds = per.get("ds_shampoo", {}).get("timing")
         fl = per["floor"]["timing"]
@@ -54,12 +60,16 @@ def markdown_table(record: dict) -> str:
             t = e["timing"]
             refresh = f"{1e3 * t['refresh_median_s']:.1f}" if t["refresh_median_s"] else "–"
             vs_ds = f"{t['amortized_s'] / ds['amortized_s']:.2f}×" if ds and name != "floor" else ""
-            vs_fl = (f"{t['ordinary_median_s'] / fl['ordinary_median_s']:.2f}× / "
-                     f"{t['ordinary_min_s'] / fl['ordinary_min_s']:.2f}×")
+            vs_fl = (
+                f"{t['ordinary_median_s'] / fl['ordinary_median_s']:.2f}× / "
+                f"{t['ordinary_min_s'] / fl['ordinary_min_s']:.2f}×"
+            )
             mb = f"{e['state_bytes'] / 2**20:.1f}" if "state_bytes" in e else ""
-            rows.append(f"| {w} | {name} | {1e3 * t['ordinary_median_s']:.2f} / "
-                        f"{1e3 * t['ordinary_min_s']:.2f} | {refresh} | {1e3 * t['amortized_s']:.2f} "
-                        f"| {vs_ds} | {vs_fl} | {mb} |")
+            rows.append(
+                f"| {w} | {name} | {1e3 * t['ordinary_median_s']:.2f} / "
+                f"{1e3 * t['ordinary_min_s']:.2f} | {refresh} | {1e3 * t['amortized_s']:.2f} "
+                f"| {vs_ds} | {vs_fl} | {mb} |"
+            )
     return "\n".join(rows)
 
 

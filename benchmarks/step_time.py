@@ -41,7 +41,10 @@ WORKLOADS = {
 }
 QUICK_WORKLOADS = {
     "square_256": {"w": (256, 256)},
-    "mlp_64_128_10": {"l1": {"kernel": (64, 128), "bias": (128,)}, "l2": {"kernel": (128, 10), "bias": (10,)}},
+    "mlp_64_128_10": {
+        "l1": {"kernel": (64, 128), "bias": (128,)},
+        "l2": {"kernel": (128, 10), "bias": (10,)},
+    },
 }
 
 
@@ -67,7 +70,9 @@ def optimizers(args) -> dict[str, Any]:
         "adamw": lambda: optax.adamw(1e-3),
         "shampoo_eigh": lambda: lo.shampoo(1e-3, root_method="eigh", **common),
         "shampoo_newton": lambda: lo.shampoo(1e-3, root_method="newton", **common),
-        "soap": lambda: lo.soap(1e-3, block_size=args.block_size, precondition_frequency=args.frequency),
+        "soap": lambda: lo.soap(
+            1e-3, block_size=args.block_size, precondition_frequency=args.frequency
+        ),
     }
     ds, err = peers.distributed_shampoo()
     if ds is None:
@@ -103,8 +108,10 @@ def floor_step(plans: Any):
 def documented_state_bytes(plans: Any, params: Any) -> int:
     """ScaleByShampooState size by its docstring formula (rmsprop graft: mu and nu)."""
     total = 4 + 4 + 4  # count, skipped_stats, failed_roots
-    for plan, p in zip(jax.tree.leaves(plans, is_leaf=lambda x: isinstance(x, _axes.LeafPlan)),
-                       jax.tree.leaves(params)):
+    for plan, p in zip(
+        jax.tree.leaves(plans, is_leaf=lambda x: isinstance(x, _axes.LeafPlan)),
+        jax.tree.leaves(params),
+    ):
         total += 2 * p.size * 4 + 2 * plan.state_floats() * 4
     return total
 
@@ -120,8 +127,9 @@ def run(args) -> dict[str, Any]:
         grads = make_tree(workloads[wname], jax.random.key(1))
         steps = args.steps
         if oname == "floor":
-            plans = _axes.resolve(None, params, max_precond_dim=max(args.block_size, 1024),
-                                  block_size=args.block_size)
+            plans = _axes.resolve(
+                None, params, max_precond_dim=max(args.block_size, 1024), block_size=args.block_size
+            )
             compiled, compile_s = harness.compile_step(floor_step(plans), grads)
             for _ in range(2):  # warm-up
                 jax.block_until_ready(compiled(grads))
@@ -143,8 +151,11 @@ def run(args) -> dict[str, Any]:
 
         compiled, compile_s = harness.compile_step(step, (params, state), grads)
         ordinary, refresh, final = harness.time_steps(
-            lambda c: compiled(c, grads), (params, state), frequency=args.frequency,
-            first_count=0, steps=steps,
+            lambda c: compiled(c, grads),
+            (params, state),
+            frequency=args.frequency,
+            first_count=0,
+            steps=steps,
         )
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(final[0]))
         entry = {
@@ -153,16 +164,19 @@ def run(args) -> dict[str, Any]:
             "params_finite_after": finite,
         }
         if oname.startswith("shampoo"):
-            plans = _axes.resolve(None, params, max_precond_dim=max(args.block_size, 1024),
-                                  block_size=args.block_size)
+            plans = _axes.resolve(
+                None, params, max_precond_dim=max(args.block_size, 1024), block_size=args.block_size
+            )
             entry["documented_state_bytes"] = documented_state_bytes(plans, params)
         results.setdefault(wname, {})[oname] = entry
     return results
 
 
 def print_table(results: dict[str, Any]) -> None:
-    header = (f"{'workload':22s} {'optimizer':15s} {'ordinary ms':>12s} {'(min)':>7s} {'refresh ms':>11s} "
-              f"{'amortized ms':>13s} {'vs DS':>7s} {'vs floor':>9s} {'(min)':>6s} {'state MB':>9s}")
+    header = (
+        f"{'workload':22s} {'optimizer':15s} {'ordinary ms':>12s} {'(min)':>7s} {'refresh ms':>11s} "
+        f"{'amortized ms':>13s} {'vs DS':>7s} {'vs floor':>9s} {'(min)':>6s} {'state MB':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for wname, per in results.items():
@@ -171,14 +185,20 @@ def print_table(results: dict[str, Any]) -> None:
         floor_min = per["floor"]["timing"].ordinary_min_s
         for oname, e in per.items():
             t = e["timing"]
-            vs_ds = f"{t.amortized_s / ds.amortized_s:.2f}x" if ds is not None and oname != "floor" else ""
+            vs_ds = (
+                f"{t.amortized_s / ds.amortized_s:.2f}x"
+                if ds is not None and oname != "floor"
+                else ""
+            )
             vs_floor = f"{t.ordinary_median_s / floor:.2f}x"
             vs_floor_min = f"{t.ordinary_min_s / floor_min:.2f}x"
             refresh = f"{1e3 * t.refresh_median_s:.1f}" if t.refresh_median_s else "-"
             mb = f"{e['state_bytes'] / 2**20:.1f}" if "state_bytes" in e else ""
-            print(f"{wname:22s} {oname:15s} {1e3 * t.ordinary_median_s:12.2f} {1e3 * t.ordinary_min_s:7.2f} "
-                  f"{refresh:>11s} {1e3 * t.amortized_s:13.2f} {vs_ds:>7s} {vs_floor:>9s} "
-                  f"{vs_floor_min:>6s} {mb:>9s}")
+            print(
+                f"{wname:22s} {oname:15s} {1e3 * t.ordinary_median_s:12.2f} {1e3 * t.ordinary_min_s:7.2f} "
+                f"{refresh:>11s} {1e3 * t.amortized_s:13.2f} {vs_ds:>7s} {vs_floor:>9s} "
+                f"{vs_floor_min:>6s} {mb:>9s}"
+            )
 
 
 def main(argv=None):

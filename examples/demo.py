@@ -119,10 +119,14 @@ def main(argv=None):
 
     jobs = [(name, lr, s) for name in OPTIMIZERS for lr in lrs for s in range(seeds)]
     bar = tqdm(jobs, desc="demo", unit="run") if tqdm else jobs
-    curves: dict[str, dict[float, list[np.ndarray]]] = {n: {lr: [] for lr in lrs} for n in OPTIMIZERS}
+    curves: dict[str, dict[float, list[np.ndarray]]] = {
+        n: {lr: [] for lr in lrs} for n in OPTIMIZERS
+    }
     seconds: dict[str, float] = {n: 0.0 for n in OPTIMIZERS}
-    trainers = {n: make_trainer(f, x, y, steps=steps, batch=256, d_hidden=dims["d_hidden"])
-                for n, f in OPTIMIZERS.items()}
+    trainers = {
+        n: make_trainer(f, x, y, steps=steps, batch=256, d_hidden=dims["d_hidden"])
+        for n, f in OPTIMIZERS.items()
+    }
     for name, lr, seed in bar:
         t0 = time.perf_counter()
         losses = trainers[name](jax.random.key(seed), jnp.float32(lr))
@@ -150,18 +154,32 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "settings": {**dims, "n": 4096, "kappa": args.kappa, "steps": steps, "seeds": seeds,
-                     "batch": 256, "learning_rates": lrs, "quick": args.quick},
-        "versions": {"jax": jax.__version__, "optax": optax.__version__,
-                     "layerwise_optax": lo.__version__, "python": platform.python_version()},
+        "settings": {
+            **dims,
+            "n": 4096,
+            "kappa": args.kappa,
+            "steps": steps,
+            "seeds": seeds,
+            "batch": 256,
+            "learning_rates": lrs,
+            "quick": args.quick,
+        },
+        "versions": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "layerwise_optax": lo.__version__,
+            "python": platform.python_version(),
+        },
         "device": jax.devices()[0].device_kind,
         "results": results,
     }
     _atomic_write(out / "demo.json", json.dumps(record, indent=2).encode())
     _plot(results, out / "demo.png", args.kappa)
     for name, r in results.items():
-        print(f"{name:8s} best lr {r['best_learning_rate']:.0e}  final loss {r['final_loss']:.4g}  "
-              f"steps to AdamW's final loss: {r['steps_to_adamw_final_loss']}")
+        print(
+            f"{name:8s} best lr {r['best_learning_rate']:.0e}  final loss {r['final_loss']:.4g}  "
+            f"steps to AdamW's final loss: {r['steps_to_adamw_final_loss']}"
+        )
     print(f"wrote {out / 'demo.png'} and {out / 'demo.json'}")
 
 

@@ -228,11 +228,15 @@ class LeafPlan:
     def to_blocks(self, x: jax.Array) -> jax.Array:
         """Maps a leaf to its block view ``(stack, b_1, ..., b_k)``."""
         x = jnp.reshape(jnp.transpose(x, self.perm), (self.batch,) + self.dims)
-        pads = [(0, 0)] + [(0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)]
+        pads = [(0, 0)] + [
+            (0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)
+        ]
         if any(p[1] for p in pads):
             x = jnp.pad(x, pads)
         k = len(self.dims)
-        split = (self.batch,) + tuple(s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b))
+        split = (self.batch,) + tuple(
+            s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b)
+        )
         x = jnp.reshape(x, split)
         order = (0,) + tuple(1 + 2 * i for i in range(k)) + tuple(2 + 2 * i for i in range(k))
         return jnp.reshape(jnp.transpose(x, order), self.block_shape)
@@ -243,7 +247,9 @@ class LeafPlan:
         y = jnp.reshape(y, (self.batch,) + self.num_blocks + self.blocks)
         order = (0,) + tuple(s for i in range(k) for s in (1 + i, 1 + k + i))
         y = jnp.transpose(y, order)
-        y = jnp.reshape(y, (self.batch,) + tuple(n * b for n, b in zip(self.num_blocks, self.blocks)))
+        y = jnp.reshape(
+            y, (self.batch,) + tuple(n * b for n, b in zip(self.num_blocks, self.blocks))
+        )
         y = y[(slice(None),) + tuple(slice(0, d) for d in self.dims)]
         permuted = tuple(self.shape[p] for p in self.perm)
         y = jnp.reshape(y, permuted)
@@ -258,10 +264,14 @@ class LeafPlan:
         """
         k = len(self.dims)
         y = jnp.reshape(jnp.transpose(jnp.square(x), self.perm), (self.batch,) + self.dims)
-        pads = [(0, 0)] + [(0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)]
+        pads = [(0, 0)] + [
+            (0, n * b - d) for d, b, n in zip(self.dims, self.blocks, self.num_blocks)
+        ]
         if any(p[1] for p in pads):
             y = jnp.pad(y, pads)
-        split = (self.batch,) + tuple(s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b))
+        split = (self.batch,) + tuple(
+            s for n, b in zip(self.num_blocks, self.blocks) for s in (n, b)
+        )
         y = jnp.sum(jnp.reshape(y, split), axis=tuple(2 + 2 * i for i in range(k)))
         return jnp.reshape(y, (self.stack,) + (1,) * k)
 

@@ -84,9 +84,7 @@ def axis_stats(g: jax.Array, plan: _axes.LeafPlan) -> Factors:
     for i, kind in enumerate(plan.kinds):
         if kind == "full":
             other = idx[:i] + "Z" + idx[i + 1 :]
-            out.append(
-                jnp.einsum(f"n{idx},n{other}->n{idx[i]}Z", g, g, precision=HIGHEST)
-            )
+            out.append(jnp.einsum(f"n{idx},n{other}->n{idx[i]}Z", g, g, precision=HIGHEST))
         elif kind == "diag":
             out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=HIGHEST))
         else:
@@ -201,9 +199,7 @@ def inverse_roots(
     return Refreshed(tuple(roots), failures)
 
 
-def eigenbases(
-    stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: str
-) -> Refreshed:
+def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: str) -> Refreshed:
     """Eigenbases of the full factors (SOAP); other dimensions keep the identity.
 
     Args:
@@ -240,7 +236,9 @@ def eigenbases(
     return Refreshed(tuple(bases), failures, tuple(perms))
 
 
-def permute_axes(x: jax.Array, perms: tuple[jax.Array | None, ...], plan: _axes.LeafPlan) -> jax.Array:
+def permute_axes(
+    x: jax.Array, perms: tuple[jax.Array | None, ...], plan: _axes.LeafPlan
+) -> jax.Array:
     """Reorders each axis of a block view by a per-block permutation.
 
     Args:

@@ -219,7 +219,9 @@ def inv_root_newton(
     ok = _finite_matrices(a)
     a = jnp.where(ok[..., None, None], a, _eye_like(a))
     damping = jnp.asarray(damping, dtype)
-    delta = damping * max_eigenvalue(a) if relative_damping else jnp.broadcast_to(damping, a.shape[:-2])
+    delta = (
+        damping * max_eigenvalue(a) if relative_damping else jnp.broadcast_to(damping, a.shape[:-2])
+    )
     ad = a + delta[..., None, None] * _eye_like(a)
     # The same floor as the eigendecomposition path: eps * ||A'|| on the diagonal
     # bounds the conditioning; an all-zero matrix is handled apart below.

@@ -169,7 +169,9 @@ def scale_by_shampoo(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
-            stats=_axes.map_leaves(lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params),
+            stats=_axes.map_leaves(
+                lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+            ),
             roots=_axes.map_leaves(
                 lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True), plans, params
             ),
@@ -188,7 +190,9 @@ def scale_by_shampoo(
                 g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
                 mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
                 nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
-                new_stats = _kron.ema(stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay)
+                new_stats = _kron.ema(
+                    stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay
+                )
                 stats = tuple(jnp.where(ok, n, s) for n, s in zip(new_stats, stats))
                 return _LeafOut(g32, mu_new, nu_new, stats, (~ok).astype(jnp.int32))
 
@@ -245,7 +249,9 @@ def scale_by_shampoo(
             )
             return new_updates, ScaleByShampooState(
                 count=count_inc,
-                mu=optax.tree.cast(mus, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mus, state.mu),
+                mu=optax.tree.cast(mus, mu_dtype)
+                if mu_dtype is not None
+                else optax.tree.cast_like(mus, state.mu),
                 nu=new_nu,
                 stats=stats,
                 roots=roots,

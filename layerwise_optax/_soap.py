@@ -150,8 +150,12 @@ def scale_by_soap(
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=_axes.map_leaves(lambda p, pl: jnp.zeros(pl.block_shape, jnp.float32), plans, params),
-            stats=_axes.map_leaves(lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params),
+            nu=_axes.map_leaves(
+                lambda p, pl: jnp.zeros(pl.block_shape, jnp.float32), plans, params
+            ),
+            stats=_axes.map_leaves(
+                lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+            ),
             bases=_axes.map_leaves(
                 lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True), plans, params
             ),
@@ -187,13 +191,17 @@ def scale_by_soap(
                 new = _kron.ema(stats, _kron.axis_stats(gb, plan), factor_decay)
                 return tuple(jnp.where(jnp.all(jnp.isfinite(g)), n, s) for n, s in zip(new, stats))
 
-            stats = _axes.map_leaves(accumulate, plans, updates, _axes.unzip(out, "stats"), state.stats)
+            stats = _axes.map_leaves(
+                accumulate, plans, updates, _axes.unzip(out, "stats"), state.stats
+            )
 
             def refresh(method):
                 def run(stats, bases, nu):
                     def leaf(s, plan, q, v):
                         res = _kron.eigenbases(s, q, plan, method=method)
-                        return _Refresh(res.factors, _kron.permute_axes(v, res.perms, plan), res.failures)
+                        return _Refresh(
+                            res.factors, _kron.permute_axes(v, res.perms, plan), res.failures
+                        )
 
                     res = _axes.map_leaves(leaf, plans, stats, bases, nu)
                     fails = jax.tree.leaves(_axes.unzip(res, "failures"))
@@ -223,7 +231,9 @@ def scale_by_soap(
             )
             return _axes.unzip(out, "update"), ScaleBySoapState(
                 count=count_inc,
-                mu=optax.tree.cast(mus, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mus, state.mu),
+                mu=optax.tree.cast(mus, mu_dtype)
+                if mu_dtype is not None
+                else optax.tree.cast_like(mus, state.mu),
                 nu=nu,
                 stats=stats,
                 bases=bases,

@@ -12,10 +12,16 @@ import layerwise_optax as lo
 # Adding an optimizer to the library means adding a line here.
 OPTIMIZERS = [
     ("shampoo", lo.shampoo, dict(learning_rate=3e-2, precondition_frequency=2)),
-    ("shampoo_newton_blocked", lo.shampoo,
-     dict(learning_rate=3e-2, precondition_frequency=2, root_method="newton", block_size=3)),
-    ("shampoo_sgd_graft_nesterov", lo.shampoo,
-     dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True)),
+    (
+        "shampoo_newton_blocked",
+        lo.shampoo,
+        dict(learning_rate=3e-2, precondition_frequency=2, root_method="newton", block_size=3),
+    ),
+    (
+        "shampoo_sgd_graft_nesterov",
+        lo.shampoo,
+        dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True),
+    ),
     ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
     ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
 ]
@@ -27,8 +33,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     lb, tb = jax.tree.flatten(b)
     assert ta == tb, (ta, tb)
     for x, y in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   rtol=rtol, atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+        )
 
 
 def assert_tree_finite(a):
@@ -67,8 +74,20 @@ def unfold_cov(g, i):
     return gi @ gi.T
 
 
-def shampoo_reference(grads, *, b1, b2, eps, factor_decay, damping, freq, grafting, nesterov=False,
-                      root=None, factored=None):
+def shampoo_reference(
+    grads,
+    *,
+    b1,
+    b2,
+    eps,
+    factor_decay,
+    damping,
+    freq,
+    grafting,
+    nesterov=False,
+    root=None,
+    factored=None,
+):
     """Naive dense Shampoo on one tensor: Kronecker product of fractional powers.
 
     The preconditioner is built explicitly as kron(P_1, ..., P_k) acting on the
@@ -91,8 +110,10 @@ def shampoo_reference(grads, *, b1, b2, eps, factor_decay, damping, freq, grafti
         for i in range(k):
             stats[i] = factor_decay * stats[i] + w * unfold_cov(g, i)
         if (t - 1) % freq == 0:
-            roots = [np_inv_root(s, p, damping) if i in factored else np.eye(len(s))
-                     for i, s in enumerate(stats)]
+            roots = [
+                np_inv_root(s, p, damping) if i in factored else np.eye(len(s))
+                for i, s in enumerate(stats)
+            ]
         if nesterov:
             m_hat = b1 * mu / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
         else:

@@ -76,12 +76,15 @@ def test_blocks_are_the_submatrices():
     padded[:7, :5] = np.asarray(x)
     for i in range(3):
         for j in range(2):
-            np.testing.assert_array_equal(view[i * 2 + j], padded[3 * i:3 * i + 3, 3 * j:3 * j + 3])
+            np.testing.assert_array_equal(
+                view[i * 2 + j], padded[3 * i : 3 * i + 3, 3 * j : 3 * j + 3]
+            )
 
 
 def test_kinds():
-    plan = _axes.make_plan((5000, 1, 6), DN(((0,), (1,), (2,))), max_precond_dim=1024,
-                           block_size=None)
+    plan = _axes.make_plan(
+        (5000, 1, 6), DN(((0,), (1,), (2,))), max_precond_dim=1024, block_size=None
+    )
     assert plan.kinds == ("diag", "none", "full")
     assert plan.num_factors == 2
     blocked = _axes.make_plan((5000, 6), DN(((0,), (1,))), max_precond_dim=1024, block_size=512)
@@ -112,8 +115,9 @@ def test_spec_tree_structure_mismatch_is_value_error():
 
 def test_resolve_callable_and_masked_nodes():
     tree = {"a": jnp.zeros((3, 4)), "b": optax.MaskedNode()}
-    plans = _axes.resolve(lambda t: jax.tree.map(lambda _: DN(((1,), (0,))), t), tree,
-                          max_precond_dim=10)
+    plans = _axes.resolve(
+        lambda t: jax.tree.map(lambda _: DN(((1,), (0,))), t), tree, max_precond_dim=10
+    )
     assert isinstance(plans["b"], optax.MaskedNode)
     assert plans["a"].perm == (1, 0)
 
@@ -133,13 +137,19 @@ def test_apply_axis_matrices_matches_kron():
     g = rng.standard_normal((2, 3, 4))
     mats = [rng.standard_normal((d, d)) for d in g.shape]
     plan = _axes.make_plan(g.shape, DN(((0,), (1,), (2,))), max_precond_dim=10, block_size=None)
-    got = _kron.apply_axis_matrices(plan.to_blocks(jnp.asarray(g, jnp.float32)),
-                                    tuple(jnp.asarray(m, jnp.float32)[None] for m in mats), plan)
+    got = _kron.apply_axis_matrices(
+        plan.to_blocks(jnp.asarray(g, jnp.float32)),
+        tuple(jnp.asarray(m, jnp.float32)[None] for m in mats),
+        plan,
+    )
     want = (np.kron(np.kron(mats[0], mats[1]), mats[2]) @ g.reshape(-1)).reshape(g.shape)
     np.testing.assert_allclose(np.asarray(plan.from_blocks(got)), want, rtol=1e-4, atol=1e-5)
-    got_t = _kron.apply_axis_matrices(plan.to_blocks(jnp.asarray(g, jnp.float32)),
-                                      tuple(jnp.asarray(m, jnp.float32)[None] for m in mats), plan,
-                                      transpose=True)
+    got_t = _kron.apply_axis_matrices(
+        plan.to_blocks(jnp.asarray(g, jnp.float32)),
+        tuple(jnp.asarray(m, jnp.float32)[None] for m in mats),
+        plan,
+        transpose=True,
+    )
     want_t = (np.kron(np.kron(mats[0].T, mats[1].T), mats[2].T) @ g.reshape(-1)).reshape(g.shape)
     np.testing.assert_allclose(np.asarray(plan.from_blocks(got_t)), want_t, rtol=1e-4, atol=1e-5)
 
@@ -148,8 +158,9 @@ def test_inverse_roots_keep_previous_on_failure():
     plan = _axes.make_plan((3, 4), DN(((0,), (1,))), max_precond_dim=10, block_size=None)
     prev = _kron.init_factors(plan, jnp.float32, identity=True)
     stats = (jnp.full((1, 3, 3), jnp.nan), jnp.eye(4)[None] * 4.0)
-    res = _kron.inverse_roots(stats, prev, plan, root=2, damping=jnp.float32(0.0),
-                              relative_damping=False)
+    res = _kron.inverse_roots(
+        stats, prev, plan, root=2, damping=jnp.float32(0.0), relative_damping=False
+    )
     assert int(res.failures) == 1
     np.testing.assert_array_equal(np.asarray(res.factors[0]), np.asarray(prev[0]))
     np.testing.assert_allclose(np.asarray(res.factors[1][0]), np.eye(4) * 0.5, rtol=1e-6)
@@ -168,5 +179,6 @@ def test_block_sum_squares_matches_block_view(name):
     plan = _axes.make_plan(shape, spec, max_precond_dim=20, block_size=block)
     x = jax.random.normal(jax.random.key(3), shape)
     want = _kron.block_norms(plan.to_blocks(x)) ** 2
-    np.testing.assert_allclose(np.asarray(plan.block_sum_squares(x)), np.asarray(want),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(plan.block_sum_squares(x)), np.asarray(want), rtol=1e-5, atol=1e-6
+    )

@@ -6,8 +6,19 @@ from benchmarks import harness, plot, step_time
 
 
 def test_step_time_quick_writes_record(tmp_path, capsys):
-    step_time.main(["--quick", "--steps", "3", "--frequency", "2", "--block-size", "64",
-                    "--out", str(tmp_path)])
+    step_time.main(
+        [
+            "--quick",
+            "--steps",
+            "3",
+            "--frequency",
+            "2",
+            "--block-size",
+            "64",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     records = list(tmp_path.glob("*_step_time/*.json"))
     assert len(records) == 1
     record = json.loads(records[0].read_text())

@@ -3,7 +3,6 @@
 Every entry of ``tests._helpers.OPTIMIZERS`` runs through every test here.
 """
 
-
 import functools
 
 import jax
@@ -344,8 +343,10 @@ def test_every_public_alias_is_in_the_conformance_list():
     registered = {f for _, f, _ in OPTIMIZERS}
     for name, fn in aliases.items():
         assert fn in registered, f"{name} is not in tests/_helpers.py OPTIMIZERS"
-    public = {n for n in lo.__all__ if not n[0].isupper() and not n.startswith(("scale_by", "linalg",
-              "default_", "inject", "static"))}
+    public = {
+        n
+        for n in lo.__all__
+        if not n[0].isupper()
+        and not n.startswith(("scale_by", "linalg", "default_", "inject", "static"))
+    }
     assert public == set(aliases), public
-
-

@@ -31,8 +31,9 @@ def test_inv_root_eigh_float32_with_relative_damping(cond, p):
     # 1e-4 the effective condition number is at most 1e4 whatever `cond` is.
     rng = np.random.default_rng(3)
     a = random_psd(rng, 16, cond) * 7.0
-    got = np.asarray(linalg.inv_root_eigh(jnp.asarray(a, jnp.float32), p, damping=1e-4,
-                                          relative_damping=True))
+    got = np.asarray(
+        linalg.inv_root_eigh(jnp.asarray(a, jnp.float32), p, damping=1e-4, relative_damping=True)
+    )
     lam_max = np.linalg.eigvalsh(a).max()
     want = np_inv_root(a, p, damping=1e-4 * lam_max)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -56,8 +57,9 @@ def test_inv_root_newton_matches_scipy(cond, p):
 def test_inv_root_newton_float32_damped(cond):
     rng = np.random.default_rng(5)
     a = random_psd(rng, 16, cond)
-    root, residual = linalg.inv_root_newton(jnp.asarray(a, jnp.float32), 4, damping=1e-3,
-                                            relative_damping=True)
+    root, residual = linalg.inv_root_newton(
+        jnp.asarray(a, jnp.float32), 4, damping=1e-3, relative_damping=True
+    )
     lam_max = np.linalg.eigvalsh(a).max()
     want = np_inv_root(a, 4, damping=1e-3 * lam_max)
     err = np.linalg.norm(np.asarray(root) - want) / np.linalg.norm(want)
@@ -72,8 +74,9 @@ def test_inv_root_newton_warm_start_is_used_and_correct():
     with jax.enable_x64(True):
         prev, _ = linalg.inv_root_newton(jnp.asarray(a), 4, tol=1e-10)
         warm, res = linalg.inv_root_newton(jnp.asarray(b), 4, warm_start=prev, tol=1e-10)
-        bad, res_bad = linalg.inv_root_newton(jnp.asarray(b), 4, warm_start=jnp.eye(8) * 1e3,
-                                              tol=1e-10)
+        bad, res_bad = linalg.inv_root_newton(
+            jnp.asarray(b), 4, warm_start=jnp.eye(8) * 1e3, tol=1e-10
+        )
     want = np_inv_root(b, 4)
     for got, r in ((warm, res), (bad, res_bad)):  # a useless warm start falls back to cold
         assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-6
@@ -113,7 +116,9 @@ def test_non_finite_input_gives_nan_not_hang(bad):
     r = np.asarray(linalg.inv_root_eigh(x, 4))
     assert np.all(np.isnan(r[0])) and np.allclose(r[1], np.eye(4))
     rn, res = linalg.inv_root_newton(x, 4)
-    assert np.all(np.isnan(np.asarray(rn)[0])) and np.allclose(np.asarray(rn)[1], np.eye(4), atol=1e-5)
+    assert np.all(np.isnan(np.asarray(rn)[0])) and np.allclose(
+        np.asarray(rn)[1], np.eye(4), atol=1e-5
+    )
     q = np.asarray(linalg.eigenbasis(x))
     assert np.all(np.isnan(q[0])) and np.all(np.isfinite(q[1]))
     q2, _ = linalg.refresh_eigenbasis(x, jnp.broadcast_to(jnp.eye(4), x.shape))
@@ -126,8 +131,9 @@ def test_eigh_psd_clips_and_matches_numpy():
     a_noisy = a - 1e-9 * np.eye(9)
     w, v = linalg.eigh_psd(jnp.asarray(a_noisy, jnp.float32))
     assert np.all(np.asarray(w) >= 0)
-    np.testing.assert_allclose(np.asarray(w), np.clip(np.linalg.eigvalsh(a_noisy), 0, None),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(w), np.clip(np.linalg.eigvalsh(a_noisy), 0, None), atol=1e-6
+    )
     recon = (np.asarray(v) * np.asarray(w)) @ np.asarray(v).T
     np.testing.assert_allclose(recon, a, atol=1e-5)
 
@@ -185,8 +191,9 @@ def test_batching_jit_and_vmap_agree():
     newton_v = jax.vmap(lambda x: linalg.inv_root_newton(x, 4, damping=1e-6)[0])(jnp.asarray(a))
     np.testing.assert_allclose(np.asarray(newton_b), np.asarray(newton_v), rtol=1e-4, atol=1e-5)
     for i in range(3):
-        np.testing.assert_allclose(np.asarray(batched[i]), np_inv_root(a[i], 4, 1e-6),
-                                   rtol=2e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(batched[i]), np_inv_root(a[i], 4, 1e-6), rtol=2e-3, atol=1e-4
+        )
 
 
 def test_newton_rejects_non_integer_order():
@@ -214,6 +221,7 @@ def test_batched_refresh_inside_cond_does_not_deadlock_on_cpu():
         print('done')
     """)
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]

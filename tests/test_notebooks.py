@@ -25,8 +25,14 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("script", [_mark(p) for p in SCRIPTS])
 def test_notebook_runs_in_quick_mode(script, tmp_path):
     env = {**os.environ, "LWO_QUICK": "1", "MPLBACKEND": "Agg"}
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "figures").glob(f"{script.stem}__*.png")), "no figure written"
 

@@ -36,8 +36,18 @@ def test_no_private_optax_imports():
 
 
 def test_core_imports_only_jax_optax_numpy():
-    allowed = {"jax", "optax", "numpy", "layerwise_optax", "__future__", "collections",
-               "dataclasses", "functools", "math", "typing"}
+    allowed = {
+        "jax",
+        "optax",
+        "numpy",
+        "layerwise_optax",
+        "__future__",
+        "collections",
+        "dataclasses",
+        "functools",
+        "math",
+        "typing",
+    }
     for path in PACKAGE.glob("*.py"):
         for line in path.read_text().splitlines():
             if line.startswith(("import ", "from ")):

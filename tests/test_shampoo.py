@@ -49,9 +49,15 @@ def test_matches_dense_reference(name):
     hp = dict(b1=0.9, b2=0.99, eps=1e-8, damping=1e-3)
     grads = _grads(shape, 6)
     tx = lo.scale_by_shampoo(
-        **hp, factor_decay=factor_decay, precondition_frequency=freq, merge_small_dims=False,
+        **hp,
+        factor_decay=factor_decay,
+        precondition_frequency=freq,
+        merge_small_dims=False,
         start_preconditioning_step=0,
-        relative_damping=False, root_exponent=root, **case)
+        relative_damping=False,
+        root_exponent=root,
+        **case,
+    )
     got, state = _run(tx, grads)
     want = shampoo_reference(grads, **hp, factor_decay=factor_decay, freq=freq, root=root, **case)
     for t, (a, b) in enumerate(zip(got, want)):
@@ -62,10 +68,15 @@ def test_matches_dense_reference(name):
 def test_one_sided_matches_reference():
     grads = _grads((4, 3), 4)
     hp = dict(b1=0.9, b2=0.99, eps=1e-8, damping=1e-3)
-    tx = lo.scale_by_shampoo(**hp, factor_decay=0.9, precondition_frequency=1, grafting="none",
-                             start_preconditioning_step=0,
-                             relative_damping=False,
-                             dimension_numbers={"w": DN(((0,),), identity_axes=(1,))})
+    tx = lo.scale_by_shampoo(
+        **hp,
+        factor_decay=0.9,
+        precondition_frequency=1,
+        grafting="none",
+        start_preconditioning_step=0,
+        relative_damping=False,
+        dimension_numbers={"w": DN(((0,),), identity_axes=(1,))},
+    )
     got, _ = _run(tx, grads)
     want = shampoo_reference(grads, **hp, factor_decay=0.9, freq=1, grafting="none", factored=[0])
     for a, b in zip(got, want):
@@ -76,8 +87,9 @@ def test_one_sided_matches_reference():
 def test_no_factors_with_adam_grafting_is_adam(nesterov, adam):
     params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "k": jnp.zeros((2, 2, 3))}
     no_factors = lambda p: jax.tree.map(lambda _: None, p)
-    ours = lo.shampoo(1e-2, b1=0.9, b2=0.99, eps=1e-7, dimension_numbers=no_factors,
-                      nesterov=nesterov)
+    ours = lo.shampoo(
+        1e-2, b1=0.9, b2=0.99, eps=1e-7, dimension_numbers=no_factors, nesterov=nesterov
+    )
     ref = adam(1e-2, b1=0.9, b2=0.99, eps=1e-7)
     s1, s2 = ours.init(params), ref.init(params)
     for i in range(6):
@@ -111,13 +123,20 @@ def test_block_size_larger_than_every_axis_is_unblocked():
 @pytest.mark.parametrize("shape,block", [((6, 4), 2), ((7, 5), 3)], ids=["exact", "padded"])
 def test_blocks_equal_independent_sub_parameters(shape, block):
     grads = _grads(shape, 4)
-    kw = dict(precondition_frequency=1, relative_damping=False, damping=1e-3, root_exponent=4,
-              merge_small_dims=False)
+    kw = dict(
+        precondition_frequency=1,
+        relative_damping=False,
+        damping=1e-3,
+        root_exponent=4,
+        merge_small_dims=False,
+    )
     blocked, _ = _run(lo.scale_by_shampoo(block_size=block, **kw), grads)
     # The same computation with every block as its own parameter.
     rows = list(range(0, shape[0], block))
     cols = list(range(0, shape[1], block))
-    split = lambda g: {f"{i}_{j}": jnp.asarray(g[i:i + block, j:j + block]) for i in rows for j in cols}
+    split = lambda g: {
+        f"{i}_{j}": jnp.asarray(g[i : i + block, j : j + block]) for i in rows for j in cols
+    }
     params = jax.tree.map(jnp.zeros_like, split(grads[0]))
     spec = jax.tree.map(lambda _: DN(((0,), (1,))), params)
     tx = lo.scale_by_shampoo(dimension_numbers=spec, **kw)
@@ -126,8 +145,12 @@ def test_blocks_equal_independent_sub_parameters(shape, block):
         u, state = tx.update(split(g), state, params)
         for i in rows:
             for j in cols:
-                np.testing.assert_allclose(np.asarray(u[f"{i}_{j}"]),
-                                           want[i:i + block, j:j + block], rtol=2e-4, atol=1e-6)
+                np.testing.assert_allclose(
+                    np.asarray(u[f"{i}_{j}"]),
+                    want[i : i + block, j : j + block],
+                    rtol=2e-4,
+                    atol=1e-6,
+                )
 
 
 def test_newton_roots_agree_with_eigh():
@@ -198,7 +221,11 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,match", INVALID, ids=[next(iter(k)) + "=" + repr(next(iter(k.values()))) for k, _ in INVALID])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    INVALID,
+    ids=[next(iter(k)) + "=" + repr(next(iter(k.values()))) for k, _ in INVALID],
+)
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.shampoo(1e-3, **kwargs)

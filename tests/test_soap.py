@@ -31,15 +31,20 @@ def test_matches_dense_reference(shape, freq):
     want = soap_reference(grads, **hp, freq=freq)
     for t, g in enumerate(grads):
         u, state = update({"w": jnp.asarray(g)}, state, params)
-        np.testing.assert_allclose(np.asarray(u["w"]), want[t], rtol=2e-3, atol=2e-4,
-                                   err_msg=f"step {t}")
+        np.testing.assert_allclose(
+            np.asarray(u["w"]), want[t], rtol=2e-3, atol=2e-4, err_msg=f"step {t}"
+        )
     assert int(state.failed_refreshes) == 0
 
 
 @pytest.mark.parametrize("b1,b2,eps", [(0.9, 0.999, 1e-8), (0.95, 0.95, 1e-6), (0.0, 0.9, 1e-8)])
 def test_identity_basis_is_adam(b1, b2, eps):
-    params = {"w": jnp.zeros((6, 5)), "conv": jnp.zeros((3, 3, 2, 4)), "b": jnp.zeros(5),
-              "s": jnp.zeros(())}
+    params = {
+        "w": jnp.zeros((6, 5)),
+        "conv": jnp.zeros((3, 3, 2, 4)),
+        "b": jnp.zeros(5),
+        "s": jnp.zeros(()),
+    }
     ours = lo.soap(1e-2, b1=b1, b2=b2, eps=eps, max_precond_dim=1)  # every axis too large
     ref = optax.adam(1e-2, b1=b1, b2=b2, eps=eps)
     s1, s2 = ours.init(params), ref.init(params)
@@ -53,8 +58,10 @@ def test_identity_basis_is_adam(b1, b2, eps):
 
 def test_block_size_larger_than_every_axis_is_unblocked():
     params = {"w": jnp.zeros((5, 6))}
-    a, b = lo.soap(1e-2, precondition_frequency=2), lo.soap(1e-2, precondition_frequency=2,
-                                                            block_size=100)
+    a, b = (
+        lo.soap(1e-2, precondition_frequency=2),
+        lo.soap(1e-2, precondition_frequency=2, block_size=100),
+    )
     sa, sb = a.init(params), b.init(params)
     step_a, step_b = jax.jit(a.update), jax.jit(b.update)
     for i in range(5):
