@@ -5,6 +5,10 @@ from layerwise_optax._axes import DimensionNumbers as DimensionNumbers
 from layerwise_optax._axes import default_dimension_numbers as default_dimension_numbers
 from layerwise_optax._inject import inject_hyperparams as inject_hyperparams
 from layerwise_optax._inject import static_args as static_args
+from layerwise_optax._kfac import KfacFactors as KfacFactors
+from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
+from layerwise_optax._kfac import kfac as kfac
+from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
@@ -14,11 +18,15 @@ from layerwise_optax._soap import soap as soap
 
 __all__ = (
     "DimensionNumbers",
+    "KfacFactors",
+    "ScaleByKfacState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
     "inject_hyperparams",
+    "kfac",
     "linalg",
+    "scale_by_kfac",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",

@@ -7,9 +7,11 @@ from typing import Any
 
 import optax
 
-from layerwise_optax import _shampoo, _soap
+from layerwise_optax import _kfac, _shampoo, _soap
 
 _STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
+    _kfac.kfac: _kfac._STATIC_ARGS,
+    _kfac.scale_by_kfac: _kfac._STATIC_ARGS,
     _shampoo.shampoo: _shampoo._STATIC_ARGS,
     _shampoo.scale_by_shampoo: _shampoo._STATIC_ARGS,
     _soap.soap: _soap._STATIC_ARGS,

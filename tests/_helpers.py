@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.linalg
 
 import layerwise_optax as lo
@@ -24,8 +26,51 @@ OPTIMIZERS = [
     ),
     ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
     ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
+    ("kfac", lo.kfac, dict(learning_rate=3e-2, precondition_frequency=2)),
 ]
 OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
+
+
+def identity_kfac_stats(updates):
+    """Identity K-FAC factors for every kernel (default layout), None elsewhere.
+
+    The conformance suite's generic tests have no model to capture statistics
+    from; they exercise the machinery with these. Convergence tests pass each
+    problem's true factors instead.
+    """
+
+    def one(x):
+        if isinstance(x, optax.MaskedNode) or x.ndim < 2:
+            return None
+        # Long dimensions get diagonal factors: pass just the diagonal there.
+        dims = (int(np.prod(x.shape[:-1])), x.shape[-1])
+        a, g = (jnp.eye(d) if d <= 4096 else jnp.ones(d) for d in dims)
+        return lo.KfacFactors(a, g)
+
+    return jax.tree.map(one, updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+# Extra update arguments an optimizer needs, computed from the updates it receives.
+EXTRA_ARGS = {"kfac": lambda u: {"kfac_stats": identity_kfac_stats(u)}}
+
+
+def with_extra_args(tx, fn):
+    """Wraps ``tx`` so that its update gets ``fn(updates)`` as extra arguments.
+
+    Explicit extra arguments given by the caller take precedence.
+    """
+    if fn is None:
+        return tx
+
+    def update(updates, state, params=None, **extra):
+        return tx.update(updates, state, params, **{**fn(updates), **extra})
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def build(name, factory, kwargs, **overrides):
+    """The conformance suite's way to make an optimizer from an OPTIMIZERS entry."""
+    return with_extra_args(factory(**{**kwargs, **overrides}), EXTRA_ARGS.get(name))
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):

@@ -13,24 +13,31 @@ import pytest
 
 import layerwise_optax as lo
 from tests._helpers import (
+    EXTRA_ARGS,
     OPTIMIZER_IDS,
     OPTIMIZERS,
     assert_recovers,
     assert_tree_finite,
     assert_trees_close,
+    build,
     mixed_tree,
+    with_extra_args,
 )
 
 parametrize_opt = pytest.mark.parametrize("name,factory,kwargs", OPTIMIZERS, ids=OPTIMIZER_IDS)
 
 
-def _run_scan(tx, loss, params, steps):
-    """Runs ``steps`` optimizer steps under one jit; returns final params and losses."""
+def _run_scan(tx, loss, params, steps, extra=None):
+    """Runs ``steps`` optimizer steps under one jit; returns final params and losses.
+
+    ``extra(params)`` gives extra update arguments (the problem's K-FAC factors);
+    optimizers that do not take them ignore them.
+    """
 
     def step(carry, _):
         p, s = carry
         value, g = jax.value_and_grad(loss)(p)
-        u, s = tx.update(g, s, p)
+        u, s = tx.update(g, s, p, **(extra(p) if extra else {}))
         return (optax.apply_updates(p, u), s), value
 
     @jax.jit
@@ -61,7 +68,10 @@ def test_converges_on_ill_conditioned_matrix_quadratic(name, factory, kwargs):
         return 0.5 * jnp.sum(r**2) + 0.5 * jnp.sum((p["b"] - 1.0) ** 2)
 
     params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros(5)}
-    p, state, losses = _run_scan(factory(**kwargs), loss, params, 600)
+    # The exact Hessian is (L^T L) ⊗ I on the kernel: its K-FAC factors.
+    stats = {"w": lo.KfacFactors(left.T @ left, jnp.eye(5)), "b": None}
+    tx = build(name, factory, kwargs)
+    p, state, losses = _run_scan(tx, loss, params, 600, extra=lambda p: {"kfac_stats": stats})
     assert float(losses[-1]) < 1e-3 * float(losses[0]), (float(losses[0]), float(losses[-1]))
     assert_tree_finite(state)
 
@@ -74,7 +84,7 @@ def test_converges_on_rosenbrock_matrix(name, factory, kwargs):
         return jnp.sum((1.0 - x) ** 2 + 10.0 * (y - x**2) ** 2)
 
     params = {"w": jnp.full((2, 4), -0.5)}
-    p, _, losses = _run_scan(factory(**kwargs), loss, params, 1500)
+    p, _, losses = _run_scan(build(name, factory, kwargs), loss, params, 1500)
     assert float(losses[-1]) < 1e-2 * float(losses[0]), (float(losses[0]), float(losses[-1]))
 
 
@@ -95,7 +105,28 @@ def test_trains_a_small_mlp(name, factory, kwargs):
         "l2": {"kernel": jax.random.normal(k2, (16, 1)) / 4.0, "bias": jnp.zeros(1)},
     }
     loss = lambda p: jnp.mean((mlp(p, x) - y) ** 2)
-    _, _, losses = _run_scan(factory(**kwargs), loss, params, 300)
+
+    def kfac_stats(p):
+        # Empirical K-FAC factors: layer inputs, and per-example output gradients
+        # obtained through zero perturbations of each layer's pre-activations.
+        def perturbed(e1, e2):
+            h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"][None, :] + e1)
+            out = h @ p["l2"]["kernel"] + p["l2"]["bias"][None, :] + e2
+            return jnp.mean((out - y) ** 2), h
+
+        n = x.shape[0]
+        (d1, d2), h = jax.grad(perturbed, argnums=(0, 1), has_aux=True)(
+            jnp.zeros((n, 16)), jnp.zeros((n, 1))
+        )
+        d1, d2 = n * d1, n * d2
+        return {
+            "kfac_stats": {
+                "l1": {"kernel": lo.KfacFactors(x.T @ x / n, d1.T @ d1 / n), "bias": None},
+                "l2": {"kernel": lo.KfacFactors(h.T @ h / n, d2.T @ d2 / n), "bias": None},
+            }
+        }
+
+    _, _, losses = _run_scan(build(name, factory, kwargs), loss, params, 300, extra=kfac_stats)
     assert float(losses[-1]) < 0.1 * float(losses[0]), (float(losses[0]), float(losses[-1]))
 
 
@@ -104,7 +135,7 @@ def test_trains_a_small_mlp(name, factory, kwargs):
 
 @parametrize_opt
 def test_update_compiles_once(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = mixed_tree(jax.random.key(0))
     init, update = jax.jit(tx.init), jax.jit(tx.update)
     state = init(params)
@@ -116,7 +147,7 @@ def test_update_compiles_once(name, factory, kwargs):
 
 @parametrize_opt
 def test_state_is_stable_across_steps_and_through_cond(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
     state = tx.init(params)
     ref = jax.tree.map(lambda x: (x.shape, x.dtype), state)
@@ -135,8 +166,10 @@ def test_state_is_stable_across_steps_and_through_cond(name, factory, kwargs):
 @parametrize_opt
 def test_inject_hyperparams_gives_identical_results(name, factory, kwargs):
     params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
-    plain = factory(**{**kwargs, "b1": 0.8})
-    injected = lo.inject_hyperparams(factory)(**{**kwargs, "b1": 0.8})
+    plain = build(name, factory, kwargs, b1=0.8)
+    injected = with_extra_args(
+        lo.inject_hyperparams(factory)(**{**kwargs, "b1": 0.8}), EXTRA_ARGS.get(name)
+    )
     s1, s2 = plain.init(params), injected.init(params)
     assert set(s2.hyperparams) >= {"learning_rate", "b1"}
     u1f, u2f = jax.jit(plain.update), jax.jit(injected.update)
@@ -157,8 +190,8 @@ def test_inject_hyperparams_gives_identical_results(name, factory, kwargs):
 def test_constant_schedule_equals_constant_learning_rate(name, factory, kwargs):
     params = {"w": jnp.zeros((5, 4))}
     lr = kwargs["learning_rate"]
-    a = factory(**kwargs)
-    b = factory(**{**kwargs, "learning_rate": optax.constant_schedule(lr)})
+    a = build(name, factory, kwargs)
+    b = build(name, factory, kwargs, learning_rate=optax.constant_schedule(lr))
     sa, sb = a.init(params), b.init(params)
     for i in range(3):
         g = _grads(params, i)
@@ -171,7 +204,7 @@ def test_constant_schedule_equals_constant_learning_rate(name, factory, kwargs):
 def test_decaying_schedule_is_applied(name, factory, kwargs):
     params = {"w": jnp.zeros((5, 4))}
     sched = optax.linear_schedule(kwargs["learning_rate"], 0.0, 2)
-    tx = factory(**{**kwargs, "learning_rate": sched})
+    tx = build(name, factory, kwargs, learning_rate=sched)
     s = tx.init(params)
     for i in range(3):
         u, s = tx.update(_grads(params, i), s, params)
@@ -180,7 +213,7 @@ def test_decaying_schedule_is_applied(name, factory, kwargs):
 
 @parametrize_opt
 def test_ignores_unknown_extra_args(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = {"w": jnp.zeros((5, 4))}
     s = tx.init(params)
     u, _ = tx.update(_grads(params, 0), s, params, value=jnp.ones([]), some_other_arg=3)
@@ -190,8 +223,8 @@ def test_ignores_unknown_extra_args(name, factory, kwargs):
 @parametrize_opt
 def test_multisteps_accumulates(name, factory, kwargs):
     params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
-    tx = optax.MultiSteps(factory(**kwargs), every_k_schedule=3)
-    inner = factory(**kwargs)
+    tx = optax.MultiSteps(build(name, factory, kwargs), every_k_schedule=3)
+    inner = build(name, factory, kwargs)
     s, si = tx.init(params), inner.init(params)
     update = jax.jit(tx.update)
     grads = [_grads(params, i) for i in range(3)]
@@ -210,11 +243,11 @@ def test_masked_and_partition(name, factory, kwargs):
     grads = [_grads(params, i) for i in range(3)]
     sub = lambda t: {"a": t["a"], "c": t["c"]}
     # Reference: the optimizer on the unmasked leaves alone.
-    ref = factory(**kwargs)
+    ref = build(name, factory, kwargs)
     sr = ref.init(sub(params))
-    masked = optax.masked(factory(**kwargs), {"a": True, "b": False, "c": True})
+    masked = optax.masked(build(name, factory, kwargs), {"a": True, "b": False, "c": True})
     part = optax.partition(
-        {"ours": factory(**kwargs), "sgd": optax.sgd(0.1)},
+        {"ours": build(name, factory, kwargs), "sgd": optax.sgd(0.1)},
         {"a": "ours", "b": "sgd", "c": "ours"},
     )
     sm, sp = masked.init(params), part.init(params)
@@ -230,7 +263,7 @@ def test_masked_and_partition(name, factory, kwargs):
 
 @parametrize_opt
 def test_vmap_over_independent_states(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
     seeds = 3
     batched_params = jax.tree.map(lambda p: jnp.stack([p] * seeds), params)
@@ -251,7 +284,7 @@ def test_vmap_over_independent_states(name, factory, kwargs):
 
 @parametrize_opt
 def test_bf16_params_give_bf16_updates_and_f32_factors(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), mixed_tree(jax.random.key(0)))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -260,14 +293,14 @@ def test_bf16_params_give_bf16_updates_and_f32_factors(name, factory, kwargs):
     for x, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
         assert x.dtype == jnp.bfloat16 and x.shape == p.shape
     inner = state[0]
-    for x in jax.tree.leaves(inner.stats):
+    for x in jax.tree.leaves(getattr(inner, "stats", getattr(inner, "factors", None))):
         assert x.dtype == jnp.float32
     assert_tree_finite(u)
 
 
 @parametrize_opt
 def test_mu_dtype_is_honoured(name, factory, kwargs):
-    tx = factory(**kwargs, mu_dtype=jnp.bfloat16)
+    tx = build(name, factory, kwargs, mu_dtype=jnp.bfloat16)
     params = {"w": jnp.zeros((5, 4))}
     state = tx.init(params)
     _, state = tx.update(_grads(params, 0), state, params)
@@ -276,7 +309,7 @@ def test_mu_dtype_is_honoured(name, factory, kwargs):
 
 @parametrize_opt
 def test_mixed_tree_shapes_and_policy(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = mixed_tree(jax.random.key(0))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -285,20 +318,24 @@ def test_mixed_tree_shapes_and_policy(name, factory, kwargs):
         assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
         assert_tree_finite(u)
     inner = state[0]
+    stats = getattr(inner, "stats", getattr(inner, "factors", None))
     # Scalars and vectors have no factors; the 5000 axis a diagonal, never a dense one.
-    assert all(x.size == 0 for x in inner.stats["scalar"])
-    assert all(x.size == 0 for x in inner.stats["bias"])
+    assert all(x.size == 0 for x in stats["scalar"])
+    assert all(x.size == 0 for x in stats["bias"])
     block = kwargs.get("block_size")
-    if block is None:
-        assert inner.stats["long"][0].shape == (1, 5000)  # diagonal
-        assert inner.stats["conv"][0].shape == (1, 36, 36)  # (3, 3, 4) merged
+    if name == "kfac":
+        assert stats["long"][0].shape == (1, 5000)  # inputs: diagonal above 4096
+        assert stats["conv"][0].shape == (1, 36, 36)  # (kh, kw, c_in) patches
+    elif block is None:
+        assert stats["long"][0].shape == (1, 5000)  # diagonal
+        assert stats["conv"][0].shape == (1, 36, 36)  # (3, 3, 4) merged
     else:
-        assert inner.stats["long"][0].shape == (-(-5000 // block), block, block)
+        assert stats["long"][0].shape == (-(-5000 // block), block, block)
 
 
 @parametrize_opt
 def test_recovers_after_non_finite_gradients(name, factory, kwargs):
-    tx = factory(**kwargs)
+    tx = build(name, factory, kwargs)
     params = mixed_tree(jax.random.key(0))
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -319,7 +356,7 @@ def test_deterministic(name, factory, kwargs):
     params = mixed_tree(jax.random.key(0))
 
     def run():
-        tx = factory(**kwargs)
+        tx = build(name, factory, kwargs)
         s = tx.init(params)
         for i in range(3):
             u, s = jax.jit(tx.update)(_grads(params, i), s, params)
@@ -339,7 +376,7 @@ def test_map_params():  # pragma: no cover
 
 
 def test_every_public_alias_is_in_the_conformance_list():
-    aliases = {"shampoo": lo.shampoo, "soap": lo.soap}
+    aliases = {"shampoo": lo.shampoo, "soap": lo.soap, "kfac": lo.kfac}
     registered = {f for _, f, _ in OPTIMIZERS}
     for name, fn in aliases.items():
         assert fn in registered, f"{name} is not in tests/_helpers.py OPTIMIZERS"

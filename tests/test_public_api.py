@@ -10,11 +10,15 @@ PACKAGE = pathlib.Path(lo.__file__).parent
 
 EXPECTED_ALL = {
     "DimensionNumbers",
+    "KfacFactors",
+    "ScaleByKfacState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
     "inject_hyperparams",
+    "kfac",
     "linalg",
+    "scale_by_kfac",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",
@@ -67,7 +71,14 @@ def test_public_callables_document_args_and_returns():
 
 
 def test_static_args_cover_every_non_numeric_argument():
-    for factory in (lo.shampoo, lo.soap, lo.scale_by_shampoo, lo.scale_by_soap):
+    for factory in (
+        lo.shampoo,
+        lo.soap,
+        lo.kfac,
+        lo.scale_by_shampoo,
+        lo.scale_by_soap,
+        lo.scale_by_kfac,
+    ):
         static = set(lo.static_args(factory))
         for name, p in inspect.signature(factory).parameters.items():
             numeric = p.annotation in ("jax.typing.ArrayLike", "optax.ScalarOrSchedule")

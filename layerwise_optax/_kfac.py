@@ -1,0 +1,519 @@
+"""K-FAC: Kronecker-factored natural gradient from layer statistics.
+
+The transform never looks at a model: the layer statistics arrive as a keyword
+extra argument ``kfac_stats`` of ``update`` (see :class:`KfacFactors`), produced
+by any capture code (``layerwise_optax.flax`` for Flax NNX models, or your own).
+Kernels are mapped to factors by the shared per-axis machinery: each kernel's
+:class:`layerwise_optax.DimensionNumbers` has exactly two factor groups, the input
+group (``A``'s axis) and the output group (``B``'s axis); batch axes are stacked
+layers, each with its own factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerwise_optax import _axes, _checks, _kron
+
+_STATIC_ARGS = (
+    "precondition_frequency",
+    "max_precond_dim",
+    "dimension_numbers",
+    "damping_mode",
+    "sides",
+    "mu_dtype",
+    "mask",
+    "nesterov",
+)
+
+_SIDES = ("both", "input", "output")
+_DAMPING_MODES = ("absolute", "pi")
+
+NO_STATS_MSG = (
+    "kfac's update needs the layer statistics as a keyword extra argument: "
+    "tx.update(grads, state, params, kfac_stats=stats), where stats mirrors the params "
+    "with a KfacFactors(a, g) at each kernel and None elsewhere."
+)
+
+
+class KfacFactors(NamedTuple):
+    """One kernel's Kronecker factors, as estimated on a batch.
+
+    Attributes:
+      a: Input covariance ``E[x x^T]``, shape ``(*batch, d_in, d_in)``, where
+        ``d_in`` is the product of the kernel's input axes (for a conv kernel, the
+        patch size ``kh * kw * c_in``; add a ones feature for a bias if you fold it).
+      g: Output-gradient covariance ``E[delta delta^T]``, shape
+        ``(*batch, d_out, d_out)``.
+    """
+
+    a: jax.Array
+    g: jax.Array
+
+
+class ScaleByKfacState(NamedTuple):
+    """State for :func:`scale_by_kfac`.
+
+    Attributes:
+      count: int32 scalar, number of updates so far.
+      mu: Momentum of the preconditioned updates; params tree, ``mu_dtype``.
+      nu: EMA of squared gradients, used by leaves that have no statistics
+        (diagonal fallback); params tree, float32.
+      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays; per
+        other leaf ``(stack, 0)`` placeholders.
+      inverses: Per kernel the damped inverses of ``factors``, same layout.
+      skipped_stats: int32 scalar, (leaf, step) pairs whose gradient or
+        statistics were not finite and were kept out of the state.
+      failed_inverses: int32 scalar, (factor, refresh) pairs whose inverse was not
+        finite, so the previous one was kept.
+
+    .. note::
+      Memory per kernel with ``d_in × d_out`` factors: ``2 (d_in^2 + d_out^2)``
+      floats per layer slice, plus two params-sized moments.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    factors: optax.Updates
+    inverses: optax.Updates
+    skipped_stats: jax.Array
+    failed_inverses: jax.Array
+
+
+def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionNumbers | None:
+    """K-FAC's default layout: Flax kernels, inputs first and outputs last.
+
+    A dense kernel ``(in, out)`` is ``((0,), (1,))``; a conv kernel
+    ``(*window, in, out)`` is ``((0, ..., n-2), (n-1,))``; scalars and vectors have no
+    factors. Stacked layers need ``batch_axes`` given explicitly.
+
+    Args:
+      shape: The leaf's shape.
+
+    Returns:
+      A :class:`layerwise_optax.DimensionNumbers`, or ``None``.
+    """
+    if len(shape) < 2:
+        return None
+    return _axes.DimensionNumbers((tuple(range(len(shape) - 1)), (len(shape) - 1,)))
+
+
+class _LeafOut(NamedTuple):
+    update: Any
+    mu: Any
+    nu: Any
+    factors: Any
+    inverses: Any
+    skipped: Any
+    failed: Any
+
+
+def scale_by_kfac(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    damping: jax.typing.ArrayLike = 1e-3,
+    precondition_frequency: int = 1,
+    max_precond_dim: int = 4096,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    damping_mode: Literal["absolute", "pi"] = "pi",
+    sides: Literal["both", "input", "output"] = "both",
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
+
+    Args:
+      b1: Momentum (heavy ball on the preconditioned update), in ``[0, 1)``.
+      b2: Decay of the diagonal fallback's squared-gradient EMA, in ``[0, 1)``.
+      factor_decay: EMA decay of ``A`` and ``B``, in ``(0, 1]`` (``1``: sum).
+      damping: Tikhonov damping ``lambda`` of the Kronecker-factored curvature.
+      precondition_frequency: Steps between refreshes of the inverses (static).
+      max_precond_dim: Factor dimensions longer than this keep only the diagonal
+        of their factor (static).
+      dimension_numbers: Spec tree or callable giving each kernel's
+        ``(input group, output group)``; ``None``:
+        :func:`default_kernel_dimension_numbers`.
+      damping_mode: ``'pi'`` (Martens and Grosse's factored damping: ``A + pi
+        sqrt(lambda) I`` and ``B + sqrt(lambda) / pi I`` with
+        ``pi = sqrt((tr A / d_A) / (tr B / d_B))``) or ``'absolute'``
+        (``A + lambda I`` and ``B + lambda I``).
+      sides: ``'both'`` (K-FAC), ``'input'`` (``A^{-1} G``: one-sided whitening,
+        the paper's single-index update and DFW's ``P = I, Q = Sigma``) or
+        ``'output'`` (``G B^{-1}``).
+      mu_dtype: Storage dtype of the momentum.
+      nesterov: Nesterov momentum.
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`ScaleByKfacState`; its update requires ``kfac_stats=``.
+
+    Raises:
+      ValueError: At construction for bad hyperparameters; at ``init`` if a
+        kernel's spec does not have exactly two factor groups; at ``update`` if
+        ``kfac_stats`` is missing or a factor's shape does not fit its kernel.
+    """
+    _checks.in_unit_interval("b1", b1)
+    _checks.in_unit_interval("b2", b2)
+    _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
+    _checks.positive("factor_decay", factor_decay)
+    _checks.non_negative("damping", damping)
+    _checks.positive_int("precondition_frequency", precondition_frequency)
+    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.one_of("damping_mode", damping_mode, _DAMPING_MODES)
+    _checks.one_of("sides", sides, _SIDES)
+    _checks.boolean("nesterov", nesterov)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
+    if dimension_numbers is None:
+
+        def dimension_numbers(tree):
+            return jax.tree.map(
+                lambda x: None if _is_masked(x) else default_kernel_dimension_numbers(x.shape),
+                tree,
+                is_leaf=_is_masked,
+            )
+
+    resolve = functools.partial(
+        _axes.resolve, dimension_numbers, max_precond_dim=max_precond_dim, block_size=None
+    )
+
+    def plans_for(tree):
+        plans = resolve(tree)
+
+        def check(path, plan):
+            if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
+                if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
+                    raise ValueError(
+                        f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: kfac "
+                        f"needs exactly two factor groups (input, output), got {tuple(plan.spec)}."
+                    )
+            return plan
+
+        return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_is_plan)
+
+    def init_fn(params):
+        plans = plans_for(params)
+
+        def factors(p, plan):
+            return _kron.init_factors(_kernel_plan(plan), jnp.float32)
+
+        def eyes(p, plan):
+            return _kron.init_factors(_kernel_plan(plan), jnp.float32, identity=True)
+
+        return ScaleByKfacState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=jax.tree.map(
+                lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+            ),
+            factors=_axes.map_leaves(factors, plans, params),
+            inverses=_axes.map_leaves(eyes, plans, params),
+            skipped_stats=jnp.zeros([], jnp.int32),
+            failed_inverses=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
+        del params, extra_args
+        if kfac_stats is None:
+            raise ValueError(NO_STATS_MSG)
+        with jax.named_scope("layerwise_optax.kfac"):
+            # One arithmetic for plain and injected (traced float32) hyperparameters:
+            # ``1 - b2`` in float64 against ``1 - b2**t`` in float32 would differ by
+            # 1e-5 relative at b2 = 0.999.
+            b1_, b2_, damping_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, damping))
+            plans = plans_for(updates)
+            stats = _stats_like(kfac_stats, updates)
+            count_inc = optax.safe_increment(state.count)
+            refresh = state.count % precondition_frequency == 0
+
+            def leaf(path, g, plan, s, mu, nu, fac, inv):
+                ok = jnp.all(jnp.isfinite(g))
+                g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+                failed = jnp.zeros([], jnp.int32)
+                if plan.spec is None or s is None:
+                    # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
+                    nu = jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
+                    u = g32 / (optax.tree.bias_correction(nu, b2_, count_inc) + damping_)
+                else:
+                    new = _check_stats(path, s, plan)
+                    ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
+                    upd = _kron.ema(fac, new, factor_decay)
+                    fac = tuple(jnp.where(ok, n, f) for n, f in zip(upd, fac))
+                    inv, failed = jax.lax.cond(
+                        refresh,
+                        lambda: _damped_inverses(
+                            fac, inv, plan, damping_, damping_mode, correction
+                        ),
+                        lambda: (inv, failed),
+                    )
+                    kinds = tuple(
+                        k
+                        if (i == 0 and sides != "output") or (i == 1 and sides != "input")
+                        else "none"
+                        for i, k in enumerate(_kernel_plan(plan).kinds)
+                    )
+                    gb = _kron.apply_axis_matrices(
+                        plan.to_blocks(g32), inv, _with_kinds(plan, kinds)
+                    )
+                    u = plan.from_blocks(gb)
+                mu = jnp.where(ok, b1_ * mu.astype(u.dtype) + u, mu)
+                d = b1_ * mu + u if nesterov else mu
+                d = jnp.where(ok, d, 0).astype(g.dtype)
+                return _LeafOut(d, mu, nu, fac, inv, (~ok).astype(jnp.int32), failed)
+
+            # Factor EMAs start at zero: bias-correct them (classic sums need none).
+            decay = jnp.asarray(factor_decay, jnp.float32)
+            t = count_inc.astype(jnp.float32)
+            correction = jnp.where(decay == 1.0, 1.0, 1.0 / (1.0 - decay**t))
+            out = jax.tree_util.tree_map_with_path(
+                lambda path, p, g, s, mu, nu, fac, inv: (
+                    p if _is_masked(p) else leaf(path, g, p, s, mu, nu, fac, inv)
+                ),
+                plans,
+                updates,
+                stats,
+                state.mu,
+                state.nu,
+                state.factors,
+                state.inverses,
+                is_leaf=_is_plan,
+            )
+            mu = _axes.unzip(out, "mu")
+            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+            failed = sum(jax.tree.leaves(_axes.unzip(out, "failed")), jnp.zeros([], jnp.int32))
+            return _axes.unzip(out, "update"), ScaleByKfacState(
+                count=count_inc,
+                mu=optax.tree.cast(mu, mu_dtype)
+                if mu_dtype is not None
+                else optax.tree.cast_like(mu, state.mu),
+                nu=_axes.unzip(out, "nu"),
+                factors=_axes.unzip(out, "factors"),
+                inverses=_axes.unzip(out, "inverses"),
+                skipped_stats=state.skipped_stats + skipped,
+                failed_inverses=state.failed_inverses + failed,
+            )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _is_plan(x: Any) -> bool:
+    return isinstance(x, _axes.LeafPlan) or _is_masked(x)
+
+
+def _stats_like(kfac_stats: Any, updates: Any) -> Any:
+    """Aligns the stats tree with ``updates`` (``MaskedNode`` positions get ``None``).
+
+    Inside ``optax.masked``/``partition`` the updates have ``MaskedNode`` where the
+    caller's full statistics tree has factors; they are matched by tree path.
+    """
+    by_path = {
+        jax.tree_util.keystr(p): s
+        for p, s in jax.tree_util.tree_flatten_with_path(
+            kfac_stats, is_leaf=lambda x: isinstance(x, KfacFactors) or x is None
+        )[0]
+    }
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+    out = []
+    for path, x in leaves:
+        key = jax.tree_util.keystr(path)
+        out.append(x if _is_masked(x) else by_path.get(key))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_stats(path: Any, s: Any, plan: _axes.LeafPlan) -> tuple[jax.Array, jax.Array]:
+    """Validates a kernel's factors and brings them to the state layout.
+
+    Full factors are ``(stack, d, d)``; for a diagonal dimension (longer than
+    ``max_precond_dim``) either the full matrix or its diagonal ``(..., d)`` is
+    accepted and only the diagonal is kept.
+    """
+    if not isinstance(s, KfacFactors):
+        raise ValueError(
+            f"kfac_stats at {jax.tree_util.keystr(path)} must be a KfacFactors(a, g) or None, "
+            f"got {type(s).__name__}."
+        )
+    out = []
+    kinds = _kernel_plan(plan).kinds
+    for name, mat, d, kind in zip(("a", "g"), s, plan.dims, kinds):
+        full = mat.shape[-2:] == (d, d) and mat.size == plan.stack * d * d
+        diag = kind == "diag" and mat.shape[-1:] == (d,) and mat.size == plan.stack * d
+        if not (full or diag):
+            raise ValueError(
+                f"kfac_stats at {jax.tree_util.keystr(path)}: factor {name} has shape "
+                f"{mat.shape}, but param with shape {plan.shape} needs {(d, d)} per layer "
+                f"slice ({plan.stack} slices)."
+            )
+        if full:
+            mat = jnp.reshape(mat, (plan.stack, d, d))
+            if kind == "diag":
+                mat = jnp.diagonal(mat, axis1=-2, axis2=-1)
+        out.append(jnp.reshape(mat, (plan.stack, d) if kind == "diag" else (plan.stack, d, d)))
+    return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+
+
+def _kernel_plan(plan: _axes.LeafPlan) -> _axes.LeafPlan:
+    """A kernel's factor kinds: dense, or diagonal above ``max_precond_dim``; never none."""
+    if plan.spec is None:
+        return plan
+    return _with_kinds(plan, tuple("diag" if k == "diag" else "full" for k in plan.kinds))
+
+
+def _with_kinds(plan: _axes.LeafPlan, kinds: tuple[str, ...]) -> _axes.LeafPlan:
+    """The kernel's plan with the given factor kinds (K-FAC factors are never blocked)."""
+    return dataclasses.replace(plan, kinds=kinds)
+
+
+def _damped_inverses(fac, prev, plan, damping, mode, correction):
+    """``(A + d_A I)^{-1}, (B + d_B I)^{-1}`` of the bias-corrected EMAs.
+
+    Diagonal factors are inverted elementwise. Keeps the previous inverse of any
+    factor whose new one is not finite.
+    """
+    kplan = _kernel_plan(plan)
+    fac = tuple(f * correction for f in fac)
+    damping = jnp.asarray(damping, jnp.float32)
+
+    def mean_eig(f, kind):
+        return jnp.mean(jnp.diagonal(f, axis1=-2, axis2=-1) if kind == "full" else f, axis=-1)
+
+    if mode == "pi":
+        ta, tb = (mean_eig(f, k) for f, k in zip(fac, kplan.kinds))
+        pi = jnp.sqrt(jnp.where((ta > 0) & (tb > 0), ta / jnp.where(tb > 0, tb, 1.0), 1.0))
+        deltas = (pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi)
+    else:
+        deltas = (jnp.broadcast_to(damping, fac[0].shape[:1]),) * 2
+    damped = tuple(
+        f + dl[:, None, None] * jnp.eye(f.shape[-1], dtype=f.dtype)[None]
+        if k == "full"
+        else f + dl[:, None]
+        for f, dl, k in zip(fac, deltas, kplan.kinds)
+    )
+    res = _kron.inverse_roots(
+        damped, prev, kplan, root=1, damping=jnp.zeros([], jnp.float32), relative_damping=False
+    )
+    return res.factors, res.failures
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    factor_decay: jax.typing.ArrayLike = 0.95,
+    damping: jax.typing.ArrayLike = 1e-3,
+    precondition_frequency: int = 1,
+    max_precond_dim: int = 4096,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    damping_mode: Literal["absolute", "pi"] = "pi",
+    sides: Literal["both", "input", "output"] = "both",
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
+
+    For a kernel with input covariance ``A = E[x x^T]`` and output-gradient
+    covariance ``B = E[delta delta^T]`` (passed each step as
+    ``kfac_stats=``, a tree mirroring the params with :class:`KfacFactors` at the
+    kernels), the layer's Fisher block is approximated by ``A ⊗ B`` and the update
+    is its damped inverse applied to the gradient, in the kernel's own layout:
+
+    .. math::
+      \bar A \leftarrow \beta \bar A + (1-\beta) A_t, \quad
+      \bar B \leftarrow \beta \bar B + (1-\beta) B_t, \quad
+      U = (\bar A + \delta_A I)^{-1}\, G\, (\bar B + \delta_B I)^{-1}
+
+    followed by heavy-ball momentum ``m <- b1 m + U``. The inverses are refreshed
+    every ``precondition_frequency`` steps. Leaves without statistics (biases,
+    norms, or kernels whose entry is ``None``) use the damped diagonal empirical
+    Fisher, ``g / (nu_hat + damping)``. ``sides='input'`` gives the one-sided
+    whitening ``(\bar A + \delta I)^{-1} G`` of the paper's single-index step and of
+    DFW.
+
+    Weight decay is decoupled and multiplied by the learning rate, as in
+    :func:`optax.adamw`.
+
+    Where to use it / what to tune: networks built from dense and conv layers
+    whose statistics you can capture in the forward/backward pass. It is the
+    method the paper analyzes: its rate does not depend on the conditioning of
+    the inputs or of the next layer. Natural-gradient steps are O(1) in size, so
+    start from a learning rate near ``0.1..1`` with momentum ``0..0.9``. Tune
+    ``damping`` first: it trades curvature trust for stability.
+
+    Args:
+      learning_rate: A global scaling factor, fixed or a schedule.
+      b1: Momentum on the preconditioned update, in ``[0, 1)``.
+      b2: Decay of the diagonal fallback's second moment, in ``[0, 1)``.
+      factor_decay: EMA decay of the factors, in ``(0, 1]``.
+      damping: Tikhonov damping ``lambda``.
+      precondition_frequency: Steps between inverse refreshes (static).
+      max_precond_dim: Longer factor dimensions keep only their diagonal (static).
+      dimension_numbers: Each kernel's (input, output) groups; ``None``: Flax
+        layouts (:func:`default_kernel_dimension_numbers`).
+      damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``.
+      sides: ``'both'``, ``'input'`` or ``'output'``.
+      weight_decay: Decoupled weight decay, fixed or a schedule.
+      mask: Weight-decay mask.
+      mu_dtype: Storage dtype of the momentum.
+      nesterov: Nesterov momentum.
+
+    Returns:
+      The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
+      update with ``kfac_stats=``.
+
+    Raises:
+      ValueError: At construction for bad hyperparameters; at ``update`` without
+        ``kfac_stats`` or with factors that do not fit their kernels.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+      >>> stats = {'w': lo.KfacFactors(a=jnp.eye(3), g=jnp.eye(2)), 'b': None}
+      >>> tx = lo.kfac(learning_rate=0.1, damping_mode='absolute', damping=0.0)
+      >>> state = tx.init(params)
+      >>> grads = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
+      >>> updates, state = tx.update(grads, state, params, kfac_stats=stats)
+      >>> [[round(v, 6) for v in row] for row in updates['w'].tolist()]
+      [[-0.1, -0.1], [-0.1, -0.1], [-0.1, -0.1]]
+
+    References:
+      Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
+      Zhang et al., `On the Concurrence of Layer-wise Preconditioning Methods and
+      Provable Feature Learning <https://arxiv.org/abs/2502.01763>`_, 2025.
+
+    .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_kfac`
+    """
+    _checks.non_negative("learning_rate", learning_rate)
+    _checks.non_negative("weight_decay", weight_decay)
+    return optax.chain(
+        scale_by_kfac(
+            b1=b1,
+            b2=b2,
+            factor_decay=factor_decay,
+            damping=damping,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            dimension_numbers=dimension_numbers,
+            damping_mode=damping_mode,
+            sides=sides,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,198 @@
+"""K-FAC against a dense float64 Kronecker reference, the paper's updates, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import layerwise_optax as lo
+from layerwise_optax import DimensionNumbers as DN
+from tests._helpers import assert_recovers, random_psd
+
+
+def _stats_seq(rng, d_in, d_out, n, batch=()):
+    a = [random_psd(rng, d_in, 30.0) + 0.1 * np.eye(d_in) for _ in range(n)]
+    g = [random_psd(rng, d_out, 10.0) + 0.1 * np.eye(d_out) for _ in range(n)]
+    if batch:
+        a = [np.stack([x * (1 + i) for i in range(batch[0])]) for x in a]
+        g = [np.stack([x for _ in range(batch[0])]) for x in g]
+    return a, g
+
+
+def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides="both"):
+    """Naive float64 K-FAC on one (in, out) kernel: explicit np.kron and solves."""
+    d_in, d_out = grads[0].shape
+    a_ema, g_ema = np.zeros((d_in, d_in)), np.zeros((d_out, d_out))
+    mu = np.zeros((d_in, d_out))
+    out = []
+    inv = None
+    for t, (gr, a, g) in enumerate(zip(grads, a_seq, g_seq), start=1):
+        a_ema = decay * a_ema + (1 - decay) * a
+        g_ema = decay * g_ema + (1 - decay) * g
+        if (t - 1) % freq == 0:
+            ah, gh = a_ema / (1 - decay**t), g_ema / (1 - decay**t)
+            if mode == "pi":
+                pi = np.sqrt((np.trace(ah) / d_in) / (np.trace(gh) / d_out))
+                da, dg = pi * np.sqrt(damping), np.sqrt(damping) / pi
+            else:
+                da = dg = damping
+            left = ah + da * np.eye(d_in) if sides != "output" else np.eye(d_in)
+            right = gh + dg * np.eye(d_out) if sides != "input" else np.eye(d_out)
+            inv = np.linalg.inv(np.kron(left, right))
+        u = (inv @ np.asarray(gr, np.float64).reshape(-1)).reshape(d_in, d_out)
+        mu = b1 * mu + u
+        out.append(mu)
+    return out
+
+
+@pytest.mark.parametrize(
+    "mode,freq,sides",
+    [
+        ("absolute", 1, "both"),
+        ("pi", 1, "both"),
+        ("pi", 3, "both"),
+        ("absolute", 2, "input"),
+        ("pi", 1, "output"),
+    ],
+)
+def test_matches_dense_kron_reference(mode, freq, sides):
+    rng = np.random.default_rng(0)
+    d_in, d_out, n = 4, 3, 6
+    a_seq, g_seq = _stats_seq(rng, d_in, d_out, n)
+    grads = [rng.standard_normal((d_in, d_out)).astype(np.float32) for _ in range(n)]
+    hp = dict(b1=0.5, damping=1e-2)
+    tx = lo.scale_by_kfac(
+        **hp, factor_decay=0.8, damping_mode=mode, precondition_frequency=freq, sides=sides
+    )
+    params = {"w": jnp.zeros((d_in, d_out))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    want = kfac_reference(grads, a_seq, g_seq, **hp, decay=0.8, mode=mode, freq=freq, sides=sides)
+    for t, (gr, a, g) in enumerate(zip(grads, a_seq, g_seq)):
+        stats = {"w": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32))}
+        u, state = update({"w": jnp.asarray(gr)}, state, params, kfac_stats=stats)
+        np.testing.assert_allclose(
+            np.asarray(u["w"]), want[t], rtol=2e-4, atol=1e-5, err_msg=f"step {t}"
+        )
+
+
+def test_stacked_layers_and_conv_kernels():
+    rng = np.random.default_rng(1)
+    # Stacked (L, in, out) kernels: each layer slice has its own factors.
+    a = np.stack([random_psd(rng, 3, 10.0) + np.eye(3) for _ in range(2)])
+    g = np.stack([random_psd(rng, 2, 10.0) + np.eye(2) for _ in range(2)])
+    grad = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    # A 2x2 conv from 3 to 2 channels: the input factor is over (kh, kw, c_in) = 12.
+    ac = random_psd(rng, 12, 10.0) + np.eye(12)
+    gc = random_psd(rng, 2, 10.0) + np.eye(2)
+    gradc = rng.standard_normal((2, 2, 3, 2)).astype(np.float32)
+    params = {"stack": jnp.zeros((2, 3, 2)), "conv": jnp.zeros((2, 2, 3, 2))}
+    spec = {"stack": DN(((1,), (2,)), batch_axes=(0,)), "conv": DN(((0, 1, 2), (3,)))}
+    tx = lo.scale_by_kfac(
+        b1=0.0, factor_decay=1.0, damping=0.0, damping_mode="absolute", dimension_numbers=spec
+    )
+    stats = {
+        "stack": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)),
+        "conv": lo.KfacFactors(jnp.asarray(ac, jnp.float32), jnp.asarray(gc, jnp.float32)),
+    }
+    u, _ = tx.update(
+        {"stack": jnp.asarray(grad), "conv": jnp.asarray(gradc)},
+        tx.init(params),
+        params,
+        kfac_stats=stats,
+    )
+    for i in range(2):
+        want = np.linalg.solve(a[i], grad[i]) @ np.linalg.inv(g[i])
+        np.testing.assert_allclose(np.asarray(u["stack"][i]), want, rtol=1e-3, atol=1e-5)
+    want = (np.linalg.solve(ac, gradc.reshape(12, 2)) @ np.linalg.inv(gc)).reshape(2, 2, 3, 2)
+    np.testing.assert_allclose(np.asarray(u["conv"]), want, rtol=1e-3, atol=1e-5)
+
+
+def test_one_step_with_unit_output_factor_is_least_squares():
+    # Linear regression y = x W (Flax layout). With A = Sigma_x, B = I (the Gauss-Newton
+    # factor of a unit-variance Gaussian output), lr = 1 and no damping, one K-FAC step
+    # from W = 0 lands on the least-squares solution: the paper's K-FAC step with
+    # eta_G = 1 is exactly least squares.
+    rng = np.random.default_rng(2)
+    n, d_in, d_out = 200, 5, 3
+    x = rng.standard_normal((n, d_in)) @ np.diag(np.logspace(0, 2, d_in))
+    y = x @ rng.standard_normal((d_in, d_out)) + 0.1 * rng.standard_normal((n, d_out))
+    params = {"w": jnp.zeros((d_in, d_out), jnp.float32)}
+    loss = lambda p: 0.5 * jnp.mean(jnp.sum((jnp.asarray(x, jnp.float32) @ p["w"] - y) ** 2, -1))
+    stats = {"w": lo.KfacFactors(jnp.asarray(x.T @ x / n, jnp.float32), jnp.eye(d_out))}
+    tx = lo.kfac(1.0, b1=0.0, damping=0.0, damping_mode="absolute")
+    u, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, kfac_stats=stats)
+    w_ls = np.linalg.lstsq(x, y, rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(u["w"]), w_ls, rtol=2e-3, atol=2e-4)
+
+
+def test_leaves_without_stats_use_the_damped_diagonal_fisher():
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    tx = lo.scale_by_kfac(b1=0.0, b2=0.9, damping=1e-2)
+    g = {"w": jnp.ones((3, 2)), "b": jnp.asarray([0.5, -2.0])}
+    u, _ = tx.update(g, tx.init(params), params, kfac_stats={"w": None, "b": None})
+    for k in g:
+        gk = np.asarray(g[k])
+        np.testing.assert_allclose(np.asarray(u[k]), gk / (gk**2 + 1e-2), rtol=1e-5)
+
+
+def test_missing_stats_is_a_clear_error():
+    tx = lo.kfac(0.1)
+    params = {"w": jnp.zeros((3, 2))}
+    with pytest.raises(ValueError, match="kfac_stats=stats"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_stats_of_the_wrong_shape_name_the_path():
+    tx = lo.kfac(0.1)
+    params = {"dense": {"kernel": jnp.zeros((3, 2))}}
+    bad = {"dense": {"kernel": lo.KfacFactors(jnp.eye(4), jnp.eye(2))}}
+    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]: factor a has shape \(4, 4\)"):
+        tx.update(params, tx.init(params), params, kfac_stats=bad)
+
+
+def test_spec_must_have_two_groups():
+    tx = lo.kfac(0.1, dimension_numbers={"w": DN(((0,), (1,), (2,)))})
+    with pytest.raises(ValueError, match=r"\['w'\].*exactly two factor groups"):
+        tx.init({"w": jnp.zeros((2, 3, 4))})
+
+
+def test_non_finite_stats_or_gradients_are_skipped_and_counted():
+    params = {"w": jnp.zeros((3, 2))}
+    tx = lo.kfac(0.1)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    good = {"w": lo.KfacFactors(jnp.eye(3), jnp.eye(2))}
+    g = lambda i: {"w": jax.random.normal(jax.random.key(i), (3, 2))}
+    _, state = update(g(0), state, params, kfac_stats=good)
+    before = state[0]
+    bad_stats = {"w": lo.KfacFactors(jnp.full((3, 3), jnp.nan), jnp.eye(2))}
+    u, state = update(g(1), state, params, kfac_stats=bad_stats)
+    np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
+    np.testing.assert_array_equal(
+        np.asarray(state[0].factors["w"][0]), np.asarray(before.factors["w"][0])
+    )
+    bad_grad = {"w": g(2)["w"].at[0, 0].set(jnp.inf)}
+    _, state = update(bad_grad, state, params, kfac_stats=good)
+    assert int(state[0].skipped_stats) == 2
+    stats_update = lambda g_, s, p: update(g_, s, p, kfac_stats=good)
+    assert_recovers(stats_update, state, params, g)
+
+
+INVALID = [
+    (dict(b1=1.0), "b1 must be in"),
+    (dict(damping=-1.0), "damping must be >= 0"),
+    (dict(factor_decay=0.0), "factor_decay must be > 0"),
+    (dict(precondition_frequency=0), "precondition_frequency must be >= 1"),
+    (dict(damping_mode="relative"), "Unknown damping_mode 'relative'"),
+    (dict(sides="left"), "Unknown sides 'left'"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", INVALID, ids=[next(iter(k)) for k, _ in INVALID])
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lo.kfac(0.1, **kwargs)
+    with pytest.raises(ValueError, match="learning_rate"):
+        lo.kfac(-0.1)
