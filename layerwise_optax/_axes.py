@@ -116,8 +116,8 @@ def normalize(spec: Any, shape: tuple[int, ...], path: str = "") -> DimensionNum
             )
         return a % ndim
 
+    # An empty group is a unit dimension (e.g. a bias's input side in K-FAC).
     groups = tuple(tuple(canon(a) for a in _as_tuple(g)) for g in spec.factor_axes)
-    groups = tuple(g for g in groups if g)
     batch = tuple(canon(a) for a in _as_tuple(spec.batch_axes))
     ident = tuple(canon(a) for a in _as_tuple(spec.identity_axes))
     used = [a for g in groups for a in g] + list(batch) + list(ident)

@@ -91,8 +91,11 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     """K-FAC's default layout: Flax kernels, inputs first and outputs last.
 
     A dense kernel ``(in, out)`` is ``((0,), (1,))``; a conv kernel
-    ``(*window, in, out)`` is ``((0, ..., n-2), (n-1,))``; scalars and vectors have no
-    factors. Stacked layers need ``batch_axes`` given explicitly.
+    ``(*window, in, out)`` is ``((0, ..., n-2), (n-1,))``; a bias ``(out,)`` is
+    ``((), (0,))``, a kernel with a unit input (its constant-1 input), so it is
+    preconditioned by its layer's output factor when statistics are given (the
+    capture gives them); scalars have no factors. Stacked layers need
+    ``batch_axes`` given explicitly.
 
     Args:
       shape: The leaf's shape.
@@ -100,7 +103,7 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     Returns:
       A :class:`layerwise_optax.DimensionNumbers`, or ``None``.
     """
-    if len(shape) < 2:
+    if not shape:
         return None
     return _axes.DimensionNumbers((tuple(range(len(shape) - 1)), (len(shape) - 1,)))
 
@@ -282,8 +285,8 @@ def scale_by_kfac(
                 stats,
                 state.mu,
                 state.nu,
-                state.factors,
-                state.inverses,
+                _kron.normalize(plans, state.factors),
+                _kron.normalize(plans, state.inverses),
                 is_leaf=_is_plan,
             )
             mu = _axes.unzip(out, "mu")

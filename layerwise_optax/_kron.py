@@ -18,6 +18,7 @@ blocks is returned so that the optimizer can count it in its state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -37,6 +38,22 @@ class Refreshed(NamedTuple):
     factors: Factors
     failures: jax.Array
     perms: tuple[Any, ...] = ()
+
+
+def as_factors(x: Any) -> Factors:
+    """A per-leaf factor container as a tuple.
+
+    Containers that went through ``flax.nnx.Optimizer`` come back as int-keyed
+    mappings (``nnx.State``); iterating those would give the keys.
+    """
+    if isinstance(x, Mapping):
+        return tuple(x[k] for k in sorted(x))
+    return tuple(x)
+
+
+def normalize(plans: Any, tree: Any) -> Any:
+    """Applies :func:`as_factors` to every per-leaf container of a factor tree."""
+    return _axes.map_leaves(lambda f, plan: as_factors(f), plans, tree)
 
 
 def _idx(k: int) -> str:

@@ -184,6 +184,8 @@ def scale_by_shampoo(
         with jax.named_scope("layerwise_optax.shampoo"):
             plans = resolve(updates)
             count_inc = optax.safe_increment(state.count)
+            state_stats = _kron.normalize(plans, state.stats)
+            state_roots = _kron.normalize(plans, state.roots)
 
             def accumulate(g, plan, mu, nu, stats):
                 ok = _finite(g)
@@ -197,7 +199,7 @@ def scale_by_shampoo(
                 return _LeafOut(g32, mu_new, nu_new, stats, (~ok).astype(jnp.int32))
 
             nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
-            out = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, state.stats)
+            out = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, state_stats)
             g32s, mus = _axes.unzip(out, "update"), _axes.unzip(out, "mu")
             stats = _axes.unzip(out, "stats")
             new_nu = _axes.unzip(out, "nu") if use_nu else None
@@ -225,7 +227,7 @@ def scale_by_shampoo(
                 refresh,
                 lambda s, r: (r, jnp.zeros([], jnp.int32)),
                 stats,
-                state.roots,
+                state_roots,
             )
             use_precond = state.count >= start_preconditioning_step
 

@@ -168,6 +168,8 @@ def scale_by_soap(
         with jax.named_scope("layerwise_optax.soap"):
             plans = resolve(updates)
             count_inc = optax.safe_increment(state.count)
+            state_stats = _kron.normalize(plans, state.stats)
+            state_bases = _kron.normalize(plans, state.bases)
 
             def direction(g, plan, mu, nu, q):
                 ok = jnp.all(jnp.isfinite(g))
@@ -183,7 +185,7 @@ def scale_by_soap(
                 upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
                 return _LeafOut(upd, mu, nu, gb, (~ok).astype(jnp.int32))
 
-            out = _axes.map_leaves(direction, plans, updates, state.mu, state.nu, state.bases)
+            out = _axes.map_leaves(direction, plans, updates, state.mu, state.nu, state_bases)
             mus, nu = _axes.unzip(out, "mu"), _axes.unzip(out, "nu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
 
@@ -192,7 +194,7 @@ def scale_by_soap(
                 return tuple(jnp.where(jnp.all(jnp.isfinite(g)), n, s) for n, s in zip(new, stats))
 
             stats = _axes.map_leaves(
-                accumulate, plans, updates, _axes.unzip(out, "stats"), state.stats
+                accumulate, plans, updates, _axes.unzip(out, "stats"), state_stats
             )
 
             def refresh(method):
@@ -226,7 +228,7 @@ def scale_by_soap(
                     refresh("eigh"),
                 ],
                 stats,
-                state.bases,
+                state_bases,
                 nu,
             )
             return _axes.unzip(out, "update"), ScaleBySoapState(

@@ -319,9 +319,13 @@ def test_mixed_tree_shapes_and_policy(name, factory, kwargs):
         assert_tree_finite(u)
     inner = state[0]
     stats = getattr(inner, "stats", getattr(inner, "factors", None))
-    # Scalars and vectors have no factors; the 5000 axis a diagonal, never a dense one.
+    # Scalars and vectors have no factors (K-FAC: a bias is a kernel with a unit
+    # input); the 5000 axis a diagonal, never a dense one.
     assert all(x.size == 0 for x in stats["scalar"])
-    assert all(x.size == 0 for x in stats["bias"])
+    if name == "kfac":
+        assert [x.shape for x in stats["bias"]] == [(1, 1, 1), (1, 7, 7)]
+    else:
+        assert all(x.size == 0 for x in stats["bias"])
     block = kwargs.get("block_size")
     if name == "kfac":
         assert stats["long"][0].shape == (1, 5000)  # inputs: diagonal above 4096

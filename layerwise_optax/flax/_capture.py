@@ -1,0 +1,286 @@
+"""K-FAC statistics capture for Flax NNX models in the same forward/backward pass.
+
+How it works: while the loss is traced, the ``__call__`` of every captured layer
+(``nnx.Linear``, ``nnx.Conv``) is wrapped so that it
+
+* records its input (for a convolution, the input patches, ordered like the
+  kernel's ``(kh, kw, c_in)`` axes), and
+* adds a zero *perturbation* ``e`` to its output.
+
+Differentiating the loss with respect to the parameters and the perturbations at
+once gives the parameter gradients and every layer's output gradients
+``dL/dz`` in the same backward pass. With ``n`` examples and ``T`` positions per
+example (``T = 1`` for dense layers on flat inputs; spatial positions for convs,
+tokens for sequences), and per-example output gradients ``delta = n dL/dz``:
+
+.. math::
+  A = \\frac{1}{n} \\sum_{r} x_r x_r^\\top, \\qquad
+  B = \\frac{1}{n T} \\sum_{r} \\delta_r \\delta_r^\\top
+
+summed over all rows ``r`` (examples × positions); this is KFC's convention
+(Grosse and Martens, 2016) and reduces to ``A = X^T X / n`` and
+``B = Δ^T Δ / n`` for dense layers. For a single linear layer with the squared
+error, ``A ⊗ B`` is then exactly the Gauss-Newton matrix when ``B`` comes from
+the Fisher mode.
+
+Output-gradient modes:
+
+* ``fisher=None`` (empirical): ``delta`` from the true labels, one forward and one
+  backward pass in total.
+* ``fisher='mse'`` / ``'softmax_cross_entropy'``: ``delta`` from labels sampled
+  from the model's predictive distribution (Gaussian with unit variance around
+  the outputs, or the softmax's categorical). The forward pass is shared; the
+  sampled-label cotangent takes a second backward pass (``jax.vjp``), as in every
+  K-FAC implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layerwise_optax._kfac import KfacFactors
+
+_LOSSES = ("mse", "softmax_cross_entropy")
+# Layers whose statistics we know how to form, and the layers we refuse loudly.
+_UNSUPPORTED = (nnx.Einsum, nnx.LinearGeneral)
+
+
+def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``0.5 * mean_over_examples(sum_over_outputs((outputs - targets)^2))``."""
+    return 0.5 * jnp.mean(jnp.sum(jnp.reshape(outputs - targets, (outputs.shape[0], -1)) ** 2, -1))
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over examples of the softmax cross-entropy with integer labels."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+
+
+def _sample_labels(kind: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
+    outputs = jax.lax.stop_gradient(outputs)
+    if kind == "mse":
+        return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+    return jax.random.categorical(key, outputs, axis=-1)
+
+
+def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
+    """Input patches of a convolution, features ordered like ``kernel.reshape(-1, out)``."""
+    kernel_size = tuple(module.kernel_shape[:-2])
+    nd = len(kernel_size)
+
+    def per_dim(v, default):
+        if v is None:
+            return (default,) * nd
+        return (v,) * nd if isinstance(v, int) else tuple(v)
+
+    spatial = "HWD"[:nd] if nd <= 3 else None
+    if spatial is None:  # pragma: no cover - 4-D convolutions are not in nnx
+        raise NotImplementedError("convolutions with more than 3 spatial dims")
+    lhs = "N" + spatial + "C"
+    patches = jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=kernel_size,
+        window_strides=per_dim(module.strides, 1),
+        padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        lhs_dilation=per_dim(module.input_dilation, 1),
+        rhs_dilation=per_dim(module.kernel_dilation, 1),
+        dimension_numbers=(lhs, spatial + "IO", lhs),
+    )
+    c_in = x.shape[-1]
+    k = 1
+    for s in kernel_size:
+        k *= s
+    # jax orders patch features channel-major (c_in, *window); the kernel is (*window, c_in).
+    patches = jnp.reshape(patches, patches.shape[:-1] + (c_in, k))
+    patches = jnp.swapaxes(patches, -1, -2)
+    return jnp.reshape(patches, patches.shape[:-2] + (k * c_in,))
+
+
+class _Recorder:
+    """Trace-time side channel: layer inputs in, perturbations out."""
+
+    def __init__(self, paths: dict[int, str], perturbations: dict[str, jax.Array] | None):
+        self.paths = paths  # id(module) -> "a/b/0" (string keys keep pytrees sortable)
+        self.perturbations = perturbations
+        self.inputs: dict[str, jax.Array] = {}
+        self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
+
+    def wrap(self, cls: type, original: Callable) -> Callable:
+        recorder = self
+
+        def call(module, x, *args, **kwargs):
+            out = original(module, x, *args, **kwargs)
+            path = recorder.paths.get(id(module))
+            if path is None:
+                return out
+            if path in recorder.inputs:
+                raise ValueError(
+                    f"layer {path} is called more than once per forward pass; K-FAC "
+                    "capture supports one call per layer (shared layers are not supported)."
+                )
+            if isinstance(module, nnx.Conv):
+                feats = _conv_patches(module, x)
+            else:
+                feats = x
+            recorder.inputs[path] = feats
+            recorder.output_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            if recorder.perturbations is not None:
+                out = out + recorder.perturbations[path].astype(out.dtype)
+            return out
+
+        return call
+
+
+@contextlib.contextmanager
+def _patched(recorder: _Recorder):
+    originals = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
+    try:
+        for cls, orig in originals.items():
+            cls.__call__ = recorder.wrap(cls, orig)
+        yield recorder
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+
+
+def _key(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
+    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> has bias``."""
+    paths, tuples, biases = {}, {}, {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _UNSUPPORTED):
+            raise ValueError(
+                f"layer {_key(tuple(path))} ({type(node).__name__}) cannot be captured: "
+                "K-FAC capture supports nnx.Linear and nnx.Conv. Give it no statistics "
+                "(kfac uses its diagonal fallback there) or reshape it into an nnx.Linear."
+            )
+        if isinstance(node, (nnx.Linear, nnx.Conv)):
+            if isinstance(node, nnx.Conv) and node.feature_group_count != 1:
+                raise ValueError(
+                    f"layer {_key(tuple(path))}: grouped convolutions are not supported."
+                )
+            paths[id(node)] = _key(tuple(path))
+            tuples[_key(tuple(path))] = tuple(path)
+            biases[_key(tuple(path))] = getattr(node, "bias", None) is not None
+    return paths, tuples, biases
+
+
+def _stats_tree(inputs, out_grads, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
+    """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params."""
+    tree: dict = {}
+    for key_, x in inputs.items():
+        path = tuples[key_]
+        delta = n * out_grads[key_]
+        x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+        d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
+        positions = x2.shape[0] // n
+        hi = jax.lax.Precision.HIGHEST
+        a = jnp.matmul(x2.T, x2, precision=hi) / n
+        b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node["kernel"] = KfacFactors(a, b)
+        if biases.get(key_):
+            # The bias is a kernel whose input is the constant 1: A = [[1]].
+            node["bias"] = KfacFactors(jnp.ones((1, 1), jnp.float32), b)
+    return tree
+
+
+def kfac_value_and_grad(
+    model_fn: Callable[..., jax.Array],
+    loss: Literal["mse", "softmax_cross_entropy"] | Callable[[jax.Array, Any], jax.Array] = "mse",
+    *,
+    fisher: bool = False,
+) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
+    """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
+
+    Args:
+      model_fn: ``model_fn(model, inputs) -> outputs`` (often ``lambda m, x: m(x)``).
+      loss: ``'mse'``, ``'softmax_cross_entropy'`` (integer labels), or a callable
+        ``loss(outputs, targets) -> scalar`` averaged over examples (empirical mode
+        only).
+      fisher: Sample the output-gradient labels from the model's predictive
+        distribution (needs a built-in ``loss`` and a ``key``); otherwise use the
+        true targets (empirical statistics).
+
+    Returns:
+      A function returning the loss on the true targets, the parameter gradients as
+      an ``nnx.State`` (like ``nnx.grad``), and the K-FAC statistics: a nested dict
+      keyed like the params with a :class:`layerwise_optax.KfacFactors` at each
+      captured kernel, ready for ``optimizer.update(model, grads, kfac_stats=stats)``.
+
+    Raises:
+      ValueError: For an unknown loss, Fisher mode with a custom loss, or a model
+        layer that cannot be captured (named by its path).
+    """
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(
+                f"Unknown loss {loss!r}; expected one of {sorted(_LOSSES)} or a callable."
+            )
+        loss_name = loss
+        loss_fn = mse if loss == "mse" else softmax_cross_entropy
+    elif callable(loss):
+        if fisher:
+            raise ValueError("fisher=True needs loss='mse' or 'softmax_cross_entropy'.")
+        loss_name, loss_fn = None, loss
+    else:
+        raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
+
+    def fn(model, inputs, targets, key=None):
+        if fisher and key is None:
+            raise ValueError("fisher=True needs a PRNG key: f(model, inputs, targets, key=key).")
+        _, tuples, biases = _layer_paths(model)  # validates the model's layers up front
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def forward(p, perturbations, recorder=None):
+            m = nnx.merge(graphdef, p, rest)
+            # nnx.merge builds new module objects: look their paths up on this copy.
+            rec = recorder or _Recorder({}, perturbations)
+            rec.paths = _layer_paths(m)[0]
+            with _patched(rec):
+                outputs = model_fn(m, inputs)
+            return outputs, rec.inputs
+
+        # Shapes of every layer output, so the perturbations can be zeros of that shape.
+        shape_pass = _Recorder({}, None)
+        jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
+        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_pass.output_shapes.items()}
+        n = jax.tree.leaves(inputs)[0].shape[0]
+
+        if not fisher:
+
+            def objective(p, e):
+                outputs, feats = forward(p, e)
+                return loss_fn(outputs, targets), feats
+
+            (value, feats), (grads, out_grads) = jax.value_and_grad(
+                objective, argnums=(0, 1), has_aux=True
+            )(params, zeros)
+        else:
+
+            def objective(p, e):
+                outputs, feats = forward(p, e)
+                sampled = _sample_labels(loss_name, outputs, key)
+                return (loss_fn(outputs, targets), loss_fn(outputs, sampled)), feats
+
+            (value, sampled_value), pullback, feats = jax.vjp(
+                objective, params, zeros, has_aux=True
+            )
+            del sampled_value
+            one, zero = jnp.ones_like(value), jnp.zeros_like(value)
+            grads, _ = pullback((one, zero))
+            _, out_grads = pullback((zero, one))
+        return value, grads, _stats_tree(feats, out_grads, n, tuples, biases)
+
+    return fn

@@ -1,0 +1,148 @@
+"""K-FAC statistics capture for Flax NNX models, and every alias under nnx.Optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import layerwise_optax as lo  # noqa: E402
+from layerwise_optax import flax as lof  # noqa: E402
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs, d_in=4, d_h=8, d_out=2):
+        self.l1 = nnx.Linear(d_in, d_h, rngs=rngs)
+        self.l2 = nnx.Linear(d_h, d_out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+class ConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 3, kernel_size=(2, 2), padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(3 * 3 * 3, 1, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.conv(x))
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def _data(n=32, d_in=4, d_out=2):
+    x = jax.random.normal(jax.random.key(0), (n, d_in))
+    y = jax.random.normal(jax.random.key(1), (n, d_out))
+    return x, y
+
+
+def test_empirical_stats_and_grads_match_a_hand_written_pass():
+    model = MLP(nnx.Rngs(0))
+    x, y = _data()
+    value, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    want_value, want_grads = nnx.value_and_grad(lambda m: lof.mse(m(x), y))(model)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # By hand: per-example output gradients delta = n dL/dz of each layer.
+    w1, b1 = model.l1.kernel[...], model.l1.bias[...]
+    w2, b2 = model.l2.kernel[...], model.l2.bias[...]
+    n = x.shape[0]
+    z1 = x @ w1 + b1[None, :]
+    h = jnp.tanh(z1)
+    z2 = h @ w2 + b2[None, :]
+    d2 = n * (z2 - y) / n  # dL/dz2 for the mean of 0.5 * ||z2 - y||^2
+    d1 = (d2 @ w2.T) * (1 - h**2)
+    np.testing.assert_allclose(stats["l1"]["kernel"].a, x.T @ x / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["l1"]["kernel"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["l2"]["kernel"].a, h.T @ h / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["l2"]["kernel"].g, d2.T @ d2 / n, rtol=1e-4, atol=1e-6)
+    # Biases: a unit input factor and the layer's output factor.
+    np.testing.assert_array_equal(stats["l1"]["bias"].a, np.ones((1, 1)))
+    np.testing.assert_allclose(stats["l1"]["bias"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
+
+
+def test_conv_input_factor_is_over_kernel_ordered_patches():
+    model = ConvNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (5, 4, 4, 2))
+    y = jnp.zeros((5, 1))
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    xn = np.asarray(x)
+    patches = np.stack(
+        [xn[:, i : i + 2, j : j + 2, :].reshape(5, -1) for i in range(3) for j in range(3)], axis=1
+    )  # (n, positions, kh*kw*c_in)
+    # The patch ordering is the kernel's: patches @ kernel.reshape(-1, out) is the conv.
+    k = np.asarray(model.conv.kernel[...]).reshape(-1, 3)
+    conv = np.asarray(model.conv(x)).reshape(5, 9, 3) - np.asarray(model.conv.bias[...])
+    np.testing.assert_allclose(patches @ k, conv, rtol=1e-4, atol=1e-5)
+    p2 = patches.reshape(-1, 8)
+    np.testing.assert_allclose(stats["conv"]["kernel"].a, p2.T @ p2 / 5, rtol=1e-4, atol=1e-5)
+    assert stats["conv"]["kernel"].g.shape == (3, 3)
+
+
+def test_fisher_mse_output_factor_of_the_last_layer_is_identity():
+    model = MLP(nnx.Rngs(0), d_out=3)
+    x, y = _data(n=4000, d_out=3)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fisher=True)
+    _, _, stats = f(model, x, y, key=jax.random.key(5))
+    np.testing.assert_allclose(stats["l2"]["kernel"].g, np.eye(3), atol=0.08)
+
+
+def test_fisher_softmax_output_factor_matches_its_expectation():
+    model = MLP(nnx.Rngs(1), d_out=4)
+    x, _ = _data(n=6000, d_out=4)
+    labels = jnp.zeros(6000, jnp.int32)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy", fisher=True)
+    _, _, stats = f(model, x, labels, key=jax.random.key(6))
+    p = jax.nn.softmax(model(x), axis=-1)
+    expected = jnp.mean(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p), axis=0)
+    np.testing.assert_allclose(stats["l2"]["kernel"].g, expected, atol=0.02)
+
+
+def test_unsupported_layer_is_named():
+    class Bad(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.LinearGeneral(4, (2, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(x).reshape(x.shape[0], -1)
+
+    x, _ = _data()
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    with pytest.raises(ValueError, match=r"layer proj \(LinearGeneral\) cannot be captured"):
+        f(Bad(nnx.Rngs(0)), x, jnp.zeros((32, 6)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="Unknown loss 'l1'"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "l1")
+    with pytest.raises(ValueError, match="fisher=True needs loss="):
+        lof.kfac_value_and_grad(lambda m, x: m(x), lambda o, t: jnp.mean(o), fisher=True)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fisher=True)
+    x, y = _data()
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        f(MLP(nnx.Rngs(0)), x, y)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kfac"])
+def test_every_alias_trains_under_nnx_optimizer_and_jit(name):
+    # nnx.Optimizer round-trips the optimizer state through nnx.State, which turns
+    # tuples into int-keyed mappings: the per-axis factors must survive that.
+    model = MLP(nnx.Rngs(0))
+    x, y = _data(n=64)
+    tx = {
+        "shampoo": lo.shampoo(3e-2, precondition_frequency=2),
+        "soap": lo.soap(3e-2, precondition_frequency=2),
+        "kfac": lo.kfac(0.3, precondition_frequency=2),
+    }[name]
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        value, grads, stats = f(model, x, y)
+        opt.update(model, grads, kfac_stats=stats)
+        return value
+
+    losses = [float(step(model, opt, x, y)) for _ in range(25)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
