@@ -137,7 +137,8 @@ def scale_by_kfac(
     Args:
       b1: Momentum (heavy ball on the preconditioned update), in ``[0, 1)``.
       b2: Decay of the diagonal fallback's squared-gradient EMA, in ``[0, 1)``.
-      factor_decay: EMA decay of ``A`` and ``B``, in ``(0, 1]`` (``1``: sum).
+      factor_decay: EMA decay of ``A`` and ``B``, in ``[0, 1]`` (``0``: the current
+        batch's factors only, as in the paper's stylized update; ``1``: sum).
       damping: Tikhonov damping ``lambda`` of the Kronecker-factored curvature.
       precondition_frequency: Steps between refreshes of the inverses (static).
       max_precond_dim: Factor dimensions longer than this keep only the diagonal
@@ -167,7 +168,6 @@ def scale_by_kfac(
     _checks.in_unit_interval("b1", b1)
     _checks.in_unit_interval("b2", b2)
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
-    _checks.positive("factor_decay", factor_decay)
     _checks.non_negative("damping", damping)
     _checks.positive_int("precondition_frequency", precondition_frequency)
     _checks.positive_int("max_precond_dim", max_precond_dim)
@@ -275,7 +275,7 @@ def scale_by_kfac(
             # Factor EMAs start at zero: bias-correct them (classic sums need none).
             decay = jnp.asarray(factor_decay, jnp.float32)
             t = count_inc.astype(jnp.float32)
-            correction = jnp.where(decay == 1.0, 1.0, 1.0 / (1.0 - decay**t))
+            correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
             out = jax.tree_util.tree_map_with_path(
                 lambda path, p, g, s, mu, nu, fac, inv: (
                     p if _is_masked(p) else leaf(path, g, p, s, mu, nu, fac, inv)
@@ -460,7 +460,7 @@ def kfac(
       learning_rate: A global scaling factor, fixed or a schedule.
       b1: Momentum on the preconditioned update, in ``[0, 1)``.
       b2: Decay of the diagonal fallback's second moment, in ``[0, 1)``.
-      factor_decay: EMA decay of the factors, in ``(0, 1]``.
+      factor_decay: EMA decay of the factors, in ``[0, 1]`` (``0``: current batch).
       damping: Tikhonov damping ``lambda``.
       precondition_frequency: Steps between inverse refreshes (static).
       max_precond_dim: Longer factor dimensions keep only their diagonal (static).

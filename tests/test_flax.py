@@ -83,7 +83,7 @@ def test_conv_input_factor_is_over_kernel_ordered_patches():
 def test_fisher_mse_output_factor_of_the_last_layer_is_identity():
     model = MLP(nnx.Rngs(0), d_out=3)
     x, y = _data(n=4000, d_out=3)
-    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fisher=True)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics="fisher")
     _, _, stats = f(model, x, y, key=jax.random.key(5))
     np.testing.assert_allclose(stats["l2"]["kernel"].g, np.eye(3), atol=0.08)
 
@@ -92,7 +92,7 @@ def test_fisher_softmax_output_factor_matches_its_expectation():
     model = MLP(nnx.Rngs(1), d_out=4)
     x, _ = _data(n=6000, d_out=4)
     labels = jnp.zeros(6000, jnp.int32)
-    f = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy", fisher=True)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy", statistics="fisher")
     _, _, stats = f(model, x, labels, key=jax.random.key(6))
     p = jax.nn.softmax(model(x), axis=-1)
     expected = jnp.mean(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p), axis=0)
@@ -116,9 +116,15 @@ def test_unsupported_layer_is_named():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown loss 'l1'"):
         lof.kfac_value_and_grad(lambda m, x: m(x), "l1")
-    with pytest.raises(ValueError, match="fisher=True needs loss="):
-        lof.kfac_value_and_grad(lambda m, x: m(x), lambda o, t: jnp.mean(o), fisher=True)
-    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fisher=True)
+    with pytest.raises(ValueError, match="statistics='fisher' needs loss="):
+        lof.kfac_value_and_grad(lambda m, x: m(x), lambda o, t: jnp.mean(o), statistics="fisher")
+    with pytest.raises(ValueError, match="Unknown statistics 'exact'"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics="exact")
+    with pytest.raises(ValueError, match="'gauss_newton' is implemented for loss='mse' only"):
+        lof.kfac_value_and_grad(
+            lambda m, x: m(x), "softmax_cross_entropy", statistics="gauss_newton"
+        )
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics="fisher")
     x, y = _data()
     with pytest.raises(ValueError, match="needs a PRNG key"):
         f(MLP(nnx.Rngs(0)), x, y)
@@ -146,3 +152,65 @@ def test_every_alias_trains_under_nnx_optimizer_and_jit(name):
 
     losses = [float(step(model, opt, x, y)) for _ in range(25)]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+class LinearRep(nnx.Module):
+    """f(x) = F G x: the paper's linear representation model (Flax layouts)."""
+
+    def __init__(self, d_x, k, d_y, rngs):
+        self.g = nnx.Linear(d_x, k, use_bias=False, rngs=rngs)
+        self.f = nnx.Linear(k, d_y, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.f(self.g(x))
+
+
+def test_library_kfac_reproduces_the_papers_update_on_linear_representation():
+    # Library path: kfac fed by the Gauss-Newton capture on a Flax model. Direct path:
+    # the paper's stylized K-FAC (Eq. 5, joint): G -= lr (F^T F + lam)^-1 dG (Sx + lam)^-1,
+    # F -= lr dF (Sz + lam)^-1, in the paper's (out, in) layout, in float64.
+    d_x, k, d_y, n, lam, lr = 12, 3, 5, 256, 1e-6, 0.5
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((d_x, d_x)))
+    sigma_sqrt = (q * np.sqrt(np.logspace(0, 2, d_x))) @ q.T  # kappa(Sigma_x) = 100
+    g_star = np.linalg.qr(rng.standard_normal((d_x, k)))[0].T
+    f_star = rng.standard_normal((d_y, k))
+    model = LinearRep(d_x, k, d_y, nnx.Rngs(0))
+    G = np.asarray(model.g.kernel[...], np.float64).T  # paper layout (k, d_x)
+    F = np.asarray(model.f.kernel[...], np.float64).T  # (d_y, k)
+    tx = lo.kfac(lr, b1=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute")
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    capture = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics="gauss_newton")
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        value, grads, stats = capture(model, x, y)
+        opt.update(model, grads, kfac_stats=stats)
+        return value
+
+    for t in range(5):
+        x = rng.choice([-1.0, 1.0], size=(n, d_x)) @ sigma_sqrt  # coloured Rademacher
+        y = x @ (f_star @ g_star).T + 0.1 * rng.standard_normal((n, d_y))
+        step(model, opt, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+        r = y - x @ (F @ G).T
+        d_g = -F.T @ (r.T @ x) / n
+        d_f = -(r.T @ (x @ G.T)) / n
+        s_x, z = x.T @ x / n, x @ G.T
+        s_z = z.T @ z / n
+        G, F = (
+            G
+            - lr
+            * np.linalg.solve(F.T @ F + lam * np.eye(k), d_g)
+            @ np.linalg.inv(s_x + lam * np.eye(d_x)),
+            F - lr * d_f @ np.linalg.inv(s_z + lam * np.eye(k)),
+        )
+        np.testing.assert_allclose(
+            np.asarray(model.g.kernel[...]).T, G, rtol=2e-3, atol=2e-4, err_msg=f"G after step {t}"
+        )
+        np.testing.assert_allclose(
+            np.asarray(model.f.kernel[...]).T, F, rtol=2e-3, atol=2e-4, err_msg=f"F after step {t}"
+        )
+    # And it learns the representation: the subspace distance to G* is small.
+    u = np.linalg.qr(G.T)[0]
+    dist = np.linalg.norm((np.eye(d_x) - g_star.T @ g_star) @ u, 2)
+    assert dist < 0.1, dist

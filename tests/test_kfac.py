@@ -182,7 +182,7 @@ def test_non_finite_stats_or_gradients_are_skipped_and_counted():
 INVALID = [
     (dict(b1=1.0), "b1 must be in"),
     (dict(damping=-1.0), "damping must be >= 0"),
-    (dict(factor_decay=0.0), "factor_decay must be > 0"),
+    (dict(factor_decay=1.5), "factor_decay must be in"),
     (dict(precondition_frequency=0), "precondition_frequency must be >= 1"),
     (dict(damping_mode="relative"), "Unknown damping_mode 'relative'"),
     (dict(sides="left"), "Unknown sides 'left'"),

@@ -25,13 +25,17 @@ the Fisher mode.
 
 Output-gradient modes:
 
-* ``fisher=None`` (empirical): ``delta`` from the true labels, one forward and one
+* ``statistics='empirical'``: ``delta`` from the true labels, one forward and one
   backward pass in total.
-* ``fisher='mse'`` / ``'softmax_cross_entropy'``: ``delta`` from labels sampled
-  from the model's predictive distribution (Gaussian with unit variance around
-  the outputs, or the softmax's categorical). The forward pass is shared; the
-  sampled-label cotangent takes a second backward pass (``jax.vjp``), as in every
-  K-FAC implementation.
+* ``statistics='fisher'`` (``loss='mse'`` or ``'softmax_cross_entropy'``): ``delta``
+  from labels sampled from the model's predictive distribution (Gaussian with
+  unit variance around the outputs, or the softmax's categorical). The forward
+  pass is shared; the sampled-label cotangent takes a second backward pass
+  (``jax.vjp``), as in every K-FAC implementation.
+* ``statistics='gauss_newton'`` (``loss='mse'``): the exact expectation of the
+  Fisher mode, ``B = E[J^T J]`` with ``J`` the Jacobian of the outputs with
+  respect to the layer output, from one vectorized backward pass per output unit.
+  For a linear network this is exactly the paper's ``P_G = F^T F``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from flax import nnx
 from layerwise_optax._kfac import KfacFactors
 
 _LOSSES = ("mse", "softmax_cross_entropy")
+_MODES = ("empirical", "fisher", "gauss_newton")
 # Layers whose statistics we know how to form, and the layers we refuse loudly.
 _UNSUPPORTED = (nnx.Einsum, nnx.LinearGeneral)
 
@@ -174,16 +179,20 @@ def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], d
     return paths, tuples, biases
 
 
-def _stats_tree(inputs, out_grads, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
-    """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params."""
+def _stats_tree(inputs, deltas, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
+    """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params.
+
+    ``deltas[key]`` has a leading axis of output-gradient samples that are summed
+    (one for the empirical and Fisher modes, one per output unit for Gauss-Newton).
+    """
     tree: dict = {}
+    hi = jax.lax.Precision.HIGHEST
     for key_, x in inputs.items():
         path = tuples[key_]
-        delta = n * out_grads[key_]
+        delta = deltas[key_]
         x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
         d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
         positions = x2.shape[0] // n
-        hi = jax.lax.Precision.HIGHEST
         a = jnp.matmul(x2.T, x2, precision=hi) / n
         b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
         node = tree
@@ -200,7 +209,7 @@ def kfac_value_and_grad(
     model_fn: Callable[..., jax.Array],
     loss: Literal["mse", "softmax_cross_entropy"] | Callable[[jax.Array, Any], jax.Array] = "mse",
     *,
-    fisher: bool = False,
+    statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -209,9 +218,13 @@ def kfac_value_and_grad(
       loss: ``'mse'``, ``'softmax_cross_entropy'`` (integer labels), or a callable
         ``loss(outputs, targets) -> scalar`` averaged over examples (empirical mode
         only).
-      fisher: Sample the output-gradient labels from the model's predictive
-        distribution (needs a built-in ``loss`` and a ``key``); otherwise use the
-        true targets (empirical statistics).
+      statistics: How the output-gradient factor ``B`` is estimated:
+        ``'empirical'`` (true targets), ``'fisher'`` (labels sampled from the
+        model's predictive distribution; needs a built-in ``loss`` and a ``key``)
+        or ``'gauss_newton'`` (exact ``E[J^T J]`` of the outputs, one extra
+        backward pass per output unit, vectorized; ``loss='mse'`` only). For the
+        squared error, ``'fisher'`` is an unbiased one-sample estimate of
+        ``'gauss_newton'``.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
@@ -220,9 +233,11 @@ def kfac_value_and_grad(
       captured kernel, ready for ``optimizer.update(model, grads, kfac_stats=stats)``.
 
     Raises:
-      ValueError: For an unknown loss, Fisher mode with a custom loss, or a model
-        layer that cannot be captured (named by its path).
+      ValueError: For an unknown loss or statistics mode, a mode the loss does not
+        support, or a model layer that cannot be captured (named by its path).
     """
+    if statistics not in _MODES:
+        raise ValueError(f"Unknown statistics {statistics!r}; expected one of {sorted(_MODES)}.")
     if isinstance(loss, str):
         if loss not in _LOSSES:
             raise ValueError(
@@ -231,15 +246,22 @@ def kfac_value_and_grad(
         loss_name = loss
         loss_fn = mse if loss == "mse" else softmax_cross_entropy
     elif callable(loss):
-        if fisher:
-            raise ValueError("fisher=True needs loss='mse' or 'softmax_cross_entropy'.")
+        if statistics != "empirical":
+            raise ValueError(
+                f"statistics={statistics!r} needs loss='mse' or 'softmax_cross_entropy'."
+            )
         loss_name, loss_fn = None, loss
     else:
         raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
+    if statistics == "gauss_newton" and loss_name != "mse":
+        raise ValueError("statistics='gauss_newton' is implemented for loss='mse' only.")
+    fisher = statistics == "fisher"
 
     def fn(model, inputs, targets, key=None):
         if fisher and key is None:
-            raise ValueError("fisher=True needs a PRNG key: f(model, inputs, targets, key=key).")
+            raise ValueError(
+                "statistics='fisher' needs a PRNG key: f(model, inputs, targets, key=key)."
+            )
         _, tuples, biases = _layer_paths(model)  # validates the model's layers up front
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -258,7 +280,7 @@ def kfac_value_and_grad(
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_pass.output_shapes.items()}
         n = jax.tree.leaves(inputs)[0].shape[0]
 
-        if not fisher:
+        if statistics == "empirical":
 
             def objective(p, e):
                 outputs, feats = forward(p, e)
@@ -267,20 +289,29 @@ def kfac_value_and_grad(
             (value, feats), (grads, out_grads) = jax.value_and_grad(
                 objective, argnums=(0, 1), has_aux=True
             )(params, zeros)
-        else:
+            deltas = jax.tree.map(lambda d: n * d[None], out_grads)
+        elif fisher:
 
             def objective(p, e):
                 outputs, feats = forward(p, e)
                 sampled = _sample_labels(loss_name, outputs, key)
                 return (loss_fn(outputs, targets), loss_fn(outputs, sampled)), feats
 
-            (value, sampled_value), pullback, feats = jax.vjp(
-                objective, params, zeros, has_aux=True
-            )
-            del sampled_value
+            (value, _), pullback, feats = jax.vjp(objective, params, zeros, has_aux=True)
             one, zero = jnp.ones_like(value), jnp.zeros_like(value)
             grads, _ = pullback((one, zero))
             _, out_grads = pullback((zero, one))
-        return value, grads, _stats_tree(feats, out_grads, n, tuples, biases)
+            deltas = jax.tree.map(lambda d: n * d[None], out_grads)
+        else:  # exact Gauss-Newton for the squared error
+            outputs, pullback, feats = jax.vjp(forward, params, zeros, has_aux=True)
+            value, d_out = jax.value_and_grad(loss_fn)(outputs, targets)
+            grads, _ = pullback(d_out)
+            units = outputs.shape[-1]
+            basis = jnp.broadcast_to(
+                jnp.eye(units, dtype=outputs.dtype)[:, None], (units,) + outputs.shape
+            )
+            # Per-example Jacobian rows J_i^T e_k of every layer output, for each unit k.
+            deltas = jax.vmap(lambda ct: pullback(ct)[1])(basis)
+        return value, grads, _stats_tree(feats, deltas, n, tuples, biases)
 
     return fn
