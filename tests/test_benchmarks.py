@@ -42,3 +42,14 @@ def test_summarize_amortizes_refresh():
     t = harness.summarize(0.0, [1.0, 1.0, 3.0], [11.0], frequency=10)
     assert t.ordinary_median_s == 1.0 and t.refresh_median_s == 11.0
     assert abs(t.amortized_s - 2.0) < 1e-12
+
+
+def test_kfac_step_quick_runs(tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("flax")
+    from benchmarks import kfac_step
+
+    r = kfac_step.main(["--quick", "--frequency", "2", "--out", str(tmp_path)])
+    assert r["capture_empirical"]["vs_value_and_grad"] > 0
+    assert r["step_kfac"].refresh_median_s is not None
+    assert list(tmp_path.glob("*_kfac_step/*.json"))

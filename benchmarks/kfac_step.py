@@ -1,0 +1,139 @@
+"""K-FAC on a Flax MLP: capture overhead and step time against AdamW.
+
+Measures, in one process and on the same batch:
+
+* the K-FAC statistics capture (``layerwise_optax.flax.kfac_value_and_grad``)
+  against a plain ``nnx.value_and_grad`` of the same loss, for each statistics
+  mode (empirical: same forward/backward; Fisher: one extra backward);
+* a whole training step with ``kfac`` (capture + update; ordinary and refresh
+  steps apart) against one with ``optax.adamw``.
+
+Run: ``python -m benchmarks.kfac_step [--quick] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import optax
+from flax import nnx
+
+import layerwise_optax as lo
+from benchmarks import harness
+from layerwise_optax import flax as lof
+
+
+class MLP(nnx.Module):
+    def __init__(self, sizes, rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _median_time(fn, *args, reps: int) -> tuple[float, float]:
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def run(args) -> dict:
+    sizes = (64, 128, 10) if args.quick else (784, 512, 512, 10)
+    batch = 64 if args.quick else 256
+    reps = 5 if args.quick else 30
+    model = MLP(sizes, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (batch, sizes[0]))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, sizes[-1])
+    graphdef, params = nnx.split(model)
+    results: dict = {"sizes": sizes, "batch": batch}
+
+    def plain(params):
+        m = nnx.merge(graphdef, params)
+        return nnx.value_and_grad(lambda m: lof.softmax_cross_entropy(m(x), y))(m)
+
+    base = jax.jit(plain)
+    results["value_and_grad"] = dict(
+        zip(("median_s", "min_s"), _median_time(base, params, reps=reps))
+    )
+    for mode in ("empirical", "fisher"):
+        capture = lof.kfac_value_and_grad(
+            lambda m, x: m(x), "softmax_cross_entropy", statistics=mode
+        )
+        fn = jax.jit(lambda params, key: capture(nnx.merge(graphdef, params), x, y, key=key))
+        med, mn = _median_time(fn, params, jax.random.key(2), reps=reps)
+        results[f"capture_{mode}"] = {
+            "median_s": med,
+            "min_s": mn,
+            "vs_value_and_grad": med / results["value_and_grad"]["median_s"],
+        }
+
+    # Whole training steps: the optimizer state is threaded through; refresh steps apart.
+    freq = args.frequency
+    capture = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
+    graphdef_p, params_only, rest = nnx.split(model, nnx.Param, ...)
+    params_only = nnx.as_pure(params_only)  # plain arrays, as nnx.Optimizer hands to optax
+    for name, tx in (
+        ("adamw", optax.adamw(1e-3)),
+        ("kfac", lo.kfac(0.1, precondition_frequency=freq)),
+    ):
+        state = tx.init(params_only)
+
+        def step(carry, tx=tx):
+            p, s = carry
+            m = nnx.merge(graphdef_p, p, rest)
+            _, grads, stats = capture(m, x, y)
+            u, s = tx.update(nnx.as_pure(grads), s, p, kfac_stats=stats)
+            return optax.apply_updates(p, u), s
+
+        compiled, compile_s = harness.compile_step(step, (params_only, state))
+        ordinary, refresh, _ = harness.time_steps(
+            compiled, (params_only, state), frequency=freq, first_count=0, steps=2 * freq + 1
+        )
+        results[f"step_{name}"] = harness.summarize(compile_s, ordinary, refresh, freq)
+    results["kfac_vs_adamw_amortized"] = (
+        results["step_kfac"].amortized_s / results["step_adamw"].amortized_s
+    )
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--frequency", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.frequency < 1:
+        parser.error("--frequency must be >= 1")
+    r = run(args)
+    print(f"MLP {r['sizes']}, batch {r['batch']}")
+    print(f"value_and_grad           {1e3 * r['value_and_grad']['median_s']:8.2f} ms")
+    for mode in ("empirical", "fisher"):
+        c = r[f"capture_{mode}"]
+        print(
+            f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  {c['vs_value_and_grad']:.2f}x"
+        )
+    for name in ("adamw", "kfac"):
+        t = r[f"step_{name}"]
+        refresh = f"{1e3 * t.refresh_median_s:.2f}" if t.refresh_median_s else "-"
+        print(
+            f"step {name:6s} ordinary {1e3 * t.ordinary_median_s:8.2f} ms  refresh {refresh} ms  "
+            f"amortized {1e3 * t.amortized_s:.2f} ms"
+        )
+    print(f"kfac / adamw amortized step: {r['kfac_vs_adamw_amortized']:.2f}x")
+    path = harness.write_record(args.out, "kfac_step", vars(args), r)
+    print(f"wrote {path}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
