@@ -67,7 +67,8 @@ DimNumsTree = Any  # a tree of DimensionNumbers | None, matching the params.
 DimNumsOrFn = DimNumsTree | Callable[[Any], DimNumsTree]
 
 
-def _is_masked(x: Any) -> bool:
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is an ``optax.MaskedNode`` (a leaf masked out by ``optax.masked``)."""
     return isinstance(x, optax.MaskedNode)
 
 
@@ -358,7 +359,7 @@ def resolve(
       ValueError: If the spec tree does not match ``tree`` or a spec does not fit
         its leaf's shape; the message names the leaf's tree path.
     """
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
     if dimension_numbers is None:
         specs = [_DEFAULT] * len(leaves_with_path)
     else:
@@ -372,7 +373,7 @@ def resolve(
             ) from None
     plans = []
     for (path, leaf), spec in zip(leaves_with_path, specs):
-        if _is_masked(leaf):
+        if is_masked(leaf):
             plans.append(leaf)
             continue
         shape = tuple(np.shape(leaf))
@@ -394,18 +395,24 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
     ``optax.MaskedNode`` positions are passed through.
     """
 
-    def is_leaf(x: Any) -> bool:
-        return isinstance(x, LeafPlan) or _is_masked(x)
-
     return jax.tree.map(
-        lambda p, x, *r: p if _is_masked(p) else fn(x, p, *r), plans, tree, *rest, is_leaf=is_leaf
+        lambda p, x, *r: p if is_masked(p) else fn(x, p, *r),
+        plans,
+        tree,
+        *rest,
+        is_leaf=is_plan_leaf,
     )
+
+
+def is_plan_leaf(x: Any) -> bool:
+    """``is_leaf`` for plan trees: a :class:`LeafPlan` or an ``optax.MaskedNode``."""
+    return isinstance(x, LeafPlan) or is_masked(x)
 
 
 def unzip(tree: Any, field: str) -> Any:
     """Extracts one field of the per-leaf NamedTuples returned by :func:`map_leaves`."""
     return jax.tree.map(
-        lambda o: o if _is_masked(o) else getattr(o, field),
+        lambda o: o if is_masked(o) else getattr(o, field),
         tree,
-        is_leaf=lambda o: _is_masked(o) or hasattr(o, "_fields") and hasattr(o, field),
+        is_leaf=lambda o: is_masked(o) or hasattr(o, "_fields") and hasattr(o, field),
     )

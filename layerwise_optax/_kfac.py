@@ -179,9 +179,9 @@ def scale_by_kfac(
 
         def dimension_numbers(tree):
             return jax.tree.map(
-                lambda x: None if _is_masked(x) else default_kernel_dimension_numbers(x.shape),
+                lambda x: None if _axes.is_masked(x) else default_kernel_dimension_numbers(x.shape),
                 tree,
-                is_leaf=_is_masked,
+                is_leaf=_axes.is_masked,
             )
 
     resolve = functools.partial(
@@ -200,7 +200,7 @@ def scale_by_kfac(
                     )
             return plan
 
-        return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_is_plan)
+        return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_axes.is_plan_leaf)
 
     def init_fn(params):
         plans = plans_for(params)
@@ -238,8 +238,7 @@ def scale_by_kfac(
             refresh = state.count % precondition_frequency == 0
 
             def leaf(path, g, plan, s, mu, nu, fac, inv):
-                ok = jnp.all(jnp.isfinite(g))
-                g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+                ok, g32 = _kron.finite_or_zero(g)
                 failed = jnp.zeros([], jnp.int32)
                 if plan.spec is None or s is None:
                     # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
@@ -248,8 +247,7 @@ def scale_by_kfac(
                 else:
                     new = _check_stats(path, s, plan)
                     ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
-                    upd = _kron.ema(fac, new, factor_decay)
-                    fac = tuple(jnp.where(ok, n, f) for n, f in zip(upd, fac))
+                    fac = _kron.ema(fac, new, factor_decay, valid=ok)
                     inv, failed = jax.lax.cond(
                         refresh,
                         lambda: _damped_inverses(
@@ -278,7 +276,7 @@ def scale_by_kfac(
             correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
             out = jax.tree_util.tree_map_with_path(
                 lambda path, p, g, s, mu, nu, fac, inv: (
-                    p if _is_masked(p) else leaf(path, g, p, s, mu, nu, fac, inv)
+                    p if _axes.is_masked(p) else leaf(path, g, p, s, mu, nu, fac, inv)
                 ),
                 plans,
                 updates,
@@ -287,7 +285,7 @@ def scale_by_kfac(
                 state.nu,
                 _kron.normalize(plans, state.factors),
                 _kron.normalize(plans, state.inverses),
-                is_leaf=_is_plan,
+                is_leaf=_axes.is_plan_leaf,
             )
             mu = _axes.unzip(out, "mu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
@@ -307,14 +305,6 @@ def scale_by_kfac(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def _is_plan(x: Any) -> bool:
-    return isinstance(x, _axes.LeafPlan) or _is_masked(x)
-
-
 def _stats_like(kfac_stats: Any, updates: Any) -> Any:
     """Aligns the stats tree with ``updates`` (``MaskedNode`` positions get ``None``).
 
@@ -327,11 +317,11 @@ def _stats_like(kfac_stats: Any, updates: Any) -> Any:
             kfac_stats, is_leaf=lambda x: isinstance(x, KfacFactors) or x is None
         )[0]
     }
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_axes.is_masked)
     out = []
     for path, x in leaves:
         key = jax.tree_util.keystr(path)
-        out.append(x if _is_masked(x) else by_path.get(key))
+        out.append(x if _axes.is_masked(x) else by_path.get(key))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

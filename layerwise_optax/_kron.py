@@ -141,21 +141,38 @@ def apply_axis_matrices(
     return g
 
 
-def ema(old: Factors, new: Factors, decay: jax.Array) -> Factors:
+def finite_or_zero(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A leaf's all-finite flag and the leaf in at least float32, zeroed if not finite.
+
+    The failure policy's entry point: a non-finite gradient leaf enters no
+    statistic or moment (callers also keep their state where the flag is false).
+    """
+    ok = jnp.all(jnp.isfinite(g))
+    return ok, jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+
+
+def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> Factors:
     """``decay * old + w * new`` with ``w = 1 - decay``, or ``w = 1`` when ``decay == 1``.
 
-    ``decay == 1`` is the classic Shampoo/AdaGrad running sum.
+    ``decay == 1`` is the classic Shampoo/AdaGrad running sum. Where ``valid`` is
+    false (a non-finite gradient or statistic) ``old`` is returned unchanged.
     """
     decay = jnp.asarray(decay, jnp.float32)
     w = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
-    return tuple((decay * o + w * n.astype(o.dtype)).astype(o.dtype) for o, n in zip(old, new))
+    return tuple(
+        jnp.where(valid, (decay * o + w * n.astype(o.dtype)).astype(o.dtype), o)
+        for o, n in zip(old, new)
+    )
 
 
-def _keep_good(new: jax.Array, prev: jax.Array, matrix: bool) -> tuple[jax.Array, jax.Array]:
+def _keep_good(
+    new: jax.Array, prev: jax.Array, matrix: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per block: ``new`` where finite, else ``prev``; the failure count; the ok mask."""
     axes = (-2, -1) if matrix else (-1,)
     ok = jnp.all(jnp.isfinite(new), axis=axes)
     mask = ok[:, None, None] if matrix else ok[:, None]
-    return jnp.where(mask, new.astype(prev.dtype), prev), jnp.sum(~ok).astype(jnp.int32)
+    return jnp.where(mask, new.astype(prev.dtype), prev), jnp.sum(~ok).astype(jnp.int32), ok
 
 
 def inverse_roots(
@@ -200,14 +217,14 @@ def inverse_roots(
                 new = _linalg.inv_root_eigh(
                     s, root, damping=damping, relative_damping=relative_damping
                 )
-            new, bad = _keep_good(new, r, matrix=True)
+            new, bad, _ = _keep_good(new, r, matrix=True)
         elif kind == "diag":
             s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
             lam_max = jnp.max(s32, axis=-1, keepdims=True)
             delta = damping * lam_max if relative_damping else damping
             floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
             new = jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
-            new, bad = _keep_good(new, r, matrix=False)
+            new, bad, _ = _keep_good(new, r, matrix=False)
         else:
             roots.append(r)
             continue
@@ -242,11 +259,10 @@ def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: s
             perm = None
         else:
             new, perm = _linalg.refresh_eigenbasis(s, q)
+        new, bad, ok = _keep_good(new, q, matrix=True)
         if perm is not None:
             # A block that keeps its old basis must not permute its moments either.
-            ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
             perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
-        new, bad = _keep_good(new, q, matrix=True)
         bases.append(new)
         perms.append(perm)
         failures = failures + bad

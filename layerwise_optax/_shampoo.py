@@ -69,11 +69,7 @@ class _LeafOut(NamedTuple):
     mu: jax.Array
     nu: Any
     stats: Any
-    skipped: jax.Array
-
-
-def _finite(x: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(x))
+    ok: jax.Array  # bool scalar: the gradient leaf was finite
 
 
 def scale_by_shampoo(
@@ -188,22 +184,22 @@ def scale_by_shampoo(
             state_roots = _kron.normalize(plans, state.roots)
 
             def accumulate(g, plan, mu, nu, stats):
-                ok = _finite(g)
-                g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+                ok, g32 = _kron.finite_or_zero(g)
                 mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
                 nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
-                new_stats = _kron.ema(
-                    stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay
+                stats = _kron.ema(
+                    stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay, valid=ok
                 )
-                stats = tuple(jnp.where(ok, n, s) for n, s in zip(new_stats, stats))
-                return _LeafOut(g32, mu_new, nu_new, stats, (~ok).astype(jnp.int32))
+                return _LeafOut(g32, mu_new, nu_new, stats, ok)
 
             nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
             out = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, state_stats)
             g32s, mus = _axes.unzip(out, "update"), _axes.unzip(out, "mu")
             stats = _axes.unzip(out, "stats")
             new_nu = _axes.unzip(out, "nu") if use_nu else None
-            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+            oks = _axes.unzip(out, "ok")
+            skipped = sum((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks))
+            skipped = jnp.asarray(skipped, jnp.int32)
 
             def refresh(stats, roots):
                 def leaf(s, plan, r):
@@ -231,8 +227,7 @@ def scale_by_shampoo(
             )
             use_precond = state.count >= start_preconditioning_step
 
-            def direction(g, plan, g32, mu, nu, roots):
-                ok = _finite(g)
+            def direction(g, plan, ok, g32, mu, nu, roots):
                 m_hat = _grafting.bias_corrected_first_moment(
                     mu.astype(g32.dtype), g32, b1, count_inc, nesterov
                 )
@@ -247,7 +242,7 @@ def scale_by_shampoo(
                 return jnp.where(ok, upd, 0).astype(g.dtype)
 
             new_updates = _axes.map_leaves(
-                direction, plans, updates, g32s, mus, new_nu if use_nu else nus, roots
+                direction, plans, updates, oks, g32s, mus, new_nu if use_nu else nus, roots
             )
             return new_updates, ScaleByShampooState(
                 count=count_inc,

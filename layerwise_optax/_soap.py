@@ -87,7 +87,7 @@ class _LeafOut(NamedTuple):
     mu: Any
     nu: Any
     stats: Any
-    skipped: Any
+    ok: Any  # bool scalar: the gradient leaf was finite
 
 
 def scale_by_soap(
@@ -172,8 +172,7 @@ def scale_by_soap(
             state_bases = _kron.normalize(plans, state.bases)
 
             def direction(g, plan, mu, nu, q):
-                ok = jnp.all(jnp.isfinite(g))
-                g32 = jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+                ok, g32 = _kron.finite_or_zero(g)
                 mu = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
                 gb = plan.to_blocks(g32)
                 rot = _kron.apply_axis_matrices(gb, q, plan, transpose=True)
@@ -183,19 +182,18 @@ def scale_by_soap(
                 nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
                 u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps), q, plan)
                 upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
-                return _LeafOut(upd, mu, nu, gb, (~ok).astype(jnp.int32))
+                return _LeafOut(upd, mu, nu, gb, ok)
 
             out = _axes.map_leaves(direction, plans, updates, state.mu, state.nu, state_bases)
             mus, nu = _axes.unzip(out, "mu"), _axes.unzip(out, "nu")
-            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+            oks = _axes.unzip(out, "ok")
+            skipped = sum((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks))
+            skipped = jnp.asarray(skipped, jnp.int32)
 
-            def accumulate(g, plan, gb, stats):
-                new = _kron.ema(stats, _kron.axis_stats(gb, plan), factor_decay)
-                return tuple(jnp.where(jnp.all(jnp.isfinite(g)), n, s) for n, s in zip(new, stats))
+            def accumulate(ok, plan, gb, stats):
+                return _kron.ema(stats, _kron.axis_stats(gb, plan), factor_decay, valid=ok)
 
-            stats = _axes.map_leaves(
-                accumulate, plans, updates, _axes.unzip(out, "stats"), state_stats
-            )
+            stats = _axes.map_leaves(accumulate, plans, oks, _axes.unzip(out, "stats"), state_stats)
 
             def refresh(method):
                 def run(stats, bases, nu):
