@@ -1,18 +1,24 @@
 # Two entry points, each self-installing into a local virtual environment:
-#   make demo   -> trains a small model with shampoo/soap vs adamw, writes PNG + JSON
-#   make test   -> runs the default test tier (what CI runs)
+#   make reproduce -> the paper's headline figure (Fig. 1 analogue) on CPU: PNG/PDF + JSON
+#   make test      -> runs the default test tier (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: reproduce reproduce-all demo test test-slow bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,notebooks]'
 	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m layerwise_optax.zoo reproduce linear-rep --out results/paper
+
+reproduce-all: $(STAMP)
+	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --out results/demo

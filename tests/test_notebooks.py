@@ -9,8 +9,14 @@ import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
-# The quickstart stays in the default tier; heavier notebooks run under -m slow.
-DEFAULT_TIER = {"00_quickstart.py"}
+# The quickstart and the paper-figure notebooks (quick mode: under a minute each) run in
+# the default tier; heavier notebooks go under -m slow.
+DEFAULT_TIER = {
+    "00_quickstart.py",
+    "01_linear_rep.py",
+    "02_single_index_alignment.py",
+    "03_single_index_test_loss.py",
+}
 
 
 def _mark(path):

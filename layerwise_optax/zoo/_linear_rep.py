@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerwise_optax import _linalg
-
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -130,9 +128,13 @@ def linear_rep_problem(
     """
     check_sizes(d_x=d_x, d_y=d_y, k=k)
     if k > d_x:
-        raise ValueError(f"k must be <= d_x (a k-dimensional subspace of R^d_x), got k={k}, d_x={d_x}.")
+        raise ValueError(
+            f"k must be <= d_x (a k-dimensional subspace of R^d_x), got k={k}, d_x={d_x}."
+        )
     if k > d_y:
-        raise ValueError(f"k must be <= d_y (the head needs full column rank), got k={k}, d_y={d_y}.")
+        raise ValueError(
+            f"k must be <= d_y (the head needs full column rank), got k={k}, d_y={d_y}."
+        )
     check_condition_number("kappa", kappa)
     if kappa_f is not None:
         check_condition_number("kappa_f", kappa_f)
@@ -199,13 +201,12 @@ def subspace_distance(g: jax.Array, g_star: jax.Array) -> jax.Array:
     Returns:
       Scalar in ``[0, 1]``.
     """
-    g = g.astype(jnp.float32)
-    # U = G^T (G G^T)^{-1/2} is an orthonormal basis of row(G).
-    s = _linalg.inv_root_eigh(_mm(g, g.T), 2)
-    resid = g - _mm(_mm(g, g_star.T), g_star)  # G (I - P_star)
-    c = _mm(_mm(s, _mm(resid, resid.T)), s)
-    top = _linalg.eigh_psd(c)[0][..., -1]
-    return jnp.sqrt(jnp.clip(top, 0.0, 1.0))
+    # U: orthonormal basis of row(G) by QR (stable for ill-conditioned G, unlike a
+    # Gram-matrix inverse root in float32).
+    u, _ = jnp.linalg.qr(g.astype(jnp.float32).T)
+    resid = u - _mm(g_star.T, _mm(g_star, u))  # (I - P_star) U
+    top = jnp.linalg.svd(resid, compute_uv=False)[0]
+    return jnp.clip(top, 0.0, 1.0)
 
 
 def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.Array:

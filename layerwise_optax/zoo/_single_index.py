@@ -122,7 +122,7 @@ class TwoLayerNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.batch_norm:
-            x = x * input_scale(x)
+            x = x * input_scale(x)[None, :]
         width = self.a.shape[0]
         return width**-0.5 * jnp.tanh(self.first(x)) @ self.a[...]
 
@@ -191,6 +191,8 @@ def alignment_theory(problem: SingleIndexProblem, n: int) -> dict[str, float]:
         kfac2 = mu1**2 * b2 / (mu1**2 * b2 + sigma_eff2 * tr_inv / (n - d - 1))
     else:
         kfac2 = np.nan
-    sgd2 = (mu1 * (beta @ s_beta)) ** 2 / (b2 * (mu1**2 * (s_beta @ s_beta) + ey2 * np.trace(sigma) / n))
+    sgd2 = (mu1 * (beta @ s_beta)) ** 2 / (
+        b2 * (mu1**2 * (s_beta @ s_beta) + ey2 * np.trace(sigma) / n)
+    )
     limit = (beta @ s_beta) / (np.sqrt(b2) * np.linalg.norm(s_beta))
     return {"kfac": float(np.sqrt(kfac2)), "sgd": float(np.sqrt(sgd2)), "sgd_limit": float(limit)}

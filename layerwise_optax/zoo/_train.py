@@ -139,7 +139,10 @@ LINEAR_REP_METHODS: dict[str, Method] = {
         ),
         Method("kfac", "K-FAC", _kfac_paper, (1.0, 0.5, 0.3), statistics="gauss_newton"),
         Method(
-            "ngd", "NGD (full Gauss-Newton)", full_gauss_newton, (1.0, 0.5, 0.3, 0.1),
+            "ngd",
+            "NGD (full Gauss-Newton)",
+            full_gauss_newton,
+            (1.0, 0.5, 0.3, 0.1),
             full_gauss_newton=True,
         ),
         Method("shampoo", "Shampoo (library)", lo.shampoo, ADAM_GRID),
@@ -161,7 +164,11 @@ AMD_METHODS: dict[str, Method] = {
             head="least_squares",
         ),
         Method(
-            "kfac", "AMD + K-FAC", _kfac_paper, (1.0, 0.5, 0.3), statistics="gauss_newton",
+            "kfac",
+            "AMD + K-FAC",
+            _kfac_paper,
+            (1.0, 0.5, 0.3),
+            statistics="gauss_newton",
             head="least_squares",
         ),
     )
@@ -173,7 +180,7 @@ def _is_head(path) -> bool:
     return str(getattr(path[0], "key", path[0])) == "f"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def linear_rep_trainer(
     method: Method, *, steps: int, batch_size: int, d_x: int, k: int, d_y: int
 ) -> Callable[..., dict[str, jax.Array]]:
@@ -201,9 +208,7 @@ def linear_rep_trainer(
     @jax.jit
     def run(problem: lr_.LinearRepProblem, learning_rate, key):
         k_init, k_data, k_eval = jax.random.split(key, 3)
-        model = lr_.LinearRepModel(
-            d_x, k, d_y, batch_norm=method.batch_norm, rngs=nnx.Rngs(k_init)
-        )
+        model = lr_.LinearRepModel(d_x, k, d_y, batch_norm=method.batch_norm, rngs=nnx.Rngs(k_init))
         graphdef, params = nnx.split(model, nnx.Param)
         # Plain arrays at the leaves, as nnx.Optimizer hands them to optax.
         params = nnx.as_pure(params)
@@ -265,7 +270,7 @@ SINGLE_INDEX_LABELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_index_direction(
     method: str, *, n: int, d: int, width: int, damping: float = 1e-2
 ) -> Callable[..., dict[str, jax.Array]]:
