@@ -411,8 +411,11 @@ def is_plan_leaf(x: Any) -> bool:
 
 def unzip(tree: Any, field: str) -> Any:
     """Extracts one field of the per-leaf NamedTuples returned by :func:`map_leaves`."""
-    return jax.tree.map(
-        lambda o: o if is_masked(o) else getattr(o, field),
-        tree,
-        is_leaf=lambda o: is_masked(o) or hasattr(o, "_fields") and hasattr(o, field),
-    )
+
+    # Test the type, not the instance: wrappers such as ``flax.nnx.Variable`` forward
+    # attribute access to their value, so ``hasattr`` would see through them and the
+    # wrapper would be dropped from the output tree.
+    def is_out(o):
+        return is_masked(o) or (isinstance(o, tuple) and field in getattr(type(o), "_fields", ()))
+
+    return jax.tree.map(lambda o: o if is_masked(o) else getattr(o, field), tree, is_leaf=is_out)

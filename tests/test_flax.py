@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 nnx = pytest.importorskip("flax.nnx")
@@ -152,6 +153,24 @@ def test_every_alias_trains_under_nnx_optimizer_and_jit(name):
 
     losses = [float(step(model, opt, x, y)) for _ in range(25)]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kfac"])
+def test_variable_wrapped_state_trees_keep_their_structure(name):
+    # nnx.split gives an nnx.State whose leaves are nnx.Param wrappers (pytree nodes that
+    # forward attribute access to their value); updates must come back with the same
+    # structure so optax.apply_updates works on them, as it does for optax.adam.
+    model = MLP(nnx.Rngs(0))
+    _, params = nnx.split(model, nnx.Param)
+    x, y = _data(n=16)
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    tx = {"shampoo": lo.shampoo(1e-2), "soap": lo.soap(1e-2), "kfac": lo.kfac(1e-2)}[name]
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = jax.jit(tx.update)(grads, state, params, kfac_stats=stats)
+        assert jax.tree.structure(updates) == jax.tree.structure(params)
+        params = optax.apply_updates(params, updates)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
 
 
 class LinearRep(nnx.Module):
