@@ -100,18 +100,95 @@ def test_fisher_softmax_output_factor_matches_its_expectation():
     np.testing.assert_allclose(stats["l2"]["kernel"].g, expected, atol=0.02)
 
 
-def test_unsupported_layer_is_named():
+class General(nnx.Module):
+    """LinearGeneral over two input axes into two output axes, then an Einsum whose
+    kernel is (out, in): layouts that differ from nnx.Linear's (in, out)."""
+
+    def __init__(self, rngs):
+        self.lg = nnx.LinearGeneral((2, 3), (4, 2), axis=(-2, -1), rngs=rngs)
+        self.ein = nnx.Einsum("btd,kd->btk", (3, 8), (3,), rngs=rngs)
+
+    def __call__(self, x):  # x: (b, t, 2, 3)
+        h = jnp.tanh(self.lg(x)).reshape(x.shape[0], x.shape[1], 8)
+        return self.ein(h).reshape(x.shape[0], -1)
+
+
+class Flat(nnx.Module):
+    """The same function with nnx.Linear layers (kernels reshaped/transposed)."""
+
+    def __init__(self, g: General):
+        rngs = nnx.Rngs(0)
+        self.lg = nnx.Linear(6, 8, rngs=rngs)
+        self.ein = nnx.Linear(8, 3, rngs=rngs)
+        self.lg.kernel[...] = g.lg.kernel[...].reshape(6, 8)
+        self.lg.bias[...] = g.lg.bias[...].reshape(8)
+        self.ein.kernel[...] = g.ein.kernel[...].T
+        self.ein.bias[...] = g.ein.bias[...]
+
+    def __call__(self, x):
+        h = jnp.tanh(self.lg(x.reshape(x.shape[0], x.shape[1], 6)))
+        return self.ein(h).reshape(x.shape[0], -1)
+
+
+def test_linear_general_and_einsum_are_captured_like_their_dense_equivalents():
+    general = General(nnx.Rngs(3))
+    flat = Flat(general)
+    x = jax.random.normal(jax.random.key(0), (16, 5, 2, 3))
+    y = jax.random.normal(jax.random.key(1), (16, 15))
+    np.testing.assert_allclose(general(x), flat(x), rtol=1e-5, atol=1e-6)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    _, gg, sg = f(general, x, y)
+    _, gf, sf = f(flat, x, y)
+    for layer in ("lg", "ein"):
+        for part in ("kernel", "bias"):
+            for factor in ("a", "g"):
+                np.testing.assert_allclose(
+                    getattr(sg[layer][part], factor),
+                    getattr(sf[layer][part], factor),
+                    rtol=1e-4,
+                    atol=1e-6,
+                    err_msg=f"{layer}/{part}/{factor}",
+                )
+    # kfac with the capture's layouts gives the dense model's update, in each layout.
+    dims = lof.kfac_dimension_numbers(general)
+    tx_g = lo.kfac(1.0, dimension_numbers=dims)
+    tx_f = lo.kfac(1.0)
+    pg, pf = nnx.as_pure(nnx.state(general, nnx.Param)), nnx.as_pure(nnx.state(flat, nnx.Param))
+    ug, _ = tx_g.update(nnx.as_pure(gg), tx_g.init(pg), pg, kfac_stats=sg)
+    uf, _ = tx_f.update(nnx.as_pure(gf), tx_f.init(pf), pf, kfac_stats=sf)
+    np.testing.assert_allclose(
+        ug["lg"]["kernel"].reshape(6, 8), uf["lg"]["kernel"], rtol=2e-3, atol=1e-6
+    )
+    np.testing.assert_allclose(ug["lg"]["bias"].reshape(8), uf["lg"]["bias"], rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(ug["ein"]["kernel"].T, uf["ein"]["kernel"], rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (
+            lambda rngs: nnx.Einsum("bhd,hdk->bhk", (2, 3, 4), rngs=rngs),
+            r"layer proj: einsum 'bhd,hdk->bhk' cannot be captured: kernel axes \['h'\]",
+        ),
+        (
+            lambda rngs: nnx.LinearGeneral(3, 4, batch_axis={0: 2}, rngs=rngs),
+            r"layer proj: LinearGeneral with batch_axis",
+        ),
+    ],
+)
+def test_uncapturable_layer_is_named(layer, match):
     class Bad(nnx.Module):
         def __init__(self, rngs):
-            self.proj = nnx.LinearGeneral(4, (2, 3), rngs=rngs)
+            self.proj = layer(rngs)
 
         def __call__(self, x):
-            return self.proj(x).reshape(x.shape[0], -1)
+            return x
 
-    x, _ = _data()
     f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
-    with pytest.raises(ValueError, match=r"layer proj \(LinearGeneral\) cannot be captured"):
-        f(Bad(nnx.Rngs(0)), x, jnp.zeros((32, 6)))
+    with pytest.raises(ValueError, match=match):
+        f(Bad(nnx.Rngs(0)), jnp.zeros((4, 2, 3)), jnp.zeros((4, 2, 3)))
+    with pytest.raises(ValueError, match=match):
+        lof.kfac_dimension_numbers(Bad(nnx.Rngs(0)))
 
 
 def test_bad_arguments():

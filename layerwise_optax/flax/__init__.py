@@ -4,8 +4,9 @@ Import explicitly: ``from layerwise_optax import flax as lof``. The core package
 never imports this module.
 """
 
+from layerwise_optax.flax._capture import kfac_dimension_numbers as kfac_dimension_numbers
 from layerwise_optax.flax._capture import kfac_value_and_grad as kfac_value_and_grad
 from layerwise_optax.flax._capture import mse as mse
 from layerwise_optax.flax._capture import softmax_cross_entropy as softmax_cross_entropy
 
-__all__ = ("kfac_value_and_grad", "mse", "softmax_cross_entropy")
+__all__ = ("kfac_dimension_numbers", "kfac_value_and_grad", "mse", "softmax_cross_entropy")

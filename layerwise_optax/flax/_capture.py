@@ -1,11 +1,20 @@
 """K-FAC statistics capture for Flax NNX models in the same forward/backward pass.
 
 How it works: while the loss is traced, the ``__call__`` of every captured layer
-(``nnx.Linear``, ``nnx.Conv``) is wrapped so that it
+(``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum``) is wrapped so
+that it
 
-* records its input (for a convolution, the input patches, ordered like the
-  kernel's ``(kh, kw, c_in)`` axes), and
+* records its input features (for a convolution, the input patches ordered like
+  the kernel's ``(kh, kw, c_in)`` axes; for ``LinearGeneral``/``Einsum``, the
+  contracted input axes flattened in the kernel's order), and
 * adds a zero *perturbation* ``e`` to its output.
+
+``Einsum`` layers are captured where the axes are clear: every kernel axis is
+either contracted with the input (an input axis of ``A``) or passed to the output
+(an output axis of ``B``). A kernel axis shared by input and output (per-head
+weights, say) or summed away is refused with the layer's path. For layers whose
+kernel is not ``(inputs..., outputs)``, give ``kfac`` the layout with
+:func:`kfac_dimension_numbers`.
 
 Differentiating the loss with respect to the parameters and the perturbations at
 once gives the parameter gradients and every layer's output gradients
@@ -42,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +61,62 @@ from layerwise_optax._kfac import KfacFactors
 
 _LOSSES = ("mse", "softmax_cross_entropy")
 _MODES = ("empirical", "fisher", "gauss_newton")
-# Layers whose statistics we know how to form, and the layers we refuse loudly.
-_UNSUPPORTED = (nnx.Einsum, nnx.LinearGeneral)
+_CAPTURED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+
+
+class _Layout(NamedTuple):
+    """How one layer maps to K-FAC factors: kernel axis groups and feature extractors."""
+
+    inputs: tuple[int, ...]  # kernel axes contracted with the input (A's axis)
+    outputs: tuple[int, ...]  # kernel axes that reach the output (B's axis)
+    bias: bool  # whether the bias is a function of the output features only
+
+
+def _einsum_parts(spec: str, path: str) -> tuple[str, str, str, str, str]:
+    """``(lhs, rhs, out, contracted, produced)`` letters of an ``Einsum`` layer."""
+    spec = spec.replace(" ", "")
+    try:
+        operands, out = spec.split("->")
+        lhs, rhs = operands.split(",")
+    except ValueError:
+        raise ValueError(
+            f"layer {path}: einsum {spec!r} is not of the form 'input,kernel->output'."
+        ) from None
+    if "." in rhs:
+        raise ValueError(f"layer {path}: einsum {spec!r} has an ellipsis in the kernel.")
+    contracted = "".join(c for c in rhs if c in lhs and c not in out)
+    produced = "".join(c for c in rhs if c in out and c not in lhs)
+    unclear = [c for c in rhs if c not in contracted and c not in produced]
+    if unclear:
+        raise ValueError(
+            f"layer {path}: einsum {spec!r} cannot be captured: kernel axes {unclear} are "
+            "neither only contracted with the input nor only passed to the output (shared "
+            "per-slice weights or summed axes have no single pair of Kronecker factors)."
+        )
+    return lhs, rhs, out, contracted, produced
+
+
+def _layout(module: nnx.Module, path: str, einsum_str: str | None = None) -> _Layout:
+    if isinstance(module, nnx.Einsum):
+        _, rhs, out, contracted, produced = _einsum_parts(einsum_str or module.einsum_str, path)
+        bias_ok = out.endswith(produced) and (
+            module.bias is None
+            or tuple(module.bias.shape)
+            == tuple(module.kernel_shape[rhs.index(c)] for c in produced)
+        )
+        return _Layout(
+            tuple(rhs.index(c) for c in contracted), tuple(rhs.index(c) for c in produced), bias_ok
+        )
+    if isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis:
+            raise ValueError(
+                f"layer {path}: LinearGeneral with batch_axis (per-slice kernels) cannot be "
+                "captured."
+            )
+        n_in, n_out = len(module.in_features), len(module.out_features)
+        return _Layout(tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), True)
+    ndim = len(module.kernel_shape) if isinstance(module, nnx.Conv) else 2
+    return _Layout(tuple(range(ndim - 1)), (ndim - 1,), True)
 
 
 def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -107,6 +170,33 @@ def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     return jnp.reshape(patches, patches.shape[:-2] + (k * c_in,))
 
 
+def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwargs):
+    """``(input features (..., d_in), output -> (..., d_out))`` of a captured layer."""
+    if isinstance(module, nnx.Conv):
+        return _conv_patches(module, x), lambda out: out
+    if isinstance(module, nnx.LinearGeneral):
+        axis = tuple(a % x.ndim for a in module.axis)
+        rest = tuple(a for a in range(x.ndim) if a not in axis)
+        feats = jnp.transpose(x, rest + axis)
+        feats = jnp.reshape(feats, feats.shape[: len(rest)] + (-1,))
+        n_out = len(module.out_features)
+        return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
+    if isinstance(module, nnx.Einsum):
+        spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
+        lhs, _, out_s, contracted, produced = _einsum_parts(spec or module.einsum_str, path)
+        keep_in = "".join(c for c in lhs if c not in contracted)
+        keep_out = "".join(c for c in out_s if c not in produced)
+        feats = jnp.einsum(f"{lhs}->{keep_in}{contracted}", x)
+        feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
+
+        def rows(out):
+            out = jnp.einsum(f"{out_s}->{keep_out}{produced}", out)
+            return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
+
+        return feats, rows
+    return x, lambda out: out
+
+
 class _Recorder:
     """Trace-time side channel: layer inputs in, perturbations out."""
 
@@ -114,6 +204,7 @@ class _Recorder:
         self.paths = paths  # id(module) -> "a/b/0" (string keys keep pytrees sortable)
         self.perturbations = perturbations
         self.inputs: dict[str, jax.Array] = {}
+        self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}
         self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
 
     def wrap(self, cls: type, original: Callable) -> Callable:
@@ -129,11 +220,9 @@ class _Recorder:
                     f"layer {path} is called more than once per forward pass; K-FAC "
                     "capture supports one call per layer (shared layers are not supported)."
                 )
-            if isinstance(module, nnx.Conv):
-                feats = _conv_patches(module, x)
-            else:
-                feats = x
+            feats, rows = _features(module, x, path, args, kwargs)
             recorder.inputs[path] = feats
+            recorder.out_rows[path] = rows
             recorder.output_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
             if recorder.perturbations is not None:
                 out = out + recorder.perturbations[path].astype(out.dtype)
@@ -144,7 +233,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _patched(recorder: _Recorder):
-    originals = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
+    originals = {cls: cls.__call__ for cls in _CAPTURED}
     try:
         for cls, orig in originals.items():
             cls.__call__ = recorder.wrap(cls, orig)
@@ -159,27 +248,64 @@ def _key(path: tuple) -> str:
 
 
 def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
-    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> has bias``."""
+    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``."""
     paths, tuples, biases = {}, {}, {}
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, _UNSUPPORTED):
-            raise ValueError(
-                f"layer {_key(tuple(path))} ({type(node).__name__}) cannot be captured: "
-                "K-FAC capture supports nnx.Linear and nnx.Conv. Give it no statistics "
-                "(kfac uses its diagonal fallback there) or reshape it into an nnx.Linear."
-            )
-        if isinstance(node, (nnx.Linear, nnx.Conv)):
+        if isinstance(node, _CAPTURED):
+            key = _key(tuple(path))
             if isinstance(node, nnx.Conv) and node.feature_group_count != 1:
-                raise ValueError(
-                    f"layer {_key(tuple(path))}: grouped convolutions are not supported."
-                )
-            paths[id(node)] = _key(tuple(path))
-            tuples[_key(tuple(path))] = tuple(path)
-            biases[_key(tuple(path))] = getattr(node, "bias", None) is not None
+                raise ValueError(f"layer {key}: grouped convolutions are not supported.")
+            layout = _layout(node, key)  # raises for layers whose axes are not clear
+            paths[id(node)] = key
+            tuples[key] = tuple(path)
+            biases[key] = getattr(node, "bias", None) is not None and layout.bias
     return paths, tuples, biases
 
 
-def _stats_tree(inputs, deltas, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
+def kfac_dimension_numbers(model: nnx.Module) -> Callable[[Any], Any]:
+    """The kernel layouts of a model's captured layers, for ``kfac(dimension_numbers=...)``.
+
+    ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
+    first, output last); ``nnx.LinearGeneral`` kernels have several input and
+    output axes and ``nnx.Einsum`` kernels any order, so pass this to ``kfac``
+    when a model has them.
+
+    Args:
+      model: The Flax NNX model whose statistics :func:`kfac_value_and_grad` captures.
+
+    Returns:
+      A callable ``tree -> spec tree`` (kfac calls it with the params or updates
+      tree): each captured kernel gets ``DimensionNumbers((input axes), (output
+      axes))``, its bias ``((), (all axes))``, every other leaf kfac's default.
+
+    Raises:
+      ValueError: For a layer that cannot be captured, named by its path.
+    """
+    from layerwise_optax._axes import DimensionNumbers, is_masked
+    from layerwise_optax._kfac import default_kernel_dimension_numbers
+
+    layouts = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _CAPTURED):
+            key = _key(tuple(path))
+            layouts[key] = _layout(node, key)
+
+    def spec(path, leaf):
+        if is_masked(leaf):
+            return None
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        layer, kind = "/".join(names[:-1]), names[-1] if names else ""
+        layout = layouts.get(layer)
+        if layout is not None and kind == "kernel":
+            return DimensionNumbers((layout.inputs, layout.outputs))
+        if layout is not None and kind == "bias":
+            return DimensionNumbers(((), tuple(range(leaf.ndim))))
+        return default_kernel_dimension_numbers(leaf.shape)
+
+    return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=is_masked)
+
+
+def _stats_tree(inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
     """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params.
 
     ``deltas[key]`` has a leading axis of output-gradient samples that are summed
@@ -191,6 +317,7 @@ def _stats_tree(inputs, deltas, n: int, tuples: dict[str, tuple], biases: dict) 
         path = tuples[key_]
         delta = deltas[key_]
         x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+        delta = jax.vmap(out_rows[key_])(delta)
         d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
         positions = x2.shape[0] // n
         a = jnp.matmul(x2.T, x2, precision=hi) / n
@@ -264,6 +391,9 @@ def kfac_value_and_grad(
             )
         _, tuples, biases = _layer_paths(model)  # validates the model's layers up front
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # Per layer, the map from its output to (rows, d_out): Python callables, so they
+        # travel beside the traced values rather than through them.
+        out_rows: dict[str, Callable] = {}
 
         def forward(p, perturbations, recorder=None):
             m = nnx.merge(graphdef, p, rest)
@@ -272,6 +402,7 @@ def kfac_value_and_grad(
             rec.paths = _layer_paths(m)[0]
             with _patched(rec):
                 outputs = model_fn(m, inputs)
+            out_rows.update(rec.out_rows)
             return outputs, rec.inputs
 
         # Shapes of every layer output, so the perturbations can be zeros of that shape.
@@ -312,6 +443,6 @@ def kfac_value_and_grad(
             )
             # Per-example Jacobian rows J_i^T e_k of every layer output, for each unit k.
             deltas = jax.vmap(lambda ct: pullback(ct)[1])(basis)
-        return value, grads, _stats_tree(feats, deltas, n, tuples, biases)
+        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases)
 
     return fn
