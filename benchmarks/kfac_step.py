@@ -6,7 +6,12 @@ Measures, in one process and on the same batch:
   against a plain ``nnx.value_and_grad`` of the same loss, for each statistics
   mode (empirical: same forward/backward; Fisher: one extra backward);
 * a whole training step with ``kfac`` (capture + update; ordinary and refresh
-  steps apart) against one with ``optax.adamw``.
+  steps apart) against one with ``optax.adamw`` and one with kfac-jax's
+  ``Optimizer`` at matched settings (same MLP and batch, empirical Fisher,
+  momentum 0.9, fixed damping 1e-3, factor EMA 0.95, inverses every
+  ``--frequency`` steps). kfac-jax 0.0.8 needs a shim for jax 0.10
+  (:func:`benchmarks.peers.kfac_jax`); when it cannot be imported the row says why
+  and the rest still runs.
 
 Run: ``python -m benchmarks.kfac_step [--quick] [--out DIR]``.
 """
@@ -22,7 +27,7 @@ import optax
 from flax import nnx
 
 import layerwise_optax as lo
-from benchmarks import harness
+from benchmarks import harness, peers
 from layerwise_optax import flax as lof
 
 
@@ -84,7 +89,7 @@ def run(args) -> dict:
     params_only = nnx.as_pure(params_only)  # plain arrays, as nnx.Optimizer hands to optax
     for name, tx in (
         ("adamw", optax.adamw(1e-3)),
-        ("kfac", lo.kfac(0.1, precondition_frequency=freq)),
+        ("kfac", lo.kfac(0.01, precondition_frequency=freq, factor_decay=0.95, damping=1e-3)),
     ):
         state = tx.init(params_only)
 
@@ -103,7 +108,61 @@ def run(args) -> dict:
     results["kfac_vs_adamw_amortized"] = (
         results["step_kfac"].amortized_s / results["step_adamw"].amortized_s
     )
+    results.update(_kfac_jax_step(model, x, y, freq, args))
+    if "step_kfac_jax" in results:
+        results["kfac_vs_kfac_jax_amortized"] = (
+            results["step_kfac"].amortized_s / results["step_kfac_jax"].amortized_s
+        )
     return results
+
+
+def _kfac_jax_step(model, x, y, freq, args) -> dict:
+    kj, why = peers.kfac_jax()
+    if kj is None:
+        print(why)
+        return {"kfac_jax_unavailable": why}
+    import jax.numpy as jnp
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        logits = nnx.merge(graphdef, p, rest)(xb)
+        kj.register_softmax_cross_entropy_loss(logits, yb)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+
+    opt = kj.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn),
+        l2_reg=0.0,
+        use_adaptive_learning_rate=False,
+        learning_rate_schedule=lambda t: 0.01,
+        use_adaptive_momentum=False,
+        momentum_schedule=lambda t: 0.9,
+        use_adaptive_damping=False,
+        damping_schedule=lambda t: 1e-3,
+        curvature_ema=0.95,
+        inverse_update_period=freq,
+        num_burnin_steps=0,
+        multi_device=False,
+        estimation_mode="fisher_empirical",
+    )
+    key = jax.random.key(3)
+    state = opt.init(params, key, (x, y))
+
+    def step(carry):
+        p, s, i = carry
+        p, s, _ = opt.step(p, s, key, batch=(x, y), global_step_int=i)
+        return p, s, i + 1
+
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(step((params, state, 0)))  # compiles (kfac-jax jits inside)
+    compile_s = time.perf_counter() - t0
+    ordinary, refresh, _ = harness.time_steps(
+        step, carry, frequency=freq, first_count=1, steps=2 * freq + 1
+    )
+    timing = harness.summarize(compile_s, ordinary, refresh, freq)
+    return {"step_kfac_jax": timing}
 
 
 def main(argv=None):
@@ -130,6 +189,14 @@ def main(argv=None):
             f"amortized {1e3 * t.amortized_s:.2f} ms"
         )
     print(f"kfac / adamw amortized step: {r['kfac_vs_adamw_amortized']:.2f}x")
+    if "step_kfac_jax" in r:
+        t = r["step_kfac_jax"]
+        refresh = f"{1e3 * t.refresh_median_s:.2f}" if t.refresh_median_s else "-"
+        print(
+            f"step kfac-jax ordinary {1e3 * t.ordinary_median_s:8.2f} ms  refresh {refresh} ms  "
+            f"amortized {1e3 * t.amortized_s:.2f} ms"
+        )
+        print(f"kfac / kfac-jax amortized step: {r['kfac_vs_kfac_jax_amortized']:.2f}x")
     path = harness.write_record(args.out, "kfac_step", vars(args), r)
     print(f"wrote {path}")
     return r

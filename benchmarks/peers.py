@@ -86,3 +86,28 @@ def _quiet(fn):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def kfac_jax() -> tuple[Any, str | None]:
+    """kfac-jax with its graph matcher patched for jax >= 0.10, or ``(None, reason)``.
+
+    kfac-jax 0.0.8's ``tag_graph_matcher.eval_jaxpr_eqn`` unpacks
+    ``Primitive.get_bind_params`` as ``(subfuns, params)``; jax 0.10 returns the
+    params only (``ValueError: too many values to unpack`` at the first step). The
+    shim accepts both return shapes. Benchmark-only: never imported by the library.
+    """
+    try:
+        import kfac_jax as kj
+        from kfac_jax._src import tag_graph_matcher as tgm
+    except Exception as e:  # noqa: BLE001 - report any import failure by name
+        return None, f"kfac-jax unavailable: {type(e).__name__}: {e}"
+
+    def eval_jaxpr_eqn(eqn, in_values):
+        bound = eqn.primitive.get_bind_params(eqn.params)
+        subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+        with jax.extend.source_info_util.user_context(eqn.source_info.traceback):
+            out = eqn.primitive.bind(*subfuns, *in_values, **params)
+        return out if isinstance(out, list) else [out]
+
+    tgm.eval_jaxpr_eqn = eval_jaxpr_eqn
+    return kj, None
