@@ -196,7 +196,8 @@ def inverse_roots(
       damping: Ridge (see :mod:`layerwise_optax._linalg`).
       relative_damping: Whether ``damping`` is relative to each factor's
         largest eigenvalue.
-      method: ``'eigh'`` or ``'newton'`` (coupled Newton, warm-started).
+      method: ``'eigh'``, ``'newton'`` (coupled Newton, warm-started) or
+        ``'cholesky'`` (``root == 1`` only: inverses by Cholesky, much cheaper).
 
     Returns:
       ``Refreshed(roots, failures)``: new roots and the int32 count of blocks
@@ -205,7 +206,13 @@ def inverse_roots(
     roots, failures = [], jnp.zeros([], jnp.int32)
     for kind, s, r in zip(plan.kinds, stats, prev):
         if kind == "full":
-            if method == "newton":
+            if method == "cholesky":
+                if root != 1:
+                    raise ValueError(f"method='cholesky' computes inverses (root 1), got {root}.")
+                new = _linalg.inv_psd_cholesky(
+                    s, damping=damping, relative_damping=relative_damping
+                )
+            elif method == "newton":
                 new, _ = _linalg.inv_root_newton(
                     s,
                     int(root),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401 - jax.scipy.linalg.cho_solve
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -128,6 +129,46 @@ def inv_root_eigh(
     w = _damped_floor(w, jnp.asarray(damping, w.dtype), relative_damping)
     scaled = v * (w ** (-1.0 / p))[..., None, :]
     return _mm(scaled, jnp.swapaxes(v, -1, -2))
+
+
+def inv_psd_cholesky(
+    a: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    relative_damping: bool = False,
+) -> jax.Array:
+    """Inverse ``(A + delta I)^{-1}`` of symmetric positive definite matrices by Cholesky.
+
+    About an order of magnitude cheaper than :func:`inv_root_eigh` with ``p = 1``
+    (K-FAC's inverses), but with no eigenvalue floor: the damped matrix must be
+    positive definite in floating point. A matrix for which the factorization
+    fails (not positive definite, or non-finite) gives NaN, so callers keep their
+    previous inverse; use ``eigh`` where factors may be exactly singular and
+    undamped. ``lambda_max`` for relative damping is estimated by
+    :func:`max_eigenvalue`.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      damping: Ridge added to the diagonal (see the module docstring).
+      relative_damping: Whether ``damping`` is relative to ``lambda_max(A)``.
+
+    Returns:
+      ``(..., n, n)`` symmetric inverses; NaN where the factorization failed.
+    """
+    a = symmetrize(a.astype(_compute_dtype(a)))
+    ok = _finite_matrices(a)
+    a = jnp.where(ok[..., None, None], a, _eye_like(a))
+    delta = jnp.asarray(damping, a.dtype)
+    if relative_damping:
+        delta = delta * max_eigenvalue(a)
+    damped = a + delta[..., None, None] * _eye_like(a) if delta.ndim else a + delta * _eye_like(a)
+
+    def solve(m):
+        return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(m), True), _eye_like(m))
+
+    inv = symmetrize(_one_at_a_time_on_cpu(solve, damped))
+    good = ok & _finite_matrices(inv)
+    return jnp.where(good[..., None, None], inv, jnp.asarray(jnp.nan, inv.dtype))
 
 
 def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:

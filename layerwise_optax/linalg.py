@@ -2,6 +2,7 @@
 
 from layerwise_optax._linalg import eigenbasis as eigenbasis
 from layerwise_optax._linalg import eigh_psd as eigh_psd
+from layerwise_optax._linalg import inv_psd_cholesky as inv_psd_cholesky
 from layerwise_optax._linalg import inv_root_eigh as inv_root_eigh
 from layerwise_optax._linalg import inv_root_newton as inv_root_newton
 from layerwise_optax._linalg import max_eigenvalue as max_eigenvalue
@@ -11,6 +12,7 @@ from layerwise_optax._linalg import symmetrize as symmetrize
 __all__ = (
     "eigenbasis",
     "eigh_psd",
+    "inv_psd_cholesky",
     "inv_root_eigh",
     "inv_root_newton",
     "max_eigenvalue",

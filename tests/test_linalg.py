@@ -54,6 +54,48 @@ def test_inv_root_newton_matches_scipy(cond, p):
 
 
 @pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+def test_inv_psd_cholesky_float64_exact(cond):
+    rng = np.random.default_rng(int(cond) % 89)
+    a = random_psd(rng, 12, cond)
+    with jax.enable_x64(True):
+        got = np.asarray(linalg.inv_psd_cholesky(jnp.asarray(a)))
+    want = np.linalg.inv(a)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-13 * cond + 1e-12, err
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("relative", [False, True])
+def test_inv_psd_cholesky_float32_damped(cond, relative):
+    rng = np.random.default_rng(7)
+    a = random_psd(rng, 16, cond) * 3.0
+    lam_max = np.linalg.eigvalsh(a).max()
+    damping = 1e-4 if relative else 1e-4 * lam_max
+    got = np.asarray(
+        linalg.inv_psd_cholesky(
+            jnp.asarray(a, jnp.float32), damping=damping, relative_damping=relative
+        )
+    )
+    want = np.linalg.inv(a + 1e-4 * lam_max * np.eye(16))
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 2e-3, err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.diag([1.0, -1.0, 2.0]), np.full((3, 3), np.nan), np.zeros((3, 3))],
+    ids=["indefinite", "nan", "zero"],
+)
+def test_inv_psd_cholesky_failure_is_nan(bad):
+    # Not positive definite (or not finite): NaN, so callers keep their previous inverse.
+    got = np.asarray(linalg.inv_psd_cholesky(jnp.asarray(bad, jnp.float32)))
+    assert np.all(np.isnan(got))
+    batch = jnp.stack([jnp.asarray(bad, jnp.float32), jnp.eye(3)])
+    out = np.asarray(linalg.inv_psd_cholesky(batch))
+    assert np.all(np.isnan(out[0])) and np.allclose(out[1], np.eye(3))
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
 def test_inv_root_newton_float32_damped(cond):
     rng = np.random.default_rng(5)
     a = random_psd(rng, 16, cond)

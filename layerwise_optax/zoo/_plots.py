@@ -146,6 +146,8 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
         ax.plot(xs, _arr(r["theory_kfac"]), "-", color=COLORS["kfac"], lw=1.2, label="K-FAC theory")
         ax.plot(xs, _arr(r["sgd_limit"]), "--", color="k", lw=0.8, label="cos∠(Σβ★, β★)")
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel("cos(v, β★)")
         ax.set_ylim(0, 1.02)
