@@ -9,6 +9,9 @@ from layerwise_optax._kfac import KfacFactors as KfacFactors
 from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
 from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
+from layerwise_optax._muon import ScaleByMuonState as ScaleByMuonState
+from layerwise_optax._muon import muon as muon
+from layerwise_optax._muon import scale_by_muon as scale_by_muon
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
@@ -20,13 +23,16 @@ __all__ = (
     "DimensionNumbers",
     "KfacFactors",
     "ScaleByKfacState",
+    "ScaleByMuonState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
     "inject_hyperparams",
     "kfac",
     "linalg",
+    "muon",
     "scale_by_kfac",
+    "scale_by_muon",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",

@@ -7,11 +7,13 @@ from typing import Any
 
 import optax
 
-from layerwise_optax import _kfac, _shampoo, _soap
+from layerwise_optax import _kfac, _muon, _shampoo, _soap
 
 _STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
     _kfac.kfac: _kfac._STATIC_ARGS,
     _kfac.scale_by_kfac: _kfac._STATIC_ARGS,
+    _muon.muon: _muon._STATIC_ARGS,
+    _muon.scale_by_muon: _muon._STATIC_ARGS,
     _shampoo.shampoo: _shampoo._STATIC_ARGS,
     _shampoo.scale_by_shampoo: _shampoo._STATIC_ARGS,
     _soap.soap: _soap._STATIC_ARGS,

@@ -1,21 +1,27 @@
 """Public matrix functions (see :mod:`layerwise_optax._linalg` for the conventions)."""
 
+from layerwise_optax._linalg import NS_PRESETS as NS_PRESETS
 from layerwise_optax._linalg import eigenbasis as eigenbasis
 from layerwise_optax._linalg import eigh_psd as eigh_psd
 from layerwise_optax._linalg import inv_psd_cholesky as inv_psd_cholesky
 from layerwise_optax._linalg import inv_root_eigh as inv_root_eigh
 from layerwise_optax._linalg import inv_root_newton as inv_root_newton
 from layerwise_optax._linalg import max_eigenvalue as max_eigenvalue
+from layerwise_optax._linalg import newton_schulz as newton_schulz
+from layerwise_optax._linalg import ns_coefficients as ns_coefficients
 from layerwise_optax._linalg import refresh_eigenbasis as refresh_eigenbasis
 from layerwise_optax._linalg import symmetrize as symmetrize
 
 __all__ = (
+    "NS_PRESETS",
     "eigenbasis",
     "eigh_psd",
     "inv_psd_cholesky",
     "inv_root_eigh",
     "inv_root_newton",
     "max_eigenvalue",
+    "newton_schulz",
+    "ns_coefficients",
     "refresh_eigenbasis",
     "symmetrize",
 )

@@ -27,8 +27,27 @@ OPTIMIZERS = [
     ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
     ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
     ("kfac", lo.kfac, dict(learning_rate=3e-2, precondition_frequency=2)),
+    ("muon", lo.muon, dict(learning_rate=2e-2)),
+    ("muon_rms_dion", lo.muon, dict(learning_rate=3e-2, scaling="rms", ns_coeffs="dion")),
 ]
 OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
+# The momentum-decay argument of each family (the rest call it b1).
+MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta"}
+
+
+def main_state(name, state):
+    """The ``ScaleByX`` state inside an alias's state (muon: its matrix partition)."""
+    if name.startswith("muon"):
+        return state.inner_states["muon"].inner_state[0]
+    return state[0]
+
+
+def skipped_count(name, state):
+    """Non-finite gradient events recorded in an alias's state."""
+    if name.startswith("muon"):
+        adam = state.inner_states["adam"].inner_state
+        return int(main_state(name, state).skipped) + int(adam.total_notfinite)
+    return int(state[0].skipped_stats)
 
 
 def identity_kfac_stats(updates):

@@ -1,0 +1,174 @@
+"""Muon and Newton-Schulz: float64 SVD oracles, optax.contrib.muon equivalence, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerwise_optax as lo
+from layerwise_optax import linalg
+
+CONDS = [1.0, 1e2, 1e4, 1e6]
+
+
+def _matrix(rng, m, n, cond):
+    u = np.linalg.qr(rng.standard_normal((m, m)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    k = min(m, n)
+    s = np.logspace(0, -np.log10(cond), k)
+    return (u[:, :k] * s) @ v[:, :k].T
+
+
+def _ns_oracle(x, coeffs):
+    """U p(S / ||X||_F) V^T in float64: Newton-Schulz acts on singular values only."""
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    s = s / (np.linalg.norm(x) + 1e-8)  # the same eps as newton_schulz's default
+    for a, b, c in np.asarray(coeffs, np.float64):
+        s = a * s + b * s**3 + c * s**5
+    return (u * s) @ vt
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("shape", [(8, 20), (20, 8), (12, 12)])
+@pytest.mark.parametrize("preset", ["standard", "dion"])
+def test_newton_schulz_matches_the_svd_oracle(cond, shape, preset):
+    rng = np.random.default_rng(int(cond) % 31 + shape[0])
+    x = _matrix(rng, *shape, cond)
+    coeffs = linalg.ns_coefficients(preset, 5)
+    with jax.enable_x64(True):
+        got = np.asarray(linalg.newton_schulz(jnp.asarray(x), jnp.asarray(coeffs, jnp.float64)))
+    np.testing.assert_allclose(got, _ns_oracle(x, coeffs), atol=1e-10)
+    got32 = np.asarray(linalg.newton_schulz(jnp.asarray(x, jnp.float32), coeffs))
+    np.testing.assert_allclose(got32, _ns_oracle(x, coeffs), atol=2e-4)
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+def test_standard_newton_schulz_singular_values_lie_in_the_documented_band(cond):
+    rng = np.random.default_rng(3)
+    x = _matrix(rng, 16, 48, cond)
+    out = np.asarray(
+        linalg.newton_schulz(jnp.asarray(x, jnp.float32), linalg.ns_coefficients("standard", 5))
+    )
+    u, s_in, vt = np.linalg.svd(x, full_matrices=False)
+    s_in = s_in / np.linalg.norm(x)
+    # p is not monotone, so pair each input singular value with its own output value
+    # (u_i^T out v_i) rather than sorting the output's singular values.
+    s_out = np.einsum("mi,mn,in->i", u, out.astype(np.float64), vt)
+    assert np.all(s_out <= 1.21)
+    big = s_in >= 1e-2
+    assert np.all((s_out[big] >= 0.68) & (s_out[big] <= 1.14)), s_out[big]
+    mid = (s_in >= 1e-3) & ~big
+    assert np.all(s_out[mid] >= 0.47)
+
+
+def test_newton_schulz_zero_in_zero_out_and_nan_gives_finite():
+    coeffs = linalg.ns_coefficients("standard", 5)
+    z = linalg.newton_schulz(jnp.zeros((2, 4, 6)), coeffs)
+    np.testing.assert_array_equal(z, 0.0)
+    bad = jnp.ones((4, 6)).at[1, 2].set(jnp.nan)
+    out = linalg.newton_schulz(jnp.stack([bad, jnp.eye(4, 6)]), coeffs)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0], 0.0)
+
+
+def test_many_cubic_steps_give_the_exact_polar_factor():
+    # Spectral steepest descent: with no momentum the update is U V^T of the gradient.
+    rng = np.random.default_rng(0)
+    g = _matrix(rng, 6, 10, 30.0)
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    tx = lo.scale_by_muon("cubic", ns_steps=60, beta=0.0, nesterov=False, scaling="none")
+    params = {"w": jnp.zeros((6, 10))}
+    upd, _ = tx.update({"w": jnp.asarray(g, jnp.float32)}, tx.init(params))
+    np.testing.assert_allclose(upd["w"], u @ vt, atol=1e-4)
+
+
+def _mlp_params():
+    return {
+        "w1": jnp.ones((8, 16)),
+        "b1": jnp.zeros(16),
+        "w2": jnp.ones((16, 32)),
+        "w3": jnp.ones((32, 4)),
+        "s": jnp.zeros(()),
+    }
+
+
+def _grads(params, i):
+    keys = jax.random.split(jax.random.key(i), len(params))
+    return {k: jax.random.normal(kk, v.shape) for (k, v), kk in zip(params.items(), keys)}
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        ({}, {}),
+        (dict(nesterov=False, beta=0.9), dict(nesterov=False, beta=0.9)),
+        (
+            dict(weight_decay=0.1, adam_learning_rate=3e-3),
+            dict(weight_decay=0.1, adam_learning_rate=3e-3),
+        ),
+        (dict(scaling="rms", rms=0.2), dict(consistent_rms=0.2)),
+        (dict(ns_coeffs="dion"), dict(ns_coeffs="dion")),
+        (dict(ns_steps=3), dict(ns_steps=3)),
+    ],
+    ids=["default", "heavy_ball", "decay_adam_lr", "consistent_rms", "dion", "steps3"],
+)
+def test_muon_equals_optax_contrib_muon(ours, theirs):
+    params = _mlp_params()
+    a, b = lo.muon(0.02, **ours), optax.contrib.muon(0.02, **theirs)
+    sa, sb = a.init(params), b.init(params)
+    pa = pb = params
+    for i in range(6):
+        g = _grads(params, i)
+        ua, sa = jax.jit(a.update)(g, sa, pa)
+        ub, sb = jax.jit(b.update)(g, sb, pb)
+        pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+    for k in params:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+def test_batch_axes_orthogonalize_each_slice():
+    # A conv kernel (kh, kw, in, out): each window position's in x out slice on its own.
+    spec = lo.DimensionNumbers(((2,), (3,)), batch_axes=(0, 1))
+    tx = lo.scale_by_muon(beta=0.0, nesterov=False, scaling="none", dimension_numbers={"k": spec})
+    g = jax.random.normal(jax.random.key(0), (3, 3, 5, 7))
+    upd, _ = tx.update({"k": g}, tx.init({"k": g}))
+    coeffs = linalg.ns_coefficients("standard", 5)
+    for i in range(3):
+        for j in range(3):
+            np.testing.assert_allclose(
+                upd["k"][i, j], _ns_oracle(np.asarray(g[i, j], np.float64), coeffs), atol=2e-4
+            )
+
+
+def test_non_finite_gradient_is_skipped_and_counted():
+    tx = lo.scale_by_muon()
+    params = {"w": jnp.zeros((4, 6)), "v": jnp.zeros((3, 3))}
+    state = tx.init(params)
+    g = _grads(params, 0)
+    g["w"] = g["w"].at[0, 0].set(jnp.inf)
+    u, state = tx.update(g, state)
+    np.testing.assert_array_equal(u["w"], 0.0)
+    np.testing.assert_array_equal(state.mu["w"], 0.0)
+    assert np.all(np.isfinite(u["v"])) and int(state.skipped) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ns_coeffs="polar"), "Unknown ns_coeffs preset 'polar'"),
+        (dict(ns_coeffs=(1.0, 2.0)), r"ns_coeffs must have shape \(3,\) or \(n, 3\)"),
+        (dict(ns_steps=0), "ns_steps must be >= 1"),
+        (dict(beta=1.0), r"beta must be in \[0, 1\)"),
+        (dict(scaling="spectral"), "Unknown scaling 'spectral'"),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lo.muon(0.02, **kwargs)
+
+
+def test_bad_spec_names_the_path():
+    tx = lo.scale_by_muon(dimension_numbers={"w": lo.DimensionNumbers(((0,), (1,), (2,)))})
+    with pytest.raises(ValueError, match=r"param \['w'\].*exactly two factor groups"):
+        tx.init({"w": jnp.zeros((2, 3, 4))})
