@@ -93,7 +93,7 @@ def scale_by_muon(
 
     Args:
       ns_coeffs: Newton-Schulz coefficients: a preset name (``'standard'``,
-        ``'dion'``, ``'cubic'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
+        ``'dion'``, ``'polar_express'``, ``'cubic'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
         ``(n, 3)`` (static).
       ns_steps: Newton-Schulz steps (static, ``>= 1``).
       beta: Momentum decay, in ``[0, 1)``.

@@ -31,7 +31,7 @@ def _ns_oracle(x, coeffs):
 
 @pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
 @pytest.mark.parametrize("shape", [(8, 20), (20, 8), (12, 12)])
-@pytest.mark.parametrize("preset", ["standard", "dion"])
+@pytest.mark.parametrize("preset", ["standard", "dion", "polar_express"])
 def test_newton_schulz_matches_the_svd_oracle(cond, shape, preset):
     rng = np.random.default_rng(int(cond) % 31 + shape[0])
     x = _matrix(rng, *shape, cond)
@@ -60,6 +60,24 @@ def test_standard_newton_schulz_singular_values_lie_in_the_documented_band(cond)
     assert np.all((s_out[big] >= 0.68) & (s_out[big] <= 1.14)), s_out[big]
     mid = (s_in >= 1e-3) & ~big
     assert np.all(s_out[mid] >= 0.47)
+
+
+@pytest.mark.parametrize(
+    "preset, steps, lo, band",
+    [
+        ("standard", 5, 1e-2, (0.68, 1.14)),
+        ("standard", 5, 1e-3, (0.47, 1.21)),
+        ("polar_express", 5, 1e-3, (0.84, 1.13)),
+        ("polar_express", 8, 1e-3, (1 - 1e-6, 1 + 1e-6)),
+        ("polar_express", 12, 1e-3, (1 - 1e-6, 1 + 1e-6)),  # repeats the fixed-point step
+    ],
+)
+def test_preset_scalar_maps_stay_in_their_documented_bands(preset, steps, lo, band):
+    # Newton-Schulz acts on each normalized singular value by the composed polynomial.
+    s = np.logspace(np.log10(lo), 0, 4001)
+    for a, b, c in np.asarray(linalg.ns_coefficients(preset, steps), np.float64):
+        s = a * s + b * s**3 + c * s**5
+    assert band[0] <= s.min() and s.max() <= band[1], (s.min(), s.max())
 
 
 def test_newton_schulz_zero_in_zero_out_and_nan_gives_finite():
