@@ -11,26 +11,52 @@ from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
 from layerwise_optax._muon import ScaleByMuonState as ScaleByMuonState
 from layerwise_optax._muon import muon as muon
+from layerwise_optax._muon import normuon as normuon
 from layerwise_optax._muon import scale_by_muon as scale_by_muon
+from layerwise_optax._psgd import ScaleByPsgdKronState as ScaleByPsgdKronState
+from layerwise_optax._psgd import precond_update_prob_schedule as precond_update_prob_schedule
+from layerwise_optax._psgd import psgd_kron as psgd_kron
+from layerwise_optax._psgd import scale_by_psgd_kron as scale_by_psgd_kron
+from layerwise_optax._roles import ROLES as ROLES
+from layerwise_optax._roles import format_roles as format_roles
+from layerwise_optax._roles import layer_roles as layer_roles
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
 from layerwise_optax._soap import ScaleBySoapState as ScaleBySoapState
 from layerwise_optax._soap import scale_by_soap as scale_by_soap
 from layerwise_optax._soap import soap as soap
+from layerwise_optax._steepest import DEFAULT_NORMS as DEFAULT_NORMS
+from layerwise_optax._steepest import NORMS as NORMS
+from layerwise_optax._steepest import ScaleBySteepestDescentState as ScaleBySteepestDescentState
+from layerwise_optax._steepest import scale_by_steepest_descent as scale_by_steepest_descent
+from layerwise_optax._steepest import steepest_descent as steepest_descent
 
 __all__ = (
+    "ScaleByPsgdKronState",
+    "precond_update_prob_schedule",
+    "psgd_kron",
+    "scale_by_psgd_kron",
+    "DEFAULT_NORMS",
+    "NORMS",
+    "ScaleBySteepestDescentState",
+    "scale_by_steepest_descent",
+    "steepest_descent",
     "DimensionNumbers",
     "KfacFactors",
+    "ROLES",
     "ScaleByKfacState",
     "ScaleByMuonState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
+    "format_roles",
     "inject_hyperparams",
     "kfac",
+    "layer_roles",
     "linalg",
     "muon",
+    "normuon",
     "scale_by_kfac",
     "scale_by_muon",
     "scale_by_shampoo",

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import optax
 
-from layerwise_optax import _kfac, _muon, _shampoo, _soap
+from layerwise_optax import _kfac, _muon, _psgd, _shampoo, _soap, _steepest
 
 _STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
     _kfac.kfac: _kfac._STATIC_ARGS,
     _kfac.scale_by_kfac: _kfac._STATIC_ARGS,
     _muon.muon: _muon._STATIC_ARGS,
+    _muon.normuon: _muon._STATIC_ARGS,
     _muon.scale_by_muon: _muon._STATIC_ARGS,
     _shampoo.shampoo: _shampoo._STATIC_ARGS,
     _shampoo.scale_by_shampoo: _shampoo._STATIC_ARGS,
     _soap.soap: _soap._STATIC_ARGS,
+    _psgd.psgd_kron: _psgd._STATIC_ARGS,
+    _psgd.scale_by_psgd_kron: _psgd._STATIC_ARGS,
+    _steepest.steepest_descent: _steepest._STATIC_ARGS,
+    _steepest.scale_by_steepest_descent: _steepest._STATIC_ARGS,
     _soap.scale_by_soap: _soap._STATIC_ARGS,
 }
 
@@ -34,11 +40,15 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
       ValueError: If ``factory`` is not a factory of this library.
     """
     try:
-        return _STATIC[factory]
+        declared = _STATIC[factory]
     except (KeyError, TypeError):
         raise ValueError(
             f"factory must be an optimizer factory of layerwise_optax, got {factory!r}."
         ) from None
+    # A module declares one tuple for its alias and its scale_by_* function; each
+    # factory keeps the names it actually has.
+    params = inspect.signature(factory).parameters
+    return tuple(a for a in declared if a in params)
 
 
 def inject_hyperparams(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg
+from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -35,6 +35,8 @@ _STATIC_ARGS = (
     "mask",
     "nesterov",
     "adam_mask",
+    "roles",
+    "neuron_b2",
 )
 _SCALINGS = ("width", "rms", "none")
 _HUGE = 2**62  # Muon never uses diagonal factors or blocking: whole matrices.
@@ -48,32 +50,25 @@ class ScaleByMuonState(NamedTuple):
       mu: Momentum, params tree, ``mu_dtype``.
       skipped: int32 scalar, (leaf, step) pairs whose gradient was not finite (kept
         out of the momentum; the update is zero there).
+      nu: NorMuon only (``neuron_b2`` set), else ``None``: per-neuron second
+        moments of the orthogonalized update, ``(slices, fan_out)`` float32 per
+        matrix leaf (a 0-d placeholder at other leaves).
 
     .. note::
-      Memory: one params-sized momentum; nothing per matrix.
+      Memory: one params-sized momentum; NorMuon adds one float per output neuron.
     """
 
     count: jax.Array
     mu: optax.Updates
     skipped: jax.Array
-
-
-def default_muon_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionNumbers | None:
-    """Muon's default: 2-D leaves are ``(fan_in, fan_out)`` matrices; others ``None``.
-
-    Flax kernels are ``(in, out)``. Conv kernels ``(*window, in, out)`` and stacked
-    layers need explicit specs, e.g. ``DimensionNumbers(((2,), (3,)), batch_axes=(0,
-    1))`` to orthogonalize each window position's ``in × out`` slice.
-    """
-    if len(shape) == 2:
-        return _axes.DimensionNumbers(((0,), (1,)))
-    return None
+    nu: Any = None
 
 
 class _LeafOut(NamedTuple):
     update: Any
     mu: Any
     skipped: Any
+    nu: Any
 
 
 def scale_by_muon(
@@ -88,8 +83,11 @@ def scale_by_muon(
     scaling: Literal["width", "rms", "none"] = "width",
     rms: jax.typing.ArrayLike = 0.2,
     ns_dtype: jax.typing.DTypeLike | None = None,
+    roles: _roles.RolesOrFn | None = None,
+    neuron_b2: jax.typing.ArrayLike | None = None,
+    neuron_eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformation:
-    """Orthogonalized momentum for matrices; see :func:`muon`.
+    """Orthogonalized momentum for matrices; see :func:`muon` and :func:`normuon`.
 
     Args:
       ns_coeffs: Newton-Schulz coefficients: a preset name (``'standard'``,
@@ -101,15 +99,24 @@ def scale_by_muon(
       mu_dtype: Storage dtype of the momentum.
       nesterov: Nesterov (NAdam-form) momentum, as ``optax.contrib.muon``.
       dimension_numbers: Spec tree or callable giving each leaf's ``(fan-in group,
-        fan-out group)`` and batch axes; ``None``: every 2-D leaf is a matrix.
-        Leaves whose spec is ``None`` are passed through unchanged (the alias
-        routes them to AdamW).
+        fan-out group)`` and batch axes. ``None``: from the leaves' roles (hidden
+        ``matrix``, ``conv`` and ``stacked`` leaves; see
+        :func:`layerwise_optax.layer_roles`). Leaves whose spec is ``None`` are
+        passed through unchanged (the alias routes them to AdamW).
       scaling: ``'width'`` multiplies by ``sqrt(max(1, fan_out / fan_in))``
         (optax's default); ``'rms'`` by ``rms * sqrt(max(fan_in, fan_out))``, which
         gives updates AdamW's RMS so AdamW learning rates transfer (Liu et al.
-        2025); ``'none'`` leaves ``U V^T`` as is.
+        2025; with ``neuron_b2`` the measured norm is used, as NorMuon does);
+        ``'none'`` leaves ``U V^T`` as is.
       rms: Target update RMS for ``scaling='rms'``.
       ns_dtype: Iteration dtype (``jnp.bfloat16`` for speed; default float32).
+      roles: Tree of role strings, or a callable ``params -> roles`` (default
+        :func:`layerwise_optax.layer_roles`); used when ``dimension_numbers`` is
+        ``None``.
+      neuron_b2: NorMuon (Li et al. 2025): when set, the EMA decay of each output
+        neuron's mean squared orthogonalized update, which then divides that
+        neuron's update (``None``: plain Muon).
+      neuron_eps: Added to the root of NorMuon's second moment.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByMuonState`.
@@ -127,15 +134,12 @@ def scale_by_muon(
     _checks.non_negative("rms", rms)
     mu_dtype = _checks.canonicalize_dtype(mu_dtype)
     ns_dtype = _checks.canonicalize_dtype(ns_dtype)
+    if neuron_b2 is not None:
+        _checks.in_unit_interval("neuron_b2", neuron_b2)
+    _checks.non_negative("neuron_eps", neuron_eps)
     coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)  # validates the preset
     if dimension_numbers is None:
-
-        def dimension_numbers(tree):
-            return jax.tree.map(
-                lambda x: None if _axes.is_masked(x) else default_muon_dimension_numbers(x.shape),
-                tree,
-                is_leaf=_axes.is_masked,
-            )
+        dimension_numbers = _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 
     resolve = functools.partial(
         _axes.resolve,
@@ -158,12 +162,18 @@ def scale_by_muon(
 
         return jax.tree_util.tree_map_with_path(check, resolve(tree), is_leaf=_axes.is_plan_leaf)
 
+    def init_nu(x, plan):
+        if plan.spec is None:
+            return jnp.zeros([], jnp.float32)
+        return jnp.zeros((plan.stack, plan.dims[1]), jnp.float32)
+
     def init_fn(params):
-        plans_for(params)  # validates the specs, naming paths
+        plans = plans_for(params)  # validates the specs, naming paths
         return ScaleByMuonState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             skipped=jnp.zeros([], jnp.int32),
+            nu=None if neuron_b2 is None else _axes.map_leaves(init_nu, plans, params),
         )
 
     def update_fn(updates, state, params=None):
@@ -173,9 +183,9 @@ def scale_by_muon(
             count_inc = optax.safe_increment(state.count)
             beta_ = jnp.asarray(beta, jnp.float32)
 
-            def leaf(g, plan, mu):
+            def leaf(g, plan, mu, nu=None):
                 if plan.spec is None:
-                    return _LeafOut(g, mu, jnp.zeros([], jnp.int32))
+                    return _LeafOut(g, mu, jnp.zeros([], jnp.int32), nu)
                 ok, g32 = _kron.finite_or_zero(g)
                 mu_new = jnp.where(ok, beta_ * mu.astype(g32.dtype) + (1 - beta_) * g32, mu)
                 m_hat = _grafting.bias_corrected_first_moment(
@@ -185,14 +195,27 @@ def scale_by_muon(
                     plan.to_blocks(m_hat), coeffs, eps=eps, compute_dtype=ns_dtype
                 )
                 fan_in, fan_out = plan.dims[0], plan.dims[1]
+                if neuron_b2 is not None:
+                    o = o.astype(jnp.float32)
+                    b2 = jnp.asarray(neuron_b2, jnp.float32)
+                    nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
+                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps)
                 if scaling == "width":
                     o = o * max(1.0, fan_out / fan_in) ** 0.5
-                elif scaling == "rms":
+                elif scaling == "rms" and neuron_b2 is None:
                     o = o * (jnp.asarray(rms, jnp.float32) * max(fan_in, fan_out) ** 0.5)
+                elif scaling == "rms":
+                    # After the per-neuron division the norm is no longer sqrt(min(m, n)):
+                    # rescale each slice to RMS ``rms`` by its measured norm (NorMuon).
+                    norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
+                    o = o * (
+                        jnp.asarray(rms, jnp.float32) * (fan_in * fan_out) ** 0.5 / (norm + 1e-30)
+                    )
                 u = jnp.where(ok, plan.from_blocks(o.astype(g32.dtype)), 0).astype(g.dtype)
-                return _LeafOut(u, mu_new, (~ok).astype(jnp.int32))
+                return _LeafOut(u, mu_new, (~ok).astype(jnp.int32), nu)
 
-            out = _axes.map_leaves(leaf, plans, updates, state.mu)
+            nus = () if state.nu is None else (state.nu,)
+            out = _axes.map_leaves(leaf, plans, updates, state.mu, *nus)
             mu = _axes.unzip(out, "mu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
             return _axes.unzip(out, "update"), ScaleByMuonState(
@@ -201,102 +224,39 @@ def scale_by_muon(
                 if mu_dtype is not None
                 else optax.tree.cast_like(mu, state.mu),
                 skipped=state.skipped + skipped,
+                nu=None if state.nu is None else _axes.unzip(out, "nu"),
             )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def muon(
+def with_fallback(
+    inner: optax.GradientTransformation,
     learning_rate: optax.ScalarOrSchedule,
-    ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
-    beta: jax.typing.ArrayLike = 0.95,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: optax.MaskOrFn = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: optax.MaskOrFn,
+    dimension_numbers: _axes.DimNumsOrFn | None,
+    roles: _roles.RolesOrFn | None,
     *,
-    nesterov: bool = True,
-    dimension_numbers: _axes.DimNumsOrFn | None = None,
-    scaling: Literal["width", "rms", "none"] = "width",
-    rms: jax.typing.ArrayLike = 0.2,
-    ns_dtype: jax.typing.DTypeLike | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: jax.typing.ArrayLike = 0.9,
-    adam_b2: jax.typing.ArrayLike = 0.999,
-    adam_weight_decay: optax.ScalarOrSchedule = 0.0,
-    adam_mask: optax.MaskOrFn = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None,
+    adam_b1: jax.typing.ArrayLike,
+    adam_b2: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike,
+    adam_weight_decay: optax.ScalarOrSchedule,
+    adam_mask: optax.MaskOrFn,
+    mu_dtype: jax.typing.DTypeLike | None,
+    nesterov: bool,
 ) -> optax.GradientTransformation:
-    r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
+    """``optax.partition`` of a matrix transform (label ``'muon'``) and AdamW (``'adam'``).
 
-    For a matrix leaf ``W`` (fan-in × fan-out) with gradient ``G``:
-
-    .. math::
-      M_t = \beta M_{t-1} + (1 - \beta) G_t, \qquad
-      W \leftarrow W - \eta\, s(W)\, \mathrm{NS}(\hat M_t) - \eta \lambda W,
-
-    where ``\hat M_t`` is the bias-corrected (Nesterov by default) momentum,
-    ``NS`` the Newton-Schulz approximation of the polar factor ``U V^T`` of its SVD
-    (the steepest-descent direction under the spectral norm), and ``s(W)`` the
-    shape scaling. Every other leaf (biases, norms' scales, scalars, and any leaf
-    the ``dimension_numbers`` map to ``None``) is updated by ``optax.adamw`` with
-    ``adam_learning_rate`` (default: ``learning_rate``).
-
-    With default settings this is ``optax.contrib.muon`` (the tests check it to
-    float32 round-off). What to tune: the learning rate (spectral steps: ~0.02 with
-    ``scaling='width'``; with ``scaling='rms'`` use your AdamW rate), ``beta``,
-    ``weight_decay``; ``ns_steps``/``ns_coeffs`` trade accuracy of ``U V^T`` for
-    matmuls; ``ns_dtype=jnp.bfloat16`` halves their cost on accelerators.
-
-    Args:
-      learning_rate: Learning rate or schedule of the matrix leaves.
-      ns_coeffs: Newton-Schulz preset name or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
-      beta: Momentum decay.
-      eps: Norm epsilon (also AdamW's ``eps``).
-      weight_decay: Decoupled weight decay of the matrix leaves.
-      mask: Weight-decay mask of the matrix leaves.
-      mu_dtype: Momentum storage dtype.
-      nesterov: Nesterov momentum (both parts).
-      dimension_numbers: Which leaves are matrices and how (see
-        :func:`scale_by_muon`).
-      scaling: ``'width'``, ``'rms'`` or ``'none'`` (see :func:`scale_by_muon`).
-      rms: Target RMS for ``scaling='rms'``.
-      ns_dtype: Newton-Schulz iteration dtype.
-      adam_learning_rate: AdamW's learning rate; default ``learning_rate``.
-      adam_b1: AdamW's ``b1``.
-      adam_b2: AdamW's ``b2``.
-      adam_weight_decay: AdamW's weight decay.
-      adam_mask: AdamW's weight-decay mask.
-
-    Returns:
-      An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
-      ``state.inner_states['muon'].inner_state[0]`` is the :class:`ScaleByMuonState`;
-      the AdamW part skips a step when one of its gradients is not finite.
+    A leaf is a matrix leaf when its spec (``dimension_numbers``, or else the matrix
+    view of its role) is not ``None``. Shared by :func:`muon` and :func:`normuon`.
     """
-    inner = scale_by_muon(
-        ns_coeffs,
-        ns_steps,
-        beta,
-        eps,
-        mu_dtype,
-        nesterov=nesterov,
-        dimension_numbers=dimension_numbers,
-        scaling=scaling,
-        rms=rms,
-        ns_dtype=ns_dtype,
-    )
-    specs_of = dimension_numbers or (
-        lambda tree: jax.tree.map(
-            lambda x: None if _axes.is_masked(x) else default_muon_dimension_numbers(x.shape),
-            tree,
-            is_leaf=_axes.is_masked,
-        )
-    )
+    specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 
     def labels(params):
         specs = specs_of(params) if callable(specs_of) else specs_of
-        leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
+        _, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
         flat = treedef.flatten_up_to(specs)
         return treedef.unflatten(["muon" if s is not None else "adam" for s in flat])
 
@@ -326,4 +286,210 @@ def muon(
             ),
         },
         labels,
+    )
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: str | Any = "standard",
+    ns_steps: int = 5,
+    beta: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = True,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    roles: _roles.RolesOrFn | None = None,
+    scaling: Literal["width", "rms", "none"] = "width",
+    rms: jax.typing.ArrayLike = 0.2,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.999,
+    adam_weight_decay: optax.ScalarOrSchedule = 0.0,
+    adam_mask: optax.MaskOrFn = None,
+) -> optax.GradientTransformation:
+    r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
+
+    For a matrix leaf ``W`` (fan-in × fan-out) with gradient ``G``:
+
+    .. math::
+      M_t = \beta M_{t-1} + (1 - \beta) G_t, \qquad
+      W \leftarrow W - \eta\, s(W)\, \mathrm{NS}(\hat M_t) - \eta \lambda W,
+
+    where ``\hat M_t`` is the bias-corrected (Nesterov by default) momentum,
+    ``NS`` the Newton-Schulz approximation of the polar factor ``U V^T`` of its SVD
+    (the steepest-descent direction under the spectral norm), and ``s(W)`` the
+    shape scaling.
+
+    Which leaves are matrices comes from :func:`layerwise_optax.layer_roles`:
+    hidden ``matrix``, ``conv`` (window and input axes against the output axis) and
+    ``stacked`` leaves (each leading index its own matrix). Embeddings, the output
+    head, biases, norm scales and scalars go to ``optax.adamw`` with
+    ``adam_learning_rate`` (default: ``learning_rate``), as Muon's authors advise.
+    See the roles with ``print(lo.format_roles(params))``; change them with
+    ``roles=lambda p: lo.layer_roles(p, overrides={...})`` or pass
+    ``dimension_numbers`` to decide per leaf yourself.
+
+    With default settings and leaves named as plain hidden matrices this is
+    ``optax.contrib.muon`` (the tests check it to float32 round-off; optax decides
+    by ``ndim`` instead of roles). What to tune: the learning rate (spectral
+    steps: ~0.02 with ``scaling='width'``; with ``scaling='rms'`` use your AdamW
+    rate), ``beta``, ``weight_decay``; ``ns_steps``/``ns_coeffs`` trade accuracy
+    of ``U V^T`` for matmuls (``'polar_express'`` is the most accurate at 5 steps);
+    ``ns_dtype=jnp.bfloat16`` halves their cost on accelerators.
+
+    Args:
+      learning_rate: Learning rate or schedule of the matrix leaves.
+      ns_coeffs: Newton-Schulz preset name or coefficients (static).
+      ns_steps: Newton-Schulz steps (static).
+      beta: Momentum decay.
+      eps: Norm epsilon (also AdamW's ``eps``).
+      weight_decay: Decoupled weight decay of the matrix leaves.
+      mask: Weight-decay mask of the matrix leaves.
+      mu_dtype: Momentum storage dtype.
+      nesterov: Nesterov momentum (both parts).
+      dimension_numbers: Which leaves are matrices and how (see
+        :func:`scale_by_muon`); overrides ``roles``.
+      roles: Role tree or callable (default :func:`layerwise_optax.layer_roles`).
+      scaling: ``'width'``, ``'rms'`` or ``'none'`` (see :func:`scale_by_muon`).
+      rms: Target RMS for ``scaling='rms'``.
+      ns_dtype: Newton-Schulz iteration dtype.
+      adam_learning_rate: AdamW's learning rate; default ``learning_rate``.
+      adam_b1: AdamW's ``b1``.
+      adam_b2: AdamW's ``b2``.
+      adam_weight_decay: AdamW's weight decay.
+      adam_mask: AdamW's weight-decay mask.
+
+    Returns:
+      An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
+      ``state.inner_states['muon'].inner_state[0]`` is the :class:`ScaleByMuonState`;
+      the AdamW part skips a step when one of its gradients is not finite.
+    """
+    inner = scale_by_muon(
+        ns_coeffs,
+        ns_steps,
+        beta,
+        eps,
+        mu_dtype,
+        nesterov=nesterov,
+        dimension_numbers=dimension_numbers,
+        roles=roles,
+        scaling=scaling,
+        rms=rms,
+        ns_dtype=ns_dtype,
+    )
+    return with_fallback(
+        inner,
+        learning_rate,
+        weight_decay,
+        mask,
+        dimension_numbers,
+        roles,
+        adam_learning_rate=adam_learning_rate,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        eps=eps,
+        adam_weight_decay=adam_weight_decay,
+        adam_mask=adam_mask,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
+    )
+
+
+def normuon(
+    learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: str | Any = "standard",
+    ns_steps: int = 5,
+    beta: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = True,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    roles: _roles.RolesOrFn | None = None,
+    rms: jax.typing.ArrayLike = 0.2,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.999,
+    adam_weight_decay: optax.ScalarOrSchedule = 0.0,
+    adam_mask: optax.MaskOrFn = None,
+) -> optax.GradientTransformation:
+    r"""NorMuon (Li et al. 2025): Muon with a per-neuron second moment, AdamW elsewhere.
+
+    Orthogonalization equalizes a matrix update's singular values but not its
+    rows: after it some output neurons still get much larger updates than others.
+    NorMuon keeps, per output neuron ``j`` (a column of a Flax ``(in, out)``
+    kernel), an EMA of the mean squared orthogonalized update,
+
+    .. math::
+      O_t = \mathrm{NS}(\hat M_t),\quad
+      v_{t,j} = b_2 v_{t-1,j} + (1 - b_2)\,\mathrm{mean}_i O_{t,ij}^2,\quad
+      \hat O_{t,ij} = O_{t,ij} / (\sqrt{v_{t,j}} + \epsilon),
+
+    and applies ``\hat O_t`` rescaled to RMS ``rms`` (0.2, AdamW's typical update
+    RMS, so AdamW learning rates transfer). It is :func:`scale_by_muon` with
+    ``neuron_b2=b2, scaling='rms'``; every other argument is :func:`muon`'s.
+    Memory: one float per output neuron beyond Muon.
+
+    Args:
+      learning_rate: Learning rate of the matrix leaves (an AdamW-like rate).
+      ns_coeffs: Newton-Schulz preset name or coefficients (static).
+      ns_steps: Newton-Schulz steps (static).
+      beta: Momentum decay.
+      b2: Decay of the per-neuron second moment.
+      eps: Norm epsilon (also AdamW's ``eps`` and NorMuon's).
+      weight_decay: Decoupled weight decay of the matrix leaves.
+      mask: Weight-decay mask of the matrix leaves.
+      mu_dtype: Momentum storage dtype.
+      nesterov: Nesterov momentum.
+      dimension_numbers: Which leaves are matrices (see :func:`scale_by_muon`).
+      roles: Role tree or callable (default :func:`layerwise_optax.layer_roles`).
+      rms: Update RMS of the matrix leaves.
+      ns_dtype: Newton-Schulz iteration dtype.
+      adam_learning_rate: AdamW's learning rate; default ``learning_rate``.
+      adam_b1: AdamW's ``b1``.
+      adam_b2: AdamW's ``b2``.
+      adam_weight_decay: AdamW's weight decay.
+      adam_mask: AdamW's weight-decay mask.
+
+    Returns:
+      An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
+    """
+    inner = scale_by_muon(
+        ns_coeffs,
+        ns_steps,
+        beta,
+        eps,
+        mu_dtype,
+        nesterov=nesterov,
+        dimension_numbers=dimension_numbers,
+        roles=roles,
+        scaling="rms",
+        rms=rms,
+        ns_dtype=ns_dtype,
+        neuron_b2=b2,
+        neuron_eps=eps,
+    )
+    return with_fallback(
+        inner,
+        learning_rate,
+        weight_decay,
+        mask,
+        dimension_numbers,
+        roles,
+        adam_learning_rate=adam_learning_rate,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        eps=eps,
+        adam_weight_decay=adam_weight_decay,
+        adam_mask=adam_mask,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
     )

@@ -10,6 +10,7 @@ from layerwise_optax._linalg import max_eigenvalue as max_eigenvalue
 from layerwise_optax._linalg import newton_schulz as newton_schulz
 from layerwise_optax._linalg import ns_coefficients as ns_coefficients
 from layerwise_optax._linalg import refresh_eigenbasis as refresh_eigenbasis
+from layerwise_optax._linalg import spectral_norm_lower_bound as spectral_norm_lower_bound
 from layerwise_optax._linalg import symmetrize as symmetrize
 
 __all__ = (
@@ -23,5 +24,6 @@ __all__ = (
     "newton_schulz",
     "ns_coefficients",
     "refresh_eigenbasis",
+    "spectral_norm_lower_bound",
     "symmetrize",
 )

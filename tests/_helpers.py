@@ -29,24 +29,29 @@ OPTIMIZERS = [
     ("kfac", lo.kfac, dict(learning_rate=3e-2, precondition_frequency=2)),
     ("muon", lo.muon, dict(learning_rate=2e-2)),
     ("muon_rms_dion", lo.muon, dict(learning_rate=3e-2, scaling="rms", ns_coeffs="dion")),
+    ("normuon", lo.normuon, dict(learning_rate=3e-2, ns_coeffs="polar_express")),
+    ("steepest", lo.steepest_descent, dict(learning_rate=2e-2)),
+    ("psgd_kron", lo.psgd_kron, dict(learning_rate=3e-2, precond_update_prob=1.0)),
 ]
 OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
 # The momentum-decay argument of each family (the rest call it b1).
-MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta"}
+MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta", "normuon": "beta", "steepest": "beta"}
 
 
 def main_state(name, state):
     """The ``ScaleByX`` state inside an alias's state (muon: its matrix partition)."""
-    if name.startswith("muon"):
+    if "muon" in name:
         return state.inner_states["muon"].inner_state[0]
     return state[0]
 
 
 def skipped_count(name, state):
     """Non-finite gradient events recorded in an alias's state."""
-    if name.startswith("muon"):
+    if "muon" in name:
         adam = state.inner_states["adam"].inner_state
         return int(main_state(name, state).skipped) + int(adam.total_notfinite)
+    if name in ("steepest", "psgd_kron"):
+        return int(state[0].skipped)
     return int(state[0].skipped_stats)
 
 

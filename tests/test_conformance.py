@@ -386,7 +386,15 @@ def test_map_params():  # pragma: no cover
 
 
 def test_every_public_alias_is_in_the_conformance_list():
-    aliases = {"shampoo": lo.shampoo, "soap": lo.soap, "kfac": lo.kfac, "muon": lo.muon}
+    aliases = {
+        "shampoo": lo.shampoo,
+        "soap": lo.soap,
+        "kfac": lo.kfac,
+        "muon": lo.muon,
+        "normuon": lo.normuon,
+        "steepest_descent": lo.steepest_descent,
+        "psgd_kron": lo.psgd_kron,
+    }
     registered = {f for _, f, _ in OPTIMIZERS}
     for name, fn in aliases.items():
         assert fn in registered, f"{name} is not in tests/_helpers.py OPTIMIZERS"
@@ -395,5 +403,6 @@ def test_every_public_alias_is_in_the_conformance_list():
         for n in lo.__all__
         if not n[0].isupper()
         and not n.startswith(("scale_by", "linalg", "default_", "inject", "static"))
+        and n not in ("layer_roles", "format_roles", "precond_update_prob_schedule")
     }
     assert public == set(aliases), public

@@ -190,3 +190,80 @@ def test_bad_spec_names_the_path():
     tx = lo.scale_by_muon(dimension_numbers={"w": lo.DimensionNumbers(((0,), (1,), (2,)))})
     with pytest.raises(ValueError, match=r"param \['w'\].*exactly two factor groups"):
         tx.init({"w": jnp.zeros((2, 3, 4))})
+
+
+def _normuon_reference(grads, lr, beta, b2, rms, eps=1e-8, steps=5):
+    """NorMuon (Li et al. 2025, Alg. 1) for one Flax (in, out) matrix, float64, heavy ball."""
+    coeffs = np.asarray(linalg.ns_coefficients("standard", steps), np.float64)
+    m = np.zeros_like(grads[0])
+    v = np.zeros(grads[0].shape[1])
+    w = np.zeros_like(grads[0])
+    for g in grads:
+        m = beta * m + (1 - beta) * g
+        o = _ns_oracle(m, coeffs)
+        v = b2 * v + (1 - b2) * np.mean(o * o, axis=0)  # per output neuron (column)
+        o = o / (np.sqrt(v) + eps)
+        o = o * rms * np.sqrt(o.size) / np.linalg.norm(o)
+        w = w - lr * o
+    return w
+
+
+def test_normuon_matches_a_float64_reference():
+    rng = np.random.default_rng(0)
+    # Rows scaled very differently so the per-neuron normalization matters.
+    grads = [rng.standard_normal((12, 7)) * np.logspace(0, 2, 7) for _ in range(5)]
+    tx = lo.normuon(0.1, beta=0.9, b2=0.8, nesterov=False)
+    params = {"hidden": jnp.zeros((12, 7))}
+    state, p = tx.init(params), params
+    for g in grads:
+        u, state = jax.jit(tx.update)({"hidden": jnp.asarray(g, jnp.float32)}, state, p)
+        p = optax.apply_updates(p, u)
+    want = _normuon_reference(grads, 0.1, 0.9, 0.8, 0.2)
+    # NS in float32 of momenta with ratios up to 100 across columns: ~1e-3 relative.
+    np.testing.assert_allclose(p["hidden"], want, rtol=2e-3, atol=2e-4)
+    # The per-neuron step sizes are equalized much more than Muon's.
+    mu_upd = lo.muon(0.1, beta=0.9, nesterov=False, scaling="rms")
+    s = mu_upd.init(params)
+    u_mu, _ = mu_upd.update({"hidden": jnp.asarray(grads[0], jnp.float32)}, s, params)
+    col = lambda a: np.sqrt(np.mean(np.asarray(a) ** 2, axis=0))  # noqa: E731
+    st = tx.init(params)
+    u_no, _ = tx.update({"hidden": jnp.asarray(grads[0], jnp.float32)}, st, params)
+    spread = lambda a: col(a).max() / col(a).min()  # noqa: E731
+    assert spread(u_no["hidden"]) < 1.01 < spread(u_mu["hidden"])
+
+
+def test_normuon_state_is_one_float_per_output_neuron():
+    params = {"w": jnp.zeros((3, 8, 5)), "b": jnp.zeros(5)}  # stacked layers
+    inner = lo.normuon(0.01).init(params).inner_states["muon"].inner_state[0]
+    assert inner.nu["w"].shape == (3, 5) and inner.nu["w"].dtype == jnp.float32
+
+
+def test_muon_routes_leaves_by_role():
+    params = {
+        "embed": {"embedding": jnp.ones((50, 8))},
+        "layers": [{"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}],
+        "conv": {"kernel": jnp.ones((3, 3, 4, 8))},
+        "lm_head": {"kernel": jnp.ones((8, 50))},
+    }
+    tx = lo.muon(0.02)
+    state = tx.init(params)
+    labels = jax.tree.map(
+        lambda x: "muon" if not isinstance(x, optax.MaskedNode) else "",
+        state.inner_states["muon"].inner_state[0].mu,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    assert labels["layers"][0]["kernel"] == "muon" and labels["conv"]["kernel"] == "muon"
+    assert labels["embed"]["embedding"] == "" and labels["lm_head"]["kernel"] == ""
+    assert labels["layers"][0]["bias"] == ""
+    # The conv kernel is one (3*3*4) x 8 matrix: its update has orthonormal columns.
+    g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+    inner = lo.scale_by_muon(ns_coeffs="polar_express", ns_steps=8, scaling="none")
+    u, _ = inner.update(g, inner.init(params))
+    k = np.asarray(u["conv"]["kernel"]).reshape(36, 8)
+    np.testing.assert_allclose(k.T @ k, np.eye(8), atol=1e-3)
+    # Overriding a role moves the head to the orthogonalized side.
+    roles = lambda p: lo.layer_roles(p, overrides={"lm_head/kernel": "matrix"})  # noqa: E731
+    st = lo.muon(0.02, roles=roles).init(params)
+    assert not isinstance(
+        st.inner_states["muon"].inner_state[0].mu["lm_head"]["kernel"], optax.MaskedNode
+    )

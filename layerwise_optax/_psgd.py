@@ -1,0 +1,493 @@
+"""PSGD-Kron (Li 2018, 2024): Kronecker-factored preconditioners fitted on a Lie group.
+
+Each leaf's preconditioner is ``P = Q^T Q`` with ``Q = Q_1 ⊗ ... ⊗ Q_k``, one
+factor per view dimension of the shared per-axis plan: upper triangular for
+dimensions up to ``max_precond_dim``, diagonal above it (or everywhere in
+``memory_save_mode='all_diag'``). ``P`` is fitted so that preconditioned
+gradients are white, ``P E[g g^T] P = E[v v^T] = I`` (``P ≈ E[g g^T]^{-1/2}``,
+Adagrad/Shampoo's target, without any matrix root), by a step on the group of
+triangular matrices from one gradient and one Gaussian probe ``v``:
+
+    A = Q ⋅ g,        B = Q^{-T} ⋅ v                 (per axis: Q_i, Q_i^{-T})
+    Q_i <- Q_i - lr / ||A_(i)A_(i)^T + B_(i)B_(i)^T||
+                 * triu(A_(i)A_(i)^T - B_(i)B_(i)^T) Q_i
+
+where ``X_(i)X_(i)^T`` contracts every axis but ``i`` and the norm is a cheap
+lower bound of the spectral norm (:func:`layerwise_optax.linalg.
+spectral_norm_lower_bound`), which makes the step scale free. At the fixed point
+``A_(i)A_(i)^T = B_(i)B_(i)^T`` on average, i.e. ``P`` whitens ``g``. For a
+quadratic whose "gradients" are Hessian-vector products of Gaussian probes,
+``P -> H^{-1}`` (tested).
+
+The fit costs a triangular solve and a few matmuls per factor, so it runs with
+probability ``precond_update_prob`` each step (a schedule: every step early,
+rarely later); the PRNG key lives in the state, so a run is deterministic given
+``seed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg
+
+_STATIC_ARGS = (
+    "max_precond_dim",
+    "memory_save_mode",
+    "dimension_numbers",
+    "merge_small_dims",
+    "mu_dtype",
+    "precond_dtype",
+    "mask",
+    "precond_update_prob",
+    "seed",
+    "nesterov",
+    "clip_rms",
+)
+_MEMORY_MODES = (None, "one_diag", "all_diag")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def precond_update_prob_schedule(
+    max_prob: float = 1.0, min_prob: float = 0.03, decay: float = 0.001, flat_start: int = 500
+) -> Callable[[jax.Array], jax.Array]:
+    """``p(t) = clip(max_prob * exp(-decay * (t - flat_start)), min_prob, max_prob)``.
+
+    Every step for the first ``flat_start`` steps (where the fit matters most),
+    then exponentially rarer down to ``min_prob`` (the default reaches 3% after
+    ~4000 steps).
+
+    Args:
+      max_prob: Probability during the flat start.
+      min_prob: Floor of the probability.
+      decay: Exponential decay rate per step after ``flat_start``.
+      flat_start: Steps at ``max_prob``.
+
+    Returns:
+      A schedule ``count -> probability`` (float32 scalar).
+    """
+    _checks.in_unit_interval("max_prob", max_prob, right_closed=True)
+    _checks.in_unit_interval("min_prob", min_prob, right_closed=True)
+    _checks.non_negative("decay", decay)
+    _checks.non_negative_int("flat_start", flat_start)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        p = max_prob * jnp.exp(-decay * (t - flat_start))
+        return jnp.clip(p, min_prob, max_prob)
+
+    return schedule
+
+
+class ScaleByPsgdKronState(NamedTuple):
+    """State for :func:`scale_by_psgd_kron`.
+
+    Attributes:
+      count: int32 scalar, steps so far.
+      mu: Momentum, params tree (``mu_dtype``).
+      q: Per leaf, one factor per view dimension: ``(stack, b, b)`` upper
+        triangular, ``(stack, b)`` diagonal, or an empty placeholder
+        (``precond_dtype``).
+      key: PRNG key for the coin and the probes.
+      precond_updates: int32 scalar, steps on which ``q`` was fitted.
+      skipped: int32 scalar, (leaf, step) pairs with a non-finite gradient or a
+        non-finite fitted factor (the previous factors are kept).
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    q: Any
+    key: jax.Array
+    precond_updates: jax.Array
+    skipped: jax.Array
+
+
+class _Moment(NamedTuple):
+    ok: Any
+    mu: Any
+    m_hat: Any
+
+
+class _Fit(NamedTuple):
+    q: Any
+    failed: Any
+
+
+def _solve_axis(q: jax.Array, x: jax.Array, i: int, kind: str) -> jax.Array:
+    """Applies ``Q_i^{-T}`` on axis ``1 + i`` of a block view."""
+    if kind == "diag":
+        shape = [1] * x.ndim
+        shape[0], shape[1 + i] = q.shape[0], q.shape[1]
+        return x / jnp.reshape(q, shape)
+    moved = jnp.moveaxis(x, 1 + i, 1)
+    flat = jnp.reshape(moved, moved.shape[:2] + (-1,))
+    # Q^T X = V with Q upper triangular: Q^T is lower triangular.
+    sol = jax.scipy.linalg.solve_triangular(q, flat, trans="T", lower=False)
+    return jnp.moveaxis(jnp.reshape(sol, moved.shape), 1, 1 + i)
+
+
+def fit_factors(
+    q: tuple[jax.Array, ...],
+    g: jax.Array,
+    v: jax.Array,
+    plan: _axes.LeafPlan,
+    lr: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """One Lie-group step of every factor of a leaf (see the module docstring).
+
+    Args:
+      q: The leaf's factors (float32).
+      g: Gradient block view ``(stack, b_1..b_k)``.
+      v: Gaussian probe of the same shape.
+      plan: The leaf's plan.
+      lr: Preconditioner step size.
+
+    Returns:
+      The new factors (not yet checked for finiteness).
+    """
+    a = _kron.apply_axis_matrices(g, q, plan)
+    b = v
+    for i, (kind, qi) in enumerate(zip(plan.kinds, q)):
+        if kind != "none":
+            b = _solve_axis(qi, b, i, kind)
+    aa, bb = _kron.axis_stats(a, plan), _kron.axis_stats(b, plan)
+    out = []
+    for kind, qi, t1, t2 in zip(plan.kinds, q, aa, bb):
+        if kind == "full":
+            bound = _linalg.spectral_norm_lower_bound(t1 + t2)
+            step = jnp.triu(t1 - t2) / (bound[:, None, None] + 1e-30)
+            out.append(qi - lr * jnp.einsum("nij,njk->nik", step, qi, precision=HIGHEST))
+        elif kind == "diag":
+            bound = jnp.max(jnp.abs(t1 + t2), axis=-1, keepdims=True)
+            out.append(qi - lr * (t1 - t2) / (bound + 1e-30) * qi)
+        else:
+            out.append(qi)
+    return tuple(out)
+
+
+def balance(q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> tuple[jax.Array, ...]:
+    """Rescales the factors of each block to equal max-abs (their product unchanged).
+
+    ``Q_1 ⊗ Q_2 = (c Q_1) ⊗ (Q_2 / c)``: the fit does not see this freedom, so one
+    factor can drift large and another small; balancing keeps both well inside
+    float range.
+    """
+    idx = [i for i, k in enumerate(plan.kinds) if k != "none"]
+    if len(idx) < 2:
+        return q
+    maxes = [jnp.max(jnp.abs(jnp.reshape(q[i], (q[i].shape[0], -1))), axis=1) for i in idx]
+    logs = jnp.log(jnp.maximum(jnp.stack(maxes), 1e-30))
+    target = jnp.mean(logs, axis=0)
+    out = list(q)
+    for j, i in enumerate(idx):
+        f = jnp.exp(target - logs[j])
+        out[i] = q[i] * jnp.reshape(f, (-1,) + (1,) * (q[i].ndim - 1))
+    return tuple(out)
+
+
+def precondition(g: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> jax.Array:
+    """``P g = Q^T Q g`` on a block view."""
+    return _kron.apply_axis_matrices(_kron.apply_axis_matrices(g, q, plan), q, plan, transpose=True)
+
+
+def _psgd_dimension_numbers(shape, *, max_precond_dim, merge_small_dims):
+    spec = _axes.default_dimension_numbers(
+        shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
+    )
+    if spec is None and len(shape) >= 1 and math.prod(shape) > 1:
+        # Vectors (and (1, n) leaves) get one factor over the whole leaf.
+        return _axes.DimensionNumbers((tuple(range(len(shape))),))
+    return spec
+
+
+def scale_by_psgd_kron(
+    b1: jax.typing.ArrayLike = 0.9,
+    precond_lr: jax.typing.ArrayLike = 0.1,
+    precond_init_scale: jax.typing.ArrayLike = 1.0,
+    precond_update_prob: float | Callable[[jax.Array], jax.Array] | None = None,
+    max_precond_dim: int = 8192,
+    memory_save_mode: str | None = None,
+    *,
+    nesterov: bool = False,
+    clip_rms: jax.typing.ArrayLike | None = 1.1,
+    seed: int = 0,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    merge_small_dims: bool = False,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    """PSGD-Kron's preconditioning of the momentum; see :func:`psgd_kron`.
+
+    Args:
+      b1: Momentum decay in ``[0, 1)`` (bias-corrected); the preconditioner is
+        fitted on the momentum, as in psgd-jax's default.
+      precond_lr: Step size of the factor fit, in ``(0, 1]``.
+      precond_init_scale: ``P`` starts as this times the identity.
+      precond_update_prob: Probability of fitting on a step: a float or a
+        schedule ``count -> prob`` (static); default
+        :func:`precond_update_prob_schedule`.
+      max_precond_dim: Dimensions longer than this get diagonal factors.
+      memory_save_mode: ``None``; ``'one_diag'`` (each leaf's longest dimension
+        diagonal; ties all diagonal); ``'all_diag'`` (every factor diagonal).
+      nesterov: Nesterov momentum.
+      clip_rms: Scale each leaf's preconditioned update down to at most this RMS
+        (a trust region against a poorly fitted early ``P``); ``None``: off.
+      seed: Seed of the state's PRNG key (static).
+      dimension_numbers: Spec tree or callable (see
+        :class:`layerwise_optax.DimensionNumbers`); default: one factor per axis,
+        vectors one factor, scalars none (momentum only).
+      merge_small_dims: Merge small adjacent axes in the default policy.
+      mu_dtype: Momentum storage dtype.
+      precond_dtype: Factor storage dtype (default float32).
+
+    Returns:
+      A :class:`optax.GradientTransformation` with state
+      :class:`ScaleByPsgdKronState`.
+    """
+    _checks.in_unit_interval("b1", b1)
+    _checks.positive("precond_lr", precond_lr)
+    _checks.in_unit_interval("precond_lr", precond_lr, right_closed=True)
+    _checks.positive("precond_init_scale", precond_init_scale)
+    _checks.positive_int("max_precond_dim", max_precond_dim)
+    if memory_save_mode not in _MEMORY_MODES:
+        raise ValueError(
+            f"Unknown memory_save_mode {memory_save_mode!r}; expected one of {_MEMORY_MODES}."
+        )
+    _checks.boolean("nesterov", nesterov)
+    _checks.boolean("merge_small_dims", merge_small_dims)
+    if clip_rms is not None:
+        _checks.positive("clip_rms", clip_rms)
+    if precond_update_prob is None:
+        precond_update_prob = precond_update_prob_schedule()
+    elif not callable(precond_update_prob):
+        _checks.in_unit_interval("precond_update_prob", precond_update_prob, right_closed=True)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype) or jnp.float32
+    if dimension_numbers is None:
+
+        def dimension_numbers(tree):
+            return jax.tree.map(
+                lambda x: (
+                    None
+                    if _axes.is_masked(x)
+                    else _psgd_dimension_numbers(
+                        tuple(x.shape),
+                        max_precond_dim=max_precond_dim,
+                        merge_small_dims=merge_small_dims,
+                    )
+                ),
+                tree,
+                is_leaf=_axes.is_masked,
+            )
+
+    def plans_for(tree):
+        plans = _axes.resolve(
+            dimension_numbers,
+            tree,
+            max_precond_dim=max_precond_dim,
+            block_size=None,
+            merge_small_dims=merge_small_dims,
+        )
+        if memory_save_mode is None:
+            return plans
+
+        def relimit(plan):
+            if _axes.is_masked(plan) or plan.spec is None:
+                return plan
+            limit = 0
+            if memory_save_mode == "one_diag" and len(plan.dims) > 1:
+                limit = max(plan.dims) - 1
+            return _axes.make_plan(
+                plan.shape, plan.spec, max_precond_dim=min(limit, max_precond_dim), block_size=None
+            )
+
+        return jax.tree.map(relimit, plans, is_leaf=_axes.is_plan_leaf)
+
+    def init_q(x, plan):
+        k = max(plan.num_factors, 1)
+        scale = jnp.asarray(precond_init_scale, jnp.float32) ** (0.5 / k)  # P = Q^T Q
+        return tuple(f * scale for f in _kron.init_factors(plan, precond_dtype, identity=True))
+
+    def init_fn(params):
+        plans = plans_for(params)
+        return ScaleByPsgdKronState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            q=_axes.map_leaves(init_q, plans, params),
+            key=jax.random.key_data(jax.random.key(seed)),
+            precond_updates=jnp.zeros([], jnp.int32),
+            skipped=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        with jax.named_scope("layerwise_optax.psgd_kron"):
+            plans = plans_for(updates)
+            count_inc = optax.safe_increment(state.count)
+            b1_ = jnp.asarray(b1, jnp.float32)
+            q_state = _kron.normalize(plans, state.q)
+            key = jax.random.wrap_key_data(state.key)
+            key, coin_key, probe_key = jax.random.split(key, 3)
+            prob = (
+                precond_update_prob(state.count)
+                if callable(precond_update_prob)
+                else precond_update_prob
+            )
+            do_fit = jax.random.uniform(coin_key) < prob
+
+            n_leaves = len(jax.tree.leaves(plans, is_leaf=_axes.is_plan_leaf))
+            keys = iter(jax.random.split(probe_key, max(n_leaves, 1)))
+            probe_keys = jax.tree.map(
+                lambda p: p if _axes.is_masked(p) else next(keys), plans, is_leaf=_axes.is_plan_leaf
+            )
+
+            def moment(g, plan, mu):
+                ok, g32 = _kron.finite_or_zero(g)
+                mu_new = jnp.where(ok, b1_ * mu.astype(jnp.float32) + (1 - b1_) * g32, mu)
+                m_hat = _grafting.bias_corrected_first_moment(mu_new, g32, b1_, count_inc, nesterov)
+                return _Moment(ok, mu_new, m_hat)
+
+            mom = _axes.map_leaves(moment, plans, updates, state.mu)
+
+            def fit_leaf(m, plan, q, k):
+                if not plan.is_preconditioned:
+                    return _Fit(q, jnp.zeros([], jnp.int32))
+                gb = plan.to_blocks(m.m_hat)
+                k1, k2 = jax.random.split(k)
+                v = jax.random.normal(k1, gb.shape, jnp.float32)
+                # A tiny random perturbation keeps the fit well posed for rank-deficient
+                # (e.g. single-example) gradients.
+                tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps) * jnp.mean(jnp.abs(gb))
+                gb = gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32)
+                q32 = tuple(f.astype(jnp.float32) for f in q)
+                lr = jnp.asarray(precond_lr, jnp.float32)
+                new = balance(fit_factors(q32, gb, v, plan, lr), plan)
+                good = m.ok & functools.reduce(
+                    jnp.logical_and, [jnp.all(jnp.isfinite(f)) for f in new], jnp.asarray(True)
+                )
+                kept = tuple(jnp.where(good, n, f).astype(precond_dtype) for n, f in zip(new, q))
+                return _Fit(kept, (m.ok & ~good).astype(jnp.int32))
+
+            def fit_all(q_tree):
+                out = _axes.map_leaves(fit_leaf, plans, mom, q_tree, probe_keys)
+                fails = _axes.unzip(out, "failed")
+                return _axes.unzip(out, "q"), sum(jax.tree.leaves(fails), jnp.zeros([], jnp.int32))
+
+            def no_fit(q_tree):
+                return q_tree, jnp.zeros([], jnp.int32)
+
+            q_new, fit_fails = jax.lax.cond(do_fit, fit_all, no_fit, q_state)
+
+            def apply(m, plan, q, g):
+                u = m.m_hat
+                if plan.is_preconditioned:
+                    q32 = tuple(f.astype(jnp.float32) for f in q)
+                    u = plan.from_blocks(precondition(plan.to_blocks(u), q32, plan))
+                if clip_rms is not None:
+                    rms = jnp.sqrt(jnp.mean(u * u))
+                    u = u * jnp.minimum(1.0, clip_rms / (rms + 1e-30))
+                return jnp.where(m.ok, u, 0).astype(g.dtype)
+
+            out = _axes.map_leaves(apply, plans, mom, q_new, updates)
+            mu = _axes.map_leaves(
+                lambda m, p, old: m.mu.astype(mu_dtype or old.dtype), plans, mom, state.mu
+            )
+            bad = _axes.map_leaves(lambda m, p: (~m.ok).astype(jnp.int32), plans, mom)
+            skipped = sum(jax.tree.leaves(bad), jnp.zeros([], jnp.int32))
+            return out, ScaleByPsgdKronState(
+                count=count_inc,
+                mu=mu,
+                q=q_new,
+                key=jax.random.key_data(key),
+                precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
+                skipped=state.skipped + skipped + fit_fails,
+            )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def psgd_kron(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    precond_lr: jax.typing.ArrayLike = 0.1,
+    precond_init_scale: jax.typing.ArrayLike = 1.0,
+    precond_update_prob: float | Callable[[jax.Array], jax.Array] | None = None,
+    max_precond_dim: int = 8192,
+    memory_save_mode: str | None = None,
+    *,
+    nesterov: bool = False,
+    clip_rms: jax.typing.ArrayLike | None = 1.1,
+    seed: int = 0,
+    dimension_numbers: _axes.DimNumsOrFn | None = None,
+    merge_small_dims: bool = False,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""PSGD-Kron: momentum preconditioned by a Kronecker product fitted on a Lie group.
+
+    .. math::
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t,\qquad
+      W \leftarrow W - \eta\, \mathrm{clip}(Q^T Q\, \hat m_t) - \eta\lambda W,
+
+    with ``Q = Q_1 ⊗ ... ⊗ Q_k`` (triangular or diagonal per axis) fitted so
+    that ``Q^T Q`` whitens the gradients (module docstring). Like Shampoo it
+    approximates ``E[g g^T]^{-1/2}`` per axis, but without eigendecompositions
+    or matrix roots: each fit is a triangular solve and a few matmuls, done on a
+    random subset of steps (``precond_update_prob``). The whitened update has
+    RMS near 1, so learning rates are Adam-like (1e-4 to 1e-3 for networks);
+    ``clip_rms`` guards the first steps.
+
+    What to tune: ``learning_rate``, ``weight_decay``; ``precond_lr`` (0.1; lower
+    for noisier gradients), ``precond_update_prob`` (more often is better and
+    slower), ``memory_save_mode`` for huge layers.
+
+    Args:
+      learning_rate: Step size or schedule.
+      b1: Momentum decay.
+      weight_decay: Decoupled weight decay.
+      mask: Weight-decay mask.
+      precond_lr: Step size of the preconditioner fit.
+      precond_init_scale: Initial ``P`` as a multiple of the identity.
+      precond_update_prob: Fit probability or schedule (static).
+      max_precond_dim: Longest dimension with a triangular factor.
+      memory_save_mode: ``None``, ``'one_diag'`` or ``'all_diag'``.
+      nesterov: Nesterov momentum.
+      clip_rms: Per-leaf update RMS cap (``None``: off).
+      seed: PRNG seed of the probes and coins (static).
+      dimension_numbers: Spec tree or callable.
+      merge_small_dims: Merge small adjacent axes.
+      mu_dtype: Momentum storage dtype.
+      precond_dtype: Factor storage dtype.
+
+    Returns:
+      An :class:`optax.GradientTransformation`; ``state[0]`` is the
+      :class:`ScaleByPsgdKronState`.
+    """
+    return optax.chain(
+        scale_by_psgd_kron(
+            b1,
+            precond_lr,
+            precond_init_scale,
+            precond_update_prob,
+            max_precond_dim,
+            memory_save_mode,
+            nesterov=nesterov,
+            clip_rms=clip_rms,
+            seed=seed,
+            dimension_numbers=dimension_numbers,
+            merge_small_dims=merge_small_dims,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,333 @@
+"""Steepest descent under a norm chosen per layer role ("Old Optimizer, New Norm").
+
+For a norm ``||.||`` the steepest-descent direction of a gradient ``g`` is the
+*dual map* (the linear minimization oracle up to sign)
+
+    d(g) = argmax_{||d|| <= 1} <g, d>,
+
+and the step is ``-lr * d(g)`` (the normalized form used by Scion and Muon) or,
+with ``dual_scale=True``, ``-lr * ||g||_* d(g)`` (the minimizer of the linear
+model plus ``||d||^2 / 2``, Bernstein and Newhouse 2024). Choosing the norm per
+layer gives the known methods: the spectral norm gives Muon's ``U V^T``, the
+max-abs (ℓ∞) norm gives sign descent, the ℓ2/RMS norm normalized SGD. Each
+leaf's norm comes from its role (:func:`layerwise_optax.layer_roles`) through a
+``norms`` table, with a per-role scale.
+
+The norms (``d`` for a leaf ``g``; matrices in Flax ``(fan_in, fan_out)`` layout):
+
+================  ==========================================================
+``spectral``      ``U V^T`` of ``g = U S V^T`` (Newton-Schulz; per matrix view)
+``rms_spectral``  ``sqrt(fan_out / fan_in) U V^T``: the RMS→RMS operator norm
+``row_l2``        each row ``g[i, :]`` (last axis) scaled to unit ℓ2 norm
+``sign``          ``sign(g)``: the max-abs (ℓ∞) norm
+``rms``           ``sqrt(size) g / ||g||_2``: unit RMS
+``l2``            ``g / ||g||_2``
+``none``          ``g`` itself (momentum SGD)
+================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg, _roles
+
+_STATIC_ARGS = (
+    "norms",
+    "scales",
+    "roles",
+    "ns_coeffs",
+    "ns_steps",
+    "ns_dtype",
+    "nesterov",
+    "dual_scale",
+    "mask",
+    "mu_dtype",
+)
+NORMS = ("spectral", "rms_spectral", "row_l2", "sign", "rms", "l2", "none")
+DEFAULT_NORMS = {
+    "matrix": "rms_spectral",
+    "conv": "rms_spectral",
+    "stacked": "rms_spectral",
+    "embedding": "row_l2",
+    "head": "sign",
+    "vector": "rms",
+    "scalar": "sign",
+}
+_SPECTRAL = ("spectral", "rms_spectral")
+_HUGE = 2**62
+
+
+def default_scale(role: str, shape: tuple[int, ...]) -> float:
+    """The default multiplier of a role's unit-norm direction.
+
+    ``head``: ``1 / fan_in``, so a sign step changes each output by at most
+    ``lr`` for inputs in ``[-1, 1]`` (Scion's output layer); ``embedding``:
+    ``sqrt(features)``, so each updated row has RMS 1 like its initialization;
+    every other role: 1.
+    """
+    if role == "head" and len(shape) >= 2:
+        return 1.0 / math.prod(shape[:-1])
+    if role == "embedding" and len(shape) >= 2:
+        return float(shape[-1]) ** 0.5
+    return 1.0
+
+
+class ScaleBySteepestDescentState(NamedTuple):
+    """State for :func:`scale_by_steepest_descent`.
+
+    Attributes:
+      count: int32 scalar, number of updates so far.
+      mu: Momentum, params tree.
+      skipped: int32 scalar, (leaf, step) pairs with a non-finite gradient (kept
+        out of the momentum; the update is zero there).
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    skipped: jax.Array
+
+
+def _safe_div(x: jax.Array, n: jax.Array) -> jax.Array:
+    return jnp.where(n > 0, x / jnp.where(n > 0, n, 1.0), 0.0)
+
+
+def dual_map(
+    g: jax.Array,
+    norm: str,
+    *,
+    plan: _axes.LeafPlan | None = None,
+    coeffs: jax.Array | None = None,
+    ns_dtype: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Unit-norm steepest-descent direction of ``g`` and the dual norm ``||g||_*``.
+
+    ``plan`` (a two-group matrix view) and ``coeffs`` are needed by the spectral
+    norms. Zero gradients give zero directions.
+    """
+    g = g.astype(jnp.float32)
+    if norm in _SPECTRAL:
+        blocks = plan.to_blocks(g)
+        d = _linalg.newton_schulz(blocks, coeffs, compute_dtype=ns_dtype).astype(jnp.float32)
+        # Dual of the spectral norm: the nuclear norm <g, U V^T>, summed over slices.
+        dual = jnp.sum(blocks * d)
+        if norm == "rms_spectral":
+            r = (plan.dims[1] / plan.dims[0]) ** 0.5
+            d, dual = d * r, dual * r
+        return plan.from_blocks(d), dual
+    if norm == "row_l2":
+        rows = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))
+        return _safe_div(g, rows), jnp.sum(rows)
+    if norm == "sign":
+        return jnp.sign(g), jnp.sum(jnp.abs(g))
+    l2 = jnp.sqrt(jnp.sum(g * g))
+    if norm == "rms":
+        r = float(g.size) ** 0.5
+        return _safe_div(g, l2) * r, l2 * r
+    if norm == "l2":
+        return _safe_div(g, l2), l2
+    return g, jnp.sum(g * g) ** 0.5  # 'none'
+
+
+def scale_by_steepest_descent(
+    norms: Mapping[str, str] | None = None,
+    scales: Mapping[str, float] | None = None,
+    beta: jax.typing.ArrayLike = 0.9,
+    *,
+    nesterov: bool = False,
+    roles: _roles.RolesOrFn | None = None,
+    dual_scale: bool = False,
+    ns_coeffs: str | Any = "polar_express",
+    ns_steps: int = 5,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    """Momentum, then the dual map of each leaf's role norm; see :func:`steepest_descent`.
+
+    Args:
+      norms: ``{role: norm}`` over :data:`DEFAULT_NORMS` (static); norms are those
+        of :data:`NORMS`.
+      scales: ``{role: multiplier}`` replacing :func:`default_scale` (static).
+      beta: Momentum decay in ``[0, 1)``; 0 steps on the raw gradient.
+      nesterov: Nesterov (NAdam-form) momentum.
+      roles: Role tree or callable (default :func:`layerwise_optax.layer_roles`).
+      dual_scale: Multiply each direction by the dual norm of the momentum.
+      ns_coeffs: Newton-Schulz preset or coefficients for the spectral norms.
+      ns_steps: Newton-Schulz steps.
+      ns_dtype: Newton-Schulz iteration dtype.
+      mu_dtype: Momentum storage dtype.
+
+    Returns:
+      A :class:`optax.GradientTransformation` with state
+      :class:`ScaleBySteepestDescentState`.
+
+    Raises:
+      ValueError: At construction for an unknown role or norm, a bad ``beta`` or
+        ``ns_steps``; at ``init`` for a spectral norm on a leaf that is not a
+        matrix (naming its path).
+    """
+    table = dict(DEFAULT_NORMS)
+    for role, norm in (norms or {}).items():
+        _checks.one_of("norms key", role, _roles.ROLES)
+        _checks.one_of(f"norms[{role!r}]", norm, NORMS)
+        table[role] = norm
+    scales = dict(scales or {})
+    for role, s in scales.items():
+        _checks.one_of("scales key", role, _roles.ROLES)
+        _checks.non_negative(f"scales[{role!r}]", s)
+    _checks.in_unit_interval("beta", beta)
+    _checks.boolean("nesterov", nesterov)
+    _checks.boolean("dual_scale", dual_scale)
+    _checks.positive_int("ns_steps", ns_steps)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
+    ns_dtype = _checks.canonicalize_dtype(ns_dtype)
+    coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)
+
+    def leaf_setup(tree):
+        """Per leaf: (norm, scale, plan or None); static, from shapes and roles."""
+        tree_roles = _roles.resolve_roles(roles, tree)
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)
+        paths = [k for k, _ in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_axes.is_masked)]
+        out = []
+        for path, x, role in zip(paths, leaves, treedef.flatten_up_to(tree_roles)):
+            if _axes.is_masked(x):
+                out.append(None)
+                continue
+            shape = tuple(x.shape)
+            norm = table[role]
+            plan = None
+            where = _roles.path_string(path)
+            if norm in _SPECTRAL:
+                spec = _roles.matrix_dimension_numbers(role, shape)
+                if spec is None:
+                    raise ValueError(
+                        f"param {where} with shape {shape} and role {role!r}: norm {norm!r} "
+                        "needs a matrix (role matrix, conv, stacked, embedding or head)."
+                    )
+                spec = _axes.normalize(spec, shape, where)
+                plan = _axes.make_plan(shape, spec, max_precond_dim=_HUGE, block_size=None)
+            elif norm == "row_l2" and len(shape) < 2:
+                raise ValueError(f"param {where} with shape {shape}: norm 'row_l2' needs rows.")
+            scale = scales.get(role, default_scale(role, shape))
+            out.append((norm, float(scale), plan))
+        return treedef, out
+
+    def init_fn(params):
+        leaf_setup(params)  # validates norms against shapes, naming paths
+        return ScaleBySteepestDescentState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            skipped=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        with jax.named_scope("layerwise_optax.steepest_descent"):
+            treedef, setup = leaf_setup(updates)
+            count_inc = optax.safe_increment(state.count)
+            beta_ = jnp.asarray(beta, jnp.float32)
+            gs = treedef.flatten_up_to(updates)
+            mus = treedef.flatten_up_to(state.mu)
+            new_u, new_mu, skipped = [], [], jnp.zeros([], jnp.int32)
+            for g, mu, s in zip(gs, mus, setup):
+                if s is None:
+                    new_u.append(g)
+                    new_mu.append(mu)
+                    continue
+                norm, scale, plan = s
+                ok, g32 = _kron.finite_or_zero(g)
+                m = jnp.where(ok, beta_ * mu.astype(jnp.float32) + (1 - beta_) * g32, mu)
+                m_hat = _grafting.bias_corrected_first_moment(m, g32, beta_, count_inc, nesterov)
+                d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
+                if dual_scale:
+                    d = d * dual
+                new_u.append(jnp.where(ok, d * scale, 0).astype(g.dtype))
+                new_mu.append(m.astype(mu_dtype or mu.dtype))
+                skipped = skipped + (~ok).astype(jnp.int32)
+            return treedef.unflatten(new_u), ScaleBySteepestDescentState(
+                count=count_inc,
+                mu=treedef.unflatten(new_mu),
+                skipped=state.skipped + skipped,
+            )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def steepest_descent(
+    learning_rate: optax.ScalarOrSchedule,
+    norms: Mapping[str, str] | None = None,
+    scales: Mapping[str, float] | None = None,
+    beta: jax.typing.ArrayLike = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: optax.MaskOrFn = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    roles: _roles.RolesOrFn | None = None,
+    dual_scale: bool = False,
+    ns_coeffs: str | Any = "polar_express",
+    ns_steps: int = 5,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Steepest descent under per-layer norms, with momentum (Scion-style).
+
+    Each leaf steps along the unit-norm steepest-descent direction of its momentum
+    under the norm of its role:
+
+    .. math::
+      M_t = \beta M_{t-1} + (1 - \beta) G_t, \qquad
+      W \leftarrow W - \eta\, c_{\mathrm{role}}\, d_{\mathrm{norm}}(\hat M_t) - \eta\lambda W.
+
+    Defaults (:data:`DEFAULT_NORMS`): hidden matrices, conv kernels and stacked
+    layers use the RMS→RMS operator norm (``sqrt(fan_out/fan_in) U V^T``, Muon's
+    direction); embeddings row-wise ℓ2 (each token's row normalized, scaled to RMS
+    1); the output head sign descent scaled by ``1/fan_in``; biases and norm
+    scales unit-RMS steps; scalars sign steps. ``norms={'matrix': 'spectral'}``
+    with ``beta`` and ``nesterov`` as Muon's is Muon with ``scaling='none'``;
+    ``norms`` mapping every role to ``'sign'`` with ``beta=0`` is sign descent
+    (both are tests). What to tune: ``learning_rate`` (one rate for all roles,
+    which is the point of choosing the norms; typical 0.01-0.05), ``beta``,
+    ``scales`` per role if one kind of layer needs a different radius.
+
+    Args:
+      learning_rate: Step size or schedule.
+      norms: ``{role: norm}`` overriding :data:`DEFAULT_NORMS` (static).
+      scales: ``{role: multiplier}`` overriding :func:`default_scale` (static).
+      beta: Momentum decay.
+      weight_decay: Decoupled weight decay.
+      mask: Weight-decay mask.
+      mu_dtype: Momentum storage dtype.
+      nesterov: Nesterov momentum.
+      roles: Role tree or callable (default :func:`layerwise_optax.layer_roles`).
+      dual_scale: Multiply the direction by the dual norm (unnormalized steepest
+        descent) instead of taking unit-norm steps.
+      ns_coeffs: Newton-Schulz preset or coefficients (static).
+      ns_steps: Newton-Schulz steps (static).
+      ns_dtype: Newton-Schulz iteration dtype.
+
+    Returns:
+      An :class:`optax.GradientTransformation`; ``state[0]`` is the
+      :class:`ScaleBySteepestDescentState`.
+    """
+    return optax.chain(
+        scale_by_steepest_descent(
+            norms,
+            scales,
+            beta,
+            nesterov=nesterov,
+            roles=roles,
+            dual_scale=dual_scale,
+            ns_coeffs=ns_coeffs,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            mu_dtype=mu_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
