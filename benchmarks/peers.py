@@ -111,3 +111,26 @@ def kfac_jax() -> tuple[Any, str | None]:
 
     tgm.eval_jaxpr_eqn = eval_jaxpr_eqn
     return kj, None
+
+
+def psgd_jax() -> tuple[Any, str | None]:
+    """psgd-jax's ``kron`` module with its optax import shimmed, or ``(None, reason)``.
+
+    psgd-jax 0.2.9 imports ``optax._src.clipping``, which optax 0.2.8 moved to
+    ``optax.transforms._clipping``; the shim aliases the old module name before the
+    import. Benchmark-only: never imported by the library.
+    """
+    try:
+        import sys
+
+        import optax.transforms._clipping as clipping
+
+        sys.modules.setdefault("optax._src.clipping", clipping)
+        import optax._src as optax_src
+
+        if not hasattr(optax_src, "clipping"):
+            optax_src.clipping = clipping
+        from psgd_jax import kron
+    except Exception as e:  # noqa: BLE001 - report any import failure by name
+        return None, f"psgd-jax unavailable: {type(e).__name__}: {e}"
+    return kron, None

@@ -85,12 +85,13 @@ def init_factors(plan: _axes.LeafPlan, dtype: Any, *, identity: bool = False) ->
     return tuple(out)
 
 
-def axis_stats(g: jax.Array, plan: _axes.LeafPlan) -> Factors:
+def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) -> Factors:
     """Per-axis second moments ``G_(i) G_(i)^T`` (or their diagonals) of a block view.
 
     Args:
       g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
       plan: The leaf's plan.
+      precision: Matmul precision.
 
     Returns:
       A factor tuple of the same layout as :func:`init_factors`.
@@ -101,16 +102,22 @@ def axis_stats(g: jax.Array, plan: _axes.LeafPlan) -> Factors:
     for i, kind in enumerate(plan.kinds):
         if kind == "full":
             other = idx[:i] + "Z" + idx[i + 1 :]
-            out.append(jnp.einsum(f"n{idx},n{other}->n{idx[i]}Z", g, g, precision=HIGHEST))
+            out.append(jnp.einsum(f"n{idx},n{other}->n{idx[i]}Z", g, g, precision=precision))
         elif kind == "diag":
-            out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=HIGHEST))
+            out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=precision))
         else:
             out.append(jnp.zeros((plan.stack, 0), g.dtype))
     return tuple(out)
 
 
 def apply_axis_matrices(
-    g: jax.Array, mats: Factors, plan: _axes.LeafPlan, *, transpose: bool = False
+    g: jax.Array,
+    mats: Factors,
+    plan: _axes.LeafPlan,
+    *,
+    transpose: bool = False,
+    precision: Any = HIGHEST,
+    skip: int | None = None,
 ) -> jax.Array:
     """Multiplies each axis of a block view by its factor: ``G ×_1 M_1 ... ×_k M_k``.
 
@@ -123,6 +130,9 @@ def apply_axis_matrices(
       mats: Factor tuple (matrices or diagonals) per view dimension.
       plan: The leaf's plan.
       transpose: Use ``M_i^T`` (e.g. to rotate into an eigenbasis).
+      precision: Matmul precision (HIGHEST by default; stochastic fits such as
+        PSGD's use the default).
+      skip: A view dimension to leave unchanged (KL-Shampoo's statistics).
 
     Returns:
       The transformed block view, same shape as ``g``.
@@ -130,11 +140,13 @@ def apply_axis_matrices(
     k = len(plan.kinds)
     idx = _idx(k)
     for i, (kind, m) in enumerate(zip(plan.kinds, mats)):
+        if i == skip:
+            continue
         if kind == "full":
             m = m.astype(g.dtype)
             out = idx[:i] + "Z" + idx[i + 1 :]
             m_idx = f"n{idx[i]}Z" if transpose else f"nZ{idx[i]}"
-            g = jnp.einsum(f"{m_idx},n{idx}->n{out}", m, g, precision=HIGHEST)
+            g = jnp.einsum(f"{m_idx},n{idx}->n{out}", m, g, precision=precision)
         elif kind == "diag":
             shape = (plan.stack,) + tuple(b if j == i else 1 for j, b in enumerate(plan.blocks))
             g = g * jnp.reshape(m.astype(g.dtype), shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ _STATIC_ARGS = (
     "precond_dtype",
     "mask",
     "nesterov",
+    "factor_estimation",
 )
 
 
@@ -64,6 +66,41 @@ class ScaleByShampooState(NamedTuple):
     failed_roots: jax.Array
 
 
+def kl_axis_stats(
+    g: jax.Array, roots: tuple[jax.Array, ...], plan: _axes.LeafPlan, root: int
+) -> tuple[jax.Array, ...]:
+    """KL-Shampoo's per-axis statistics ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i``.
+
+    The other factors' inverses come from the stored roots ``L_j^{-1/root}``:
+    ``L_j^{-1/2}`` is the root raised to ``root / 2`` (``root`` even), applied to
+    every axis but ``i`` before the usual contraction. This is the fixed-point
+    (flip-flop) update of the Kronecker-factored Gaussian that is closest in KL
+    divergence to the gradient's second moment (Lin et al. 2025): for gradients
+    ``A^{1/2} Z B^{1/2}`` with white ``Z`` it settles at ``L_1 ⊗ L_2 = A ⊗ B``.
+    """
+    half = root // 2
+    halves = []
+    for kind, r in zip(plan.kinds, roots):
+        if kind == "full":
+            m = r
+            for _ in range(half - 1):
+                m = jnp.matmul(m, r, precision=_kron.HIGHEST)
+            halves.append(m.astype(g.dtype))
+        elif kind == "diag":
+            halves.append((r**half).astype(g.dtype))
+        else:
+            halves.append(r)
+    out = []
+    for i, kind in enumerate(plan.kinds):
+        if kind == "none":
+            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            continue
+        x = _kron.apply_axis_matrices(g, tuple(halves), plan, skip=i)
+        n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])
+        out.append(_kron.axis_stats(x, plan)[i] / n_other)
+    return tuple(out)
+
+
 class _LeafOut(NamedTuple):
     update: jax.Array
     mu: jax.Array
@@ -92,6 +129,7 @@ def scale_by_shampoo(
     precond_dtype: jax.typing.DTypeLike = jnp.float32,
     *,
     nesterov: bool = False,
+    factor_estimation: Literal["shampoo", "kl"] = "shampoo",
 ) -> optax.GradientTransformation:
     """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
 
@@ -120,6 +158,11 @@ def scale_by_shampoo(
       mu_dtype: Storage dtype of the first moment (``None``: the param dtype).
       precond_dtype: Storage dtype of statistics and roots.
       nesterov: Use Nesterov (NAdam-style) momentum.
+      factor_estimation: ``'shampoo'`` (``L_i = EMA(G_(i) G_(i)^T)``) or ``'kl'``
+        (KL-Shampoo: ``L_i = EMA(G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i)`` with
+        ``n_i`` the product of the other dimensions and the ``L_j^{-1}`` from the
+        last refresh; roots ``L_i^{-1/2}`` unless ``root_exponent`` says
+        otherwise; see :func:`shampoo`).
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -145,6 +188,12 @@ def scale_by_shampoo(
     _checks.one_of("root_method", root_method, ("eigh", "newton"))
     _checks.boolean("relative_damping", relative_damping)
     _checks.boolean("nesterov", nesterov)
+    _checks.one_of("factor_estimation", factor_estimation, ("shampoo", "kl"))
+    if factor_estimation == "kl" and root_exponent is not None and root_exponent % 2:
+        raise ValueError(
+            f"root_exponent must be even with factor_estimation='kl' (the statistics "
+            f"use L^(-1/2) = root^(p/2)), got {root_exponent}."
+        )
     mu_dtype = _checks.canonicalize_dtype(mu_dtype)
     precond_dtype = _checks.canonicalize_dtype(precond_dtype)
     resolve = functools.partial(
@@ -183,17 +232,22 @@ def scale_by_shampoo(
             state_stats = _kron.normalize(plans, state.stats)
             state_roots = _kron.normalize(plans, state.roots)
 
-            def accumulate(g, plan, mu, nu, stats):
+            def accumulate(g, plan, mu, nu, stats, roots):
                 ok, g32 = _kron.finite_or_zero(g)
                 mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
                 nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
-                stats = _kron.ema(
-                    stats, _kron.axis_stats(plan.to_blocks(g32), plan), factor_decay, valid=ok
-                )
+                blocks = plan.to_blocks(g32)
+                if factor_estimation == "kl":
+                    new = kl_axis_stats(blocks, roots, plan, root_exponent or 2)
+                else:
+                    new = _kron.axis_stats(blocks, plan)
+                stats = _kron.ema(stats, new, factor_decay, valid=ok)
                 return _LeafOut(g32, mu_new, nu_new, stats, ok)
 
             nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
-            out = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, state_stats)
+            out = _axes.map_leaves(
+                accumulate, plans, updates, state.mu, nus, state_stats, state_roots
+            )
             g32s, mus = _axes.unzip(out, "update"), _axes.unzip(out, "mu")
             stats = _axes.unzip(out, "stats")
             new_nu = _axes.unzip(out, "nu") if use_nu else None
@@ -203,7 +257,8 @@ def scale_by_shampoo(
 
             def refresh(stats, roots):
                 def leaf(s, plan, r):
-                    root = root_exponent or 2 * max(plan.num_factors, 1)
+                    default = 2 if factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
+                    root = root_exponent or default
                     return _kron.inverse_roots(
                         s,
                         r,
@@ -282,6 +337,7 @@ def shampoo(
     precond_dtype: jax.typing.DTypeLike = jnp.float32,
     *,
     nesterov: bool = False,
+    factor_estimation: Literal["shampoo", "kl"] = "shampoo",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
 
@@ -304,6 +360,15 @@ def shampoo(
     ``start_preconditioning_step`` take the graft method's update. Axes longer
     than ``max_precond_dim`` get a diagonal factor; with ``block_size``, long
     axes are split into blocks with their own factors (Distributed Shampoo).
+
+    **KL-Shampoo** (``factor_estimation='kl'``, Lin et al. 2025) estimates each
+    factor with the others' inverses, ``L^{(i)} = EMA(G_{(i)} (⊗_{j≠i}
+    L^{(j)})^{-1} G_{(i)}^T / n_i)``: the Kronecker-factored second moment
+    closest in KL divergence to the gradients' (for gradients ``A^{1/2} Z
+    B^{1/2}`` it is ``A ⊗ B`` exactly, where Shampoo's factors are only
+    proportional to ``A`` and ``B``). Its preconditioner ``(⊗ L^{(i)})^{-1/2}``
+    then has the right overall scale, so it needs no grafting: use it with
+    ``grafting='none'`` and an Adam-like learning rate.
 
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
@@ -339,6 +404,8 @@ def shampoo(
       mu_dtype: Storage dtype of the first moment.
       precond_dtype: Storage dtype of statistics and roots (default float32).
       nesterov: Nesterov momentum.
+      factor_estimation: ``'shampoo'`` or ``'kl'`` (KL-Shampoo; roots default to
+        ``L^{-1/2}``).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -383,6 +450,7 @@ def shampoo(
             grafting=grafting,
             root_exponent=root_exponent,
             root_method=root_method,
+            factor_estimation=factor_estimation,
             relative_damping=relative_damping,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,

@@ -15,7 +15,6 @@ import layerwise_optax as lo
 from tests._helpers import (
     EXTRA_ARGS,
     MOMENTUM_ARG,
-    OPTIMIZER_IDS,
     OPTIMIZERS,
     assert_recovers,
     assert_tree_finite,
@@ -23,11 +22,12 @@ from tests._helpers import (
     build,
     main_state,
     mixed_tree,
+    optimizer_params,
     skipped_count,
     with_extra_args,
 )
 
-parametrize_opt = pytest.mark.parametrize("name,factory,kwargs", OPTIMIZERS, ids=OPTIMIZER_IDS)
+parametrize_opt = pytest.mark.parametrize("name,factory,kwargs", optimizer_params())
 
 
 def _run_scan(tx, loss, params, steps, extra=None):
