@@ -487,6 +487,7 @@ def newton_schulz(
     *,
     eps: float = 1e-8,
     compute_dtype: Any = None,
+    check_finite: bool = True,
 ) -> jax.Array:
     """Approximate polar factor ``U V^T`` of ``(..., m, n)`` matrices by Newton-Schulz.
 
@@ -507,13 +508,17 @@ def newton_schulz(
       eps: Added to the norm before dividing.
       compute_dtype: Iteration dtype (e.g. ``jnp.bfloat16`` for speed); default
         float32 (float64 inputs stay float64). The result has this dtype.
+      check_finite: Zero matrices with non-finite entries first (callers whose
+        input is already finite may skip the extra pass).
 
     Returns:
       ``(..., m, n)`` array.
     """
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else _compute_dtype(x)
-    ok = _finite_matrices(x)
-    x = jnp.where(ok[..., None, None], x, 0).astype(jnp.promote_types(dtype, jnp.float32))
+    if check_finite:
+        ok = _finite_matrices(x)
+        x = jnp.where(ok[..., None, None], x, 0)
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:
         x = jnp.swapaxes(x, -1, -2)

@@ -191,8 +191,14 @@ def scale_by_muon(
                 m_hat = _grafting.bias_corrected_first_moment(
                     mu_new, g32, beta_, count_inc, nesterov
                 )
+                # m_hat is finite: the gradient was zeroed if not, the momentum only
+                # ever holds finite values.
                 o = _linalg.newton_schulz(
-                    plan.to_blocks(m_hat), coeffs, eps=eps, compute_dtype=ns_dtype
+                    plan.to_blocks(m_hat),
+                    coeffs,
+                    eps=eps,
+                    compute_dtype=ns_dtype,
+                    check_finite=False,
                 )
                 fan_in, fan_out = plan.dims[0], plan.dims[1]
                 if neuron_b2 is not None:
