@@ -316,6 +316,7 @@ def muon(
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_weight_decay: optax.ScalarOrSchedule = 0.0,
     adam_mask: optax.MaskOrFn = None,
+    neuron_b2: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
 
@@ -368,6 +369,8 @@ def muon(
       adam_b2: AdamW's ``b2``.
       adam_weight_decay: AdamW's weight decay.
       adam_mask: AdamW's weight-decay mask.
+      neuron_b2: NorMuon's per-neuron second-moment decay (``None``: Muon); see
+        :func:`normuon`.
 
     Returns:
       An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
@@ -386,6 +389,8 @@ def muon(
         scaling=scaling,
         rms=rms,
         ns_dtype=ns_dtype,
+        neuron_b2=neuron_b2,
+        neuron_eps=eps,
     )
     return with_fallback(
         inner,
@@ -468,11 +473,14 @@ def normuon(
     Returns:
       An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
     """
-    inner = scale_by_muon(
+    return muon(
+        learning_rate,
         ns_coeffs,
         ns_steps,
         beta,
         eps,
+        weight_decay,
+        mask,
         mu_dtype,
         nesterov=nesterov,
         dimension_numbers=dimension_numbers,
@@ -480,22 +488,10 @@ def normuon(
         scaling="rms",
         rms=rms,
         ns_dtype=ns_dtype,
-        neuron_b2=b2,
-        neuron_eps=eps,
-    )
-    return with_fallback(
-        inner,
-        learning_rate,
-        weight_decay,
-        mask,
-        dimension_numbers,
-        roles,
         adam_learning_rate=adam_learning_rate,
         adam_b1=adam_b1,
         adam_b2=adam_b2,
-        eps=eps,
         adam_weight_decay=adam_weight_decay,
         adam_mask=adam_mask,
-        mu_dtype=mu_dtype,
-        nesterov=nesterov,
+        neuron_b2=b2,
     )
