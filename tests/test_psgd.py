@@ -129,8 +129,9 @@ def test_deterministic_given_the_seed_and_different_across_seeds():
     def run(seed):
         tx = lo.psgd_kron(1e-2, seed=seed, precond_update_prob=0.5)
         state = tx.init(params)
+        update = jax.jit(tx.update)
         for _ in range(5):
-            u, state = tx.update(g, state, params)
+            u, state = update(g, state, params)
         return np.asarray(u["w"]), int(state[0].precond_updates)
 
     a, b, c = run(0), run(0), run(1)
