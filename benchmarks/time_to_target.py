@@ -279,7 +279,9 @@ def plot(results: dict, path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3-point grid, 1 seed, 150 steps (default 200)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3-point grid, 1 seed, 150 steps (default 200)"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--grid", type=int, default=None, help="learning rates per method")
