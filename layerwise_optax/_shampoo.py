@@ -368,7 +368,10 @@ def shampoo(
     B^{1/2}`` it is ``A ⊗ B`` exactly, where Shampoo's factors are only
     proportional to ``A`` and ``B``). Its preconditioner ``(⊗ L^{(i)})^{-1/2}``
     then has the right overall scale, so it needs no grafting: use it with
-    ``grafting='none'`` and an Adam-like learning rate.
+    ``grafting='none'`` and an Adam-like learning rate. Give it ``damping`` of
+    1e-4 or more: its statistics use the factors' *inverses*, which amplify
+    float32 round-off as ``1/damping``, so the default 1e-6 lets the first,
+    rank-deficient statistics blow up.
 
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.

@@ -180,6 +180,12 @@ def unfold_cov(g, i):
     return gi @ gi.T
 
 
+def random_spd(rng, n, cond):
+    """A random symmetric positive definite ``n x n`` matrix with condition number ``cond``."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.logspace(0, np.log10(cond), n)) @ q.T
+
+
 def shampoo_reference(
     grads,
     *,

@@ -7,6 +7,7 @@ import pytest
 
 import layerwise_optax as lo
 from layerwise_optax import _axes, _psgd, linalg
+from tests._helpers import random_spd
 
 
 def _lower_bound_ref(a):
@@ -79,11 +80,7 @@ def test_learns_the_inverse_hessian_of_a_kronecker_quadratic():
     # the whitening fixed point P E[g g^T] P = I is P = H^{-1}.
     rng = np.random.default_rng(1)
 
-    def spd(n, cond):
-        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        return (q * np.logspace(0, np.log10(cond), n)) @ q.T
-
-    h1, h2 = spd(4, 10.0), spd(3, 10.0)
+    h1, h2 = random_spd(rng, 4, 10.0), random_spd(rng, 3, 10.0)
     h = np.kron(h1, h2)  # acts on row-major vec(W)
     tx = lo.scale_by_psgd_kron(b1=0.0, precond_lr=0.01, precond_update_prob=1.0, clip_rms=None)
     state = tx.init({"w": jnp.zeros((4, 3))})

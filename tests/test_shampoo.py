@@ -8,7 +8,7 @@ import pytest
 
 import layerwise_optax as lo
 from layerwise_optax import DimensionNumbers as DN
-from tests._helpers import assert_recovers, assert_trees_close, shampoo_reference
+from tests._helpers import assert_recovers, assert_trees_close, random_spd, shampoo_reference
 
 
 def _grads(shape, n, seed=0):
@@ -261,11 +261,7 @@ def test_kl_shampoo_recovers_the_kronecker_covariance_and_whitens():
     # Shampoo's factors are only proportional (L ∝ A tr B), so its scale is off.
     rng = np.random.default_rng(0)
 
-    def spd(n, cond):
-        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        return (q * np.logspace(0, np.log10(cond), n)) @ q.T
-
-    a, b = spd(5, 30.0), spd(4, 10.0)
+    a, b = random_spd(rng, 5, 30.0), random_spd(rng, 4, 10.0)
     sa = jnp.asarray(np.linalg.cholesky(a), jnp.float32)
     sb = jnp.asarray(np.linalg.cholesky(b), jnp.float32)
     target = np.kron(a, b)
