@@ -54,6 +54,30 @@ def bias_corrected_first_moment(
     return mu / (1.0 - b1**t)
 
 
+def guarded_momentum(
+    g: jax.Array, mu: jax.Array, b1: jax.Array, count_inc: jax.Array, nesterov: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One EMA momentum step that keeps a non-finite gradient leaf out.
+
+    Shared by the momentum-first transforms (Muon, steepest descent, PSGD-Kron).
+
+    Args:
+      g: Gradient leaf.
+      mu: Stored momentum (any float dtype).
+      b1: Momentum decay.
+      count_inc: Step number ``t >= 1``.
+      nesterov: NAdam-style look-ahead (:func:`bias_corrected_first_moment`).
+
+    Returns:
+      ``(ok, g32, mu_new, m_hat)``: the all-finite flag, the gradient in at least
+      float32 (zero if not finite), the new momentum (``mu`` unchanged if not
+      finite) and its bias-corrected estimate.
+    """
+    ok, g32 = _kron.finite_or_zero(g)
+    mu_new = jnp.where(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
+    return ok, g32, mu_new, bias_corrected_first_moment(mu_new, g32, b1, count_inc, nesterov)
+
+
 def graft_update(
     grafting: str,
     m_hat: jax.Array,

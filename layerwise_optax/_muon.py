@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg, _roles
+from layerwise_optax import _axes, _checks, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -186,10 +186,8 @@ def scale_by_muon(
             def leaf(g, plan, mu, nu=None):
                 if plan.spec is None:
                     return _LeafOut(g, mu, jnp.zeros([], jnp.int32), nu)
-                ok, g32 = _kron.finite_or_zero(g)
-                mu_new = jnp.where(ok, beta_ * mu.astype(g32.dtype) + (1 - beta_) * g32, mu)
-                m_hat = _grafting.bias_corrected_first_moment(
-                    mu_new, g32, beta_, count_inc, nesterov
+                ok, g32, mu_new, m_hat = _grafting.guarded_momentum(
+                    g, mu, beta_, count_inc, nesterov
                 )
                 # m_hat is finite: the gradient was zeroed if not, the momentum only
                 # ever holds finite values.
@@ -234,65 +232,6 @@ def scale_by_muon(
             )
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def with_fallback(
-    inner: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule,
-    mask: optax.MaskOrFn,
-    dimension_numbers: _axes.DimNumsOrFn | None,
-    roles: _roles.RolesOrFn | None,
-    *,
-    adam_learning_rate: optax.ScalarOrSchedule | None,
-    adam_b1: jax.typing.ArrayLike,
-    adam_b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    adam_weight_decay: optax.ScalarOrSchedule,
-    adam_mask: optax.MaskOrFn,
-    mu_dtype: jax.typing.DTypeLike | None,
-    nesterov: bool,
-) -> optax.GradientTransformation:
-    """``optax.partition`` of a matrix transform (label ``'muon'``) and AdamW (``'adam'``).
-
-    A leaf is a matrix leaf when its spec (``dimension_numbers``, or else the matrix
-    view of its role) is not ``None``. Shared by :func:`muon` and :func:`normuon`.
-    """
-    specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
-
-    def labels(params):
-        specs = specs_of(params) if callable(specs_of) else specs_of
-        _, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
-        flat = treedef.flatten_up_to(specs)
-        return treedef.unflatten(["muon" if s is not None else "adam" for s in flat])
-
-    return optax.partition(
-        {
-            "muon": optax.chain(
-                inner,
-                optax.add_decayed_weights(weight_decay, mask),
-                optax.scale_by_learning_rate(learning_rate),
-            ),
-            # optax.adamw has no guard against non-finite gradients: a NaN would stay
-            # in its moments forever. apply_if_finite skips the fallback's step (all its
-            # leaves, state kept) when any of its gradients is not finite, and counts it
-            # (``notfinite_count``); it never gives up.
-            "adam": optax.apply_if_finite(
-                optax.adamw(
-                    learning_rate if adam_learning_rate is None else adam_learning_rate,
-                    b1=adam_b1,
-                    b2=adam_b2,
-                    eps=eps,
-                    weight_decay=adam_weight_decay,
-                    mask=adam_mask,
-                    mu_dtype=mu_dtype,
-                    nesterov=nesterov,
-                ),
-                max_consecutive_errors=2**31 - 1,
-            ),
-        },
-        labels,
-    )
 
 
 def muon(
@@ -392,21 +331,40 @@ def muon(
         neuron_b2=neuron_b2,
         neuron_eps=eps,
     )
-    return with_fallback(
-        inner,
-        learning_rate,
-        weight_decay,
-        mask,
-        dimension_numbers,
-        roles,
-        adam_learning_rate=adam_learning_rate,
-        adam_b1=adam_b1,
-        adam_b2=adam_b2,
-        eps=eps,
-        adam_weight_decay=adam_weight_decay,
-        adam_mask=adam_mask,
-        mu_dtype=mu_dtype,
-        nesterov=nesterov,
+    specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
+
+    def labels(params):
+        specs = specs_of(params) if callable(specs_of) else specs_of
+        _, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
+        flat = treedef.flatten_up_to(specs)
+        return treedef.unflatten(["muon" if s is not None else "adam" for s in flat])
+
+    return optax.partition(
+        {
+            "muon": optax.chain(
+                inner,
+                optax.add_decayed_weights(weight_decay, mask),
+                optax.scale_by_learning_rate(learning_rate),
+            ),
+            # optax.adamw has no guard against non-finite gradients: a NaN would stay
+            # in its moments forever. apply_if_finite skips the fallback's step (all its
+            # leaves, state kept) when any of its gradients is not finite, and counts it
+            # (``notfinite_count``); it never gives up.
+            "adam": optax.apply_if_finite(
+                optax.adamw(
+                    learning_rate if adam_learning_rate is None else adam_learning_rate,
+                    b1=adam_b1,
+                    b2=adam_b2,
+                    eps=eps,
+                    weight_decay=adam_weight_decay,
+                    mask=adam_mask,
+                    mu_dtype=mu_dtype,
+                    nesterov=nesterov,
+                ),
+                max_consecutive_errors=2**31 - 1,
+            ),
+        },
+        labels,
     )
 
 

@@ -352,9 +352,7 @@ def scale_by_psgd_kron(
             )
 
             def moment(g, plan, mu):
-                ok, g32 = _kron.finite_or_zero(g)
-                mu_new = jnp.where(ok, b1_ * mu.astype(jnp.float32) + (1 - b1_) * g32, mu)
-                m_hat = _grafting.bias_corrected_first_moment(mu_new, g32, b1_, count_inc, nesterov)
+                ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, mu, b1_, count_inc, nesterov)
                 return _Moment(ok, mu_new, m_hat)
 
             mom = _axes.map_leaves(moment, plans, updates, state.mu)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg, _roles
+from layerwise_optax import _axes, _checks, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "norms",
@@ -242,9 +242,7 @@ def scale_by_steepest_descent(
                     new_mu.append(mu)
                     continue
                 norm, scale, plan = s
-                ok, g32 = _kron.finite_or_zero(g)
-                m = jnp.where(ok, beta_ * mu.astype(jnp.float32) + (1 - beta_) * g32, mu)
-                m_hat = _grafting.bias_corrected_first_moment(m, g32, beta_, count_inc, nesterov)
+                ok, _, m, m_hat = _grafting.guarded_momentum(g, mu, beta_, count_inc, nesterov)
                 d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
                 if dual_scale:
                     d = d * dual
