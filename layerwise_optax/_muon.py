@@ -431,6 +431,7 @@ def normuon(
     Returns:
       An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
     """
+    _checks.in_unit_interval("b2", b2)  # named as normuon's caller knows it
     return muon(
         learning_rate,
         ns_coeffs,

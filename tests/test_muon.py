@@ -187,6 +187,11 @@ def test_bad_hyperparameters_are_named(kwargs, match):
         lo.muon(0.02, **kwargs)
 
 
+def test_normuon_bad_b2_is_named_as_its_argument():
+    with pytest.raises(ValueError, match=r"^b2 must be in \[0, 1\)"):
+        lo.normuon(0.02, b2=1.5)
+
+
 def test_bad_spec_names_the_path():
     tx = lo.scale_by_muon(dimension_numbers={"w": lo.DimensionNumbers(((0,), (1,), (2,)))})
     with pytest.raises(ValueError, match=r"param \['w'\].*exactly two factor groups"):
