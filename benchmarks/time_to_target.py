@@ -1,26 +1,27 @@
-"""Steps and time to AdamW's loss on real data (scikit-learn's handwritten digits).
+"""Steps and time to AdamW's loss, at the same tuning budget, on real data and the paper's toys.
 
 The question a user asks: at the same tuning budget, does a layer-wise optimizer
-reach AdamW's loss in fewer steps, and in less wall-clock? Protocol:
+reach AdamW's loss in fewer steps, and in less wall-clock? Protocol, for each
+workload of :mod:`benchmarks.workloads` (digits, MNIST-1D, a character-level
+transformer on the standard library's source, the zoo's linear representation
+problem at κ = 10 and 1000; all offline):
 
-* data: ``sklearn.datasets.load_digits`` (1797 8×8 images, 10 classes; ships
-  with scikit-learn, no download), standardized, a fixed 80/20 split;
-* model: a Flax NNX MLP 64-128-128-10 (tanh), cross-entropy, minibatches of 128
-  drawn by a seeded permutation per epoch, ``--steps`` steps (200: ~18 epochs;
-  by 600 steps every method interpolates the training set, losses < 1e-4, and the
-  target no longer tells methods apart);
+* minibatches drawn by a seeded permutation per epoch, the workload's number of
+  steps, the whole run one ``lax.scan`` (so a run costs one compile per method);
 * tuning budget: the same number of log-spaced learning rates for every method
   (7; 3 in ``--quick``) around its usual range, and ``--seeds`` seeds;
 * target: AdamW's final training loss at its best learning rate (median over
   seeds of the mean of the last 20 steps). A method's *steps to target* is, at
-  its best learning rate, the median over seeds of the first step whose
+  its best learning rate for that, the median over seeds of the first step whose
   20-step running mean is at or below the target (``inf`` if never);
 * time: each method's compiled training step (forward, backward and update; for
   K-FAC with the statistics capture) timed in interleaved rounds
-  (``harness.time_interleaved``); *time to target* = steps × step time.
+  (``harness.time_interleaved``); *time to target* = steps × step time;
+* held-out quality at the best final-loss learning rate: test loss, and test
+  accuracy for the classifiers.
 
-Run: ``python -m benchmarks.time_to_target [--quick] [--out DIR]`` (needs
-scikit-learn: ``pip install -e '.[bench]'``).
+Run: ``python -m benchmarks.time_to_target [--quick] [--workloads W ...]
+[--out DIR]`` (needs scikit-learn and mnist1d: ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -38,37 +39,12 @@ from flax import nnx
 
 import layerwise_optax as lo
 from benchmarks import harness
+from benchmarks.workloads import WORKLOADS, Workload
 from layerwise_optax import flax as lof
 
 WINDOW = 20
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.hidden1 = nnx.Linear(64, 128, rngs=rngs)
-        self.hidden2 = nnx.Linear(128, 128, rngs=rngs)
-        self.head = nnx.Linear(128, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(jnp.tanh(self.hidden2(jnp.tanh(self.hidden1(x)))))
-
-
-def load_digits(seed: int = 0):
-    try:
-        from sklearn.datasets import load_digits as sk_load
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            f"time_to_target needs scikit-learn (pip install -e '.[bench]'): {e}"
-        ) from None
-    x, y = sk_load(return_X_y=True)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    n_train = int(0.8 * len(x))
-    tr, te = perm[:n_train], perm[n_train:]
-    return (
-        (jnp.asarray(x[tr], jnp.float32), jnp.asarray(y[tr], jnp.int32)),
-        (jnp.asarray(x[te], jnp.float32), jnp.asarray(y[te], jnp.int32)),
-    )
+# The methods the issue's time-to-target goal is about (the best of them counts).
+KRONECKER = ("shampoo", "soap", "kfac")
 
 
 def _grid(lo_exp: float, hi_exp: float, n: int) -> list[float]:
@@ -96,39 +72,45 @@ def methods(
     }
 
 
-def make_train(factory, use_stats: bool, data, steps: int, batch: int):
-    (xtr, ytr), _ = data
-    n = xtr.shape[0]
+def _loss_fn(workload: Workload):
+    return lof.mse if workload.loss == "mse" else lof.softmax_cross_entropy
+
+
+def make_train(factory, use_stats: bool, workload: Workload, train_data, steps: int):
+    """``train(lr, seed) -> (losses, params)`` and ``step_fn(lr) -> (step, carry)``."""
+    xtr, ytr = train_data
+    n, batch = xtr.shape[0], workload.batch
     per_epoch = n // batch
-    capture = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
+    loss_fn = _loss_fn(workload)
+    capture = lof.kfac_value_and_grad(lambda m, x: m(x), workload.loss)
+    graphdef = nnx.split(workload.model(nnx.Rngs(0)), nnx.Param)[0]
 
-    def loss_fn(model, x, y):
-        return lof.softmax_cross_entropy(model(x), y)
-
-    def one_step(tx, graphdef, params, state, x, y):
+    def one_step(tx, params, state, x, y):
         model = nnx.merge(graphdef, params)
         if use_stats:
             loss, grads, stats = capture(model, x, y)
             updates, state = tx.update(nnx.as_pure(grads), state, params, kfac_stats=stats)
         else:
-            loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+            loss, grads = nnx.value_and_grad(lambda m: loss_fn(m(x), y))(model)
             updates, state = tx.update(nnx.as_pure(grads), state, params)
         return loss, optax.apply_updates(params, updates), state
 
-    def train(lr, seed):
+    def init(lr, seed):
         tx = factory(lr)
-        graphdef, params = nnx.split(MLP(nnx.Rngs(jax.random.key(seed))), nnx.Param)
+        _, params = nnx.split(workload.model(nnx.Rngs(jax.random.key(seed))), nnx.Param)
         params = nnx.as_pure(params)
-        state = tx.init(params)
-        key = jax.random.key(seed)
+        return tx, params, tx.init(params)
+
+    def train(lr, seed):
+        tx, params, state = init(lr, seed)
         perms = jax.vmap(lambda k: jax.random.permutation(k, n))(
-            jax.random.split(key, steps // per_epoch + 1)
+            jax.random.split(jax.random.key(seed), steps // per_epoch + 1)
         )
 
         def body(carry, t):
             params, state = carry
             idx = jax.lax.dynamic_slice(perms[t // per_epoch], ((t % per_epoch) * batch,), (batch,))
-            loss, params, state = one_step(tx, graphdef, params, state, xtr[idx], ytr[idx])
+            loss, params, state = one_step(tx, params, state, xtr[idx], ytr[idx])
             return (params, state), loss
 
         (params, _), losses = jax.lax.scan(body, (params, state), jnp.arange(steps))
@@ -136,19 +118,24 @@ def make_train(factory, use_stats: bool, data, steps: int, batch: int):
 
     def step_fn(lr):
         """A single compiled training step for timing: carry (params, state, x, y)."""
-        tx = factory(lr)
-        graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
-        params = nnx.as_pure(params)
-        state = tx.init(params)
+        tx, params, state = init(lr, 0)
 
         def step(carry):
             params, state, x, y = carry
-            _, params, state = one_step(tx, graphdef, params, state, x, y)
+            _, params, state = one_step(tx, params, state, x, y)
             return params, state, x, y
 
         return step, (params, state, xtr[:batch], ytr[:batch])
 
-    return train, step_fn, nnx.split(MLP(nnx.Rngs(0)), nnx.Param)[0]
+    def evaluate(params, test_data):
+        x, y = test_data
+        out = nnx.merge(graphdef, params)(x)
+        metrics = {"test_loss": float(loss_fn(out, y))}
+        if workload.loss != "mse":
+            metrics["test_acc"] = float(jnp.mean(jnp.argmax(out, -1) == y))
+        return metrics
+
+    return train, step_fn, evaluate
 
 
 def _first_hit(losses: np.ndarray, target: float) -> float:
@@ -157,49 +144,41 @@ def _first_hit(losses: np.ndarray, target: float) -> float:
     return float(hits[0] + WINDOW) if hits.size else math.inf
 
 
-def run(args) -> dict:
-    data = load_digits()
-    (xte, yte) = data[1]
+def _final(losses: np.ndarray) -> float:
+    tail = losses[-WINDOW:]
+    return float(np.mean(tail)) if np.all(np.isfinite(tail)) else math.inf
+
+
+def run_workload(workload: Workload, args, bar=None) -> dict:
+    train_data, test_data, info = workload.data()
+    steps = args.steps or (workload.quick_steps if args.quick else workload.steps)
     table = methods(args.grid)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only or k == "adamw"}
     curves: dict = {}
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    total = sum(len(g) for _, g, _ in table.values()) * args.seeds
-    bar = tqdm(total=total, desc="runs", disable=args.no_progress) if tqdm else None
     steppers = {}
     for name, (factory, grid, use_stats) in table.items():
-        train, step_fn, graphdef = make_train(factory, use_stats, data, args.steps, args.batch)
+        train, step_fn, evaluate = make_train(factory, use_stats, workload, train_data, steps)
         train = jax.jit(train)
         per_lr = {}
         for lr in grid:
             runs = []
             for seed in range(args.seeds):
                 losses, params = train(jnp.float32(lr), seed)
-                losses = np.asarray(losses)
-                logits = nnx.merge(graphdef, params)(xte)
-                acc = float(jnp.mean(jnp.argmax(logits, -1) == yte))
-                runs.append({"losses": losses, "test_acc": acc})
-                if bar:
+                runs.append({"losses": np.asarray(losses), **evaluate(params, test_data)})
+                if bar is not None:
                     bar.update(1)
-            finals = [
-                float(np.mean(r["losses"][-WINDOW:]))
-                if np.all(np.isfinite(r["losses"][-WINDOW:]))
-                else math.inf
-                for r in runs
-            ]
             per_lr[lr] = {
-                "final_loss_median": statistics.median(finals),
-                "test_acc_median": statistics.median(r["test_acc"] for r in runs),
+                "final_loss_median": statistics.median(_final(r["losses"]) for r in runs),
+                **{
+                    f"{k}_median": statistics.median(r[k] for r in runs)
+                    for k in runs[0]
+                    if k != "losses"
+                },
                 "losses": [r["losses"] for r in runs],
             }
         curves[name] = per_lr
         steppers[name] = step_fn
-    if bar:
-        bar.close()
 
     best = {n: min(c, key=lambda lr: c[lr]["final_loss_median"]) for n, c in curves.items()}
     target = curves["adamw"][best["adamw"]]["final_loss_median"]
@@ -209,10 +188,12 @@ def run(args) -> dict:
             lr: statistics.median(_first_hit(run, target) for run in c[lr]["losses"]) for lr in c
         }
         lr_star = min(hits, key=lambda lr: (hits[lr], c[lr]["final_loss_median"]))
+        b = c[best[name]]
         summary[name] = {
             "best_lr_by_final_loss": best[name],
-            "final_loss": c[best[name]]["final_loss_median"],
-            "test_acc": c[best[name]]["test_acc_median"],
+            "final_loss": b["final_loss_median"],
+            "test_loss": b["test_loss_median"],
+            "test_acc": b.get("test_acc_median"),
             "steps_to_target": hits[lr_star],
             "lr_for_target": lr_star,
         }
@@ -231,15 +212,17 @@ def run(args) -> dict:
     for s in summary.values():
         s["steps_vs_adamw"] = s["steps_to_target"] / a["steps_to_target"]
         s["time_vs_adamw"] = s["time_to_target_s"] / a["time_to_target_s"]
-    print(f"target loss (AdamW, lr {best['adamw']:.2g}): {target:.4f}")
-    print(
-        f"{'method':18s} {'steps':>7s} {'x AdamW':>8s} {'step ms':>8s} {'time x':>7s} {'final':>7s} {'test acc':>8s}"
-    )
-    for name, s in summary.items():
-        print(
-            f"{name:18s} {s['steps_to_target']:7.0f} {s['steps_vs_adamw']:8.2f} "
-            f"{s['step_s'] * 1e3:8.2f} {s['time_vs_adamw']:7.2f} {s['final_loss']:7.4f} {s['test_acc']:8.3f}"
-        )
+    kron = {n: summary[n] for n in KRONECKER if n in summary}
+    goal = None
+    if kron:
+        by_steps = min(kron, key=lambda n: kron[n]["steps_vs_adamw"])
+        by_time = min(kron, key=lambda n: kron[n]["time_vs_adamw"])
+        goal = {
+            "best_steps": [by_steps, kron[by_steps]["steps_vs_adamw"]],
+            "best_time": [by_time, kron[by_time]["time_vs_adamw"]],
+            "steps_goal_met": kron[by_steps]["steps_vs_adamw"] <= 0.7,
+            "time_goal_met": kron[by_time]["time_vs_adamw"] <= 1.0,
+        }
     out_curves = {
         n: {str(lr): {k: v for k, v in d.items() if k != "losses"} for lr, d in c.items()}
         for n, c in curves.items()
@@ -249,11 +232,39 @@ def run(args) -> dict:
         for n, c in curves.items()
     }
     return {
+        "description": workload.description,
+        "data": info,
+        "steps": steps,
+        "batch": workload.batch,
         "target_loss": target,
         "summary": summary,
+        "kronecker_goal": goal,
         "grid": out_curves,
         "best_curves": best_curves,
     }
+
+
+def print_summary(name: str, r: dict) -> None:
+    print(f"\n[{name}] {r['description']}: target loss (AdamW) {r['target_loss']:.4g}")
+    print(
+        f"{'method':18s} {'steps':>7s} {'x AdamW':>8s} {'step ms':>8s} {'time x':>7s} "
+        f"{'final':>8s} {'test loss':>9s} {'test acc':>8s}"
+    )
+    for m, s in r["summary"].items():
+        acc = f"{s['test_acc']:8.3f}" if s["test_acc"] is not None else f"{'':8s}"
+        print(
+            f"{m:18s} {s['steps_to_target']:7.0f} {s['steps_vs_adamw']:8.2f} "
+            f"{s['step_s'] * 1e3:8.2f} {s['time_vs_adamw']:7.2f} {s['final_loss']:8.4g} "
+            f"{s['test_loss']:9.4g} {acc}"
+        )
+    if r["kronecker_goal"]:
+        g = r["kronecker_goal"]
+        print(
+            f"best of {'/'.join(KRONECKER)}: steps {g['best_steps'][0]} {g['best_steps'][1]:.2f}x "
+            f"(goal <= 0.7: {'met' if g['steps_goal_met'] else 'missed'}), time "
+            f"{g['best_time'][0]} {g['best_time'][1]:.2f}x "
+            f"(goal <= 1.0: {'met' if g['time_goal_met'] else 'missed'})"
+        )
 
 
 def plot(results: dict, path) -> None:
@@ -262,41 +273,71 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, curve in results["best_curves"].items():
-        c = np.convolve(np.asarray(curve), np.ones(WINDOW) / WINDOW, mode="valid")
-        ax.plot(np.arange(WINDOW, WINDOW + len(c)), c, label=name)
-    ax.axhline(results["target_loss"], color="k", ls="--", lw=0.8, label="AdamW target")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"train loss ({WINDOW}-step mean)")
-    ax.set_title("digits MLP, each method at its target learning rate")
-    ax.legend(fontsize=7)
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        r = results[name]
+        for method, curve in r["best_curves"].items():
+            c = np.convolve(np.asarray(curve), np.ones(WINDOW) / WINDOW, mode="valid")
+            ax.plot(np.arange(WINDOW, WINDOW + len(c)), c, label=method, lw=1.2)
+        ax.axhline(r["target_loss"], color="k", ls="--", lw=0.8, label="AdamW target")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel(f"train loss ({WINDOW}-step mean)")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("each method at the learning rate that reaches AdamW's loss first", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="3-point grid, 1 seed, 150 steps (default 200)"
+        "--quick",
+        action="store_true",
+        help="2-point grid, 1 seed, each workload's quick_steps, methods AdamW/SOAP/K-FAC",
     )
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--workloads", nargs="*", default=None, choices=sorted(WORKLOADS), help="default: all"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="override every workload's")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--grid", type=int, default=None, help="learning rates per method")
-    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--only", nargs="*", default=None, help="methods (AdamW always runs)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (150 if args.quick else 200)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.grid = args.grid or (3 if args.quick else 7)
-    results = run(args)
+    args.grid = args.grid or (2 if args.quick else 7)
+    if args.quick and args.only is None:
+        args.only = ["soap", "kfac"]
+    for flag in ("steps", "seeds", "grid"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            parser.error(f"--{flag} must be >= 1, got {v}")
+    names = args.workloads or list(WORKLOADS)
+    n_methods = len(methods(1)) if not args.only else 1 + len(set(args.only) - {"adamw"})
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    total = len(names) * n_methods * args.grid * args.seeds
+    bar = tqdm(total=total, desc="runs", disable=args.no_progress) if tqdm else None
+    results = {}
+    for name in names:
+        if bar is not None:
+            bar.set_postfix_str(name)
+        results[name] = run_workload(WORKLOADS[name], args, bar)
+    if bar is not None:
+        bar.close()
+    for name, r in results.items():
+        print_summary(name, r)
     path = harness.write_record(args.out, "time_to_target", vars(args), results)
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    return results
 
 
 if __name__ == "__main__":
