@@ -20,8 +20,10 @@ def plot(record: dict, out: pathlib.Path) -> None:
 
     results = record["results"]
     workloads = list(results)
-    optimizers = [o for o in next(iter(results.values())) if o != "floor"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    optimizers = list(
+        dict.fromkeys(o for per in results.values() for o in per if not o.startswith("floor"))
+    )
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(optimizers)
     x = np.arange(len(workloads))
     for i, name in enumerate(optimizers):
@@ -30,9 +32,14 @@ def plot(record: dict, out: pathlib.Path) -> None:
             for w in workloads
         ]
         ax.bar(x + i * width, ys, width, label=name)
-    floors = [1e3 * results[w]["floor"]["timing"]["ordinary_median_s"] for w in workloads]
-    ax.scatter(x + 0.4 - width / 2, floors, marker="_", s=800, color="k", label="matmul floor")
-    ax.set_xticks(x + 0.4 - width / 2, workloads, fontsize=8)
+    floors = [
+        1e3 * results[w]["floor_shampoo"]["timing"]["ordinary_median_s"]
+        if "floor_shampoo" in results[w]
+        else np.nan
+        for w in workloads
+    ]
+    ax.scatter(x + 0.4 - width / 2, floors, marker="_", s=800, color="k", label="Shampoo floor")
+    ax.set_xticks(x + 0.4 - width / 2, workloads, fontsize=7, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("amortized step time (ms)")
     cfg = record["config"]
@@ -40,37 +47,10 @@ def plot(record: dict, out: pathlib.Path) -> None:
         f"block {cfg['block_size']}, refresh every {cfg['frequency']} steps — "
         f"{record['device_kind']} ({record.get('cpu_count')} cores)"
     )
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-def markdown_table(record: dict) -> str:
-    """The record as a markdown table (ms; ratios against DS and the floor)."""
-    rows = [
-        "| workload | optimizer | ordinary ms (median / min) | refresh ms | amortized ms "
-        "| vs DS (amortized) | vs floor (ordinary, median / min) | state MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for w, per in record["results"].items():
-        ds = per.get("ds_shampoo", {}).get("timing")
-        fl = per["floor"]["timing"]
-        for name, e in per.items():
-            t = e["timing"]
-            refresh = f"{1e3 * t['refresh_median_s']:.1f}" if t["refresh_median_s"] else "–"
-            vs_ds = f"{t['amortized_s'] / ds['amortized_s']:.2f}×" if ds and name != "floor" else ""
-            vs_fl = (
-                f"{t['ordinary_median_s'] / fl['ordinary_median_s']:.2f}× / "
-                f"{t['ordinary_min_s'] / fl['ordinary_min_s']:.2f}×"
-            )
-            mb = f"{e['state_bytes'] / 2**20:.1f}" if "state_bytes" in e else ""
-            rows.append(
-                f"| {w} | {name} | {1e3 * t['ordinary_median_s']:.2f} / "
-                f"{1e3 * t['ordinary_min_s']:.2f} | {refresh} | {1e3 * t['amortized_s']:.2f} "
-                f"| {vs_ds} | {vs_fl} | {mb} |"
-            )
-    return "\n".join(rows)
 
 
 def main(argv=None):
@@ -84,7 +64,9 @@ def main(argv=None):
     plot(json.loads(path.read_text()), out)
     print(f"wrote {out}")
     if args.markdown:
-        print(markdown_table(json.loads(path.read_text())))
+        from benchmarks.report import step_time_table
+
+        print(step_time_table(json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

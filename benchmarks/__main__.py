@@ -1,0 +1,78 @@
+"""The whole benchmark suite in one command, then the README tables regenerated.
+
+``python -m benchmarks [--quick] [--out DIR]`` runs, in this order: step time and
+memory across shapes (``step_time``), Muon/PSGD-Kron against their peers with
+interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``), and
+steps/time to AdamW's loss on every workload (``time_to_target``). Each writes
+its own record. Without ``--quick`` and with the default ``--out`` it then
+rewrites the generated tables of ``benchmarks/README.md`` (``benchmarks.report``).
+``--quick`` is the CI smoke run: small shapes, few steps, one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import kfac_step, layerwise_step, report, step_time, time_to_target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    quick = ["--quick"] if args.quick else []
+    out = ["--out", args.out]
+    suite = [
+        ("step_time", step_time.main, quick + out),
+        ("layerwise_step", layerwise_step.main, quick + out),
+        ("kfac_step", kfac_step.main, quick + out),
+        ("time_to_target", time_to_target.main, quick + out + ["--no-progress"] * args.quick),
+    ]
+    if args.quick:
+        # The smoke run exercises every script and peer on the smallest settings.
+        suite[0] = (
+            "step_time",
+            step_time.main,
+            out
+            + [
+                "--quick",
+                "--steps",
+                "5",
+                "--frequency",
+                "2",
+                "--workloads",
+                "square_128",
+                "transformer_w32_d1",
+            ],
+        )
+        suite[3] = (
+            "time_to_target",
+            time_to_target.main,
+            out
+            + [
+                "--quick",
+                "--no-progress",
+                "--steps",
+                "25",
+                "--workloads",
+                "digits",
+                "mnist1d",
+                "charlm",
+                "linrep_k1000",
+            ],
+        )
+    timings = {}
+    for name, fn, argv_ in suite:
+        t0 = time.perf_counter()
+        print(f"\n=== {name} {' '.join(argv_)}", flush=True)
+        fn(argv_)
+        timings[name] = time.perf_counter() - t0
+    print("\n" + "  ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    if not args.quick and args.out == "benchmarks/results":
+        report.main([])
+
+
+if __name__ == "__main__":
+    main()
