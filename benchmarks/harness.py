@@ -167,14 +167,14 @@ def environment() -> dict[str, Any]:
         "layerwise_optax": layerwise_optax.__version__,
         "python": platform.python_version(),
     }
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        import precondition  # noqa: F401
-
-        versions["precondition-opt"] = version("precondition-opt")
-    except Exception:  # noqa: BLE001 - the peer is optional
-        pass
+    # Peers and data packages, by distribution name (not imported here).
+    for dist in ("flax", "precondition-opt", "kfac-jax", "psgd-jax", "scikit-learn", "mnist1d"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     dev = jax.devices()[0]
     return {
         "versions": versions,
