@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -85,32 +86,40 @@ def time_steps(
 
 
 def time_interleaved(
-    steps: dict[str, tuple[Callable[[Any], Any], Any]], *, rounds: int, warmup: int = 2
+    steps: dict[str, tuple[Callable[[Any], Any], Any]],
+    *,
+    rounds: int,
+    warmup: int = 2,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Times several compiled steps in interleaved rounds (each ``carry = step(carry)``).
 
-    Each round runs every step once, the order rotated from round to round, so
-    slow periods of the machine (other processes, frequency changes) and the cost
-    of following a different kind of step are shared instead of landing on
-    whichever optimizer happened to run then.
+    Each round runs every step once, in a fresh seeded random order, so slow
+    periods of the machine (other processes, frequency changes) and the cost of
+    following a different kind of step are shared instead of landing on whichever
+    optimizer happened to run then.
 
     Args:
       steps: ``{name: (compiled step, initial carry)}``.
       rounds: Timed rounds.
       warmup: Untimed rounds first.
+      seed: Seed of the per-round orders.
 
     Returns:
       ``{name: [seconds per timed call]}``.
     """
     carries = {n: c for n, (_, c) in steps.items()}
     times: dict[str, list[float]] = {n: [] for n in steps}
-    names = list(steps)
+    order = list(steps)
+    rng = random.Random(seed)
     for r in range(warmup + rounds):
-        # Rotate the order each round: on CPU the step that follows a cheap one pays
-        # ~20% more (measured: swapping Muon and optax's Muon flips their ratio
-        # 1.2x -> 0.84x), so no step may keep the same predecessor.
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
+        # A step's cost depends on the step before it (on CPU, one after a cheap
+        # AdamW step costs ~20% more; Muon right after a PSGD fit took 1.9x its
+        # own median), so every round gets a new order. A cyclic rotation would
+        # not do: it keeps each step's predecessor (measured: it put Muon after
+        # PSGD in every round and read 1.54x optax's Muon, against 1.04x here).
+        rng.shuffle(order)
+        for n in order:
             fn = steps[n][0]
             t0 = time.perf_counter()
             carries[n] = jax.block_until_ready(fn(carries[n]))
