@@ -384,14 +384,17 @@ def main(argv=None):
         v = getattr(args, flag)
         if v is not None and v < 1:
             parser.error(f"--{flag} must be >= 1, got {v}")
-    if args.retime:
-        results = retime(args.retime, args)
-        for name, r in results.items():
-            print_summary(name, r)
-        path = harness.write_record(args.out, "time_to_target", vars(args), results)
-        plot(results, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
-        return results
+    results = retime(args.retime, args) if args.retime else train_all(args)
+    for name, r in results.items():
+        print_summary(name, r)
+    path = harness.write_record(args.out, "time_to_target", vars(args), results)
+    plot(results, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return results
+
+
+def train_all(args) -> dict:
+    """Every run of every method on every chosen workload, with one progress bar."""
     names = args.workloads or list(WORKLOADS)
     n_methods = len(methods(1)) if not args.only else 1 + len(set(args.only) - {"adamw"})
     try:
@@ -407,11 +410,6 @@ def main(argv=None):
         results[name] = run_workload(WORKLOADS[name], args, bar)
     if bar is not None:
         bar.close()
-    for name, r in results.items():
-        print_summary(name, r)
-    path = harness.write_record(args.out, "time_to_target", vars(args), results)
-    plot(results, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
     return results
 
 
