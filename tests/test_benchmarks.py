@@ -92,7 +92,14 @@ def test_time_to_target_quick_on_the_zoo_problem(tmp_path):
     assert r["summary"]["adamw"]["steps_vs_adamw"] == 1.0  # AdamW meets its own target
     assert r["summary"]["kfac"]["step_s"] > 0
     assert r["kronecker_goal"]["best_steps"][0] == "kfac"
-    assert list(tmp_path.glob("*_time_to_target/*.png"))
+    (record,) = tmp_path.glob("*_time_to_target/*.json")
+    assert record.with_suffix(".png").exists()
+    # --retime measures the step times again and keeps the training results.
+    again = time_to_target.main(["--retime", str(record), "--out", str(tmp_path / "re")])
+    re_summary = again["linrep_k10"]["summary"]
+    for method in ("adamw", "kfac"):
+        assert re_summary[method]["steps_to_target"] == r["summary"][method]["steps_to_target"]
+        assert re_summary[method]["step_s"] > 0
 
 
 def test_summarize_amortizes_refresh():
