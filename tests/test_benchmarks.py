@@ -117,3 +117,8 @@ def test_kfac_step_quick_runs(tmp_path):
     assert r["capture_empirical"]["vs_value_and_grad"] > 0
     assert r["step_kfac"].refresh_median_s is not None
     assert list(tmp_path.glob("*_kfac_step/*.json"))
+
+
+def test_benchmark_readme_tables_match_the_newest_records():
+    """The generated tables in benchmarks/README.md are those of the committed records."""
+    assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"
