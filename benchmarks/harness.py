@@ -148,7 +148,13 @@ def summarize(
 
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the arrays in a tree."""
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    # Peers' states may hold Python scalars (kfac-jax's step counters): count them too.
+    return int(
+        sum(
+            x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes
+            for x in jax.tree.leaves(tree)
+        )
+    )
 
 
 def git_revision() -> dict[str, Any]:

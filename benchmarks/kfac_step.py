@@ -105,6 +105,7 @@ def run(args) -> dict:
             compiled, (params_only, state), frequency=freq, first_count=0, steps=2 * freq + 1
         )
         results[f"step_{name}"] = harness.summarize(compile_s, ordinary, refresh, freq)
+        results[f"state_bytes_{name}"] = harness.tree_bytes(state)
     results["kfac_vs_adamw_amortized"] = (
         results["step_kfac"].amortized_s / results["step_adamw"].amortized_s
     )
@@ -162,7 +163,7 @@ def _kfac_jax_step(model, x, y, freq, args) -> dict:
         step, carry, frequency=freq, first_count=1, steps=2 * freq + 1
     )
     timing = harness.summarize(compile_s, ordinary, refresh, freq)
-    return {"step_kfac_jax": timing}
+    return {"step_kfac_jax": timing, "state_bytes_kfac_jax": harness.tree_bytes(state)}
 
 
 def main(argv=None):

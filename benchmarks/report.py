@@ -108,10 +108,13 @@ def time_to_target_table(record: dict) -> str:
 
 def kfac_step_table(record: dict) -> str:
     r = record["results"]
-    rows = ["| | ordinary ms | refresh ms | amortized ms | ratio |", "|---|---|---|---|---|"]
-    rows.append(f"| `nnx.value_and_grad` | {_ms(r['value_and_grad']['median_s'])} | | | 1.00× |")
+    rows = [
+        "| | ordinary ms | refresh ms | amortized ms | ratio | state MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows.append(f"| `nnx.value_and_grad` | {_ms(r['value_and_grad']['median_s'])} | | | 1.00× | |")
     for k in ("capture_empirical", "capture_fisher"):
-        rows.append(f"| {k} | {_ms(r[k]['median_s'])} | | | {_x(r[k]['vs_value_and_grad'])} |")
+        rows.append(f"| {k} | {_ms(r[k]['median_s'])} | | | {_x(r[k]['vs_value_and_grad'])} | |")
     for k, ratio in (
         ("step_adamw", None),
         ("step_kfac_jax", None),
@@ -119,9 +122,12 @@ def kfac_step_table(record: dict) -> str:
     ):
         if k in r:
             t = r[k]
+            state = r.get(k.replace("step_", "state_bytes_"))
+            mib = "" if state is None else f"{state / 2**20:.2f}"
             rows.append(
                 f"| {k} | {_ms(t['ordinary_median_s'])} | {_ms(t['refresh_median_s'])} "
-                f"| {_ms(t['amortized_s'])} | {_x(ratio) + ' vs kfac-jax' if ratio else ''} |"
+                f"| {_ms(t['amortized_s'])} | {_x(ratio) + ' vs kfac-jax' if ratio else ''} "
+                f"| {mib} |"
             )
     return "\n".join(rows)
 
