@@ -22,38 +22,22 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    quick = ["--quick"] if args.quick else []
     out = ["--out", args.out]
-    suite = [
-        ("step_time", step_time.main, quick + out),
-        ("layerwise_step", layerwise_step.main, quick + out),
-        ("kfac_step", kfac_step.main, quick + out),
-        ("time_to_target", time_to_target.main, quick + out + ["--no-progress"] * args.quick),
-    ]
     if args.quick:
         # The smoke run exercises every script and peer on the smallest settings.
-        suite[0] = (
-            "step_time",
-            step_time.main,
-            out
-            + [
-                "--quick",
-                "--steps",
-                "5",
-                "--frequency",
-                "2",
-                "--workloads",
-                "square_128",
-                "transformer_w32_d1",
-            ],
-        )
-        suite[3] = (
-            "time_to_target",
-            time_to_target.main,
-            out
-            + ["--quick", "--no-progress", "--steps", "25", "--only", "kfac", "--workloads"]
-            + ["digits", "mnist1d", "charlm", "linrep_k1000"],
-        )
+        quick = ["--quick"]
+        step_argv = quick + ["--steps", "5", "--frequency", "2", "--workloads"]
+        step_argv += ["square_128", "transformer_w32_d1"]
+        ttt_argv = quick + ["--no-progress", "--steps", "25", "--only", "kfac", "--workloads"]
+        ttt_argv += ["digits", "mnist1d", "charlm", "linrep_k1000"]
+    else:
+        quick = step_argv = ttt_argv = []
+    suite = [
+        ("step_time", step_time.main, step_argv + out),
+        ("layerwise_step", layerwise_step.main, quick + out),
+        ("kfac_step", kfac_step.main, quick + out),
+        ("time_to_target", time_to_target.main, ttt_argv + out),
+    ]
     timings = {}
     for name, fn, argv_ in suite:
         t0 = time.perf_counter()

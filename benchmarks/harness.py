@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 @dataclasses.dataclass
@@ -48,11 +49,38 @@ def compile_step(fn: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any]
     return compiled, time.perf_counter() - t0
 
 
+def optimizer_step(tx: Any) -> Callable[[Any], Any]:
+    """``(params, state, grads) -> (params', state', grads)``: one update of ``tx``.
+
+    The gradients travel in the carry: closed over, they would be compile-time
+    constants that XLA folds into the step.
+    """
+
+    def step(carry):
+        params, state, grads = carry
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, grads
+
+    return step
+
+
+def time_calls(fn: Callable[..., Any], *args: Any, reps: int, warmup: int = 2) -> list[float]:
+    """Seconds of each of ``reps`` calls ``fn(*args)`` (same inputs), after ``warmup``."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_steps(
     step: Callable[[Any], Any],
     state: Any,
     *,
-    frequency: int,
+    frequency: int | None,
     first_count: int,
     steps: int,
     warmup: int = 2,
@@ -63,7 +91,7 @@ def time_steps(
       step: A compiled function from state to state.
       state: Initial state.
       frequency: Refresh period; the step with count ``c`` is a refresh step when
-        ``c % frequency == 0``.
+        ``c % frequency == 0``. ``None``: every step is ordinary.
       first_count: The optimizer count of ``state``.
       steps: Steps to time after warm-up.
       warmup: Untimed steps first.
@@ -80,7 +108,7 @@ def time_steps(
         t0 = time.perf_counter()
         state = jax.block_until_ready(step(state))
         dt = time.perf_counter() - t0
-        (refresh if count % frequency == 0 else ordinary).append(dt)
+        (refresh if frequency and count % frequency == 0 else ordinary).append(dt)
         count += 1
     return ordinary, refresh, state
 

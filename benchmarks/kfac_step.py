@@ -42,13 +42,7 @@ class MLP(nnx.Module):
 
 
 def _median_time(fn, *args, reps: int) -> tuple[float, float]:
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+    times = harness.time_calls(fn, *args, reps=reps)
     return statistics.median(times), min(times)
 
 

@@ -76,14 +76,7 @@ def run(args) -> dict:
                 continue
             state = tx.init(params)
 
-            # The gradients travel in the carry: closed over, they would be compile-time
-            # constants that XLA folds into the step.
-            def step(carry, tx=tx):
-                p, s, g = carry
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s, g
-
-            fn, compile_s = harness.compile_step(step, (params, state, grads))
+            fn, compile_s = harness.compile_step(harness.optimizer_step(tx), (params, state, grads))
             compiled[name] = (fn, (params, state, grads), compile_s)
             rows[name + "_state_bytes"] = harness.tree_bytes(state)
         # Interleaved rounds (one step of each optimizer per round): a slow patch of

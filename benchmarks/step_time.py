@@ -28,7 +28,6 @@ ratios and writes one JSON record under ``DIR/<date>_step_time/``.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import jax
@@ -279,24 +278,7 @@ def documented_state_bytes(plans: Any, params: Any) -> int:
 
 
 def _time_plain(fn, carry, steps: int) -> list[float]:
-    for _ in range(2):  # warm-up
-        carry = jax.block_until_ready(fn(carry))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        carry = jax.block_until_ready(fn(carry))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _optimizer_step(tx):
-    # The gradients travel in the carry: closed over, XLA would fold them as constants.
-    def step(carry):
-        p, s, g = carry
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, g
-
-    return step
+    return harness.time_steps(fn, carry, frequency=None, first_count=0, steps=steps)[0]
 
 
 def run_one(oname: str, spec, params, grads, args) -> dict[str, Any]:
@@ -307,7 +289,7 @@ def run_one(oname: str, spec, params, grads, args) -> dict[str, Any]:
         for factory in make:
             tx = factory()
             state = tx.init(params)
-            fn, compile_s = harness.compile_step(_optimizer_step(tx), (params, state, grads))
+            fn, compile_s = harness.compile_step(harness.optimizer_step(tx), (params, state, grads))
             timings.append((compile_s, _time_plain(fn, (params, state, grads), plain_steps)))
         (c0, ordinary), (_, refresh) = timings
         return {
@@ -316,7 +298,7 @@ def run_one(oname: str, spec, params, grads, args) -> dict[str, Any]:
         }
     tx = make()
     state = tx.init(params)
-    fn, compile_s = harness.compile_step(_optimizer_step(tx), (params, state, grads))
+    fn, compile_s = harness.compile_step(harness.optimizer_step(tx), (params, state, grads))
     if kind == "plain":
         times = _time_plain(fn, (params, state, grads), plain_steps)
         return {
@@ -350,12 +332,7 @@ def run_floor(fname: str, params, grads, args) -> dict[str, Any]:
         step, arg = built, grads
     fn, compile_s = harness.compile_step(step, arg)
     n = args.steps if fname == "floor_shampoo" else min(args.steps, PLAIN_STEPS)
-    times = []
-    for i in range(n + 2):  # two warm-up calls
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    times = harness.time_calls(fn, arg, reps=n)
     return {"timing": harness.summarize(compile_s, times, [], 1)}
 
 
@@ -366,9 +343,10 @@ def run(args) -> dict[str, Any]:
             k: v for k, v in {**WORKLOADS, **QUICK_WORKLOADS}.items() if k in args.workloads
         }
     results: dict[str, Any] = {}
-    jobs = []
+    jobs, trees = [], {}
     for w in workloads:
         params = make_tree(workloads[w], jax.random.key(0))
+        trees[w] = (params, make_tree(workloads[w], jax.random.key(1)))
         opts = optimizers(args, params)
         floors = sorted({FAMILY[o][0] for o in opts if FAMILY.get(o, (None,))[0]})
         jobs += [(w, o, opts[o]) for o in opts] + [(w, f, None) for f in floors]
@@ -376,8 +354,7 @@ def run(args) -> dict[str, Any]:
     for wname, oname, spec in bar:
         if tqdm:
             bar.set_postfix_str(f"{wname} {oname}")
-        params = make_tree(workloads[wname], jax.random.key(0))
-        grads = make_tree(workloads[wname], jax.random.key(1))
+        params, grads = trees[wname]
         if spec is None:
             entry = run_floor(oname, params, grads, args)
         else:

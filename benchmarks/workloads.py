@@ -135,13 +135,17 @@ def _standardize(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((a - mean) / std).astype(np.float32) for a in (x_train, *others)]
 
 
+def _needs(workload: str, package: str, error: ImportError) -> SystemExit:
+    return SystemExit(
+        f"the {workload} workload needs {package} (pip install -e '.[bench]'): {error}"
+    )
+
+
 def digits_data():
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            f"the digits workload needs scikit-learn (pip install -e '.[bench]'): {e}"
-        ) from None
+        raise _needs("digits", "scikit-learn", e) from None
     x, y = load_digits(return_X_y=True)
     x = ((x - x.mean(0)) / (x.std(0) + 1e-6)).astype(np.float32)
     train, test = _split(x, y.astype(np.int32), int(0.8 * len(x)))
@@ -152,9 +156,7 @@ def mnist1d_data():
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            f"the mnist1d workload needs mnist1d (pip install -e '.[bench]'): {e}"
-        ) from None
+        raise _needs("mnist1d", "mnist1d", e) from None
     d = make_dataset(get_dataset_args())  # procedural, from shipped templates: no download
     x, xt = _standardize(np.asarray(d["x"], np.float64), np.asarray(d["x_test"], np.float64))
     train = (jnp.asarray(x), jnp.asarray(d["y"], jnp.int32))
