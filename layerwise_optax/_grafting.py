@@ -18,8 +18,11 @@ asked) and ``nu`` the EMA of squared gradients:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import optax
 
 from layerwise_optax import _kron
 
@@ -111,3 +114,92 @@ def graft_blocks(direction: jax.Array, magnitude_sq: jax.Array) -> jax.Array:
     dn = _kron.block_norms(direction)
     scale = jnp.where(dn > 0, jnp.sqrt(magnitude_sq) / jnp.where(dn > 0, dn, 1.0), 0.0)
     return direction * scale
+
+
+class ScaleByGuardedAdamState(NamedTuple):
+    """State for :func:`scale_by_guarded_adam`.
+
+    Attributes:
+      count: int32 scalar, number of updates so far.
+      mu: First moment, params tree (``mu_dtype``, default the params' dtype
+        promoted to float32).
+      nu: Second moment, params tree, float32 or wider.
+      skipped: int32 scalar, (leaf, step) pairs whose gradient was not valid (see
+        :func:`layerwise_optax._kron.finite_or_zero`); they got a zero update and
+        left the moments unchanged.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    skipped: jax.Array
+
+
+def scale_by_guarded_adam(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """:func:`optax.scale_by_adam` under the library's failure policy.
+
+    The update is optax's (``eps_root = 0``) to float32 round-off, with three
+    differences that matter only when something goes wrong, and that make the
+    diagonal part of Muon behave like every other transform here:
+
+    * the policy is per leaf: an invalid gradient leaf (non-finite, or with an
+      overflowing square) gets a zero update and leaves its moments unchanged,
+      and is counted in ``skipped``; the other leaves step normally
+      (:func:`optax.apply_if_finite` would drop the whole step);
+    * the moments are stored in at least float32, so float16 params do not lose
+      ``eps`` to underflow (``0 / (0 + 0)`` with optax's float16 moments);
+    * the update is computed in float32 and cast to the gradient's dtype.
+
+    Args:
+      b1: First-moment decay.
+      b2: Second-moment decay.
+      eps: Added to the root of the second moment.
+      mu_dtype: First-moment storage dtype.
+      nesterov: NAdam-style first moment.
+
+    Returns:
+      An :class:`optax.GradientTransformation`.
+    """
+
+    def init_fn(params):
+        def zeros(p, dtype=None):
+            return jnp.zeros(p.shape, dtype or jnp.promote_types(p.dtype, jnp.float32))
+
+        return ScaleByGuardedAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
+            nu=jax.tree.map(zeros, params),
+            skipped=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count_inc = optax.safe_increment(state.count)
+        b2_ = jnp.asarray(b2, jnp.float32)
+
+        def leaf(g, mu, nu):
+            ok, g32, mu_new, m_hat = guarded_momentum(g, mu, b1, count_inc, nesterov)
+            nu_new = jnp.where(ok, b2_ * nu + (1 - b2_) * jnp.square(g32), nu)
+            u = graft_update("adam", m_hat, nu_new, b2_, eps, count_inc)
+            return jnp.where(ok, u, 0).astype(g.dtype), mu_new.astype(mu.dtype), nu_new, ok
+
+        out = jax.tree.map(leaf, updates, state.mu, state.nu)
+        treedef = jax.tree.structure(updates)
+        u, mu, nu, oks = (
+            (jax.tree.unflatten(treedef, list(x)) for x in zip(*treedef.flatten_up_to(out)))
+            if treedef.num_leaves
+            else (updates, state.mu, state.nu, [])
+        )
+        skipped = sum(
+            ((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks)), jnp.zeros([], jnp.int32)
+        )
+        return u, ScaleByGuardedAdamState(count_inc, mu, nu, state.skipped + skipped)
+
+    return optax.GradientTransformation(init_fn, update_fn)

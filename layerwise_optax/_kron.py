@@ -154,13 +154,28 @@ def apply_axis_matrices(
 
 
 def finite_or_zero(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A leaf's all-finite flag and the leaf in at least float32, zeroed if not finite.
+    """A leaf's validity flag and the leaf in at least float32, zeroed if not valid.
 
-    The failure policy's entry point: a non-finite gradient leaf enters no
-    statistic or moment (callers also keep their state where the flag is false).
+    The failure policy's entry point: a gradient leaf is valid when its squared
+    Frobenius norm is finite in the compute dtype (float32 or wider). That rules
+    out NaN and Inf entries, and also gradients so large (``||g|| > ~1.8e19`` in
+    float32) that their squares, and hence every second-moment statistic built
+    from them, would overflow: such a leaf would otherwise leave an infinite
+    second moment behind and freeze its updates at zero for good. An invalid leaf
+    enters no statistic or moment (callers keep their state where the flag is
+    false and count the event).
+
+    Because ``||G_(i) G_(i)^T||_F <= ||g||_F^2``, every per-axis statistic of a
+    valid leaf is finite too, and so is any EMA of them.
     """
-    ok = jnp.all(jnp.isfinite(g))
-    return ok, jnp.where(ok, g, 0).astype(jnp.promote_types(g.dtype, jnp.float32))
+    g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    ok = jnp.isfinite(jnp.sum(jnp.square(g32)))
+    return ok, jnp.where(ok, g32, 0)
+
+
+def all_finite(factors: Factors) -> jax.Array:
+    """Whether every entry of every factor is finite (a bool scalar)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in factors] or [jnp.bool_(True)]))
 
 
 def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> Factors:

@@ -53,6 +53,10 @@ class ScaleByMuonState(NamedTuple):
       nu: NorMuon only (``neuron_b2`` set), else ``None``: per-neuron second
         moments of the orthogonalized update, ``(slices, fan_out)`` float32 per
         matrix leaf (a 0-d placeholder at other leaves).
+      failed: int32 scalar, (leaf, step) pairs whose orthogonalized update was not
+        finite (e.g. overflow with ``ns_dtype=float16``). Muon stores no
+        preconditioner to fall back on: such a leaf gets a zero update, and its
+        momentum and NorMuon moment are kept.
 
     .. note::
       Memory: one params-sized momentum; NorMuon adds one float per output neuron.
@@ -62,6 +66,7 @@ class ScaleByMuonState(NamedTuple):
     mu: optax.Updates
     skipped: jax.Array
     nu: Any = None
+    failed: Any = None
 
 
 class _LeafOut(NamedTuple):
@@ -69,6 +74,7 @@ class _LeafOut(NamedTuple):
     mu: Any
     skipped: Any
     nu: Any
+    failed: Any
 
 
 def scale_by_muon(
@@ -174,6 +180,7 @@ def scale_by_muon(
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             skipped=jnp.zeros([], jnp.int32),
             nu=None if neuron_b2 is None else _axes.map_leaves(init_nu, plans, params),
+            failed=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
@@ -184,8 +191,9 @@ def scale_by_muon(
             beta_ = jnp.asarray(beta, jnp.float32)
 
             def leaf(g, plan, mu, nu=None):
+                zero = jnp.zeros([], jnp.int32)
                 if plan.spec is None:
-                    return _LeafOut(g, mu, jnp.zeros([], jnp.int32), nu)
+                    return _LeafOut(g, mu, zero, nu, zero)
                 ok, g32, mu_new, m_hat = _grafting.guarded_momentum(
                     g, mu, beta_, count_inc, nesterov
                 )
@@ -198,6 +206,13 @@ def scale_by_muon(
                     compute_dtype=ns_dtype,
                     check_finite=False,
                 )
+                # Failure policy: an orthogonalization that is not finite gives this
+                # leaf a zero update and leaves its momentum and moments as they were.
+                o_ok = jnp.all(jnp.isfinite(o))
+                failed = (ok & ~o_ok).astype(jnp.int32)
+                ok = ok & o_ok
+                mu_new = jnp.where(ok, mu_new, mu.astype(mu_new.dtype))
+                o = jnp.where(o_ok, o, 0)
                 fan_in, fan_out = plan.dims[0], plan.dims[1]
                 if neuron_b2 is not None:
                     o = o.astype(jnp.float32)
@@ -216,12 +231,13 @@ def scale_by_muon(
                         jnp.asarray(rms, jnp.float32) * (fan_in * fan_out) ** 0.5 / (norm + 1e-30)
                     )
                 u = jnp.where(ok, plan.from_blocks(o.astype(g32.dtype)), 0).astype(g.dtype)
-                return _LeafOut(u, mu_new, (~ok).astype(jnp.int32), nu)
+                return _LeafOut(u, mu_new, (~ok).astype(jnp.int32) - failed, nu, failed)
 
             nus = () if state.nu is None else (state.nu,)
             out = _axes.map_leaves(leaf, plans, updates, state.mu, *nus)
             mu = _axes.unzip(out, "mu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
+            failed = sum(jax.tree.leaves(_axes.unzip(out, "failed")), jnp.zeros([], jnp.int32))
             return _axes.unzip(out, "update"), ScaleByMuonState(
                 count=count_inc,
                 mu=optax.tree.cast(mu, mu_dtype)
@@ -229,6 +245,7 @@ def scale_by_muon(
                 else optax.tree.cast_like(mu, state.mu),
                 skipped=state.skipped + skipped,
                 nu=None if state.nu is None else _axes.unzip(out, "nu"),
+                failed=state.failed + failed,
             )
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -346,22 +363,17 @@ def muon(
                 optax.add_decayed_weights(weight_decay, mask),
                 optax.scale_by_learning_rate(learning_rate),
             ),
-            # optax.adamw has no guard against non-finite gradients: a NaN would stay
-            # in its moments forever. apply_if_finite skips the fallback's step (all its
-            # leaves, state kept) when any of its gradients is not finite, and counts it
-            # (``notfinite_count``); it never gives up.
-            "adam": optax.apply_if_finite(
-                optax.adamw(
-                    learning_rate if adam_learning_rate is None else adam_learning_rate,
-                    b1=adam_b1,
-                    b2=adam_b2,
-                    eps=eps,
-                    weight_decay=adam_weight_decay,
-                    mask=adam_mask,
-                    mu_dtype=mu_dtype,
-                    nesterov=nesterov,
+            # optax.adamw's own moments would keep a NaN forever (and underflow eps
+            # with float16 params); the guarded Adam skips and counts per leaf, as
+            # every other transform here does, and equals optax.adam otherwise.
+            "adam": optax.chain(
+                _grafting.scale_by_guarded_adam(
+                    b1=adam_b1, b2=adam_b2, eps=eps, mu_dtype=mu_dtype, nesterov=nesterov
                 ),
-                max_consecutive_errors=2**31 - 1,
+                optax.add_decayed_weights(adam_weight_decay, adam_mask),
+                optax.scale_by_learning_rate(
+                    learning_rate if adam_learning_rate is None else adam_learning_rate
+                ),
             ),
         },
         labels,

@@ -96,8 +96,10 @@ class ScaleByPsgdKronState(NamedTuple):
         (``precond_dtype``).
       key: PRNG key for the coin and the probes.
       precond_updates: int32 scalar, steps on which ``q`` was fitted.
-      skipped: int32 scalar, (leaf, step) pairs with a non-finite gradient or a
-        non-finite fitted factor (the previous factors are kept).
+      skipped: int32 scalar, (leaf, step) pairs with an invalid (non-finite)
+        gradient, kept out of the momentum and the fit; the update is zero there.
+      failed: int32 scalar, (leaf, fit) pairs whose fitted factors were not
+        finite, so the previous factors were kept.
     """
 
     count: jax.Array
@@ -106,6 +108,7 @@ class ScaleByPsgdKronState(NamedTuple):
     key: jax.Array
     precond_updates: jax.Array
     skipped: jax.Array
+    failed: Any = None
 
 
 class _Moment(NamedTuple):
@@ -327,6 +330,7 @@ def scale_by_psgd_kron(
             key=jax.random.key_data(jax.random.key(seed)),
             precond_updates=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
+            failed=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
@@ -408,7 +412,8 @@ def scale_by_psgd_kron(
                 q=q_new,
                 key=jax.random.key_data(key),
                 precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
-                skipped=state.skipped + skipped + fit_fails,
+                skipped=state.skipped + skipped,
+                failed=state.failed + fit_fails,
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -234,13 +234,16 @@ def scale_by_shampoo(
 
             def accumulate(g, plan, mu, nu, stats, roots):
                 ok, g32 = _kron.finite_or_zero(g)
-                mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
-                nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
                 blocks = plan.to_blocks(g32)
                 if factor_estimation == "kl":
                     new = kl_axis_stats(blocks, roots, plan, root_exponent or 2)
                 else:
                     new = _kron.axis_stats(blocks, plan)
+                # A valid gradient has finite plain statistics; KL's, which go through
+                # the roots, and running sums (factor_decay=1) can still overflow.
+                ok = ok & _kron.all_finite(_kron.ema(stats, new, factor_decay))
+                mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
+                nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
                 stats = _kron.ema(stats, new, factor_decay, valid=ok)
                 return _LeafOut(g32, mu_new, nu_new, stats, ok)
 

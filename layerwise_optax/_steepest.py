@@ -85,13 +85,17 @@ class ScaleBySteepestDescentState(NamedTuple):
     Attributes:
       count: int32 scalar, number of updates so far.
       mu: Momentum, params tree.
-      skipped: int32 scalar, (leaf, step) pairs with a non-finite gradient (kept
-        out of the momentum; the update is zero there).
+      skipped: int32 scalar, (leaf, step) pairs with an invalid (non-finite)
+        gradient (kept out of the momentum; the update is zero there).
+      failed: int32 scalar, (leaf, step) pairs whose dual map was not finite (e.g.
+        a float16 Newton-Schulz overflow); there is no stored preconditioner to
+        fall back on, so the leaf's update is zero and its momentum is kept.
     """
 
     count: jax.Array
     mu: optax.Updates
     skipped: jax.Array
+    failed: Any = None
 
 
 def _safe_div(x: jax.Array, n: jax.Array) -> jax.Array:
@@ -225,6 +229,7 @@ def scale_by_steepest_descent(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             skipped=jnp.zeros([], jnp.int32),
+            failed=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
@@ -235,7 +240,8 @@ def scale_by_steepest_descent(
             beta_ = jnp.asarray(beta, jnp.float32)
             gs = treedef.flatten_up_to(updates)
             mus = treedef.flatten_up_to(state.mu)
-            new_u, new_mu, skipped = [], [], jnp.zeros([], jnp.int32)
+            new_u, new_mu = [], []
+            skipped = failed = jnp.zeros([], jnp.int32)
             for g, mu, s in zip(gs, mus, setup):
                 if s is None:
                     new_u.append(g)
@@ -246,13 +252,18 @@ def scale_by_steepest_descent(
                 d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
                 if dual_scale:
                     d = d * dual
+                d_ok = jnp.all(jnp.isfinite(d))
+                failed = failed + (ok & ~d_ok).astype(jnp.int32)
+                skipped = skipped + (~ok).astype(jnp.int32)
+                ok = ok & d_ok
+                m = jnp.where(ok, m, mu.astype(m.dtype))
                 new_u.append(jnp.where(ok, d * scale, 0).astype(g.dtype))
                 new_mu.append(m.astype(mu_dtype or mu.dtype))
-                skipped = skipped + (~ok).astype(jnp.int32)
             return treedef.unflatten(new_u), ScaleBySteepestDescentState(
                 count=count_inc,
                 mu=treedef.unflatten(new_mu),
                 skipped=state.skipped + skipped,
+                failed=state.failed + failed,
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -85,8 +85,8 @@ def main_state(name, state):
 def skipped_count(name, state):
     """Non-finite gradient events recorded in an alias's state."""
     if "muon" in name:
-        adam = state.inner_states["adam"].inner_state
-        return int(main_state(name, state).skipped) + int(adam.total_notfinite)
+        adam = state.inner_states["adam"].inner_state[0]
+        return int(main_state(name, state).skipped) + int(adam.skipped)
     if name in ("steepest", "psgd_kron"):
         return int(state[0].skipped)
     return int(state[0].skipped_stats)
