@@ -3,6 +3,14 @@
 from layerwise_optax import linalg as linalg
 from layerwise_optax._axes import DimensionNumbers as DimensionNumbers
 from layerwise_optax._axes import default_dimension_numbers as default_dimension_numbers
+from layerwise_optax._checkpoint import check_state as check_state
+from layerwise_optax._checkpoint import checkpointable as checkpointable
+from layerwise_optax._checkpoint import restore_state as restore_state
+from layerwise_optax._health import FailureReport as FailureReport
+from layerwise_optax._health import OptimizerFailureError as OptimizerFailureError
+from layerwise_optax._health import failure_counts as failure_counts
+from layerwise_optax._health import failure_report as failure_report
+from layerwise_optax._health import raise_on_failure as raise_on_failure
 from layerwise_optax._inject import inject_hyperparams as inject_hyperparams
 from layerwise_optax._inject import static_args as static_args
 from layerwise_optax._kfac import KfacFactors as KfacFactors
@@ -33,6 +41,14 @@ from layerwise_optax._steepest import scale_by_steepest_descent as scale_by_stee
 from layerwise_optax._steepest import steepest_descent as steepest_descent
 
 __all__ = (
+    "FailureReport",
+    "OptimizerFailureError",
+    "check_state",
+    "checkpointable",
+    "failure_counts",
+    "failure_report",
+    "raise_on_failure",
+    "restore_state",
     "ScaleByPsgdKronState",
     "precond_update_prob_schedule",
     "psgd_kron",

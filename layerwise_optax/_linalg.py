@@ -187,6 +187,11 @@ def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
       ``(...)`` eigenvalue estimates (Rayleigh quotients).
     """
     a = symmetrize(a.astype(_compute_dtype(a)))
+    # Iterate on A / max|A_ij| so that the vector norms cannot overflow (entries
+    # above ~1e19 in float32) or underflow; the estimate is scaled back at the end.
+    scale = jnp.max(jnp.abs(a), axis=(-2, -1))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    a = a / scale[..., None, None]
     x = jnp.ones(a.shape[:-1], a.dtype) / jnp.sqrt(a.shape[-1])
 
     def body(_, x):
@@ -194,7 +199,7 @@ def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
         return y / jnp.maximum(jnp.linalg.norm(y, axis=-1, keepdims=True), jnp.finfo(a.dtype).tiny)
 
     x = jax.lax.fori_loop(0, num_iters, body, x)
-    return jnp.einsum("...i,...ij,...j->...", x, a, x, precision=HIGHEST)
+    return scale * jnp.einsum("...i,...ij,...j->...", x, a, x, precision=HIGHEST)
 
 
 def spectral_norm_lower_bound(a: jax.Array) -> jax.Array:
@@ -236,10 +241,19 @@ def _matrix_power(m: jax.Array, p: int) -> jax.Array:
     return result
 
 
+def _max_abs(r: jax.Array) -> jax.Array:
+    """``max |r|`` over the last two axes, ``inf`` where any entry is not finite.
+
+    XLA's max-reduction may skip NaNs (an all-NaN matrix can reduce to ``-inf``),
+    which would make a diverged Newton iterate look converged.
+    """
+    err = jnp.max(jnp.abs(r), axis=(-2, -1))
+    return jnp.where(_finite_matrices(r), err, jnp.inf)
+
+
 def _residual(x: jax.Array, a: jax.Array, p: int) -> jax.Array:
     """``max |X^p A - I|`` per matrix: the true residual of an inverse root."""
-    r = _mm(_matrix_power(x, p), a) - _eye_like(a)
-    return jnp.max(jnp.abs(r), axis=(-2, -1))
+    return _max_abs(_mm(_matrix_power(x, p), a) - _eye_like(a))
 
 
 def inv_root_newton(
@@ -286,9 +300,17 @@ def inv_root_newton(
     a = symmetrize(a.astype(dtype))
     ok = _finite_matrices(a)
     a = jnp.where(ok[..., None, None], a, _eye_like(a))
+    # Iterate on A / s with s = max |A_ij|: (A + delta I)^{-1/p} = s^{-1/p} (A/s +
+    # delta/s I)^{-1/p}. Without it the Frobenius norms and power iterations below
+    # overflow for entries above ~1e19 and the cold start misbehaves for tiny ones.
+    s = jnp.max(jnp.abs(a), axis=(-2, -1))
+    s = jnp.where(s > 0, s, 1.0)
+    a = a / s[..., None, None]
     damping = jnp.asarray(damping, dtype)
     delta = (
-        damping * max_eigenvalue(a) if relative_damping else jnp.broadcast_to(damping, a.shape[:-2])
+        damping * max_eigenvalue(a)
+        if relative_damping
+        else jnp.broadcast_to(damping, a.shape[:-2]) / s
     )
     ad = a + delta[..., None, None] * _eye_like(a)
     # The same floor as the eigendecomposition path: eps * ||A'|| on the diagonal
@@ -312,12 +334,12 @@ def inv_root_newton(
                 t = ((p + 1) * ident - m) / p
                 x_new = _mm(x, t)
                 m_new = _mm(_matrix_power(t, p), m)
-                err_new = jnp.max(jnp.abs(m_new - ident))
+                err_new = _max_abs(m_new - ident)
                 # The error may rise briefly before converging; stop once it has
                 # grown by more than 20% (Distributed Shampoo's rule).
                 return i + 1, x_new, m_new, x, err_new, err_new < 1.2 * err
 
-            err0 = jnp.max(jnp.abs(m0 - ident))
+            err0 = _max_abs(m0 - ident)
             init = (jnp.zeros([], jnp.int32), x0, m0, x0, err0, jnp.asarray(True))
             _, x, _, x_prev, _, run = jax.lax.while_loop(cond, body, init)
             # If the last step diverged, return the iterate before it.
@@ -335,7 +357,7 @@ def inv_root_newton(
     if warm_start is None:
         root = iterate(x_cold0, m_cold0)
     else:
-        x_warm0 = symmetrize(warm_start.astype(dtype))
+        x_warm0 = symmetrize(warm_start.astype(dtype)) * (s ** (1.0 / p))[..., None, None]
         warm_ok = _finite_matrices(x_warm0)
         x_warm0 = jnp.where(warm_ok[..., None, None], x_warm0, x_cold0)
         root_warm = iterate(x_warm0, _mm(_matrix_power(x_warm0, p), ad))
@@ -348,7 +370,7 @@ def inv_root_newton(
     root = symmetrize(root)
     residual = _residual(root, ad, p)
     zero_root = jnp.finfo(dtype).tiny ** (-1.0 / p) * _eye_like(ad)
-    root = jnp.where(zero[..., None, None], zero_root, root)
+    root = jnp.where(zero[..., None, None], zero_root, root * (s ** (-1.0 / p))[..., None, None])
     residual = jnp.where(zero, 0.0, residual)
     nan = jnp.asarray(jnp.nan, dtype)
     return jnp.where(ok[..., None, None], root, nan), jnp.where(ok, residual, nan)

@@ -239,9 +239,10 @@ def scale_by_shampoo(
                     new = kl_axis_stats(blocks, roots, plan, root_exponent or 2)
                 else:
                     new = _kron.axis_stats(blocks, plan)
-                # A valid gradient has finite plain statistics; KL's, which go through
-                # the roots, and running sums (factor_decay=1) can still overflow.
-                ok = ok & _kron.all_finite(_kron.ema(stats, new, factor_decay))
+                # A valid gradient has finite plain statistics; KL's go through the
+                # roots and can still overflow. (A running sum, factor_decay=1, that
+                # overflows later shows up as failed refreshes, the roots kept.)
+                ok = ok & _kron.all_finite(new)
                 mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
                 nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
                 stats = _kron.ema(stats, new, factor_decay, valid=ok)

@@ -1,0 +1,144 @@
+"""Checking a restored optimizer state against the optimizer that will use it.
+
+Checkpoint libraries store a state as nested containers of arrays. Restored
+without a target (orbax's ``restore(path)``), named tuples come back as dicts and
+tuples as lists; restored into a target of the wrong shapes, they fail with an
+error that names neither the parameter nor the setting. :func:`restore_state`
+does the check itself, by tree path, before anything is rebuilt: a state saved
+by the same transform with other static settings (``block_size``,
+``max_precond_dim``, ``grafting``, ``mu_dtype``, ...) gives a ``ValueError``
+naming the first differing paths, shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HINT = (
+    "The checkpoint was written by an optimizer with other static settings (e.g. "
+    "block_size, max_precond_dim, grafting, dimension_numbers, mu_dtype, precond_dtype) "
+    "or for other params; build the optimizer as it was when the state was saved."
+)
+
+
+def _key(entry: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(_key(k) for k in path): leaf for path, leaf in flat}
+
+
+def _describe(x: Any) -> str:
+    shape = tuple(getattr(x, "shape", np.shape(x)))
+    dtype = getattr(x, "dtype", None) or np.asarray(x).dtype
+    return f"{shape} {np.dtype(dtype).name}"
+
+
+def _show(path: tuple[str, ...]) -> str:
+    return "/".join(path) or "<root>"
+
+
+def _size(x: Any) -> int:
+    return int(np.prod(getattr(x, "shape", np.shape(x)), dtype=np.int64))
+
+
+def checkpointable(state: Any) -> Any:
+    """The state with its empty placeholder arrays replaced by ``None``, ready to save.
+
+    Per-axis states keep a ``(stack, 0)`` array for every dimension that has no
+    factor, so that every state leaf has a fixed shape under ``jit``, ``vmap`` and
+    ``scan``; some checkpointers (orbax among them) refuse to write zero-size
+    arrays. :func:`restore_state` puts the placeholders back.
+
+    Example with orbax::
+
+      checkpointer.save(path, lo.checkpointable(state))
+      state = lo.restore_state(jax.eval_shape(tx.init, params), checkpointer.restore(path))
+
+    Args:
+      state: Any optimizer state.
+
+    Returns:
+      The same tree with every zero-size array replaced by ``None``.
+    """
+    return jax.tree.map(lambda x: None if _size(x) == 0 else x, state)
+
+
+def check_state(like: Any, restored: Any) -> None:
+    """Raises ``ValueError`` unless ``restored`` fits the state ``like``.
+
+    Args:
+      like: The expected state: ``tx.init(params)`` or, without allocating,
+        ``jax.eval_shape(tx.init, params)``.
+      restored: A restored state in any container layout (named tuples, dicts,
+        lists), or a tree of objects with ``shape`` and ``dtype`` (e.g. a
+        checkpoint's array metadata).
+
+    Raises:
+      ValueError: naming each missing, extra or mismatched state path (up to 8),
+        with both shapes and dtypes.
+    """
+    want, got = _flat(like), _flat(restored)
+    problems = []
+    for path in want:
+        if path not in got and _size(want[path]) == 0:
+            continue  # a placeholder that checkpointable() left out
+        if path not in got:
+            problems.append(
+                f"{_show(path)}: missing from the checkpoint (expected {_describe(want[path])})"
+            )
+        elif _describe(want[path]) != _describe(got[path]):
+            problems.append(
+                f"{_show(path)}: the checkpoint has {_describe(got[path])}, "
+                f"this optimizer expects {_describe(want[path])}"
+            )
+    problems += [
+        f"{_show(path)}: in the checkpoint ({_describe(got[path])}) but not in this optimizer's state"
+        for path in got
+        if path not in want
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(
+            f"The restored optimizer state does not match this optimizer "
+            f"({len(problems)} differences):\n  {shown}{more}\n{_HINT}"
+        )
+
+
+def restore_state(like: Any, restored: Any) -> Any:
+    """A restored state rebuilt in the structure of ``like``, after :func:`check_state`.
+
+    Use it with a checkpointer's raw restore, e.g. orbax::
+
+      checkpointer.save(path, lo.checkpointable(state))
+      ...
+      abstract = jax.eval_shape(tx.init, params)
+      state = lo.restore_state(abstract, checkpointer.restore(path))
+
+    Empty placeholders that :func:`checkpointable` left out are recreated.
+
+    Args:
+      like: The expected state or its ``jax.eval_shape``.
+      restored: The restored tree (any container layout, same paths).
+
+    Returns:
+      A state with ``like``'s tree structure (named tuples, empty states) and
+      ``restored``'s arrays, bit for bit.
+
+    Raises:
+      ValueError: if paths, shapes or dtypes differ (see :func:`check_state`).
+    """
+    check_state(like, restored)
+    got = _flat(restored)
+    leaves = [got[p] if p in got else jnp.zeros(x.shape, x.dtype) for p, x in _flat(like).items()]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
