@@ -75,7 +75,11 @@ class FailureEntry:
 
 @dataclasses.dataclass(frozen=True)
 class FailureReport:
-    """What :func:`failure_report` returns: one entry per library transform."""
+    """What :func:`failure_report` returns: one entry per library transform.
+
+    Attributes:
+      entries: One :class:`FailureEntry` per library state found, in tree order.
+    """
 
     entries: tuple[FailureEntry, ...]
 
@@ -161,7 +165,12 @@ def failure_report(state: optax.OptState) -> FailureReport:
 
 
 class OptimizerFailureError(FloatingPointError):
-    """Raised on the host by :func:`raise_on_failure` when a step skipped or failed."""
+    """Raised on the host by :func:`raise_on_failure` when a step skipped or failed.
+
+    Attributes:
+      args: The message: how many gradient leaves the step skipped and how many
+        refreshes failed.
+    """
 
 
 def _message(skipped: Any, failed: Any) -> str:

@@ -40,6 +40,14 @@ EXPECTED_ALL = {
     "shampoo",
     "soap",
     "static_args",
+    "FailureReport",
+    "OptimizerFailureError",
+    "check_state",
+    "checkpointable",
+    "failure_counts",
+    "failure_report",
+    "raise_on_failure",
+    "restore_state",
 }
 
 
