@@ -83,6 +83,9 @@ def check_state(like: Any, restored: Any) -> None:
         lists), or a tree of objects with ``shape`` and ``dtype`` (e.g. a
         checkpoint's array metadata).
 
+    Returns:
+      ``None``; the check passed.
+
     Raises:
       ValueError: naming each missing, extra or mismatched state path (up to 8),
         with both shapes and dtypes.
