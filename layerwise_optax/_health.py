@@ -114,7 +114,14 @@ class FailureReport:
 
 
 def failure_counts(state: optax.OptState) -> tuple[jax.Array, jax.Array]:
-    """Total ``(skipped, failed)`` counts of a state as int32 arrays (traceable)."""
+    """Total ``(skipped, failed)`` counts of a state as int32 arrays (traceable).
+
+    Args:
+      state: Any optimizer state (works under ``jit``, e.g. to log each step).
+
+    Returns:
+      ``(skipped, failed)`` summed over every library transform in the state.
+    """
     skipped, failed = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
     for _, s in _counted_states(state):
         _, skip_field, fail_field = COUNTERS[type(s)]
