@@ -18,8 +18,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def numeric(name: str, value: Any) -> None:
+    """Checks that a numeric hyperparameter is a number, an array or a schedule.
+
+    Strings, ``None``, bools and containers raise ``TypeError`` naming the
+    argument; arrays, tracers (``inject_hyperparams``) and callables (schedules)
+    pass unchecked.
+    """
+    if value is None or isinstance(value, (str, bytes, bool, list, tuple, dict, set)):
+        raise TypeError(
+            f"{name} must be a number, an array or a schedule, got {type(value).__name__} "
+            f"{value!r}."
+        )
+
+
+def tree_or_callable(name: str, value: Any) -> None:
+    """Checks a tree-valued option (mask, roles, dimension numbers) is not a scalar or string."""
+    if isinstance(value, (str, bytes, bool, int, float)):
+        raise TypeError(
+            f"{name} must be None, a pytree or a callable of the params, got "
+            f"{type(value).__name__} {value!r}."
+        )
+
+
 def in_unit_interval(name: str, value: Any, *, right_closed: bool = False) -> None:
     """Checks ``0 <= value < 1`` (or ``<= 1`` when ``right_closed``)."""
+    numeric(name, value)
     if _is_number(value):
         ok = 0 <= value <= 1 if right_closed else 0 <= value < 1
         if not ok:
@@ -29,12 +53,14 @@ def in_unit_interval(name: str, value: Any, *, right_closed: bool = False) -> No
 
 def non_negative(name: str, value: Any) -> None:
     """Checks ``value >= 0`` (plain numbers only)."""
+    numeric(name, value)
     if _is_number(value) and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 
 def positive(name: str, value: Any) -> None:
     """Checks ``value > 0`` (plain numbers only)."""
+    numeric(name, value)
     if _is_number(value) and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
 
@@ -74,8 +100,28 @@ def boolean(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
 
 
-def canonicalize_dtype(dtype: Any) -> Any:
-    """Returns ``None`` unchanged, otherwise the canonical jnp dtype."""
+def alias_args(learning_rate: Any, weight_decay: Any, mask: Any, prefix: str = "") -> None:
+    """The arguments every alias passes to optax: rates and masks."""
+    non_negative(f"{prefix}learning_rate", learning_rate)
+    non_negative(f"{prefix}weight_decay", weight_decay)
+    if mask is not None:
+        tree_or_callable(f"{prefix}mask", mask)
+
+
+def integer(name: str, value: Any) -> None:
+    """Checks that a static argument (e.g. a seed) is a Python int."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}.")
+
+
+def canonicalize_dtype(dtype: Any, name: str = "dtype") -> Any:
+    """Returns ``None`` unchanged, otherwise the canonical jnp dtype (a float dtype)."""
     if dtype is None:
         return None
-    return jnp.dtype(dtype)
+    try:
+        out = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a dtype such as jnp.float32, got {dtype!r}.") from e
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {out.name}.")
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 
 import optax
 
-from layerwise_optax import _kfac, _muon, _psgd, _shampoo, _soap, _steepest
+from layerwise_optax import _checks, _kfac, _muon, _psgd, _shampoo, _soap, _steepest
 
 _STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
     _kfac.kfac: _kfac._STATIC_ARGS,
@@ -76,6 +76,6 @@ def inject_hyperparams(
       >>> round(float(state.hyperparams['learning_rate']), 6)
       0.001
     """
-    return optax.inject_hyperparams(
-        factory, static_args=static_args(factory), hyperparam_dtype=hyperparam_dtype
-    )
+    static = static_args(factory)
+    _checks.canonicalize_dtype(hyperparam_dtype, "hyperparam_dtype")
+    return optax.inject_hyperparams(factory, static_args=static, hyperparam_dtype=hyperparam_dtype)

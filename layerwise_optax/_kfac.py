@@ -165,6 +165,8 @@ def scale_by_kfac(
         kernel's spec does not have exactly two factor groups; at ``update`` if
         ``kfac_stats`` is missing or a factor's shape does not fit its kernel.
     """
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
     _checks.in_unit_interval("b2", b2)
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
@@ -174,7 +176,7 @@ def scale_by_kfac(
     _checks.one_of("damping_mode", damping_mode, _DAMPING_MODES)
     _checks.one_of("sides", sides, _SIDES)
     _checks.boolean("nesterov", nesterov)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     if dimension_numbers is None:
 
         def dimension_numbers(tree):
@@ -499,8 +501,7 @@ def kfac(
 
     .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_kfac`
     """
-    _checks.non_negative("learning_rate", learning_rate)
-    _checks.non_negative("weight_decay", weight_decay)
+    _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_kfac(
             b1=b1,

@@ -132,14 +132,18 @@ def scale_by_muon(
         ``ns_steps < 1``, ...); at ``init`` for a spec without exactly two factor
         groups, naming the leaf's path.
     """
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
+    if roles is not None:
+        _checks.tree_or_callable("roles", roles)
     _checks.positive_int("ns_steps", ns_steps)
     _checks.in_unit_interval("beta", beta)
     _checks.non_negative("eps", eps)
     _checks.one_of("scaling", scaling, _SCALINGS)
     _checks.boolean("nesterov", nesterov)
     _checks.non_negative("rms", rms)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
-    ns_dtype = _checks.canonicalize_dtype(ns_dtype)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
     if neuron_b2 is not None:
         _checks.in_unit_interval("neuron_b2", neuron_b2)
     _checks.non_negative("neuron_eps", neuron_eps)
@@ -331,8 +335,15 @@ def muon(
     Returns:
       An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
       ``state.inner_states['muon'].inner_state[0]`` is the :class:`ScaleByMuonState`;
-      the AdamW part skips a step when one of its gradients is not finite.
+      ``state.inner_states['adam'].inner_state[0]`` the guarded Adam's state, which
+      skips (and counts) each leaf whose gradient is not finite.
     """
+    _checks.alias_args(learning_rate, weight_decay, mask)
+    if adam_learning_rate is not None:
+        _checks.non_negative("adam_learning_rate", adam_learning_rate)
+    _checks.alias_args(0.0, adam_weight_decay, adam_mask, prefix="adam_")
+    _checks.in_unit_interval("adam_b1", adam_b1)
+    _checks.in_unit_interval("adam_b2", adam_b2)
     inner = scale_by_muon(
         ns_coeffs,
         ns_steps,

@@ -76,6 +76,8 @@ def precond_update_prob_schedule(
     _checks.in_unit_interval("min_prob", min_prob, right_closed=True)
     _checks.non_negative("decay", decay)
     _checks.non_negative_int("flat_start", flat_start)
+    if _checks._is_number(min_prob) and _checks._is_number(max_prob) and min_prob > max_prob:
+        raise ValueError(f"min_prob ({min_prob}) must not exceed max_prob ({max_prob}).")
 
     def schedule(count):
         t = jnp.asarray(count, jnp.float32)
@@ -257,7 +259,10 @@ def scale_by_psgd_kron(
       A :class:`optax.GradientTransformation` with state
       :class:`ScaleByPsgdKronState`.
     """
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
+    _checks.integer("seed", seed)
     _checks.positive("precond_lr", precond_lr)
     _checks.in_unit_interval("precond_lr", precond_lr, right_closed=True)
     _checks.positive("precond_init_scale", precond_init_scale)
@@ -274,8 +279,8 @@ def scale_by_psgd_kron(
         precond_update_prob = precond_update_prob_schedule()
     elif not callable(precond_update_prob):
         _checks.in_unit_interval("precond_update_prob", precond_update_prob, right_closed=True)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype) or jnp.float32
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
     if dimension_numbers is None:
 
         def dimension_numbers(tree):
@@ -478,6 +483,7 @@ def psgd_kron(
       An :class:`optax.GradientTransformation`; ``state[0]`` is the
       :class:`ScaleByPsgdKronState`.
     """
+    _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_psgd_kron(
             b1,

@@ -172,6 +172,8 @@ def scale_by_shampoo(
       ValueError: At construction for out-of-range hyperparameters; at ``init`` if
         ``dimension_numbers`` do not fit a parameter (naming its path).
     """
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
     _checks.in_unit_interval("b2", b2)
     _checks.non_negative("eps", eps)
@@ -194,8 +196,8 @@ def scale_by_shampoo(
             f"root_exponent must be even with factor_estimation='kl' (the statistics "
             f"use L^(-1/2) = root^(p/2)), got {root_exponent}."
         )
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype")
     resolve = functools.partial(
         _axes.resolve,
         dimension_numbers,
@@ -439,8 +441,7 @@ def shampoo(
 
     .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
     """
-    _checks.non_negative("learning_rate", learning_rate)
-    _checks.non_negative("weight_decay", weight_decay)
+    _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_shampoo(
             b1=b1,

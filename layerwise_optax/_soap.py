@@ -126,6 +126,8 @@ def scale_by_soap(
       ValueError: At construction for out-of-range hyperparameters; at ``init`` if
         ``dimension_numbers`` do not fit a parameter.
     """
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
     _checks.in_unit_interval("b2", b2)
     _checks.non_negative("eps", eps)
@@ -135,8 +137,8 @@ def scale_by_soap(
     _checks.positive_int("max_precond_dim", max_precond_dim)
     _checks.positive_int("block_size", block_size, allow_none=True)
     _checks.boolean("merge_small_dims", merge_small_dims)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype")
     resolve = functools.partial(
         _axes.resolve,
         dimension_numbers,
@@ -331,8 +333,7 @@ def soap(
 
     .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_soap`
     """
-    _checks.non_negative("learning_rate", learning_rate)
-    _checks.non_negative("weight_decay", weight_decay)
+    _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_soap(
             b1=b1,

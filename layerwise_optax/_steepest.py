@@ -177,6 +177,11 @@ def scale_by_steepest_descent(
         ``ns_steps``; at ``init`` for a spectral norm on a leaf that is not a
         matrix (naming its path).
     """
+    for arg, value in (("norms", norms), ("scales", scales)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{arg} must be a dict from role to value, got {type(value).__name__} {value!r}."
+            )
     table = dict(DEFAULT_NORMS)
     for role, norm in (norms or {}).items():
         _checks.one_of("norms key", role, _roles.ROLES)
@@ -186,12 +191,14 @@ def scale_by_steepest_descent(
     for role, s in scales.items():
         _checks.one_of("scales key", role, _roles.ROLES)
         _checks.non_negative(f"scales[{role!r}]", s)
+    if roles is not None:
+        _checks.tree_or_callable("roles", roles)
     _checks.in_unit_interval("beta", beta)
     _checks.boolean("nesterov", nesterov)
     _checks.boolean("dual_scale", dual_scale)
     _checks.positive_int("ns_steps", ns_steps)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype)
-    ns_dtype = _checks.canonicalize_dtype(ns_dtype)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
     coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)
 
     def leaf_setup(tree):
@@ -325,6 +332,7 @@ def steepest_descent(
       An :class:`optax.GradientTransformation`; ``state[0]`` is the
       :class:`ScaleBySteepestDescentState`.
     """
+    _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_steepest_descent(
             norms,
