@@ -218,13 +218,17 @@ def spectral_norm_lower_bound(a: jax.Array) -> jax.Array:
       ``(...)`` bounds; 0 for zero matrices.
     """
     a = a.astype(_compute_dtype(a))
+    # Work on A / max|A_ij| (squares of entries above ~1e19 overflow float32).
+    scale = jnp.max(jnp.abs(a), axis=(-2, -1))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    a = a / scale[..., None, None]
     rows = jnp.sum(a * a, axis=-1)
     i = jnp.argmax(rows, axis=-1)
     x = jnp.take_along_axis(a, i[..., None, None], axis=-2)[..., 0, :]
     xn = jnp.sqrt(jnp.max(rows, axis=-1))
     ax = jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
     ratio = jnp.linalg.norm(ax, axis=-1) / jnp.where(xn > 0, xn, 1)
-    return jnp.maximum(xn, ratio)
+    return scale * jnp.maximum(xn, ratio)
 
 
 def _matrix_power(m: jax.Array, p: int) -> jax.Array:
