@@ -31,6 +31,7 @@ from layerwise_optax._roles import layer_roles as layer_roles
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
+from layerwise_optax._sharding import state_shardings as state_shardings
 from layerwise_optax._soap import ScaleBySoapState as ScaleBySoapState
 from layerwise_optax._soap import scale_by_soap as scale_by_soap
 from layerwise_optax._soap import soap as soap
@@ -49,6 +50,7 @@ __all__ = (
     "failure_report",
     "raise_on_failure",
     "restore_state",
+    "state_shardings",
     "ScaleByPsgdKronState",
     "precond_update_prob_schedule",
     "psgd_kron",

@@ -396,11 +396,64 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
     """
 
     return jax.tree.map(
-        lambda p, x, *r: p if is_masked(p) else fn(x, p, *r),
+        lambda p, x, *r: p if is_masked(p) else on_gathered(fn, x, p, *r),
         plans,
         tree,
         *rest,
         is_leaf=is_plan_leaf,
+    )
+
+
+def _explicit_spec(x: Any) -> Any:
+    """``x``'s partition spec when it is sharded over an ``Explicit`` mesh axis, else None."""
+    if not isinstance(x, jax.Array):
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not any(e is not None for e in getattr(sharding, "spec", ())):
+        return None
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    used = {
+        a for e in sharding.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))
+    }
+    return sharding.spec if used & explicit else None
+
+
+def on_gathered(fn: Callable[..., Any], x: Any, plan: Any, *rest: Any) -> Any:
+    """``fn(x, plan, *rest)``, on replicated copies where inputs are explicitly sharded.
+
+    With ``Explicit`` mesh axes (the default of ``jax.make_mesh`` in new JAX), the
+    block-view reshapes and the factor contractions of a sharded leaf need an
+    output sharding for every op. The per-axis statistics contract every other
+    axis anyway, so the leaf is gathered once, computed replicated, and the
+    params-shaped outputs (updates, moments) are resharded like the input. Under
+    ``Auto`` axes (and without a mesh) nothing changes: XLA's partitioner places
+    the work itself.
+    """
+    specs = {}
+    for a in jax.tree.leaves((x, rest)):
+        spec = _explicit_spec(a)
+        if spec is not None:
+            specs.setdefault(a.shape, spec)
+    if not specs:
+        return fn(x, plan, *rest)
+    replicate = jax.sharding.PartitionSpec()
+
+    def gather(a):
+        return jax.sharding.reshard(a, replicate) if _explicit_spec(a) is not None else a
+
+    out = fn(*jax.tree.map(gather, (x, plan, *rest)))
+    return jax.tree.map(
+        lambda o: (
+            jax.sharding.reshard(o, specs[o.shape])
+            if isinstance(o, jax.Array) and o.shape in specs
+            else o
+        ),
+        out,
     )
 
 

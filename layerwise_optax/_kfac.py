@@ -278,7 +278,11 @@ def scale_by_kfac(
             correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
             out = jax.tree_util.tree_map_with_path(
                 lambda path, p, g, s, mu, nu, fac, inv: (
-                    p if _axes.is_masked(p) else leaf(path, g, p, s, mu, nu, fac, inv)
+                    p
+                    if _axes.is_masked(p)
+                    else _axes.on_gathered(
+                        lambda g, p, *r, path=path: leaf(path, g, p, *r), g, p, s, mu, nu, fac, inv
+                    )
                 ),
                 plans,
                 updates,

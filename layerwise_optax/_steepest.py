@@ -254,18 +254,23 @@ def scale_by_steepest_descent(
                     new_u.append(g)
                     new_mu.append(mu)
                     continue
-                norm, scale, plan = s
-                ok, _, m, m_hat = _grafting.guarded_momentum(g, mu, beta_, count_inc, nesterov)
-                d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
-                if dual_scale:
-                    d = d * dual
-                d_ok = jnp.all(jnp.isfinite(d))
-                failed = failed + (ok & ~d_ok).astype(jnp.int32)
-                skipped = skipped + (~ok).astype(jnp.int32)
-                ok = ok & d_ok
-                m = jnp.where(ok, m, mu.astype(m.dtype))
-                new_u.append(jnp.where(ok, d * scale, 0).astype(g.dtype))
-                new_mu.append(m.astype(mu_dtype or mu.dtype))
+
+                def one(g, setup, mu):
+                    norm, scale, plan = setup
+                    ok, _, m, m_hat = _grafting.guarded_momentum(g, mu, beta_, count_inc, nesterov)
+                    d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
+                    if dual_scale:
+                        d = d * dual
+                    d_ok = jnp.all(jnp.isfinite(d))
+                    m = jnp.where(ok & d_ok, m, mu.astype(m.dtype))
+                    u = jnp.where(ok & d_ok, d * scale, 0).astype(g.dtype)
+                    return u, m.astype(mu_dtype or mu.dtype), ~ok, ok & ~d_ok
+
+                u, m, bad, fail = _axes.on_gathered(one, g, s, mu)
+                new_u.append(u)
+                new_mu.append(m)
+                skipped = skipped + bad.astype(jnp.int32)
+                failed = failed + fail.astype(jnp.int32)
             return treedef.unflatten(new_u), ScaleBySteepestDescentState(
                 count=count_inc,
                 mu=treedef.unflatten(new_mu),

@@ -153,6 +153,7 @@ def test_every_public_factory_is_in_the_table():
             "check_state",
             "checkpointable",
             "restore_state",
+            "state_shardings",
         )
     }
     assert factories == set(FACTORIES), factories ^ set(FACTORIES)

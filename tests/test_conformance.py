@@ -414,6 +414,7 @@ def test_every_public_alias_is_in_the_conformance_list():
             "failure_report",
             "raise_on_failure",
             "restore_state",
+            "state_shardings",
         )
     }
     assert public == set(aliases), public

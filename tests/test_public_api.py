@@ -48,6 +48,7 @@ EXPECTED_ALL = {
     "failure_report",
     "raise_on_failure",
     "restore_state",
+    "state_shardings",
 }
 
 

@@ -1,0 +1,142 @@
+"""Shardings of optimizer states on a device mesh.
+
+Under ``jax.jit`` with parameters sharded over a :class:`jax.sharding.Mesh`,
+every transform of the library runs unchanged: with ``Auto`` mesh axes XLA's
+partitioner places the per-axis statistics itself; with ``Explicit`` axes each
+leaf's statistics are computed on a gathered copy and its params-shaped outputs
+resharded like the parameter (:func:`layerwise_optax._axes.on_gathered`).
+
+:func:`state_shardings` says where each state leaf lives, so that ``init`` and
+``update`` can be compiled with ``out_shardings`` and states checkpointed
+sharded. The layout:
+
+* leaves shaped like a parameter (moments ``mu``/``nu``, NorMuon's or Adam's
+  moments) are sharded like that parameter (FSDP- and tensor-parallel layouts
+  shard optimizer memory the same way as the weights);
+* everything else (Kronecker factors and their roots, bases and PSGD factors,
+  counters, keys) is replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from layerwise_optax import _axes
+
+
+def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    out = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                out.append(f"{attr}:{getattr(entry, attr)}")
+                break
+    return tuple(out)
+
+
+def _contains(haystack: tuple[str, ...], needle: tuple[str, ...]) -> bool:
+    n = len(needle)
+    return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def _as_named(path: str, shape: tuple[int, ...], s: Any, mesh: Mesh | None) -> NamedSharding:
+    """Checks one parameter's sharding against its shape and mesh; returns a NamedSharding."""
+    if isinstance(s, NamedSharding):
+        mesh, spec = s.mesh, s.spec
+    elif isinstance(s, PartitionSpec) or s is None:
+        if mesh is None:
+            raise ValueError(
+                f"param {path}: a PartitionSpec needs mesh=...; pass the Mesh or NamedShardings."
+            )
+        spec = PartitionSpec() if s is None else s
+    else:
+        raise TypeError(
+            f"param {path}: sharding must be a NamedSharding or a PartitionSpec, got "
+            f"{type(s).__name__} {s!r}."
+        )
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"param {path} with shape {shape}: partition spec {spec} has {len(spec)} entries "
+            f"for {len(shape)} axes."
+        )
+    sizes = dict(mesh.shape)
+    entries = [() if e is None else e if isinstance(e, tuple) else (e,) for e in spec]
+    for dim, names in enumerate(entries):
+        for name in names:
+            if name not in sizes:
+                raise ValueError(
+                    f"param {path}: mesh axis {name!r} (axis {dim} of its spec {spec}) does not "
+                    f"exist; the mesh has axes {tuple(mesh.axis_names)}."
+                )
+    for dim, names in enumerate(entries):
+        total = math.prod(sizes[name] for name in names)
+        if shape[dim] % total:
+            raise ValueError(
+                f"param {path} with shape {shape}: axis {dim} (size {shape[dim]}) is not "
+                f"divisible by mesh axis {'×'.join(names)} (size {total}) of its spec {spec}."
+            )
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(
+    tx: Any,
+    params: Any,
+    param_shardings: Any,
+    *,
+    mesh: Mesh | None = None,
+) -> Any:
+    """The ``NamedSharding`` of every leaf of ``tx``'s state, for sharded params.
+
+    Example::
+
+      mesh = jax.make_mesh((4, 2), ("data", "model"))
+      specs = {"w": P("data", "model"), "b": P()}
+      shard = lo.state_shardings(tx, params, specs, mesh=mesh)
+      state = jax.jit(tx.init, out_shardings=shard)(params)
+      step = jax.jit(tx.update, out_shardings=(param_shardings, shard))
+
+    Args:
+      tx: Any optax transform (an alias of this library, a chain, ...).
+      params: The params, or their ``jax.ShapeDtypeStruct``s.
+      param_shardings: A tree like ``params`` of ``NamedSharding`` or
+        ``PartitionSpec`` (``None`` for replicated).
+      mesh: The mesh, needed when ``param_shardings`` holds partition specs.
+
+    Returns:
+      A tree like ``jax.eval_shape(tx.init, params)`` of ``NamedSharding``:
+      params-shaped leaves sharded like their parameter, the rest replicated.
+
+    Raises:
+      ValueError: A spec with more entries than the parameter has axes, a mesh
+        axis that does not exist, or an axis not divisible by its mesh axes,
+        naming the parameter's path and the axis.
+    """
+    flat_params, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_axes.is_masked)
+    try:
+        flat_shardings = treedef.flatten_up_to(param_shardings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"param_shardings does not match the params tree: {e}") from None
+    named = []
+    for (path, p), s in zip(flat_params, flat_shardings):
+        where = jax.tree_util.keystr(path)
+        named.append((_keys(path), tuple(p.shape), _as_named(where, tuple(p.shape), s, mesh)))
+    the_mesh = named[0][2].mesh if named else mesh
+    if the_mesh is None:
+        raise ValueError("no params and no mesh: nothing to shard.")
+    replicated = NamedSharding(the_mesh, PartitionSpec())
+    abstract = jax.eval_shape(tx.init, params)
+
+    def place(path, leaf):
+        keys = _keys(path)
+        best = None
+        for p_keys, shape, s in named:
+            if tuple(leaf.shape) == shape and _contains(keys, p_keys):
+                if best is None or len(p_keys) > len(best[0]):
+                    best = (p_keys, s)
+        return replicated if best is None else best[1]
+
+    return jax.tree_util.tree_map_with_path(place, abstract)

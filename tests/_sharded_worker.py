@@ -1,0 +1,166 @@
+"""Runs every base alias on a simulated 8-device mesh; prints one JSON line per alias.
+
+Started by ``tests/test_sharding.py`` in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
+when JAX starts, so it cannot run inside the pytest process).
+Usage: ``python -m tests._sharded_worker auto,explicit,pmap,errors`` (any subset).
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import layerwise_optax as lo
+from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, build
+
+STEPS = 5
+# FSDP over 'data' and tensor parallelism over 'model', mixed per leaf. Square
+# factors: a single gradient then gives full-rank statistics, so that comparing with
+# the single-device run measures round-off, not the (damping-amplified) round-off
+# of a rank-deficient factor's null space.
+SHAPES = {
+    "dense1": ((16, 16), P("data", "model")),
+    "dense2": ((32, 32), P("model", None)),
+    "bias": ((32,), P("model")),
+    "conv": ((2, 2, 4, 16), P(None, None, None, "model")),
+    "embed": ((16, 16), P("data", None)),
+}
+
+
+def _params():
+    keys = jax.random.split(jax.random.key(0), len(SHAPES))
+    return {n: 0.1 * jax.random.normal(k, s) for (n, (s, _)), k in zip(SHAPES.items(), keys)}
+
+
+def _grads(params, step):
+    keys = jax.random.split(jax.random.key(100 + step), len(params))
+    return {n: jax.random.normal(k, p.shape) for (n, p), k in zip(params.items(), keys)}
+
+
+def _run(tx, params, place=lambda t: t, init=None, update=None):
+    init = init or jax.jit(tx.init)
+    update = update or jax.jit(tx.update)
+    state = init(place(params))
+    outs = []
+    for t in range(STEPS):
+        u, state = update(place(_grads(params, t)), state, place(params))
+        outs.append(u)
+    return outs, state
+
+
+def _max_rel_err(a, b):
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
+    return worst
+
+
+def mesh_case(name, factory, kwargs, axis_type, reference):
+    params = _params()
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    shardings = {n: NamedSharding(mesh, spec) for n, (_, spec) in SHAPES.items()}
+    tx = build(name, factory, kwargs)
+    promised = lo.state_shardings(
+        tx, params, {n: spec for n, (_, spec) in SHAPES.items()}, mesh=mesh
+    )
+    with jax.set_mesh(mesh):
+        init = jax.jit(tx.init, out_shardings=promised)
+        update = jax.jit(tx.update, out_shardings=(shardings, promised))
+        outs, state = _run(tx, params, lambda t: jax.device_put(t, shardings), init, update)
+    wrong = [
+        jax.tree_util.keystr(path)
+        for path, leaf, want in zip(
+            *zip(*jax.tree_util.tree_flatten_with_path(state)[0]),
+            jax.tree.leaves(promised),
+        )
+        if not leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    ]
+    sharded_moments = sum(
+        1 for leaf in jax.tree.leaves(state) if leaf.ndim and not leaf.sharding.is_fully_replicated
+    )
+    return dict(
+        alias=name,
+        mode=str(axis_type),
+        max_rel_err=_max_rel_err(outs, reference),
+        update_specs={n: str(u.sharding.spec) for n, u in outs[-1].items()},
+        wrong_state_shardings=wrong,
+        sharded_state_leaves=sharded_moments,
+    )
+
+
+def pmap_case(name, factory, kwargs, reference):
+    params = _params()
+    tx = build(name, factory, kwargs)
+    n = jax.local_device_count()
+
+    def replicate(t):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
+
+    init = jax.pmap(tx.init, axis_name="batch")
+
+    # Each device sees its own gradient shard; the mean over 'batch' is the
+    # full-batch gradient (the reference uses it directly).
+    def step(g, s, p):
+        return tx.update(jax.lax.pmean(g, "batch"), s, p)
+
+    update = jax.pmap(step, axis_name="batch")
+    state = init(replicate(params))
+    outs = []
+    for t in range(STEPS):
+        g = _grads(params, t)
+        noise = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), (n,) + x.shape), g)
+        noise = jax.tree.map(lambda z: z - z.mean(0, keepdims=True), noise)
+        per_device = jax.tree.map(lambda x, z: x[None] + z, g, noise)
+        u, state = update(per_device, state, replicate(params))
+        outs.append(jax.tree.map(lambda x: x[0], u))
+        same = all(bool(jnp.all(x == x[:1])) for x in jax.tree.leaves(u))
+        assert same, "devices disagree"
+    return dict(alias=name, mode="pmap", max_rel_err=_max_rel_err(outs, reference))
+
+
+def errors_case():
+    """Bad partition specs, checked by state_shardings: (case, message) pairs."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    params = {"layer": {"w": jnp.zeros((6, 8))}}
+    tx = lo.shampoo(1e-2)
+    out = []
+    for case, spec in (
+        ("missing_axis", P("data", "tensor")),
+        ("too_many_entries", P("data", None, "model")),
+        ("not_divisible", P("data", "model")),
+    ):
+        try:
+            lo.state_shardings(tx, params, {"layer": {"w": spec}}, mesh=mesh)
+            out.append((case, None))
+        except ValueError as e:
+            out.append((case, str(e)))
+    return dict(mode="errors", results=out)
+
+
+def main(modes):
+    assert jax.device_count() == 8, jax.devices()
+    if "errors" in modes:
+        print(json.dumps(errors_case()), flush=True)
+    for name, factory, kwargs in OPTIMIZERS:
+        if name in SLOW_VARIANTS:
+            continue
+        reference, _ = _run(build(name, factory, kwargs), _params())
+        for mode in modes:
+            if mode == "pmap":
+                out = pmap_case(name, factory, kwargs, reference)
+            elif mode in ("auto", "explicit"):
+                axis = AxisType.Auto if mode == "auto" else AxisType.Explicit
+                out = mesh_case(name, factory, kwargs, axis, reference)
+            else:
+                continue
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].split(","))
