@@ -71,6 +71,22 @@ def optimizer_params():
     ]
 
 
+# Public functions that take params or states rather than build a transform.
+PARAM_AND_STATE_HELPERS = frozenset(
+    {
+        "layer_roles",
+        "format_roles",
+        "default_dimension_numbers",
+        "static_args",
+        "failure_report",
+        "failure_counts",
+        "check_state",
+        "checkpointable",
+        "restore_state",
+        "state_shardings",
+    }
+)
+
 # The momentum-decay argument of each family (the rest call it b1).
 MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta", "normuon": "beta", "steepest": "beta"}
 

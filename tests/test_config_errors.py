@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import layerwise_optax as lo
+from tests._helpers import PARAM_AND_STATE_HELPERS
 
 VE, TE = ValueError, TypeError
 UNIT = [(-0.1, VE), (1.0, VE), (math.nan, VE), ("0.9", TE), (None, TE)]
@@ -141,20 +142,7 @@ def test_every_public_factory_is_in_the_table():
         for n in lo.__all__
         if callable(getattr(lo, n))
         and not isinstance(getattr(lo, n), type)
-        and n
-        not in (
-            # Functions of params or states, not factories of transforms.
-            "layer_roles",
-            "format_roles",
-            "default_dimension_numbers",
-            "static_args",
-            "failure_report",
-            "failure_counts",
-            "check_state",
-            "checkpointable",
-            "restore_state",
-            "state_shardings",
-        )
+        and n not in PARAM_AND_STATE_HELPERS
     }
     assert factories == set(FACTORIES), factories ^ set(FACTORIES)
 

@@ -16,6 +16,7 @@ from tests._helpers import (
     EXTRA_ARGS,
     MOMENTUM_ARG,
     OPTIMIZERS,
+    PARAM_AND_STATE_HELPERS,
     assert_recovers,
     assert_tree_finite,
     assert_trees_close,
@@ -403,18 +404,7 @@ def test_every_public_alias_is_in_the_conformance_list():
         for n in lo.__all__
         if not n[0].isupper()
         and not n.startswith(("scale_by", "linalg", "default_", "inject", "static"))
-        and n
-        not in (
-            "layer_roles",
-            "format_roles",
-            "precond_update_prob_schedule",
-            "check_state",
-            "checkpointable",
-            "failure_counts",
-            "failure_report",
-            "raise_on_failure",
-            "restore_state",
-            "state_shardings",
-        )
+        and n not in PARAM_AND_STATE_HELPERS
+        and n not in ("precond_update_prob_schedule", "raise_on_failure")
     }
     assert public == set(aliases), public

@@ -134,6 +134,16 @@ def _hard_matrices(rng):
     return np.stack(mats).astype(np.float32), names
 
 
+def _stack_plan(stack):
+    """The plan of ``stack`` independent N x N factors (one full dimension)."""
+    return _axes.make_plan(
+        (stack, N),
+        _axes.DimensionNumbers(factor_axes=((1,),), batch_axes=(0,)),
+        max_precond_dim=1024,
+        block_size=None,
+    )
+
+
 ROOT_METHODS = [
     ("eigh", 2),
     ("eigh", 4),
@@ -150,12 +160,7 @@ def test_inverse_roots_finite_and_bounded_on_hard_statistics(method, root, relat
     rng = np.random.default_rng(0)
     mats, names = _hard_matrices(rng)
     stack = len(mats)
-    plan = _axes.make_plan(
-        (stack, N),
-        _axes.DimensionNumbers(factor_axes=((1,),), batch_axes=(0,)),
-        max_precond_dim=1024,
-        block_size=None,
-    )
+    plan = _stack_plan(stack)
     damping = 1e-6 if relative else 1e-3
     prev = (jnp.broadcast_to(jnp.eye(N), (stack, N, N)),)
     fn = jax.jit(
@@ -205,12 +210,7 @@ def test_soap_eigenbases_orthonormal_on_hard_statistics(method):
     rng = np.random.default_rng(1)
     mats, names = _hard_matrices(rng)
     stack = len(mats)
-    plan = _axes.make_plan(
-        (stack, N),
-        _axes.DimensionNumbers(factor_axes=((1,),), batch_axes=(0,)),
-        max_precond_dim=1024,
-        block_size=None,
-    )
+    plan = _stack_plan(stack)
     prev = (jnp.broadcast_to(jnp.eye(N), (stack, N, N)),)
     res = jax.jit(functools.partial(_kron.eigenbases, plan=plan, method=method))(
         (jnp.asarray(mats),), prev
