@@ -2,8 +2,10 @@
 
 ``python -m benchmarks [--quick] [--out DIR]`` runs, in this order: step time and
 memory across shapes (``step_time``), Muon/PSGD-Kron against their peers with
-interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``), and
-steps/time to AdamW's loss on every workload (``time_to_target``). Each writes
+interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``),
+Shampoo's refresh FLOPs and state bytes per device on 8 simulated devices
+(``sharded_refresh``), and steps/time to AdamW's loss on every workload
+(``time_to_target``). Each writes
 its own record. Without ``--quick`` and with the default ``--out`` it then
 rewrites the generated tables of ``benchmarks/README.md`` (``benchmarks.report``).
 ``--quick`` is the CI smoke run: small shapes, few steps, one seed.
@@ -14,7 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import kfac_step, layerwise_step, report, step_time, time_to_target
+from benchmarks import (
+    kfac_step,
+    layerwise_step,
+    report,
+    sharded_refresh,
+    step_time,
+    time_to_target,
+)
 
 
 def main(argv=None) -> None:
@@ -36,6 +45,7 @@ def main(argv=None) -> None:
         ("step_time", step_time.main, step_argv + out),
         ("layerwise_step", layerwise_step.main, quick + out),
         ("kfac_step", kfac_step.main, quick + out),
+        ("sharded_refresh", sharded_refresh.main, quick + out),
         ("time_to_target", time_to_target.main, ttt_argv + out),
     ]
     timings = {}

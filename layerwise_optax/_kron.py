@@ -18,13 +18,13 @@ blocks is returned so that the optimizer can count it in its state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from layerwise_optax import _axes, _linalg
+from layerwise_optax import _axes, _distribute, _linalg
 
 _LETTERS = "abcdefghijklmopqrstuvwxy"
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -233,38 +233,122 @@ def inverse_roots(
     roots, failures = [], jnp.zeros([], jnp.int32)
     for kind, s, r in zip(plan.kinds, stats, prev):
         if kind == "full":
-            if method == "cholesky":
-                if root != 1:
-                    raise ValueError(f"method='cholesky' computes inverses (root 1), got {root}.")
-                new = _linalg.inv_psd_cholesky(
-                    s, damping=damping, relative_damping=relative_damping
-                )
-            elif method == "newton":
-                new, _ = _linalg.inv_root_newton(
-                    s,
-                    int(root),
-                    damping=damping,
-                    relative_damping=relative_damping,
-                    warm_start=r,
-                )
-            else:
-                new = _linalg.inv_root_eigh(
-                    s, root, damping=damping, relative_damping=relative_damping
-                )
+            new = _full_root(s, r, root, damping, relative_damping, method)
             new, bad, _ = _keep_good(new, r, matrix=True)
         elif kind == "diag":
-            s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-            lam_max = jnp.max(s32, axis=-1, keepdims=True)
-            delta = damping * lam_max if relative_damping else damping
-            floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
-            new = jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
-            new, bad, _ = _keep_good(new, r, matrix=False)
+            new, bad, _ = _keep_good(
+                _diag_root(s, root, damping, relative_damping), r, matrix=False
+            )
         else:
             roots.append(r)
             continue
         roots.append(new)
         failures = failures + bad
     return Refreshed(tuple(roots), failures)
+
+
+def _full_root(s, r, root, damping, relative_damping, method):
+    """Damped inverse roots of ``(stack, b, b)`` statistics (not yet checked)."""
+    if method == "cholesky":
+        if root != 1:
+            raise ValueError(f"method='cholesky' computes inverses (root 1), got {root}.")
+        return _linalg.inv_psd_cholesky(s, damping=damping, relative_damping=relative_damping)
+    if method == "newton":
+        new, _ = _linalg.inv_root_newton(
+            s, int(root), damping=damping, relative_damping=relative_damping, warm_start=r
+        )
+        return new
+    return _linalg.inv_root_eigh(s, root, damping=damping, relative_damping=relative_damping)
+
+
+def _diag_root(s, root, damping, relative_damping):
+    """Damped inverse roots of ``(stack, b)`` diagonal statistics."""
+    s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+    lam_max = jnp.max(s32, axis=-1, keepdims=True)
+    delta = damping * lam_max if relative_damping else damping
+    floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
+    return jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
+
+
+def inverse_roots_tree(
+    stats: Any,
+    prev: Any,
+    plans: Any,
+    *,
+    root: Callable[[_axes.LeafPlan], float],
+    damping: jax.Array,
+    relative_damping: bool,
+    method: str = "eigh",
+    distribute: bool = True,
+) -> tuple[Any, jax.Array]:
+    """:func:`inverse_roots` of every leaf, same-sized blocks of all leaves batched together.
+
+    The full factors of every leaf are grouped by block length and root order;
+    each group is one batched computation, split over the devices of the current
+    mesh by :func:`layerwise_optax._distribute.spread` (each block on exactly
+    one device; without a mesh, one batched call). The results equal
+    :func:`inverse_roots` leaf by leaf.
+
+    Args:
+      stats: Per-leaf factor tuples.
+      prev: Previous roots, same layout.
+      plans: The plans (from :func:`layerwise_optax._axes.resolve`).
+      root: The root order of a leaf's factors, from its plan.
+      damping: See :func:`inverse_roots`.
+      relative_damping: See :func:`inverse_roots`.
+      method: See :func:`inverse_roots`.
+      distribute: Spread the groups over the mesh's devices.
+
+    Returns:
+      ``(roots, failures)``: the new roots tree and the int32 count of blocks
+      that kept their previous root.
+    """
+    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
+    stats_l = [
+        as_factors(x) if isinstance(p, _axes.LeafPlan) else x
+        for p, x in zip(plan_leaves, treedef.flatten_up_to(stats))
+    ]
+    prev_l = [
+        as_factors(x) if isinstance(p, _axes.LeafPlan) else x
+        for p, x in zip(plan_leaves, treedef.flatten_up_to(prev))
+    ]
+    out = [list(r) if isinstance(p, _axes.LeafPlan) else r for p, r in zip(plan_leaves, prev_l)]
+    failures = jnp.zeros([], jnp.int32)
+    groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for i, plan in enumerate(plan_leaves):
+        if not isinstance(plan, _axes.LeafPlan):
+            continue
+        p = root(plan)
+        for j, (kind, b) in enumerate(zip(plan.kinds, plan.blocks)):
+            if kind == "full":
+                key = (b, p, stats_l[i][j].dtype, prev_l[i][j].dtype)
+                groups.setdefault(key, []).append((i, j))
+            elif kind == "diag":
+                new, bad, _ = _keep_good(
+                    _diag_root(stats_l[i][j], p, damping, relative_damping),
+                    prev_l[i][j],
+                    matrix=False,
+                )
+                out[i][j] = new
+                failures = failures + bad
+    for (_, p, _, _), members in groups.items():
+        s = jnp.concatenate([stats_l[i][j] for i, j in members])
+        r = jnp.concatenate([prev_l[i][j] for i, j in members])
+
+        def compute(s, r, p=p):
+            new = _full_root(s, r, p, damping, relative_damping, method)
+            new, _, ok = _keep_good(new, r, matrix=True)
+            return new, ok
+
+        new, ok = _distribute.spread(compute, s, r, enabled=distribute)
+        failures = failures + jnp.sum(~ok).astype(jnp.int32)
+        start = 0
+        for i, j in members:
+            n = stats_l[i][j].shape[0]
+            out[i][j] = new[start : start + n]
+            start += n
+    leaves = [tuple(o) if isinstance(p, _axes.LeafPlan) else o for p, o in zip(plan_leaves, out)]
+    return jax.tree.unflatten(treedef, leaves), failures
 
 
 def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: str) -> Refreshed:

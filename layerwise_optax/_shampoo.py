@@ -28,6 +28,7 @@ _STATIC_ARGS = (
     "mask",
     "nesterov",
     "factor_estimation",
+    "distribute",
 )
 
 
@@ -130,6 +131,7 @@ def scale_by_shampoo(
     *,
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
+    distribute: bool = True,
 ) -> optax.GradientTransformation:
     """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
 
@@ -163,6 +165,10 @@ def scale_by_shampoo(
         ``n_i`` the product of the other dimensions and the ``L_j^{-1}`` from the
         last refresh; roots ``L_i^{-1/2}`` unless ``root_exponent`` says
         otherwise; see :func:`shampoo`).
+      distribute: Under a mesh set with :func:`jax.set_mesh`, split the refresh
+        (same-sized blocks of all leaves batched together) over all its devices,
+        each block computed on one device and the roots gathered; no effect
+        without a mesh. The result is the same either way.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -191,6 +197,7 @@ def scale_by_shampoo(
     _checks.boolean("relative_damping", relative_damping)
     _checks.boolean("nesterov", nesterov)
     _checks.one_of("factor_estimation", factor_estimation, ("shampoo", "kl"))
+    _checks.boolean("distribute", distribute)
     if factor_estimation == "kl" and root_exponent is not None and root_exponent % 2:
         raise ValueError(
             f"root_exponent must be even with factor_estimation='kl' (the statistics "
@@ -262,22 +269,22 @@ def scale_by_shampoo(
             skipped = jnp.asarray(skipped, jnp.int32)
 
             def refresh(stats, roots):
-                def leaf(s, plan, r):
+                def root_of(plan):
                     default = 2 if factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
-                    root = root_exponent or default
-                    return _kron.inverse_roots(
-                        s,
-                        r,
-                        plan,
-                        root=root,
-                        damping=damping,
-                        relative_damping=relative_damping,
-                        method=root_method,
-                    )
+                    return root_exponent or default
 
-                res = _axes.map_leaves(leaf, plans, stats, roots)
-                fails = jax.tree.leaves(_axes.unzip(res, "failures"))
-                return _axes.unzip(res, "factors"), sum(fails, jnp.zeros([], jnp.int32))
+                # Same-sized blocks of all leaves in one batch each, split over the
+                # devices of the mesh when there is one.
+                return _kron.inverse_roots_tree(
+                    stats,
+                    roots,
+                    plans,
+                    root=root_of,
+                    damping=damping,
+                    relative_damping=relative_damping,
+                    method=root_method,
+                    distribute=distribute,
+                )
 
             roots, failed = jax.lax.cond(
                 state.count % precondition_frequency == 0,
@@ -344,6 +351,7 @@ def shampoo(
     *,
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
+    distribute: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
 
@@ -415,6 +423,8 @@ def shampoo(
       nesterov: Nesterov momentum.
       factor_estimation: ``'shampoo'`` or ``'kl'`` (KL-Shampoo; roots default to
         ``L^{-1/2}``).
+      distribute: Spread the refresh over the mesh's devices (see
+        :func:`scale_by_shampoo`).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -459,6 +469,7 @@ def shampoo(
             root_exponent=root_exponent,
             root_method=root_method,
             factor_estimation=factor_estimation,
+            distribute=distribute,
             relative_damping=relative_damping,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,

@@ -3,7 +3,7 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,pmap,errors`` (any subset).
+Usage: ``python -m tests._sharded_worker auto,explicit,pmap,errors,spread`` (any subset).
 """
 
 import json
@@ -143,10 +143,67 @@ def errors_case():
     return dict(mode="errors", results=out)
 
 
+def spread_case():
+    """Which device computes which refresh block, read from the program and the data."""
+    from layerwise_optax import _distribute
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    # Blocked layers: 2 x 3 + 3 x 3 + 3 x 1 blocks of 32 (two factors each) and the
+    # 10-wide output blocks: 5 groups of same-sized blocks in all.
+    params = {
+        "l1": jnp.ones((64, 96)),
+        "l2": jnp.ones((96, 96)),
+        "l3": jnp.ones((96, 10)),
+    }
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    out = {}
+    roots = {}
+    for distribute in (False, True):
+        tx = lo.shampoo(1e-2, block_size=32, precondition_frequency=1, distribute=distribute)
+        with jax.set_mesh(mesh):
+            state = tx.init(params)
+            jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
+            _, state = jax.jit(tx.update)(grads, state, params)
+        roots[distribute] = state[0].roots
+        local = []
+
+        def walk(j):
+            for eqn in j.eqns:
+                if eqn.primitive.name == "shard_map":
+                    local.append([list(v.aval.shape) for v in eqn.params["jaxpr"].invars])
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, (tuple, list)) else (value,):
+                        inner = getattr(sub, "jaxpr", sub)
+                        if hasattr(inner, "eqns"):
+                            walk(inner)
+
+        walk(jaxpr.jaxpr)
+        out[f"local_{distribute}"] = local
+    blocks = [x.shape[0] for x in jax.tree.leaves(state[0].stats) if x.ndim == 3 and x.shape[0] > 0]
+    out["blocks"] = sum(blocks)
+    out["roots_max_abs_diff"] = max(
+        float(jnp.max(jnp.abs(a - b))) if a.size else 0.0
+        for a, b in zip(jax.tree.leaves(roots[False]), jax.tree.leaves(roots[True]))
+    )
+
+    # Owners: each block's entry is replaced by the index of the device that
+    # computed it (13 blocks over 8 devices).
+    def owner(x):
+        idx = jax.lax.axis_index(("data", "model"))
+        return jnp.full((x.shape[0],), idx, jnp.int32)
+
+    with jax.set_mesh(mesh):
+        owners = jax.jit(lambda x: _distribute.spread(owner, x))(jnp.zeros((13, 4, 4)))
+    out["owners"] = [int(o) for o in owners]
+    return dict(mode="spread", **out)
+
+
 def main(modes):
     assert jax.device_count() == 8, jax.devices()
     if "errors" in modes:
         print(json.dumps(errors_case()), flush=True)
+    if "spread" in modes:
+        print(json.dumps(spread_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue

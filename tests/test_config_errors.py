@@ -65,6 +65,7 @@ BAD = {
     "merge_small_dims": BOOL,
     "relative_damping": BOOL,
     "dual_scale": BOOL,
+    "distribute": BOOL,
     "grafting": MODE,
     "root_method": MODE + [("cholesky", VE)],
     "factor_estimation": MODE,

@@ -64,7 +64,21 @@ def _check_mesh_results(results, mode):
 
 
 def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
-    results = _worker(["errors", "auto", "explicit"])
+    results = _worker(["errors", "spread", "auto", "explicit"])
+    (spread,) = [r for r in results if r.get("mode") == "spread"]
+    # Without distribute=True there is no per-device split; with it, each group of
+    # same-sized blocks is split evenly: a device computes ceil(n / 8) of n blocks.
+    assert spread["local_False"] == []
+    local = spread["local_True"]
+    assert [shapes[0][1:] for shapes in local] == [[32, 32], [10, 10]]
+    per_device = sum(shapes[0][0] for shapes in local)
+    assert per_device <= -(-spread["blocks"] // 8) + len(local)
+    assert per_device * 8 >= spread["blocks"]
+    assert spread["roots_max_abs_diff"] < 1e-5
+    # 13 blocks on 8 devices: each block has exactly one owner, at most 2 per device.
+    owners = spread["owners"]
+    assert len(owners) == 13 and max(owners.count(d) for d in range(8)) == 2
+    assert set(owners) == set(range(7))
     _check_mesh_results(results, "AxisType.Auto")
     _check_mesh_results(results, "AxisType.Explicit")
     (errors,) = [r for r in results if r.get("mode") == "errors"]

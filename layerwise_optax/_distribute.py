@@ -1,0 +1,78 @@
+"""Spreading batched matrix work over the devices of the current mesh.
+
+The refresh of a Kronecker preconditioner (inverse roots, eigendecompositions)
+is a batch of independent small matrix problems, and on one device it is the
+cost that grows fastest with model size. Under a mesh set with
+:func:`jax.set_mesh`, :func:`spread` splits such a batch evenly over *all*
+devices of the mesh with :func:`jax.shard_map`: each device computes its own
+slice of the blocks and nothing else (no all-reduce inside the computation), and
+the results are gathered once so that every device holds every block again
+(Distributed Shampoo does the same with ``pmap``; the PyTorch libraries assign
+an owner per matrix).
+
+Callers group *same-sized* blocks of every leaf into one batch first, so that
+the per-device shares have equal cost; a batch is padded with copies of its
+first block to a multiple of the device count (at most ``devices - 1`` padded
+blocks per group, computed and dropped).
+
+Without a mesh, on a mesh of one device, or inside a ``shard_map`` (manual
+axes), the function is applied as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+
+def current_mesh() -> Any:
+    """The mesh of :func:`jax.set_mesh` if work can be spread over it, else ``None``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size <= 1:
+        return None
+    if any(t == AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh
+
+
+def spread(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> Any:
+    """``fn(*arrays)`` for a function batched over axis 0, the batch split over devices.
+
+    Args:
+      fn: A function of arrays with a common leading batch axis, returning a
+        pytree of arrays with that batch axis; it must treat batch entries
+        independently.
+      *arrays: Its inputs (replicated or sharded; they are resliced).
+      enabled: ``False`` applies ``fn`` as is.
+
+    Returns:
+      ``fn(*arrays)``, replicated over the mesh.
+    """
+    mesh = current_mesh() if enabled else None
+    if mesh is None:
+        return fn(*arrays)
+    n = arrays[0].shape[0]
+    pad = (-n) % mesh.size
+    if pad:
+        arrays = tuple(jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]) for a in arrays)
+    spec = P(tuple(mesh.axis_names))
+    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+    if explicit:
+        arrays = tuple(jax.sharding.reshard(a, spec) for a in arrays)
+    # check_vma=False: the matrix functions start loops from constants (e.g. power
+    # iterations), which the varying-axes check would reject; every output is
+    # computed from the local slice only.
+    out = jax.shard_map(
+        fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False
+    )(*arrays)
+
+    def gather(y):
+        y = jax.sharding.reshard(y, P()) if explicit else jax.lax.with_sharding_constraint(y, P())
+        return y[:n]
+
+    return jax.tree.map(gather, out)
