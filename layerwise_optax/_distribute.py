@@ -76,3 +76,36 @@ def spread(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> 
         return y[:n]
 
     return jax.tree.map(gather, out)
+
+
+def grouped(
+    items: list[tuple[Any, tuple[jax.Array, ...]]],
+    fn: Callable[[Any], Callable[..., Any]],
+    *,
+    enabled: bool = True,
+) -> list[Any]:
+    """Applies a batched function to many stacks, same-keyed stacks batched together.
+
+    Args:
+      items: ``(key, arrays)`` per stack; ``arrays`` share a leading stack axis,
+        and stacks with equal ``key`` have equal trailing shapes and dtypes.
+      fn: ``fn(key)`` is the batched function for that key's stacks.
+      enabled: Spread each batch over the mesh's devices (:func:`spread`).
+
+    Returns:
+      Per item, in order, ``fn(key)(*arrays)`` (a pytree with the stack axis).
+    """
+    groups: dict[Any, list[int]] = {}
+    for k, (key, _) in enumerate(items):
+        groups.setdefault(key, []).append(k)
+    out: list[Any] = [None] * len(items)
+    for key, members in groups.items():
+        arity = len(items[members[0]][1])
+        batch = tuple(jnp.concatenate([items[k][1][a] for k in members]) for a in range(arity))
+        result = spread(fn(key), *batch, enabled=enabled)
+        start = 0
+        for k in members:
+            n = items[k][1][0].shape[0]
+            out[k] = jax.tree.map(lambda y, start=start, n=n: y[start : start + n], result)
+            start += n
+    return out

@@ -304,50 +304,40 @@ def inverse_roots_tree(
       that kept their previous root.
     """
     plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
-    stats_l = [
-        as_factors(x) if isinstance(p, _axes.LeafPlan) else x
-        for p, x in zip(plan_leaves, treedef.flatten_up_to(stats))
-    ]
-    prev_l = [
-        as_factors(x) if isinstance(p, _axes.LeafPlan) else x
-        for p, x in zip(plan_leaves, treedef.flatten_up_to(prev))
-    ]
-    out = [list(r) if isinstance(p, _axes.LeafPlan) else r for p, r in zip(plan_leaves, prev_l)]
+    is_leaf = [isinstance(p, _axes.LeafPlan) for p in plan_leaves]
+    stats_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(stats))]
+    prev_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(prev))]
+    out = [list(r) if b else r for b, r in zip(is_leaf, prev_l)]
     failures = jnp.zeros([], jnp.int32)
-    groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    items, where = [], []
     for i, plan in enumerate(plan_leaves):
-        if not isinstance(plan, _axes.LeafPlan):
+        if not is_leaf[i]:
             continue
         p = root(plan)
-        for j, (kind, b) in enumerate(zip(plan.kinds, plan.blocks)):
+        for j, kind in enumerate(plan.kinds):
+            s, r = stats_l[i][j], prev_l[i][j]
             if kind == "full":
-                key = (b, p, stats_l[i][j].dtype, prev_l[i][j].dtype)
-                groups.setdefault(key, []).append((i, j))
+                items.append(((s.shape[1:], p, s.dtype, r.dtype), (s, r)))
+                where.append((i, j))
             elif kind == "diag":
                 new, bad, _ = _keep_good(
-                    _diag_root(stats_l[i][j], p, damping, relative_damping),
-                    prev_l[i][j],
-                    matrix=False,
+                    _diag_root(s, p, damping, relative_damping), r, matrix=False
                 )
                 out[i][j] = new
                 failures = failures + bad
-    for (_, p, _, _), members in groups.items():
-        s = jnp.concatenate([stats_l[i][j] for i, j in members])
-        r = jnp.concatenate([prev_l[i][j] for i, j in members])
 
-        def compute(s, r, p=p):
-            new = _full_root(s, r, p, damping, relative_damping, method)
+    def batched(key):
+        def compute(s, r):
+            new = _full_root(s, r, key[1], damping, relative_damping, method)
             new, _, ok = _keep_good(new, r, matrix=True)
             return new, ok
 
-        new, ok = _distribute.spread(compute, s, r, enabled=distribute)
+        return compute
+
+    for (i, j), (new, ok) in zip(where, _distribute.grouped(items, batched, enabled=distribute)):
+        out[i][j] = new
         failures = failures + jnp.sum(~ok).astype(jnp.int32)
-        start = 0
-        for i, j in members:
-            n = stats_l[i][j].shape[0]
-            out[i][j] = new[start : start + n]
-            start += n
-    leaves = [tuple(o) if isinstance(p, _axes.LeafPlan) else o for p, o in zip(plan_leaves, out)]
+    leaves = [tuple(o) if b else o for b, o in zip(is_leaf, out)]
     return jax.tree.unflatten(treedef, leaves), failures
 
 
@@ -385,6 +375,71 @@ def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: s
         perms.append(perm)
         failures = failures + bad
     return Refreshed(tuple(bases), failures, tuple(perms))
+
+
+def eigenbases_tree(
+    stats: Any, prev: Any, plans: Any, *, method: str, distribute: bool = True
+) -> tuple[Any, Any, jax.Array]:
+    """:func:`eigenbases` of every leaf, same-sized blocks of all leaves batched together.
+
+    Like :func:`inverse_roots_tree`: each group of same-sized full factors is one
+    batched computation, spread over the mesh's devices when there is one.
+
+    Args:
+      stats: Per-leaf factor tuples.
+      prev: Previous bases, same layout.
+      plans: The plans.
+      method: ``'eigh'`` or ``'qr'`` (see :func:`eigenbases`).
+      distribute: Spread the groups over the mesh's devices.
+
+    Returns:
+      ``(bases, perms, failures)``: the bases tree, per leaf the tuple of
+      permutations (see :func:`eigenbases`), and the int32 failure count.
+    """
+    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
+    is_leaf = [isinstance(p, _axes.LeafPlan) for p in plan_leaves]
+    stats_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(stats))]
+    prev_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(prev))]
+    out = [list(q) if b else q for b, q in zip(is_leaf, prev_l)]
+    perms = [[None] * len(q) if b else q for b, q in zip(is_leaf, prev_l)]
+    items, where = [], []
+    for i, plan in enumerate(plan_leaves):
+        if not is_leaf[i]:
+            continue
+        for j, kind in enumerate(plan.kinds):
+            if kind == "full":
+                s, q = stats_l[i][j], prev_l[i][j]
+                items.append(((s.shape[1:], s.dtype, q.dtype), (s, q)))
+                where.append((i, j))
+
+    def batched(key):
+        def compute(s, q):
+            if method == "eigh":
+                new, perm = _linalg.eigenbasis(s), None
+            else:
+                new, perm = _linalg.refresh_eigenbasis(s, q)
+            new, _, ok = _keep_good(new, q, matrix=True)
+            if perm is not None:
+                # A block that keeps its old basis must not permute its moments either.
+                perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
+            return new, perm, ok
+
+        return compute
+
+    failures = jnp.zeros([], jnp.int32)
+    for (i, j), (new, perm, ok) in zip(
+        where, _distribute.grouped(items, batched, enabled=distribute)
+    ):
+        out[i][j] = new
+        perms[i][j] = perm
+        failures = failures + jnp.sum(~ok).astype(jnp.int32)
+    bases = [tuple(o) if b else o for b, o in zip(is_leaf, out)]
+    perm_leaves = [tuple(o) if b else o for b, o in zip(is_leaf, perms)]
+    return (
+        jax.tree.unflatten(treedef, bases),
+        jax.tree.unflatten(treedef, perm_leaves),
+        failures,
+    )
 
 
 def permute_axes(

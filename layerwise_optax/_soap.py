@@ -38,6 +38,7 @@ _STATIC_ARGS = (
     "max_precond_dim",
     "block_size",
     "merge_small_dims",
+    "distribute",
     "dimension_numbers",
     "mu_dtype",
     "precond_dtype",
@@ -76,12 +77,6 @@ class ScaleBySoapState(NamedTuple):
     failed_refreshes: jax.Array
 
 
-class _Refresh(NamedTuple):
-    bases: Any
-    nu: Any
-    failures: Any
-
-
 class _LeafOut(NamedTuple):
     update: Any
     mu: Any
@@ -99,6 +94,7 @@ def scale_by_soap(
     max_precond_dim: int = 1024,
     block_size: int | None = None,
     merge_small_dims: bool = True,
+    distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike = jnp.float32,
@@ -114,6 +110,9 @@ def scale_by_soap(
       max_precond_dim: Factor dimensions longer than this keep the identity basis.
       block_size: Split factor dimensions longer than this into blocks (static).
       merge_small_dims: Let the default policy merge small adjacent axes.
+      distribute: Under a mesh set with :func:`jax.set_mesh`, split each basis
+        refresh (same-sized blocks of all leaves batched) over its devices, each
+        block on one device; no effect without a mesh.
       dimension_numbers: Spec tree or callable; ``None``: the default policy
         (vectors and scalars keep the identity basis: plain Adam).
       mu_dtype: Storage dtype of the first moment.
@@ -137,6 +136,7 @@ def scale_by_soap(
     _checks.positive_int("max_precond_dim", max_precond_dim)
     _checks.positive_int("block_size", block_size, allow_none=True)
     _checks.boolean("merge_small_dims", merge_small_dims)
+    _checks.boolean("distribute", distribute)
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype")
     resolve = functools.partial(
@@ -199,19 +199,15 @@ def scale_by_soap(
 
             def refresh(method):
                 def run(stats, bases, nu):
-                    def leaf(s, plan, q, v):
-                        res = _kron.eigenbases(s, q, plan, method=method)
-                        return _Refresh(
-                            res.factors, _kron.permute_axes(v, res.perms, plan), res.failures
-                        )
-
-                    res = _axes.map_leaves(leaf, plans, stats, bases, nu)
-                    fails = jax.tree.leaves(_axes.unzip(res, "failures"))
-                    return (
-                        _axes.unzip(res, "bases"),
-                        _axes.unzip(res, "nu"),
-                        sum(fails, jnp.zeros([], jnp.int32)),
+                    # Same-sized blocks of all leaves in one batch each, split over
+                    # the devices of the mesh when there is one.
+                    bases, perms, failed = _kron.eigenbases_tree(
+                        stats, bases, plans, method=method, distribute=distribute
                     )
+                    nu = _axes.map_leaves(
+                        lambda v, plan, perm: _kron.permute_axes(v, perm, plan), plans, nu, perms
+                    )
+                    return bases, nu, failed
 
                 return run
 
@@ -256,6 +252,7 @@ def soap(
     max_precond_dim: int = 1024,
     block_size: int | None = None,
     merge_small_dims: bool = True,
+    distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
@@ -304,6 +301,8 @@ def soap(
       max_precond_dim: Longer factor dimensions keep the identity basis.
       block_size: Block length for long axes, ``None`` for no blocking.
       merge_small_dims: Merge small adjacent axes in the default policy.
+      distribute: Spread basis refreshes over the mesh's devices (see
+        :func:`scale_by_soap`).
       dimension_numbers: Per-leaf spec tree or callable; ``None``: default.
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask (tree or callable).
@@ -344,6 +343,7 @@ def soap(
             max_precond_dim=max_precond_dim,
             block_size=block_size,
             merge_small_dims=merge_small_dims,
+            distribute=distribute,
             dimension_numbers=dimension_numbers,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
