@@ -64,6 +64,11 @@ def spread(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> 
     explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
     if explicit:
         arrays = tuple(jax.sharding.reshard(a, spec) for a in arrays)
+    else:
+        # Gather first (inputs may be sharded like a parameter, e.g. Muon's
+        # momentum): each device then slices its own blocks without communication,
+        # instead of the partitioner rematerializing the reshard on its own.
+        arrays = tuple(jax.lax.with_sharding_constraint(a, P()) for a in arrays)
     # check_vma=False: the matrix functions start loops from constants (e.g. power
     # iterations), which the varying-axes check would reject; every output is
     # computed from the local slice only.

@@ -30,6 +30,7 @@ _STATIC_ARGS = (
     "mu_dtype",
     "mask",
     "nesterov",
+    "distribute",
 )
 
 _SIDES = ("both", "input", "output")
@@ -108,6 +109,11 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     return _axes.DimensionNumbers((tuple(range(len(shape) - 1)), (len(shape) - 1,)))
 
 
+class _Accumulated(NamedTuple):
+    ok: Any
+    factors: Any
+
+
 class _LeafOut(NamedTuple):
     update: Any
     mu: Any
@@ -131,6 +137,7 @@ def scale_by_kfac(
     mu_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
+    distribute: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -155,6 +162,9 @@ def scale_by_kfac(
         ``'output'`` (``G B^{-1}``).
       mu_dtype: Storage dtype of the momentum.
       nesterov: Nesterov momentum.
+      distribute: Under a mesh set with :func:`jax.set_mesh`, batch the
+        same-sized factors of all layers and split their inverses over its
+        devices (each factor inverted on one device); no effect without a mesh.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -176,6 +186,7 @@ def scale_by_kfac(
     _checks.one_of("damping_mode", damping_mode, _DAMPING_MODES)
     _checks.one_of("sides", sides, _SIDES)
     _checks.boolean("nesterov", nesterov)
+    _checks.boolean("distribute", distribute)
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     if dimension_numbers is None:
 
@@ -239,24 +250,82 @@ def scale_by_kfac(
             count_inc = optax.safe_increment(state.count)
             refresh = state.count % precondition_frequency == 0
 
-            def leaf(path, g, plan, s, mu, nu, fac, inv):
+            # Factor EMAs start at zero: bias-correct them (classic sums need none).
+            decay = jnp.asarray(factor_decay, jnp.float32)
+            t = count_inc.astype(jnp.float32)
+            correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
+
+            def accumulate(path, g, plan, s, fac):
+                """This step's factor EMAs and the leaf's validity."""
+                ok, _ = _kron.finite_or_zero(g)
+                if plan.spec is None or s is None:
+                    return _Accumulated(ok, fac)
+                new = _check_stats(path, s, plan)
+                ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
+                return _Accumulated(ok, _kron.ema(fac, new, factor_decay, valid=ok))
+
+            def per_leaf(fn, *trees):
+                return jax.tree_util.tree_map_with_path(
+                    lambda path, p, *xs: (
+                        p
+                        if _axes.is_masked(p)
+                        else _axes.on_gathered(
+                            lambda x, p, *r, path=path: fn(path, x, p, *r), xs[0], p, *xs[1:]
+                        )
+                    ),
+                    plans,
+                    *trees,
+                    is_leaf=_axes.is_plan_leaf,
+                )
+
+            acc = per_leaf(accumulate, updates, stats, _kron.normalize(plans, state.factors))
+            facs = _axes.unzip(acc, "factors")
+            # The inverses of every kernel, same-sized blocks of all layers batched
+            # (and split over the mesh's devices when there is one).
+            has_stats = jax.tree.map(
+                lambda p, s: (
+                    optax.MaskedNode()
+                    if _axes.is_masked(p) or p.spec is None or s is None
+                    else _kernel_plan(p)
+                ),
+                plans,
+                stats,
+                is_leaf=lambda x: _axes.is_plan_leaf(x) or x is None,
+            )
+
+            def refresh_all(facs, invs):
+                damped = _axes.map_leaves(
+                    lambda f, kplan: _damped(f, kplan, damping_, damping_mode, correction),
+                    has_stats,
+                    facs,
+                )
+                return _kron.inverse_roots_tree(
+                    damped,
+                    invs,
+                    has_stats,
+                    root=lambda kplan: 1,
+                    damping=jnp.zeros([], jnp.float32),
+                    relative_damping=False,
+                    method="cholesky",
+                    distribute=distribute,
+                )
+
+            invs, failed = jax.lax.cond(
+                refresh,
+                refresh_all,
+                lambda f, i: (i, jnp.zeros([], jnp.int32)),
+                facs,
+                _kron.normalize(plans, state.inverses),
+            )
+
+            def direction(path, g, plan, s, a, mu, nu, inv):
                 ok, g32 = _kron.finite_or_zero(g)
-                failed = jnp.zeros([], jnp.int32)
+                ok = ok & a.ok
                 if plan.spec is None or s is None:
                     # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
                     nu = jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
                     u = g32 / (optax.tree.bias_correction(nu, b2_, count_inc) + damping_)
                 else:
-                    new = _check_stats(path, s, plan)
-                    ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
-                    fac = _kron.ema(fac, new, factor_decay, valid=ok)
-                    inv, failed = jax.lax.cond(
-                        refresh,
-                        lambda: _damped_inverses(
-                            fac, inv, plan, damping_, damping_mode, correction
-                        ),
-                        lambda: (inv, failed),
-                    )
                     kinds = tuple(
                         k
                         if (i == 0 and sides != "output") or (i == 1 and sides != "input")
@@ -270,32 +339,11 @@ def scale_by_kfac(
                 mu = jnp.where(ok, b1_ * mu.astype(u.dtype) + u, mu)
                 d = b1_ * mu + u if nesterov else mu
                 d = jnp.where(ok, d, 0).astype(g.dtype)
-                return _LeafOut(d, mu, nu, fac, inv, (~ok).astype(jnp.int32), failed)
+                return _LeafOut(d, mu, nu, a.factors, inv, (~ok).astype(jnp.int32), None)
 
-            # Factor EMAs start at zero: bias-correct them (classic sums need none).
-            decay = jnp.asarray(factor_decay, jnp.float32)
-            t = count_inc.astype(jnp.float32)
-            correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
-            out = jax.tree_util.tree_map_with_path(
-                lambda path, p, g, s, mu, nu, fac, inv: (
-                    p
-                    if _axes.is_masked(p)
-                    else _axes.on_gathered(
-                        lambda g, p, *r, path=path: leaf(path, g, p, *r), g, p, s, mu, nu, fac, inv
-                    )
-                ),
-                plans,
-                updates,
-                stats,
-                state.mu,
-                state.nu,
-                _kron.normalize(plans, state.factors),
-                _kron.normalize(plans, state.inverses),
-                is_leaf=_axes.is_plan_leaf,
-            )
+            out = per_leaf(direction, updates, stats, acc, state.mu, state.nu, invs)
             mu = _axes.unzip(out, "mu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
-            failed = sum(jax.tree.leaves(_axes.unzip(out, "failed")), jnp.zeros([], jnp.int32))
             return _axes.unzip(out, "update"), ScaleByKfacState(
                 count=count_inc,
                 mu=optax.tree.cast(mu, mu_dtype)
@@ -374,14 +422,14 @@ def _with_kinds(plan: _axes.LeafPlan, kinds: tuple[str, ...]) -> _axes.LeafPlan:
     return dataclasses.replace(plan, kinds=kinds)
 
 
-def _damped_inverses(fac, prev, plan, damping, mode, correction):
-    """``(A + d_A I)^{-1}, (B + d_B I)^{-1}`` of the bias-corrected EMAs.
+def _damped(fac, kplan, damping, mode, correction):
+    """``A + d_A I, B + d_B I`` of the bias-corrected EMAs (diagonals: ``+ d``).
 
-    Diagonal factors are inverted elementwise. Keeps the previous inverse of any
-    factor whose new one is not finite.
+    Damped factors are positive definite, so Cholesky inverses suffice (an order
+    of magnitude cheaper than eigh); a failed factorization keeps the previous
+    inverse (:func:`layerwise_optax._kron.inverse_roots_tree`).
     """
-    kplan = _kernel_plan(plan)
-    fac = tuple(f * correction for f in fac)
+    fac = tuple(f * correction for f in _kron.as_factors(fac))
     damping = jnp.asarray(damping, jnp.float32)
 
     def mean_eig(f, kind):
@@ -393,24 +441,12 @@ def _damped_inverses(fac, prev, plan, damping, mode, correction):
         deltas = (pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi)
     else:
         deltas = (jnp.broadcast_to(damping, fac[0].shape[:1]),) * 2
-    damped = tuple(
+    return tuple(
         f + dl[:, None, None] * jnp.eye(f.shape[-1], dtype=f.dtype)[None]
         if k == "full"
         else f + dl[:, None]
         for f, dl, k in zip(fac, deltas, kplan.kinds)
     )
-    # Damped factors are positive definite, so Cholesky inverses suffice (an order of
-    # magnitude cheaper than eigh); a failed factorization keeps the previous inverse.
-    res = _kron.inverse_roots(
-        damped,
-        prev,
-        kplan,
-        root=1,
-        damping=jnp.zeros([], jnp.float32),
-        relative_damping=False,
-        method="cholesky",
-    )
-    return res.factors, res.failures
 
 
 def kfac(
@@ -429,6 +465,7 @@ def kfac(
     mu_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
+    distribute: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -476,6 +513,8 @@ def kfac(
       mask: Weight-decay mask.
       mu_dtype: Storage dtype of the momentum.
       nesterov: Nesterov momentum.
+      distribute: Spread the inverses over the mesh's devices (see
+        :func:`scale_by_kfac`).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
@@ -519,6 +558,7 @@ def kfac(
             sides=sides,
             mu_dtype=mu_dtype,
             nesterov=nesterov,
+            distribute=distribute,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _distribute, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -37,6 +37,7 @@ _STATIC_ARGS = (
     "adam_mask",
     "roles",
     "neuron_b2",
+    "distribute",
 )
 _SCALINGS = ("width", "rms", "none")
 _HUGE = 2**62  # Muon never uses diagonal factors or blocking: whole matrices.
@@ -69,6 +70,13 @@ class ScaleByMuonState(NamedTuple):
     failed: Any = None
 
 
+class _Prepared(NamedTuple):
+    ok: Any
+    g32: Any
+    mu: Any
+    blocks: Any
+
+
 class _LeafOut(NamedTuple):
     update: Any
     mu: Any
@@ -92,6 +100,7 @@ def scale_by_muon(
     roles: _roles.RolesOrFn | None = None,
     neuron_b2: jax.typing.ArrayLike | None = None,
     neuron_eps: jax.typing.ArrayLike = 1e-8,
+    distribute: bool = True,
 ) -> optax.GradientTransformation:
     """Orthogonalized momentum for matrices; see :func:`muon` and :func:`normuon`.
 
@@ -123,6 +132,10 @@ def scale_by_muon(
         neuron's mean squared orthogonalized update, which then divides that
         neuron's update (``None``: plain Muon).
       neuron_eps: Added to the root of NorMuon's second moment.
+      distribute: Under a mesh set with :func:`jax.set_mesh`, batch the
+        same-shaped matrices of all leaves and split them over its devices, each
+        matrix orthogonalized on one device from a gathered copy (no collective
+        inside the Newton-Schulz iteration); no effect without a mesh.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByMuonState`.
@@ -147,6 +160,7 @@ def scale_by_muon(
     if neuron_b2 is not None:
         _checks.in_unit_interval("neuron_b2", neuron_b2)
     _checks.non_negative("neuron_eps", neuron_eps)
+    _checks.boolean("distribute", distribute)
     coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)  # validates the preset
     if dimension_numbers is None:
         dimension_numbers = _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
@@ -194,22 +208,45 @@ def scale_by_muon(
             count_inc = optax.safe_increment(state.count)
             beta_ = jnp.asarray(beta, jnp.float32)
 
-            def leaf(g, plan, mu, nu=None):
-                zero = jnp.zeros([], jnp.int32)
+            def prepare(g, plan, mu):
                 if plan.spec is None:
-                    return _LeafOut(g, mu, zero, nu, zero)
+                    return None
                 ok, g32, mu_new, m_hat = _grafting.guarded_momentum(
                     g, mu, beta_, count_inc, nesterov
                 )
-                # m_hat is finite: the gradient was zeroed if not, the momentum only
-                # ever holds finite values.
-                o = _linalg.newton_schulz(
-                    plan.to_blocks(m_hat),
-                    coeffs,
-                    eps=eps,
-                    compute_dtype=ns_dtype,
-                    check_finite=False,
+                return _Prepared(ok, g32, mu_new, plan.to_blocks(m_hat))
+
+            prepared = _axes.map_leaves(prepare, plans, updates, state.mu)
+            # Newton-Schulz on every matrix: same-shaped blocks of all leaves in one
+            # batch each, split over the devices of the mesh when there is one (each
+            # matrix orthogonalized on one device, no collective inside the
+            # iteration). m_hat is finite: the gradient was zeroed if not, and the
+            # momentum only ever holds finite values.
+            prep_leaves = jax.tree.structure(plans, is_leaf=_axes.is_plan_leaf).flatten_up_to(
+                prepared
+            )
+            items = [
+                ((p.blocks.shape[1:], p.blocks.dtype), (p.blocks,))
+                for p in prep_leaves
+                if isinstance(p, _Prepared)
+            ]
+
+            def orthogonalize(key):
+                return lambda x: _linalg.newton_schulz(
+                    x, coeffs, eps=eps, compute_dtype=ns_dtype, check_finite=False
                 )
+
+            ortho = iter(_distribute.grouped(items, orthogonalize, enabled=distribute))
+            os_tree = jax.tree.unflatten(
+                jax.tree.structure(plans, is_leaf=_axes.is_plan_leaf),
+                [next(ortho) if isinstance(p, _Prepared) else None for p in prep_leaves],
+            )
+
+            def leaf(g, plan, prep, o, mu, nu=None):
+                zero = jnp.zeros([], jnp.int32)
+                if plan.spec is None:
+                    return _LeafOut(g, mu, zero, nu, zero)
+                ok, g32, mu_new = prep.ok, prep.g32, prep.mu
                 # Failure policy: an orthogonalization that is not finite gives this
                 # leaf a zero update and leaves its momentum and moments as they were.
                 o_ok = jnp.all(jnp.isfinite(o))
@@ -238,7 +275,7 @@ def scale_by_muon(
                 return _LeafOut(u, mu_new, (~ok).astype(jnp.int32) - failed, nu, failed)
 
             nus = () if state.nu is None else (state.nu,)
-            out = _axes.map_leaves(leaf, plans, updates, state.mu, *nus)
+            out = _axes.map_leaves(leaf, plans, updates, prepared, os_tree, state.mu, *nus)
             mu = _axes.unzip(out, "mu")
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
             failed = sum(jax.tree.leaves(_axes.unzip(out, "failed")), jnp.zeros([], jnp.int32))
@@ -277,6 +314,7 @@ def muon(
     adam_weight_decay: optax.ScalarOrSchedule = 0.0,
     adam_mask: optax.MaskOrFn = None,
     neuron_b2: jax.typing.ArrayLike | None = None,
+    distribute: bool = True,
 ) -> optax.GradientTransformation:
     r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
 
@@ -331,6 +369,8 @@ def muon(
       adam_mask: AdamW's weight-decay mask.
       neuron_b2: NorMuon's per-neuron second-moment decay (``None``: Muon); see
         :func:`normuon`.
+      distribute: Spread Newton-Schulz over the mesh's devices (see
+        :func:`scale_by_muon`).
 
     Returns:
       An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
@@ -358,6 +398,7 @@ def muon(
         ns_dtype=ns_dtype,
         neuron_b2=neuron_b2,
         neuron_eps=eps,
+        distribute=distribute,
     )
     specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 
@@ -412,6 +453,7 @@ def normuon(
     adam_b2: jax.typing.ArrayLike = 0.999,
     adam_weight_decay: optax.ScalarOrSchedule = 0.0,
     adam_mask: optax.MaskOrFn = None,
+    distribute: bool = True,
 ) -> optax.GradientTransformation:
     r"""NorMuon (Li et al. 2025): Muon with a per-neuron second moment, AdamW elsewhere.
 
@@ -450,6 +492,7 @@ def normuon(
       adam_b2: AdamW's ``b2``.
       adam_weight_decay: AdamW's weight decay.
       adam_mask: AdamW's weight-decay mask.
+      distribute: Spread Newton-Schulz over the mesh's devices.
 
     Returns:
       An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
@@ -476,4 +519,5 @@ def normuon(
         adam_weight_decay=adam_weight_decay,
         adam_mask=adam_mask,
         neuron_b2=b2,
+        distribute=distribute,
     )
