@@ -31,6 +31,7 @@ _STATIC_ARGS = (
     "mask",
     "nesterov",
     "distribute",
+    "axis_name",
 )
 
 _SIDES = ("both", "input", "output")
@@ -138,6 +139,7 @@ def scale_by_kfac(
     *,
     nesterov: bool = False,
     distribute: bool = True,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -165,6 +167,11 @@ def scale_by_kfac(
       distribute: Under a mesh set with :func:`jax.set_mesh`, batch the
         same-sized factors of all layers and split their inverses over its
         devices (each factor inverted on one device); no effect without a mesh.
+      axis_name: Inside ``jax.pmap`` (or ``shard_map``) over data shards: the
+        axis over which the captured statistics are averaged (``lax.pmean``)
+        before they enter the factors, so that every device keeps the factors
+        of the whole batch. ``None``: the statistics are used as given (already
+        global, e.g. under ``jit`` with sharded batches).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -187,6 +194,14 @@ def scale_by_kfac(
     _checks.one_of("sides", sides, _SIDES)
     _checks.boolean("nesterov", nesterov)
     _checks.boolean("distribute", distribute)
+    if axis_name is not None and not (
+        isinstance(axis_name, str)
+        or (isinstance(axis_name, tuple) and all(isinstance(a, str) for a in axis_name))
+    ):
+        raise TypeError(
+            f"axis_name must be None, a str or a tuple of str, got "
+            f"{type(axis_name).__name__} {axis_name!r}."
+        )
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     if dimension_numbers is None:
 
@@ -247,6 +262,8 @@ def scale_by_kfac(
             b1_, b2_, damping_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, damping))
             plans = plans_for(updates)
             stats = _stats_like(kfac_stats, updates)
+            if axis_name is not None:
+                stats = jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), stats)
             count_inc = optax.safe_increment(state.count)
             refresh = state.count % precondition_frequency == 0
 
@@ -466,6 +483,7 @@ def kfac(
     *,
     nesterov: bool = False,
     distribute: bool = True,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -515,6 +533,8 @@ def kfac(
       nesterov: Nesterov momentum.
       distribute: Spread the inverses over the mesh's devices (see
         :func:`scale_by_kfac`).
+      axis_name: Average the statistics over this ``pmap`` axis (see
+        :func:`scale_by_kfac`).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
@@ -559,6 +579,7 @@ def kfac(
             mu_dtype=mu_dtype,
             nesterov=nesterov,
             distribute=distribute,
+            axis_name=axis_name,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -124,6 +124,40 @@ def pmap_case(name, factory, kwargs, reference):
     return dict(alias=name, mode="pmap", max_rel_err=_max_rel_err(outs, reference))
 
 
+def pmap_stats_case():
+    """K-FAC inside pmap averages per-device statistics over ``axis_name``."""
+    n = jax.local_device_count()
+    params = {"w": jnp.zeros((6, 4))}
+    keys = jax.random.split(jax.random.key(3), 2)
+
+    def spd(k, d):
+        x = jax.random.normal(k, (n, d, 2 * d))
+        return jnp.einsum("nij,nkj->nik", x, x) / (2 * d)
+
+    a, b = spd(keys[0], 6), spd(keys[1], 4)
+    grads = {"w": jax.random.normal(jax.random.key(4), (6, 4))}
+    single = lo.kfac(1e-2)
+    state = single.init(params)
+    stats = {"w": lo.KfacFactors(a.mean(0), b.mean(0))}
+    reference = []
+    for _ in range(STEPS):
+        u, state = jax.jit(single.update)(grads, state, params, kfac_stats=stats)
+        reference.append(u)
+    tx = lo.kfac(1e-2, axis_name="batch")
+
+    def step(g, s, p, a, b):
+        return tx.update(g, s, p, kfac_stats={"w": lo.KfacFactors(a, b)})
+
+    update = jax.pmap(step, axis_name="batch")
+    rep = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), (grads, params))
+    state = jax.pmap(tx.init)(rep[1])
+    outs = []
+    for _ in range(STEPS):
+        u, state = update(rep[0], state, rep[1], a, b)
+        outs.append(jax.tree.map(lambda x: x[0], u))
+    return dict(mode="pmap_stats", max_rel_err=_max_rel_err(outs, reference))
+
+
 def errors_case():
     """Bad partition specs, checked by state_shardings: (case, message) pairs."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
@@ -186,6 +220,31 @@ def spread_case():
         for a, b in zip(jax.tree.leaves(roots[False]), jax.tree.leaves(roots[True]))
     )
 
+    # Every alias with a refresh spreads it (and only when asked).
+    counts = {}
+    for name, factory, kwargs in OPTIMIZERS:
+        if name in SLOW_VARIANTS or name in ("steepest", "psgd_kron"):
+            continue
+        for distribute in (False, True):
+            tx = build(name, factory, {**kwargs, "distribute": distribute})
+            with jax.set_mesh(mesh):
+                jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
+            found = []
+
+            def count(j):
+                for eqn in j.eqns:
+                    if eqn.primitive.name == "shard_map":
+                        found.append(1)
+                    for value in eqn.params.values():
+                        for sub in value if isinstance(value, (tuple, list)) else (value,):
+                            inner = getattr(sub, "jaxpr", sub)
+                            if hasattr(inner, "eqns"):
+                                count(inner)
+
+            count(jaxpr.jaxpr)
+            counts[f"{name}_{distribute}"] = len(found)
+    out["shard_maps"] = counts
+
     # Owners: each block's entry is replaced by the index of the device that
     # computed it (13 blocks over 8 devices).
     def owner(x):
@@ -204,6 +263,8 @@ def main(modes):
         print(json.dumps(errors_case()), flush=True)
     if "spread" in modes:
         print(json.dumps(spread_case()), flush=True)
+    if "pmap" in modes:
+        print(json.dumps(pmap_stats_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue

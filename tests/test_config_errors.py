@@ -66,6 +66,7 @@ BAD = {
     "relative_damping": BOOL,
     "dual_scale": BOOL,
     "distribute": BOOL,
+    "axis_name": [(3, TE), (["batch"], TE)],
     "grafting": MODE,
     "root_method": MODE + [("cholesky", VE)],
     "factor_estimation": MODE,

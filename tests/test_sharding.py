@@ -75,6 +75,9 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert per_device <= -(-spread["blocks"] // 8) + len(local)
     assert per_device * 8 >= spread["blocks"]
     assert spread["roots_max_abs_diff"] < 1e-5
+    for name in ("shampoo", "soap", "kfac", "muon", "normuon"):
+        assert spread["shard_maps"][f"{name}_False"] == 0, name
+        assert spread["shard_maps"][f"{name}_True"] >= 1, name
     # 13 blocks on 8 devices: each block has exactly one owner, at most 2 per device.
     owners = spread["owners"]
     assert len(owners) == 13 and max(owners.count(d) for d in range(8)) == 2
@@ -93,7 +96,10 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
 @pytest.mark.slow
 def test_every_alias_under_pmap_matches_single_device():
     results = _worker(["pmap"])
-    runs = {r["alias"]: r for r in results}
+    (stats,) = [r for r in results if r["mode"] == "pmap_stats"]
+    # K-FAC's axis_name: per-device statistics averaged equal the mean statistics.
+    assert stats["max_rel_err"] < 1e-5, stats
+    runs = {r["alias"]: r for r in results if r["mode"] == "pmap"}
     assert sorted(runs) == sorted(BASE_ALIASES)
     for name, r in runs.items():
         assert r["max_rel_err"] < RTOL, (name, r["max_rel_err"])
