@@ -343,15 +343,17 @@ def test_psgd_randomness_comes_only_from_its_key():
     params = {"w": jnp.zeros((6, 5)), "conv": jnp.zeros((3, 3, 2, 4)), "b": jnp.zeros(5)}
     grads = _grads(params, 1)
 
-    def run(seed):
-        tx = lo.psgd_kron(3e-2, precond_update_prob=0.5, max_precond_dim=1024, seed=seed)
+    def run(tx, update):
         state = tx.init(params)
-        update = jax.jit(tx.update)
         for _ in range(4):
             u, state = update(grads, state, params)
         return u, state
 
-    a, b, c = run(0), run(0), run(1)
+    tx0 = lo.psgd_kron(3e-2, precond_update_prob=0.5, max_precond_dim=1024, seed=0)
+    tx1 = lo.psgd_kron(3e-2, precond_update_prob=0.5, max_precond_dim=1024, seed=1)
+    update0 = jax.jit(tx0.update)
+    # The same seed twice (fresh states), and another seed.
+    a, b, c = run(tx0, update0), run(tx0, update0), run(tx1, jax.jit(tx1.update))
     _bitwise_equal(a, b)
     different = [
         not np.array_equal(np.asarray(x), np.asarray(y))
