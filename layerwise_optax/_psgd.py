@@ -27,6 +27,7 @@ rarely later); the PRNG key lives in the state, so a run is deterministic given
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _kron, _linalg
+from layerwise_optax import _axes, _checks, _distribute, _grafting, _kron, _linalg
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -50,6 +51,7 @@ _STATIC_ARGS = (
     "seed",
     "nesterov",
     "clip_rms",
+    "distribute",
 )
 _MEMORY_MODES = (None, "one_diag", "all_diag")
 
@@ -226,6 +228,7 @@ def scale_by_psgd_kron(
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
     seed: int = 0,
+    distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     merge_small_dims: bool = False,
     mu_dtype: jax.typing.DTypeLike | None = None,
@@ -248,6 +251,9 @@ def scale_by_psgd_kron(
       clip_rms: Scale each leaf's preconditioned update down to at most this RMS
         (a trust region against a poorly fitted early ``P``); ``None``: off.
       seed: Seed of the state's PRNG key (static).
+      distribute: Under a mesh set with :func:`jax.set_mesh`, batch the fits of
+        leaves with the same block layout and split them over its devices (each
+        block fitted on one device); no effect without a mesh.
       dimension_numbers: Spec tree or callable (see
         :class:`layerwise_optax.DimensionNumbers`); default: one factor per axis,
         vectors one factor, scalars none (momentum only).
@@ -263,6 +269,7 @@ def scale_by_psgd_kron(
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
     _checks.integer("seed", seed)
+    _checks.boolean("distribute", distribute)
     _checks.positive("precond_lr", precond_lr)
     _checks.in_unit_interval("precond_lr", precond_lr, right_closed=True)
     _checks.positive("precond_init_scale", precond_init_scale)
@@ -366,29 +373,62 @@ def scale_by_psgd_kron(
 
             mom = _axes.map_leaves(moment, plans, updates, state.mu)
 
-            def fit_leaf(m, plan, q, k):
-                if not plan.is_preconditioned:
-                    return _Fit(q, jnp.zeros([], jnp.int32))
-                gb = plan.to_blocks(m.m_hat)
+            def probe(m_hat, plan, k):
+                """A leaf's gradient block view and its Gaussian probe."""
+                gb = plan.to_blocks(m_hat)
                 k1, k2 = jax.random.split(k)
                 v = jax.random.normal(k1, gb.shape, jnp.float32)
                 # A tiny random perturbation keeps the fit well posed for rank-deficient
                 # (e.g. single-example) gradients.
                 tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps) * jnp.mean(jnp.abs(gb))
-                gb = gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32)
-                q32 = tuple(f.astype(jnp.float32) for f in q)
-                lr = jnp.asarray(precond_lr, jnp.float32)
-                new = balance(fit_factors(q32, gb, v, plan, lr), plan)
-                good = m.ok & functools.reduce(
-                    jnp.logical_and, [jnp.all(jnp.isfinite(f)) for f in new], jnp.asarray(True)
-                )
-                kept = tuple(jnp.where(good, n, f).astype(precond_dtype) for n, f in zip(new, q))
-                return _Fit(kept, (m.ok & ~good).astype(jnp.int32))
+                return gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32), v
 
             def fit_all(q_tree):
-                out = _axes.map_leaves(fit_leaf, plans, mom, q_tree, probe_keys)
-                fails = _axes.unzip(out, "failed")
-                return _axes.unzip(out, "q"), sum(jax.tree.leaves(fails), jnp.zeros([], jnp.int32))
+                # Every leaf's fit, leaves with the same block layout batched together
+                # (and split over the mesh's devices when there is one).
+                plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
+                moms = treedef.flatten_up_to(mom)
+                qs = treedef.flatten_up_to(q_tree)
+                ks = treedef.flatten_up_to(probe_keys)
+                items, where, templates = [], [], {}
+                for i, plan in enumerate(plan_leaves):
+                    if not isinstance(plan, _axes.LeafPlan) or not plan.is_preconditioned:
+                        continue
+                    gb, v = _axes.on_gathered(probe, moms[i].m_hat, plan, ks[i])
+                    q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(qs[i]))
+                    key = (plan.kinds, plan.blocks, tuple(f.shape[1:] for f in q32))
+                    templates.setdefault(key, plan)
+                    items.append((key, (gb, v, *q32)))
+                    where.append(i)
+
+                def batched(key):
+                    def fit(gb, v, *q):
+                        # The same layout with this batch as its stack of blocks.
+                        t = templates[key]
+                        local = dataclasses.replace(
+                            t, batch=gb.shape[0], num_blocks=(1,) * len(t.num_blocks)
+                        )
+                        lr = jnp.asarray(precond_lr, jnp.float32)
+                        new = balance(fit_factors(q, gb, v, local, lr), local)
+                        finite = [
+                            jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), axis=1)
+                            for f in new
+                        ]
+                        return new, functools.reduce(jnp.logical_and, finite)
+
+                    return fit
+
+                out = list(qs)
+                fails = jnp.zeros([], jnp.int32)
+                fitted = _distribute.grouped(items, batched, enabled=distribute)
+                for i, (new, finite) in zip(where, fitted):
+                    old = _kron.as_factors(qs[i])
+                    good = moms[i].ok & jnp.all(finite)
+                    out[i] = tuple(
+                        jnp.where(good, n, f).astype(precond_dtype) for n, f in zip(new, old)
+                    )
+                    fails = fails + (moms[i].ok & ~good).astype(jnp.int32)
+                return jax.tree.unflatten(treedef, out), fails
 
             def no_fit(q_tree):
                 return q_tree, jnp.zeros([], jnp.int32)
@@ -438,6 +478,7 @@ def psgd_kron(
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
     seed: int = 0,
+    distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     merge_small_dims: bool = False,
     mu_dtype: jax.typing.DTypeLike | None = None,
@@ -474,6 +515,7 @@ def psgd_kron(
       nesterov: Nesterov momentum.
       clip_rms: Per-leaf update RMS cap (``None``: off).
       seed: PRNG seed of the probes and coins (static).
+      distribute: Spread the factor fits over the mesh's devices.
       dimension_numbers: Spec tree or callable.
       merge_small_dims: Merge small adjacent axes.
       mu_dtype: Momentum storage dtype.
@@ -495,6 +537,7 @@ def psgd_kron(
             nesterov=nesterov,
             clip_rms=clip_rms,
             seed=seed,
+            distribute=distribute,
             dimension_numbers=dimension_numbers,
             merge_small_dims=merge_small_dims,
             mu_dtype=mu_dtype,

@@ -223,7 +223,7 @@ def spread_case():
     # Every alias with a refresh spreads it (and only when asked).
     counts = {}
     for name, factory, kwargs in OPTIMIZERS:
-        if name in SLOW_VARIANTS or name in ("steepest", "psgd_kron"):
+        if name in SLOW_VARIANTS or name == "steepest":
             continue
         for distribute in (False, True):
             tx = build(name, factory, {**kwargs, "distribute": distribute})

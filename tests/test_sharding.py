@@ -75,7 +75,7 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert per_device <= -(-spread["blocks"] // 8) + len(local)
     assert per_device * 8 >= spread["blocks"]
     assert spread["roots_max_abs_diff"] < 1e-5
-    for name in ("shampoo", "soap", "kfac", "muon", "normuon"):
+    for name in ("shampoo", "soap", "kfac", "muon", "normuon", "psgd_kron"):
         assert spread["shard_maps"][f"{name}_False"] == 0, name
         assert spread["shard_maps"][f"{name}_True"] >= 1, name
     # 13 blocks on 8 devices: each block has exactly one owner, at most 2 per device.
