@@ -177,6 +177,20 @@ def errors_case():
     return dict(mode="errors", results=out)
 
 
+def _shard_map_inputs(jaxpr):
+    """Per ``shard_map`` in a jaxpr (nested ones included), its per-device input shapes."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            found.append([list(v.aval.shape) for v in eqn.params["jaxpr"].invars])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _shard_map_inputs(inner)
+    return found
+
+
 def spread_case():
     """Which device computes which refresh block, read from the program and the data."""
     from layerwise_optax import _distribute
@@ -199,20 +213,7 @@ def spread_case():
             jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
             _, state = jax.jit(tx.update)(grads, state, params)
         roots[distribute] = state[0].roots
-        local = []
-
-        def walk(j):
-            for eqn in j.eqns:
-                if eqn.primitive.name == "shard_map":
-                    local.append([list(v.aval.shape) for v in eqn.params["jaxpr"].invars])
-                for value in eqn.params.values():
-                    for sub in value if isinstance(value, (tuple, list)) else (value,):
-                        inner = getattr(sub, "jaxpr", sub)
-                        if hasattr(inner, "eqns"):
-                            walk(inner)
-
-        walk(jaxpr.jaxpr)
-        out[f"local_{distribute}"] = local
+        out[f"local_{distribute}"] = _shard_map_inputs(jaxpr.jaxpr)
     blocks = [x.shape[0] for x in jax.tree.leaves(state[0].stats) if x.ndim == 3 and x.shape[0] > 0]
     out["blocks"] = sum(blocks)
     out["roots_max_abs_diff"] = max(
@@ -229,20 +230,7 @@ def spread_case():
             tx = build(name, factory, {**kwargs, "distribute": distribute})
             with jax.set_mesh(mesh):
                 jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
-            found = []
-
-            def count(j):
-                for eqn in j.eqns:
-                    if eqn.primitive.name == "shard_map":
-                        found.append(1)
-                    for value in eqn.params.values():
-                        for sub in value if isinstance(value, (tuple, list)) else (value,):
-                            inner = getattr(sub, "jaxpr", sub)
-                            if hasattr(inner, "eqns"):
-                                count(inner)
-
-            count(jaxpr.jaxpr)
-            counts[f"{name}_{distribute}"] = len(found)
+            counts[f"{name}_{distribute}"] = len(_shard_map_inputs(jaxpr.jaxpr))
     out["shard_maps"] = counts
 
     # Owners: each block's entry is replaced by the index of the device that
