@@ -362,19 +362,29 @@ def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: s
             bases.append(q)
             perms.append(None)
             continue
-        if method == "eigh":
-            new = _linalg.eigenbasis(s)
-            perm = None
-        else:
-            new, perm = _linalg.refresh_eigenbasis(s, q)
-        new, bad, ok = _keep_good(new, q, matrix=True)
-        if perm is not None:
-            # A block that keeps its old basis must not permute its moments either.
-            perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
+        new, perm, ok = _full_basis(s, q, method)
         bases.append(new)
         perms.append(perm)
-        failures = failures + bad
+        failures = failures + jnp.sum(~ok).astype(jnp.int32)
     return Refreshed(tuple(bases), failures, tuple(perms))
+
+
+def _full_basis(s, q, method):
+    """New ``(stack, b, b)`` eigenbases, kept per block where not finite.
+
+    Returns ``(bases, perm, ok)``: ``perm`` is the ``(stack, b)`` column
+    permutation of the QR refresh (identity for blocks that kept their basis;
+    ``None`` for ``'eigh'``), ``ok`` the per-block success mask.
+    """
+    if method == "eigh":
+        new, perm = _linalg.eigenbasis(s), None
+    else:
+        new, perm = _linalg.refresh_eigenbasis(s, q)
+    new, _, ok = _keep_good(new, q, matrix=True)
+    if perm is not None:
+        # A block that keeps its old basis must not permute its moments either.
+        perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
+    return new, perm, ok
 
 
 def eigenbases_tree(
@@ -413,18 +423,7 @@ def eigenbases_tree(
                 where.append((i, j))
 
     def batched(key):
-        def compute(s, q):
-            if method == "eigh":
-                new, perm = _linalg.eigenbasis(s), None
-            else:
-                new, perm = _linalg.refresh_eigenbasis(s, q)
-            new, _, ok = _keep_good(new, q, matrix=True)
-            if perm is not None:
-                # A block that keeps its old basis must not permute its moments either.
-                perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
-            return new, perm, ok
-
-        return compute
+        return lambda s, q: _full_basis(s, q, method)
 
     failures = jnp.zeros([], jnp.int32)
     for (i, j), (new, perm, ok) in zip(
