@@ -122,7 +122,6 @@ class _LeafOut(NamedTuple):
     factors: Any
     inverses: Any
     skipped: Any
-    failed: Any
 
 
 def scale_by_kfac(
@@ -356,7 +355,7 @@ def scale_by_kfac(
                 mu = jnp.where(ok, b1_ * mu.astype(u.dtype) + u, mu)
                 d = b1_ * mu + u if nesterov else mu
                 d = jnp.where(ok, d, 0).astype(g.dtype)
-                return _LeafOut(d, mu, nu, a.factors, inv, (~ok).astype(jnp.int32), None)
+                return _LeafOut(d, mu, nu, a.factors, inv, (~ok).astype(jnp.int32))
 
             out = per_leaf(direction, updates, stats, acc, state.mu, state.nu, invs)
             mu = _axes.unzip(out, "mu")
