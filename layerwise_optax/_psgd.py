@@ -121,11 +121,6 @@ class _Moment(NamedTuple):
     m_hat: Any
 
 
-class _Fit(NamedTuple):
-    q: Any
-    failed: Any
-
-
 def _solve_axis(q: jax.Array, x: jax.Array, i: int, kind: str) -> jax.Array:
     """Applies ``Q_i^{-T}`` on axis ``1 + i`` of a block view."""
     if kind == "diag":
