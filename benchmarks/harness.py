@@ -19,7 +19,6 @@ import platform
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+
+from layerwise_optax import _io
 
 
 @dataclasses.dataclass
@@ -245,11 +246,8 @@ def write_record(
         "results": results,
     }
     path = folder / f"{run_id}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(record, indent=2, default=_json_default)
+    return _io.atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(x: Any) -> Any:

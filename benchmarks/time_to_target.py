@@ -41,6 +41,7 @@ from flax import nnx
 import layerwise_optax as lo
 from benchmarks import harness
 from benchmarks.workloads import WORKLOADS, Workload
+from layerwise_optax import _io
 from layerwise_optax import flax as lof
 
 WINDOW = 20
@@ -397,12 +398,8 @@ def train_all(args) -> dict:
     """Every run of every method on every chosen workload, with one progress bar."""
     names = args.workloads or list(WORKLOADS)
     n_methods = len(methods(1)) if not args.only else 1 + len(set(args.only) - {"adamw"})
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
     total = len(names) * n_methods * args.grid * args.seeds
-    bar = tqdm(total=total, desc="runs", disable=args.no_progress) if tqdm else None
+    bar = _io.progress_bar(total=total, desc="runs", disable=args.no_progress)
     results = {}
     for name in names:
         if bar is not None:

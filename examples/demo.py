@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import platform
-import tempfile
 import time
 
 import jax
@@ -173,7 +172,8 @@ def main(argv=None):
         "device": jax.devices()[0].device_kind,
         "results": results,
     }
-    _atomic_write(out / "demo.json", json.dumps(record, indent=2).encode())
+    text = json.dumps(record, indent=2)
+    _atomic_write(out / "demo.json", lambda tmp: tmp.write_text(text))
     _plot(results, out / "demo.png", args.kappa)
     for name, r in results.items():
         print(
@@ -183,11 +183,16 @@ def main(argv=None):
     print(f"wrote {out / 'demo.png'} and {out / 'demo.json'}")
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _atomic_write(path: pathlib.Path, write) -> None:
+    # The writer creates the temporary file, so it gets the usual permissions of a new
+    # file (tempfile.mkstemp would make it 0600, and the rename would keep that).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _plot(results, path: pathlib.Path, kappa: float) -> None:
@@ -205,11 +210,8 @@ def _plot(results, path: pathlib.Path, kappa: float) -> None:
     ax.set_title(f"Teacher-student MLP, anisotropic inputs, κ(Σ) = {kappa:g}")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

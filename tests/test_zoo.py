@@ -11,6 +11,7 @@ import scipy.linalg
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
+from layerwise_optax import _io  # noqa: E402
 from layerwise_optax import zoo  # noqa: E402
 from layerwise_optax.zoo import _cli  # noqa: E402
 
@@ -250,5 +251,5 @@ def test_cli_never_leaves_half_written_files(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        _cli._atomic_write(target, fail)
+        _io.atomic_write(target, fail)
     assert list(tmp_path.iterdir()) == []

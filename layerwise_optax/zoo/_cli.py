@@ -3,20 +3,21 @@
 Writes each figure as PNG and PDF and one JSON per experiment (every plotted
 number, the settings, the claim checks and the package versions) into ``--out``.
 Every file is written under a temporary name in the same folder and renamed, so
-an interrupted run never leaves a half-written output.
+an interrupted run never leaves a half-written output (``layerwise_optax._io``; the
+files get the usual permissions of new files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from layerwise_optax import _io
 
 EXPERIMENTS = ("linear-rep", "single-index", "all")
 
@@ -49,24 +50,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig, out: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
-        _atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=130))
+        _io.atomic_write(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=130))
         paths.append(path)
     return paths
 
@@ -122,7 +110,7 @@ def _run(name: str, args) -> bool:
     for fig_name, fig in plotter(results).items():
         written += _save_figure(fig, args.out, fig_name)
     path = args.out / f"{stem}.json"
-    _atomic_write(
+    _io.atomic_write(
         path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1, allow_nan=False))
     )
     written.append(path)

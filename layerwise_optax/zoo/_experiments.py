@@ -25,17 +25,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from layerwise_optax import _io
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
 from layerwise_optax.zoo import _train
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the zoo extra
-        tqdm = None
-    if tqdm is None or not enabled:
+    bar = _io.progress_bar(total=total, desc=desc, leave=False) if enabled else None
+    if bar is None:
 
         class _Null:
             def update(self, n=1):
@@ -48,7 +46,7 @@ def _progress(total: int, desc: str, enabled: bool):
                 pass
 
         return _Null()
-    return tqdm(total=total, desc=desc, leave=False)
+    return bar
 
 
 @dataclasses.dataclass(frozen=True)
