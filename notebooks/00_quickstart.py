@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -13,6 +15,8 @@
 
 # %% [markdown]
 # # Quickstart: per-axis preconditioning on an ill-conditioned layer
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/layerwise-optax/layerwise_optax/blob/main/notebooks/00_quickstart.ipynb)
 #
 # **Claim.** When a layer's inputs are anisotropic, the gradient of its weight matrix
 # `W` has correlated rows and columns, and an elementwise method (Adam) cannot undo
@@ -23,24 +27,36 @@
 # `x ~ N(0, Σ)`, where `Σ` is a randomly rotated covariance with condition number
 # κ. It is the first layer of the paper's linear representation problem,
 # without the head. Every optimizer gets the same learning-rate grid; we plot the
-# best curve of each. Produces `figures/00_quickstart__loss.png`.
+# best curve of each. Produces `outputs/00_quickstart__loss.png`.
 
 # %%
-# On a fresh kernel (e.g. Colab) install the package first. LWO_SOURCE is a
-# checkout's root (the default, for a kernel started in notebooks/) or a
-# "git+<repository URL>" for Colab.
+# Install the package with the `notebooks` extra (matplotlib and tqdm) unless it is importable
+# already: from the checkout this notebook sits in, else (Colab) from GitHub.
+# LWO_SOURCE overrides the source: a local path, or a "git+https://..." address.
+import importlib
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
+REPOSITORY = "https://github.com/layerwise-optax/layerwise_optax"
+EXTRA = "notebooks"
 if importlib.util.find_spec("layerwise_optax") is None:
-    source = os.environ.get("LWO_SOURCE", "..")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])
+    here = pathlib.Path.cwd().resolve()
+    checkout = next(
+        (p for p in (here, *here.parents) if (p / "layerwise_optax" / "__init__.py").is_file()),
+        None,
+    )
+    source = os.environ.get("LWO_SOURCE") or str(checkout or f"git+{REPOSITORY}")
+    if source.startswith("git+"):
+        requirement = f"layerwise-optax[{EXTRA}] @ {source}"
+    else:
+        requirement = f"{source}[{EXTRA}]"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", requirement])
+    importlib.invalidate_caches()
 
 # %%
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -54,8 +70,9 @@ STEPS = 40 if QUICK else 300
 KAPPA = 1000.0
 D_IN, D_OUT, BATCH = 64, 16, 256
 LEARNING_RATES = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
-FIGDIR = pathlib.Path("figures")
-FIGDIR.mkdir(exist_ok=True)
+# Outputs go to outputs/ next to where the kernel runs (git-ignored in a checkout).
+OUT = pathlib.Path("outputs")
+OUT.mkdir(exist_ok=True)
 
 # %% [markdown]
 # ## The optimizers and what they keep per parameter
@@ -133,7 +150,7 @@ ax.set_ylabel("held-out loss")
 ax.set_title(f"Linear layer, anisotropic inputs, κ(Σ) = {KAPPA:g}")
 ax.legend()
 fig.tight_layout()
-fig.savefig(FIGDIR / "00_quickstart__loss.png", dpi=120)
+fig.savefig(OUT / "00_quickstart__loss.png", dpi=120)
 
 # %% [markdown]
 # ## What the figure shows
@@ -142,4 +159,4 @@ fig.savefig(FIGDIR / "00_quickstart__loss.png", dpi=120)
 # ill-conditioned directions of `Σ` still need many steps. Shampoo and SOAP
 # whiten the input axis of the kernel through its `64 × 64` factor and reach the
 # noise floor much sooner. Caveats: one seed, one κ and a small grid. The paper's
-# figures and their protocols are in the other notebooks (issue #3).
+# figures and their protocols are in notebooks 01–03.

@@ -13,10 +13,10 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # Fig. 1 analogue: linear representation learning vs input conditioning
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/layerwise-optax/layerwise_optax/blob/main/notebooks/01_linear_rep.ipynb)
 #
 # **Claim (Zhang, Moniri et al., ICML 2025).** Learning a shared linear representation
 # `G★` from `y = F★ G★ x + ε` with anisotropic inputs `x ~ Σ^{1/2} Rademacher`, SGD slows
@@ -28,7 +28,7 @@
 #
 # **Honesty about parameters.** The paper's exact figure parameters (d, k, n, κ values,
 # step sizes, seeds) were not available to us. This notebook reproduces an *analogue*
-# under the self-consistent protocol P1 of `PAPER.md` §6: `d_x = 50, d_y = 10, k = 5`,
+# under our own self-consistent protocol: `d_x = 50, d_y = 10, k = 5`,
 # fresh batches of 256, noise σ = 0.1, Σx = U diag(λ) Uᵀ with Haar U and λ log-spaced in
 # [1, κ], `G₀` random orthonormal rows, `F₀ ~ N(0, 1/k)`, damping 1e-3. Each method has its
 # own learning-rate grid; curves use the rate with the lowest final distance (mean of
@@ -39,31 +39,45 @@
 # on a Flax NNX model, in `statistics='gauss_newton'` mode, which gives exactly the
 # paper's `P_G = FᵀF`. `tests/test_zoo.py` checks that this path reproduces the paper's
 # update written out in float64.
+
 # %%
-# On a fresh kernel (e.g. Colab) install the package first. LWO_SOURCE is a
-# checkout's root (the default, for a kernel started in notebooks/) or a
-# "git+<repository URL>" for Colab; the zoo extra brings flax, matplotlib and tqdm.
+# Install the package with the `zoo` extra (flax, matplotlib and tqdm) unless it is importable
+# already: from the checkout this notebook sits in, else (Colab) from GitHub.
+# LWO_SOURCE overrides the source: a local path, or a "git+https://..." address.
+import importlib
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
+REPOSITORY = "https://github.com/layerwise-optax/layerwise_optax"
+EXTRA = "zoo"
 if importlib.util.find_spec("layerwise_optax") is None:
-    source = os.environ.get("LWO_SOURCE", "..")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"{source}[zoo]"])
+    here = pathlib.Path.cwd().resolve()
+    checkout = next(
+        (p for p in (here, *here.parents) if (p / "layerwise_optax" / "__init__.py").is_file()),
+        None,
+    )
+    source = os.environ.get("LWO_SOURCE") or str(checkout or f"git+{REPOSITORY}")
+    if source.startswith("git+"):
+        requirement = f"layerwise-optax[{EXTRA}] @ {source}"
+    else:
+        requirement = f"{source}[{EXTRA}]"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", requirement])
+    importlib.invalidate_caches()
 
 # %%
 import json
-import pathlib
 
 import matplotlib.pyplot as plt
 
 from layerwise_optax import zoo
-from layerwise_optax.zoo import _plots
 
 QUICK = os.environ.get("LWO_QUICK") == "1"
-FIGDIR = pathlib.Path("figures")
-FIGDIR.mkdir(exist_ok=True)
+# Outputs go to outputs/ next to where the kernel runs (git-ignored in a checkout).
+OUT = pathlib.Path("outputs")
+OUT.mkdir(exist_ok=True)
 config = zoo.LinearRepConfig.quick() if QUICK else zoo.LinearRepConfig()
 print(config)
 
@@ -72,9 +86,9 @@ print(config)
 
 # %%
 results = zoo.run_linear_rep(config)
-figs = _plots.plot_linear_rep(results)
+figs = zoo.plot_linear_rep(results)
 for name, fig in figs.items():
-    fig.savefig(FIGDIR / f"01_linear_rep__{name}.png", dpi=110)
+    fig.savefig(OUT / f"01_linear_rep__{name}.png", dpi=110)
 
 # %% [markdown]
 # ## Training loss, subspace distance and transfer loss vs iteration
@@ -111,5 +125,5 @@ claims = zoo.linear_rep_claims(results)
 for c in claims:
     print(("ok    " if c["passed"] else "FAILED"), c["claim"], "|", c["detail"])
 assert zoo.all_passed(claims), "a claim of the paper did not hold on this run"
-(FIGDIR / "01_linear_rep__results.json").write_text(json.dumps(results, allow_nan=False))
+(OUT / "01_linear_rep__results.json").write_text(json.dumps(results, allow_nan=False))
 plt.close("all")

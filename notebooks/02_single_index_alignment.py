@@ -13,10 +13,10 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # Fig. 2 analogue: single-index spike alignment after one step, theory vs simulation
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/layerwise-optax/layerwise_optax/blob/main/notebooks/02_single_index_alignment.ipynb)
 #
 # **Claim.** Train the first layer of `f(x) = N^{-1/2} aᵀ tanh(Wx)` with **one** large step
 # on `y = tanh(⟨β★, x⟩) + ε`, `x ~ N(0, Σ)`. The step is nearly rank one; its spike `v` (top
@@ -24,47 +24,60 @@
 # `cos(v, β★)` saturates below 1 as n grows, at `cos∠(Σβ★, β★)`. The K-FAC step whitens
 # by `(Σ̂ + λI)⁻¹`, turning the spike into a ridge estimate of `β★`, so the alignment tends
 # to 1. One-step Adam (a sign step) and an input batch-norm (per-coordinate scaling) do
-# not remove the bias for a rotated Σ. The closed-form predictions (PAPER.md §4.3) are
-# drawn as lines.
+# not remove the bias for a rotated Σ. Our closed-form predictions
+# (`zoo.alignment_theory`) are drawn as lines.
 #
 # **Honesty about parameters.** The paper's exact figure parameters and its Theorem 3.9
-# were not available to us. We use protocol P2 of `PAPER.md` §6.4: `d = 200, N = 400`,
+# were not available to us. We use our own protocol: `d = 200, N = 400`,
 # `n = 2000` (and 500…8000), `Σ = U diag(λ) Uᵀ` with Haar `U`, λ log-spaced in [1, κ]
 # rescaled to mean 1, `β★ᵀΣβ★ = 1`, `a_j = ±N^{-1/2}` fixed, `W₀ ~ N(0, 1/d)`, K-FAC
 # damping 1e-2. The theory curves are our derivation, not the paper's theorem.
 #
 # The K-FAC direction is `layerwise_optax.kfac(sides='input')` fed by the Flax capture.
+
 # %%
-# On a fresh kernel (e.g. Colab) install the package first. LWO_SOURCE is a
-# checkout's root (the default, for a kernel started in notebooks/) or a
-# "git+<repository URL>" for Colab; the zoo extra brings flax, matplotlib and tqdm.
+# Install the package with the `zoo` extra (flax, matplotlib and tqdm) unless it is importable
+# already: from the checkout this notebook sits in, else (Colab) from GitHub.
+# LWO_SOURCE overrides the source: a local path, or a "git+https://..." address.
+import importlib
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
+REPOSITORY = "https://github.com/layerwise-optax/layerwise_optax"
+EXTRA = "zoo"
 if importlib.util.find_spec("layerwise_optax") is None:
-    source = os.environ.get("LWO_SOURCE", "..")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"{source}[zoo]"])
+    here = pathlib.Path.cwd().resolve()
+    checkout = next(
+        (p for p in (here, *here.parents) if (p / "layerwise_optax" / "__init__.py").is_file()),
+        None,
+    )
+    source = os.environ.get("LWO_SOURCE") or str(checkout or f"git+{REPOSITORY}")
+    if source.startswith("git+"):
+        requirement = f"layerwise-optax[{EXTRA}] @ {source}"
+    else:
+        requirement = f"{source}[{EXTRA}]"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", requirement])
+    importlib.invalidate_caches()
 
 # %%
-import pathlib
-
 import matplotlib.pyplot as plt
 
 from layerwise_optax import zoo
-from layerwise_optax.zoo import _plots
 
 QUICK = os.environ.get("LWO_QUICK") == "1"
-FIGDIR = pathlib.Path("figures")
-FIGDIR.mkdir(exist_ok=True)
+# Outputs go to outputs/ next to where the kernel runs (git-ignored in a checkout).
+OUT = pathlib.Path("outputs")
+OUT.mkdir(exist_ok=True)
 config = zoo.SingleIndexConfig.quick() if QUICK else zoo.SingleIndexConfig()
 print(config)
 
 # %%
 results = zoo.run_single_index(config)
-fig = _plots.plot_single_index(results)["fig2_single_index_alignment"]
-fig.savefig(FIGDIR / "02_single_index_alignment__alignment.png", dpi=110)
+fig = zoo.plot_single_index(results)["fig2_single_index_alignment"]
+fig.savefig(OUT / "02_single_index_alignment__alignment.png", dpi=110)
 fig
 
 # %%

@@ -13,10 +13,10 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # Fig. 3 analogue: single-index test loss after one step + ridge
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/layerwise-optax/layerwise_optax/blob/main/notebooks/03_single_index_test_loss.ipynb)
 #
 # **Claim.** After one large first-layer step, refit the second layer by ridge regression
 # on fresh samples. Because K-FAC's spike points at `β★` (notebook 02), its features
@@ -25,40 +25,53 @@
 # Adam and input batch-norm stay close to SGD; with no step at all (random features) the
 # error is highest.
 #
-# **Honesty about parameters.** Protocol P2 of `PAPER.md` §6.5 (the paper's own values
-# were not available): step `W₁ = W₀ − c D / ‖D‖_op` with `c ∈ {0, 4, 8, 16, 32, 64}` and
+# **Honesty about parameters.** Our own protocol (the paper's values were not
+# available): step `W₁ = W₀ − c D / ‖D‖_op` with `c ∈ {0, 4, 8, 16, 32, 64}` and
 # ridge `λ ∈ {1e-4, …, 1e-1}` chosen jointly on 2000 validation samples, ridge fitted on
 # 2000 fresh samples, test MSE on 5000 noiseless samples (`Var(y) ≈ 0.394`).
+
 # %%
-# On a fresh kernel (e.g. Colab) install the package first. LWO_SOURCE is a
-# checkout's root (the default, for a kernel started in notebooks/) or a
-# "git+<repository URL>" for Colab; the zoo extra brings flax, matplotlib and tqdm.
+# Install the package with the `zoo` extra (flax, matplotlib and tqdm) unless it is importable
+# already: from the checkout this notebook sits in, else (Colab) from GitHub.
+# LWO_SOURCE overrides the source: a local path, or a "git+https://..." address.
+import importlib
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
+REPOSITORY = "https://github.com/layerwise-optax/layerwise_optax"
+EXTRA = "zoo"
 if importlib.util.find_spec("layerwise_optax") is None:
-    source = os.environ.get("LWO_SOURCE", "..")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"{source}[zoo]"])
+    here = pathlib.Path.cwd().resolve()
+    checkout = next(
+        (p for p in (here, *here.parents) if (p / "layerwise_optax" / "__init__.py").is_file()),
+        None,
+    )
+    source = os.environ.get("LWO_SOURCE") or str(checkout or f"git+{REPOSITORY}")
+    if source.startswith("git+"):
+        requirement = f"layerwise-optax[{EXTRA}] @ {source}"
+    else:
+        requirement = f"{source}[{EXTRA}]"
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", requirement])
+    importlib.invalidate_caches()
 
 # %%
-import pathlib
-
 import matplotlib.pyplot as plt
 
 from layerwise_optax import zoo
-from layerwise_optax.zoo import _plots
 
 QUICK = os.environ.get("LWO_QUICK") == "1"
-FIGDIR = pathlib.Path("figures")
-FIGDIR.mkdir(exist_ok=True)
+# Outputs go to outputs/ next to where the kernel runs (git-ignored in a checkout).
+OUT = pathlib.Path("outputs")
+OUT.mkdir(exist_ok=True)
 config = zoo.SingleIndexConfig.quick() if QUICK else zoo.SingleIndexConfig()
 
 # %%
 results = zoo.run_single_index(config)
-fig = _plots.plot_single_index(results)["fig3_single_index_test_loss"]
-fig.savefig(FIGDIR / "03_single_index_test_loss__test_loss.png", dpi=110)
+fig = zoo.plot_single_index(results)["fig3_single_index_test_loss"]
+fig.savefig(OUT / "03_single_index_test_loss__test_loss.png", dpi=110)
 fig
 
 # %%

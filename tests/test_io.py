@@ -124,7 +124,9 @@ def _fake_kernel(monkeypatch, *, widgets):
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
-        lambda name, *a: (object() if widgets else None) if name == "ipywidgets" else real(name, *a),
+        lambda name, *a: (
+            (object() if widgets else None) if name == "ipywidgets" else real(name, *a)
+        ),
     )
 
 

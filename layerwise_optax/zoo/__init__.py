@@ -12,7 +12,8 @@ imports it. Contents:
   :data:`AMD_METHODS`, :func:`linear_rep_trainer`, :func:`single_index_direction`,
   :func:`full_gauss_newton`);
 * the experiments of PAPER.md §6 (:func:`run_linear_rep`,
-  :func:`run_single_index`) with their claim checks, plots and a command line:
+  :func:`run_single_index`) with their claim checks, their figures
+  (:func:`plot_linear_rep`, :func:`plot_single_index`) and a command line:
   ``python -m layerwise_optax.zoo reproduce {linear-rep,single-index,all}``.
 """
 
@@ -31,6 +32,8 @@ from layerwise_optax.zoo._linear_rep import sample_linear_rep as sample_linear_r
 from layerwise_optax.zoo._linear_rep import subspace_distance as subspace_distance
 from layerwise_optax.zoo._linear_rep import train_loss as train_loss
 from layerwise_optax.zoo._linear_rep import transfer_loss as transfer_loss
+from layerwise_optax.zoo._plots import plot_linear_rep as plot_linear_rep
+from layerwise_optax.zoo._plots import plot_single_index as plot_single_index
 from layerwise_optax.zoo._single_index import SingleIndexProblem as SingleIndexProblem
 from layerwise_optax.zoo._single_index import TwoLayerNet as TwoLayerNet
 from layerwise_optax.zoo._single_index import alignment as alignment
@@ -66,6 +69,8 @@ __all__ = (
     "linear_rep_claims",
     "linear_rep_problem",
     "linear_rep_trainer",
+    "plot_linear_rep",
+    "plot_single_index",
     "run_linear_rep",
     "run_single_index",
     "sample_linear_rep",

@@ -38,11 +38,32 @@ def _arr(values) -> np.ndarray:
 
 
 def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
-    """Fig. 1 (metrics vs iteration per kappa), Fig. 1b (hitting time vs kappa), head sweep.
+    """Draws the linear-representation figures (the paper's Fig. 1 analogue).
+
+    Args:
+      results: what :func:`~layerwise_optax.zoo.run_linear_rep` returns (or the same
+        dictionary read back from the ``linear_rep.json`` the ``reproduce`` command
+        writes): per method and κ(Σx) the training loss, subspace distance and transfer
+        loss per iteration, the hitting times, and the head-conditioning sweep.
 
     Returns:
-      ``{'fig1_linear_rep': Figure, 'fig1b_hitting_vs_kappa': Figure,
-      'head_conditioning': Figure}``.
+      A dict of matplotlib figures: ``'fig1_linear_rep'`` (the three metrics vs
+      iteration, one row per κ(Σx) of ``settings['panel_kappas']``),
+      ``'fig1b_hitting_vs_kappa'`` (iterations to subspace distance ≤ 0.1 vs κ(Σx)) and,
+      when the results hold the sweep, ``'head_conditioning'`` (the same vs κ(F★)).
+
+    Raises:
+      ImportError: when matplotlib (in the ``zoo`` extra) is not installed.
+      KeyError: when ``results`` lacks a field the figures need.
+
+    Example::
+
+      results = zoo.run_linear_rep(zoo.LinearRepConfig.quick())
+      figs = zoo.plot_linear_rep(results)
+      figs["fig1_linear_rep"].savefig("fig1.png")
+
+    Reference: Zhang, Moniri et al., *On the Concurrence of Layer-wise Preconditioning
+    Methods and Provable Feature Learning*, ICML 2025, Fig. 1.
     """
     plt = _plt()
     s = results["settings"]
@@ -129,7 +150,31 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
-    """Fig. 2 (alignment vs kappa and vs n, simulation and theory) and Fig. 3 (test loss)."""
+    """Draws the single-index figures (the paper's Fig. 2 and Fig. 3 analogues).
+
+    Args:
+      results: what :func:`~layerwise_optax.zoo.run_single_index` returns (or the
+        ``single_index.json`` the ``reproduce`` command writes): the spike alignment
+        ``cos(v, β★)`` per method vs κ(Σ) and vs n with its closed-form predictions, and
+        the test MSE after one step plus a ridge refit.
+
+    Returns:
+      A dict of matplotlib figures: ``'fig2_single_index_alignment'`` (alignment vs κ
+      and vs n/d, simulation as points and theory as lines) and
+      ``'fig3_single_index_test_loss'`` (test MSE vs κ, with the no-step random-features
+      baseline).
+
+    Raises:
+      ImportError: when matplotlib (in the ``zoo`` extra) is not installed.
+      KeyError: when ``results`` lacks a field the figures need.
+
+    Example::
+
+      results = zoo.run_single_index(zoo.SingleIndexConfig.quick())
+      zoo.plot_single_index(results)["fig2_single_index_alignment"].savefig("fig2.png")
+
+    Reference: Zhang, Moniri et al., ICML 2025, Figs. 2 and 3.
+    """
     plt = _plt()
     s = results["settings"]
     labels = results["labels"]
