@@ -4,34 +4,43 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per set of extras, so each target installs only what it runs:
+# the paper's figures and the demo need the zoo extra; the tests need test + notebooks.
+STAMP_ZOO := $(VENV)/.installed-zoo
+STAMP_TEST := $(VENV)/.installed-test
 
 .PHONY: reproduce reproduce-all demo test test-slow bench bench-quick bench-deps lint clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,notebooks]'
-	touch $(STAMP)
 
-reproduce: $(STAMP)
+$(STAMP_ZOO): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[zoo]'
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,notebooks]'
+	touch $@
+
+reproduce: $(STAMP_ZOO)
 	$(PY) -m layerwise_optax.zoo reproduce linear-rep --out results/paper
 
-reproduce-all: $(STAMP)
+reproduce-all: $(STAMP_ZOO)
 	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
 
-demo: $(STAMP)
+demo: $(STAMP_ZOO)
 	$(PY) examples/demo.py --out results/demo
 
-test: $(STAMP)
+test: $(STAMP_TEST)
 	$(PY) -m pytest -q -n 2
 
-test-slow: $(STAMP)
+test-slow: $(STAMP_TEST)
 	$(PY) -m pytest -q -n 2 -m slow
 
 # Peers are benchmark-only. If one fails to install, the benchmarks still run and
 # name the missing peer in their output; the data packages must install.
-bench-deps: $(STAMP)
+bench-deps: $(STAMP_TEST)
 	$(PY) -m pip install -q -e '.[bench]' || { \
 	  echo "bench-deps: some peer did not install; installing the rest one by one" >&2; \
 	  $(PY) -m pip install -q scikit-learn mnist1d tqdm matplotlib; \
@@ -46,7 +55,7 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(PY) -m benchmarks --quick --out "$$(mktemp -d)"
 
-lint: $(STAMP)
+lint: $(STAMP_TEST)
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check layerwise_optax tests benchmarks examples
 	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples

@@ -4,6 +4,7 @@ about installing (the extras, the pip line) and about files matches the reposito
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -75,3 +76,82 @@ def test_no_links_to_files_outside_the_repository():
         for target in re.findall(r"\]\(([^)#]+)\)", text):
             if not re.match(r"https?://", target):
                 assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+@pytest.mark.parametrize(
+    "target, extras",
+    [("reproduce", {".[zoo]"}), ("demo", {".[zoo]"}), ("test", {".[test,notebooks]"})],
+)
+def test_make_targets_install_only_the_extras_they_need(target, extras, tmp_path):
+    # The README promises `make reproduce` installs the zoo extra only (it used to install
+    # the test and notebooks extras too). `make -n` prints the recipe without running it.
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(
+        ["make", "-n", f"VENV={tmp_path / 'venv'}", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installed = set(re.findall(r"pip install -q -e '([^']+)'", out))
+    assert installed == extras, out
+
+
+def _state_bytes(tx, params):
+    import jax
+    import numpy as np
+
+    state = jax.eval_shape(tx.init, params)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _expected_costs():
+    """The optimizer table's cost cells, recomputed from the newest benchmark records."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import layerwise_optax as lo
+    from benchmarks import report
+
+    load = lambda name: json.loads(report.newest_record(name).read_text())["results"]  # noqa: E731
+    ttt, step_time, kfac_step = load("time_to_target"), load("step_time"), load("kfac_step")
+    step = {}
+    for m in ttt["digits"]["summary"]:
+        ratios = [w["summary"][m]["step_s"] / w["summary"]["adamw"]["step_s"] for w in ttt.values()]
+        step[m] = (min(ratios), max(ratios))
+    mlp = step_time["mlp_784_1024_1024_10"]
+    state = {
+        m: mlp[key]["state_bytes"] / mlp["adamw"]["state_bytes"]
+        for m, key in [
+            ("shampoo", "shampoo_eigh"),
+            ("soap", "soap"),
+            ("muon", "muon"),
+            ("psgd_kron", "psgd_kron"),
+        ]
+    }
+    state["kfac"] = kfac_step["state_bytes_kfac"] / kfac_step["state_bytes_adamw"]
+    # NorMuon and steepest descent are not in the step-time record: their state, from its
+    # shapes on the same MLP, against AdamW's.
+    sizes = (784, 1024, 1024, 10)
+    params = {
+        f"layer{i}": {
+            "kernel": jax.ShapeDtypeStruct((a, b), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((b,), jnp.float32),
+        }
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+    }
+    adamw = _state_bytes(optax.adamw(1e-3), params)
+    for m, tx in [("normuon", lo.normuon(0.02)), ("steepest_descent", lo.steepest_descent(0.02))]:
+        state[m] = _state_bytes(tx, params) / adamw
+    return {m: f"step {step[m][0]:.1f}–{step[m][1]:.1f}×, state {state[m]:.1f}×" for m in state}
+
+
+def test_cost_column_is_the_benchmark_records():
+    table = README.split("## The optimizers", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    got = {row.split("`")[1]: row.rstrip(" |").rsplit("| ", 1)[1] for row in rows}
+    assert got == _expected_costs()
