@@ -155,3 +155,11 @@ def test_cost_column_is_the_benchmark_records():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     got = {row.split("`")[1]: row.rstrip(" |").rsplit("| ", 1)[1] for row in rows}
     assert got == _expected_costs()
+
+
+def test_opening_names_every_optimizer_family():
+    # The opening once said Muon and PSGD-Kron were "on the way" after they had shipped.
+    opening = README.split("\n## ", 1)[0]
+    for name in ("Shampoo", "SOAP", "K-FAC", "Muon", "NorMuon", "steepest descent", "PSGD-Kron"):
+        assert name in opening, name
+    assert "on the way" not in README

@@ -11,7 +11,7 @@ imports it. Contents:
 * methods and loops (:class:`Method`, :data:`LINEAR_REP_METHODS`,
   :data:`AMD_METHODS`, :func:`linear_rep_trainer`, :func:`single_index_direction`,
   :func:`full_gauss_newton`);
-* the experiments of PAPER.md §6 (:func:`run_linear_rep`,
+* the experiments behind the paper's Figs. 1–3 (:func:`run_linear_rep`,
   :func:`run_single_index`) with their claim checks, their figures
   (:func:`plot_linear_rep`, :func:`plot_single_index`) and a command line:
   ``python -m layerwise_optax.zoo reproduce {linear-rep,single-index,all}``.

@@ -25,7 +25,7 @@ EXPERIMENTS = ("linear-rep", "single-index", "all")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="layerwise-optax-zoo",
-        description="Reproduce the paper's figures (PAPER.md §6 protocols) on CPU.",
+        description="Reproduce analogues of the paper's figures on CPU (protocols in the notebooks).",
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reproduce", help="run an experiment and write figures + JSON")
