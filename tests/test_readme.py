@@ -31,7 +31,7 @@ def test_snippet_runs_standalone(code, tmp_path):
     # cleared: a snippet that needs simulated devices must say so itself.
     pytest.importorskip("flax")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
