@@ -25,7 +25,14 @@ def test_the_readme_has_snippets():
     assert len(SNIPPETS) >= 4
 
 
-@pytest.mark.parametrize("code", [pytest.param(c, id=_snippet_id(c)) for c in SNIPPETS])
+def _snippet_param(code):
+    # The K-FAC recipe compiles the capture and the update (~16 s of CPU, against 2-7 s for
+    # the others): slow tier. The capture itself is covered by tests/test_flax.py.
+    marks = [pytest.mark.slow] if "kfac_value_and_grad" in code else []
+    return pytest.param(code, id=_snippet_id(code), marks=marks)
+
+
+@pytest.mark.parametrize("code", [_snippet_param(c) for c in SNIPPETS])
 def test_snippet_runs_standalone(code, tmp_path):
     # Each snippet alone, in a fresh interpreter, as a reader would paste it. XLA_FLAGS is
     # cleared: a snippet that needs simulated devices must say so itself.
