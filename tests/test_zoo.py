@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from layerwise_optax import _io
+
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
-from layerwise_optax import _io  # noqa: E402
 from layerwise_optax import zoo  # noqa: E402
 from layerwise_optax.zoo import _cli  # noqa: E402
 
