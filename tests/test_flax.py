@@ -54,13 +54,19 @@ def test_empirical_stats_and_grads_match_a_hand_written_pass():
     z2 = h @ w2 + b2[None, :]
     d2 = n * (z2 - y) / n  # dL/dz2 for the mean of 0.5 * ||z2 - y||^2
     d1 = (d2 @ w2.T) * (1 - h**2)
-    np.testing.assert_allclose(stats["l1"]["kernel"].a, x.T @ x / n, rtol=1e-5, atol=1e-6)
+    # Biases folded by default: the input factor is over [x; 1] (homogeneous coordinates).
+    xh = jnp.concatenate([x, jnp.ones((n, 1))], 1)
+    hh = jnp.concatenate([h, jnp.ones((n, 1))], 1)
+    np.testing.assert_allclose(stats["l1"]["kernel"].a, xh.T @ xh / n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["l1"]["kernel"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(stats["l2"]["kernel"].a, h.T @ h / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["l2"]["kernel"].a, hh.T @ hh / n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["l2"]["kernel"].g, d2.T @ d2 / n, rtol=1e-4, atol=1e-6)
-    # Biases: a unit input factor and the layer's output factor.
-    np.testing.assert_array_equal(stats["l1"]["bias"].a, np.ones((1, 1)))
-    np.testing.assert_allclose(stats["l1"]["bias"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
+    assert stats["l1"]["bias"] == lo.FoldedBias("l1/kernel")
+    # The separate form: the bias's own block, a unit input and the layer's output factor.
+    _, _, sep = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)(model, x, y)
+    np.testing.assert_allclose(sep["l1"]["kernel"].a, x.T @ x / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sep["l1"]["bias"].a, np.ones((1, 1)))
+    np.testing.assert_allclose(sep["l1"]["bias"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
 
 
 def test_conv_input_factor_is_over_kernel_ordered_patches():
@@ -77,6 +83,7 @@ def test_conv_input_factor_is_over_kernel_ordered_patches():
     conv = np.asarray(model.conv(x)).reshape(5, 9, 3) - np.asarray(model.conv.bias[...])
     np.testing.assert_allclose(patches @ k, conv, rtol=1e-4, atol=1e-5)
     p2 = patches.reshape(-1, 8)
+    p2 = np.concatenate([p2, np.ones((p2.shape[0], 1))], 1)  # the folded bias's constant 1
     np.testing.assert_allclose(stats["conv"]["kernel"].a, p2.T @ p2 / 5, rtol=1e-4, atol=1e-5)
     assert stats["conv"]["kernel"].g.shape == (3, 3)
 
@@ -140,15 +147,15 @@ def test_linear_general_and_einsum_are_captured_like_their_dense_equivalents():
     _, gg, sg = f(general, x, y)
     _, gf, sf = f(flat, x, y)
     for layer in ("lg", "ein"):
-        for part in ("kernel", "bias"):
-            for factor in ("a", "g"):
-                np.testing.assert_allclose(
-                    getattr(sg[layer][part], factor),
-                    getattr(sf[layer][part], factor),
-                    rtol=1e-4,
-                    atol=1e-6,
-                    err_msg=f"{layer}/{part}/{factor}",
-                )
+        for factor in ("a", "g"):
+            np.testing.assert_allclose(
+                getattr(sg[layer]["kernel"], factor),
+                getattr(sf[layer]["kernel"], factor),
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=f"{layer}/{factor}",
+            )
+        assert sg[layer]["bias"] == sf[layer]["bias"] == lo.FoldedBias(f"{layer}/kernel")
     # kfac with the capture's layouts gives the dense model's update, in each layout.
     dims = lof.kfac_dimension_numbers(general)
     tx_g = lo.kfac(1.0, dimension_numbers=dims)
