@@ -671,9 +671,7 @@ def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
                     )
         out.append(s)
     flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
-    return treedef.unflatten(
-        [x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)]
-    )
+    return treedef.unflatten([x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)])
 
 
 _ABSENT = object()
