@@ -219,8 +219,9 @@ def scale_by_kfac(
       max_precond_dim: Factor dimensions longer than this keep only the diagonal
         of their factor (static).
       dimension_numbers: Spec tree or callable giving each kernel's
-        ``(input group, output group)``; ``None``:
-        :func:`default_kernel_dimension_numbers`.
+        ``(input group, output group)``, and :class:`FoldedBias` at each bias
+        folded into its kernel; ``None``: :func:`default_layout` (Flax layouts,
+        ``bias`` folded into its sibling ``kernel``).
       damping_mode: ``'pi'`` (Martens and Grosse's factored damping: ``A + pi
         sqrt(lambda) I`` and ``B + sqrt(lambda) / pi I`` with
         ``pi = sqrt((tr A / d_A) / (tr B / d_B))``) or ``'absolute'``
@@ -245,8 +246,11 @@ def scale_by_kfac(
 
     Raises:
       ValueError: At construction for bad hyperparameters; at ``init`` if a
-        kernel's spec does not have exactly two factor groups; at ``update`` if
-        ``kfac_stats`` is missing or a factor's shape does not fit its kernel.
+        kernel's spec does not have exactly two factor groups or a
+        :class:`FoldedBias` names no kernel of the right shape; at ``update`` if
+        ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
+        leaf of a layer it has statistics for, or a factor's shape does not fit
+        its kernel (see :func:`kfac` for the matching rule). Each names the path.
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -819,11 +823,31 @@ def kfac(
       U = (\bar A + \delta_A I)^{-1}\, G\, (\bar B + \delta_B I)^{-1}
 
     followed by heavy-ball momentum ``m <- b1 m + U``. The inverses are refreshed
-    every ``precondition_frequency`` steps. Leaves without statistics (biases,
-    norms, or kernels whose entry is ``None``) use the damped diagonal empirical
-    Fisher, ``g / (nu_hat + damping)``. ``sides='input'`` gives the one-sided
-    whitening ``(\bar A + \delta I)^{-1} G`` of the paper's single-index step and of
-    DFW.
+    every ``precondition_frequency`` steps.
+
+    Biases are folded into their kernels by default (homogeneous coordinates,
+    Martens and Grosse 2015, section 3, as in kfac-jax): ``z = x W + b`` is the
+    kernel ``[W; b]`` on the input ``[x; 1]``, so the kernel's ``A`` is over
+    ``[x; 1]`` (``(d_in + 1) × (d_in + 1)``, keeping the kernel–bias cross term
+    ``E[x]``), the bias shares the kernel's ``B``, and ``[G_W; g_b]`` is
+    preconditioned jointly and split. The layout says which bias folds into which
+    kernel (:class:`FoldedBias` in ``dimension_numbers``; by default every
+    ``bias`` next to a ``kernel``, the Flax naming), the statistics carry the
+    homogeneous ``A`` at the kernel and a :class:`FoldedBias` at the bias. A
+    separate bias block (the bias as a kernel with a unit input, ``A = [[T]]``
+    for ``T`` positions per example) is kept as an option: give the bias
+    ``DimensionNumbers(((), (0,)))`` and its own :class:`KfacFactors`.
+
+    Statistics are matched to the params by tree path, with a Flax
+    ``Variable``'s trailing ``.value`` dropped (``nnx.State``, ``nnx.as_pure``
+    trees and plain dicts match alike). A ``None`` entry, or no entry for a whole
+    layer (norms, embeddings: layers the capture does not see), makes the leaf
+    use the damped diagonal empirical Fisher, ``g / (nu_hat + damping)``. An
+    entry that matches no parameter, a missing entry for one leaf of a layer that
+    has statistics, or factors that do not fit the layout raise a ``ValueError``
+    naming the path: statistics are never silently ignored. ``sides='input'``
+    gives the one-sided whitening ``(\bar A + \delta I)^{-1} G`` of the paper's
+    single-index step and of DFW.
 
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
@@ -843,8 +867,9 @@ def kfac(
       damping: Tikhonov damping ``lambda``.
       precondition_frequency: Steps between inverse refreshes (static).
       max_precond_dim: Longer factor dimensions keep only their diagonal (static).
-      dimension_numbers: Each kernel's (input, output) groups; ``None``: Flax
-        layouts (:func:`default_kernel_dimension_numbers`).
+      dimension_numbers: Each kernel's (input, output) groups and each folded
+        bias's :class:`FoldedBias`; ``None``: Flax layouts with biases folded
+        (:func:`default_layout`).
       damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``.
       sides: ``'both'``, ``'input'`` or ``'output'``.
       weight_decay: Decoupled weight decay, fixed or a schedule.
@@ -861,8 +886,10 @@ def kfac(
       update with ``kfac_stats=``.
 
     Raises:
-      ValueError: At construction for bad hyperparameters; at ``update`` without
-        ``kfac_stats`` or with factors that do not fit their kernels.
+      ValueError: At construction for bad hyperparameters; at ``init`` for a
+        bad layout; at ``update`` without ``kfac_stats``, or with statistics that
+        match no parameter, miss a leaf of a layer they cover, or do not fit
+        their kernels (naming the path).
 
     Examples:
       >>> import jax, jax.numpy as jnp
