@@ -132,8 +132,10 @@ class ScaleByKfacState(NamedTuple):
       mu: Momentum of the preconditioned updates; params tree, ``mu_dtype``.
       nu: EMA of squared gradients, used by leaves that have no statistics
         (diagonal fallback); params tree, float32.
-      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays; per
-        other leaf ``(stack, 0)`` placeholders.
+      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays (``A``
+        homogeneous, ``d_in + 1``, for a kernel with a folded bias); per other
+        leaf ``(stack, 0)`` placeholders; ``optax.MaskedNode`` at folded biases
+        (their factors are their kernel's).
       inverses: Per kernel the damped inverses of ``factors``, same layout.
       skipped_stats: int32 scalar, (leaf, step) pairs whose gradient or
         statistics were not finite and were kept out of the state.
