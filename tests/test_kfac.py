@@ -379,3 +379,23 @@ def test_folded_bias_marker_is_a_static_pytree():
     assert jax.jit(lambda t: t)({"b": marker, "x": jnp.ones(1)})["b"] == marker
     with pytest.raises(TypeError, match="FoldedBias.kernel must be"):
         lo.FoldedBias(("l", "kernel"))
+
+
+def test_statistics_of_masked_leaves_are_not_stray():
+    # Inside optax.masked the other leaves are MaskedNode: their statistics belong to
+    # another transform and are neither an error nor used here.
+    import optax
+
+    params = {"w": jnp.zeros((3, 2)), "v": jnp.zeros((3, 2))}
+    stats = {
+        "w": lo.KfacFactors(2 * jnp.eye(3), jnp.eye(2)),
+        "v": lo.KfacFactors(jnp.eye(3), jnp.eye(2)),
+    }
+    tx = optax.masked(
+        lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute"),
+        {"w": True, "v": False},
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+    np.testing.assert_allclose(u["w"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(u["v"], 1.0)
