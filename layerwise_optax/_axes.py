@@ -72,6 +72,41 @@ def is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+def strip_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A tree path without the trailing ``.value`` of a Flax ``Variable``.
+
+    Leaves of an ``nnx.State`` holding ``nnx.Variable`` wrappers have paths like
+    ``['l1']['kernel'].value``; the same leaf of ``nnx.as_pure(state)``,
+    ``state.to_pure_dict()`` or a plain dict is ``['l1']['kernel']``. Every place
+    that matches tree paths against each other (K-FAC statistics and layouts,
+    layer roles) compares stripped paths, so the three kinds of tree agree.
+    """
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
+
+
+def path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The canonical key of a tree path: one string per entry of :func:`strip_path`.
+
+    Dict keys, attribute names and sequence indices alike become their plain
+    string (``('layers', '0', 'kernel')``), so a path of an ``nnx.State``, of its
+    pure form and of a nested dict of the same layers give equal keys.
+    """
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in strip_path(path))
+
+
+def path_string(path: tuple[Any, ...]) -> str:
+    """The ``'/'``-joined :func:`path_keys` of a tree path, e.g. ``'layers/0/kernel'``."""
+    return "/".join(path_keys(path))
+
+
+def path_label(path: tuple[Any, ...]) -> str:
+    """How error messages name a leaf: ``jax.tree_util.keystr`` of the stripped path."""
+    return jax.tree_util.keystr(strip_path(path)) or "<root>"
+
+
 def _as_tuple(axes: Any) -> tuple[int, ...]:
     if isinstance(axes, (int, np.integer)):
         return (int(axes),)
@@ -382,7 +417,7 @@ def resolve(
                 shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
             )
         else:
-            spec = normalize(spec, shape, jax.tree_util.keystr(path))
+            spec = normalize(spec, shape, path_label(path))
         plans.append(make_plan(shape, spec, max_precond_dim=max_precond_dim, block_size=block_size))
     return jax.tree_util.tree_unflatten(treedef, plans)
 

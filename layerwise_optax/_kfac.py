@@ -12,11 +12,11 @@ layers, each with its own factors.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from layerwise_optax import _axes, _checks, _kron
@@ -47,16 +47,81 @@ NO_STATS_MSG = (
 class KfacFactors(NamedTuple):
     """One kernel's Kronecker factors, as estimated on a batch.
 
+    With ``n`` examples and ``T`` positions per example (tokens, output pixels;
+    ``T = 1`` for a dense layer on flat inputs) and rows ``r`` = examples ×
+    positions, the convention of :func:`layerwise_optax.flax.kfac_value_and_grad`
+    (KFC, Grosse and Martens 2016) is ``a = (1/n) Σ_r x_r x_r^T`` and
+    ``g = (1/(n T)) Σ_r δ_r δ_r^T`` with ``δ = n dL/dz``.
+
+    A kernel whose bias is *folded* (:class:`FoldedBias`, the default for Flax
+    ``kernel``/``bias`` pairs) takes ``a`` in homogeneous coordinates: each input
+    row gets a constant 1 appended, ``x̂_r = [x_r; 1]``, so ``a`` is
+    ``(d_in + 1) × (d_in + 1)``: ``[[Σ x x^T, Σ x], [Σ x^T, n T]] / n``, whose
+    last row holds the kernel–bias cross term ``E[x]`` and whose corner is ``T``.
+
     Attributes:
       a: Input covariance ``E[x x^T]``, shape ``(*batch, d_in, d_in)``, where
         ``d_in`` is the product of the kernel's input axes (for a conv kernel, the
-        patch size ``kh * kw * c_in``; add a ones feature for a bias if you fold it).
+        patch size ``kh * kw * c_in``), or ``(*batch, d_in + 1, d_in + 1)`` with a
+        folded bias (last coordinate: the constant input 1).
       g: Output-gradient covariance ``E[delta delta^T]``, shape
-        ``(*batch, d_out, d_out)``.
+        ``(*batch, d_out, d_out)``; shared by the kernel and its folded bias.
     """
 
     a: jax.Array
     g: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedBias:
+    """Marks a bias that K-FAC preconditions together with its kernel.
+
+    The layer ``z = x W + b`` is the kernel ``[W; b]`` acting on the input
+    ``[x; 1]`` (homogeneous coordinates, Martens and Grosse 2015, section 3): the
+    kernel's :class:`KfacFactors` carry the ``(d_in + 1)``-dimensional input
+    factor, the bias shares the kernel's output factor ``g``, and
+    :func:`kfac` preconditions ``[G_W; g_b]`` jointly, then splits the result.
+
+    It is used in two trees, at the bias's position:
+
+    * ``kfac(dimension_numbers=...)``: fold this bias into the kernel at
+      ``kernel`` (the default layout does so for every leaf named ``bias`` next to
+      a leaf named ``kernel``, the Flax naming);
+    * ``kfac_stats=``: the statistics of this bias are in its kernel's
+      homogeneous factors.
+
+    It is a pytree with no leaves (it passes through ``jit`` and ``tree.map``).
+
+    Attributes:
+      kernel: The kernel's tree path, ``'/'``-joined (``'layers/0/kernel'``;
+        dict keys, attributes and indices as plain strings, a Flax
+        ``Variable``'s ``.value`` dropped).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+      >>> tx = lo.kfac(1.0, b1=0.0, damping=0.0, damping_mode='absolute',
+      ...              dimension_numbers={'w': lo.DimensionNumbers(((0,), (1,))),
+      ...                                 'b': lo.FoldedBias('w')})
+      >>> stats = {'w': lo.KfacFactors(a=jnp.eye(4), g=jnp.eye(2)), 'b': lo.FoldedBias('w')}
+      >>> grads = {'w': jnp.ones((3, 2)), 'b': jnp.full(2, 2.0)}
+      >>> u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+      >>> u['b'].tolist()
+      [-2.0, -2.0]
+    """
+
+    kernel: str
+
+    def __post_init__(self):
+        if not isinstance(self.kernel, str):
+            raise TypeError(
+                f"FoldedBias.kernel must be the kernel's '/'-joined path (a str), got "
+                f"{type(self.kernel).__name__} {self.kernel!r}."
+            )
+
+
+jax.tree_util.register_static(FoldedBias)
 
 
 class ScaleByKfacState(NamedTuple):
@@ -67,8 +132,10 @@ class ScaleByKfacState(NamedTuple):
       mu: Momentum of the preconditioned updates; params tree, ``mu_dtype``.
       nu: EMA of squared gradients, used by leaves that have no statistics
         (diagonal fallback); params tree, float32.
-      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays; per
-        other leaf ``(stack, 0)`` placeholders.
+      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays (``A``
+        homogeneous, ``d_in + 1``, for a kernel with a folded bias); per other
+        leaf ``(stack, 0)`` placeholders; ``optax.MaskedNode`` at folded biases
+        (their factors are their kernel's).
       inverses: Per kernel the damped inverses of ``factors``, same layout.
       skipped_stats: int32 scalar, (leaf, step) pairs whose gradient or
         statistics were not finite and were kept out of the state.
@@ -96,8 +163,10 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     ``(*window, in, out)`` is ``((0, ..., n-2), (n-1,))``; a bias ``(out,)`` is
     ``((), (0,))``, a kernel with a unit input (its constant-1 input), so it is
     preconditioned by its layer's output factor when statistics are given (the
-    capture gives them); scalars have no factors. Stacked layers need
-    ``batch_axes`` given explicitly.
+    *separate* bias block); scalars have no factors. Stacked layers need
+    ``batch_axes`` given explicitly. On a whole tree, :func:`kfac`'s default
+    layout also folds every leaf named ``bias`` into a sibling leaf named
+    ``kernel`` (:class:`FoldedBias`) when the bias has the kernel's output shape.
 
     Args:
       shape: The leaf's shape.
@@ -152,8 +221,9 @@ def scale_by_kfac(
       max_precond_dim: Factor dimensions longer than this keep only the diagonal
         of their factor (static).
       dimension_numbers: Spec tree or callable giving each kernel's
-        ``(input group, output group)``; ``None``:
-        :func:`default_kernel_dimension_numbers`.
+        ``(input group, output group)``, and :class:`FoldedBias` at each bias
+        folded into its kernel; ``None``: :func:`default_layout` (Flax layouts,
+        ``bias`` folded into its sibling ``kernel``).
       damping_mode: ``'pi'`` (Martens and Grosse's factored damping: ``A + pi
         sqrt(lambda) I`` and ``B + sqrt(lambda) / pi I`` with
         ``pi = sqrt((tr A / d_A) / (tr B / d_B))``) or ``'absolute'``
@@ -178,8 +248,11 @@ def scale_by_kfac(
 
     Raises:
       ValueError: At construction for bad hyperparameters; at ``init`` if a
-        kernel's spec does not have exactly two factor groups; at ``update`` if
-        ``kfac_stats`` is missing or a factor's shape does not fit its kernel.
+        kernel's spec does not have exactly two factor groups or a
+        :class:`FoldedBias` names no kernel of the right shape; at ``update`` if
+        ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
+        leaf of a layer it has statistics for, or a factor's shape does not fit
+        its kernel (see :func:`kfac` for the matching rule). Each names the path.
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -203,34 +276,14 @@ def scale_by_kfac(
         )
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     if dimension_numbers is None:
-
-        def dimension_numbers(tree):
-            return jax.tree.map(
-                lambda x: None if _axes.is_masked(x) else default_kernel_dimension_numbers(x.shape),
-                tree,
-                is_leaf=_axes.is_masked,
-            )
-
-    resolve = functools.partial(
-        _axes.resolve, dimension_numbers, max_precond_dim=max_precond_dim, block_size=None
-    )
+        dimension_numbers = default_layout
 
     def plans_for(tree):
-        plans = resolve(tree)
-
-        def check(path, plan):
-            if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
-                if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
-                    raise ValueError(
-                        f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: kfac "
-                        f"needs exactly two factor groups (input, output), got {tuple(plan.spec)}."
-                    )
-            return plan
-
-        return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_axes.is_plan_leaf)
+        """The tree's static :class:`_Layout` (working plans and folded biases)."""
+        return _layout(dimension_numbers, tree, max_precond_dim)
 
     def init_fn(params):
-        plans = plans_for(params)
+        plans = plans_for(params).work_plans
 
         def factors(p, plan):
             return _kron.init_factors(_kernel_plan(plan), jnp.float32)
@@ -259,8 +312,13 @@ def scale_by_kfac(
             # ``1 - b2`` in float64 against ``1 - b2**t`` in float32 would differ by
             # 1e-5 relative at b2 = 0.999.
             b1_, b2_, damping_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, damping))
-            plans = plans_for(updates)
-            stats = _stats_like(kfac_stats, updates)
+            layout = plans_for(updates)
+            plans = layout.work_plans
+            # Folded kernel-bias pairs become one homogeneous leaf at the kernel's
+            # position (the bias's position is masked) until the split at the end.
+            stats = _stats_like(kfac_stats, updates, layout)
+            updates_in, updates = updates, _fold(layout, updates)
+            mu_in, nu_in = _fold(layout, state.mu), _fold(layout, state.nu)
             if axis_name is not None:
                 stats = jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), stats)
             count_inc = optax.safe_increment(state.count)
@@ -357,15 +415,15 @@ def scale_by_kfac(
                 d = jnp.where(ok, d, 0).astype(g.dtype)
                 return _LeafOut(d, mu, nu, a.factors, inv, (~ok).astype(jnp.int32))
 
-            out = per_leaf(direction, updates, stats, acc, state.mu, state.nu, invs)
-            mu = _axes.unzip(out, "mu")
+            out = per_leaf(direction, updates, stats, acc, mu_in, nu_in, invs)
+            mu = _unfold(layout, _axes.unzip(out, "mu"), state.mu)
             skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
-            return _axes.unzip(out, "update"), ScaleByKfacState(
+            return _unfold(layout, _axes.unzip(out, "update"), updates_in), ScaleByKfacState(
                 count=count_inc,
                 mu=optax.tree.cast(mu, mu_dtype)
                 if mu_dtype is not None
                 else optax.tree.cast_like(mu, state.mu),
-                nu=_axes.unzip(out, "nu"),
+                nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
                 factors=_axes.unzip(out, "factors"),
                 inverses=_axes.unzip(out, "inverses"),
                 skipped_stats=state.skipped_stats + skipped,
@@ -375,24 +433,293 @@ def scale_by_kfac(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _stats_like(kfac_stats: Any, updates: Any) -> Any:
-    """Aligns the stats tree with ``updates`` (``MaskedNode`` positions get ``None``).
+def default_layout(tree: Any) -> Any:
+    """K-FAC's default layout of a whole tree: Flax kernels, and their biases folded.
 
-    Inside ``optax.masked``/``partition`` the updates have ``MaskedNode`` where the
-    caller's full statistics tree has factors; they are matched by tree path.
+    Every leaf gets :func:`default_kernel_dimension_numbers`, except a leaf named
+    ``bias`` next to a leaf named ``kernel`` of two or more axes whose last axis has
+    the bias's shape (``nnx.Linear``, ``nnx.Conv`` and Linen's ``Dense``/``Conv``):
+    it gets :class:`FoldedBias` naming that kernel. Names are compared on the
+    normalized paths (:func:`layerwise_optax._axes.path_keys`), so an ``nnx.State``,
+    its pure form and a plain dict get the same layout.
+
+    Args:
+      tree: Params or updates (``optax.MaskedNode`` leaves get ``None``).
+
+    Returns:
+      A tree like ``tree`` of ``DimensionNumbers``, ``FoldedBias`` or ``None``.
     """
-    by_path = {
-        jax.tree_util.keystr(p): s
-        for p, s in jax.tree_util.tree_flatten_with_path(
-            kfac_stats, is_leaf=lambda x: isinstance(x, KfacFactors) or x is None
-        )[0]
-    }
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_axes.is_masked)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_axes.is_masked)
+    keys = [_axes.path_keys(path) for path, _ in flat]
+    index = {k: i for i, k in enumerate(keys)}
+    specs = [
+        None if _axes.is_masked(x) else default_kernel_dimension_numbers(tuple(np.shape(x)))
+        for _, x in flat
+    ]
+    for i, (key, (_, x)) in enumerate(zip(keys, flat)):
+        if _axes.is_masked(x) or not key or key[-1] != "bias":
+            continue
+        k = index.get(key[:-1] + ("kernel",))
+        if k is None or _axes.is_masked(flat[k][1]):
+            continue
+        kshape = tuple(np.shape(flat[k][1]))
+        if len(kshape) >= 2 and tuple(np.shape(x)) == kshape[-1:]:
+            specs[i] = FoldedBias("/".join(keys[k]))
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+class _Layout(NamedTuple):
+    """Static K-FAC layout of one tree, leaf by leaf (flattened with ``is_masked``).
+
+    ``plans`` are the leaves' own plans; ``work_plans`` is the tree the update runs
+    on: at a folded kernel the plan of its homogeneous block ``(batch, d_in + 1,
+    d_out)``, at its folded bias an ``optax.MaskedNode`` (the bias rides along in
+    the kernel's block). ``folds`` holds the ``(kernel, bias)`` leaf indices.
+    """
+
+    paths: tuple[Any, ...]
+    keys: tuple[tuple[str, ...], ...]
+    plans: tuple[Any, ...]
+    work_plans: Any
+    folds: tuple[tuple[int, int], ...]
+
+
+def _layout(dimension_numbers: Any, tree: Any, max_precond_dim: int) -> _Layout:
+    """Resolves kfac's layout spec (``DimensionNumbers``/``FoldedBias``/``None``) on a tree."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_axes.is_masked)
+    spec_tree = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
+    try:
+        specs = treedef.flatten_up_to(spec_tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "dimension_numbers must have the same tree structure as the params (a "
+            f"DimensionNumbers, FoldedBias or None at every leaf): {e}"
+        ) from None
+    paths = tuple(path for path, _ in flat)
+    keys = tuple(_axes.path_keys(path) for path in paths)
+    index = {"/".join(k): i for i, k in enumerate(keys)}
+    plans, folded = [], {}
+    for i, ((path, x), spec) in enumerate(zip(flat, specs)):
+        if _axes.is_masked(x):
+            plans.append(x)
+            continue
+        where = _axes.path_label(path)
+        if isinstance(spec, FoldedBias):
+            folded[i] = spec
+            spec = None
+        shape = tuple(np.shape(x))
+        spec = _axes.normalize(spec, shape, where)
+        plan = _axes.make_plan(shape, spec, max_precond_dim=max_precond_dim, block_size=None)
+        if spec is not None and (len(spec.factor_axes) != 2 or spec.identity_axes):
+            raise ValueError(
+                f"param {where} with shape {shape}: kfac needs exactly two factor groups "
+                f"(input, output), got {tuple(spec)}."
+            )
+        plans.append(plan)
+    folds, kernels = [], {}
+    for b, fb in folded.items():
+        where = _axes.path_label(paths[b])
+        k = index.get(fb.kernel.strip("/"))
+        if k is None or _axes.is_masked(plans[k]) or plans[k].spec is None:
+            why = (
+                "which is not a leaf of the params"
+                if k is None
+                else "which is masked here (mask a folded bias and its kernel together)"
+                if _axes.is_masked(plans[k])
+                else "which has no K-FAC layout (its dimension_numbers are None)"
+            )
+            raise ValueError(
+                f"param {where}: dimension_numbers fold it into kernel {fb.kernel!r}, {why}; "
+                f"leaf paths are like {list(index)[:8]}."
+            )
+        kp = plans[k]
+        want = tuple(kp.shape[a] for a in kp.spec.batch_axes + kp.spec.factor_axes[1])
+        if plans[b].shape != want:
+            raise ValueError(
+                f"param {where} with shape {plans[b].shape}: a bias folded into kernel "
+                f"{fb.kernel!r} (shape {kp.shape}) must have the kernel's batch and output "
+                f"axes' shape {want}."
+            )
+        if k in kernels:
+            raise ValueError(
+                f"param {where}: kernel {fb.kernel!r} already has the folded bias "
+                f"{_axes.path_label(paths[kernels[k]])}; a kernel folds at most one bias."
+            )
+        kernels[k] = b
+        folds.append((k, b))
+    work = list(plans)
+    for k, b in folds:
+        kp = plans[k]
+        work[k] = _axes.make_plan(
+            (kp.batch, kp.dims[0] + 1, kp.dims[1]),
+            _axes.DimensionNumbers(((1,), (2,)), batch_axes=(0,)),
+            max_precond_dim=max_precond_dim,
+            block_size=None,
+        )
+        work[b] = optax.MaskedNode()
+    return _Layout(paths, keys, tuple(plans), treedef.unflatten(work), tuple(folds))
+
+
+def _is_stats_entry(x: Any) -> bool:
+    return x is None or isinstance(x, (KfacFactors, FoldedBias))
+
+
+def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
+    """Matches the statistics to the leaves of ``updates`` by normalized path, and checks them.
+
+    Returns a tree like ``updates`` with the :class:`KfacFactors` of each kernel
+    that has statistics and ``None`` elsewhere (diagonal fallback, masked leaves
+    and folded biases, which are preconditioned at their kernel).
+
+    The rule, leaf by leaf (paths compared with :func:`layerwise_optax._axes.path_keys`,
+    so ``nnx.State``, its pure form and plain dicts match):
+
+    * an entry (``KfacFactors`` or ``FoldedBias``) whose path is no leaf of the
+      params: error, never ignored;
+    * ``None``: the leaf takes the diagonal fallback, on purpose;
+    * no entry at all: the diagonal fallback when the statistics have no entry
+      for the leaf's layer (its parent node: norms, embeddings, layers the capture
+      does not see); an error when they have entries for other leaves of the
+      same layer and the leaf has a K-FAC layout (a forgotten bias, say);
+    * ``KfacFactors`` at a leaf without a K-FAC layout, at a folded bias, or at a
+      folded kernel whose ``a`` is not homogeneous (``d_in + 1``): error;
+    * ``FoldedBias`` where the layout does not fold that bias into that kernel, or
+      a folded bias whose kernel has factors but whose own entry is not
+      ``FoldedBias``: error.
+    """
+    found = {}
+    layers = set()
+    for path, s in jax.tree_util.tree_flatten_with_path(kfac_stats, is_leaf=_is_stats_entry)[0]:
+        if not _is_stats_entry(s):
+            raise ValueError(
+                f"kfac_stats at {_axes.path_label(path)} must be a KfacFactors(a, g), a "
+                f"FoldedBias or None, got {type(s).__name__}."
+            )
+        key = _axes.path_keys(path)
+        found[key] = (path, s)
+        layers.add(key[:-1])
+    known = set(layout.keys)
+    stray = [path for key, (path, s) in found.items() if s is not None and key not in known]
+    if stray:
+        names = ["/".join(k) for k in layout.keys]
+        raise ValueError(
+            f"kfac_stats at {_axes.path_label(stray[0])} match no parameter (the statistics "
+            f"and the params must mirror each other; leaf paths are like {names[:8]}"
+            f"{' ...' if len(names) > 8 else ''})."
+        )
+    kernel_of = {b: k for k, b in layout.folds}
+    bias_of = {k: b for k, b in layout.folds}
     out = []
-    for path, x in leaves:
-        key = jax.tree_util.keystr(path)
-        out.append(x if _axes.is_masked(x) else by_path.get(key))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    for i, (key, plan) in enumerate(zip(layout.keys, layout.plans)):
+        if _axes.is_masked(plan):
+            out.append(None)
+            continue
+        where = _axes.path_label(layout.paths[i])
+        s = found.get(key, (None, _ABSENT))[1]
+        if s is _ABSENT:
+            if key[:-1] in layers and (plan.spec is not None or i in kernel_of):
+                raise ValueError(
+                    f"kfac_stats has statistics for the layer of param {where} but no entry "
+                    "for it: give its KfacFactors, FoldedBias (a bias folded into its "
+                    "kernel) or None (the diagonal fallback, on purpose)."
+                )
+            s = None
+        if i in kernel_of:
+            k = kernel_of[i]
+            kernel = "/".join(layout.keys[k])
+            ks = found.get(layout.keys[k], (None, None))[1]
+            if isinstance(s, FoldedBias) and s.kernel.strip("/") != kernel:
+                raise ValueError(
+                    f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout "
+                    f"folds this bias into {kernel!r}."
+                )
+            if isinstance(s, KfacFactors) or (isinstance(ks, KfacFactors) and s is None):
+                raise ValueError(
+                    f"kfac_stats at {where}: kfac's layout folds this bias into kernel "
+                    f"{kernel!r} (homogeneous coordinates), so its entry must be "
+                    f"FoldedBias({kernel!r}) and the kernel's a must include the constant "
+                    "input 1; for a separate bias block give kfac dimension_numbers with "
+                    "DimensionNumbers(((), (0,))) at the bias (e.g. "
+                    "layerwise_optax.flax.kfac_dimension_numbers(model, fold_biases=False))."
+                )
+            if isinstance(s, FoldedBias) and not isinstance(ks, KfacFactors):
+                raise ValueError(
+                    f"kfac_stats at {where}: FoldedBias({kernel!r}), but the kernel has no "
+                    "KfacFactors."
+                )
+            out.append(None)
+            continue
+        if isinstance(s, FoldedBias):
+            raise ValueError(
+                f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout does not "
+                "fold this leaf into a kernel (give kfac dimension_numbers with "
+                f"FoldedBias({s.kernel!r}) here, e.g. "
+                "layerwise_optax.flax.kfac_dimension_numbers(model))."
+            )
+        if isinstance(s, KfacFactors):
+            if plan.spec is None:
+                raise ValueError(
+                    f"kfac_stats at {where} gives KfacFactors, but the param has no K-FAC "
+                    "layout (its dimension_numbers are None); give None there for the "
+                    "diagonal fallback."
+                )
+            if i in bias_of:
+                d = plan.dims[0] + 1
+                a_shape = tuple(np.shape(s.a))
+                if a_shape[-2:] != (d, d) and a_shape[-1:] != (d,):
+                    bias = "/".join(layout.keys[bias_of[i]])
+                    raise ValueError(
+                        f"kfac_stats at {where}: factor a has shape {a_shape}, but the "
+                        f"kernel's bias {bias!r} is folded into it, so a must be in "
+                        f"homogeneous coordinates, {(d, d)} per layer slice (inputs with a "
+                        "constant 1 appended; the capture's default); for a separate bias "
+                        "block give kfac DimensionNumbers(((), (0,))) at the bias."
+                    )
+        out.append(s)
+    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    return treedef.unflatten([x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)])
+
+
+_ABSENT = object()
+
+
+def _homogeneous(g: jax.Array, plan: _axes.LeafPlan, b: jax.Array) -> jax.Array:
+    """``[G; g_b]``: the kernel's ``(batch, d_in, d_out)`` view with the bias as row ``d_in``."""
+    dtype = jnp.result_type(g, b)
+    gk = jnp.reshape(jnp.transpose(g, plan.perm), (plan.batch,) + plan.dims)
+    gb = jnp.reshape(b, (plan.batch, 1, plan.dims[1]))
+    return jnp.concatenate([gk.astype(dtype), gb.astype(dtype)], axis=1)
+
+
+def _split(h: jax.Array, plan: _axes.LeafPlan, k: jax.Array, b: jax.Array):
+    """Inverse of :func:`_homogeneous`: the kernel and bias parts, in their own layouts."""
+    d_in = plan.dims[0]
+    kernel = plan.from_blocks(h[:, :d_in]).astype(k.dtype)
+    return kernel, jnp.reshape(h[:, d_in], np.shape(b)).astype(b.dtype)
+
+
+def _fold(layout: _Layout, tree: Any) -> Any:
+    """A params-like tree in the working layout: folded pairs as one homogeneous leaf."""
+    if not layout.folds:
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)
+    for k, b in layout.folds:
+        leaves[k] = _axes.on_gathered(_homogeneous, leaves[k], layout.plans[k], leaves[b])
+        leaves[b] = optax.MaskedNode()
+    return treedef.unflatten(leaves)
+
+
+def _unfold(layout: _Layout, tree: Any, like: Any) -> Any:
+    """Back from the working layout to the layout of ``like`` (the kernel and bias split)."""
+    if not layout.folds:
+        return tree
+    leaves = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)[0]
+    like_leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=_axes.is_masked)
+    for k, b in layout.folds:
+        leaves[k], leaves[b] = _axes.on_gathered(
+            _split, leaves[k], layout.plans[k], like_leaves[k], like_leaves[b]
+        )
+    return treedef.unflatten(leaves)
 
 
 def _check_stats(path: Any, s: Any, plan: _axes.LeafPlan) -> tuple[jax.Array, jax.Array]:
@@ -498,11 +825,31 @@ def kfac(
       U = (\bar A + \delta_A I)^{-1}\, G\, (\bar B + \delta_B I)^{-1}
 
     followed by heavy-ball momentum ``m <- b1 m + U``. The inverses are refreshed
-    every ``precondition_frequency`` steps. Leaves without statistics (biases,
-    norms, or kernels whose entry is ``None``) use the damped diagonal empirical
-    Fisher, ``g / (nu_hat + damping)``. ``sides='input'`` gives the one-sided
-    whitening ``(\bar A + \delta I)^{-1} G`` of the paper's single-index step and of
-    DFW.
+    every ``precondition_frequency`` steps.
+
+    Biases are folded into their kernels by default (homogeneous coordinates,
+    Martens and Grosse 2015, section 3, as in kfac-jax): ``z = x W + b`` is the
+    kernel ``[W; b]`` on the input ``[x; 1]``, so the kernel's ``A`` is over
+    ``[x; 1]`` (``(d_in + 1) × (d_in + 1)``, keeping the kernel–bias cross term
+    ``E[x]``), the bias shares the kernel's ``B``, and ``[G_W; g_b]`` is
+    preconditioned jointly and split. The layout says which bias folds into which
+    kernel (:class:`FoldedBias` in ``dimension_numbers``; by default every
+    ``bias`` next to a ``kernel``, the Flax naming), the statistics carry the
+    homogeneous ``A`` at the kernel and a :class:`FoldedBias` at the bias. A
+    separate bias block (the bias as a kernel with a unit input, ``A = [[T]]``
+    for ``T`` positions per example) is kept as an option: give the bias
+    ``DimensionNumbers(((), (0,)))`` and its own :class:`KfacFactors`.
+
+    Statistics are matched to the params by tree path, with a Flax
+    ``Variable``'s trailing ``.value`` dropped (``nnx.State``, ``nnx.as_pure``
+    trees and plain dicts match alike). A ``None`` entry, or no entry for a whole
+    layer (norms, embeddings: layers the capture does not see), makes the leaf
+    use the damped diagonal empirical Fisher, ``g / (nu_hat + damping)``. An
+    entry that matches no parameter, a missing entry for one leaf of a layer that
+    has statistics, or factors that do not fit the layout raise a ``ValueError``
+    naming the path: statistics are never silently ignored. ``sides='input'``
+    gives the one-sided whitening ``(\bar A + \delta I)^{-1} G`` of the paper's
+    single-index step and of DFW.
 
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
@@ -522,8 +869,9 @@ def kfac(
       damping: Tikhonov damping ``lambda``.
       precondition_frequency: Steps between inverse refreshes (static).
       max_precond_dim: Longer factor dimensions keep only their diagonal (static).
-      dimension_numbers: Each kernel's (input, output) groups; ``None``: Flax
-        layouts (:func:`default_kernel_dimension_numbers`).
+      dimension_numbers: Each kernel's (input, output) groups and each folded
+        bias's :class:`FoldedBias`; ``None``: Flax layouts with biases folded
+        (:func:`default_layout`).
       damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``.
       sides: ``'both'``, ``'input'`` or ``'output'``.
       weight_decay: Decoupled weight decay, fixed or a schedule.
@@ -540,8 +888,10 @@ def kfac(
       update with ``kfac_stats=``.
 
     Raises:
-      ValueError: At construction for bad hyperparameters; at ``update`` without
-        ``kfac_stats`` or with factors that do not fit their kernels.
+      ValueError: At construction for bad hyperparameters; at ``init`` for a
+        bad layout; at ``update`` without ``kfac_stats``, or with statistics that
+        match no parameter, miss a leaf of a layer they cover, or do not fit
+        their kernels (naming the path).
 
     Examples:
       >>> import jax, jax.numpy as jnp

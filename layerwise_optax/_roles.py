@@ -54,24 +54,18 @@ _HEAD_NAMES = ("head", "lm_head", "logits", "classifier", "readout", "unembed", 
 RolesOrFn = Any  # a tree of role strings mirroring params, or params -> such a tree
 
 
-def _strip(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    # A Flax ``Variable`` flattens to its ``.value``: that key names no layer.
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        return tuple(path[:-1])
-    return tuple(path)
-
-
 def _names(path: tuple[Any, ...]) -> list[str]:
-    return [jax.tree_util.keystr((k,), simple=True).lower() for k in _strip(path)]
+    return [k.lower() for k in _axes.path_keys(path)]
 
 
 def path_string(path: tuple[Any, ...]) -> str:
     """The ``'/'``-joined form of a tree path that role overrides match against.
 
     ``('layers', 0, 'kernel')`` (dict keys, list indices, attributes alike) is
-    ``'layers/0/kernel'``; a Flax ``Variable``'s trailing ``.value`` is dropped.
+    ``'layers/0/kernel'``; a Flax ``Variable``'s trailing ``.value`` is dropped
+    (:func:`layerwise_optax._axes.path_string`, shared by every path matcher).
     """
-    return jax.tree_util.keystr(_strip(path), simple=True, separator="/")
+    return _axes.path_string(path)
 
 
 def _role_of(path: tuple[Any, ...], shape: tuple[int, ...]) -> str:

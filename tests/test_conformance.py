@@ -123,10 +123,19 @@ def test_trains_a_small_mlp(name, factory, kwargs):
             jnp.zeros((n, 16)), jnp.zeros((n, 1))
         )
         d1, d2 = n * d1, n * d2
+        # kfac folds each 'bias' into its 'kernel' (homogeneous coordinates): the
+        # input factor is over the inputs with a constant 1 appended.
+        xh, hh = (jnp.concatenate([v, jnp.ones((n, 1))], 1) for v in (x, h))
         return {
             "kfac_stats": {
-                "l1": {"kernel": lo.KfacFactors(x.T @ x / n, d1.T @ d1 / n), "bias": None},
-                "l2": {"kernel": lo.KfacFactors(h.T @ h / n, d2.T @ d2 / n), "bias": None},
+                "l1": {
+                    "kernel": lo.KfacFactors(xh.T @ xh / n, d1.T @ d1 / n),
+                    "bias": lo.FoldedBias("l1/kernel"),
+                },
+                "l2": {
+                    "kernel": lo.KfacFactors(hh.T @ hh / n, d2.T @ d2 / n),
+                    "bias": lo.FoldedBias("l2/kernel"),
+                },
             }
         }
 

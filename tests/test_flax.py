@@ -54,13 +54,19 @@ def test_empirical_stats_and_grads_match_a_hand_written_pass():
     z2 = h @ w2 + b2[None, :]
     d2 = n * (z2 - y) / n  # dL/dz2 for the mean of 0.5 * ||z2 - y||^2
     d1 = (d2 @ w2.T) * (1 - h**2)
-    np.testing.assert_allclose(stats["l1"]["kernel"].a, x.T @ x / n, rtol=1e-5, atol=1e-6)
+    # Biases folded by default: the input factor is over [x; 1] (homogeneous coordinates).
+    xh = jnp.concatenate([x, jnp.ones((n, 1))], 1)
+    hh = jnp.concatenate([h, jnp.ones((n, 1))], 1)
+    np.testing.assert_allclose(stats["l1"]["kernel"].a, xh.T @ xh / n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["l1"]["kernel"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(stats["l2"]["kernel"].a, h.T @ h / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["l2"]["kernel"].a, hh.T @ hh / n, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["l2"]["kernel"].g, d2.T @ d2 / n, rtol=1e-4, atol=1e-6)
-    # Biases: a unit input factor and the layer's output factor.
-    np.testing.assert_array_equal(stats["l1"]["bias"].a, np.ones((1, 1)))
-    np.testing.assert_allclose(stats["l1"]["bias"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
+    assert stats["l1"]["bias"] == lo.FoldedBias("l1/kernel")
+    # The separate form: the bias's own block, a unit input and the layer's output factor.
+    _, _, sep = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)(model, x, y)
+    np.testing.assert_allclose(sep["l1"]["kernel"].a, x.T @ x / n, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sep["l1"]["bias"].a, np.ones((1, 1)))
+    np.testing.assert_allclose(sep["l1"]["bias"].g, d1.T @ d1 / n, rtol=1e-4, atol=1e-6)
 
 
 def test_conv_input_factor_is_over_kernel_ordered_patches():
@@ -77,6 +83,7 @@ def test_conv_input_factor_is_over_kernel_ordered_patches():
     conv = np.asarray(model.conv(x)).reshape(5, 9, 3) - np.asarray(model.conv.bias[...])
     np.testing.assert_allclose(patches @ k, conv, rtol=1e-4, atol=1e-5)
     p2 = patches.reshape(-1, 8)
+    p2 = np.concatenate([p2, np.ones((p2.shape[0], 1))], 1)  # the folded bias's constant 1
     np.testing.assert_allclose(stats["conv"]["kernel"].a, p2.T @ p2 / 5, rtol=1e-4, atol=1e-5)
     assert stats["conv"]["kernel"].g.shape == (3, 3)
 
@@ -140,15 +147,15 @@ def test_linear_general_and_einsum_are_captured_like_their_dense_equivalents():
     _, gg, sg = f(general, x, y)
     _, gf, sf = f(flat, x, y)
     for layer in ("lg", "ein"):
-        for part in ("kernel", "bias"):
-            for factor in ("a", "g"):
-                np.testing.assert_allclose(
-                    getattr(sg[layer][part], factor),
-                    getattr(sf[layer][part], factor),
-                    rtol=1e-4,
-                    atol=1e-6,
-                    err_msg=f"{layer}/{part}/{factor}",
-                )
+        for factor in ("a", "g"):
+            np.testing.assert_allclose(
+                getattr(sg[layer]["kernel"], factor),
+                getattr(sf[layer]["kernel"], factor),
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=f"{layer}/{factor}",
+            )
+        assert sg[layer]["bias"] == sf[layer]["bias"] == lo.FoldedBias(f"{layer}/kernel")
     # kfac with the capture's layouts gives the dense model's update, in each layout.
     dims = lof.kfac_dimension_numbers(general)
     tx_g = lo.kfac(1.0, dimension_numbers=dims)
@@ -310,3 +317,227 @@ def test_library_kfac_reproduces_the_papers_update_on_linear_representation():
     u = np.linalg.qr(G.T)[0]
     dist = np.linalg.norm((np.eye(d_x) - g_star.T @ g_star) @ u, 2)
     assert dist < 0.1, dist
+
+
+# ----------------------------------------------------------------------------- paths and biases
+# Issue 20, items 1 and 2: nnx.State paths end in `.value` (they silently took the
+# diagonal fallback), and bias statistics ignored positions. The references below are
+# written out from the formulas in float64: with rows r = examples x positions (T per
+# example), delta = z - y for lof.mse (= n dL/dz), G = X^T Delta / n, g_b = sum(Delta) / n,
+# B = Delta^T Delta / (n T), and A = X^T X / n (separate: the bias's A is T) or
+# A = [X, 1]^T [X, 1] / n (folded). Updates are -(A + lam)^-1 [G; g_b] (B + lam)^-1.
+
+
+def kfac_layer_reference(rows_x, delta, n, lam, fold):
+    """Float64 K-FAC step (lr 1, no momentum, absolute damping) of one layer with a bias."""
+    rows_x, delta = np.asarray(rows_x, np.float64), np.asarray(delta, np.float64)
+    t = rows_x.shape[0] // n
+    d_in, d_out = rows_x.shape[1], delta.shape[1]
+    g_k, g_b = rows_x.T @ delta / n, delta.sum(0) / n
+    b_inv = np.linalg.inv(delta.T @ delta / (n * t) + lam * np.eye(d_out))
+    if fold:
+        xh = np.concatenate([rows_x, np.ones((rows_x.shape[0], 1))], 1)
+        a = xh.T @ xh / n
+        u = np.linalg.solve(a + lam * np.eye(d_in + 1), np.vstack([g_k, g_b])) @ b_inv
+        return -u[:d_in], -u[d_in]
+    a = rows_x.T @ rows_x / n
+    u_k = np.linalg.solve(a + lam * np.eye(d_in), g_k) @ b_inv
+    return -u_k, -(g_b / (t + lam)) @ b_inv
+
+
+def _kfac_step(model, x, y, fold, dims=None, **kw):
+    """One capture + kfac step (lr 1, b1 0, factor_decay 0, damping 1e-8 absolute)."""
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=fold)
+    _, grads, stats = f(model, x, y)
+    if dims is None and not fold:
+        dims = lof.kfac_dimension_numbers(model, fold_biases=False)
+    tx = lo.kfac(
+        1.0,
+        b1=0.0,
+        factor_decay=0.0,
+        damping=1e-8,
+        damping_mode="absolute",
+        dimension_numbers=dims,
+        **kw,
+    )
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    u, state = tx.update(nnx.as_pure(grads), tx.init(params), params, kfac_stats=stats)
+    return u, state
+
+
+def _conv_patches_np(x, k=2):
+    n, h, w, _ = x.shape
+    rows = [
+        x[:, i : i + k, j : j + k, :].reshape(n, -1)
+        for i in range(h - k + 1)
+        for j in range(w - k + 1)
+    ]
+    return np.stack(rows, 1).reshape(-1, rows[0].shape[-1])  # (n * positions, k*k*c_in)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "separate"])
+@pytest.mark.parametrize("kind", ["dense", "sequence", "conv"])
+def test_bias_step_matches_the_float64_formula(kind, fold):
+    rng = np.random.default_rng(0)
+    if kind == "conv":
+        model = nnx.Conv(2, 3, kernel_size=(2, 2), padding="VALID", rngs=nnx.Rngs(0))
+        x = rng.standard_normal((5, 4, 4, 2)).astype(np.float32) + 0.3
+        y = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+        rows = _conv_patches_np(x)
+    else:
+        model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+        shape = (8, 3) if kind == "dense" else (4, 6, 3)  # 6 tokens per example
+        x = rng.standard_normal(shape).astype(np.float32) + 0.3
+        y = rng.standard_normal(shape[:-1] + (2,)).astype(np.float32)
+        rows = x.reshape(-1, 3)
+    w = np.asarray(model.kernel[...], np.float64)
+    b = np.asarray(model.bias[...], np.float64)
+    delta = rows @ w.reshape(-1, w.shape[-1]) + b - y.reshape(rows.shape[0], -1)
+    want_k, want_b = kfac_layer_reference(rows, delta, x.shape[0], 1e-8, fold)
+    u, state = _kfac_step(model, jnp.asarray(x), jnp.asarray(y), fold)
+    np.testing.assert_allclose(u["kernel"].reshape(want_k.shape), want_k, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(u["bias"], want_b, rtol=2e-3, atol=1e-5)
+    a = state[0].factors["kernel"][0]
+    assert a.shape[-1] == rows.shape[1] + fold  # the homogeneous factor when folded
+
+
+def test_issue_sequence_bias_regression_values():
+    # nnx.Linear(3, 2) on 6 tokens: the separate bias block's input factor is [[6.]]
+    # (it was [[1.]], a 6x too large step [0.8223, 0.32]); the folded form keeps the
+    # kernel-bias cross term and gives a different (the homogeneous) step.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 6, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, 6, 2)), jnp.float32)
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    _, _, sep = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)(model, x, y)
+    np.testing.assert_array_equal(sep["bias"].a, [[6.0]])
+    u, _ = _kfac_step(model, x, y, fold=False)
+    np.testing.assert_allclose(u["bias"], [0.1371, 0.0533], atol=1e-4)
+    u, _ = _kfac_step(model, x, y, fold=True)
+    w, b = np.asarray(model.kernel[...], np.float64), np.asarray(model.bias[...], np.float64)
+    rows = np.asarray(x, np.float64).reshape(-1, 3)
+    delta = rows @ w + b - np.asarray(y, np.float64).reshape(-1, 2)
+    _, want_b = kfac_layer_reference(rows, delta, 4, 1e-8, True)
+    np.testing.assert_allclose(u["bias"], want_b, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(want_b, [0.006023, 0.111322], atol=1e-5)  # float64 value
+
+
+def test_nnx_state_paths_give_the_pure_dict_step():
+    # Issue 20 item 1, first repro: on nnx.State trees (paths ending in `.value`) every
+    # layer used to take the diagonal fallback; now State, as_pure and to_pure_dict trees
+    # give the same step, the float64 K-FAC step.
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    y = jax.random.normal(jax.random.key(1), (8, 2))
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    params = nnx.split(model, nnx.Param)[1]
+    tx = lo.kfac(1.0, b1=0, factor_decay=0, damping=1e-8, damping_mode="absolute")
+    steps = {}
+    for name, conv in [
+        ("state", lambda t: t),
+        ("as_pure", nnx.as_pure),
+        ("pure_dict", nnx.to_pure_dict),
+    ]:
+        p, g = conv(params), conv(grads)
+        u, state = tx.update(g, tx.init(p), p, kfac_stats=stats)
+        steps[name] = nnx.as_pure(u) if name == "state" else u
+        assert float(jnp.abs(jax.tree.leaves(state[0].factors)[0]).max()) > 0
+    xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    delta = xn @ np.asarray(model.kernel[...], np.float64) + np.asarray(model.bias[...]) - yn
+    want_k, want_b = kfac_layer_reference(xn, delta, 8, 1e-8, True)
+    for name, u in steps.items():
+        np.testing.assert_allclose(u["kernel"], want_k, rtol=2e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(u["bias"], want_b, rtol=2e-3, atol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(steps["pure_dict"])):
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-7, err_msg=name)
+
+
+class _LG(nnx.Module):
+    def __init__(self, rngs):
+        self.lg = nnx.LinearGeneral(4, (2, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.lg(x).reshape(x.shape[0], -1)
+
+
+def test_readme_recipe_with_linear_general_under_nnx_optimizer():
+    # Issue 20 item 1, second repro: init saw `.value` paths (default layout), update
+    # plain ones (the LinearGeneral layout): a broadcasting TypeError. The step now is
+    # the float64 K-FAC step of the equivalent dense (4, 6) layer.
+    model = _LG(nnx.Rngs(0))
+    w = np.asarray(model.lg.kernel[...], np.float64).reshape(4, 6)
+    b = np.asarray(model.lg.bias[...], np.float64).reshape(6)
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    y = jax.random.normal(jax.random.key(1), (16, 6))
+    tx = lo.kfac(
+        1.0,
+        b1=0.0,
+        factor_decay=0.0,
+        damping=1e-8,
+        damping_mode="absolute",
+        dimension_numbers=lof.kfac_dimension_numbers(model),
+    )
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    opt.update(model, grads, kfac_stats=stats)
+    xn = np.asarray(x, np.float64)
+    want_k, want_b = kfac_layer_reference(xn, xn @ w + b - np.asarray(y), 16, 1e-8, True)
+    np.testing.assert_allclose(
+        np.asarray(model.lg.kernel[...]).reshape(4, 6) - w, want_k, rtol=2e-3, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(model.lg.bias[...]).reshape(6) - b, want_b, rtol=2e-3, atol=1e-5
+    )
+
+
+class _Mixed(nnx.Module):
+    """Linear + LayerNorm (no statistics: diagonal fallback) + LinearGeneral in a list."""
+
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(4, 6, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, rngs=rngs)
+        self.blocks = nnx.List([nnx.LinearGeneral(6, (2, 2), rngs=rngs)])
+
+    def __call__(self, x):
+        h = self.norm(jnp.tanh(self.l1(x)))
+        return self.blocks[0](h).reshape(x.shape[0], -1)
+
+
+def test_state_pure_and_dict_trees_give_identical_results():
+    # Issue 20, Tests: the statistics, roles and dimension-numbers paths on nnx.State
+    # (`.value` paths), nnx.as_pure and to_pure_dict trees agree exactly.
+    model = _Mixed(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    y = jax.random.normal(jax.random.key(1), (8, 4))
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    params = nnx.split(model, nnx.Param)[1]
+    dims = lof.kfac_dimension_numbers(model)
+    tx = lo.kfac(1.0, b1=0.0, factor_decay=0.0, damping=1e-4, dimension_numbers=dims)
+    spec_leaf = lambda s: s is None or isinstance(s, (lo.DimensionNumbers, lo.FoldedBias))
+    results = {}
+    for name, conv in [
+        ("state", lambda t: t),
+        ("as_pure", nnx.as_pure),
+        ("pure_dict", nnx.to_pure_dict),
+    ]:
+        p, g = conv(params), conv(grads)
+        u, state = jax.jit(tx.update)(g, tx.init(p), p, kfac_stats=stats)
+        if name == "pure_dict":
+            u_pure = u
+        results[name] = (
+            jax.tree.leaves(lo.layer_roles(p)),
+            jax.tree.leaves(dims(p), is_leaf=spec_leaf),
+            lo.format_roles(p),
+            [np.asarray(v) for v in jax.tree.leaves(u)],
+            [np.asarray(v) for v in jax.tree.leaves(state[0].factors)],
+        )
+    roles, specs, table, steps, factors = results["pure_dict"]
+    assert len(roles) == 6 and "blocks/0/kernel" in table and "norm/scale" in table
+    assert lo.FoldedBias("blocks/0/kernel") in specs and lo.FoldedBias("l1/kernel") in specs
+    for name, (r, s, t, us, fs) in results.items():
+        assert (r, s, t) == (roles, specs, table), name
+        for a, b in zip(us + fs, steps + factors):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    # The norm has no statistics: it takes the diagonal fallback g / (g^2 + damping).
+    g = np.asarray(nnx.to_pure_dict(grads)["norm"]["scale"])
+    np.testing.assert_allclose(-np.asarray(u_pure["norm"]["scale"]), g / (g**2 + 1e-4), rtol=1e-5)

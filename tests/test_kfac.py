@@ -196,3 +196,206 @@ def test_invalid_hyperparameters(kwargs, match):
         lo.kfac(0.1, **kwargs)
     with pytest.raises(ValueError, match="learning_rate"):
         lo.kfac(-0.1)
+
+
+# ----------------------------------------------------------------------------- biases and paths
+
+
+def test_user_built_folded_bias_on_stacked_layers_matches_float64():
+    # Plain dicts, no flax: a stacked (L, in, out) kernel with its (L, out) bias folded.
+    # Per slice: [U_W; u_b] = (A_hat + lam)^-1 [G_W; g_b] (B + lam)^-1 on the
+    # homogeneous (in + 1) input factor.
+    rng = np.random.default_rng(3)
+    lam = 1e-3
+    a = np.stack([random_psd(rng, 4, 10.0) + np.eye(4) for _ in range(2)])
+    g = np.stack([random_psd(rng, 3, 10.0) + np.eye(3) for _ in range(2)])
+    gw = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    gb = rng.standard_normal((2, 3)).astype(np.float32)
+    params = {"stack": {"w": jnp.zeros((2, 3, 3)), "b": jnp.zeros((2, 3))}}
+    dims = {"stack": {"w": DN(((1,), (2,)), batch_axes=(0,)), "b": lo.FoldedBias("stack/w")}}
+    tx = lo.scale_by_kfac(
+        b1=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute", dimension_numbers=dims
+    )
+    stats = {
+        "stack": {
+            "w": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)),
+            "b": lo.FoldedBias("stack/w"),
+        }
+    }
+    grads = {"stack": {"w": jnp.asarray(gw), "b": jnp.asarray(gb)}}
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=stats)
+    for i in range(2):
+        hom = np.vstack([gw[i], gb[i][None]]).astype(np.float64)
+        want = np.linalg.solve(a[i] + lam * np.eye(4), hom) @ np.linalg.inv(g[i] + lam * np.eye(3))
+        np.testing.assert_allclose(u["stack"]["w"][i], want[:3], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(u["stack"]["b"][i], want[3], rtol=1e-3, atol=1e-5)
+    assert state.factors["stack"]["w"][0].shape == (2, 4, 4)
+
+
+def test_flax_named_biases_are_folded_by_default():
+    params = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+    a = np.array([[2.0, 0.3, 0.1, 0.5], [0.3, 1.0, 0.0, 0.2], [0.1, 0.0, 1.5, 0.1]])
+    a = np.vstack([a, [0.5, 0.2, 0.1, 1.0]])
+    stats = {
+        "dense": {
+            "kernel": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.eye(2)),
+            "bias": lo.FoldedBias("dense/kernel"),
+        }
+    }
+    grads = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.asarray([1.0, -1.0])}}
+    tx = lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
+    u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+    want = np.linalg.solve(a, np.vstack([np.ones((3, 2)), [1.0, -1.0]]))
+    np.testing.assert_allclose(u["dense"]["kernel"], want[:3], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(u["dense"]["bias"], want[3], rtol=1e-4, atol=1e-6)
+
+
+def _dense_layer():
+    params = {
+        "l": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
+        "norm": {"scale": jnp.ones(2)},
+    }
+    return params, jax.tree.map(jnp.ones_like, params)
+
+
+SEPARATE = {
+    "l": {"kernel": DN(((0,), (1,))), "bias": DN(((), (0,)))},
+    "norm": {"scale": None},
+}
+
+BAD_STATS = [
+    # Statistics that match no leaf (e.g. `.value`-suffixed or misspelled paths).
+    (
+        None,
+        {"l": {"kernel": None, "bias": None}, "lin": {"kernel": "KF3"}},
+        r"\['lin'\]\['kernel'\] match no parameter",
+    ),
+    # The old (unfolded) form against the default, folded layout.
+    (None, {"l": {"kernel": "KF3", "bias": None}}, r"folds this bias into kernel 'l/kernel'"),
+    (
+        None,
+        {"l": {"kernel": "KF3", "bias": lo.FoldedBias("l/kernel")}},
+        r"homogeneous coordinates, \(4, 4\)",
+    ),
+    (
+        None,
+        {"l": {"kernel": "KF4", "bias": lo.FoldedBias("x/kernel")}},
+        r"folds this bias into 'l/kernel'",
+    ),
+    (
+        None,
+        {"l": {"kernel": None, "bias": lo.FoldedBias("l/kernel")}},
+        r"the kernel has no KfacFactors",
+    ),
+    # A forgotten leaf of a layer that has statistics.
+    (SEPARATE, {"l": {"kernel": "KF3"}}, r"layer of param \['l'\]\['bias'\] but no entry"),
+    (
+        SEPARATE,
+        {"l": {"kernel": "KF3", "bias": lo.FoldedBias("l/kernel")}},
+        r"does not fold this leaf",
+    ),
+    (
+        SEPARATE,
+        {"l": {"kernel": "KF3", "bias": None}, "norm": {"scale": "KF3"}},
+        r"has no K-FAC layout",
+    ),
+    (
+        None,
+        {"l": {"kernel": jnp.eye(3), "bias": None}},
+        r"must be a KfacFactors\(a, g\), a FoldedBias or None",
+    ),
+]
+
+
+@pytest.mark.parametrize("dims,stats,match", BAD_STATS)
+def test_statistics_that_do_not_fit_the_layout_name_the_path(dims, stats, match):
+    kf = {
+        "KF3": lo.KfacFactors(jnp.eye(3), jnp.eye(2)),
+        "KF4": lo.KfacFactors(jnp.eye(4), jnp.eye(2)),
+    }
+    stats = jax.tree.map(
+        lambda s: kf.get(s, s) if isinstance(s, str) else s,
+        stats,
+        is_leaf=lambda s: isinstance(s, (str, lo.FoldedBias)),
+    )
+    params, grads = _dense_layer()
+    tx = lo.kfac(0.1, dimension_numbers=dims)
+    with pytest.raises(ValueError, match=match):
+        tx.update(grads, tx.init(params), params, kfac_stats=stats)
+
+
+def test_deliberate_none_and_unseen_layers_keep_the_diagonal_fallback():
+    # None on purpose (here a whole folded pair) and layers the statistics do not
+    # mention at all (the norm) take g / (g^2 + damping); the separate bias block
+    # with its own factors is preconditioned by them.
+    params, grads = _dense_layer()
+    grads = jax.tree.map(lambda g: 0.5 * g, grads)
+    tx = lo.scale_by_kfac(b1=0.0, b2=0.0, damping=1e-2)
+    u, _ = tx.update(
+        grads, tx.init(params), params, kfac_stats={"l": {"kernel": None, "bias": None}}
+    )
+    for v in jax.tree.leaves(u):
+        np.testing.assert_allclose(v, 0.5 / (0.25 + 1e-2), rtol=1e-5)
+    tx = lo.scale_by_kfac(
+        b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute", dimension_numbers=SEPARATE
+    )
+    stats = {
+        "l": {
+            "kernel": lo.KfacFactors(jnp.eye(3), jnp.eye(2)),
+            "bias": lo.KfacFactors(jnp.full((1, 1), 4.0), 2 * jnp.eye(2)),
+        }
+    }
+    u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+    np.testing.assert_allclose(u["l"]["bias"], 0.5 / 8.0, rtol=1e-6)
+    np.testing.assert_allclose(u["l"]["kernel"], 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bias_spec,match",
+    [
+        (
+            lo.FoldedBias("l/w"),
+            r"\['l'\]\['bias'\]: dimension_numbers fold it into kernel 'l/w', which is not a leaf",
+        ),
+        (lo.FoldedBias("norm/scale"), r"which has no K-FAC layout"),
+    ],
+)
+def test_bad_folds_in_the_layout_raise_at_init(bias_spec, match):
+    params, _ = _dense_layer()
+    dims = {"l": {"kernel": DN(((0,), (1,))), "bias": bias_spec}, "norm": {"scale": None}}
+    with pytest.raises(ValueError, match=match):
+        lo.kfac(0.1, dimension_numbers=dims).init(params)
+    params["l"]["bias"] = jnp.zeros(3)
+    dims["l"]["bias"] = lo.FoldedBias("l/kernel")
+    with pytest.raises(
+        ValueError, match=r"must have the kernel's batch and output axes' shape \(2,\)"
+    ):
+        lo.kfac(0.1, dimension_numbers=dims).init(params)
+
+
+def test_folded_bias_marker_is_a_static_pytree():
+    marker = lo.FoldedBias("l/kernel")
+    assert jax.tree.leaves({"b": marker}) == []
+    assert jax.jit(lambda t: t)({"b": marker, "x": jnp.ones(1)})["b"] == marker
+    with pytest.raises(TypeError, match="FoldedBias.kernel must be"):
+        lo.FoldedBias(("l", "kernel"))
+
+
+def test_statistics_of_masked_leaves_are_not_stray():
+    # Inside optax.masked the other leaves are MaskedNode: their statistics belong to
+    # another transform and are neither an error nor used here.
+    import optax
+
+    params = {"w": jnp.zeros((3, 2)), "v": jnp.zeros((3, 2))}
+    stats = {
+        "w": lo.KfacFactors(2 * jnp.eye(3), jnp.eye(2)),
+        "v": lo.KfacFactors(jnp.eye(3), jnp.eye(2)),
+    }
+    tx = optax.masked(
+        lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute"),
+        {"w": True, "v": False},
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+    np.testing.assert_allclose(u["w"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(u["v"], 1.0)

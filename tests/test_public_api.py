@@ -10,6 +10,7 @@ PACKAGE = pathlib.Path(lo.__file__).parent
 
 EXPECTED_ALL = {
     "DimensionNumbers",
+    "FoldedBias",
     "KfacFactors",
     "ScaleByKfacState",
     "ROLES",

@@ -57,7 +57,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerwise_optax._kfac import KfacFactors
+from layerwise_optax import _checks
+from layerwise_optax._kfac import FoldedBias, KfacFactors
 
 _LOSSES = ("mse", "softmax_cross_entropy")
 _MODES = ("empirical", "fisher", "gauss_newton")
@@ -258,32 +259,42 @@ def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], d
             layout = _layout(node, key)  # raises for layers whose axes are not clear
             paths[id(node)] = key
             tuples[key] = tuple(path)
-            biases[key] = getattr(node, "bias", None) is not None and layout.bias
+            if getattr(node, "bias", None) is not None:
+                biases[key] = layout.bias
     return paths, tuples, biases
 
 
-def kfac_dimension_numbers(model: nnx.Module) -> Callable[[Any], Any]:
+def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Callable[[Any], Any]:
     """The kernel layouts of a model's captured layers, for ``kfac(dimension_numbers=...)``.
 
     ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
-    first, output last); ``nnx.LinearGeneral`` kernels have several input and
-    output axes and ``nnx.Einsum`` kernels any order, so pass this to ``kfac``
-    when a model has them.
+    first, output last, biases folded); ``nnx.LinearGeneral`` kernels have several
+    input and output axes and ``nnx.Einsum`` kernels any order, so pass this to
+    ``kfac`` when a model has them. Paths are matched after dropping a Flax
+    ``Variable``'s ``.value``, so the same layouts come out for an ``nnx.State``
+    (what ``nnx.Optimizer`` initializes with), its pure form and a plain dict.
 
     Args:
       model: The Flax NNX model whose statistics :func:`kfac_value_and_grad` captures.
+      fold_biases: ``True``: each captured bias is folded into its kernel
+        (:class:`layerwise_optax.FoldedBias`, homogeneous coordinates); ``False``:
+        a separate bias block ``DimensionNumbers(((), (all axes)))``. Must match
+        the capture's ``fold_biases``.
 
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
-      axes))``, its bias ``((), (all axes))``, every other leaf kfac's default.
+      axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
+      kfac's default.
 
     Raises:
       ValueError: For a layer that cannot be captured, named by its path.
+      TypeError: If ``fold_biases`` is not a bool.
     """
-    from layerwise_optax._axes import DimensionNumbers, is_masked
-    from layerwise_optax._kfac import default_kernel_dimension_numbers
+    from layerwise_optax._axes import DimensionNumbers, is_masked, path_keys
+    from layerwise_optax._kfac import FoldedBias, default_kernel_dimension_numbers
 
+    _checks.boolean("fold_biases", fold_biases)
     layouts = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
@@ -293,23 +304,30 @@ def kfac_dimension_numbers(model: nnx.Module) -> Callable[[Any], Any]:
     def spec(path, leaf):
         if is_masked(leaf):
             return None
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
         layout = layouts.get(layer)
         if layout is not None and kind == "kernel":
             return DimensionNumbers((layout.inputs, layout.outputs))
         if layout is not None and kind == "bias":
+            if fold_biases and layout.bias:
+                return FoldedBias(f"{layer}/kernel")
             return DimensionNumbers(((), tuple(range(leaf.ndim))))
         return default_kernel_dimension_numbers(leaf.shape)
 
     return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=is_masked)
 
 
-def _stats_tree(inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], biases: dict) -> dict:
+def _stats_tree(
+    inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], biases: dict, fold: bool
+) -> dict:
     """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params.
 
     ``deltas[key]`` has a leading axis of output-gradient samples that are summed
     (one for the empirical and Fisher modes, one per output unit for Gauss-Newton).
+    ``biases[key]``: ``True`` for a bias that is a function of the output features
+    (its statistics are given), ``False`` for another bias (``None``: the diagonal
+    fallback), absent without a bias.
     """
     tree: dict = {}
     hi = jax.lax.Precision.HIGHEST
@@ -320,15 +338,25 @@ def _stats_tree(inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], bias
         delta = jax.vmap(out_rows[key_])(delta)
         d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
         positions = x2.shape[0] // n
+        bias = biases.get(key_)
+        if bias and fold:
+            # Homogeneous coordinates: the constant input 1 of the bias as a last feature,
+            # so a's last row is sum(x) / n (the cross term) and its corner the positions.
+            x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
         a = jnp.matmul(x2.T, x2, precision=hi) / n
         b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
         node = tree
         for key in path:
             node = node.setdefault(key, {})
         node["kernel"] = KfacFactors(a, b)
-        if biases.get(key_):
-            # The bias is a kernel whose input is the constant 1: A = [[1]].
-            node["bias"] = KfacFactors(jnp.ones((1, 1), jnp.float32), b)
+        if bias and fold:
+            node["bias"] = FoldedBias("/".join(map(str, path + ("kernel",))))
+        elif bias:
+            # A separate block: the bias is a kernel whose input is the constant 1 at
+            # each of the example's positions, A = (1/n) sum over n * positions rows of 1.
+            node["bias"] = KfacFactors(jnp.full((1, 1), float(positions), jnp.float32), b)
+        elif bias is not None:
+            node["bias"] = None  # not a function of the output features: diagonal fallback
     return tree
 
 
@@ -337,6 +365,7 @@ def kfac_value_and_grad(
     loss: Literal["mse", "softmax_cross_entropy"] | Callable[[jax.Array, Any], jax.Array] = "mse",
     *,
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
+    fold_biases: bool = True,
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -352,17 +381,31 @@ def kfac_value_and_grad(
         backward pass per output unit, vectorized; ``loss='mse'`` only). For the
         squared error, ``'fisher'`` is an unbiased one-sample estimate of
         ``'gauss_newton'``.
+      fold_biases: ``True`` (default): each layer's bias is folded into its kernel
+        in homogeneous coordinates, as in Martens and Grosse (2015) and kfac-jax:
+        the kernel's ``a`` is over ``[x; 1]``, ``(d_in + 1) × (d_in + 1)``, and the
+        bias entry is a :class:`layerwise_optax.FoldedBias` (``kfac``'s default
+        layout folds Flax ``kernel``/``bias`` pairs the same way). ``False``: the
+        bias gets its own block ``KfacFactors([[T]], g)`` (``T`` positions per
+        example: the constant input 1 under the same ``1/n`` convention); give
+        ``kfac`` ``dimension_numbers=kfac_dimension_numbers(model,
+        fold_biases=False)`` then.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
       an ``nnx.State`` (like ``nnx.grad``), and the K-FAC statistics: a nested dict
       keyed like the params with a :class:`layerwise_optax.KfacFactors` at each
-      captured kernel, ready for ``optimizer.update(model, grads, kfac_stats=stats)``.
+      captured kernel and a :class:`layerwise_optax.FoldedBias` (or its own
+      factors, or ``None`` for a bias that is not a function of the output
+      features only) at its bias, ready for
+      ``optimizer.update(model, grads, kfac_stats=stats)``.
 
     Raises:
       ValueError: For an unknown loss or statistics mode, a mode the loss does not
         support, or a model layer that cannot be captured (named by its path).
+      TypeError: If ``fold_biases`` is not a bool.
     """
+    _checks.boolean("fold_biases", fold_biases)
     if statistics not in _MODES:
         raise ValueError(f"Unknown statistics {statistics!r}; expected one of {sorted(_MODES)}.")
     if isinstance(loss, str):
@@ -443,6 +486,6 @@ def kfac_value_and_grad(
             )
             # Per-example Jacobian rows J_i^T e_k of every layer output, for each unit k.
             deltas = jax.vmap(lambda ct: pullback(ct)[1])(basis)
-        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases)
+        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases)
 
     return fn
