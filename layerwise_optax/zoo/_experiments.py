@@ -25,17 +25,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from layerwise_optax import _optional
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
 from layerwise_optax.zoo import _train
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the zoo extra
-        tqdm = None
-    if tqdm is None or not enabled:
+    if not enabled:
 
         class _Null:
             def update(self, n=1):
@@ -48,6 +45,7 @@ def _progress(total: int, desc: str, enabled: bool):
                 pass
 
         return _Null()
+    tqdm = _optional.require("tqdm.auto", "layerwise_optax.zoo's progress bar").tqdm
     return tqdm(total=total, desc=desc, leave=False)
 
 
