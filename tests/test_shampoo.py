@@ -418,3 +418,18 @@ def test_factor_bias_correction_is_a_no_op_with_relative_damping_and_grafting():
     b, _ = _run(lo.scale_by_shampoo(**kw, factor_bias_correction=True), grads)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+def test_factor_bias_correction_with_injected_factor_decay():
+    # The correction is computed from a (possibly traced) factor_decay: injecting it
+    # (and the damping) gives the plain update, and the flag itself stays static.
+    grads = _grads((4, 3), 3, seed=3)
+    kw = dict(damping=1e-3, relative_damping=False, precondition_frequency=1)
+    plain, _ = _run(lo.shampoo(1.0, factor_decay=0.9, factor_bias_correction=True, **kw), grads)
+    injected = lo.inject_hyperparams(lo.shampoo)(
+        learning_rate=1.0, factor_decay=0.9, factor_bias_correction=True, **kw
+    )
+    assert "factor_bias_correction" not in injected.init({"w": jnp.zeros((4, 3))}).hyperparams
+    got, _ = _run(injected, grads)
+    for a, b in zip(got, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
