@@ -76,7 +76,9 @@ def test_core_imports_only_jax_optax_numpy():
         "fnmatch",
         "inspect",
         "functools",
+        "importlib",
         "math",
+        "types",
         "typing",
     }
     for path in PACKAGE.glob("*.py"):
