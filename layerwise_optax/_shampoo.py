@@ -411,7 +411,8 @@ def shampoo(
     ``use_bias_correction``, on there by default; tested against its formula).
     With the default relative damping the two differ only by a positive scalar
     per factor, which grafting removes, so the default update is the same either
-    way; with absolute damping (``relative_damping=False``) the uncorrected form
+    way (for ``factor_estimation='shampoo'``; KL-Shampoo's statistics use the
+    roots, so there the correction always changes the update); with absolute damping (``relative_damping=False``) the uncorrected form
     damps the early steps more (``δ`` against factors that are ``1 - β^t`` times
     too small: with the other defaults and ``δ = 1e-3``, 33% off Meta's update
     at the first step and 17% at the second on the tests' gradients),
