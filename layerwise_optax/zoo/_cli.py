@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (the zoo extra); a missing one would otherwise surface only after the runs.
     from layerwise_optax import _optional
 
-    needed = ("matplotlib", "matplotlib.pyplot") + (() if args.no_progress else ("tqdm.auto",))
+    needed = ("matplotlib", "matplotlib.pyplot") + (() if args.no_progress else ("tqdm",))
     for module in needed:
         try:
             _optional.require(module, "python -m layerwise_optax.zoo reproduce", extra="zoo")
