@@ -64,6 +64,13 @@ def checkpointable(state: Any) -> Any:
       checkpointer.save(path, lo.checkpointable(state))
       state = lo.restore_state(jax.eval_shape(tx.init, params), checkpointer.restore(path))
 
+    The same for a Flax ``nnx.Optimizer`` (its ``nnx.state`` holds the same
+    placeholders)::
+
+      checkpointer.save(path, lo.checkpointable(nnx.state(optimizer)))
+      fresh = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      nnx.update(fresh, lo.restore_state(nnx.state(fresh), checkpointer.restore(path)))
+
     Args:
       state: Any optimizer state.
 

@@ -19,6 +19,7 @@ event raises on the host instead, for debugging.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
@@ -175,17 +176,60 @@ class OptimizerFailureError(FloatingPointError):
     """Raised on the host by :func:`raise_on_failure` when a step skipped or failed.
 
     Attributes:
-      args: The message: how many gradient leaves the step skipped and how many
-        refreshes failed.
+      args: The message: the step, each kind of event (skipped gradient, failed
+        refresh) with its count, and the tree paths involved: the gradient leaves
+        that were invalid, the transform whose refresh failed and its state arrays
+        that are not finite.
     """
 
 
-def _message(skipped: Any, failed: Any) -> str:
-    return (
-        f"layerwise_optax: this step skipped {int(skipped)} invalid gradient leaves and "
-        f"{int(failed)} refreshes failed (raise_on_failure is on; without it the step "
-        "would have kept the previous statistics/preconditioners and counted the event)."
-    )
+_POLICY = (
+    "(raise_on_failure is on; without it the step would have kept the previous "
+    "statistics/preconditioners and counted the event)"
+)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _message(
+    step: int,
+    skipped: int,
+    invalid: list[str],
+    failures: list[tuple[str, str, int, list[str]]],
+) -> str:
+    """The error text: step, kind of each event, count and paths."""
+    parts = []
+    if skipped:
+        text = f"skipped gradient: {_plural(skipped, 'leaf')} kept out of every statistic"
+        if invalid:
+            text += f"; invalid gradient (NaN/Inf or squared norm overflowing float32) at {', '.join(invalid)}"
+        if skipped > len(invalid):
+            text += f"; {skipped - len(invalid)} more whose new statistics were not finite"
+        parts.append(text)
+    for where, algorithm, n, arrays in failures:
+        text = f"failed refresh: {_plural(n, 'refresh')} of {algorithm} (state {where}) gave a non-finite result, previous kept"
+        if arrays:
+            text += f"; non-finite state at {', '.join(arrays)}"
+        parts.append(text)
+    when = f"step {step}" if step >= 0 else "this step"
+    return f"layerwise_optax: {when}: " + "; ".join(parts) + f" {_POLICY}."
+
+
+def _float_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [
+        (jax.tree_util.keystr(path), x)
+        for path, x in flat
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+
+
+def _invalid_gradient(g: jax.Array) -> jax.Array:
+    # The failure policy's validity rule (_kron.finite_or_zero).
+    g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    return ~jnp.isfinite(jnp.sum(jnp.square(g32)))
 
 
 def raise_on_failure(
@@ -194,43 +238,118 @@ def raise_on_failure(
     """Wraps a transform so that a skipped or failed event raises on the host.
 
     For debugging only: by default the library never raises inside ``jit`` (see
-    the failure policy above). The wrapper compares the total counters before
-    and after each update; the inner transform and its state are unchanged, so
-    the wrapper can be removed without touching checkpoints.
+    the failure policy above). The wrapper compares the counters before and after
+    each update; the inner transform and its state are unchanged, so the wrapper
+    can be removed without touching checkpoints.
+
+    The message names the step (the transforms' step count after the update), the
+    kind of each event and where it happened:
+
+    * *skipped gradient*: the tree paths of the gradient leaves that were invalid
+      (a NaN or Inf entry, or a squared norm that overflows float32);
+    * *failed refresh*: the transform (its path in the state and its algorithm),
+      how many refreshes failed, and the paths of its state arrays that are not
+      finite (typically the statistics that made the refresh fail).
+
+    For example ``layerwise_optax: step 3: skipped gradient: 1 leaf kept out of
+    every statistic; invalid gradient (...) at ['w'] (raise_on_failure is on; ...)``.
 
     Args:
       inner: Any transform whose state holds library states (an alias, a chain).
       mode: ``'callback'``: a :func:`jax.debug.callback` raises
-        :class:`OptimizerFailureError` on the host (under ``jit`` it reaches you as
-        a runtime error when the step's results are ready, with this message);
-        ``'checkify'``: a :func:`jax.experimental.checkify.check` that you
-        functionalize with ``checkify.checkify(update)`` and read with
-        ``err.throw()``.
+        :class:`OptimizerFailureError` on the host; under ``jit`` it reaches you
+        as a :class:`jax.errors.JaxRuntimeError` when the step's results are
+        ready, whose message contains this one. ``'checkify'``: one
+        :func:`jax.experimental.checkify.check` per gradient leaf and per
+        transform, which you functionalize with ``checkify.checkify(update)`` and
+        read with ``err.throw()`` (the first failing check: the first invalid
+        leaf, else the first transform whose refresh failed).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with the same state.
+
+    Raises:
+      ValueError: At construction for an unknown ``mode``.
     """
     _checks.one_of("mode", mode, ("callback", "checkify"))
     inner = optax.with_extra_args_support(inner)
 
-    def check(skipped: jax.Array, failed: jax.Array) -> None:
-        if int(skipped) or int(failed):
-            raise OptimizerFailureError(_message(skipped, failed))
-
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        before, after = failure_counts(state), failure_counts(new_state)
-        skipped, failed = after[0] - before[0], after[1] - before[1]
+        skipped = failure_counts(new_state)[0] - failure_counts(state)[0]
+        grads = _float_leaves(updates)
+        invalid = [_invalid_gradient(g) for _, g in grads]
+        olds = dict(_counted_states(state))
+        counted = _counted_states(new_state)
+        steps = [jnp.max(s.count).astype(jnp.int32) for _, s in counted if s.count is not None]
+        step = functools.reduce(jnp.maximum, steps, jnp.int32(-1))
+        transforms = []  # (path, algorithm, new failures, [(array path, non-finite)])
+        for where, s in counted:
+            algorithm, _, fail_field = COUNTERS[type(s)]
+            if fail_field is None or where not in olds:
+                continue
+            n = jnp.sum(getattr(s, fail_field)) - jnp.sum(getattr(olds[where], fail_field))
+            arrays = [(p, ~jnp.all(jnp.isfinite(x))) for p, x in _float_leaves(s)]
+            transforms.append((where, algorithm, n.astype(jnp.int32), arrays))
+
         if mode == "checkify":
+            for (path, _), bad in zip(grads, invalid):
+                checkify.check(
+                    ~bad | (skipped == 0),
+                    f"layerwise_optax: step {{step}}: skipped gradient: invalid gradient "
+                    f"(NaN/Inf or squared norm overflowing float32) at {path} {_POLICY}.",
+                    step=step,
+                )
             checkify.check(
-                (skipped == 0) & (failed == 0),
-                "layerwise_optax: this step skipped {s} invalid gradient leaves and {f} "
-                "refreshes failed (raise_on_failure is on).",
-                s=skipped,
-                f=failed,
+                (skipped == 0) | functools.reduce(jnp.logical_or, invalid, jnp.bool_(False)),
+                f"layerwise_optax: step {{step}}: skipped gradient: {{n}} leaves whose new "
+                f"statistics were not finite {_POLICY}.",
+                step=step,
+                n=skipped,
             )
-        else:
-            jax.debug.callback(check, skipped, failed)
+            for where, algorithm, n, arrays in transforms:
+                for path, bad in arrays:
+                    checkify.check(
+                        (n == 0) | ~bad,
+                        f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
+                        f"{algorithm} (state {where}) gave a non-finite result, previous kept; non-finite "
+                        f"state at {path} {_POLICY}.",
+                        step=step,
+                        n=n,
+                    )
+                checkify.check(
+                    n == 0,
+                    f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
+                    f"{algorithm} (state {where}) gave a non-finite result, previous kept {_POLICY}.",
+                    step=step,
+                    n=n,
+                )
+            return new_updates, new_state
+
+        grad_paths = [p for p, _ in grads]
+        layout = [
+            (where, algorithm, [p for p, _ in arrays]) for where, algorithm, _, arrays in transforms
+        ]
+
+        def check(step, skipped, invalid, fails, bad_arrays):
+            failures = []
+            for (where, algorithm, paths), n, bads in zip(layout, fails, bad_arrays):
+                if int(n):
+                    failures.append(
+                        (where, algorithm, int(n), [p for p, b in zip(paths, bads) if b])
+                    )
+            if int(skipped) or failures:
+                bad_paths = [p for p, b in zip(grad_paths, invalid) if b]
+                raise OptimizerFailureError(_message(int(step), int(skipped), bad_paths, failures))
+
+        jax.debug.callback(
+            check,
+            step,
+            skipped,
+            invalid,
+            [n for _, _, n, _ in transforms],
+            [[b for _, b in arrays] for _, _, _, arrays in transforms],
+        )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)

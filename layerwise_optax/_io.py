@@ -13,7 +13,7 @@ Two things every place that writes results gets wrong in the same way, fixed onc
   ``tqdm.auto`` picks the widget bar in any kernel and, without ``ipywidgets``, warns
   (``TqdmWarning: IProgress not found``) and prints nothing useful.
 
-Standard library only; tqdm is imported lazily and is optional.
+Standard library only; tqdm is imported lazily through :mod:`layerwise_optax._optional`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from layerwise_optax import _optional
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -67,21 +69,20 @@ def _in_widget_kernel() -> bool:
     return importlib.util.find_spec("ipywidgets") is not None
 
 
-def progress_bar(**kwargs: Any) -> Any | None:
+def progress_bar(needed_by: str = "layerwise_optax's progress bar", **kwargs: Any) -> Any:
     """A ``tqdm`` progress bar with the frontend that renders where this runs.
 
     Args:
+      needed_by: What asks for the bar, for the missing-tqdm message.
       **kwargs: passed to ``tqdm`` (``total``, ``desc``, ``disable``, ``leave``, ...).
 
     Returns:
       ``tqdm.notebook.tqdm(**kwargs)`` in a Jupyter kernel with ``ipywidgets``,
-      ``tqdm.std.tqdm(**kwargs)`` elsewhere, or ``None`` when tqdm is not installed
-      (it is in the ``zoo`` and ``notebooks`` extras).
+      ``tqdm.std.tqdm(**kwargs)`` elsewhere.
+
+    Raises:
+      ModuleNotFoundError: If tqdm is not installed; the message names the extra
+        that installs it (``zoo``).
     """
-    if importlib.util.find_spec("tqdm") is None:
-        return None
-    if _in_widget_kernel():
-        from tqdm.notebook import tqdm
-    else:
-        from tqdm.std import tqdm
-    return tqdm(**kwargs)
+    frontend = "tqdm.notebook" if _in_widget_kernel() else "tqdm.std"
+    return _optional.require(frontend, needed_by, "zoo").tqdm(**kwargs)

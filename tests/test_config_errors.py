@@ -64,6 +64,7 @@ BAD = {
     "nesterov": BOOL,
     "merge_small_dims": BOOL,
     "relative_damping": BOOL,
+    "factor_bias_correction": BOOL,
     "dual_scale": BOOL,
     "distribute": BOOL,
     "axis_name": [(3, TE), (["batch"], TE)],

@@ -77,10 +77,11 @@ def test_core_imports_only_jax_optax_numpy():
         "fnmatch",
         "inspect",
         "functools",
+        "importlib",
         "math",
+        "types",
         "typing",
         # _io.py (output files and progress bars for the zoo, benchmarks and notebooks).
-        "importlib",
         "os",
         "pathlib",
         "secrets",

@@ -55,10 +55,11 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from layerwise_optax import _checks
+from layerwise_optax import _checks, _optional
 from layerwise_optax._kfac import FoldedBias, KfacFactors
+
+nnx = _optional.require("flax.nnx", "layerwise_optax.flax")
 
 _LOSSES = ("mse", "softmax_cross_entropy")
 _MODES = ("empirical", "fisher", "gauss_newton")

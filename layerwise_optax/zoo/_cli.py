@@ -60,11 +60,13 @@ def _save_figure(fig, out: Path, name: str) -> list[Path]:
 
 
 def _environment() -> dict:
-    import flax
     import jax
     import optax
 
     import layerwise_optax
+    from layerwise_optax import _optional
+
+    flax = _optional.require("flax", "layerwise_optax.zoo", extra="zoo")
 
     return {
         "python": platform.python_version(),
@@ -125,6 +127,17 @@ def _run(name: str, args) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
+    # Before any computation: the figures need matplotlib and the progress bar tqdm
+    # (the zoo extra); a missing one would otherwise surface only after the runs.
+    from layerwise_optax import _optional
+
+    needed = ("matplotlib", "matplotlib.pyplot") + (() if args.no_progress else ("tqdm",))
+    for module in needed:
+        try:
+            _optional.require(module, "python -m layerwise_optax.zoo reproduce", extra="zoo")
+        except ModuleNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     names = ("linear-rep", "single-index") if args.experiment == "all" else (args.experiment,)
     ok = True
     for name in names:

@@ -32,8 +32,7 @@ from layerwise_optax.zoo import _train
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    bar = _io.progress_bar(total=total, desc=desc, leave=False) if enabled else None
-    if bar is None:
+    if not enabled:
 
         class _Null:
             def update(self, n=1):
@@ -46,7 +45,9 @@ def _progress(total: int, desc: str, enabled: bool):
                 pass
 
         return _Null()
-    return bar
+    return _io.progress_bar(
+        "layerwise_optax.zoo's progress bar", total=total, desc=desc, leave=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)

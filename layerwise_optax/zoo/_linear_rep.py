@@ -31,7 +31,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from layerwise_optax import _optional
+
+nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from layerwise_optax import _optional
+
 COLORS = {
     "sgd": "tab:blue",
     "adam": "tab:orange",
@@ -25,12 +27,9 @@ METRICS = (
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = _optional.require("matplotlib", "layerwise_optax.zoo's figures")
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _optional.require("matplotlib.pyplot", "layerwise_optax.zoo's figures")
 
 
 def _arr(values) -> np.ndarray:

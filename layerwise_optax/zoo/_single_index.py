@@ -26,8 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from layerwise_optax import _optional
 from layerwise_optax.zoo._linear_rep import (
     _mm,
     check_condition_number,
@@ -35,6 +35,8 @@ from layerwise_optax.zoo._linear_rep import (
     haar_orthogonal,
     log_spectrum,
 )
+
+nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 
 class SingleIndexProblem(NamedTuple):

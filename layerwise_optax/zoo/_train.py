@@ -25,13 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import layerwise_optax as lo
+from layerwise_optax import _optional
 from layerwise_optax import flax as lof
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
+
+nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 
 def full_gauss_newton(
