@@ -1,12 +1,13 @@
 # Two entry points, each self-installing into a local virtual environment:
 #   make reproduce -> the paper's headline figure (Fig. 1 analogue) on CPU: PNG/PDF + JSON
 #   make test      -> runs the default test tier (what CI runs)
+#   make paper     -> both experiments, then the README's paper table and docs figure regenerated
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce reproduce-all demo test test-slow bench bench-quick bench-deps lint clean
+.PHONY: reproduce reproduce-all paper demo test test-slow bench bench-quick bench-deps lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,12 @@ reproduce: $(STAMP)
 
 reproduce-all: $(STAMP)
 	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
+
+# Both experiments (full protocol), then docs/paper/*.json, docs/fig1_linear_rep.png and
+# README's paper table regenerated from them (tests/test_zoo.py checks they agree).
+paper: $(STAMP)
+	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
+	$(PY) -m layerwise_optax.zoo publish results/paper
 
 demo: $(STAMP)
 	$(PY) examples/demo.py --out results/demo

@@ -1,5 +1,8 @@
 """Command line: ``python -m layerwise_optax.zoo reproduce {linear-rep,single-index,all}``.
 
+``publish FOLDER`` turns a full run's JSON into the committed docs (see
+:mod:`layerwise_optax.zoo._publish`).
+
 Writes each figure as PNG and PDF and one JSON per experiment (every plotted
 number, the settings, the claim checks and the package versions) into ``--out``.
 Every file is written under a temporary name in the same folder and renamed, so
@@ -37,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a paper claim fails"
     )
+    pub = sub.add_parser(
+        "publish",
+        help="copy a full run's JSON to docs/paper, redraw docs/fig1_linear_rep.png and "
+        "regenerate README's paper table",
+    )
+    pub.add_argument("source", type=Path, help="folder with linear_rep.json, single_index.json")
+    pub.add_argument("--root", type=Path, default=Path("."), help="repository root")
     return p
 
 
@@ -56,6 +66,10 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -170,6 +184,12 @@ def dumps_results(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "publish":
+        from layerwise_optax.zoo import _publish
+
+        for path in _publish.publish(args.source, args.root):
+            print(f"wrote {path}")
+        return 0
     names = ("linear-rep", "single-index") if args.experiment == "all" else (args.experiment,)
     configs = {name: _config(name, args) for name in names}
     estimates = {name: _estimate(name, c) for name, c in configs.items()}

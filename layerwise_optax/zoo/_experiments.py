@@ -618,20 +618,26 @@ def single_index_claims(results: dict[str, Any], tolerance: float = 0.05) -> lis
         all(r >= 2 for r in ratios),
         f"SGD / K-FAC test MSE at kappa {[kappas[i] for i in big]}: {[round(r, 2) for r in ratios]}",
     )
-    errs = []
-    for key, m in (("theory_sgd", "sgd"), ("theory_kfac", "kfac")):
-        for sweep in (vk, vn):
-            errs += [
-                abs(s - t)
-                for s, t in zip(sweep[m], sweep[key])
-                if t is not None and math.isfinite(t)
-            ]
+    errs = theory_errors(results)
     add(
         f"Simulation agrees with the closed-form alignment (max |error| <= {tolerance})",
         max(errs) <= tolerance,
         f"max |simulation - theory| = {max(errs):.4f} over {len(errs)} points",
     )
     return claims
+
+
+def theory_errors(results: dict[str, Any]) -> list[float]:
+    """``|simulation - closed form|`` of the alignment, SGD and K-FAC, both sweeps."""
+    errs = []
+    for key, m in (("theory_sgd", "sgd"), ("theory_kfac", "kfac")):
+        for sweep in (results["alignment_vs_kappa"], results["alignment_vs_n"]):
+            errs += [
+                abs(s - t)
+                for s, t in zip(sweep[m], sweep[key])
+                if t is not None and math.isfinite(t)
+            ]
+    return errs
 
 
 def all_passed(claims: Iterable[dict[str, Any]]) -> bool:
