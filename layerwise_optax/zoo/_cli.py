@@ -170,9 +170,22 @@ def _run(name: str, config, args) -> bool:
     return ex.all_passed(results["claims"])
 
 
+def _round(x):
+    if isinstance(x, float):
+        return float(f"{x:.7g}")
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    return x
+
+
 def dumps_results(results: dict) -> str:
-    """JSON text of ``results``: one key per line, each list of numbers on one line."""
-    text = json.dumps(results, indent=1, allow_nan=False)
+    """JSON text of ``results``: one key per line, each list of numbers on one line.
+
+    Floats keep 7 significant digits (the runs compute in float32).
+    """
+    text = json.dumps(_round(results), indent=1, allow_nan=False)
     # Collapse the number lists that indent=1 spreads over one line per element.
     return re.sub(
         r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]",

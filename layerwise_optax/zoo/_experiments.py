@@ -32,31 +32,38 @@ from layerwise_optax.zoo import _single_index as si_
 from layerwise_optax.zoo import _train
 
 
-def _progress(total: float, desc: str, enabled: bool):
-    """A progress bar over estimated CPU seconds (so its rate and time left are honest)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the zoo extra
-        tqdm = None
-    if tqdm is None or not enabled:
+class _Progress:
+    """A tqdm bar over estimated CPU seconds (so its rate and time left are honest)."""
 
-        class _Null:
-            def update(self, n=1):
-                pass
+    def __init__(self, total: float, desc: str, enabled: bool):
+        self._bar = None
+        self._left = total
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # pragma: no cover - tqdm is in the zoo extra
+                return
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+            )
 
-            def close(self):
-                pass
+    def update(self, seconds: float) -> None:
+        # Clamped: float sums of the same costs may overshoot the total by round-off.
+        seconds = min(seconds, self._left)
+        self._left -= seconds
+        if self._bar is not None:
+            self._bar.update(seconds)
 
-            def set_postfix_str(self, s):
-                pass
+    def set_postfix_str(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
 
-        return _Null()
-    return tqdm(
-        total=round(total, 1),
-        desc=desc,
-        leave=False,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
-    )
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +86,7 @@ _AMD_STEP_MS = {"sgd": 0.45, "dfw": 0.9, "kfac": 0.75}
 """The same for the alternating min-descent methods."""
 _COMPILE_S = 7.0
 """Seconds to compile one training loop (one per method and number of steps)."""
-_SI_COMPILE_S = 2.0
+_SI_COMPILE_S = 2.5
 """Seconds to compile one single-index direction (one per method and sample size)."""
 
 
@@ -118,7 +125,7 @@ def _si_direction_cost(config: SingleIndexConfig, n: int) -> float:
 
 def _si_ridge_cost(config: SingleIndexConfig) -> float:
     n = config.n_ridge + config.n_val + config.n_test
-    per_c = 4e-10 * n * config.d * config.width + 3e-9 * config.width**3
+    per_c = 4e-11 * n * config.d * config.width + 3e-10 * config.width**3
     return len(config.step_sizes) * per_c
 
 
@@ -241,7 +248,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
     """
     methods = [_train.LINEAR_REP_METHODS[m] for m in config.methods]
     head_methods = [_train.AMD_METHODS[m] for m in config.head_methods]
-    bar = _progress(estimate_linear_rep_seconds(config), "linear-rep", progress)
+    bar = _Progress(estimate_linear_rep_seconds(config), "linear-rep", progress)
     sizes = dict(d_x=config.d_x, k=config.k, d_y=config.d_y)
 
     curves: dict[str, dict] = {}
@@ -382,7 +389,7 @@ def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dic
       ``'per_seed'``; ``test_loss[method]`` is the test MSE after the tuned step
       and ridge per ``kappa`` (``'random_features'``: no step, ``c = 0``).
     """
-    bar = _progress(estimate_single_index_seconds(config), "single-index", progress)
+    bar = _Progress(estimate_single_index_seconds(config), "single-index", progress)
     compiled: set[tuple[str, int]] = set()
 
     def one(kappa: float, n: int, seed: int, method: str, with_ridge: bool):

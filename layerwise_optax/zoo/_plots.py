@@ -151,8 +151,8 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
         f"the target {s['target']:g} used for iterations-to-target. Transfer loss: error on a "
         "new task that shares G★ but has its own head, after refitting that head by least "
         "squares on 30 samples on top of the learned G. Each method at the learning rate in "
-        "its legend (the grid value with the lowest final distance); DFW: P = I, Q = Σ̂x "
-        "(input whitening only); NGD: damped full Gauss-Newton.",
+        "its legend (the grid value with the lowest final distance); DFW: P = I, Q = the batch's "
+        "input covariance (input whitening only); NGD: damped full Gauss-Newton.",
     )
     figs["fig1_linear_rep"] = fig
 

@@ -9,9 +9,13 @@ alternating-minimization form (head refit by least squares before each step).
 
 The loops are pure functions of a PRNG key, ``lax.scan`` over steps and compiled
 once per method (learning rate, task and key are traced), so sweeps over
-learning rates, seeds and condition numbers reuse one executable. Sweeps run
-one configuration at a time rather than under ``vmap``: batched LAPACK calls
-on CPU can deadlock on small machines (see :mod:`layerwise_optax.linalg`).
+learning rates, seeds and condition numbers reuse one executable and a run makes
+one host transfer, at its end. Sweeps run one configuration at a time rather
+than under ``vmap``: batched LAPACK calls on CPU can deadlock on small machines
+(see :mod:`layerwise_optax._linalg`). Run them inside
+:func:`layerwise_optax.zoo._experiments.serial_blas` (the experiment runners do):
+with OpenBLAS's default threads each LAPACK call of a step costs tens of
+milliseconds on a 2-core machine.
 """
 
 from __future__ import annotations
