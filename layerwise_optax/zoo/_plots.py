@@ -43,6 +43,11 @@ def _arr(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
+def _label(text: str) -> str:
+    """A legend label with the combining hat of ``Σ̂`` (not drawn by the default font) as mathtext."""
+    return text.replace("Σ̂", r"$\hat{\Sigma}$")
+
+
 def _caption(fig, text: str) -> None:
     """A caption under the axes (constrained layout keeps room for it)."""
     import textwrap
@@ -51,20 +56,25 @@ def _caption(fig, text: str) -> None:
     fig.supxlabel(textwrap.fill(text, width), fontsize=8, ha="center", ma="left")
 
 
-def _hitting_plot(ax, xs, values, cap: int, color, label: str, ls: str = "-") -> None:
+def _hitting_plot(
+    ax, xs, values, cap: int, color, label: str, ls: str = "-", slot: float = 0.0
+) -> None:
     """Iterations-to-target vs ``xs``: reached values as filled circles joined by a line;
     ``None`` (not reached within ``cap``) as hollow triangles in a band above the cap,
     joined to their neighbours by a dotted line (the true value is unknown, only ``> cap``).
+    ``slot`` shifts the triangles sideways (log-x factor ``1.08 ** slot``) so that several
+    methods' triangles at one x stay visible.
     """
     xs = np.asarray(xs, float)
     reached = np.array([v is not None for v in values])
     above = cap * 1.3
     y = np.array([above if v is None else v for v in values], float)
-    ax.plot(xs, y, color=color, lw=0.9, ls=":")
+    xs_all = np.where(reached, xs, xs * 1.08**slot)
+    ax.plot(xs_all, y, color=color, lw=0.9, ls=":")
     y_line = np.where(reached, y, np.nan)
     ax.plot(xs, y_line, color=color, lw=1.4, ls=ls, marker="o", ms=4, label=label)
     ax.scatter(
-        xs[~reached],
+        xs_all[~reached],
         y[~reached],
         marker=NOT_REACHED_MARKER,
         s=46,
@@ -127,7 +137,7 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
                     color=COLORS.get(m),
                     ls=LINESTYLES.get(m, "-"),
                     lw=1.8 if m == "kfac" else 1.1,
-                    label=f"{labels[m]} (lr {c['learning_rate']:g})",
+                    label=_label(f"{labels[m]} (lr {c['learning_rate']:g})"),
                 )
             ax.set_yscale("log")
             ax.set_title(f"{title}, κ(Σx) = {kappa}", fontsize=10)
@@ -159,9 +169,13 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     kappas = s["kappas"]
     cap = s["hit_cap"]
-    for m, per_kappa in results["hitting"].items():
+    hitting = results["hitting"]
+    for i, (m, per_kappa) in enumerate(hitting.items()):
         med = [per_kappa[f"{k:g}"]["median"] for k in kappas]
-        _hitting_plot(ax, kappas, med, cap, COLORS.get(m), labels[m], LINESTYLES.get(m, "-"))
+        slot = i - (len(hitting) - 1) / 2
+        _hitting_plot(
+            ax, kappas, med, cap, COLORS.get(m), _label(labels[m]), LINESTYLES.get(m, "-"), slot
+        )
     _not_reached_band(ax, cap)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -181,10 +195,14 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
     if results.get("head_sweep"):
         fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
         cap = s["head_steps"]
-        for m, per in results["head_sweep"].items():
+        sweep = results["head_sweep"]
+        for i, (m, per) in enumerate(sweep.items()):
             kfs = [float(k) for k in per]
             med = [per[k]["median"] for k in per]
-            _hitting_plot(ax, kfs, med, cap, COLORS.get(m), results["head_labels"][m])
+            slot = i - (len(sweep) - 1) / 2
+            _hitting_plot(
+                ax, kfs, med, cap, COLORS.get(m), _label(results["head_labels"][m]), slot=slot
+            )
         _not_reached_band(ax, cap)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -222,7 +240,7 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
                 r[m],
                 MARKERS.get(m, "o"),
                 color=COLORS.get(m),
-                label=f"{labels[m]} (simulation)",
+                label=_label(f"{labels[m]} (simulation)"),
                 ms=5,
                 mfc="none" if m == "batchnorm" else None,
             )
@@ -250,7 +268,7 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     tl = results["test_loss"]
     for m in (*s["methods"], "random_features"):
-        label = labels.get(m, "no step (random features)")
+        label = _label(labels.get(m, "no step (random features)"))
         ls = "--" if m == "random_features" else LINESTYLES.get(m, "-")
         ax.plot(s["kappas"], tl[m], ls, marker="o", ms=4, color=COLORS.get(m, "k"), label=label)
     ax.set_xscale("log")
