@@ -1,6 +1,7 @@
 # Two entry points, each self-installing into a local virtual environment:
 #   make reproduce -> the paper's headline figure (Fig. 1 analogue) on CPU: PNG/PDF + JSON
 #   make test      -> runs the default test tier (what CI runs)
+#   make paper     -> both experiments, then the README's paper table and docs figure regenerated
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP_ZOO := $(VENV)/.installed-zoo
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: reproduce reproduce-all demo test test-slow bench bench-quick bench-deps lint clean
+.PHONY: reproduce reproduce-all paper demo test test-slow bench bench-quick bench-deps lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,12 @@ reproduce: $(STAMP_ZOO)
 
 reproduce-all: $(STAMP_ZOO)
 	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
+
+# Both experiments (full protocol), then docs/paper/*.json, docs/fig1_linear_rep.png and
+# README's paper table regenerated from them (tests/test_zoo.py checks they agree).
+paper: $(STAMP_ZOO)
+	$(PY) -m layerwise_optax.zoo reproduce all --out results/paper
+	$(PY) -m layerwise_optax.zoo publish results/paper
 
 demo: $(STAMP_ZOO)
 	$(PY) examples/demo.py --out results/demo

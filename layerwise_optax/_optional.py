@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "flax": "flax",
     "matplotlib": "zoo",
     "tqdm": "zoo",
+    "threadpoolctl": "zoo",
 }
 
 

@@ -95,7 +95,7 @@ def test_without_flax_the_core_works_and_flax_and_zoo_name_their_extras(tmp_path
         assert "| name: flax" in line
 
 
-@pytest.mark.parametrize("blocked", ["matplotlib", "tqdm"])
+@pytest.mark.parametrize("blocked", ["matplotlib", "tqdm", "threadpoolctl"])
 def test_reproduce_without_the_zoo_extra_stops_before_running_and_names_it(blocked, tmp_path):
     # The user's command, `python -m layerwise_optax.zoo reproduce ...`, with one of
     # the zoo extra's packages missing: a one-line error and exit status 2 before
@@ -117,8 +117,8 @@ def test_reproduce_without_the_zoo_extra_stops_before_running_and_names_it(block
 def test_figures_and_progress_bar_name_the_zoo_extra_when_called_directly(tmp_path):
     code = """
     from layerwise_optax.zoo import _experiments, _plots
-    _experiments._progress(3, "x", enabled=False).update()  # no bar, no tqdm needed
-    for call in (lambda: _plots._plt(), lambda: _experiments._progress(3, "x", enabled=True)):
+    _experiments._Progress(3, "x", enabled=False).update(1)  # no bar, no tqdm needed
+    for call in (lambda: _plots._plt(), lambda: _experiments._Progress(3, "x", enabled=True)):
         try:
             call()
         except ModuleNotFoundError as err:

@@ -1,6 +1,8 @@
 """The zoo: generators, metrics, baselines against direct float64 implementations, CLI."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,10 @@ pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
 from layerwise_optax import zoo  # noqa: E402
-from layerwise_optax.zoo import _cli  # noqa: E402
+from layerwise_optax.zoo import _cli, _plots, _publish, _train  # noqa: E402
+from layerwise_optax.zoo import _experiments as ex  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_linear_rep_problem_is_seeded_and_has_the_promised_structure():
@@ -167,6 +172,52 @@ def test_full_gauss_newton_step_matches_the_explicit_kronecker_formula():
         tx.update(grads, tx.init(params), params)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_closed_form_gauss_newton_matches_autodiff(batch_norm):
+    # The NGD baseline assembles the linear net's Gauss-Newton matrix from Kronecker blocks;
+    # any other model goes through jacfwd. Same matrix, in the same parameter order.
+    model = zoo.LinearRepModel(7, 3, 4, batch_norm=batch_norm, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (64, 7)) * jnp.arange(1.0, 8.0)[None, :]
+    fast = np.asarray(zoo.gauss_newton_matrix(model, x), np.float64)
+    slow = np.asarray(_train._autodiff_gauss_newton(model, x), np.float64)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5 * np.abs(slow).max())
+
+
+def test_experiment_runs_use_one_blas_thread():
+    # OpenBLAS's busy-waiting threads made each LAPACK call of a run ~50x slower on 2 cores.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with ex.serial_blas():
+        inside = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert inside and all(i["num_threads"] == 1 for i in inside), inside
+
+
+def test_progress_bar_counts_estimated_seconds_without_overshooting():
+    # Per-run costs summed in another order than the total overshoot it by round-off; tqdm
+    # warns (an error under this suite's filterwarnings) unless updates are clamped.
+    bar = ex._Progress(0.3, "test", enabled=True)
+    for _ in range(4):
+        bar.update(0.1 + 1e-12)
+    assert bar._bar.n == pytest.approx(0.3)
+    bar.close()
+
+
+def test_time_estimates_follow_the_configuration():
+    full, quick = ex.LinearRepConfig(), ex.LinearRepConfig.quick()
+    assert 0 < ex.estimate_linear_rep_seconds(quick) < ex.estimate_linear_rep_seconds(full)
+    # The README promises the main job in ~10 min on 2 cores.
+    assert ex.estimate_linear_rep_seconds(full) < 600
+    # Doubling the seeds doubles the training runs, not the compiles (one per method).
+    compiles = (len(full.methods) + len(full.head_methods)) * ex._COMPILE_S
+    more = ex.estimate_linear_rep_seconds(dataclasses.replace(full, seeds=6))
+    runs = ex.estimate_linear_rep_seconds(full) - compiles
+    head = ex.estimate_linear_rep_seconds(dataclasses.replace(full, methods=()))
+    head -= len(full.head_methods) * ex._COMPILE_S
+    assert more - compiles == pytest.approx(2 * runs - head)
+    si = ex.SingleIndexConfig()
+    assert 0 < ex.estimate_single_index_seconds(ex.SingleIndexConfig.quick())
+    assert ex.estimate_single_index_seconds(si) < 600
+
+
 def test_single_index_kfac_direction_is_the_whitened_gradient():
     d, width, n, lam = 10, 16, 300, 1e-2
     problem = zoo.single_index_problem(jax.random.key(0), d=d, kappa=30.0)
@@ -201,11 +252,36 @@ def test_tanh_moments_and_alignment_theory_limits():
     np.testing.assert_allclose([t["sgd"], t["kfac"], t["sgd_limit"]], 1.0, atol=1e-4)
 
 
-def test_cli_reproduces_both_experiments_in_quick_mode_and_the_claims_hold(tmp_path):
+def _schema(x):
+    """The shape of a results tree: keys (maps of numbers or methods merged), value kinds."""
+    if isinstance(x, dict):
+        inner = {k: _schema(v) for k, v in x.items()}
+        numeric = all(k.replace(".", "").replace("e-", "").isdigit() for k in x)
+        values = list(inner.values())
+        if x and (numeric or (len(x) > 1 and all(v == values[0] for v in values))):
+            return {"*": values[0]}
+        return inner
+    if isinstance(x, list):
+        dicts = [_schema(v) for v in x if isinstance(v, dict)]
+        return ["list", dicts[0]] if dicts else "list"
+    if isinstance(x, bool):
+        return "bool"
+    if x is None or isinstance(x, (int, float)):
+        return "number"
+    return type(x).__name__
+
+
+def _committed(name):
+    return (ROOT / _publish.DOCS / f"{name}.json").read_text()
+
+
+def test_cli_reproduces_both_experiments_in_quick_mode_and_the_claims_hold(tmp_path, capsys):
     # The paper's qualitative claims (PAPER.md §6), checked on the quick configuration.
     status = _cli.main(
         ["reproduce", "all", "--quick", "--no-progress", "--strict", "--out", str(tmp_path)]
     )
+    # The time estimate comes first, before any work.
+    assert capsys.readouterr().out.startswith("Estimated time: linear-rep ~")
     for name in ("linear_rep", "single_index"):
         results = json.loads((tmp_path / f"{name}.json").read_text())
         failed = [c for c in results["claims"] if not c["passed"]]
@@ -224,6 +300,72 @@ def test_cli_reproduces_both_experiments_in_quick_mode_and_the_claims_hold(tmp_p
     assert not [n for n in names if n.endswith(".tmp")]
     lin = json.loads((tmp_path / "linear_rep.json").read_text())
     assert len(lin["curves"]["kfac"]["1"]["distance"]) == lin["settings"]["steps"] + 1
+    # The quick run writes what the committed full run has, and the README generator reads it.
+    si = json.loads((tmp_path / "single_index.json").read_text())
+    for name, quick in (("linear_rep", lin), ("single_index", si)):
+        assert _schema(quick) == _schema(json.loads(_committed(name))), name
+    assert "| K-FAC learns the representation" in _publish.paper_table(lin, si)
+    with pytest.raises(ValueError, match="quick-mode"):
+        _publish.publish(tmp_path, tmp_path)
+
+
+def test_readme_paper_table_is_generated_from_the_committed_json():
+    lin, si = (json.loads(_committed(n)) for n in ("linear_rep", "single_index"))
+    assert not lin["quick"] and not si["quick"]
+    assert ex.all_passed(lin["claims"]) and ex.all_passed(si["claims"])
+    readme = (ROOT / "README.md").read_text()
+    expected = _publish.replace_section(readme, _publish.paper_section(lin, si))
+    assert readme == expected, (
+        "README's paper table differs from docs/paper/*.json; regenerate it with "
+        "`python -m layerwise_optax.zoo publish docs/paper` (or `make paper` for a new run)"
+    )
+
+
+def test_docs_figure_is_drawn_from_the_committed_json():
+    image = pytest.importorskip("PIL.Image")
+    source = image.open(ROOT / _publish.FIGURE).text.get("Source")
+    assert source == _publish.figure_source(_committed("linear_rep")), (
+        "docs/fig1_linear_rep.png was not drawn from docs/paper/linear_rep.json; run "
+        "`python -m layerwise_optax.zoo publish docs/paper`"
+    )
+
+
+def test_replace_section_needs_both_markers_once():
+    text = f"a\n{_publish.BEGIN}\nold\n{_publish.END}\nb\n"
+    assert _publish.replace_section(text, "new") == f"a\n{_publish.BEGIN}\nnew\n{_publish.END}\nb\n"
+    for bad in ("no markers", f"{_publish.END}\n{_publish.BEGIN}", text + _publish.BEGIN):
+        with pytest.raises(ValueError, match="paper-table"):
+            _publish.replace_section(bad, "new")
+
+
+def test_figures_mark_not_reached_points_and_explain_their_lines():
+    lin = json.loads(_committed("linear_rep"))
+    figs = _plots.plot_linear_rep(lin)
+    try:
+        ax = figs["fig1b_hitting_vs_kappa"].axes[0]
+        # Every "not reached" median is a hollow triangle above the cap, and the legend says so.
+        missing = sum(v["median"] is None for per in lin["hitting"].values() for v in per.values())
+        assert missing > 0
+        triangles = [
+            c for c in ax.collections if len(c.get_offsets()) and c.get_facecolors().size == 0
+        ]
+        points = np.concatenate([c.get_offsets() for c in triangles])
+        assert len(points) == missing
+        assert np.all(points[:, 1] > lin["settings"]["hit_cap"])
+        assert any("not reached" in t.get_text() for t in ax.get_legend().get_texts())
+        captions = {k: f.get_supxlabel() for k, f in figs.items()}
+        assert "dotted line" in captions["fig1_linear_rep"]
+        assert "Transfer loss" in captions["fig1_linear_rep"]
+        assert "AMD (alternating min-descent)" in captions["head_conditioning"]
+        # Methods that are easy to confuse differ in colour and line style.
+        for a, b in (("sgd", "batchnorm"), ("shampoo", "soap")):
+            assert _plots.COLORS[a] != _plots.COLORS[b]
+            assert _plots.LINESTYLES.get(a, "-") != _plots.LINESTYLES.get(b, "-")
+    finally:
+        import matplotlib.pyplot as plt
+
+        for f in figs.values():
+            plt.close(f)
 
 
 @pytest.mark.parametrize(

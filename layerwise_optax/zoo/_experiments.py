@@ -17,37 +17,152 @@ seed that hits first (final distance alone favours small rates, PAPER.md §6 (ii
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from layerwise_optax import _io
+from layerwise_optax import _io, _optional
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
 from layerwise_optax.zoo import _train
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+class _Progress:
+    """A tqdm bar over estimated CPU seconds (so its rate and time left are honest)."""
 
-        class _Null:
-            def update(self, n=1):
-                pass
+    def __init__(self, total: float, desc: str, enabled: bool):
+        self._bar = None
+        self._left = total
+        if enabled:
+            self._bar = _io.progress_bar(
+                "layerwise_optax.zoo's progress bar",
+                total=total,
+                desc=desc,
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+            )
 
-            def close(self):
-                pass
+    def update(self, seconds: float) -> None:
+        # Clamped: float sums of the same costs may overshoot the total by round-off.
+        seconds = min(seconds, self._left)
+        self._left -= seconds
+        if self._bar is not None:
+            self._bar.update(seconds)
 
-            def set_postfix_str(self, s):
-                pass
+    def set_postfix_str(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
 
-        return _Null()
-    return _io.progress_bar(
-        "layerwise_optax.zoo's progress bar", total=total, desc=desc, leave=False
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Cost model: CPU seconds on one core, measured with `serial_blas` at the protocol sizes
+# (d_x = 50, k = 5, d_y = 10, batch 256; single index d = 200, N = 400), 2026-11-30. It
+# feeds the time estimate printed before a run and the progress bar's units.
+
+_STEP_MS = {
+    "sgd": 0.45,
+    "adam": 0.5,
+    "batchnorm": 0.55,
+    "dfw": 0.7,
+    "kfac": 0.9,
+    "ngd": 1.9,
+    "shampoo": 0.85,
+    "soap": 0.6,
+}
+"""Milliseconds per training step (metrics included) of a joint-training method."""
+_AMD_STEP_MS = {"sgd": 0.45, "dfw": 0.9, "kfac": 0.75}
+"""The same for the alternating min-descent methods."""
+_COMPILE_S = 7.0
+"""Seconds to compile one training loop (one per method and number of steps)."""
+_SI_COMPILE_S = 2.5
+"""Seconds to compile one single-index direction (one per method and sample size)."""
+
+
+def _step_ms(method: _train.Method, config: LinearRepConfig, amd: bool = False) -> float:
+    base = (_AMD_STEP_MS if amd else _STEP_MS).get(method.name, 1.0)
+    return base * max(config.batch_size * config.d_x / (256 * 50), 0.25)
+
+
+def _run_cost(method, config: LinearRepConfig, steps: int, amd: bool = False) -> float:
+    return steps * _step_ms(method, config, amd) / 1000
+
+
+def estimate_linear_rep_seconds(config: LinearRepConfig) -> float:
+    """Estimated CPU seconds of :func:`run_linear_rep` with ``config`` (one core).
+
+    From a per-method cost per step measured at the protocol sizes (scaled by
+    ``batch_size * d_x``) plus a fixed compile time per training loop. On an
+    otherwise idle 2-core machine the wall-clock time is about the same (the work
+    is mostly one thread); on a shared machine it is longer.
+    """
+    total = 0.0
+    for name in config.methods:
+        m = _train.LINEAR_REP_METHODS[name]
+        runs = len(config.kappas) * config.seeds * len(config.grid(m))
+        total += _COMPILE_S + runs * _run_cost(m, config, config.steps)
+    for name in config.head_methods:
+        m = _train.AMD_METHODS[name]
+        runs = len(config.head_kappas_f) * len(config.grid(m))
+        total += _COMPILE_S + runs * _run_cost(m, config, config.head_steps, amd=True)
+    return total
+
+
+def _si_direction_cost(config: SingleIndexConfig, n: int) -> float:
+    return 0.02 + 1.5e-10 * n * config.d * config.width
+
+
+def _si_ridge_cost(config: SingleIndexConfig) -> float:
+    n = config.n_ridge + config.n_val + config.n_test
+    per_c = 4e-11 * n * config.d * config.width + 3e-10 * config.width**3
+    return len(config.step_sizes) * per_c
+
+
+def estimate_single_index_seconds(config: SingleIndexConfig) -> float:
+    """Estimated CPU seconds of :func:`run_single_index` with ``config`` (one core)."""
+    methods = len(config.methods)
+    ns = {config.n, *config.ns}
+    total = methods * len(ns) * _SI_COMPILE_S
+    total += (
+        config.seeds
+        * methods
+        * len(config.kappas)
+        * (_si_direction_cost(config, config.n) + _si_ridge_cost(config))
     )
+    total += config.seeds * methods * sum(_si_direction_cost(config, n) for n in config.ns)
+    return total
+
+
+@contextlib.contextmanager
+def serial_blas():
+    """Runs the block with one OpenBLAS thread (restored afterwards).
+
+    jaxlib's CPU LAPACK kernels (solve, Cholesky, eigh, QR, SVD) and NumPy's linear
+    algebra call OpenBLAS, whose worker threads busy-wait; next to XLA's own thread
+    pool on a small machine they fight for the cores. Measured on a shared 2-core
+    machine: a 300×300 LU solve took 59 ms of CPU time with OpenBLAS's default
+    threads and 1.1 ms with one, which made the NGD baseline 30× slower than SGD.
+    The zoo's matrices are at most a few hundred wide, so one thread is also the
+    faster choice on a quiet machine. Needs ``threadpoolctl`` (in the ``zoo``
+    extra).
+    """
+    threadpool_limits = _optional.require(
+        "threadpoolctl", "layerwise_optax.zoo's experiments", "zoo"
+    ).threadpool_limits
+    # jaxlib loads its LAPACK (SciPy's OpenBLAS) at the first linear-algebra call;
+    # make one so the limit covers that library too.
+    jax.block_until_ready(jnp.linalg.solve(jnp.eye(2), jnp.ones(2)))
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +223,7 @@ def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+@serial_blas()
 def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs the linear representation protocols; returns JSON-ready results.
 
@@ -128,9 +244,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
     """
     methods = [_train.LINEAR_REP_METHODS[m] for m in config.methods]
     head_methods = [_train.AMD_METHODS[m] for m in config.head_methods]
-    total = len(config.kappas) * config.seeds * sum(len(config.grid(m)) for m in methods)
-    total += len(config.head_kappas_f) * sum(len(config.grid(m)) for m in head_methods)
-    bar = _progress(total, "linear-rep", progress)
+    bar = _Progress(estimate_linear_rep_seconds(config), "linear-rep", progress)
     sizes = dict(d_x=config.d_x, k=config.k, d_y=config.d_y)
 
     curves: dict[str, dict] = {}
@@ -140,6 +254,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
             method, steps=config.steps, batch_size=config.batch_size, **sizes
         )
         curves[method.name], hitting[method.name] = {}, {}
+        bar.update(_COMPILE_S)
         for kappa in config.kappas:
             per_lr: dict[float, list[dict[str, np.ndarray]]] = {}
             for lr in config.grid(method):
@@ -149,7 +264,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
                     problem = lr_.linear_rep_problem(key, kappa=kappa, noise=config.noise, **sizes)
                     out = run(problem, lr, jax.random.fold_in(key, 1))
                     per_lr[lr].append({k: np.asarray(v, np.float64) for k, v in out.items()})
-                    bar.update()
+                    bar.update(_run_cost(method, config, config.steps))
             bar.set_postfix_str(f"{method.name} κ={kappa:g}")
             curves[method.name][f"{kappa:g}"] = _best_curves(per_lr)
             hitting[method.name][f"{kappa:g}"] = _hitting(per_lr, config.target, config.hit_cap)
@@ -160,6 +275,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
             method, steps=config.head_steps, batch_size=config.batch_size, **sizes
         )
         head_sweep[method.name] = {}
+        bar.update(_COMPILE_S)
         for kappa_f in config.head_kappas_f:
             key = jax.random.key(0)
             problem = lr_.linear_rep_problem(
@@ -169,7 +285,7 @@ def run_linear_rep(config: LinearRepConfig, *, progress: bool = True) -> dict[st
             for lr in config.grid(method):
                 out = run(problem, lr, jax.random.fold_in(key, 1))
                 per_lr[lr] = [{k: np.asarray(v, np.float64) for k, v in out.items()}]
-                bar.update()
+                bar.update(_run_cost(method, config, config.head_steps, amd=True))
             head_sweep[method.name][f"{kappa_f:g}"] = _hitting(
                 per_lr, config.target, config.head_steps
             )
@@ -258,6 +374,7 @@ class SingleIndexConfig:
         )
 
 
+@serial_blas()
 def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs the single-index protocols; returns JSON-ready results.
 
@@ -268,8 +385,8 @@ def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dic
       ``'per_seed'``; ``test_loss[method]`` is the test MSE after the tuned step
       and ridge per ``kappa`` (``'random_features'``: no step, ``c = 0``).
     """
-    total = config.seeds * (len(config.kappas) + len(config.ns)) * len(config.methods)
-    bar = _progress(total, "single-index", progress)
+    bar = _Progress(estimate_single_index_seconds(config), "single-index", progress)
+    compiled: set[tuple[str, int]] = set()
 
     def one(kappa: float, n: int, seed: int, method: str, with_ridge: bool):
         key = jax.random.key(seed)
@@ -283,9 +400,14 @@ def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dic
         d_eff = out["direction"] * out["scale"][None, :]
         align = si_.alignment(si_.top_right_singular_vector(d_eff), problem.beta)
         result = {"alignment": align}
+        cost = _si_direction_cost(config, n)
+        if (method, n) not in compiled:
+            compiled.add((method, n))
+            cost += _SI_COMPILE_S
         if with_ridge:
             result.update(_ridge_after_step(problem, out, config, jax.random.fold_in(key, 2)))
-        bar.update()
+            cost += _si_ridge_cost(config)
+        bar.update(cost)
         return problem, result
 
     vs_kappa: dict[str, Any] = {m: [] for m in config.methods}
@@ -499,20 +621,26 @@ def single_index_claims(results: dict[str, Any], tolerance: float = 0.05) -> lis
         all(r >= 2 for r in ratios),
         f"SGD / K-FAC test MSE at kappa {[kappas[i] for i in big]}: {[round(r, 2) for r in ratios]}",
     )
-    errs = []
-    for key, m in (("theory_sgd", "sgd"), ("theory_kfac", "kfac")):
-        for sweep in (vk, vn):
-            errs += [
-                abs(s - t)
-                for s, t in zip(sweep[m], sweep[key])
-                if t is not None and math.isfinite(t)
-            ]
+    errs = theory_errors(results)
     add(
         f"Simulation agrees with the closed-form alignment (max |error| <= {tolerance})",
         max(errs) <= tolerance,
         f"max |simulation - theory| = {max(errs):.4f} over {len(errs)} points",
     )
     return claims
+
+
+def theory_errors(results: dict[str, Any]) -> list[float]:
+    """``|simulation - closed form|`` of the alignment, SGD and K-FAC, both sweeps."""
+    errs = []
+    for key, m in (("theory_sgd", "sgd"), ("theory_kfac", "kfac")):
+        for sweep in (results["alignment_vs_kappa"], results["alignment_vs_n"]):
+            errs += [
+                abs(s - t)
+                for s, t in zip(sweep[m], sweep[key])
+                if t is not None and math.isfinite(t)
+            ]
+    return errs
 
 
 def all_passed(claims: Iterable[dict[str, Any]]) -> bool:

@@ -237,11 +237,31 @@ def transfer_loss(
     along a run so the curve tracks ``g`` only). Returns the mean squared error on
     noiseless inputs, ``||F_hat G - F_transfer G_star||_F^2``.
     """
+    return transfer_loss_on(problem, g, transfer_sample(problem, key, n_fit))
+
+
+def transfer_sample(
+    problem: LinearRepProblem, key: jax.Array, n_fit: int = 30
+) -> tuple[jax.Array, jax.Array]:
+    """The transfer task's head-fitting samples ``(x, y)``, ``(n_fit, d_x)`` and ``(n_fit, d_y)``.
+
+    Drawn once per run by the trainers (the key is fixed along a run), so a
+    compiled loop samples them outside its step.
+    """
     kx, ke = jax.random.split(key)
-    d_x = g.shape[-1]
+    d_x = problem.g_star.shape[-1]
     x = jax.random.rademacher(kx, (n_fit, d_x), jnp.float32)
     m = _mm(problem.f_transfer, problem.g_star)
     y = _mm(x, m.T) + problem.noise * jax.random.normal(ke, (n_fit, m.shape[0]))
+    return x, y
+
+
+def transfer_loss_on(
+    problem: LinearRepProblem, g: jax.Array, sample: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """:func:`transfer_loss` on given head-fitting samples (from :func:`transfer_sample`)."""
+    x, y = sample
+    m = _mm(problem.f_transfer, problem.g_star)
     f_hat = least_squares_head(_mm(x, g.T), y)
     return jnp.sum((_mm(f_hat, g) - m) ** 2)
 

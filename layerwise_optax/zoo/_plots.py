@@ -12,18 +12,24 @@ from layerwise_optax import _optional
 COLORS = {
     "sgd": "tab:blue",
     "adam": "tab:orange",
-    "batchnorm": "tab:cyan",
+    "batchnorm": "tab:brown",
     "dfw": "tab:purple",
     "kfac": "tab:red",
     "ngd": "tab:gray",
     "shampoo": "tab:green",
-    "soap": "tab:olive",
+    "soap": "tab:pink",
 }
+"""One colour per method; pairs that are easy to confuse (SGD / batch-norm, Shampoo /
+SOAP) also differ in line style (:data:`LINESTYLES`)."""
+LINESTYLES = {"batchnorm": "--", "soap": "--", "ngd": "-."}
 METRICS = (
     ("train_loss", "training loss"),
     ("distance", "subspace distance"),
     ("transfer_loss", "transfer loss"),
 )
+MARKERS = {"batchnorm": "s", "adam": "D"}
+NOT_REACHED_MARKER = "^"
+"""Marker of a point whose target was not reached within the budget (drawn above it)."""
 
 
 def _plt():
@@ -34,6 +40,69 @@ def _plt():
 
 def _arr(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _label(text: str) -> str:
+    """A legend label with the combining hat of ``Σ̂`` (not drawn by the default font) as mathtext."""
+    return text.replace("Σ̂", r"$\hat{\Sigma}$")
+
+
+def _caption(fig, text: str) -> None:
+    """A caption under the axes (constrained layout keeps room for it)."""
+    import textwrap
+
+    width = int(fig.get_figwidth() * 15)
+    fig.supxlabel(textwrap.fill(text, width), fontsize=8, ha="center", ma="left")
+
+
+def _hitting_plot(
+    ax, xs, values, cap: int, color, label: str, ls: str = "-", slot: float = 0.0
+) -> None:
+    """Iterations-to-target vs ``xs``: reached values as filled circles joined by a line;
+    ``None`` (not reached within ``cap``) as hollow triangles in a band above the cap,
+    joined to their neighbours by a dotted line (the true value is unknown, only ``> cap``).
+    ``slot`` shifts the triangles sideways (log-x factor ``1.08 ** slot``) so that several
+    methods' triangles at one x stay visible.
+    """
+    xs = np.asarray(xs, float)
+    reached = np.array([v is not None for v in values])
+    above = cap * 1.3
+    y = np.array([above if v is None else v for v in values], float)
+    xs_all = np.where(reached, xs, xs * 1.08**slot)
+    ax.plot(xs_all, y, color=color, lw=0.9, ls=":")
+    y_line = np.where(reached, y, np.nan)
+    ax.plot(xs, y_line, color=color, lw=1.4, ls=ls, marker="o", ms=4, label=label)
+    ax.scatter(
+        xs_all[~reached],
+        y[~reached],
+        marker=NOT_REACHED_MARKER,
+        s=46,
+        facecolors="none",
+        edgecolors=color,
+        linewidths=1.3,
+    )
+
+
+def _not_reached_band(ax, cap: int) -> None:
+    ax.axhline(cap, color="k", ls=":", lw=0.8)
+    ax.axhspan(cap * 1.12, cap * 1.55, color="0.92", zorder=0)
+    ax.text(
+        0.01,
+        cap * 1.46,
+        f"not reached within {cap} iterations",
+        transform=ax.get_yaxis_transform(),
+        fontsize=7,
+        va="top",
+        color="0.3",
+    )
+    ax.scatter(
+        [],
+        [],
+        marker=NOT_REACHED_MARKER,
+        facecolors="none",
+        edgecolors="k",
+        label="not reached (true value > cap)",
+    )
 
 
 def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +140,11 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
     panel = [f"{k:g}" for k in s["panel_kappas"]]
     figs = {}
     fig, axes = plt.subplots(
-        len(panel), 3, figsize=(13, 3.1 * len(panel)), squeeze=False, constrained_layout=True
+        len(panel),
+        3,
+        figsize=(13, 3.1 * len(panel) + 0.8),
+        squeeze=False,
+        constrained_layout=True,
     )
     for row, kappa in zip(axes, panel):
         for ax, (metric, title) in zip(row, METRICS):
@@ -82,8 +155,9 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
                     np.arange(len(y)),
                     y,
                     color=COLORS.get(m),
-                    lw=1.6 if m == "kfac" else 1.1,
-                    label=f"{labels[m]} (lr {c['learning_rate']:g})",
+                    ls=LINESTYLES.get(m, "-"),
+                    lw=1.8 if m == "kfac" else 1.1,
+                    label=_label(f"{labels[m]} (lr {c['learning_rate']:g})"),
                 )
             ax.set_yscale("log")
             ax.set_title(f"{title}, κ(Σx) = {kappa}", fontsize=10)
@@ -96,54 +170,74 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
         row[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(
         f"Linear representation learning (d_x={s['d_x']}, k={s['k']}, d_y={s['d_y']}, "
-        f"batch {s['batch_size']}, mean of {s['seeds']} seeds)",
+        f"batch {s['batch_size']}, mean of {s['seeds']} seed{'s' * (s['seeds'] != 1)})",
         fontsize=11,
+    )
+    _caption(
+        fig,
+        "Training loss: population loss ½E‖y − FGx‖²; dotted line: its noise floor "
+        f"d_y σ²/2 = {0.5 * s['d_y'] * s['noise'] ** 2:g}. Subspace distance: sine of the "
+        "largest principal angle between the rows of the learned G and of G★; dotted line: "
+        f"the target {s['target']:g} used for iterations-to-target. Transfer loss: error on a "
+        "new task that shares G★ but has its own head, after refitting that head by least "
+        "squares on 30 samples on top of the learned G. Each method at the learning rate in "
+        "its legend (the grid value with the lowest final distance); DFW: P = I, Q = the batch's "
+        "input covariance (input whitening only); NGD: damped full Gauss-Newton.",
     )
     figs["fig1_linear_rep"] = fig
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     kappas = s["kappas"]
     cap = s["hit_cap"]
-    for m, per_kappa in results["hitting"].items():
+    hitting = results["hitting"]
+    for i, (m, per_kappa) in enumerate(hitting.items()):
         med = [per_kappa[f"{k:g}"]["median"] for k in kappas]
-        y = np.array([cap * 1.15 if v is None else v for v in med], float)
-        reached = np.array([v is not None for v in med])
-        ax.plot(kappas, y, color=COLORS.get(m), lw=1.2, label=labels[m])
-        ax.scatter(np.array(kappas)[reached], y[reached], color=COLORS.get(m), s=18)
-        ax.scatter(
-            np.array(kappas)[~reached],
-            y[~reached],
-            facecolors="none",
-            edgecolors=COLORS.get(m),
-            s=30,
+        slot = i - (len(hitting) - 1) / 2
+        _hitting_plot(
+            ax, kappas, med, cap, COLORS.get(m), _label(labels[m]), LINESTYLES.get(m, "-"), slot
         )
-    ax.axhline(cap, color="k", ls=":", lw=0.8)
+    _not_reached_band(ax, cap)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("κ(Σx)")
-    ax.set_ylabel(f"iterations to dist ≤ {s['target']:g} (median)")
-    ax.set_title(f"Iterations to target vs conditioning (hollow: not reached by {cap})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"iterations to dist ≤ {s['target']:g} (median of {s['seeds']} seeds)")
+    ax.set_title("Iterations to target vs input conditioning", fontsize=10)
+    ax.legend(fontsize=7, loc="center right")
+    _caption(
+        fig,
+        f"Median over seeds of the first iteration with subspace distance ≤ {s['target']:g}, "
+        "each seed at its fastest learning rate. Hollow triangles in the grey band: the "
+        f"median was not reached within {cap} iterations (dotted line; the true value is "
+        "larger, not the plotted height).",
+    )
     figs["fig1b_hitting_vs_kappa"] = fig
 
     if results.get("head_sweep"):
-        fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
         cap = s["head_steps"]
-        for m, per in results["head_sweep"].items():
+        sweep = results["head_sweep"]
+        for i, (m, per) in enumerate(sweep.items()):
             kfs = [float(k) for k in per]
             med = [per[k]["median"] for k in per]
-            y = np.array([cap * 1.15 if v is None else v for v in med], float)
-            ax.plot(kfs, y, "o-", color=COLORS.get(m), label=results["head_labels"][m], ms=4)
-        ax.axhline(cap, color="k", ls=":", lw=0.8)
+            slot = i - (len(sweep) - 1) / 2
+            _hitting_plot(
+                ax, kfs, med, cap, COLORS.get(m), _label(results["head_labels"][m]), slot=slot
+            )
+        _not_reached_band(ax, cap)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("κ(F★) (head conditioning)")
         ax.set_ylabel(f"iterations to dist ≤ {s['target']:g}")
-        ax.set_title(
-            f"Head-conditioning sweep, alternating min-descent, κ(Σx) = {s['head_kappa_x']:g}",
-            fontsize=9,
+        ax.set_title(f"Head-conditioning sweep (AMD), κ(Σx) = {s['head_kappa_x']:g}", fontsize=10)
+        ax.legend(fontsize=7, loc="center right")
+        _caption(
+            fig,
+            "AMD (alternating min-descent): on every batch the head F is refit exactly by "
+            "least squares, then only the representation G takes the method's step. The "
+            "training head F★ has singular values log-spaced in [1, κ(F★)]. Iterations to "
+            f"subspace distance ≤ {s['target']:g} (seed 0, fastest learning rate); hollow "
+            f"triangles in the grey band: not reached within {cap} iterations.",
         )
-        ax.legend(fontsize=7)
         figs["head_conditioning"] = fig
     return figs
 
@@ -185,7 +279,15 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
     ):
         r = results[key]
         for m in s["methods"]:
-            ax.plot(xs, r[m], "o", color=COLORS.get(m), label=f"{labels[m]} (simulation)", ms=5)
+            ax.plot(
+                xs,
+                r[m],
+                MARKERS.get(m, "o"),
+                color=COLORS.get(m),
+                label=_label(f"{labels[m]} (simulation)"),
+                ms=5,
+                mfc="none" if m == "batchnorm" else None,
+            )
         ax.plot(xs, _arr(r["theory_sgd"]), "-", color=COLORS["sgd"], lw=1.2, label="SGD theory")
         ax.plot(xs, _arr(r["theory_kfac"]), "-", color=COLORS["kfac"], lw=1.2, label="K-FAC theory")
         ax.plot(xs, _arr(r["sgd_limit"]), "--", color="k", lw=0.8, label="cos∠(Σβ★, β★)")
@@ -198,13 +300,20 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
     axes[0].set_title(f"Spike alignment after one step (n = {s['n']}, d = {s['d']})", fontsize=10)
     axes[1].set_title(f"Spike alignment vs sample size (κ = {s['n_kappa']:g})", fontsize=10)
     axes[1].legend(fontsize=7, loc="lower right")
+    _caption(
+        fig,
+        "Alignment |cos| between the top right singular vector v of the first-layer step and "
+        "β★ after one step from initialization. Markers: simulation (mean over seeds); solid "
+        "lines: closed-form predictions for SGD and K-FAC (input whitening by Σ̂ + λI); dashed: "
+        "cos∠(Σβ★, β★), SGD's limit as n → ∞.",
+    )
     figs["fig2_single_index_alignment"] = fig
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     tl = results["test_loss"]
     for m in (*s["methods"], "random_features"):
-        label = labels.get(m, "no step (random features)")
-        ls = "--" if m == "random_features" else "-"
+        label = _label(labels.get(m, "no step (random features)"))
+        ls = "--" if m == "random_features" else LINESTYLES.get(m, "-")
         ax.plot(s["kappas"], tl[m], ls, marker="o", ms=4, color=COLORS.get(m, "k"), label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -212,6 +321,12 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
     ax.set_ylabel("test MSE after one step + ridge")
     ax.set_title("Single-index: one large step, then ridge on fresh data", fontsize=10)
     ax.legend(fontsize=7)
+    _caption(
+        fig,
+        "One large first-layer step W₀ − c D/‖D‖ along each method's direction D, then ridge "
+        "regression of the second layer on fresh samples; c and the ridge tuned on "
+        "validation data. Dashed black: no step (random features).",
+    )
     figs["fig3_single_index_test_loss"] = fig
     return figs
 

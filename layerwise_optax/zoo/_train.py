@@ -9,9 +9,13 @@ alternating-minimization form (head refit by least squares before each step).
 
 The loops are pure functions of a PRNG key, ``lax.scan`` over steps and compiled
 once per method (learning rate, task and key are traced), so sweeps over
-learning rates, seeds and condition numbers reuse one executable. Sweeps run
-one configuration at a time rather than under ``vmap``: batched LAPACK calls
-on CPU can deadlock on small machines (see :mod:`layerwise_optax.linalg`).
+learning rates, seeds and condition numbers reuse one executable and a run makes
+one host transfer, at its end. Sweeps run one configuration at a time rather
+than under ``vmap``: batched LAPACK calls on CPU can deadlock on small machines
+(see :mod:`layerwise_optax._linalg`). Run them inside
+:func:`layerwise_optax.zoo._experiments.serial_blas` (the experiment runners do):
+with OpenBLAS's default threads each LAPACK call of a step costs tens of
+milliseconds on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -78,7 +82,44 @@ def gauss_newton_matrix(model: nnx.Module, x: jax.Array) -> jax.Array:
 
     The parameter order is ``ravel_pytree`` of ``nnx.state(model, nnx.Param)``, the
     order :func:`full_gauss_newton` uses for the gradients.
+
+    For a :class:`~layerwise_optax.zoo.LinearRepModel` ``f(x) = F G x`` the matrix is
+    assembled from its Kronecker blocks (PAPER.md §6.6; ``vec`` column-major, which is
+    ``ravel_pytree``'s row-major order of the kernels ``F^T``, ``G^T``)::
+
+        [[Sz ⊗ I,        (G Sx) ⊗ F  ],
+         [(G Sx)^T ⊗ F^T, Sx ⊗ (F^T F)]]   with Sx = X^T X / n, Sz = G Sx G^T
+
+    (``X`` batch-standardized for the batch-norm variant), in ``O(n d_x^2 + P^2)``
+    instead of the ``O(n d_y P^2)`` of forming ``J``; any other model goes through
+    ``jax.jacfwd``. Both give the same matrix up to float round-off (tested).
+
+    Args:
+      model: The model.
+      x: A batch of inputs, ``(n, ...)``.
+
+    Returns:
+      The ``(P, P)`` Gauss-Newton matrix, ``P`` the number of parameters.
     """
+    if isinstance(model, lr_.LinearRepModel):
+        return _linear_rep_gauss_newton(model, x)
+    return _autodiff_gauss_newton(model, x)
+
+
+def _linear_rep_gauss_newton(model: lr_.LinearRepModel, x: jax.Array) -> jax.Array:
+    if model.batch_norm:
+        x = lr_.standardize(x)
+    g, f = model.g.kernel[...].T, model.f.kernel[...].T  # (k, d_x), (d_y, k)
+    s_x = lr_._mm(x.T, x) / x.shape[0]
+    g_sx = lr_._mm(g, s_x)
+    s_z = lr_._mm(g_sx, g.T)
+    cross = jnp.kron(g_sx, f)  # (k d_y, d_x k)
+    top = jnp.concatenate([jnp.kron(s_z, jnp.eye(f.shape[0], dtype=f.dtype)), cross], axis=1)
+    bottom = jnp.concatenate([cross.T, jnp.kron(s_x, lr_._mm(f.T, f))], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
+
+
+def _autodiff_gauss_newton(model: nnx.Module, x: jax.Array) -> jax.Array:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     flat, unravel = ravel_pytree(params)
 
@@ -217,13 +258,16 @@ def linear_rep_trainer(
         tx = optax.with_extra_args_support(method.optimizer(learning_rate))
         opt_state = tx.init(params)
 
+        # Fixed along the run, so sampled once, outside the loop.
+        transfer_fit = lr_.transfer_sample(problem, k_eval)
+
         def metrics(params):
             m = nnx.merge(graphdef, params)
             g = m.representation(problem.sigma)
             return {
                 "train_loss": lr_.train_loss(problem, m.head(), g),
                 "distance": lr_.subspace_distance(g, problem.g_star),
-                "transfer_loss": lr_.transfer_loss(problem, g, k_eval),
+                "transfer_loss": lr_.transfer_loss_on(problem, g, transfer_fit),
             }
 
         def step(carry, key):
