@@ -39,12 +39,15 @@ first match wins:
 6. The head, when no name says which leaf it is, is found from the shapes: each
    ``matrix``/``conv``/``stacked``/``embedding`` leaf maps ``fan_in`` features to
    ``fan_out`` features, and a layer *feeds* another when its ``fan_out`` is the
-   other's ``fan_in``. The output layer is the one ``matrix`` leaf that is fed by
-   another layer and feeds none (its output is the model's). Several such
+   other's ``fan_in``. The output layer is the ``matrix`` leaf that feeds no
+   layer (its output is the model's): the one that is fed by another layer, or,
+   when none is, the only one (a classifier after a flatten). Several such
    leaves, or none while layers do feed each other (equal widths, ``d → d → d``),
    make the head ambiguous: :func:`layer_roles` raises a ``ValueError`` naming
    the candidates and how to choose. A tree where no layer feeds another (one
-   matrix, or unrelated ones) has no head.
+   matrix, or unrelated ones) has no head, and so has a masked tree (one
+   partition of a model, as inside ``optax.partition``: the :func:`muon` alias
+   searches the whole tree when it routes the leaves).
 
 :func:`format_roles` prints each leaf's role and matrix and how the head was
 chosen. Set the head yourself with ``overrides={'layers/2/kernel': 'head'}``,
@@ -223,16 +226,14 @@ def _label(params: Any, overrides: Mapping[str, str] | None, infer_head: bool) -
     overridden: list[bool] = []
     used = set()
     for path, x in items:
-        if _axes.is_masked(x):
-            roles.append(None)
-            overridden.append(False)
-            continue
         p = path_string(path)
-        role = _role_of(path, tuple(x.shape), layers)
+        # A masked leaf (another partition's, inside optax.partition/masked) has no
+        # role, but a pattern naming it is not a typo.
+        role = None if _axes.is_masked(x) else _role_of(path, tuple(x.shape), layers)
         hit = False
         for pattern, r in overrides.items():
             if fnmatch.fnmatchcase(p, pattern):
-                role, hit = r, True
+                role, hit = (None if _axes.is_masked(x) else r), True
                 used.add(pattern)
         roles.append(role)
         overridden.append(hit)
@@ -253,11 +254,16 @@ def _label(params: Any, overrides: Mapping[str, str] | None, infer_head: bool) -
         return _Labels(roles, f"head: {', '.join(heads)} ({how})")
     if not infer_head:
         return _Labels(roles, "head: none (infer_head=False: every matrix is hidden)")
+    if any(_axes.is_masked(x) for _, x in items):
+        # One partition of a model (the muon alias's matrices, an optax.masked
+        # subset): the search needs the whole model. The muon alias searches the
+        # whole tree when it routes leaves, and sends the head to AdamW.
+        return _Labels(roles, "head: none (a masked tree: the search needs the whole model)")
     return _infer_head(items, roles, overridden)
 
 
 def _infer_head(items, roles, overridden) -> _Labels:
-    """Rule 6 of the module docstring: the one matrix that is fed and feeds no layer."""
+    """Rule 6 of the module docstring: the matrix whose output feeds no layer."""
     fans = {}
     for i, ((path, x), r) in enumerate(zip(items, roles)):
         if r in ("matrix", "conv", "stacked", "embedding"):
@@ -270,27 +276,31 @@ def _infer_head(items, roles, overridden) -> _Labels:
         return [j for j, fan_in in consumers.items() if j != i and fan_in == fans[i][1]]
 
     fed = {j for i in fans for j in feeds(i)}
+    if not any(roles[i] == "matrix" for i in fans):
+        return _Labels(roles, "head: none (no leaf has the role matrix)")
     if not fed:
         return _Labels(roles, "head: none (no layer's output size is another layer's input size)")
-    # Layers fed by another and feeding none; those whose role an override set are
-    # decided already (an output layer overridden to 'matrix' means: no head).
-    ends = [i for i in sorted(fed) if (roles[i] == "matrix" or overridden[i]) and not feeds(i)]
-    sinks = [i for i in ends if not overridden[i]]
-    if ends and not sinks:
+    # Matrices whose output feeds no layer; the ones fed by another layer first (the
+    # end of a chain), else any (a head after a flatten is fed by none). A matrix
+    # whose role an override set is decided: an output layer overridden to
+    # 'matrix' means no head.
+    ends = [i for i in sorted(fans) if (roles[i] == "matrix" or overridden[i]) and not feeds(i)]
+    pool = [i for i in ends if i in fed] or ends
+    sinks = [i for i in pool if not overridden[i]]
+    if pool and not sinks:
         return _Labels(
             roles,
             "head: none (the output layer "
-            + ", ".join(path_string(items[i][0]) for i in ends)
+            + ", ".join(path_string(items[i][0]) for i in pool)
             + " has its role set by overrides)",
         )
     if len(sinks) == 1:
         (i,) = sinks
         roles = list(roles)
         roles[i] = "head"
-        fan_in, fan_out = fans[i]
         return _Labels(
             roles,
-            f"head: {path_string(items[i][0])} (inferred: its {fan_out} outputs feed no "
+            f"head: {path_string(items[i][0])} (inferred: its {fans[i][1]} outputs feed no "
             "other layer)",
         )
 
@@ -316,9 +326,17 @@ def layer_roles(
 ) -> Any:
     """The role of every leaf of ``params`` (a tree of strings, ``None`` at masked leaves).
 
-    The rules (names, then shapes, then the head search) are in the module
-    docstring of :mod:`layerwise_optax._roles`; :func:`format_roles` prints the
-    result with each leaf's matrix and how the head was chosen.
+    Roles: ``matrix`` (a hidden kernel of any ndim), ``conv``, ``stacked``,
+    ``embedding``, ``head``, ``vector``, ``scalar``. Names decide first (``bias``,
+    ``scale``, ``…norm…``: vector; ``…embed…``: embedding; ``head``, ``lm_head``,
+    ``…_head``, ``logits``, ``classifier``, ``readout``, ``unembed``, ``output``:
+    head; ``…conv…`` with 3+ axes: conv), then shapes (0-D scalar; 1-D, or 3+ axes
+    with fewer than two longer than 1: vector; 3+ axes with two longer than 1, or
+    a Flax attention projection: matrix; other 3+ axes: stacked; 2-D: matrix).
+    When no leaf is a head by name or override, the head is the ``matrix`` whose
+    output size is no layer's input size (preferring one fed by another layer);
+    if the shapes leave several or none, this raises. :func:`format_roles` prints
+    the result with each leaf's matrix and how the head was chosen.
 
     Args:
       params: A params tree (arrays, ``jax.ShapeDtypeStruct``s, ``nnx.State``...).

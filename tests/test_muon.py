@@ -280,9 +280,30 @@ def test_muon_routes_leaves_by_role():
 def test_the_inferred_head_goes_to_adam():
     params = _mlp_params()
     assert lo.layer_roles(params)["w3"] == "head"  # 32 -> 4 feeds no other layer
-    inner = lo.muon(0.02).init(params).inner_states["muon"].inner_state[0]
+    tx = lo.muon(0.02)
+    state = tx.init(params)
+    inner = state.inner_states["muon"].inner_state[0]
     assert isinstance(inner.mu["w3"], optax.MaskedNode)
     assert inner.mu["w2"].shape == (16, 32)
+    # The matrices left in the muon partition are orthogonalized (the partition sees a
+    # masked tree, where a head search would wrongly pick w2): as optax's muon does.
+    ref = optax.contrib.muon(0.02)
+    g = _grads(params, 0)
+    u, _ = tx.update(g, state, params)
+    v, _ = ref.update(g, ref.init(params), params)
+    for k in ("w1", "w2"):
+        np.testing.assert_allclose(u[k], v[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    adam = optax.adam(0.02, eps=1e-8, nesterov=True)
+    np.testing.assert_allclose(u["w3"], adam.update(g, adam.init(params))[0]["w3"], rtol=2e-5)
+
+
+def test_the_readme_head_override_works_inside_the_alias():
+    # The override names a leaf that the muon partition sees masked: not a typo.
+    params = {"layers": [{"kernel": jnp.zeros((8, 8))} for _ in range(3)]}
+    roles = lambda p: lo.layer_roles(p, overrides={"layers/2/kernel": "head"})  # noqa: E731
+    inner = lo.muon(0.02, roles=roles).init(params).inner_states["muon"].inner_state[0]
+    assert isinstance(inner.mu["layers"][2]["kernel"], optax.MaskedNode)
+    assert inner.mu["layers"][1]["kernel"].shape == (8, 8)
 
 
 # Issue 20 item 6: lo.muon(0.1) on {'hidden': {'kernel': (8, 1, 6)}} orthogonalized

@@ -126,6 +126,14 @@ def test_an_ambiguous_head_is_an_error_that_says_how_to_choose():
         "y": "head",
     }
     assert lo.layer_roles(square, infer_head=False) == {"a": "matrix", "b": "matrix"}
+    # A classifier after a flatten is fed by no layer; it is still the one matrix
+    # whose output feeds none.
+    cnn = {
+        "conv1": {"kernel": jnp.zeros((3, 3, 1, 8))},
+        "conv2": {"kernel": jnp.zeros((3, 3, 8, 16))},
+        "linear": {"kernel": jnp.zeros((16 * 7 * 7, 10))},
+    }
+    assert lo.layer_roles(cnn)["linear"]["kernel"] == "head"
     # A layer feeding none is no evidence when no layer feeds another.
     assert lo.layer_roles({"w": jnp.zeros((4, 6)), "v": jnp.zeros((3, 3))}) == {
         "w": "matrix",
