@@ -44,7 +44,8 @@ def _problems(quick: bool) -> dict[str, dict[str, jax.Array]]:
 def _optimizers(params) -> dict:
     txs = {
         "adamw": optax.adamw(1e-3),
-        "muon": lo.muon(0.02),
+        # Identical settings: optax's muon orthogonalizes the head too.
+        "muon": lo.muon(0.02, roles=lambda p: lo.layer_roles(p, infer_head=False)),
         "optax_contrib_muon": optax.contrib.muon(0.02),
     }
     for p in (1.0, 0.0):

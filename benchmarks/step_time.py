@@ -120,16 +120,16 @@ def optax_muon_dimension_numbers(params: Any) -> Any:
     """
     from optax.contrib import MuonDimensionNumbers
 
-    def spec(x, role):
-        if role == "matrix":
-            return MuonDimensionNumbers(0, 1)
-        if role == "conv":
-            return MuonDimensionNumbers(tuple(range(x.ndim - 1)), x.ndim - 1)
-        if role == "stacked":
-            return MuonDimensionNumbers(x.ndim - 2, x.ndim - 1)
-        return None
+    from layerwise_optax import _roles
 
-    return jax.tree.map(spec, params, lo.layer_roles(params))
+    def spec(path, x, role):
+        if role not in _roles.HIDDEN_ROLES:
+            return None
+        # Our one kernel-to-matrix decision; optax maps the remaining axes as batch.
+        dims = _roles.matrix_dimension_numbers(role, x.shape, path)
+        return MuonDimensionNumbers(*dims.factor_axes)
+
+    return jax.tree_util.tree_map_with_path(spec, params, lo.layer_roles(params))
 
 
 def optimizers(args, params) -> dict[str, Any]:

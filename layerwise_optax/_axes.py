@@ -458,6 +458,33 @@ def _explicit_spec(x: Any) -> Any:
     return sharding.spec if used & explicit else None
 
 
+def select(pred: jax.Array, on_true: Any, on_false: Any) -> jax.Array:
+    """``jnp.where(pred, on_true, on_false)`` for operands that may be laid out differently.
+
+    Under ``Explicit`` mesh axes arithmetic between a replicated and a sharded
+    array is allowed, but ``select`` demands identical shardings of its cases
+    (``ShardingTypeError: select cases must have the same shardings``). This is the
+    library's one guard for it, used wherever a freshly computed value (in the
+    gradient's layout) is selected against a stored one (in whatever layout the
+    state was created or restored with) outside :func:`on_gathered`: the case
+    that is not explicitly sharded is resharded to the sharded one's layout
+    (``on_true``'s when both are), a local slice with no communication when it
+    was replicated. Without explicit shardings this is ``jnp.where``.
+    """
+    arrays = [a for a in (on_true, on_false) if isinstance(a, jax.Array) and a.ndim]
+    target = next((_explicit_spec(a) for a in arrays if _explicit_spec(a) is not None), None)
+    if target is None:
+        return jnp.where(pred, on_true, on_false)
+
+    def to(a):
+        if not isinstance(a, jax.Array) or not a.ndim:
+            return a
+        spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
+        return a if spec == target else jax.sharding.reshard(a, target)
+
+    return jnp.where(to(pred), to(on_true), to(on_false))
+
+
 def on_gathered(fn: Callable[..., Any], x: Any, plan: Any, *rest: Any) -> Any:
     """``fn(x, plan, *rest)``, on replicated copies where inputs are explicitly sharded.
 

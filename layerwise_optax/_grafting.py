@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _kron
+from layerwise_optax import _axes, _kron
 
 GRAFTING = ("adam", "rmsprop", "sgd", "none")
 
@@ -77,7 +77,7 @@ def guarded_momentum(
       finite) and its bias-corrected estimate.
     """
     ok, g32 = _kron.finite_or_zero(g)
-    mu_new = jnp.where(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
+    mu_new = _axes.select(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
     return ok, g32, mu_new, bias_corrected_first_moment(mu_new, g32, b1, count_inc, nesterov)
 
 
@@ -170,7 +170,8 @@ def scale_by_guarded_adam(
 
     def init_fn(params):
         def zeros(p, dtype=None):
-            return jnp.zeros(p.shape, dtype or jnp.promote_types(p.dtype, jnp.float32))
+            # zeros_like keeps the parameter's layout: moments sharded like it.
+            return jnp.zeros_like(p, dtype or jnp.promote_types(p.dtype, jnp.float32))
 
         return ScaleByGuardedAdamState(
             count=jnp.zeros([], jnp.int32),
@@ -186,7 +187,7 @@ def scale_by_guarded_adam(
 
         def leaf(g, mu, nu):
             ok, g32, mu_new, m_hat = guarded_momentum(g, mu, b1, count_inc, nesterov)
-            nu_new = jnp.where(ok, b2_ * nu + (1 - b2_) * jnp.square(g32), nu)
+            nu_new = _axes.select(ok, b2_ * nu + (1 - b2_) * jnp.square(g32), nu)
             u = graft_update("adam", m_hat, nu_new, b2_, eps, count_inc)
             return jnp.where(ok, u, 0).astype(g.dtype), mu_new.astype(mu.dtype), nu_new, ok
 

@@ -143,7 +143,8 @@ def scale_by_muon(
     Raises:
       ValueError: At construction for bad hyperparameters (unknown preset,
         ``ns_steps < 1``, ...); at ``init`` for a spec without exactly two factor
-        groups, naming the leaf's path.
+        groups, naming the leaf's path, and for default roles whose head the
+        shapes leave ambiguous (:func:`layerwise_optax.layer_roles`).
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -329,18 +330,23 @@ def muon(
     (the steepest-descent direction under the spectral norm), and ``s(W)`` the
     shape scaling.
 
-    Which leaves are matrices comes from :func:`layerwise_optax.layer_roles`:
-    hidden ``matrix``, ``conv`` (window and input axes against the output axis) and
-    ``stacked`` leaves (each leading index its own matrix). Embeddings, the output
-    head, biases, norm scales and scalars go to ``optax.adamw`` with
+    Which leaves are matrices, and which matrix each one is, comes from
+    :func:`layerwise_optax.layer_roles`: hidden ``matrix`` leaves of any ndim (a
+    Flax kernel's input axes against its output axes, unit axes absorbed), ``conv``
+    (window and input axes against the output axis) and ``stacked`` leaves (each
+    leading index its own matrix). Embeddings, the output head (named so, or else
+    found from the shapes: the one matrix fed by another layer that feeds none),
+    biases, norm scales and scalars go to ``optax.adamw`` with
     ``adam_learning_rate`` (default: ``learning_rate``), as Muon's authors advise.
-    See the roles with ``print(lo.format_roles(params))``; change them with
-    ``roles=lambda p: lo.layer_roles(p, overrides={...})`` or pass
-    ``dimension_numbers`` to decide per leaf yourself.
+    A head the shapes leave ambiguous is a ``ValueError`` at ``init`` saying how to
+    choose. See the roles with ``print(lo.format_roles(params))``; change them
+    with ``roles=lambda p: lo.layer_roles(p, overrides={...})`` (or
+    ``infer_head=False``) or pass ``dimension_numbers`` to decide per leaf
+    yourself.
 
-    With default settings and leaves named as plain hidden matrices this is
-    ``optax.contrib.muon`` (the tests check it to float32 round-off; optax decides
-    by ``ndim`` instead of roles). What to tune: the learning rate (spectral
+    With ``roles=lambda p: lo.layer_roles(p, infer_head=False)`` and leaves named
+    as plain hidden matrices this is ``optax.contrib.muon`` (the tests check it to
+    float32 round-off; optax decides by ``ndim`` instead of roles). What to tune: the learning rate (spectral
     steps: ~0.02 with ``scaling='width'``; with ``scaling='rms'`` use your AdamW
     rate), ``beta``, ``weight_decay``; ``ns_steps``/``ns_coeffs`` trade accuracy
     of ``U V^T`` for matmuls (``'polar_express'`` is the most accurate at 5 steps);

@@ -216,7 +216,7 @@ def scale_by_steepest_descent(
             plan = None
             where = _roles.path_string(path)
             if norm in _SPECTRAL:
-                spec = _roles.matrix_dimension_numbers(role, shape)
+                spec = _roles.matrix_dimension_numbers(role, shape, path)
                 if spec is None:
                     raise ValueError(
                         f"param {where} with shape {shape} and role {role!r}: norm {norm!r} "

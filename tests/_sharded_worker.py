@@ -3,7 +3,7 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,pmap,errors,spread`` (any subset).
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread`` (any subset).
 """
 
 import json
@@ -92,6 +92,41 @@ def mesh_case(name, factory, kwargs, axis_type, reference):
         wrong_state_shardings=wrong,
         sharded_state_leaves=sharded_moments,
     )
+
+
+# Issue 20 item 7: muon crashed (``ShardingTypeError: select cases must have the
+# same shardings``) on this mix under Explicit axes, with the state made by a plain
+# ``tx.init`` (no out_shardings): its Adam moments were replicated, the gradient not.
+MIX = {"w": ((64, 48), P("data", "model")), "b": ((48,), P("model"))}
+
+
+def mix_case(name, factory, kwargs):
+    """Plain eager ``init`` (from sharded and from unsharded params), jitted updates."""
+    params = {
+        n: jax.random.normal(jax.random.key(i), s) for i, (n, (s, _)) in enumerate(MIX.items())
+    }
+    grads = [jax.tree.map(lambda x, t=t: jnp.cos(x + t), params) for t in range(2)]
+    tx = build(name, factory, kwargs)
+    state = tx.init(params)
+    reference = []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        reference.append(u)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    shardings = {n: NamedSharding(mesh, spec) for n, (_, spec) in MIX.items()}
+    out = dict(alias=name, mode="mix")
+    for init_from in ("sharded", "plain"):
+        with jax.set_mesh(mesh):
+            p = jax.device_put(params, shardings)
+            state = tx.init(p if init_from == "sharded" else params)
+            outs = []
+            update = jax.jit(tx.update)
+            for g in grads:
+                u, state = update(jax.device_put(g, shardings), state, p)
+                outs.append(u)
+        out[f"{init_from}_max_rel_err"] = _max_rel_err(outs, reference)
+        out[f"{init_from}_update_specs"] = {n: str(x.sharding.spec) for n, x in outs[-1].items()}
+    return out
 
 
 def pmap_case(name, factory, kwargs, reference):
@@ -255,6 +290,10 @@ def main(modes):
         print(json.dumps(pmap_stats_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
+            continue
+        if "mix" in modes:
+            print(json.dumps(mix_case(name, factory, kwargs)), flush=True)
+        if not {"pmap", "auto", "explicit"} & set(modes):
             continue
         reference, _ = _run(build(name, factory, kwargs), _params())
         for mode in modes:

@@ -64,7 +64,14 @@ def test_optax_muon_spec_matches_our_muon_on_a_transformer_tree():
 
     import layerwise_optax as lo
 
-    shapes = {**step_time.transformer_shapes(16, 1, vocab=24, context=8), "conv": (3, 3, 4, 8)}
+    # Kernels with more than two axes (attention projections, a unit axis) check our
+    # one kernel-to-matrix view against optax's own reshaping.
+    shapes = {
+        **step_time.transformer_shapes(16, 1, vocab=24, context=8),
+        "conv": (3, 3, 4, 8),
+        "attn": {"query": {"kernel": (16, 2, 8)}, "out": {"kernel": (2, 8, 16)}},
+        "unit": {"kernel": (16, 1, 16)},
+    }
     params = step_time.make_tree(shapes, jax.random.key(0))
     ours = lo.muon(0.02)
     theirs = optax.contrib.muon(

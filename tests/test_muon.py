@@ -134,7 +134,9 @@ def _grads(params, i):
 )
 def test_muon_equals_optax_contrib_muon(ours, theirs):
     params = _mlp_params()
-    a, b = lo.muon(0.02, **ours), optax.contrib.muon(0.02, **theirs)
+    # Matched settings: optax orthogonalizes every 2-D leaf, the head (w3) too.
+    hidden = lambda p: lo.layer_roles(p, infer_head=False)  # noqa: E731
+    a, b = lo.muon(0.02, roles=hidden, **ours), optax.contrib.muon(0.02, **theirs)
     sa, sb = a.init(params), b.init(params)
     pa = pb = params
     for i in range(6):
@@ -273,3 +275,93 @@ def test_muon_routes_leaves_by_role():
     assert not isinstance(
         st.inner_states["muon"].inner_state[0].mu["lm_head"]["kernel"], optax.MaskedNode
     )
+
+
+def test_the_inferred_head_goes_to_adam():
+    params = _mlp_params()
+    assert lo.layer_roles(params)["w3"] == "head"  # 32 -> 4 feeds no other layer
+    tx = lo.muon(0.02)
+    state = tx.init(params)
+    inner = state.inner_states["muon"].inner_state[0]
+    assert isinstance(inner.mu["w3"], optax.MaskedNode)
+    assert inner.mu["w2"].shape == (16, 32)
+    # The matrices left in the muon partition are orthogonalized (the partition sees a
+    # masked tree, where a head search would wrongly pick w2): as optax's muon does.
+    ref = optax.contrib.muon(0.02)
+    g = _grads(params, 0)
+    u, _ = tx.update(g, state, params)
+    v, _ = ref.update(g, ref.init(params), params)
+    for k in ("w1", "w2"):
+        np.testing.assert_allclose(u[k], v[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    adam = optax.adam(0.02, eps=1e-8, nesterov=True)
+    np.testing.assert_allclose(u["w3"], adam.update(g, adam.init(params))[0]["w3"], rtol=2e-5)
+
+
+def test_the_readme_head_override_works_inside_the_alias():
+    # The override names a leaf that the muon partition sees masked: not a typo.
+    params = {"layers": [{"kernel": jnp.zeros((8, 8))} for _ in range(3)]}
+    roles = lambda p: lo.layer_roles(p, overrides={"layers/2/kernel": "head"})  # noqa: E731
+    inner = lo.muon(0.02, roles=roles).init(params).inner_states["muon"].inner_state[0]
+    assert isinstance(inner.mu["layers"][2]["kernel"], optax.MaskedNode)
+    assert inner.mu["layers"][1]["kernel"].shape == (8, 8)
+
+
+# Issue 20 item 6: lo.muon(0.1) on {'hidden': {'kernel': (8, 1, 6)}} orthogonalized
+# each of the 8 rows alone (row norms 1.706 lr, singular values / lr 1.04-2.82 for
+# this gradient); the right update is the (8, 6) matrix's (0.69-1.13).
+def _unit_axis_case():
+    g = jax.random.normal(jax.random.key(0), (8, 1, 6))
+    return {"hidden": {"kernel": jnp.zeros((8, 1, 6))}}, {"hidden": {"kernel": g}}
+
+
+def test_a_kernel_with_unit_axes_is_one_matrix():
+    params, grads = _unit_axis_case()
+    assert lo.layer_roles(params)["hidden"]["kernel"] == "matrix"
+    tx = lo.muon(0.1)
+    u, _ = tx.update(grads, tx.init(params), params)
+    got = np.asarray(u["hidden"]["kernel"], np.float64).reshape(8, 6) / -0.1
+    g = np.asarray(grads["hidden"]["kernel"], np.float64).reshape(8, 6)
+    # First Nesterov step: m_hat = (beta / (1 - beta^2) (1 - beta) + 1) g ~ 1.487 g; the
+    # scale drops out of Newton-Schulz up to eps. Width scaling max(1, 6 / 8) = 1.
+    want = _ns_oracle(g, np.asarray(linalg.ns_coefficients("standard", 5), np.float64))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    sv = np.linalg.svd(got, compute_uv=False)
+    assert 0.68 <= sv.min() and sv.max() <= 1.14, sv  # the issue's 0.69-1.13
+    # Same singular vectors as the gradient's SVD: U^T got V is diagonal.
+    uu, _, vt = np.linalg.svd(g, full_matrices=False)
+    core = uu.T @ got @ vt.T
+    np.testing.assert_allclose(core - np.diag(np.diag(core)), 0.0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: lo.muon(0.1, **kw),
+        lambda **kw: lo.normuon(0.1, **kw),
+        lambda **kw: lo.steepest_descent(0.1, norms={"matrix": "spectral"}, **kw),
+    ],
+    ids=["muon", "normuon", "steepest"],
+)
+def test_every_orthogonalizer_sees_the_same_matrix(make):
+    # One decision for Muon, NorMuon and steepest descent: the (8, 1, 6) kernel's
+    # update is the (8, 6) matrix's, reshaped; a 'matrix' role given to a 3-axis
+    # leaf means its (inputs, output) matrix, never one matrix per row.
+    params, grads = _unit_axis_case()
+    cases = [
+        (params, grads, None, (8, 6)),
+        (
+            {"hidden": {"kernel": jnp.zeros((4, 3, 5))}},
+            {"hidden": {"kernel": jax.random.normal(jax.random.key(1), (4, 3, 5))}},
+            {"hidden": {"kernel": "matrix"}},
+            (12, 5),
+        ),
+    ]
+    for p3, g3, roles, shape in cases:
+        p2 = jax.tree.map(lambda x: x.reshape(shape), p3)
+        g2 = jax.tree.map(lambda x: x.reshape(shape), g3)
+        tx3, tx2 = make(roles=roles), make()
+        u3, _ = tx3.update(g3, tx3.init(p3), p3)
+        u2, _ = tx2.update(g2, tx2.init(p2), p2)
+        np.testing.assert_allclose(
+            np.asarray(u3["hidden"]["kernel"]).reshape(shape), u2["hidden"]["kernel"], atol=1e-6
+        )

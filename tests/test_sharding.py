@@ -64,7 +64,19 @@ def _check_mesh_results(results, mode):
 
 
 def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
-    results = _worker(["errors", "spread", "auto", "explicit"])
+    results = _worker(["errors", "spread", "auto", "explicit", "mix"])
+    # The spec mix (w (64, 48) on ('data', 'model'), b (48,) on 'model') with a
+    # plainly initialized state, made from sharded and from unsharded params: every
+    # select between the state and the sharded gradient is laid out alike.
+    mix = {r["alias"]: r for r in results if r.get("mode") == "mix"}
+    assert sorted(mix) == sorted(BASE_ALIASES)
+    for name, r in mix.items():
+        for init_from in ("sharded", "plain"):
+            assert r[f"{init_from}_max_rel_err"] < RTOL, (name, init_from, r)
+            assert r[f"{init_from}_update_specs"] == {
+                "b": "P('model',)",
+                "w": "P('data', 'model')",
+            }, (name, init_from)
     (spread,) = [r for r in results if r.get("mode") == "spread"]
     # Without distribute=True there is no per-device split; with it, each group of
     # same-sized blocks is split evenly: a device computes ceil(n / 8) of n blocks.
