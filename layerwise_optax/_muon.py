@@ -87,7 +87,7 @@ class _LeafOut(NamedTuple):
 
 def scale_by_muon(
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: jax.typing.DTypeLike | None = None,
@@ -108,7 +108,7 @@ def scale_by_muon(
       ns_coeffs: Newton-Schulz coefficients: a preset name (``'standard'``,
         ``'dion'``, ``'polar_express'``, ``'cubic'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
         ``(n, 3)`` (static).
-      ns_steps: Newton-Schulz steps (static, ``>= 1``).
+      ns_steps: Newton-Schulz steps (static, ``>= 1``; ``None``: 5).
       beta: Momentum decay, in ``[0, 1)``.
       eps: Added to the Frobenius norm before normalizing.
       mu_dtype: Storage dtype of the momentum.
@@ -149,7 +149,8 @@ def scale_by_muon(
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     if roles is not None:
         _checks.tree_or_callable("roles", roles)
-    _checks.positive_int("ns_steps", ns_steps)
+    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
+    ns_steps = 5 if ns_steps is None else ns_steps
     _checks.in_unit_interval("beta", beta)
     _checks.non_negative("eps", eps)
     _checks.one_of("scaling", scaling, _SCALINGS)
@@ -295,7 +296,7 @@ def scale_by_muon(
 def muon(
     learning_rate: optax.ScalarOrSchedule,
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
@@ -349,7 +350,7 @@ def muon(
     Args:
       learning_rate: Learning rate or schedule of the matrix leaves.
       ns_coeffs: Newton-Schulz preset name or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       beta: Momentum decay.
       eps: Norm epsilon (also AdamW's ``eps``).
       weight_decay: Decoupled weight decay of the matrix leaves.
@@ -435,7 +436,7 @@ def muon(
 def normuon(
     learning_rate: optax.ScalarOrSchedule,
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     b2: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
@@ -475,7 +476,7 @@ def normuon(
     Args:
       learning_rate: Learning rate of the matrix leaves (an AdamW-like rate).
       ns_coeffs: Newton-Schulz preset name or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       beta: Momentum decay.
       b2: Decay of the per-neuron second moment.
       eps: Norm epsilon (also AdamW's ``eps`` and NorMuon's).
