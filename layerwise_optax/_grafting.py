@@ -94,6 +94,7 @@ def graft_update(
     if grafting in ("sgd", "none"):
         return m_hat
     assert nu is not None
+    eps = jnp.asarray(eps, jnp.float32)  # one arithmetic for plain and injected values
     if grafting == "adam":
         t = count_inc.astype(jnp.float32)
         nu = nu / (1.0 - jnp.asarray(b2, jnp.float32) ** t)

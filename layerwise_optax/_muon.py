@@ -207,7 +207,8 @@ def scale_by_muon(
         with jax.named_scope("layerwise_optax.muon"):
             plans = plans_for(updates)
             count_inc = optax.safe_increment(state.count)
-            beta_ = jnp.asarray(beta, jnp.float32)
+            # One arithmetic for plain and injected hyperparameters (float32 first).
+            beta_, eps_, rms_, neuron_eps_ = _checks.hyperparameters(beta, eps, rms, neuron_eps)
 
             def prepare(g, plan, mu):
                 if plan.spec is None:
@@ -234,7 +235,7 @@ def scale_by_muon(
 
             def orthogonalize(key):
                 return lambda x: _linalg.newton_schulz(
-                    x, coeffs, eps=eps, compute_dtype=ns_dtype, check_finite=False
+                    x, coeffs, eps=eps_, compute_dtype=ns_dtype, check_finite=False
                 )
 
             ortho = iter(_distribute.grouped(items, orthogonalize, enabled=distribute))
@@ -260,18 +261,16 @@ def scale_by_muon(
                     o = o.astype(jnp.float32)
                     b2 = jnp.asarray(neuron_b2, jnp.float32)
                     nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
-                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps)
+                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps_)
                 if scaling == "width":
                     o = o * max(1.0, fan_out / fan_in) ** 0.5
                 elif scaling == "rms" and neuron_b2 is None:
-                    o = o * (jnp.asarray(rms, jnp.float32) * max(fan_in, fan_out) ** 0.5)
+                    o = o * (rms_ * max(fan_in, fan_out) ** 0.5)
                 elif scaling == "rms":
                     # After the per-neuron division the norm is no longer sqrt(min(m, n)):
                     # rescale each slice to RMS ``rms`` by its measured norm (NorMuon).
                     norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
-                    o = o * (
-                        jnp.asarray(rms, jnp.float32) * (fan_in * fan_out) ** 0.5 / (norm + 1e-30)
-                    )
+                    o = o * (rms_ * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
                 u = jnp.where(ok, plan.from_blocks(o.astype(g32.dtype)), 0).astype(g.dtype)
                 return _LeafOut(u, mu_new, (~ok).astype(jnp.int32) - failed, nu, failed)
 
