@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -427,15 +427,71 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
 
     ``plans`` (from :func:`resolve`) fixes the leaf positions, so ``tree`` and
     ``rest`` may hold any subtree there (an array, or a per-leaf tuple of factors).
-    ``optax.MaskedNode`` positions are passed through.
+    ``optax.MaskedNode`` positions are passed through. Where ``plans`` has a
+    wrapper node around a leaf (e.g. a ``flax.nnx.Variable`` of the params), the
+    inputs may hold the wrapped or the bare subtree (state trees stored by
+    :func:`bare`); the output is wrapped like ``plans``.
     """
 
-    return jax.tree.map(
-        lambda p, x, *r: p if is_masked(p) else on_gathered(fn, x, p, *r),
-        plans,
-        tree,
-        *rest,
-        is_leaf=is_plan_leaf,
+    def apply(p, x, *r):
+        if is_masked(p):
+            return p
+        if isinstance(p, LeafPlan):
+            return on_gathered(fn, x, p, *r)
+        inner, rewrap = _unwrap(p)
+        args = [_unwrap(a)[0] if type(a) is type(p) else a for a in (x, *r)]
+        return rewrap(apply(inner, *args))
+
+    nodes, treedef = jax.tree.flatten(plans, is_leaf=_is_plan_node)
+    columns = [treedef.flatten_up_to(t) for t in (tree, *rest)]
+    return jax.tree.unflatten(treedef, [apply(p, *xs) for p, *xs in zip(nodes, *columns)])
+
+
+def _is_wrapper(x: Any) -> bool:
+    """Whether ``x`` is a one-child pytree node that is not a container.
+
+    Such nodes wrap a single value and carry metadata (``flax.nnx.Variable``);
+    tuples, lists, dicts and other mappings are containers even with one entry.
+    """
+    if x is None or isinstance(x, (tuple, list, dict, Mapping, LeafPlan, optax.MaskedNode)):
+        return False
+    children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+    return not jax.tree_util.treedef_is_leaf(treedef) and len(children) == 1
+
+
+def _is_plan_node(x: Any) -> bool:
+    """A plan leaf, or a wrapper node around one (``is_leaf`` of :func:`map_leaves`)."""
+    if is_plan_leaf(x):
+        return True
+    return _is_wrapper(x) and _is_plan_node(_unwrap(x)[0])
+
+
+def _unwrap(x: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """A wrapper's child, and the function that wraps a new child the same way."""
+    children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+    return children[0], lambda child: jax.tree_util.tree_unflatten(treedef, [child])
+
+
+def bare(plans: Any, tree: Any) -> Any:
+    """``tree`` with the wrappers that ``plans`` has around its leaves removed.
+
+    Optimizer states store their per-leaf containers (tuples of factors) this way.
+    ``flax.nnx.Optimizer`` keeps its state as ``nnx.Variable`` objects, and a
+    container held *inside* a ``Variable`` (as ``init`` would make it from
+    ``Param``-wrapped params) is rewritten as an ``nnx.State`` after the first
+    update, which changes the state's structure and compiles the train step a
+    second time. Stored bare, each factor becomes its own ``Variable`` and the
+    structure round-trips unchanged. :func:`map_leaves` reads both forms.
+    """
+
+    def strip(p, x):
+        while _is_wrapper(p) and type(x) is type(p):
+            p, x = _unwrap(p)[0], _unwrap(x)[0]
+        return x
+
+    nodes, treedef = jax.tree.flatten(plans, is_leaf=_is_plan_node)
+    return jax.tree.unflatten(
+        treedef, [strip(p, x) for p, x in zip(nodes, treedef.flatten_up_to(tree))]
     )
 
 

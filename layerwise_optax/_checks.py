@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _is_number(value: Any) -> bool:
@@ -65,14 +67,23 @@ def positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
 
 
+def _static_message(name: str, value: Any) -> str:
+    if isinstance(value, (jax.Array, np.ndarray)):
+        # optax.inject_hyperparams turns every int default into a traced array.
+        return (
+            f"{name} fixes shapes or unrolled loops, so it must be a Python int, got an "
+            f"array {value!r}; with optax.inject_hyperparams pass "
+            f"static_args=({name!r},), or use layerwise_optax.inject_hyperparams."
+        )
+    return f"{name} must be a Python int (it is static), got {type(value).__name__} {value!r}."
+
+
 def positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
     """Checks that a static, shape-determining argument is a Python int >= 1."""
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be a Python int (it is static), got {type(value).__name__} {value!r}."
-        )
+        raise TypeError(_static_message(name, value))
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}.")
 
@@ -80,11 +91,33 @@ def positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
 def non_negative_int(name: str, value: Any) -> None:
     """Checks that a static argument is a Python int >= 0."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be a Python int (it is static), got {type(value).__name__} {value!r}."
-        )
+        raise TypeError(_static_message(name, value))
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
+
+
+def traceable_int(name: str, value: Any, *, minimum: int | None = None) -> None:
+    """Checks an integer argument that may be traced (a step period, a seed).
+
+    A Python int must be ``>= minimum``; an integer scalar array (a value that
+    ``optax.inject_hyperparams`` put in its state, or a tracer) passes unchecked.
+    Anything else (floats, bools, strings, non-scalar or float arrays) raises
+    ``TypeError`` naming the argument.
+    """
+    if isinstance(value, (jax.Array, np.ndarray, np.integer)) and not isinstance(value, bool):
+        if np.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(
+                f"{name} must be an int or an integer scalar array, got an array of "
+                f"shape {np.shape(value)} and dtype {value.dtype}."
+            )
+        if isinstance(value, np.integer):
+            value = int(value)
+        else:
+            return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
 
 
 def one_of(name: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -108,10 +141,17 @@ def alias_args(learning_rate: Any, weight_decay: Any, mask: Any, prefix: str = "
         tree_or_callable(f"{prefix}mask", mask)
 
 
-def integer(name: str, value: Any) -> None:
-    """Checks that a static argument (e.g. a seed) is a Python int."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}.")
+def hyperparameters(*values: Any) -> tuple[jax.Array, ...]:
+    """Float hyperparameters as float32 arrays, before any arithmetic on them.
+
+    One arithmetic for plain and injected values: Python would compute ``1 - b2``
+    in float64 and round once, while a value that ``optax.inject_hyperparams`` put
+    in its state (float32, or float64 under ``jax_enable_x64``) is rounded first;
+    the two differ by ~1e-5 relative at ``b2 = 0.999``. Rounding every
+    hyperparameter to float32 first makes both give bit-identical updates, in
+    float32 and float64 modes alike.
+    """
+    return tuple(jnp.asarray(v, jnp.float32) for v in values)
 
 
 def canonicalize_dtype(dtype: Any, name: str = "dtype") -> Any:

@@ -77,6 +77,7 @@ def guarded_momentum(
       finite) and its bias-corrected estimate.
     """
     ok, g32 = _kron.finite_or_zero(g)
+    b1 = jnp.asarray(b1, jnp.float32)  # one arithmetic for plain and injected values
     mu_new = _axes.select(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
     return ok, g32, mu_new, bias_corrected_first_moment(mu_new, g32, b1, count_inc, nesterov)
 
@@ -93,6 +94,7 @@ def graft_update(
     if grafting in ("sgd", "none"):
         return m_hat
     assert nu is not None
+    eps = jnp.asarray(eps, jnp.float32)  # one arithmetic for plain and injected values
     if grafting == "adam":
         t = count_inc.astype(jnp.float32)
         nu = nu / (1.0 - jnp.asarray(b2, jnp.float32) ** t)

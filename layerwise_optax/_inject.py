@@ -56,9 +56,17 @@ def inject_hyperparams(
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
     """:func:`optax.inject_hyperparams` with the factory's static arguments filled in.
 
-    Numeric hyperparameters (``learning_rate``, ``b1``, ``damping``, ...) become
-    part of the state and may be schedules; shape- and mode-determining ones
-    (``block_size``, ``grafting``, ``dimension_numbers``, ...) stay static.
+    Numeric hyperparameters (``learning_rate``, ``b1``, ``damping``, refresh
+    periods, PSGD's ``seed``, ...) become part of the state and may be schedules;
+    shape- and mode-determining ones (``block_size``, ``max_precond_dim``,
+    ``ns_steps``, ``grafting``, ``dimension_numbers``, ...) stay static.
+
+    Plain :func:`optax.inject_hyperparams` works too: every shape-determining
+    argument defaults to ``None`` (or a string or bool), which optax leaves
+    static, so only values you pass for them need ``static_args``. Either way the
+    updates equal those of the plain factory: each float hyperparameter is
+    rounded to float32 before any arithmetic, whether it arrives as a Python
+    number or as a float32/float64 array from the state.
 
     Args:
       factory: An alias or ``scale_by_*`` function of this library.

@@ -22,7 +22,6 @@ import optax
 from layerwise_optax import _axes, _checks, _kron
 
 _STATIC_ARGS = (
-    "precondition_frequency",
     "max_precond_dim",
     "dimension_numbers",
     "damping_mode",
@@ -198,8 +197,8 @@ def scale_by_kfac(
     b2: jax.typing.ArrayLike = 0.999,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping: jax.typing.ArrayLike = 1e-3,
-    precondition_frequency: int = 1,
-    max_precond_dim: int = 4096,
+    precondition_frequency: jax.typing.ArrayLike = 1,
+    max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     damping_mode: Literal["absolute", "pi"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
@@ -217,9 +216,10 @@ def scale_by_kfac(
       factor_decay: EMA decay of ``A`` and ``B``, in ``[0, 1]`` (``0``: the current
         batch's factors only, as in the paper's stylized update; ``1``: sum).
       damping: Tikhonov damping ``lambda`` of the Kronecker-factored curvature.
-      precondition_frequency: Steps between refreshes of the inverses (static).
+      precondition_frequency: Steps between refreshes of the inverses, an int
+        ``>= 1`` (may be traced).
       max_precond_dim: Factor dimensions longer than this keep only the diagonal
-        of their factor (static).
+        of their factor (static; ``None``: 4096).
       dimension_numbers: Spec tree or callable giving each kernel's
         ``(input group, output group)``, and :class:`FoldedBias` at each bias
         folded into its kernel; ``None``: :func:`default_layout` (Flax layouts,
@@ -260,8 +260,9 @@ def scale_by_kfac(
     _checks.in_unit_interval("b2", b2)
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
     _checks.non_negative("damping", damping)
-    _checks.positive_int("precondition_frequency", precondition_frequency)
-    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
+    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
+    max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     _checks.one_of("damping_mode", damping_mode, _DAMPING_MODES)
     _checks.one_of("sides", sides, _SIDES)
     _checks.boolean("nesterov", nesterov)
@@ -297,8 +298,9 @@ def scale_by_kfac(
             nu=jax.tree.map(
                 lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
             ),
-            factors=_axes.map_leaves(factors, plans, params),
-            inverses=_axes.map_leaves(eyes, plans, params),
+            # Per-leaf factor tuples are stored bare (see _axes.bare).
+            factors=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
+            inverses=_axes.bare(plans, _axes.map_leaves(eyes, plans, params)),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_inverses=jnp.zeros([], jnp.int32),
         )
@@ -322,7 +324,7 @@ def scale_by_kfac(
             if axis_name is not None:
                 stats = jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), stats)
             count_inc = optax.safe_increment(state.count)
-            refresh = state.count % precondition_frequency == 0
+            refresh = _kron.every(state.count, precondition_frequency)
 
             # Factor EMAs start at zero: bias-correct them (classic sums need none).
             decay = jnp.asarray(factor_decay, jnp.float32)
@@ -424,8 +426,8 @@ def scale_by_kfac(
                 if mu_dtype is not None
                 else optax.tree.cast_like(mu, state.mu),
                 nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
-                factors=_axes.unzip(out, "factors"),
-                inverses=_axes.unzip(out, "inverses"),
+                factors=_axes.bare(plans, _axes.unzip(out, "factors")),
+                inverses=_axes.bare(plans, _axes.unzip(out, "inverses")),
                 skipped_stats=state.skipped_stats + skipped,
                 failed_inverses=state.failed_inverses + failed,
             )
@@ -798,8 +800,8 @@ def kfac(
     b2: jax.typing.ArrayLike = 0.999,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping: jax.typing.ArrayLike = 1e-3,
-    precondition_frequency: int = 1,
-    max_precond_dim: int = 4096,
+    precondition_frequency: jax.typing.ArrayLike = 1,
+    max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     damping_mode: Literal["absolute", "pi"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
@@ -867,8 +869,9 @@ def kfac(
       b2: Decay of the diagonal fallback's second moment, in ``[0, 1)``.
       factor_decay: EMA decay of the factors, in ``[0, 1]`` (``0``: current batch).
       damping: Tikhonov damping ``lambda``.
-      precondition_frequency: Steps between inverse refreshes (static).
-      max_precond_dim: Longer factor dimensions keep only their diagonal (static).
+      precondition_frequency: Steps between inverse refreshes (may be traced).
+      max_precond_dim: Longer factor dimensions keep only their diagonal (static;
+        ``None``: 4096).
       dimension_numbers: Each kernel's (input, output) groups and each folded
         bias's :class:`FoldedBias`; ``None``: Flax layouts with biases folded
         (:func:`default_layout`).

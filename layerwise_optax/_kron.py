@@ -56,6 +56,16 @@ def normalize(plans: Any, tree: Any) -> Any:
     return _axes.map_leaves(lambda f, plan: as_factors(f), plans, tree)
 
 
+def every(count: jax.Array, period: Any) -> jax.Array:
+    """Whether ``count`` is a multiple of ``period`` (a bool scalar; ``period`` may be traced).
+
+    The refresh rule of every optimizer with a ``precondition_frequency``. A traced
+    period below 1 (which construction cannot reject) acts as 1.
+    """
+    period = jnp.maximum(jnp.asarray(period), 1).astype(count.dtype)
+    return count % period == 0
+
+
 def _idx(k: int) -> str:
     if k > len(_LETTERS):
         raise NotImplementedError(f"tensors with more than {len(_LETTERS)} factor dimensions")

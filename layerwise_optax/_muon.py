@@ -87,7 +87,7 @@ class _LeafOut(NamedTuple):
 
 def scale_by_muon(
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: jax.typing.DTypeLike | None = None,
@@ -108,7 +108,7 @@ def scale_by_muon(
       ns_coeffs: Newton-Schulz coefficients: a preset name (``'standard'``,
         ``'dion'``, ``'polar_express'``, ``'cubic'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
         ``(n, 3)`` (static).
-      ns_steps: Newton-Schulz steps (static, ``>= 1``).
+      ns_steps: Newton-Schulz steps (static, ``>= 1``; ``None``: 5).
       beta: Momentum decay, in ``[0, 1)``.
       eps: Added to the Frobenius norm before normalizing.
       mu_dtype: Storage dtype of the momentum.
@@ -150,7 +150,8 @@ def scale_by_muon(
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     if roles is not None:
         _checks.tree_or_callable("roles", roles)
-    _checks.positive_int("ns_steps", ns_steps)
+    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
+    ns_steps = 5 if ns_steps is None else ns_steps
     _checks.in_unit_interval("beta", beta)
     _checks.non_negative("eps", eps)
     _checks.one_of("scaling", scaling, _SCALINGS)
@@ -207,7 +208,8 @@ def scale_by_muon(
         with jax.named_scope("layerwise_optax.muon"):
             plans = plans_for(updates)
             count_inc = optax.safe_increment(state.count)
-            beta_ = jnp.asarray(beta, jnp.float32)
+            # One arithmetic for plain and injected hyperparameters (float32 first).
+            beta_, eps_, rms_, neuron_eps_ = _checks.hyperparameters(beta, eps, rms, neuron_eps)
 
             def prepare(g, plan, mu):
                 if plan.spec is None:
@@ -234,7 +236,7 @@ def scale_by_muon(
 
             def orthogonalize(key):
                 return lambda x: _linalg.newton_schulz(
-                    x, coeffs, eps=eps, compute_dtype=ns_dtype, check_finite=False
+                    x, coeffs, eps=eps_, compute_dtype=ns_dtype, check_finite=False
                 )
 
             ortho = iter(_distribute.grouped(items, orthogonalize, enabled=distribute))
@@ -260,18 +262,16 @@ def scale_by_muon(
                     o = o.astype(jnp.float32)
                     b2 = jnp.asarray(neuron_b2, jnp.float32)
                     nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
-                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps)
+                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps_)
                 if scaling == "width":
                     o = o * max(1.0, fan_out / fan_in) ** 0.5
                 elif scaling == "rms" and neuron_b2 is None:
-                    o = o * (jnp.asarray(rms, jnp.float32) * max(fan_in, fan_out) ** 0.5)
+                    o = o * (rms_ * max(fan_in, fan_out) ** 0.5)
                 elif scaling == "rms":
                     # After the per-neuron division the norm is no longer sqrt(min(m, n)):
                     # rescale each slice to RMS ``rms`` by its measured norm (NorMuon).
                     norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
-                    o = o * (
-                        jnp.asarray(rms, jnp.float32) * (fan_in * fan_out) ** 0.5 / (norm + 1e-30)
-                    )
+                    o = o * (rms_ * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
                 u = jnp.where(ok, plan.from_blocks(o.astype(g32.dtype)), 0).astype(g.dtype)
                 return _LeafOut(u, mu_new, (~ok).astype(jnp.int32) - failed, nu, failed)
 
@@ -296,7 +296,7 @@ def scale_by_muon(
 def muon(
     learning_rate: optax.ScalarOrSchedule,
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
@@ -355,7 +355,7 @@ def muon(
     Args:
       learning_rate: Learning rate or schedule of the matrix leaves.
       ns_coeffs: Newton-Schulz preset name or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       beta: Momentum decay.
       eps: Norm epsilon (also AdamW's ``eps``).
       weight_decay: Decoupled weight decay of the matrix leaves.
@@ -441,7 +441,7 @@ def muon(
 def normuon(
     learning_rate: optax.ScalarOrSchedule,
     ns_coeffs: str | Any = "standard",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     b2: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
@@ -481,7 +481,7 @@ def normuon(
     Args:
       learning_rate: Learning rate of the matrix leaves (an AdamW-like rate).
       ns_coeffs: Newton-Schulz preset name or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       beta: Momentum decay.
       b2: Decay of the per-neuron second moment.
       eps: Norm epsilon (also AdamW's ``eps`` and NorMuon's).

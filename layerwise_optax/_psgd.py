@@ -22,7 +22,7 @@ quadratic whose "gradients" are Hessian-vector products of Gaussian probes,
 The fit costs a triangular solve and a few matmuls per factor, so it runs with
 probability ``precond_update_prob`` each step (a schedule: every step early,
 rarely later); the PRNG key lives in the state, so a run is deterministic given
-``seed``.
+``seed`` (an int, or a traced integer under ``optax.inject_hyperparams``).
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ _STATIC_ARGS = (
     "precond_dtype",
     "mask",
     "precond_update_prob",
-    "seed",
     "nesterov",
-    "clip_rms",
     "distribute",
 )
 _MEMORY_MODES = (None, "one_diag", "all_diag")
@@ -217,12 +215,12 @@ def scale_by_psgd_kron(
     precond_lr: jax.typing.ArrayLike = 0.1,
     precond_init_scale: jax.typing.ArrayLike = 1.0,
     precond_update_prob: float | Callable[[jax.Array], jax.Array] | None = None,
-    max_precond_dim: int = 8192,
+    max_precond_dim: int | None = None,
     memory_save_mode: str | None = None,
     *,
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
-    seed: int = 0,
+    seed: jax.typing.ArrayLike = 0,
     distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     merge_small_dims: bool = False,
@@ -239,13 +237,15 @@ def scale_by_psgd_kron(
       precond_update_prob: Probability of fitting on a step: a float or a
         schedule ``count -> prob`` (static); default
         :func:`precond_update_prob_schedule`.
-      max_precond_dim: Dimensions longer than this get diagonal factors.
+      max_precond_dim: Dimensions longer than this get diagonal factors (static;
+        ``None``: 8192).
       memory_save_mode: ``None``; ``'one_diag'`` (each leaf's longest dimension
         diagonal; ties all diagonal); ``'all_diag'`` (every factor diagonal).
       nesterov: Nesterov momentum.
       clip_rms: Scale each leaf's preconditioned update down to at most this RMS
-        (a trust region against a poorly fitted early ``P``); ``None``: off.
-      seed: Seed of the state's PRNG key (static).
+        (a trust region against a poorly fitted early ``P``); ``None``: off
+        (static), a number may be traced.
+      seed: Seed of the state's PRNG key, an int (may be traced).
       distribute: Under a mesh set with :func:`jax.set_mesh`, batch the fits of
         leaves with the same block layout and split them over its devices (each
         block fitted on one device); no effect without a mesh.
@@ -263,12 +263,13 @@ def scale_by_psgd_kron(
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.in_unit_interval("b1", b1)
-    _checks.integer("seed", seed)
+    _checks.traceable_int("seed", seed)
     _checks.boolean("distribute", distribute)
     _checks.positive("precond_lr", precond_lr)
     _checks.in_unit_interval("precond_lr", precond_lr, right_closed=True)
     _checks.positive("precond_init_scale", precond_init_scale)
-    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
+    max_precond_dim = 8192 if max_precond_dim is None else max_precond_dim
     if memory_save_mode not in _MEMORY_MODES:
         raise ValueError(
             f"Unknown memory_save_mode {memory_save_mode!r}; expected one of {_MEMORY_MODES}."
@@ -333,7 +334,7 @@ def scale_by_psgd_kron(
         return ScaleByPsgdKronState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            q=_axes.map_leaves(init_q, plans, params),
+            q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
             key=jax.random.key_data(jax.random.key(seed)),
             precond_updates=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
@@ -345,7 +346,9 @@ def scale_by_psgd_kron(
         with jax.named_scope("layerwise_optax.psgd_kron"):
             plans = plans_for(updates)
             count_inc = optax.safe_increment(state.count)
-            b1_ = jnp.asarray(b1, jnp.float32)
+            # One arithmetic for plain and injected hyperparameters (float32 first).
+            b1_, lr_ = _checks.hyperparameters(b1, precond_lr)
+            clip_ = None if clip_rms is None else _checks.hyperparameters(clip_rms)[0]
             q_state = _kron.normalize(plans, state.q)
             key = jax.random.wrap_key_data(state.key)
             key, coin_key, probe_key = jax.random.split(key, 3)
@@ -403,8 +406,7 @@ def scale_by_psgd_kron(
                         local = dataclasses.replace(
                             t, batch=gb.shape[0], num_blocks=(1,) * len(t.num_blocks)
                         )
-                        lr = jnp.asarray(precond_lr, jnp.float32)
-                        new = balance(fit_factors(q, gb, v, local, lr), local)
+                        new = balance(fit_factors(q, gb, v, local, lr_), local)
                         finite = [
                             jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), axis=1)
                             for f in new
@@ -435,9 +437,9 @@ def scale_by_psgd_kron(
                 if plan.is_preconditioned:
                     q32 = tuple(f.astype(jnp.float32) for f in q)
                     u = plan.from_blocks(precondition(plan.to_blocks(u), q32, plan))
-                if clip_rms is not None:
+                if clip_ is not None:
                     rms = jnp.sqrt(jnp.mean(u * u))
-                    u = u * jnp.minimum(1.0, clip_rms / (rms + 1e-30))
+                    u = u * jnp.minimum(1.0, clip_ / (rms + 1e-30))
                 return jnp.where(m.ok, u, 0).astype(g.dtype)
 
             out = _axes.map_leaves(apply, plans, mom, q_new, updates)
@@ -449,7 +451,7 @@ def scale_by_psgd_kron(
             return out, ScaleByPsgdKronState(
                 count=count_inc,
                 mu=mu,
-                q=q_new,
+                q=_axes.bare(plans, q_new),
                 key=jax.random.key_data(key),
                 precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
                 skipped=state.skipped + skipped,
@@ -467,12 +469,12 @@ def psgd_kron(
     precond_lr: jax.typing.ArrayLike = 0.1,
     precond_init_scale: jax.typing.ArrayLike = 1.0,
     precond_update_prob: float | Callable[[jax.Array], jax.Array] | None = None,
-    max_precond_dim: int = 8192,
+    max_precond_dim: int | None = None,
     memory_save_mode: str | None = None,
     *,
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
-    seed: int = 0,
+    seed: jax.typing.ArrayLike = 0,
     distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     merge_small_dims: bool = False,
@@ -505,11 +507,12 @@ def psgd_kron(
       precond_lr: Step size of the preconditioner fit.
       precond_init_scale: Initial ``P`` as a multiple of the identity.
       precond_update_prob: Fit probability or schedule (static).
-      max_precond_dim: Longest dimension with a triangular factor.
+      max_precond_dim: Longest dimension with a triangular factor (static;
+        ``None``: 8192).
       memory_save_mode: ``None``, ``'one_diag'`` or ``'all_diag'``.
       nesterov: Nesterov momentum.
       clip_rms: Per-leaf update RMS cap (``None``: off).
-      seed: PRNG seed of the probes and coins (static).
+      seed: PRNG seed of the probes and coins (an int; may be traced).
       distribute: Spread the factor fits over the mesh's devices.
       dimension_numbers: Spec tree or callable.
       merge_small_dims: Merge small adjacent axes.

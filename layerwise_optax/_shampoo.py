@@ -12,9 +12,9 @@ import optax
 
 from layerwise_optax import _axes, _checks, _grafting, _kron
 
+_DEFAULT_MAX_PRECOND_DIM = 1024
+
 _STATIC_ARGS = (
-    "precondition_frequency",
-    "start_preconditioning_step",
     "max_precond_dim",
     "block_size",
     "merge_small_dims",
@@ -117,9 +117,9 @@ def scale_by_shampoo(
     eps: jax.typing.ArrayLike = 1e-8,
     factor_decay: jax.typing.ArrayLike = 0.999,
     damping: jax.typing.ArrayLike = 1e-6,
-    precondition_frequency: int = 10,
-    start_preconditioning_step: int = 1,
-    max_precond_dim: int = 1024,
+    precondition_frequency: jax.typing.ArrayLike = 10,
+    start_preconditioning_step: jax.typing.ArrayLike = 1,
+    max_precond_dim: int | None = None,
     block_size: int | None = None,
     merge_small_dims: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
@@ -128,7 +128,7 @@ def scale_by_shampoo(
     root_method: Literal["eigh", "newton"] = "eigh",
     relative_damping: bool = True,
     mu_dtype: jax.typing.DTypeLike | None = None,
-    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    precond_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
@@ -145,10 +145,12 @@ def scale_by_shampoo(
         accumulates a running sum (classic Shampoo).
       damping: Ridge added before each root; relative to each factor's largest
         eigenvalue when ``relative_damping``, else absolute.
-      precondition_frequency: Steps between root refreshes (static).
+      precondition_frequency: Steps between root refreshes, an int ``>= 1``
+        (may be traced: the refresh test is ``count % precondition_frequency == 0``).
       start_preconditioning_step: Steps that use the graft method's update alone
-        before Shampoo's direction is used (static).
-      max_precond_dim: Factor dimensions longer than this get diagonal factors.
+        before Shampoo's direction is used, an int ``>= 0`` (may be traced).
+      max_precond_dim: Factor dimensions longer than this get diagonal factors
+        (static; ``None``: 1024).
       block_size: Split factor dimensions longer than this into blocks (static).
       merge_small_dims: Let the default policy merge small adjacent axes.
       dimension_numbers: Spec tree or callable (see
@@ -164,7 +166,7 @@ def scale_by_shampoo(
         Shampoo), instead of ``(L_t + damping I)^{-1/p}`` (default ``False``;
         see :func:`shampoo`). Static.
       mu_dtype: Storage dtype of the first moment (``None``: the param dtype).
-      precond_dtype: Storage dtype of statistics and roots.
+      precond_dtype: Storage dtype of statistics and roots (``None``: float32).
       nesterov: Use Nesterov (NAdam-style) momentum.
       factor_estimation: ``'shampoo'`` (``L_i = EMA(G_(i) G_(i)^T)``) or ``'kl'``
         (KL-Shampoo: ``L_i = EMA(G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i)`` with
@@ -192,9 +194,10 @@ def scale_by_shampoo(
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
     _checks.positive("factor_decay", factor_decay)
     _checks.non_negative("damping", damping)
-    _checks.positive_int("precondition_frequency", precondition_frequency)
-    _checks.non_negative_int("start_preconditioning_step", start_preconditioning_step)
-    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
+    _checks.traceable_int("start_preconditioning_step", start_preconditioning_step, minimum=0)
+    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
+    max_precond_dim = _DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None else max_precond_dim
     _checks.positive_int("block_size", block_size, allow_none=True)
     _checks.boolean("merge_small_dims", merge_small_dims)
     _checks.one_of("grafting", grafting, _grafting.GRAFTING)
@@ -211,7 +214,7 @@ def scale_by_shampoo(
             f"use L^(-1/2) = root^(p/2)), got {root_exponent}."
         )
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype")
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
     resolve = functools.partial(
         _axes.resolve,
         dimension_numbers,
@@ -230,11 +233,20 @@ def scale_by_shampoo(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
-            stats=_axes.map_leaves(
-                lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+            # Per-leaf factor tuples are stored bare (see _axes.bare).
+            stats=_axes.bare(
+                plans,
+                _axes.map_leaves(
+                    lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+                ),
             ),
-            roots=_axes.map_leaves(
-                lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True), plans, params
+            roots=_axes.bare(
+                plans,
+                _axes.map_leaves(
+                    lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True),
+                    plans,
+                    params,
+                ),
             ),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_roots=jnp.zeros([], jnp.int32),
@@ -242,6 +254,10 @@ def scale_by_shampoo(
 
     def update_fn(updates, state, params=None):
         del params
+        # One arithmetic for plain and injected hyperparameters (float32 first).
+        b1_, b2_, eps_, decay_, damping_ = _checks.hyperparameters(
+            b1, b2, eps, factor_decay, damping
+        )
         with jax.named_scope("layerwise_optax.shampoo"):
             plans = resolve(updates)
             count_inc = optax.safe_increment(state.count)
@@ -259,9 +275,9 @@ def scale_by_shampoo(
                 # roots and can still overflow. (A running sum, factor_decay=1, that
                 # overflows later shows up as failed refreshes, the roots kept.)
                 ok = ok & _kron.all_finite(new)
-                mu_new = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
-                nu_new = None if nu is None else jnp.where(ok, b2 * nu + (1 - b2) * g32**2, nu)
-                stats = _kron.ema(stats, new, factor_decay, valid=ok)
+                mu_new = jnp.where(ok, b1_ * mu + (1 - b1_) * g32, mu)
+                nu_new = None if nu is None else jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
+                stats = _kron.ema(stats, new, decay_, valid=ok)
                 return _LeafOut(g32, mu_new, nu_new, stats, ok)
 
             nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
@@ -296,14 +312,14 @@ def scale_by_shampoo(
                     roots,
                     plans,
                     root=root_of,
-                    damping=damping,
+                    damping=damping_,
                     relative_damping=relative_damping,
                     method=root_method,
                     distribute=distribute,
                 )
 
             roots, failed = jax.lax.cond(
-                state.count % precondition_frequency == 0,
+                _kron.every(state.count, precondition_frequency),
                 refresh,
                 lambda s, r: (r, jnp.zeros([], jnp.int32)),
                 stats,
@@ -313,9 +329,9 @@ def scale_by_shampoo(
 
             def direction(g, plan, ok, g32, mu, nu, roots):
                 m_hat = _grafting.bias_corrected_first_moment(
-                    mu.astype(g32.dtype), g32, b1, count_inc, nesterov
+                    mu.astype(g32.dtype), g32, b1_, count_inc, nesterov
                 )
-                diag = _grafting.graft_update(grafting, m_hat, nu, b2, eps, count_inc)
+                diag = _grafting.graft_update(grafting, m_hat, nu, b2_, eps_, count_inc)
                 if plan.is_preconditioned:
                     pb = _kron.apply_axis_matrices(plan.to_blocks(m_hat), roots, plan)
                     if grafting != "none":
@@ -334,8 +350,8 @@ def scale_by_shampoo(
                 if mu_dtype is not None
                 else optax.tree.cast_like(mus, state.mu),
                 nu=new_nu,
-                stats=stats,
-                roots=roots,
+                stats=_axes.bare(plans, stats),
+                roots=_axes.bare(plans, roots),
                 skipped_stats=state.skipped_stats + skipped,
                 failed_roots=state.failed_roots + failed,
             )
@@ -350,9 +366,9 @@ def shampoo(
     eps: jax.typing.ArrayLike = 1e-8,
     factor_decay: jax.typing.ArrayLike = 0.999,
     damping: jax.typing.ArrayLike = 1e-6,
-    precondition_frequency: int = 10,
-    start_preconditioning_step: int = 1,
-    max_precond_dim: int = 1024,
+    precondition_frequency: jax.typing.ArrayLike = 10,
+    start_preconditioning_step: jax.typing.ArrayLike = 1,
+    max_precond_dim: int | None = None,
     block_size: int | None = None,
     merge_small_dims: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
@@ -363,7 +379,7 @@ def shampoo(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
-    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    precond_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
@@ -439,9 +455,11 @@ def shampoo(
       factor_decay: EMA decay of factor statistics, in ``(0, 1]`` (``1``: sum).
       damping: Ridge added before roots (relative by default, see
         ``relative_damping``).
-      precondition_frequency: Steps between root refreshes (static).
-      start_preconditioning_step: Steps of graft-only updates first (static).
-      max_precond_dim: Longer factor dimensions get diagonal factors (static).
+      precondition_frequency: Steps between root refreshes (may be traced).
+      start_preconditioning_step: Steps of graft-only updates first (may be
+        traced).
+      max_precond_dim: Longer factor dimensions get diagonal factors (static;
+        ``None``: 1024).
       block_size: Block length for long axes, ``None`` for no blocking (static).
       merge_small_dims: Merge small adjacent axes in the default policy.
       dimension_numbers: Per-leaf spec tree or callable; ``None``: default.
@@ -455,7 +473,7 @@ def shampoo(
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask (tree or callable), as in :func:`optax.adamw`.
       mu_dtype: Storage dtype of the first moment.
-      precond_dtype: Storage dtype of statistics and roots (default float32).
+      precond_dtype: Storage dtype of statistics and roots (``None``: float32).
       nesterov: Nesterov momentum.
       factor_estimation: ``'shampoo'`` or ``'kl'`` (KL-Shampoo; roots default to
         ``L^{-1/2}``).

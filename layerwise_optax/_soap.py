@@ -33,8 +33,9 @@ import optax
 
 from layerwise_optax import _axes, _checks, _kron
 
+_DEFAULT_MAX_PRECOND_DIM = 1024
+
 _STATIC_ARGS = (
-    "precondition_frequency",
     "max_precond_dim",
     "block_size",
     "merge_small_dims",
@@ -53,7 +54,7 @@ class ScaleBySoapState(NamedTuple):
       count: int32 scalar, number of updates so far.
       mu: First moment in the original coordinates; params tree, ``mu_dtype``.
       nu: Second moment in the rotated coordinates; per leaf the block view
-        ``(stack, b_1, ..., b_k)``, float32.
+        ``(stack, b_1, ..., b_k)``, float32 (or the param dtype if wider).
       stats: Per leaf, a tuple of factor statistics (``(stack, b, b)`` for full
         dimensions, ``(stack, b)`` diagonals otherwise; ``precond_dtype``).
       bases: Per leaf, the eigenbases of ``stats`` (``(stack, b, b)``; a ones
@@ -90,14 +91,14 @@ def scale_by_soap(
     b2: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     factor_decay: jax.typing.ArrayLike = 0.95,
-    precondition_frequency: int = 10,
-    max_precond_dim: int = 1024,
+    precondition_frequency: jax.typing.ArrayLike = 10,
+    max_precond_dim: int | None = None,
     block_size: int | None = None,
     merge_small_dims: bool = True,
     distribute: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
-    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    precond_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     """Scales updates by Adam run in Shampoo's eigenbasis; see :func:`soap`.
 
@@ -106,8 +107,10 @@ def scale_by_soap(
       b2: Second-moment decay, in ``[0, 1)``.
       eps: Added to the root second moment.
       factor_decay: EMA decay of the factor statistics, in ``(0, 1]``.
-      precondition_frequency: Steps between eigenbasis refreshes (static).
-      max_precond_dim: Factor dimensions longer than this keep the identity basis.
+      precondition_frequency: Steps between eigenbasis refreshes, an int ``>= 1``
+        (may be traced).
+      max_precond_dim: Factor dimensions longer than this keep the identity basis
+        (static; ``None``: 1024).
       block_size: Split factor dimensions longer than this into blocks (static).
       merge_small_dims: Let the default policy merge small adjacent axes.
       distribute: Under a mesh set with :func:`jax.set_mesh`, split each basis
@@ -116,7 +119,7 @@ def scale_by_soap(
       dimension_numbers: Spec tree or callable; ``None``: the default policy
         (vectors and scalars keep the identity basis: plain Adam).
       mu_dtype: Storage dtype of the first moment.
-      precond_dtype: Storage dtype of statistics and bases.
+      precond_dtype: Storage dtype of statistics and bases (``None``: float32).
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleBySoapState`.
@@ -132,13 +135,14 @@ def scale_by_soap(
     _checks.non_negative("eps", eps)
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
     _checks.positive("factor_decay", factor_decay)
-    _checks.positive_int("precondition_frequency", precondition_frequency)
-    _checks.positive_int("max_precond_dim", max_precond_dim)
+    _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
+    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
+    max_precond_dim = _DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None else max_precond_dim
     _checks.positive_int("block_size", block_size, allow_none=True)
     _checks.boolean("merge_small_dims", merge_small_dims)
     _checks.boolean("distribute", distribute)
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype")
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
     resolve = functools.partial(
         _axes.resolve,
         dimension_numbers,
@@ -153,13 +157,24 @@ def scale_by_soap(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             nu=_axes.map_leaves(
-                lambda p, pl: jnp.zeros(pl.block_shape, jnp.float32), plans, params
+                lambda p, pl: jnp.zeros(pl.block_shape, jnp.promote_types(p.dtype, jnp.float32)),
+                plans,
+                params,
             ),
-            stats=_axes.map_leaves(
-                lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+            # Per-leaf factor tuples are stored bare (see _axes.bare).
+            stats=_axes.bare(
+                plans,
+                _axes.map_leaves(
+                    lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
+                ),
             ),
-            bases=_axes.map_leaves(
-                lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True), plans, params
+            bases=_axes.bare(
+                plans,
+                _axes.map_leaves(
+                    lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True),
+                    plans,
+                    params,
+                ),
             ),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_refreshes=jnp.zeros([], jnp.int32),
@@ -167,6 +182,8 @@ def scale_by_soap(
 
     def update_fn(updates, state, params=None):
         del params
+        # One arithmetic for plain and injected hyperparameters (float32 first).
+        b1_, b2_, eps_, decay_ = _checks.hyperparameters(b1, b2, eps, factor_decay)
         with jax.named_scope("layerwise_optax.soap"):
             plans = resolve(updates)
             count_inc = optax.safe_increment(state.count)
@@ -175,14 +192,14 @@ def scale_by_soap(
 
             def direction(g, plan, mu, nu, q):
                 ok, g32 = _kron.finite_or_zero(g)
-                mu = jnp.where(ok, b1 * mu + (1 - b1) * g32, mu)
+                mu = jnp.where(ok, b1_ * mu + (1 - b1_) * g32, mu)
                 gb = plan.to_blocks(g32)
                 rot = _kron.apply_axis_matrices(gb, q, plan, transpose=True)
-                nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.square(rot), nu)
+                nu = jnp.where(ok, b2_ * nu + (1 - b2_) * jnp.square(rot), nu)
                 m_rot = _kron.apply_axis_matrices(plan.to_blocks(mu), q, plan, transpose=True)
-                m_hat = optax.tree.bias_correction(m_rot, b1, count_inc)
-                nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-                u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps), q, plan)
+                m_hat = optax.tree.bias_correction(m_rot, b1_, count_inc)
+                nu_hat = optax.tree.bias_correction(nu, b2_, count_inc)
+                u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps_), q, plan)
                 upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
                 return _LeafOut(upd, mu, nu, gb, ok)
 
@@ -193,7 +210,7 @@ def scale_by_soap(
             skipped = jnp.asarray(skipped, jnp.int32)
 
             def accumulate(ok, plan, gb, stats):
-                return _kron.ema(stats, _kron.axis_stats(gb, plan), factor_decay, valid=ok)
+                return _kron.ema(stats, _kron.axis_stats(gb, plan), decay_, valid=ok)
 
             stats = _axes.map_leaves(accumulate, plans, oks, _axes.unzip(out, "stats"), state_stats)
 
@@ -214,7 +231,7 @@ def scale_by_soap(
             # The bases for the next step: exact after the first step, then one
             # power step + QR every `precondition_frequency` steps.
             branch = jnp.where(
-                state.count == 0, 2, jnp.where(count_inc % precondition_frequency == 0, 1, 0)
+                state.count == 0, 2, jnp.where(_kron.every(count_inc, precondition_frequency), 1, 0)
             )
             bases, nu, failed = jax.lax.switch(
                 branch,
@@ -232,9 +249,9 @@ def scale_by_soap(
                 mu=optax.tree.cast(mus, mu_dtype)
                 if mu_dtype is not None
                 else optax.tree.cast_like(mus, state.mu),
-                nu=nu,
-                stats=stats,
-                bases=bases,
+                nu=optax.tree.cast_like(nu, state.nu),
+                stats=_axes.bare(plans, stats),
+                bases=_axes.bare(plans, bases),
                 skipped_stats=state.skipped_stats + skipped,
                 failed_refreshes=state.failed_refreshes + failed,
             )
@@ -248,8 +265,8 @@ def soap(
     b2: jax.typing.ArrayLike = 0.95,
     eps: jax.typing.ArrayLike = 1e-8,
     factor_decay: jax.typing.ArrayLike = 0.95,
-    precondition_frequency: int = 10,
-    max_precond_dim: int = 1024,
+    precondition_frequency: jax.typing.ArrayLike = 10,
+    max_precond_dim: int | None = None,
     block_size: int | None = None,
     merge_small_dims: bool = True,
     distribute: bool = True,
@@ -257,7 +274,7 @@ def soap(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
-    precond_dtype: jax.typing.DTypeLike = jnp.float32,
+    precond_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's factors (Vyas et al., 2024).
 
@@ -297,8 +314,9 @@ def soap(
       eps: Added to the root second moment.
       factor_decay: EMA decay of factor statistics (the reference's
         ``shampoo_beta``), in ``(0, 1]``.
-      precondition_frequency: Steps between eigenbasis refreshes (static).
-      max_precond_dim: Longer factor dimensions keep the identity basis.
+      precondition_frequency: Steps between eigenbasis refreshes (may be traced).
+      max_precond_dim: Longer factor dimensions keep the identity basis (static;
+        ``None``: 1024).
       block_size: Block length for long axes, ``None`` for no blocking.
       merge_small_dims: Merge small adjacent axes in the default policy.
       distribute: Spread basis refreshes over the mesh's devices (see
@@ -307,7 +325,7 @@ def soap(
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask (tree or callable).
       mu_dtype: Storage dtype of the first moment.
-      precond_dtype: Storage dtype of statistics and bases.
+      precond_dtype: Storage dtype of statistics and bases (``None``: float32).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.

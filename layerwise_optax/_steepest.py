@@ -149,7 +149,7 @@ def scale_by_steepest_descent(
     roles: _roles.RolesOrFn | None = None,
     dual_scale: bool = False,
     ns_coeffs: str | Any = "polar_express",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
@@ -164,7 +164,7 @@ def scale_by_steepest_descent(
       roles: Role tree or callable (default :func:`layerwise_optax.layer_roles`).
       dual_scale: Multiply each direction by the dual norm of the momentum.
       ns_coeffs: Newton-Schulz preset or coefficients for the spectral norms.
-      ns_steps: Newton-Schulz steps.
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       ns_dtype: Newton-Schulz iteration dtype.
       mu_dtype: Momentum storage dtype.
 
@@ -196,7 +196,8 @@ def scale_by_steepest_descent(
     _checks.in_unit_interval("beta", beta)
     _checks.boolean("nesterov", nesterov)
     _checks.boolean("dual_scale", dual_scale)
-    _checks.positive_int("ns_steps", ns_steps)
+    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
+    ns_steps = 5 if ns_steps is None else ns_steps
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
     coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)
@@ -294,7 +295,7 @@ def steepest_descent(
     roles: _roles.RolesOrFn | None = None,
     dual_scale: bool = False,
     ns_coeffs: str | Any = "polar_express",
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Steepest descent under per-layer norms, with momentum (Scion-style).
@@ -330,7 +331,7 @@ def steepest_descent(
       dual_scale: Multiply the direction by the dual norm (unnormalized steepest
         descent) instead of taking unit-norm steps.
       ns_coeffs: Newton-Schulz preset or coefficients (static).
-      ns_steps: Newton-Schulz steps (static).
+      ns_steps: Newton-Schulz steps (static; ``None``: 5).
       ns_dtype: Newton-Schulz iteration dtype.
 
     Returns:

@@ -23,6 +23,11 @@ POSITIVE = [(0.0, VE), (-1.0, VE), ("x", TE)]
 POSITIVE_INT = [(0, VE), (-3, VE), (1.5, TE), ("8", TE), (True, TE)]
 OPTIONAL_POSITIVE_INT = [(0, VE), (2.5, TE), ("x", TE)]
 NON_NEGATIVE_INT = [(-1, VE), (1.5, TE), ("x", TE)]
+# Shape-deciding ints cannot be traced: an array (what optax.inject_hyperparams
+# passes for an int it was not told is static) is refused, naming the argument.
+STATIC_INT = OPTIONAL_POSITIVE_INT + [(jnp.asarray(8), TE)]
+# Step periods and seeds may be traced: integer scalar arrays pass, others do not.
+BAD_INT_ARRAYS = [(jnp.asarray(2.5), TE), (jnp.ones(2, jnp.int32), TE)]
 BOOL = [("yes", TE), (1, TE), (None, TE)]
 MODE = [("bogus", VE), (3, VE)]
 DTYPE = [("not-a-dtype", TE), (jnp.int32, TE)]
@@ -53,14 +58,14 @@ BAD = {
     "precond_update_prob": [(1.5, VE), (-0.1, VE), ("x", TE)],
     "max_prob": UNIT_CLOSED,
     "min_prob": UNIT_CLOSED,
-    "precondition_frequency": POSITIVE_INT,
-    "max_precond_dim": POSITIVE_INT,
-    "ns_steps": POSITIVE_INT,
-    "block_size": OPTIONAL_POSITIVE_INT,
-    "root_exponent": OPTIONAL_POSITIVE_INT,
-    "start_preconditioning_step": NON_NEGATIVE_INT,
+    "precondition_frequency": POSITIVE_INT + BAD_INT_ARRAYS,
+    "max_precond_dim": STATIC_INT + [(True, TE)],
+    "ns_steps": STATIC_INT + [(True, TE)],
+    "block_size": STATIC_INT,
+    "root_exponent": STATIC_INT,
+    "start_preconditioning_step": NON_NEGATIVE_INT + BAD_INT_ARRAYS,
     "flat_start": NON_NEGATIVE_INT,
-    "seed": [(1.5, TE), ("x", TE), (None, TE)],
+    "seed": [(1.5, TE), ("x", TE), (None, TE)] + BAD_INT_ARRAYS,
     "nesterov": BOOL,
     "merge_small_dims": BOOL,
     "relative_damping": BOOL,

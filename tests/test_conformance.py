@@ -159,18 +159,34 @@ def test_update_compiles_once(name, factory, kwargs):
 
 
 @parametrize_opt
-def test_state_is_stable_across_steps_and_through_cond(name, factory, kwargs):
-    tx = build(name, factory, kwargs)
-    params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
-    state = tx.init(params)
-    ref = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    for i in range(3):
-        g = _grads(params, i)
-        # lax.cond demands identical structure, shapes and dtypes in both branches.
-        state = jax.lax.cond(
-            jnp.asarray(i % 2 == 0), lambda s: tx.update(g, s, params)[1], lambda s: s, state
-        )
-        assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == ref
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_state_is_stable_across_steps_and_through_cond(name, factory, kwargs, dtype):
+    # optax's contract (state_shape_dtype_shard_stability): params, gradients and
+    # (via jax_enable_x64) Python hyperparameters in each float dtype; the update runs
+    # inside lax.cond, which demands identical structure, shapes and dtypes in both
+    # branches. x64 is switched on only inside this test.
+    with jax.enable_x64(dtype == "float64"):
+        tx = build(name, factory, kwargs)
+        params = {"w": jnp.zeros((5, 4), dtype), "b": jnp.zeros(4, dtype)}
+        state = tx.init(params)
+        ref = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+
+        @jax.jit
+        def step(state, g, i):
+            updates, new = jax.lax.cond(
+                i % 2 == 0,
+                lambda s: tx.update(g, s, params),
+                lambda s: (jax.tree.map(jnp.zeros_like, g), s),
+                state,
+            )
+            return updates, new
+
+        for i in range(3):
+            g = _grads(params, i)
+            updates, state = step(state, g, jnp.asarray(i))
+            assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == ref
+            assert all(u.dtype == jnp.dtype(dtype) for u in jax.tree.leaves(updates))
+        assert_tree_finite(updates)
 
 
 # ----------------------------------------------------------------------------- optax wrappers
@@ -198,6 +214,59 @@ def test_inject_hyperparams_gives_identical_results(name, factory, kwargs):
     u, _ = u2f(_grads(params, 9), s2, params)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
     assert u2f._cache_size() == 1
+
+
+# XLA folds products with compile-time constants into new constants (its algebraic
+# simplifier) and LLVM fuses multiply-adds into FMAs differently for constants and
+# runtime values, so plain (constant) and injected (runtime) hyperparameters can
+# differ in the last bit of a jitted result even when the library's arithmetic is
+# the same. With both off, the compiled program computes exactly what the library
+# wrote, and the two must agree bit for bit.
+_AS_WRITTEN = {"xla_backend_optimization_level": 0, "xla_disable_hlo_passes": "algsimp"}
+
+
+def _compiled_as_written(fn, *args):
+    return jax.jit(fn).lower(*args).compile(_AS_WRITTEN)
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, (ta, tb)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], lb):
+        assert x.dtype == y.dtype, (jax.tree_util.keystr(path), x.dtype, y.dtype)
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@parametrize_opt
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_plain_and_injected_hyperparameters_agree_bit_for_bit(name, factory, kwargs, x64):
+    # One arithmetic for a Python float and the traced value inject_hyperparams puts in
+    # its state (float32, or float64 under x64): ``1 - b2`` once differed by 1.3e-5
+    # relative per step in Shampoo and SOAP. Four steps cross refresh and non-refresh
+    # steps; under x64 the params, gradients and injected hyperparameters are float64.
+    with jax.enable_x64(x64):
+        dtype = jnp.float64 if x64 else jnp.float32
+        params = {"w": jnp.zeros((5, 4), dtype), "b": jnp.zeros(4, dtype)}
+        kw = {**kwargs, MOMENTUM_ARG.get(name, "b1"): 0.8}
+        plain = build(name, factory, kw)
+        injected = with_extra_args(lo.inject_hyperparams(factory)(**kw), EXTRA_ARGS.get(name))
+        s1, s2 = plain.init(params), injected.init(params)
+        assert all(
+            h.dtype == dtype
+            for k, h in s2.hyperparams.items()
+            if jnp.issubdtype(h.dtype, jnp.floating)
+        )
+        g0 = _grads(params, 0)
+        u1f = _compiled_as_written(plain.update, g0, s1, params)
+        u2f = _compiled_as_written(injected.update, g0, s2, params)
+        for i in range(4):
+            g = _grads(params, i)
+            u1, s1 = u1f(g, s1, params)
+            u2, s2 = u2f(g, s2, params)
+            _assert_trees_equal((u1, s1), (u2, s2.inner_state))
 
 
 @parametrize_opt
@@ -386,6 +455,149 @@ def test_deterministic(name, factory, kwargs):
     assert_trees_close(a, b, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- optax's contract
+#
+# The checks of optax/contrib/_common_test.py, which optax's own optimizers pass, on
+# every public alias. Per alias, optax's 15 cases map to: extra arguments and no
+# recompilation (test_contract_accepts_extra_args_without_recompiling); convergence on
+# four targets (test_contract_converges, slow tier: 30 000 steps each, as optax); the
+# optimizer built by optax.inject_hyperparams, here without any static_args
+# (test_contract_inject_hyperparams_without_static_args); update dtype and
+# MultiSteps' zero first update for bfloat16 and float32
+# (test_contract_update_dtype_and_multisteps); state dtype stability through lax.cond
+# for float16, bfloat16, float32 and float64 (test_state_is_stable_across_steps_and_
+# through_cond above); learning-rate schedules
+# (test_constant_schedule_equals_constant_learning_rate above).
+
+# Each alias with the settings optax's table would give it: K-FAC (fed identity
+# factors, so heavy-ball SGD) and steepest descent (normalized steps) need smaller
+# rates for the Rosenbrock target's curvature ~1000.
+CONTRACT = {
+    "shampoo": (lo.shampoo, dict(learning_rate=3e-2, precondition_frequency=2)),
+    "soap": (lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
+    "kfac": (lo.kfac, dict(learning_rate=1e-3, precondition_frequency=2)),
+    "muon": (lo.muon, dict(learning_rate=2e-2)),
+    "normuon": (lo.normuon, dict(learning_rate=3e-2)),
+    "steepest_descent": (lo.steepest_descent, dict(learning_rate=3e-3)),
+    "psgd_kron": (lo.psgd_kron, dict(learning_rate=1e-2, precond_update_prob=1.0)),
+}
+parametrize_contract = pytest.mark.parametrize("alias", list(CONTRACT))
+
+
+def _identity_factors(updates):
+    """Identity K-FAC factors for every non-scalar leaf (a vector as a bias: ``(1, d)``)."""
+
+    def one(x):
+        if x.ndim == 0:
+            return None
+        d_in = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
+        return lo.KfacFactors(jnp.eye(d_in), jnp.eye(x.shape[-1]))
+
+    return {"kfac_stats": jax.tree.map(one, updates)}
+
+
+def _contract_tx(alias, factory=None, **overrides):
+    fn, kwargs = CONTRACT[alias]
+    tx = (factory or fn)(**{**kwargs, **overrides})
+    return with_extra_args(tx, _identity_factors if alias == "kfac" else None)
+
+
+def _parabola(dtype):
+    target = jnp.array([1.0, -1.0, 1.0], dtype)
+    return jnp.array([-1.0, 10.0, 1.0], dtype), target, lambda p: jnp.sum((p - target) ** 2)
+
+
+def _rosenbrock(dtype):
+    def loss(p):
+        return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+    return jnp.zeros(2, dtype), jnp.array([1.0, 1.0], dtype), loss
+
+
+def _matrix_parabola(dtype):
+    target = jnp.array([[3.0, -2.0], [1.0, 4.0]], dtype)
+    return jnp.zeros((2, 2), dtype), target, lambda p: jnp.sum((p - target) ** 2)
+
+
+def _mixed_tensors(dtype):
+    a, b = jnp.array([1.0, -1.0, 2.0], dtype), jnp.array([[1.0, 0.0], [-1.0, 1.0]], dtype)
+    init = (jnp.zeros(3, dtype), jnp.zeros((2, 2), dtype))
+    return init, (a, b), lambda p: jnp.sum((p[0] - a) ** 2) + jnp.sum((p[1] - b) ** 2)
+
+
+@parametrize_contract
+def test_contract_accepts_extra_args_without_recompiling(alias):
+    tx = _contract_tx(alias)
+    p0, _, loss = _rosenbrock(jnp.float32)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p, unexpected_extra_args_your_optimizer_doesnt_expect=1)
+        return optax.apply_updates(p, u), s
+
+    p, s = p0, tx.init(p0)
+    for _ in range(2):
+        p, s = step(p, s)
+    assert_tree_finite(p)
+    p, s = step(p0, tx.init(p0))
+    step(p, s)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.slow
+@parametrize_contract
+@pytest.mark.parametrize(
+    "target", [_parabola, _rosenbrock, _matrix_parabola, _mixed_tensors], ids=lambda t: t.__name__
+)
+def test_contract_converges(alias, target):
+    tx = _contract_tx(alias)
+    p0, want, loss = target(jnp.float32)
+
+    @jax.jit
+    def run(p):
+        def step(carry, _):
+            p, s = carry
+            u, s = tx.update(jax.grad(loss)(p), s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (p, tx.init(p)), None, length=30_000)[0][0]
+
+    assert_trees_close(run(p0), want, rtol=3e-2, atol=3e-2)
+
+
+@parametrize_contract
+def test_contract_inject_hyperparams_without_static_args(alias):
+    # How optax users write it: no static_args. Traceable integers (refresh periods,
+    # seeds) arrive traced; shape-deciding ones default to None, which optax leaves alone.
+    factory, kwargs = CONTRACT[alias]
+    injected = _contract_tx(alias, optax.inject_hyperparams(factory))
+    plain = _contract_tx(alias)
+    params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
+    grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
+    s1 = jax.jit(plain.init)(params)
+    s2 = jax.jit(injected.init)(params)
+    traced = {"seed"} if alias == "psgd_kron" else set(kwargs) - {"precond_update_prob"}
+    assert set(s2.hyperparams) >= traced | {"learning_rate"}, sorted(s2.hyperparams)
+    u1, s1 = jax.jit(plain.update)(grads, s1, params)
+    u2, s2 = jax.jit(injected.update)(grads, s2, params)
+    assert_trees_close(u2, u1, rtol=1e-5, atol=0)
+    assert_trees_close(s2.inner_state, s1, rtol=1e-5, atol=1e-5)
+
+
+@parametrize_contract
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_contract_update_dtype_and_multisteps(alias, dtype):
+    params = jnp.array([1.0, 2.0], dtype)
+    grads = jax.grad(lambda x: jnp.sum(x**2))(params)
+    tx = _contract_tx(alias)
+    u, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+    assert u.dtype == params.dtype
+    multi = optax.MultiSteps(_contract_tx(alias), every_k_schedule=4)
+    u, _ = jax.jit(multi.update)(grads, jax.jit(multi.init)(params), params)
+    assert u.dtype == params.dtype and not np.any(np.asarray(u, np.float32))
+
+
 @pytest.mark.skip(
     reason="optax.tree.map_params is not supported: the per-axis factor trees (stats, roots, "
     "bases) hold per-leaf tuples derived from the params' shapes, which map_params would treat "
@@ -408,6 +620,7 @@ def test_every_public_alias_is_in_the_conformance_list():
     registered = {f for _, f, _ in OPTIMIZERS}
     for name, fn in aliases.items():
         assert fn in registered, f"{name} is not in tests/_helpers.py OPTIMIZERS"
+    assert {f for f, _ in CONTRACT.values()} == set(aliases.values())
     public = {
         n
         for n in lo.__all__

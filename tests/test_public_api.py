@@ -3,6 +3,9 @@
 import inspect
 import pathlib
 
+import jax
+import numpy as np
+
 import layerwise_optax as lo
 from layerwise_optax import linalg
 
@@ -105,31 +108,54 @@ def test_public_callables_document_args_and_returns():
         assert "Args:" in doc and "Returns:" in doc, fn.__name__
 
 
+FACTORY_LIST = (
+    lo.shampoo,
+    lo.soap,
+    lo.kfac,
+    lo.scale_by_shampoo,
+    lo.scale_by_soap,
+    lo.scale_by_kfac,
+    lo.muon,
+    lo.normuon,
+    lo.scale_by_muon,
+    lo.steepest_descent,
+    lo.scale_by_steepest_descent,
+    lo.psgd_kron,
+    lo.scale_by_psgd_kron,
+)
+
+
 def test_static_args_cover_every_non_numeric_argument():
-    for factory in (
-        lo.shampoo,
-        lo.soap,
-        lo.kfac,
-        lo.scale_by_shampoo,
-        lo.scale_by_soap,
-        lo.scale_by_kfac,
-        lo.muon,
-        lo.normuon,
-        lo.scale_by_muon,
-        lo.steepest_descent,
-        lo.scale_by_steepest_descent,
-        lo.psgd_kron,
-        lo.scale_by_psgd_kron,
-    ):
+    for factory in FACTORY_LIST:
         static = set(lo.static_args(factory))
         for name, p in inspect.signature(factory).parameters.items():
             numeric = p.annotation in (
                 "jax.typing.ArrayLike",
+                "jax.typing.ArrayLike | None",
                 "optax.ScalarOrSchedule",
                 "optax.ScalarOrSchedule | None",
             )
             if not numeric:
                 assert name in static, (factory.__name__, name)
+
+
+def _optax_would_inject(value):
+    """optax.inject_hyperparams's rule without static_args: bools stay, callables
+    become schedules, numbers and arrays become traced state."""
+    if isinstance(value, bool):
+        return False
+    return callable(value) or isinstance(value, (int, float, np.ndarray, jax.Array))
+
+
+def test_static_defaults_are_not_injected_by_optax():
+    # ``optax.inject_hyperparams(factory)(learning_rate=...)`` without static_args
+    # must leave every static argument's default alone: a default int (block or
+    # Newton-Schulz sizes) would arrive traced, a dtype class as a "schedule".
+    for factory in FACTORY_LIST:
+        sig = inspect.signature(factory)
+        for name in lo.static_args(factory):
+            default = sig.parameters[name].default
+            assert not _optax_would_inject(default), (factory.__name__, name, default)
 
 
 def test_static_args_rejects_foreign_factories():
