@@ -69,11 +69,17 @@ class ScaleByKfacState(NamedTuple):
         (diagonal fallback); params tree, float32.
       factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays; per
         other leaf ``(stack, 0)`` placeholders.
-      inverses: Per kernel the damped inverses of ``factors``, same layout.
+      inverses: Per kernel the damped factors' inverses in factored form, same
+        layout as ``factors``: for a full factor the lower Cholesky factor ``L``
+        of ``A + d_A I = L L^T`` (applied by two triangular solves, which keep
+        float32 steps accurate at small damping where an explicit inverse does
+        not), for a diagonal one the inverse of the damped diagonal; identity for
+        a factor that ``sides`` does not apply.
       skipped_stats: int32 scalar, (leaf, step) pairs whose gradient or
         statistics were not finite and were kept out of the state.
-      failed_inverses: int32 scalar, (factor, refresh) pairs whose inverse was not
-        finite, so the previous one was kept.
+      failed_inverses: int32 scalar, (factor, refresh) pairs whose factorization
+        failed (not positive definite in float32, or not finite), so the previous
+        one was kept.
 
     .. note::
       Memory per kernel with ``d_in × d_out`` factors: ``2 (d_in^2 + d_out^2)``
@@ -302,7 +308,7 @@ def scale_by_kfac(
                 lambda p, s: (
                     optax.MaskedNode()
                     if _axes.is_masked(p) or p.spec is None or s is None
-                    else _kernel_plan(p)
+                    else _applied_plan(p, sides)
                 ),
                 plans,
                 stats,
@@ -322,7 +328,7 @@ def scale_by_kfac(
                     root=lambda kplan: 1,
                     damping=jnp.zeros([], jnp.float32),
                     relative_damping=False,
-                    method="cholesky",
+                    method="cholesky_factor",
                     distribute=distribute,
                 )
 
@@ -342,16 +348,7 @@ def scale_by_kfac(
                     nu = jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
                     u = g32 / (optax.tree.bias_correction(nu, b2_, count_inc) + damping_)
                 else:
-                    kinds = tuple(
-                        k
-                        if (i == 0 and sides != "output") or (i == 1 and sides != "input")
-                        else "none"
-                        for i, k in enumerate(_kernel_plan(plan).kinds)
-                    )
-                    gb = _kron.apply_axis_matrices(
-                        plan.to_blocks(g32), inv, _with_kinds(plan, kinds)
-                    )
-                    u = plan.from_blocks(gb)
+                    u = _precondition(g32, inv, plan, sides)
                 mu = jnp.where(ok, b1_ * mu.astype(u.dtype) + u, mu)
                 d = b1_ * mu + u if nesterov else mu
                 d = jnp.where(ok, d, 0).astype(g.dtype)
@@ -438,12 +435,37 @@ def _with_kinds(plan: _axes.LeafPlan, kinds: tuple[str, ...]) -> _axes.LeafPlan:
     return dataclasses.replace(plan, kinds=kinds)
 
 
+def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
+    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
+    return plan.from_blocks(
+        _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
+    )
+
+
+def _applied_plan(plan: _axes.LeafPlan, sides: str) -> _axes.LeafPlan:
+    """The kernel's plan with the factor that ``sides`` does not apply as ``'none'``."""
+    kinds = tuple(
+        k if (i == 0 and sides != "output") or (i == 1 and sides != "input") else "none"
+        for i, k in enumerate(_kernel_plan(plan).kinds)
+    )
+    return _with_kinds(plan, kinds)
+
+
 def _damped(fac, kplan, damping, mode, correction):
     """``A + d_A I, B + d_B I`` of the bias-corrected EMAs (diagonals: ``+ d``).
 
-    Damped factors are positive definite, so Cholesky inverses suffice (an order
-    of magnitude cheaper than eigh); a failed factorization keeps the previous
-    inverse (:func:`layerwise_optax._kron.inverse_roots_tree`).
+    ``kplan`` is the applied plan (:func:`_applied_plan`): a factor of kind
+    ``'none'`` is not applied and is returned as is. Every damping depends only
+    on the factors that are applied. With both applied, ``'pi'`` splits
+    ``lambda`` as ``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` (Martens and
+    Grosse, 2015, section 6.3). With one applied (``sides='input'`` or
+    ``'output'``) the other factor is the identity, and ``A ⊗ I + lambda I = (A +
+    lambda I) ⊗ I`` exactly: the applied factor gets ``lambda`` in either mode
+    (the pi rule would bring in the scale of a factor that is never applied).
+
+    Damped factors are positive definite, so a Cholesky factorization exists (an
+    order of magnitude cheaper than eigh); a failed factorization keeps the
+    previous one (:func:`layerwise_optax._kron.inverse_roots_tree`).
     """
     fac = tuple(f * correction for f in _kron.as_factors(fac))
     damping = jnp.asarray(damping, jnp.float32)
@@ -451,7 +473,7 @@ def _damped(fac, kplan, damping, mode, correction):
     def mean_eig(f, kind):
         return jnp.mean(jnp.diagonal(f, axis1=-2, axis2=-1) if kind == "full" else f, axis=-1)
 
-    if mode == "pi":
+    if mode == "pi" and "none" not in kplan.kinds:
         ta, tb = (mean_eig(f, k) for f, k in zip(fac, kplan.kinds))
         pi = jnp.sqrt(jnp.where((ta > 0) & (tb > 0), ta / jnp.where(tb > 0, tb, 1.0), 1.0))
         deltas = (pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi)
@@ -461,6 +483,8 @@ def _damped(fac, kplan, damping, mode, correction):
         f + dl[:, None, None] * jnp.eye(f.shape[-1], dtype=f.dtype)[None]
         if k == "full"
         else f + dl[:, None]
+        if k == "diag"
+        else f
         for f, dl, k in zip(fac, deltas, kplan.kinds)
     )
 
