@@ -37,6 +37,8 @@ _STATIC_ARGS = (
 _SIDES = ("both", "input", "output")
 _DAMPING_MODES = ("absolute", "pi")
 
+EMIT_ARG = "kfac_emit"
+
 NO_STATS_MSG = (
     "kfac's update needs the layer statistics as a keyword extra argument: "
     "tx.update(grads, state, params, kfac_stats=stats), where stats mirrors the params "
@@ -80,10 +82,15 @@ class ScaleByKfacState(NamedTuple):
       failed_inverses: int32 scalar, (factor, refresh) pairs whose factorization
         failed (not positive definite in float32, or not finite), so the previous
         one was kept.
+      pending: Per kernel the mean of the statistics of the mini-steps of an
+        accumulation not yet emitted (:func:`layerwise_optax.multi_steps`), same
+        layout as ``factors``; zero outside an accumulation.
+      pending_count: int32 scalar, the number of mini-steps in ``pending``.
 
     .. note::
-      Memory per kernel with ``d_in × d_out`` factors: ``2 (d_in^2 + d_out^2)``
-      floats per layer slice, plus two params-sized moments.
+      Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
+      floats per layer slice (factors, Cholesky factors, pending statistics),
+      plus two params-sized moments.
     """
 
     count: jax.Array
@@ -93,6 +100,8 @@ class ScaleByKfacState(NamedTuple):
     inverses: optax.Updates
     skipped_stats: jax.Array
     failed_inverses: jax.Array
+    pending: optax.Updates
+    pending_count: jax.Array
 
 
 def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionNumbers | None:
@@ -119,6 +128,7 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
 class _Accumulated(NamedTuple):
     ok: Any
     factors: Any
+    stats: Any = None
 
 
 class _LeafOut(NamedTuple):
@@ -254,9 +264,14 @@ def scale_by_kfac(
             inverses=_axes.map_leaves(eyes, plans, params),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_inverses=jnp.zeros([], jnp.int32),
+            pending=_axes.map_leaves(factors, plans, params),
+            pending_count=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
+        # Set by layerwise_optax.multi_steps: False on the mini-steps that only
+        # accumulate statistics (the caller keeps only ``pending`` of that state).
+        emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
         del params, extra_args
         if kfac_stats is None:
             raise ValueError(NO_STATS_MSG)
@@ -277,14 +292,15 @@ def scale_by_kfac(
             t = count_inc.astype(jnp.float32)
             correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
 
-            def accumulate(path, g, plan, s, fac):
+            def accumulate(path, g, plan, s, fac, pend):
                 """This step's factor EMAs and the leaf's validity."""
                 ok, _ = _kron.finite_or_zero(g)
                 if plan.spec is None or s is None:
-                    return _Accumulated(ok, fac)
+                    return _Accumulated(ok, fac, pend)
                 new = _check_stats(path, s, plan)
                 ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
-                return _Accumulated(ok, _kron.ema(fac, new, factor_decay, valid=ok))
+                new = _with_pending(new, pend, state.pending_count, ok)
+                return _Accumulated(ok, _kron.ema(fac, new, factor_decay, valid=ok), new)
 
             def per_leaf(fn, *trees):
                 return jax.tree_util.tree_map_with_path(
@@ -300,7 +316,13 @@ def scale_by_kfac(
                     is_leaf=_axes.is_plan_leaf,
                 )
 
-            acc = per_leaf(accumulate, updates, stats, _kron.normalize(plans, state.factors))
+            acc = per_leaf(
+                accumulate,
+                updates,
+                stats,
+                _kron.normalize(plans, state.factors),
+                _kron.normalize(plans, state.pending),
+            )
             facs = _axes.unzip(acc, "factors")
             # The inverses of every kernel, same-sized blocks of all layers batched
             # (and split over the mesh's devices when there is one).
@@ -367,6 +389,12 @@ def scale_by_kfac(
                 inverses=_axes.unzip(out, "inverses"),
                 skipped_stats=state.skipped_stats + skipped,
                 failed_inverses=state.failed_inverses + failed,
+                pending=_axes.map_leaves(
+                    lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats),
+                    plans,
+                    acc,
+                ),
+                pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
             )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -439,6 +467,19 @@ def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) ->
     """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
     return plan.from_blocks(
         _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
+    )
+
+
+def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> Any:
+    """The mean of ``count`` pending mini-steps' statistics and this step's ``new``.
+
+    Where ``ok`` is false (statistics or gradient not finite) the pending mean is
+    kept as it is.
+    """
+    w = 1.0 / (count.astype(jnp.float32) + 1.0)
+    return tuple(
+        jnp.where(ok, p + w * (n - p), p).astype(n.dtype)
+        for n, p in zip(new, _kron.as_factors(pending))
     )
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import layerwise_optax as lo
@@ -232,3 +233,59 @@ def test_small_damping_step_matches_float64_for_the_same_float32_factors(cond):
         err = np.linalg.norm(np.asarray(u["w"], np.float64) - want) / np.linalg.norm(want)
         assert err < 1e-3, (damping, err)
         assert int(state.inner_state.failed_inverses) == 0
+
+
+def test_multi_steps_accumulates_the_statistics_of_every_mini_step():
+    # Issue 20 item 3: optax.MultiSteps passes each mini-step's kfac_stats through
+    # and keeps the inner state of the last one only, so the emitted update used
+    # s2 alone (0.5-1.5 away from the accumulated batch's). lo.multi_steps emits
+    # K-FAC's update for the mean gradient and the mean statistics, over several
+    # emitted updates (factor EMA, momentum and refreshes carry over).
+    rng = np.random.default_rng(5)
+    d_in, d_out, k, rounds = 4, 3, 2, 2
+    a_seq, g_seq = _stats_seq(rng, d_in, d_out, k * rounds)
+    grads = [rng.standard_normal((d_in, d_out)).astype(np.float32) for _ in range(k * rounds)]
+    hp = dict(b1=0.5, factor_decay=0.8, damping=1e-2, damping_mode="pi")
+    params = {"w": jnp.zeros((d_in, d_out))}
+    as_stats = lambda a, g: {
+        "w": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32))
+    }  # noqa: E731
+    ref = lo.scale_by_kfac(**hp)
+    ref_state = ref.init(params)
+    tx = lo.multi_steps(lo.scale_by_kfac(**hp), k)
+    naive = optax.MultiSteps(lo.scale_by_kfac(**hp), k)
+    state, naive_state = tx.init(params), naive.init(params)
+    update, ref_update, naive_update = (jax.jit(t.update) for t in (tx, ref, naive))
+    for r in range(rounds):
+        chunk = slice(r * k, (r + 1) * k)
+        mean = lambda xs: np.mean(np.stack(xs), axis=0)  # noqa: E731
+        want, ref_state = ref_update(
+            {"w": jnp.asarray(mean(grads[chunk]))},
+            ref_state,
+            params,
+            kfac_stats=as_stats(mean(a_seq[chunk]), mean(g_seq[chunk])),
+        )
+        for i in range(r * k, (r + 1) * k):
+            g, s = {"w": jnp.asarray(grads[i])}, as_stats(a_seq[i], g_seq[i])
+            u, state = update(g, state, params, kfac_stats=s)
+            un, naive_state = naive_update(g, naive_state, params, kfac_stats=s)
+            if i < (r + 1) * k - 1:
+                np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
+        np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(want["w"]), rtol=1e-4, atol=1e-6)
+        if r == 0:
+            assert float(jnp.max(jnp.abs(un["w"] - want["w"]))) > 0.1  # optax's drops s1, s2
+    inner = state.inner_opt_state
+    assert int(inner.pending_count) == 0
+    np.testing.assert_array_equal(np.asarray(inner.pending["w"][0]), 0.0)
+
+
+def test_multi_steps_is_optax_multi_steps_for_other_optimizers():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    ours, theirs = lo.multi_steps(optax.adam(0.1), 2), optax.MultiSteps(optax.adam(0.1), 2)
+    s1, s2 = ours.init(params), theirs.init(params)
+    up1, up2 = jax.jit(ours.update), jax.jit(theirs.update)
+    for i in range(4):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        u1, s1 = up1(g, s1, params)
+        u2, s2 = up2(g, s2, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)
