@@ -42,7 +42,7 @@ def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides
             right = gh + dg * np.eye(d_out) if sides != "input" else np.eye(d_out)
             inv = np.linalg.inv(np.kron(left, right))
         u = (inv @ np.asarray(gr, np.float64).reshape(-1)).reshape(d_in, d_out)
-        mu = b1 * mu + u
+        mu = b1 * mu + (1 - b1) * u  # EMA momentum
         out.append(mu)
     return out
 

@@ -39,3 +39,57 @@ def test_one_sided_kfac_with_default_damping_mode_is_the_papers_single_index_ste
         got = alignment(lo.kfac(1.0, b1=0.0, factor_decay=0.0, damping=damping, sides="input"))
         assert got >= 0.95, (damping, got, sgd)
     assert sgd < 0.65
+
+
+def _lr_grid_losses(workload_name, lrs, steps, statistics="fisher"):
+    """Training losses ``(len(lrs), steps)`` of lo.kfac(lr) with default hyperparameters."""
+    import jax.numpy as jnp
+
+    from benchmarks import time_to_target, workloads
+
+    workload = workloads.WORKLOADS[workload_name]
+    train_data, _, _ = workload.data()
+    factory = lambda lr: lo.inject_hyperparams(lo.kfac)(learning_rate=lr)  # noqa: E731
+    train, _, _ = time_to_target.make_train(factory, True, workload, train_data, steps, statistics)
+    losses, _ = jax.jit(jax.vmap(lambda lr: train(lr, 0)))(jnp.asarray(lrs, jnp.float32))
+    return np.asarray(losses)
+
+
+def _assert_no_divergence(losses, lrs):
+    for lr, curve in zip(lrs, losses):
+        assert np.all(np.isfinite(curve)), lr
+        # Never far above the starting loss, and below it at the end.
+        assert curve.max() < 1.5 * curve[0], (lr, curve.max(), curve[0])
+        assert curve[-5:].mean() < 0.9 * curve[0], (lr, curve[-5:], curve[0])
+
+
+def test_readme_recipe_does_not_diverge_on_digits_quick():
+    # Issue 20 item 16, default tier: the README's recipe (Fisher statistics,
+    # lo.kfac(lr) with its defaults) on sklearn digits, 64-128-128-10 tanh MLP,
+    # batch 128, the ends of the 0.01-1 grid for 60 steps. Before: heavy-ball
+    # momentum 0.9 and damping 1e-3 reached loss 1.8e3 at lr 1 (66 at lr 0.1).
+    pytest.importorskip("sklearn")
+    lrs = [0.01, 1.0]
+    _assert_no_divergence(_lr_grid_losses("digits", lrs, 60), lrs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("statistics", ["fisher", "empirical"])
+def test_readme_recipe_does_not_diverge_on_digits(statistics):
+    # Issue 20 item 16: the full workload (200 steps) on the whole 0.01-1 grid.
+    pytest.importorskip("sklearn")
+    lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
+    _assert_no_divergence(_lr_grid_losses("digits", lrs, 200, statistics), lrs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist1d", "linrep_k10", "linrep_k1000"])
+def test_default_kfac_does_not_diverge_on_the_benchmark_workloads(name):
+    if name == "mnist1d":
+        pytest.importorskip("mnist1d")
+    from benchmarks import time_to_target, workloads
+
+    lrs = [0.01, 0.03, 0.1, 0.3, 1.0]
+    workload = workloads.WORKLOADS[name]
+    stats = time_to_target.kfac_statistics(workload)
+    _assert_no_divergence(_lr_grid_losses(name, lrs, workload.steps, stats), lrs)
