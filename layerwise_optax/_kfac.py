@@ -638,12 +638,19 @@ def kfac(
       >>> import layerwise_optax as lo
       >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
       >>> stats = {'w': lo.KfacFactors(a=jnp.eye(3), g=jnp.eye(2)), 'b': None}
-      >>> tx = lo.kfac(learning_rate=0.1, damping_mode='absolute', damping=0.0)
+      >>> tx = lo.kfac(learning_rate=0.1, b1=0.0, damping_mode='absolute', damping=0.0)
       >>> state = tx.init(params)
       >>> grads = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
       >>> updates, state = tx.update(grads, state, params, kfac_stats=stats)
       >>> [[round(v, 6) for v in row] for row in updates['w'].tolist()]
       [[-0.1, -0.1], [-0.1, -0.1], [-0.1, -0.1]]
+
+      With momentum ``b1`` the first step is ``(1 - b1)`` of that (an EMA from zero):
+
+      >>> tx = lo.kfac(learning_rate=0.1, b1=0.9, damping_mode='absolute', damping=0.0)
+      >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+      >>> round(float(updates['w'][0, 0]), 6)
+      -0.01
 
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
