@@ -175,7 +175,11 @@ def scale_by_kfac(
       damping_mode: ``'pi'`` (Martens and Grosse's factored damping: ``A + pi
         sqrt(lambda) I`` and ``B + sqrt(lambda) / pi I`` with
         ``pi = sqrt((tr A / d_A) / (tr B / d_B))``) or ``'absolute'``
-        (``A + lambda I`` and ``B + lambda I``).
+        (``A + lambda I`` and ``B + lambda I``). With one side applied
+        (``sides='input'`` or ``'output'``) both modes damp that factor by
+        ``lambda``: the other factor is the identity and ``A ⊗ I + lambda I = (A +
+        lambda I) ⊗ I`` exactly; a damping never depends on a factor that is not
+        applied.
       sides: ``'both'`` (K-FAC), ``'input'`` (``A^{-1} G``: one-sided whitening,
         the paper's single-index update and DFW's ``P = I, Q = Sigma``) or
         ``'output'`` (``G B^{-1}``).
@@ -614,7 +618,8 @@ def kfac(
       max_precond_dim: Longer factor dimensions keep only their diagonal (static).
       dimension_numbers: Each kernel's (input, output) groups; ``None``: Flax
         layouts (:func:`default_kernel_dimension_numbers`).
-      damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``.
+      damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``; one-sided
+        updates are damped by ``lambda`` in both (see :func:`scale_by_kfac`).
       sides: ``'both'``, ``'input'`` or ``'output'``.
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask.
