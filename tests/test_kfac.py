@@ -289,3 +289,23 @@ def test_multi_steps_is_optax_multi_steps_for_other_optimizers():
         u1, s1 = up1(g, s1, params)
         u2, s2 = up2(g, s2, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)
+
+
+def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted():
+    # Failure policy with stored Cholesky factors: a factor that is not positive
+    # definite after damping (finite, so the statistics are accepted) fails to
+    # factor; the previous factor is kept per block and the failure counted.
+    tx = lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
+    params = {"w": jnp.zeros((3, 2))}
+    g = {"w": jnp.asarray(np.arange(6.0).reshape(3, 2), jnp.float32)}
+    a1, b1 = np.diag([1.0, 2.0, 4.0]), np.array([[2.0, 0.5], [0.5, 1.0]])
+    update = jax.jit(tx.update)
+    _, state = update(g, tx.init(params), params, kfac_stats={"w": lo.KfacFactors(a1, b1)})
+    good = [np.asarray(x) for x in state.inverses["w"]]
+    np.testing.assert_allclose(good[0][0], np.linalg.cholesky(a1), rtol=1e-6)
+    bad = {"w": lo.KfacFactors(jnp.diag(jnp.asarray([1.0, -1.0, 2.0])), b1)}
+    u, state = update(g, state, params, kfac_stats=bad)
+    assert int(state.failed_inverses) == 1
+    np.testing.assert_array_equal(np.asarray(state.inverses["w"][0]), good[0])
+    want = np.linalg.solve(a1, np.asarray(g["w"])) @ np.linalg.inv(b1)
+    np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-5)
