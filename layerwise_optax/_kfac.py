@@ -599,7 +599,7 @@ def kfac(
     the inputs or of the next layer. With the defaults (``damping=0.1``,
     pi-adjusted; EMA momentum ``b1=0.9``) any learning rate in ``0.01..1`` is
     stable on the MLPs of the benchmarks (sklearn digits, MNIST-1D, Fisher or
-    empirical statistics), ``0.1..1`` being fast. Lowering ``damping`` lets the
+    empirical statistics), about ``0.1`` being fastest. Lowering ``damping`` lets the
     step grow as the curvature shrinks: the Fisher of a confident classifier goes
     to zero, the damped step approaches ``G / lambda`` and, at ``damping=1e-3``,
     diverges on digits for every learning rate from 0.03 up. Lower it only with a

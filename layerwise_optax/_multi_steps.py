@@ -14,6 +14,7 @@ the mean statistics of the whole accumulated batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,22 +96,7 @@ def multi_steps(
             optax.tree.cast_like(acc, updates), state.inner_opt_state, params, **extra_args
         )
 
-        def where(old, new):
-            return jax.tree.map(lambda o, n: jnp.where(emit, n, o).astype(o.dtype), old, new)
-
-        def keep(old, new):
-            # Mini-steps that emit nothing keep the old state, but K-FAC's pending
-            # statistics from the new one.
-            if isinstance(old, _kfac.ScaleByKfacState):
-                old = old._replace(pending=new.pending, pending_count=new.pending_count)
-            return where(old, new)
-
-        inner_state = jax.tree.map(
-            keep,
-            state.inner_opt_state,
-            new_inner,
-            is_leaf=lambda x: isinstance(x, _kfac.ScaleByKfacState),
-        )
+        inner_state = _keep_on_mid_steps(emit, state.inner_opt_state, new_inner)
         return jax.tree.map(lambda u: jnp.where(emit, u, 0).astype(u.dtype), new_updates), (
             optax.MultiStepsState(
                 mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),
@@ -124,3 +110,34 @@ def multi_steps(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _keep_on_mid_steps(emit: jax.Array, old: Any, new: Any) -> Any:
+    """``new`` where ``emit``, else ``old`` with K-FAC's pending statistics from ``new``.
+
+    Matched leaf by leaf in flattening order and rebuilt with ``new``'s structure:
+    ``flax.nnx.Optimizer`` hands back the state with its tuples turned into
+    int-keyed ``nnx.State`` mappings (same leaves, same order), which a
+    structure-matching ``tree.map`` would reject.
+    """
+    is_kfac = lambda x: isinstance(x, _kfac.ScaleByKfacState)  # noqa: E731
+    old_nodes = jax.tree.leaves(old, is_leaf=is_kfac)
+    new_nodes, treedef = jax.tree.flatten(new, is_leaf=is_kfac)
+    if len(old_nodes) != len(new_nodes):
+        raise ValueError(
+            f"multi_steps: the wrapped optimizer's state changed structure "
+            f"({len(old_nodes)} leaves before the update, {len(new_nodes)} after)."
+        )
+
+    def where(o, n):
+        o_leaves, n_leaves = jax.tree.leaves(o), jax.tree.leaves(n)
+        return jax.tree.structure(n).unflatten(
+            [jnp.where(emit, b, a).astype(a.dtype) for a, b in zip(o_leaves, n_leaves)]
+        )
+
+    merged = []
+    for o, n in zip(old_nodes, new_nodes):
+        if is_kfac(o) and is_kfac(n):
+            o = o._replace(pending=n.pending, pending_count=n.pending_count)
+        merged.append(where(o, n))
+    return treedef.unflatten(merged)

@@ -93,3 +93,25 @@ def test_default_kfac_does_not_diverge_on_the_benchmark_workloads(name):
     workload = workloads.WORKLOADS[name]
     stats = time_to_target.kfac_statistics(workload)
     _assert_no_divergence(_lr_grid_losses(name, lrs, workload.steps, stats), lrs)
+
+
+def test_multi_steps_through_nnx_optimizer_matches_the_pure_tree_path():
+    # nnx.Optimizer hands the state back with its tuples as nnx.State mappings.
+    import jax.numpy as jnp
+
+    capture = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    opt = nnx.Optimizer(model, lo.multi_steps(lo.kfac(0.5), 2), wrt=nnx.Param)
+    tx = lo.multi_steps(lo.kfac(0.5), 2)
+    state = tx.init(params)
+    y = jnp.zeros((8, 2))
+    for i in range(4):
+        x = jax.random.normal(jax.random.key(i), (8, 3))
+        _, grads, stats = capture(model, x, y)
+        updates, state = tx.update(nnx.as_pure(grads), state, params, kfac_stats=stats)
+        params = optax.apply_updates(params, updates)
+        opt.update(model, grads, kfac_stats=stats)
+        got = nnx.as_pure(nnx.state(model, nnx.Param))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got, params)
+    assert int(state.gradient_step) == 2
