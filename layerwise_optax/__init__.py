@@ -18,6 +18,7 @@ from layerwise_optax._kfac import KfacFactors as KfacFactors
 from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
 from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
+from layerwise_optax._multi_steps import multi_steps as multi_steps
 from layerwise_optax._muon import ScaleByMuonState as ScaleByMuonState
 from layerwise_optax._muon import muon as muon
 from layerwise_optax._muon import normuon as normuon
@@ -73,6 +74,7 @@ __all__ = (
     "format_roles",
     "inject_hyperparams",
     "kfac",
+    "multi_steps",
     "layer_roles",
     "linalg",
     "muon",

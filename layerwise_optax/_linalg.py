@@ -173,6 +173,76 @@ def inv_psd_cholesky(
     return jnp.where(good[..., None, None], inv, jnp.asarray(jnp.nan, inv.dtype))
 
 
+def cholesky_psd(
+    a: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    relative_damping: bool = False,
+) -> jax.Array:
+    """Lower Cholesky factor ``L`` of ``A + delta I = L L^T`` for symmetric PSD ``A``.
+
+    The factorization that :func:`cholesky_solve` applies: solving with ``L`` is
+    backward stable, so ``(A + delta I)^{-1} b`` computed that way is accurate to
+    about ``eps * kappa`` relative to the solution, where multiplying by the
+    explicit inverse of :func:`inv_psd_cholesky` can be off by up to
+    ``eps * kappa^2`` (when ``b`` lies along the large eigenvalues). It is also a
+    third of the cost of the inverse (``n^3 / 3`` flops against ``n^3``). As for
+    :func:`inv_psd_cholesky`, there is no eigenvalue floor: a damped matrix that is
+    not positive definite in floating point, or a non-finite one, gives NaN, so
+    callers keep their previous factor.
+
+    Args:
+      a: ``(..., n, n)`` symmetric PSD matrices.
+      damping: Ridge added to the diagonal (see the module docstring).
+      relative_damping: Whether ``damping`` is relative to ``lambda_max(A)``
+        (estimated by :func:`max_eigenvalue`).
+
+    Returns:
+      ``(..., n, n)`` lower-triangular factors (zero above the diagonal); NaN
+      where the factorization failed.
+    """
+    a = symmetrize(a.astype(_compute_dtype(a)))
+    ok = _finite_matrices(a)
+    a = jnp.where(ok[..., None, None], a, _eye_like(a))
+    delta = jnp.asarray(damping, a.dtype)
+    if relative_damping:
+        delta = delta * max_eigenvalue(a)
+    damped = a + delta[..., None, None] * _eye_like(a) if delta.ndim else a + delta * _eye_like(a)
+    chol = jnp.tril(_one_at_a_time_on_cpu(jnp.linalg.cholesky, damped))
+    good = ok & _finite_matrices(chol)
+    return jnp.where(good[..., None, None], chol, jnp.asarray(jnp.nan, chol.dtype))
+
+
+def cholesky_solve(chol: jax.Array, b: jax.Array, *, left: bool = True) -> jax.Array:
+    """``(L L^T)^{-1} B`` (``left``) or ``B (L L^T)^{-1}`` by two triangular solves.
+
+    Costs the same flops as one product with an explicit inverse (``2 n^2 m``
+    for ``m`` right-hand sides) and is backward stable (see :func:`cholesky_psd`).
+
+    Args:
+      chol: ``(..., n, n)`` lower Cholesky factors (from :func:`cholesky_psd`).
+      b: ``(..., n, m)`` right-hand sides (``left``) or ``(..., m, n)`` (not
+        ``left``), with the same leading axes as ``chol``.
+      left: Solve from the left (``L L^T X = B``) or from the right
+        (``X L L^T = B``).
+
+    Returns:
+      ``X``, the shape of ``b``, in the common compute dtype of both inputs.
+    """
+    dtype = jnp.promote_types(_compute_dtype(chol), _compute_dtype(b))
+    chol, b = chol.astype(dtype), b.astype(dtype)
+    solve = jax.lax.linalg.triangular_solve
+
+    def both(low, x):
+        if left:
+            y = solve(low, x, left_side=True, lower=True)  # L Y = B
+            return solve(low, y, left_side=True, lower=True, transpose_a=True)  # L^T X = Y
+        y = solve(low, x, left_side=False, lower=True, transpose_a=True)  # Y L^T = B
+        return solve(low, y, left_side=False, lower=True)  # X L = Y
+
+    return _one_at_a_time_on_cpu(both, chol, b)
+
+
 def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
     """Largest eigenvalue of symmetric PSD matrices by power iteration.
 

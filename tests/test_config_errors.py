@@ -93,6 +93,7 @@ BAD = {
     "scales": [(2.0, TE), ({"bogus_role": 1.0}, VE), ({"matrix": -1.0}, VE)],
     "mode": MODE,
     "factory": [(None, VE), (lambda: None, VE)],
+    "every_k_schedule": POSITIVE_INT,
 }
 
 # Factory -> the arguments it cannot do without (everything else is defaulted).
@@ -113,9 +114,10 @@ FACTORIES = {
     lo.precond_update_prob_schedule: {},
     lo.raise_on_failure: dict(inner=lo.shampoo(1e-2)),
     lo.inject_hyperparams: dict(factory=lo.shampoo),
+    lo.multi_steps: dict(opt=lo.kfac(1e-2), every_k_schedule=2),
 }
 # Arguments that are the object being wrapped, checked where they are used.
-NOT_HYPERPARAMETERS = {"inner"}
+NOT_HYPERPARAMETERS = {"inner", "opt"}
 
 
 def _cases():

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import layerwise_optax as lo
@@ -31,7 +32,8 @@ def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides
         g_ema = decay * g_ema + (1 - decay) * g
         if (t - 1) % freq == 0:
             ah, gh = a_ema / (1 - decay**t), g_ema / (1 - decay**t)
-            if mode == "pi":
+            if mode == "pi" and sides == "both":
+                # One-sided: A ⊗ I + damping I = (A + damping I) ⊗ I, no pi split.
                 pi = np.sqrt((np.trace(ah) / d_in) / (np.trace(gh) / d_out))
                 da, dg = pi * np.sqrt(damping), np.sqrt(damping) / pi
             else:
@@ -40,7 +42,7 @@ def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides
             right = gh + dg * np.eye(d_out) if sides != "input" else np.eye(d_out)
             inv = np.linalg.inv(np.kron(left, right))
         u = (inv @ np.asarray(gr, np.float64).reshape(-1)).reshape(d_in, d_out)
-        mu = b1 * mu + u
+        mu = b1 * mu + (1 - b1) * u  # EMA momentum
         out.append(mu)
     return out
 
@@ -399,3 +401,114 @@ def test_statistics_of_masked_leaves_are_not_stray():
     u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
     np.testing.assert_allclose(u["w"], 0.5, rtol=1e-6)
     np.testing.assert_allclose(u["v"], 1.0)
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e4, 3e4], ids=lambda c: f"cond{c:g}")
+def test_small_damping_step_matches_float64_for_the_same_float32_factors(cond):
+    # Issue 20 item 4: statistics of ill-conditioned inputs and output gradients
+    # (condition numbers `cond`, rotated), the gradient X^T D / n in their span.
+    # At damping 1e-8..1e-10 the float32 step (Cholesky factors applied by
+    # triangular solves) stays within 1e-3 of the float64 solve with the same
+    # float32 factors and gradient.
+    rng = np.random.default_rng(int(np.log10(cond)))
+    n, d_in, d_out = 512, 48, 24
+
+    def data(d):
+        q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        return (rng.standard_normal((n, d)) * np.logspace(0, -np.log10(cond) / 2, d)) @ q
+
+    x, dl = data(d_in), data(d_out)
+    a, b = (x.T @ x / n).astype(np.float32), (dl.T @ dl / n).astype(np.float32)
+    g = (x.T @ dl / n).astype(np.float32)
+    tx = lo.inject_hyperparams(lo.scale_by_kfac)(
+        b1=0.0, factor_decay=0.0, damping=1.0, damping_mode="absolute"
+    )
+    params = {"w": jnp.zeros((d_in, d_out))}
+    stats = {"w": lo.KfacFactors(jnp.asarray(a), jnp.asarray(b))}
+    update = jax.jit(tx.update)
+    for damping in (1e-8, 1e-9, 1e-10):
+        state = tx.init(params)
+        state.hyperparams["damping"] = jnp.asarray(damping, jnp.float32)
+        u, state = update({"w": jnp.asarray(g)}, state, params, kfac_stats=stats)
+        a64 = a.astype(np.float64) + damping * np.eye(d_in)
+        b64 = b.astype(np.float64) + damping * np.eye(d_out)
+        want = np.linalg.solve(b64, np.linalg.solve(a64, g.astype(np.float64)).T).T
+        err = np.linalg.norm(np.asarray(u["w"], np.float64) - want) / np.linalg.norm(want)
+        assert err < 1e-3, (damping, err)
+        assert int(state.inner_state.failed_inverses) == 0
+
+
+def test_multi_steps_accumulates_the_statistics_of_every_mini_step():
+    # Issue 20 item 3: optax.MultiSteps passes each mini-step's kfac_stats through
+    # and keeps the inner state of the last one only, so the emitted update used
+    # s2 alone (0.5-1.5 away from the accumulated batch's). lo.multi_steps emits
+    # K-FAC's update for the mean gradient and the mean statistics, over several
+    # emitted updates (factor EMA, momentum and refreshes carry over).
+    rng = np.random.default_rng(5)
+    d_in, d_out, k, rounds = 4, 3, 2, 2
+    a_seq, g_seq = _stats_seq(rng, d_in, d_out, k * rounds)
+    grads = [rng.standard_normal((d_in, d_out)).astype(np.float32) for _ in range(k * rounds)]
+    hp = dict(b1=0.5, factor_decay=0.8, damping=1e-2, damping_mode="pi")
+    params = {"w": jnp.zeros((d_in, d_out))}
+    as_stats = lambda a, g: {
+        "w": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32))
+    }  # noqa: E731
+    ref = lo.scale_by_kfac(**hp)
+    ref_state = ref.init(params)
+    tx = lo.multi_steps(lo.scale_by_kfac(**hp), k)
+    naive = optax.MultiSteps(lo.scale_by_kfac(**hp), k)
+    state, naive_state = tx.init(params), naive.init(params)
+    update, ref_update, naive_update = (jax.jit(t.update) for t in (tx, ref, naive))
+    for r in range(rounds):
+        chunk = slice(r * k, (r + 1) * k)
+        mean = lambda xs: np.mean(np.stack(xs), axis=0)  # noqa: E731
+        want, ref_state = ref_update(
+            {"w": jnp.asarray(mean(grads[chunk]))},
+            ref_state,
+            params,
+            kfac_stats=as_stats(mean(a_seq[chunk]), mean(g_seq[chunk])),
+        )
+        for i in range(r * k, (r + 1) * k):
+            g, s = {"w": jnp.asarray(grads[i])}, as_stats(a_seq[i], g_seq[i])
+            u, state = update(g, state, params, kfac_stats=s)
+            un, naive_state = naive_update(g, naive_state, params, kfac_stats=s)
+            if i < (r + 1) * k - 1:
+                np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
+        np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(want["w"]), rtol=1e-4, atol=1e-6)
+        if r == 0:
+            assert float(jnp.max(jnp.abs(un["w"] - want["w"]))) > 0.1  # optax's drops s1, s2
+    inner = state.inner_opt_state
+    assert int(inner.pending_count) == 0
+    np.testing.assert_array_equal(np.asarray(inner.pending["w"][0]), 0.0)
+
+
+def test_multi_steps_is_optax_multi_steps_for_other_optimizers():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    ours, theirs = lo.multi_steps(optax.adam(0.1), 2), optax.MultiSteps(optax.adam(0.1), 2)
+    s1, s2 = ours.init(params), theirs.init(params)
+    up1, up2 = jax.jit(ours.update), jax.jit(theirs.update)
+    for i in range(4):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        u1, s1 = up1(g, s1, params)
+        u2, s2 = up2(g, s2, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)
+
+
+def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted():
+    # Failure policy with stored Cholesky factors: a factor that is not positive
+    # definite after damping (finite, so the statistics are accepted) fails to
+    # factor; the previous factor is kept per block and the failure counted.
+    tx = lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
+    params = {"w": jnp.zeros((3, 2))}
+    g = {"w": jnp.asarray(np.arange(6.0).reshape(3, 2), jnp.float32)}
+    a1, b1 = np.diag([1.0, 2.0, 4.0]), np.array([[2.0, 0.5], [0.5, 1.0]])
+    update = jax.jit(tx.update)
+    _, state = update(g, tx.init(params), params, kfac_stats={"w": lo.KfacFactors(a1, b1)})
+    good = [np.asarray(x) for x in state.inverses["w"]]
+    np.testing.assert_allclose(good[0][0], np.linalg.cholesky(a1), rtol=1e-6)
+    bad = {"w": lo.KfacFactors(jnp.diag(jnp.asarray([1.0, -1.0, 2.0])), b1)}
+    u, state = update(g, state, params, kfac_stats=bad)
+    assert int(state.failed_inverses) == 1
+    np.testing.assert_array_equal(np.asarray(state.inverses["w"][0]), good[0])
+    want = np.linalg.solve(a1, np.asarray(g["w"])) @ np.linalg.inv(b1)
+    np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-5)

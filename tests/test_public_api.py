@@ -35,6 +35,7 @@ EXPECTED_ALL = {
     "kfac",
     "layer_roles",
     "linalg",
+    "multi_steps",
     "muon",
     "normuon",
     "scale_by_kfac",
