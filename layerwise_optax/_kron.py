@@ -95,6 +95,18 @@ def init_factors(plan: _axes.LeafPlan, dtype: Any, *, identity: bool = False) ->
     return tuple(out)
 
 
+def init_factor_tree(plans: Any, params: Any, dtype: Any, *, identity: bool = False) -> Any:
+    """:func:`init_factors` for every leaf, stored bare (see :func:`_axes.bare`).
+
+    The states of Shampoo and SOAP keep their per-leaf factor tuples this way so
+    that ``flax.nnx.Optimizer`` hands them back with the same structure.
+    """
+    return _axes.bare(
+        plans,
+        _axes.map_leaves(lambda p, pl: init_factors(pl, dtype, identity=identity), plans, params),
+    )
+
+
 def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) -> Factors:
     """Per-axis second moments ``G_(i) G_(i)^T`` (or their diagonals) of a block view.
 

@@ -233,21 +233,8 @@ def scale_by_shampoo(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
-            # Per-leaf factor tuples are stored bare (see _axes.bare).
-            stats=_axes.bare(
-                plans,
-                _axes.map_leaves(
-                    lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
-                ),
-            ),
-            roots=_axes.bare(
-                plans,
-                _axes.map_leaves(
-                    lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True),
-                    plans,
-                    params,
-                ),
-            ),
+            stats=_kron.init_factor_tree(plans, params, precond_dtype),
+            roots=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_roots=jnp.zeros([], jnp.int32),
         )
@@ -296,9 +283,8 @@ def scale_by_shampoo(
                     # Roots of L_t / (1 - beta^t): the EMA starts at zero, so its
                     # weights sum to 1 - beta^t (t counts steps, skipped ones too).
                     # 1 - beta^t as -expm1(t log beta): no cancellation for beta near 1.
-                    decay = jnp.asarray(factor_decay, jnp.float32)
                     t = count_inc.astype(jnp.float32)
-                    corr = jnp.where(decay == 1.0, 1.0, -1.0 / jnp.expm1(t * jnp.log(decay)))
+                    corr = jnp.where(decay_ == 1.0, 1.0, -1.0 / jnp.expm1(t * jnp.log(decay_)))
                     stats = jax.tree.map(lambda s: s * corr.astype(s.dtype), stats)
 
                 def root_of(plan):

@@ -161,21 +161,8 @@ def scale_by_soap(
                 plans,
                 params,
             ),
-            # Per-leaf factor tuples are stored bare (see _axes.bare).
-            stats=_axes.bare(
-                plans,
-                _axes.map_leaves(
-                    lambda p, pl: _kron.init_factors(pl, precond_dtype), plans, params
-                ),
-            ),
-            bases=_axes.bare(
-                plans,
-                _axes.map_leaves(
-                    lambda p, pl: _kron.init_factors(pl, precond_dtype, identity=True),
-                    plans,
-                    params,
-                ),
-            ),
+            stats=_kron.init_factor_tree(plans, params, precond_dtype),
+            bases=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
             skipped_stats=jnp.zeros([], jnp.int32),
             failed_refreshes=jnp.zeros([], jnp.int32),
         )
