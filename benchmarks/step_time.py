@@ -268,7 +268,7 @@ FLOORS = {
 
 def documented_state_bytes(plans: Any, params: Any) -> int:
     """ScaleByShampooState size by its docstring formula (rmsprop graft: mu and nu)."""
-    total = 4 + 4 + 4  # count, skipped_stats, failed_roots
+    total = 4 + 4 + 4  # count, failures.skipped, failures.failed
     for plan, p in zip(
         jax.tree.leaves(plans, is_leaf=lambda x: isinstance(x, _axes.LeafPlan)),
         jax.tree.leaves(params),

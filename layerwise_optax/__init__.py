@@ -6,6 +6,7 @@ from layerwise_optax._axes import default_dimension_numbers as default_dimension
 from layerwise_optax._checkpoint import check_state as check_state
 from layerwise_optax._checkpoint import checkpointable as checkpointable
 from layerwise_optax._checkpoint import restore_state as restore_state
+from layerwise_optax._failure import FailureCounts as FailureCounts
 from layerwise_optax._health import FailureReport as FailureReport
 from layerwise_optax._health import OptimizerFailureError as OptimizerFailureError
 from layerwise_optax._health import failure_counts as failure_counts
@@ -44,6 +45,7 @@ from layerwise_optax._steepest import scale_by_steepest_descent as scale_by_stee
 from layerwise_optax._steepest import steepest_descent as steepest_descent
 
 __all__ = (
+    "FailureCounts",
     "FailureReport",
     "OptimizerFailureError",
     "check_state",

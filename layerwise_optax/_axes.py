@@ -32,13 +32,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from layerwise_optax import _distribute
 
 Kind = Literal["full", "diag", "none"]
 
@@ -445,6 +447,72 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
     nodes, treedef = jax.tree.flatten(plans, is_leaf=_is_plan_node)
     columns = [treedef.flatten_up_to(t) for t in (tree, *rest)]
     return jax.tree.unflatten(treedef, [apply(p, *xs) for p, *xs in zip(nodes, *columns)])
+
+
+def map_grouped(
+    prepare: Callable[..., Sequence[tuple[Any, tuple[jax.Array, ...]] | None]],
+    batched: Callable[[Any], Callable[..., Any]],
+    plans: Any,
+    *trees: Any,
+    distribute: bool = True,
+) -> Any:
+    """Batched work over same-keyed stacks of blocks of *all* leaves at once.
+
+    The refresh of a Kronecker preconditioner is a set of independent problems
+    on stacks of equal-sized blocks (the factors of every leaf with the same block
+    length, PSGD's fits of leaves with the same layout, Muon's same-shaped
+    matrices). This is the one loop that forms those batches: per leaf,
+    ``prepare(plan, *leaf_inputs)`` lists its work items, each ``None`` (no work)
+    or ``(key, arrays)`` with arrays sharing a leading stack axis; items with
+    equal ``key`` (equal trailing shapes and dtypes) are concatenated and
+    computed by one call of ``batched(key)``, spread over the devices of the
+    current mesh when ``distribute`` (:func:`layerwise_optax._distribute.grouped`),
+    then split back.
+
+    Args:
+      prepare: ``prepare(plan, *xs) -> [None | (key, arrays), ...]`` for each
+        :class:`LeafPlan` (``xs``: the leaves of ``trees`` at its position).
+      batched: ``batched(key)`` is a function of the concatenated arrays,
+        treating stack entries independently, returning a pytree with the stack
+        axis.
+      plans: The plans (from :func:`resolve`).
+      *trees: Inputs with the plans' structure (arrays or per-leaf containers).
+      distribute: Spread each batch over the mesh's devices.
+
+    Returns:
+      A tree like ``plans``: per plan leaf a tuple aligned with its ``prepare``
+      list (``None`` where the item was ``None``, else that item's slice of the
+      result); other positions (masked) keep the plan's node.
+    """
+    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=is_plan_leaf)
+    columns = [treedef.flatten_up_to(t) for t in trees]
+    listed: list[Any] = []
+    items, where = [], []
+    for i, plan in enumerate(plan_leaves):
+        if not isinstance(plan, LeafPlan):
+            listed.append(plan)
+            continue
+        work = list(prepare(plan, *(c[i] for c in columns)))
+        listed.append([None] * len(work))
+        for j, item in enumerate(work):
+            if item is not None:
+                items.append(item)
+                where.append((i, j))
+    for (i, j), result in zip(where, _distribute.grouped(items, batched, enabled=distribute)):
+        listed[i][j] = result
+    leaves = [tuple(x) if isinstance(p, LeafPlan) else x for p, x in zip(plan_leaves, listed)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def keep_masked(plans: Any, new: Any, old: Any) -> Any:
+    """``new`` with ``old``'s entries at the positions where ``plans`` is masked.
+
+    :func:`map_leaves` puts the mask node itself there; states that store
+    something else at masked positions (e.g. empty factor tuples) keep it.
+    """
+    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=is_plan_leaf)
+    pairs = zip(plan_leaves, treedef.flatten_up_to(new), treedef.flatten_up_to(old))
+    return jax.tree.unflatten(treedef, [o if is_masked(p) else n for p, n, o in pairs])
 
 
 def _is_wrapper(x: Any) -> bool:

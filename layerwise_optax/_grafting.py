@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _kron
+from layerwise_optax import _axes, _failure, _kron
 
 GRAFTING = ("adam", "rmsprop", "sgd", "none")
 
@@ -76,7 +76,7 @@ def guarded_momentum(
       float32 (zero if not finite), the new momentum (``mu`` unchanged if not
       finite) and its bias-corrected estimate.
     """
-    ok, g32 = _kron.finite_or_zero(g)
+    ok, g32 = _failure.guard(g)
     b1 = jnp.asarray(b1, jnp.float32)  # one arithmetic for plain and injected values
     mu_new = _axes.select(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
     return ok, g32, mu_new, bias_corrected_first_moment(mu_new, g32, b1, count_inc, nesterov)
@@ -126,15 +126,16 @@ class ScaleByGuardedAdamState(NamedTuple):
       mu: First moment, params tree (``mu_dtype``, default the params' dtype
         promoted to float32).
       nu: Second moment, params tree, float32 or wider.
-      skipped: int32 scalar, (leaf, step) pairs whose gradient was not valid (see
-        :func:`layerwise_optax._kron.finite_or_zero`); they got a zero update and
-        left the moments unchanged.
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs whose gradient was not valid
+        (:func:`~layerwise_optax._failure.guard`); they got a zero update and left
+        the moments unchanged. ``failed``: always 0 (nothing is refreshed).
     """
 
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-    skipped: jax.Array
+    failures: _failure.FailureCounts
 
 
 def scale_by_guarded_adam(
@@ -179,7 +180,7 @@ def scale_by_guarded_adam(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
             nu=jax.tree.map(zeros, params),
-            skipped=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
@@ -203,6 +204,8 @@ def scale_by_guarded_adam(
         skipped = sum(
             ((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks)), jnp.zeros([], jnp.int32)
         )
-        return u, ScaleByGuardedAdamState(count_inc, mu, nu, state.skipped + skipped)
+        return u, ScaleByGuardedAdamState(
+            count_inc, mu, nu, _failure.add(state.failures, skipped=skipped)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)

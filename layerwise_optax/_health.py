@@ -27,24 +27,33 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from layerwise_optax import _checks, _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _steepest
+from layerwise_optax import (
+    _checks,
+    _failure,
+    _grafting,
+    _kfac,
+    _muon,
+    _psgd,
+    _shampoo,
+    _soap,
+    _steepest,
+)
 
-# State type -> (algorithm name, skipped-counter field, failed-counter field or None).
-# The field names are each algorithm's own (they say what failed: roots, inverses,
-# bases); the report gives them one vocabulary.
-COUNTERS: dict[type, tuple[str, str, str | None]] = {
-    _shampoo.ScaleByShampooState: ("shampoo", "skipped_stats", "failed_roots"),
-    _soap.ScaleBySoapState: ("soap", "skipped_stats", "failed_refreshes"),
-    _kfac.ScaleByKfacState: ("kfac", "skipped_stats", "failed_inverses"),
-    _muon.ScaleByMuonState: ("muon", "skipped", "failed"),
-    _steepest.ScaleBySteepestDescentState: ("steepest_descent", "skipped", "failed"),
-    _psgd.ScaleByPsgdKronState: ("psgd_kron", "skipped", "failed"),
-    _grafting.ScaleByGuardedAdamState: ("adam", "skipped", None),
+# State type -> algorithm name in the report. Every library state carries its
+# counters as one ``failures`` field (:class:`layerwise_optax._failure.FailureCounts`).
+ALGORITHMS: dict[type, str] = {
+    _shampoo.ScaleByShampooState: "shampoo",
+    _soap.ScaleBySoapState: "soap",
+    _kfac.ScaleByKfacState: "kfac",
+    _muon.ScaleByMuonState: "muon",
+    _steepest.ScaleBySteepestDescentState: "steepest_descent",
+    _psgd.ScaleByPsgdKronState: "psgd_kron",
+    _grafting.ScaleByGuardedAdamState: "adam",
 }
 
 
 def _is_counted(x: Any) -> bool:
-    return type(x) in COUNTERS
+    return isinstance(getattr(x, "failures", None), _failure.FailureCounts)
 
 
 def _counted_states(state: Any) -> list[tuple[str, Any]]:
@@ -125,10 +134,8 @@ def failure_counts(state: optax.OptState) -> tuple[jax.Array, jax.Array]:
     """
     skipped, failed = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
     for _, s in _counted_states(state):
-        _, skip_field, fail_field = COUNTERS[type(s)]
-        skipped = skipped + jnp.sum(getattr(s, skip_field))
-        if fail_field is not None:
-            failed = failed + jnp.sum(getattr(s, fail_field))
+        skipped = skipped + jnp.sum(s.failures.skipped)
+        failed = failed + jnp.sum(s.failures.failed)
     return skipped, failed
 
 
@@ -158,15 +165,14 @@ def failure_report(state: optax.OptState) -> FailureReport:
     """
     entries = []
     for path, s in _counted_states(state):
-        algorithm, skip_field, fail_field = COUNTERS[type(s)]
         count = s.count
         entries.append(
             FailureEntry(
                 path=path,
-                algorithm=algorithm,
+                algorithm=ALGORITHMS.get(type(s), type(s).__name__),
                 steps=int(jnp.max(count)) if count is not None else 0,
-                skipped=int(jnp.sum(getattr(s, skip_field))),
-                failed=0 if fail_field is None else int(jnp.sum(getattr(s, fail_field))),
+                skipped=int(jnp.sum(s.failures.skipped)),
+                failed=int(jnp.sum(s.failures.failed)),
             )
         )
     return FailureReport(tuple(entries))
@@ -227,7 +233,7 @@ def _float_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
 
 
 def _invalid_gradient(g: jax.Array) -> jax.Array:
-    # The failure policy's validity rule (_kron.finite_or_zero).
+    # The failure policy's validity rule (_failure.guard).
     g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
     return ~jnp.isfinite(jnp.sum(jnp.square(g32)))
 
@@ -285,10 +291,10 @@ def raise_on_failure(
         step = functools.reduce(jnp.maximum, steps, jnp.int32(-1))
         transforms = []  # (path, algorithm, new failures, [(array path, non-finite)])
         for where, s in counted:
-            algorithm, _, fail_field = COUNTERS[type(s)]
-            if fail_field is None or where not in olds:
+            if where not in olds:
                 continue
-            n = jnp.sum(getattr(s, fail_field)) - jnp.sum(getattr(olds[where], fail_field))
+            algorithm = ALGORITHMS.get(type(s), type(s).__name__)
+            n = jnp.sum(s.failures.failed) - jnp.sum(olds[where].failures.failed)
             arrays = [(p, ~jnp.all(jnp.isfinite(x))) for p, x in _float_leaves(s)]
             transforms.append((where, algorithm, n.astype(jnp.int32), arrays))
 

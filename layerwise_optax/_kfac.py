@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _axes, _checks, _kron
+from layerwise_optax import _axes, _checks, _failure, _kron
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -143,11 +143,11 @@ class ScaleByKfacState(NamedTuple):
         float32 steps accurate at small damping where an explicit inverse does
         not), for a diagonal one the inverse of the damped diagonal; identity for
         a factor that ``sides`` does not apply.
-      skipped_stats: int32 scalar, (leaf, step) pairs whose gradient or
-        statistics were not finite and were kept out of the state.
-      failed_inverses: int32 scalar, (factor, refresh) pairs whose factorization
-        failed (not positive definite in float32, or not finite), so the previous
-        one was kept.
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs whose gradient or statistics
+        were not finite and were kept out of the state. ``failed``: (factor, refresh) pairs whose factorization failed
+        (not positive definite in float32, or not finite), so the previous one
+        was kept.
       pending: Per kernel the mean of the statistics of the mini-steps of an
         accumulation not yet emitted (:func:`layerwise_optax.multi_steps`), same
         layout as ``factors``; zero outside an accumulation.
@@ -164,8 +164,7 @@ class ScaleByKfacState(NamedTuple):
     nu: optax.Updates
     factors: optax.Updates
     inverses: optax.Updates
-    skipped_stats: jax.Array
-    failed_inverses: jax.Array
+    failures: _failure.FailureCounts
     pending: optax.Updates
     pending_count: jax.Array
 
@@ -323,8 +322,7 @@ def scale_by_kfac(
             # Per-leaf factor tuples are stored bare (see _axes.bare).
             factors=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
             inverses=_axes.bare(plans, _axes.map_leaves(eyes, plans, params)),
-            skipped_stats=jnp.zeros([], jnp.int32),
-            failed_inverses=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
             pending=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
             pending_count=jnp.zeros([], jnp.int32),
         )
@@ -360,7 +358,7 @@ def scale_by_kfac(
 
             def accumulate(path, g, plan, s, fac, pend):
                 """This step's factor EMAs and the leaf's validity."""
-                ok, _ = _kron.finite_or_zero(g)
+                ok, _ = _failure.guard(g)
                 if plan.spec is None or s is None:
                     return _Accumulated(ok, fac, pend)
                 new = _check_stats(path, s, plan)
@@ -429,7 +427,7 @@ def scale_by_kfac(
             )
 
             def direction(path, g, plan, s, a, mu, nu, inv):
-                ok, g32 = _kron.finite_or_zero(g)
+                ok, g32 = _failure.guard(g)
                 ok = ok & a.ok
                 if plan.spec is None or s is None:
                     # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
@@ -452,8 +450,7 @@ def scale_by_kfac(
                 nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
                 factors=_axes.bare(plans, _axes.unzip(out, "factors")),
                 inverses=_axes.bare(plans, _axes.unzip(out, "inverses")),
-                skipped_stats=state.skipped_stats + skipped,
-                failed_inverses=state.failed_inverses + failed,
+                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
                 pending=_axes.bare(
                     plans,
                     _axes.map_leaves(

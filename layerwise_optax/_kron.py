@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from layerwise_optax import _axes, _distribute, _linalg
+from layerwise_optax import _axes, _failure, _linalg
 
 _LETTERS = "abcdefghijklmopqrstuvwxy"
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -33,11 +33,11 @@ Factors = tuple[jax.Array, ...]
 
 
 class Refreshed(NamedTuple):
-    """Result of a per-leaf refresh: new factors and the int32 failure count."""
+    """One leaf's refreshed factors, per factor permutations, and its failure count."""
 
     factors: Factors
-    failures: jax.Array
-    perms: tuple[Any, ...] = ()
+    perms: tuple[Any, ...]
+    failed: jax.Array
 
 
 def as_factors(x: Any) -> Factors:
@@ -213,26 +213,6 @@ def apply_axis_cholesky(g: jax.Array, chols: Factors, plan: _axes.LeafPlan) -> j
     return g
 
 
-def finite_or_zero(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A leaf's validity flag and the leaf in at least float32, zeroed if not valid.
-
-    The failure policy's entry point: a gradient leaf is valid when its squared
-    Frobenius norm is finite in the compute dtype (float32 or wider). That rules
-    out NaN and Inf entries, and also gradients so large (``||g|| > ~1.8e19`` in
-    float32) that their squares, and hence every second-moment statistic built
-    from them, would overflow: such a leaf would otherwise leave an infinite
-    second moment behind and freeze its updates at zero for good. An invalid leaf
-    enters no statistic or moment (callers keep their state where the flag is
-    false and count the event).
-
-    Because ``||G_(i) G_(i)^T||_F <= ||g||_F^2``, every per-axis statistic of a
-    valid leaf is finite too, and so is any EMA of them.
-    """
-    g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-    ok = jnp.isfinite(jnp.sum(jnp.square(g32)))
-    return ok, jnp.where(ok, g32, 0)
-
-
 def all_finite(factors: Factors) -> jax.Array:
     """Whether every entry of every factor is finite (a bool scalar)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in factors] or [jnp.bool_(True)]))
@@ -252,64 +232,6 @@ def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> F
     )
 
 
-def _keep_good(
-    new: jax.Array, prev: jax.Array, matrix: bool
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per block: ``new`` where finite, else ``prev``; the failure count; the ok mask."""
-    axes = (-2, -1) if matrix else (-1,)
-    ok = jnp.all(jnp.isfinite(new), axis=axes)
-    mask = ok[:, None, None] if matrix else ok[:, None]
-    return jnp.where(mask, new.astype(prev.dtype), prev), jnp.sum(~ok).astype(jnp.int32), ok
-
-
-def inverse_roots(
-    stats: Factors,
-    prev: Factors,
-    plan: _axes.LeafPlan,
-    *,
-    root: float,
-    damping: jax.Array,
-    relative_damping: bool,
-    method: str = "eigh",
-) -> Refreshed:
-    """Damped inverse ``root``-th roots of every factor, keeping good previous ones.
-
-    Args:
-      stats: Factor statistics of a leaf.
-      prev: The previous roots (returned for blocks whose new root is not finite,
-        and used as the Newton warm start).
-      plan: The leaf's plan.
-      root: ``p`` in ``(L + delta I)^{-1/p}``.
-      damping: Ridge (see :mod:`layerwise_optax._linalg`).
-      relative_damping: Whether ``damping`` is relative to each factor's
-        largest eigenvalue.
-      method: ``'eigh'``, ``'newton'`` (coupled Newton, warm-started),
-        ``'cholesky'`` (``root == 1`` only: inverses by Cholesky, much cheaper)
-        or ``'cholesky_factor'`` (``root == 1`` only: the lower Cholesky factors
-        of the damped full factors instead of their inverses, to be applied by
-        :func:`apply_axis_cholesky`; diagonal factors still get inverses).
-
-    Returns:
-      ``Refreshed(roots, failures)``: new roots and the int32 count of blocks
-      that kept their previous root.
-    """
-    roots, failures = [], jnp.zeros([], jnp.int32)
-    for kind, s, r in zip(plan.kinds, stats, prev):
-        if kind == "full":
-            new = _full_root(s, r, root, damping, relative_damping, method)
-            new, bad, _ = _keep_good(new, r, matrix=True)
-        elif kind == "diag":
-            new, bad, _ = _keep_good(
-                _diag_root(s, root, damping, relative_damping), r, matrix=False
-            )
-        else:
-            roots.append(r)
-            continue
-        roots.append(new)
-        failures = failures + bad
-    return Refreshed(tuple(roots), failures)
-
-
 def _full_root(s, r, root, damping, relative_damping, method):
     """Damped inverse roots of ``(stack, b, b)`` statistics (not yet checked)."""
     if method in ("cholesky", "cholesky_factor"):
@@ -325,15 +247,6 @@ def _full_root(s, r, root, damping, relative_damping, method):
     return _linalg.inv_root_eigh(s, root, damping=damping, relative_damping=relative_damping)
 
 
-def _diag_root(s, root, damping, relative_damping):
-    """Damped inverse roots of ``(stack, b)`` diagonal statistics."""
-    s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-    lam_max = jnp.max(s32, axis=-1, keepdims=True)
-    delta = damping * lam_max if relative_damping else damping
-    floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
-    return jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
-
-
 def inverse_roots_tree(
     stats: Any,
     prev: Any,
@@ -345,92 +258,70 @@ def inverse_roots_tree(
     method: str = "eigh",
     distribute: bool = True,
 ) -> tuple[Any, jax.Array]:
-    """:func:`inverse_roots` of every leaf, same-sized blocks of all leaves batched together.
+    """Damped inverse roots of every factor of every leaf, keeping good previous ones.
 
-    The full factors of every leaf are grouped by block length and root order;
-    each group is one batched computation, split over the devices of the current
-    mesh by :func:`layerwise_optax._distribute.spread` (each block on exactly
-    one device; without a mesh, one batched call). The results equal
-    :func:`inverse_roots` leaf by leaf.
+    Full factors of all leaves are grouped by block length and root order; each
+    group is one batched computation (:func:`layerwise_optax._axes.map_grouped`,
+    split over the devices of the current mesh). Diagonal factors get
+    :func:`layerwise_optax._linalg.inv_root_diag`; ``'none'`` factors keep
+    ``prev``. A block whose new root is not finite keeps its previous root and
+    is counted (:func:`layerwise_optax._failure.keep_good`).
 
     Args:
       stats: Per-leaf factor tuples.
-      prev: Previous roots, same layout.
+      prev: Previous roots, same layout (also the Newton warm start).
       plans: The plans (from :func:`layerwise_optax._axes.resolve`).
-      root: The root order of a leaf's factors, from its plan.
-      damping: See :func:`inverse_roots`.
-      relative_damping: See :func:`inverse_roots`.
-      method: See :func:`inverse_roots`.
+      root: The root order ``p`` of a leaf's factors, from its plan.
+      damping: Ridge (see :mod:`layerwise_optax._linalg`).
+      relative_damping: Whether ``damping`` is relative to each factor's
+        largest eigenvalue.
+      method: ``'eigh'``, ``'newton'`` (coupled Newton, warm-started),
+        ``'cholesky'`` (``root == 1`` only: inverses by Cholesky, much cheaper)
+        or ``'cholesky_factor'`` (``root == 1`` only: the lower Cholesky factors
+        of the damped full factors instead of their inverses, to be applied by
+        :func:`apply_axis_cholesky`; diagonal factors still get inverses).
       distribute: Spread the groups over the mesh's devices.
 
     Returns:
       ``(roots, failures)``: the new roots tree and the int32 count of blocks
       that kept their previous root.
     """
-    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
-    is_leaf = [isinstance(p, _axes.LeafPlan) for p in plan_leaves]
-    stats_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(stats))]
-    prev_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(prev))]
-    out = [list(r) if b else r for b, r in zip(is_leaf, prev_l)]
-    failures = jnp.zeros([], jnp.int32)
-    items, where = [], []
-    for i, plan in enumerate(plan_leaves):
-        if not is_leaf[i]:
-            continue
+
+    def prepare(plan, s, r):
         p = root(plan)
-        for j, kind in enumerate(plan.kinds):
-            s, r = stats_l[i][j], prev_l[i][j]
-            if kind == "full":
-                items.append(((s.shape[1:], p, s.dtype, r.dtype), (s, r)))
-                where.append((i, j))
-            elif kind == "diag":
-                new, bad, _ = _keep_good(
-                    _diag_root(s, p, damping, relative_damping), r, matrix=False
-                )
-                out[i][j] = new
-                failures = failures + bad
+        return [
+            ((s.shape[1:], p, s.dtype, r.dtype), (s, r)) if kind == "full" else None
+            for kind, s, r in zip(plan.kinds, as_factors(s), as_factors(r))
+        ]
 
     def batched(key):
         def compute(s, r):
             new = _full_root(s, r, key[1], damping, relative_damping, method)
-            new, _, ok = _keep_good(new, r, matrix=True)
+            new, _, ok = _failure.keep_good(new, r, matrix=True)
             return new, ok
 
         return compute
 
-    for (i, j), (new, ok) in zip(where, _distribute.grouped(items, batched, enabled=distribute)):
-        out[i][j] = new
-        failures = failures + jnp.sum(~ok).astype(jnp.int32)
-    leaves = [tuple(o) if b else o for b, o in zip(is_leaf, out)]
-    return jax.tree.unflatten(treedef, leaves), failures
+    full = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
 
+    def combine(s, plan, r, done):
+        roots, failed = [], jnp.zeros([], jnp.int32)
+        for kind, s_j, r_j, d in zip(plan.kinds, as_factors(s), as_factors(r), done):
+            if kind == "diag":
+                new = _linalg.inv_root_diag(s_j, root(plan), damping, relative_damping)
+                new, bad, _ = _failure.keep_good(new, r_j, matrix=False)
+            elif kind == "full":
+                new, ok = d
+                bad = jnp.sum(~ok).astype(jnp.int32)
+            else:
+                new, bad = r_j, 0
+            roots.append(new)
+            failed = failed + bad
+        return Refreshed(tuple(roots), (), failed)
 
-def eigenbases(stats: Factors, prev: Factors, plan: _axes.LeafPlan, *, method: str) -> Refreshed:
-    """Eigenbases of the full factors (SOAP); other dimensions keep the identity.
-
-    Args:
-      stats: Factor statistics of a leaf.
-      prev: Previous bases (kept for blocks whose refresh is not finite).
-      plan: The leaf's plan.
-      method: ``'eigh'`` (exact) or ``'qr'`` (one power step plus QR from
-        ``prev``, see :func:`layerwise_optax._linalg.refresh_eigenbasis`).
-
-    Returns:
-      ``Refreshed(bases, failures, perms)``: new bases; the int32 count of
-      blocks that kept their previous basis; per dimension the ``(stack, b)``
-      column permutation applied to the basis (``None`` where there is none).
-    """
-    bases, perms, failures = [], [], jnp.zeros([], jnp.int32)
-    for kind, s, q in zip(plan.kinds, stats, prev):
-        if kind != "full":
-            bases.append(q)
-            perms.append(None)
-            continue
-        new, perm, ok = _full_basis(s, q, method)
-        bases.append(new)
-        perms.append(perm)
-        failures = failures + jnp.sum(~ok).astype(jnp.int32)
-    return Refreshed(tuple(bases), failures, tuple(perms))
+    out = _axes.map_leaves(combine, plans, stats, prev, full)
+    roots = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
+    return roots, _failure.total(_axes.unzip(out, "failed"))
 
 
 def _full_basis(s, q, method):
@@ -444,7 +335,7 @@ def _full_basis(s, q, method):
         new, perm = _linalg.eigenbasis(s), None
     else:
         new, perm = _linalg.refresh_eigenbasis(s, q)
-    new, _, ok = _keep_good(new, q, matrix=True)
+    new, _, ok = _failure.keep_good(new, q, matrix=True)
     if perm is not None:
         # A block that keeps its old basis must not permute its moments either.
         perm = jnp.where(ok[:, None], perm, jnp.arange(perm.shape[-1], dtype=perm.dtype))
@@ -454,55 +345,53 @@ def _full_basis(s, q, method):
 def eigenbases_tree(
     stats: Any, prev: Any, plans: Any, *, method: str, distribute: bool = True
 ) -> tuple[Any, Any, jax.Array]:
-    """:func:`eigenbases` of every leaf, same-sized blocks of all leaves batched together.
+    """Eigenbases of the full factors of every leaf (SOAP); other factors keep ``prev``.
 
-    Like :func:`inverse_roots_tree`: each group of same-sized full factors is one
-    batched computation, spread over the mesh's devices when there is one.
+    Like :func:`inverse_roots_tree`: each group of same-sized full factors of all
+    leaves is one batched computation, spread over the mesh's devices when there
+    is one; a block whose new basis is not finite keeps its previous one and is
+    counted.
 
     Args:
       stats: Per-leaf factor tuples.
       prev: Previous bases, same layout.
       plans: The plans.
-      method: ``'eigh'`` or ``'qr'`` (see :func:`eigenbases`).
+      method: ``'eigh'`` (exact) or ``'qr'`` (one power step plus QR from
+        ``prev``, see :func:`layerwise_optax._linalg.refresh_eigenbasis`).
       distribute: Spread the groups over the mesh's devices.
 
     Returns:
-      ``(bases, perms, failures)``: the bases tree, per leaf the tuple of
-      permutations (see :func:`eigenbases`), and the int32 failure count.
+      ``(bases, perms, failures)``: the bases tree; per leaf the tuple of
+      ``(stack, b)`` column permutations applied to each basis (``None`` where
+      there is none: non-full factors, and every factor with ``'eigh'``); the
+      int32 count of blocks that kept their previous basis.
     """
-    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
-    is_leaf = [isinstance(p, _axes.LeafPlan) for p in plan_leaves]
-    stats_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(stats))]
-    prev_l = [as_factors(x) if b else x for b, x in zip(is_leaf, treedef.flatten_up_to(prev))]
-    out = [list(q) if b else q for b, q in zip(is_leaf, prev_l)]
-    perms = [[None] * len(q) if b else q for b, q in zip(is_leaf, prev_l)]
-    items, where = [], []
-    for i, plan in enumerate(plan_leaves):
-        if not is_leaf[i]:
-            continue
-        for j, kind in enumerate(plan.kinds):
-            if kind == "full":
-                s, q = stats_l[i][j], prev_l[i][j]
-                items.append(((s.shape[1:], s.dtype, q.dtype), (s, q)))
-                where.append((i, j))
+
+    def prepare(plan, s, q):
+        return [
+            ((s.shape[1:], s.dtype, q.dtype), (s, q)) if kind == "full" else None
+            for kind, s, q in zip(plan.kinds, as_factors(s), as_factors(q))
+        ]
 
     def batched(key):
         return lambda s, q: _full_basis(s, q, method)
 
-    failures = jnp.zeros([], jnp.int32)
-    for (i, j), (new, perm, ok) in zip(
-        where, _distribute.grouped(items, batched, enabled=distribute)
-    ):
-        out[i][j] = new
-        perms[i][j] = perm
-        failures = failures + jnp.sum(~ok).astype(jnp.int32)
-    bases = [tuple(o) if b else o for b, o in zip(is_leaf, out)]
-    perm_leaves = [tuple(o) if b else o for b, o in zip(is_leaf, perms)]
-    return (
-        jax.tree.unflatten(treedef, bases),
-        jax.tree.unflatten(treedef, perm_leaves),
-        failures,
-    )
+    done = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
+
+    def combine(q, plan, d):
+        bases, perms, failed = [], [], jnp.zeros([], jnp.int32)
+        for q_j, d_j in zip(as_factors(q), d):
+            new, perm, ok = (q_j, None, True) if d_j is None else d_j
+            bases.append(new)
+            perms.append(perm)
+            failed = failed + jnp.sum(~jnp.asarray(ok)).astype(jnp.int32)
+        return Refreshed(tuple(bases), tuple(perms), failed)
+
+    out = _axes.map_leaves(combine, plans, prev, done)
+    failed = _failure.total(_axes.unzip(out, "failed"))
+    bases = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
+    perms = _axes.keep_masked(plans, _axes.unzip(out, "perms"), prev)
+    return bases, perms, failed
 
 
 def permute_axes(

@@ -133,6 +133,34 @@ def inv_root_eigh(
     return _mm(scaled, jnp.swapaxes(v, -1, -2))
 
 
+def inv_root_diag(
+    s: jax.Array, root: float, damping: jax.Array, relative_damping: bool = True
+) -> jax.Array:
+    """Damped inverse ``root``-th roots of diagonal statistics, ``(s + delta)^{-1/p}``.
+
+    The diagonal counterpart of :func:`inv_root_eigh` (its eigenvalues are the
+    entries): negative round-off is clipped to zero, ``delta = damping * max(s)``
+    per row (relative) or ``damping`` (absolute), and the result is floored at
+    ``eps * max(s)`` (or the smallest normal number) before the power, so a zero
+    row gives finite roots.
+
+    Args:
+      s: ``(..., n)`` non-negative diagonals (any float dtype; computed in at
+        least float32).
+      root: ``p > 0``.
+      damping: Ridge ``>= 0``.
+      relative_damping: ``damping`` relative to each row's largest entry.
+
+    Returns:
+      ``(..., n)`` inverse roots in at least float32.
+    """
+    s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+    lam_max = jnp.max(s32, axis=-1, keepdims=True)
+    delta = damping * lam_max if relative_damping else damping
+    floor = jnp.maximum(jnp.finfo(s32.dtype).eps * lam_max, jnp.finfo(s32.dtype).tiny)
+    return jnp.maximum(jnp.maximum(s32, 0.0) + delta, floor) ** (-1.0 / root)
+
+
 def inv_psd_cholesky(
     a: jax.Array,
     *,

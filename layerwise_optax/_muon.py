@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _distribute, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _distribute, _failure, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -49,15 +49,15 @@ class ScaleByMuonState(NamedTuple):
     Attributes:
       count: int32 scalar, number of updates so far.
       mu: Momentum, params tree, ``mu_dtype``.
-      skipped: int32 scalar, (leaf, step) pairs whose gradient was not finite (kept
-        out of the momentum; the update is zero there).
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs whose gradient was not finite
+        (kept out of the momentum; the update is zero there). ``failed``: (leaf, step) pairs whose orthogonalized update was
+        not finite (e.g. overflow with ``ns_dtype=float16``). Muon stores no
+        preconditioner to fall back on: such a leaf gets a zero update, and its
+        momentum and NorMuon moment are kept.
       nu: NorMuon only (``neuron_b2`` set), else ``None``: per-neuron second
         moments of the orthogonalized update, ``(slices, fan_out)`` float32 per
         matrix leaf (a 0-d placeholder at other leaves).
-      failed: int32 scalar, (leaf, step) pairs whose orthogonalized update was not
-        finite (e.g. overflow with ``ns_dtype=float16``). Muon stores no
-        preconditioner to fall back on: such a leaf gets a zero update, and its
-        momentum and NorMuon moment are kept.
 
     .. note::
       Memory: one params-sized momentum; NorMuon adds one float per output neuron.
@@ -65,9 +65,8 @@ class ScaleByMuonState(NamedTuple):
 
     count: jax.Array
     mu: optax.Updates
-    skipped: jax.Array
+    failures: _failure.FailureCounts
     nu: Any = None
-    failed: Any = None
 
 
 class _Prepared(NamedTuple):
@@ -198,9 +197,8 @@ def scale_by_muon(
         return ScaleByMuonState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            skipped=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
             nu=None if neuron_b2 is None else _axes.map_leaves(init_nu, plans, params),
-            failed=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
@@ -285,9 +283,8 @@ def scale_by_muon(
                 mu=optax.tree.cast(mu, mu_dtype)
                 if mu_dtype is not None
                 else optax.tree.cast_like(mu, state.mu),
-                skipped=state.skipped + skipped,
+                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
                 nu=None if state.nu is None else _axes.unzip(out, "nu"),
-                failed=state.failed + failed,
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _distribute, _grafting, _kron, _linalg
+from layerwise_optax import _axes, _checks, _distribute, _failure, _grafting, _kron, _linalg
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -98,9 +98,9 @@ class ScaleByPsgdKronState(NamedTuple):
         (``precond_dtype``).
       key: PRNG key for the coin and the probes.
       precond_updates: int32 scalar, steps on which ``q`` was fitted.
-      skipped: int32 scalar, (leaf, step) pairs with an invalid (non-finite)
-        gradient, kept out of the momentum and the fit; the update is zero there.
-      failed: int32 scalar, (leaf, fit) pairs whose fitted factors were not
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs with an invalid (non-finite)
+        gradient, kept out of the momentum and the fit; the update is zero there. ``failed``: (leaf, fit) pairs whose fitted factors were not
         finite, so the previous factors were kept.
     """
 
@@ -109,8 +109,7 @@ class ScaleByPsgdKronState(NamedTuple):
     q: Any
     key: jax.Array
     precond_updates: jax.Array
-    skipped: jax.Array
-    failed: Any = None
+    failures: _failure.FailureCounts
 
 
 class _Moment(NamedTuple):
@@ -337,8 +336,7 @@ def scale_by_psgd_kron(
             q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
             key=jax.random.key_data(jax.random.key(seed)),
             precond_updates=jnp.zeros([], jnp.int32),
-            skipped=jnp.zeros([], jnp.int32),
-            failed=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
@@ -454,8 +452,7 @@ def scale_by_psgd_kron(
                 q=_axes.bare(plans, q_new),
                 key=jax.random.key_data(key),
                 precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
-                skipped=state.skipped + skipped,
-                failed=state.failed + fit_fails,
+                failures=_failure.add(state.failures, skipped=skipped, failed=fit_fails),
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

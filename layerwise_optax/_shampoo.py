@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _kron
+from layerwise_optax import _axes, _checks, _failure, _grafting, _kron
 
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
@@ -46,10 +46,10 @@ class ScaleByShampooState(NamedTuple):
         ``(stack, b, b)`` for full factors, ``(stack, b)`` for diagonal ones,
         ``(stack, 0)`` placeholders otherwise (dtype ``precond_dtype``).
       roots: Per leaf, the inverse roots of ``stats`` in the same layout.
-      skipped_stats: int32 scalar, number of (leaf, step) pairs whose gradient
-        was not finite and was kept out of every statistic and moment.
-      failed_roots: int32 scalar, number of (block, refresh) pairs whose new
-        root was not finite, so that the previous root was kept.
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs whose gradient was not finite
+        and was kept out of every statistic and moment. ``failed``: (block, refresh) pairs whose new root was not
+        finite, so that the previous root was kept.
 
     .. note::
       Memory per leaf: the params-shaped ``mu`` (and ``nu`` with Adam/RMSProp
@@ -64,8 +64,7 @@ class ScaleByShampooState(NamedTuple):
     nu: optax.Updates | None
     stats: optax.Updates
     roots: optax.Updates
-    skipped_stats: jax.Array
-    failed_roots: jax.Array
+    failures: _failure.FailureCounts
 
 
 def kl_axis_stats(
@@ -235,8 +234,7 @@ def scale_by_shampoo(
             nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
             stats=_kron.init_factor_tree(plans, params, precond_dtype),
             roots=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
-            skipped_stats=jnp.zeros([], jnp.int32),
-            failed_roots=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
@@ -252,7 +250,7 @@ def scale_by_shampoo(
             state_roots = _kron.normalize(plans, state.roots)
 
             def accumulate(g, plan, mu, nu, stats, roots):
-                ok, g32 = _kron.finite_or_zero(g)
+                ok, g32 = _failure.guard(g)
                 blocks = plan.to_blocks(g32)
                 if factor_estimation == "kl":
                     new = kl_axis_stats(blocks, roots, plan, root_exponent or 2)
@@ -338,8 +336,7 @@ def scale_by_shampoo(
                 nu=new_nu,
                 stats=_axes.bare(plans, stats),
                 roots=_axes.bare(plans, roots),
-                skipped_stats=state.skipped_stats + skipped,
-                failed_roots=state.failed_roots + failed,
+                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

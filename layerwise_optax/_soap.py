@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _kron
+from layerwise_optax import _axes, _checks, _failure, _kron
 
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
@@ -59,10 +59,10 @@ class ScaleBySoapState(NamedTuple):
         dimensions, ``(stack, b)`` diagonals otherwise; ``precond_dtype``).
       bases: Per leaf, the eigenbases of ``stats`` (``(stack, b, b)``; a ones
         vector, i.e. the identity, for dimensions without a full factor).
-      skipped_stats: int32 scalar, (leaf, step) pairs whose non-finite gradient
-        was kept out of the moments and statistics.
-      failed_refreshes: int32 scalar, (block, refresh) pairs whose new basis was
-        not finite, so the previous basis was kept.
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs whose non-finite gradient was
+        kept out of the moments and statistics. ``failed``: (block, refresh) pairs whose new basis was not
+        finite, so the previous basis was kept.
 
     .. note::
       Memory per leaf: ``mu`` and ``nu`` (params-sized; ``nu`` padded to whole
@@ -74,8 +74,7 @@ class ScaleBySoapState(NamedTuple):
     nu: optax.Updates
     stats: optax.Updates
     bases: optax.Updates
-    skipped_stats: jax.Array
-    failed_refreshes: jax.Array
+    failures: _failure.FailureCounts
 
 
 class _LeafOut(NamedTuple):
@@ -163,8 +162,7 @@ def scale_by_soap(
             ),
             stats=_kron.init_factor_tree(plans, params, precond_dtype),
             bases=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
-            skipped_stats=jnp.zeros([], jnp.int32),
-            failed_refreshes=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
@@ -178,7 +176,7 @@ def scale_by_soap(
             state_bases = _kron.normalize(plans, state.bases)
 
             def direction(g, plan, mu, nu, q):
-                ok, g32 = _kron.finite_or_zero(g)
+                ok, g32 = _failure.guard(g)
                 mu = jnp.where(ok, b1_ * mu + (1 - b1_) * g32, mu)
                 gb = plan.to_blocks(g32)
                 rot = _kron.apply_axis_matrices(gb, q, plan, transpose=True)
@@ -239,8 +237,7 @@ def scale_by_soap(
                 nu=optax.tree.cast_like(nu, state.nu),
                 stats=_axes.bare(plans, stats),
                 bases=_axes.bare(plans, bases),
-                skipped_stats=state.skipped_stats + skipped,
-                failed_refreshes=state.failed_refreshes + failed,
+                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

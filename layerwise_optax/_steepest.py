@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _failure, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "norms",
@@ -85,17 +85,16 @@ class ScaleBySteepestDescentState(NamedTuple):
     Attributes:
       count: int32 scalar, number of updates so far.
       mu: Momentum, params tree.
-      skipped: int32 scalar, (leaf, step) pairs with an invalid (non-finite)
-        gradient (kept out of the momentum; the update is zero there).
-      failed: int32 scalar, (leaf, step) pairs whose dual map was not finite (e.g.
-        a float16 Newton-Schulz overflow); there is no stored preconditioner to
-        fall back on, so the leaf's update is zero and its momentum is kept.
+      failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
+        policy's counters). ``skipped``: (leaf, step) pairs with an invalid (non-finite)
+        gradient (kept out of the momentum; the update is zero there). ``failed``: (leaf, step) pairs whose dual map was not finite
+        (e.g. a float16 Newton-Schulz overflow); there is no stored preconditioner
+        to fall back on, so the leaf's update is zero and its momentum is kept.
     """
 
     count: jax.Array
     mu: optax.Updates
-    skipped: jax.Array
-    failed: Any = None
+    failures: _failure.FailureCounts
 
 
 def _safe_div(x: jax.Array, n: jax.Array) -> jax.Array:
@@ -236,8 +235,7 @@ def scale_by_steepest_descent(
         return ScaleBySteepestDescentState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            skipped=jnp.zeros([], jnp.int32),
-            failed=jnp.zeros([], jnp.int32),
+            failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
@@ -275,8 +273,7 @@ def scale_by_steepest_descent(
             return treedef.unflatten(new_u), ScaleBySteepestDescentState(
                 count=count_inc,
                 mu=treedef.unflatten(new_mu),
-                skipped=state.skipped + skipped,
-                failed=state.failed + failed,
+                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
             )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -102,10 +102,8 @@ def skipped_count(name, state):
     """Non-finite gradient events recorded in an alias's state."""
     if "muon" in name:
         adam = state.inner_states["adam"].inner_state[0]
-        return int(main_state(name, state).skipped) + int(adam.skipped)
-    if name in ("steepest", "psgd_kron"):
-        return int(state[0].skipped)
-    return int(state[0].skipped_stats)
+        return int(main_state(name, state).failures.skipped) + int(adam.failures.skipped)
+    return int(state[0].failures.skipped)
 
 
 def identity_kfac_stats(updates):

@@ -158,12 +158,17 @@ def test_inverse_roots_keep_previous_on_failure():
     plan = _axes.make_plan((3, 4), DN(((0,), (1,))), max_precond_dim=10, block_size=None)
     prev = _kron.init_factors(plan, jnp.float32, identity=True)
     stats = (jnp.full((1, 3, 3), jnp.nan), jnp.eye(4)[None] * 4.0)
-    res = _kron.inverse_roots(
-        stats, prev, plan, root=2, damping=jnp.float32(0.0), relative_damping=False
+    roots, failures = _kron.inverse_roots_tree(
+        {"w": stats},
+        {"w": prev},
+        {"w": plan},
+        root=lambda _: 2,
+        damping=jnp.float32(0.0),
+        relative_damping=False,
     )
-    assert int(res.failures) == 1
-    np.testing.assert_array_equal(np.asarray(res.factors[0]), np.asarray(prev[0]))
-    np.testing.assert_allclose(np.asarray(res.factors[1][0]), np.eye(4) * 0.5, rtol=1e-6)
+    assert int(failures) == 1
+    np.testing.assert_array_equal(np.asarray(roots["w"][0]), np.asarray(prev[0]))
+    np.testing.assert_allclose(np.asarray(roots["w"][1][0]), np.eye(4) * 0.5, rtol=1e-6)
 
 
 def test_state_floats_formula():

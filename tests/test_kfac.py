@@ -176,7 +176,7 @@ def test_non_finite_stats_or_gradients_are_skipped_and_counted():
     )
     bad_grad = {"w": g(2)["w"].at[0, 0].set(jnp.inf)}
     _, state = update(bad_grad, state, params, kfac_stats=good)
-    assert int(state[0].skipped_stats) == 2
+    assert int(state[0].failures.skipped) == 2
     stats_update = lambda g_, s, p: update(g_, s, p, kfac_stats=good)
     assert_recovers(stats_update, state, params, g)
 
@@ -435,7 +435,7 @@ def test_small_damping_step_matches_float64_for_the_same_float32_factors(cond):
         want = np.linalg.solve(b64, np.linalg.solve(a64, g.astype(np.float64)).T).T
         err = np.linalg.norm(np.asarray(u["w"], np.float64) - want) / np.linalg.norm(want)
         assert err < 1e-3, (damping, err)
-        assert int(state.inner_state.failed_inverses) == 0
+        assert int(state.inner_state.failures.failed) == 0
 
 
 def test_multi_steps_accumulates_the_statistics_of_every_mini_step():
@@ -508,7 +508,7 @@ def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted
     np.testing.assert_allclose(good[0][0], np.linalg.cholesky(a1), rtol=1e-6)
     bad = {"w": lo.KfacFactors(jnp.diag(jnp.asarray([1.0, -1.0, 2.0])), b1)}
     u, state = update(g, state, params, kfac_stats=bad)
-    assert int(state.failed_inverses) == 1
+    assert int(state.failures.failed) == 1
     np.testing.assert_array_equal(np.asarray(state.inverses["w"][0]), good[0])
     want = np.linalg.solve(a1, np.asarray(g["w"])) @ np.linalg.inv(b1)
     np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-5)

@@ -171,7 +171,7 @@ def test_non_finite_gradient_is_skipped_and_counted():
     u, state = tx.update(g, state)
     np.testing.assert_array_equal(u["w"], 0.0)
     np.testing.assert_array_equal(state.mu["w"], 0.0)
-    assert np.all(np.isfinite(u["v"])) and int(state.skipped) == 1
+    assert np.all(np.isfinite(u["v"])) and int(state.failures.skipped) == 1
 
 
 @pytest.mark.parametrize(

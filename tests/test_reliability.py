@@ -4,8 +4,6 @@ Fault injection over generated inputs is in ``test_properties.py``; configuratio
 errors are in ``test_config_errors.py``.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,17 +193,18 @@ def test_inverse_roots_finite_and_bounded_on_hard_statistics(method, root, relat
     damping = 1e-6 if relative else 1e-3
     prev = (jnp.broadcast_to(jnp.eye(N), (stack, N, N)),)
     fn = jax.jit(
-        functools.partial(
-            _kron.inverse_roots,
-            plan=plan,
-            root=root,
+        lambda s, p: _kron.inverse_roots_tree(
+            {"w": s},
+            {"w": p},
+            {"w": plan},
+            root=lambda _: root,
             damping=damping,
             relative_damping=relative,
             method=method,
         )
     )
-    roots, failures, _ = fn((jnp.asarray(mats),), prev)
-    roots = np.asarray(roots[0], np.float64)
+    roots, failures = fn((jnp.asarray(mats),), prev)
+    roots = np.asarray(roots["w"][0], np.float64)
     assert np.isfinite(roots).all()
     eps, tiny = np.finfo(np.float32).eps, np.finfo(np.float32).tiny
     kept = []
@@ -243,11 +242,11 @@ def test_soap_eigenbases_orthonormal_on_hard_statistics(method):
     stack = len(mats)
     plan = _stack_plan(stack)
     prev = (jnp.broadcast_to(jnp.eye(N), (stack, N, N)),)
-    res = jax.jit(functools.partial(_kron.eigenbases, plan=plan, method=method))(
-        (jnp.asarray(mats),), prev
-    )
-    assert int(res.failures) == 0
-    for q, name in zip(np.asarray(res.factors[0], np.float64), names):
+    bases, _, failures = jax.jit(
+        lambda s, q: _kron.eigenbases_tree({"w": s}, {"w": q}, {"w": plan}, method=method)
+    )((jnp.asarray(mats),), prev)
+    assert int(failures) == 0
+    for q, name in zip(np.asarray(bases["w"][0], np.float64), names):
         assert np.abs(q.T @ q - np.eye(N)).max() < 1e-4, name
 
 
