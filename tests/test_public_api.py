@@ -45,6 +45,7 @@ EXPECTED_ALL = {
     "shampoo",
     "soap",
     "static_args",
+    "FailureCounts",
     "FailureReport",
     "OptimizerFailureError",
     "check_state",
