@@ -333,7 +333,7 @@ def layer_roles(
     the result with each leaf's matrix and how the head was chosen.
 
     Args:
-      params: A params tree (arrays, ``jax.ShapeDtypeStruct``s, ``nnx.State``...).
+      params: A params tree (arrays, ``jax.ShapeDtypeStruct`` leaves, an ``nnx.State``, ...).
       overrides: ``{pattern: role}``; each pattern is an ``fnmatch`` pattern over the
         ``'/'``-joined path (``'layers/2/kernel'``, ``'*/out/kernel'``); later
         patterns win over earlier ones, and all over the rules. Giving some leaf

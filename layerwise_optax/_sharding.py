@@ -101,7 +101,7 @@ def state_shardings(
 
     Args:
       tx: Any optax transform (an alias of this library, a chain, ...).
-      params: The params, or their ``jax.ShapeDtypeStruct``s.
+      params: The params, or their ``jax.ShapeDtypeStruct`` stand-ins.
       param_shardings: A tree like ``params`` of ``NamedSharding`` or
         ``PartitionSpec`` (``None`` for replicated).
       mesh: The mesh, needed when ``param_shardings`` holds partition specs.

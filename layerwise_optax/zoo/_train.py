@@ -78,7 +78,7 @@ def full_gauss_newton(
 
 
 def gauss_newton_matrix(model: nnx.Module, x: jax.Array) -> jax.Array:
-    """``J^T J / n`` of the model's outputs w.r.t. its ``nnx.Param``s (squared error).
+    """``J^T J / n`` of the model's outputs w.r.t. its ``nnx.Param`` leaves (squared error).
 
     The parameter order is ``ravel_pytree`` of ``nnx.state(model, nnx.Param)``, the
     order :func:`full_gauss_newton` uses for the gradients.
