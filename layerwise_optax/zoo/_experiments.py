@@ -1,4 +1,4 @@
-"""The paper's experiments (PAPER.md §6 protocols), as functions returning plain data.
+"""The paper's experiments (analogues of Zhang et al., ICML 2025), as functions returning data.
 
 :func:`run_linear_rep` covers Fig. 1 (training loss, subspace distance and
 transfer loss vs iteration for several ``kappa``), Fig. 1b (iterations to
@@ -12,7 +12,7 @@ qualitative claims on them (the tests run these in quick mode).
 Learning rates: each method has its own grid (:class:`layerwise_optax.zoo.Method`).
 The curves of Fig. 1 use, per method and ``kappa``, the rate with the lowest
 mean final distance over seeds; the hitting times of Fig. 1b pick the rate per
-seed that hits first (final distance alone favours small rates, PAPER.md §6 (ii)).
+seed that hits first (final distance alone favours small rates).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def serial_blas():
 
 @dataclasses.dataclass(frozen=True)
 class LinearRepConfig:
-    """Settings of the linear representation experiments (defaults: protocol P1).
+    """Settings of the linear representation experiments (defaults: the full protocol).
 
     ``grids`` overrides a method's learning-rate grid by name.
     """
@@ -340,7 +340,7 @@ def _hitting(per_lr, target: float, cap: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class SingleIndexConfig:
-    """Settings of the single-index experiments (defaults: protocol P2)."""
+    """Settings of the single-index experiments (defaults: the full protocol)."""
 
     d: int = 200
     width: int = 400

@@ -1,11 +1,11 @@
-"""Linear representation learning: data, model and metrics (PAPER.md §3, protocol P1).
+"""Linear representation learning (Zhang et al., ICML 2025): data, model and metrics.
 
 The task: ``y = F_star G_star x + eps`` with a shared ``k``-dimensional
 representation ``G_star`` (orthonormal rows, ``k × d_x``), a head ``F_star``
 (``d_y × k``) and anisotropic inputs ``x = Sigma^{1/2} r``, ``r`` Rademacher (or
 Gaussian), ``Sigma = U diag(lambda) U^T`` with ``U`` Haar-random and ``lambda``
 log-spaced in ``[1, kappa]``. Keeping ``lambda_min = 1`` keeps the statistical
-noise floor the same at every ``kappa`` (PAPER.md §6, pitfall (i)).
+noise floor the same at every ``kappa``, so that runs at different ``kappa`` compare.
 
 The model is the two-layer linear network ``f(x) = F G x`` as Flax NNX layers
 (``nnx.Linear`` kernels are ``G^T`` and ``F^T``), optionally with a parameter-free
@@ -108,7 +108,7 @@ def linear_rep_problem(
     kappa_f: jax.typing.ArrayLike | None = None,
     noise: jax.typing.ArrayLike = 0.1,
 ) -> LinearRepProblem:
-    """Samples a linear representation learning task (protocol P1 by default).
+    """Samples a linear representation learning task (the experiments' settings by default).
 
     Args:
       key: PRNG key; the task is a pure function of it and the settings.
@@ -280,7 +280,7 @@ def _orthonormal_columns_init(key, shape, dtype=jnp.float32):
 class LinearRepModel(nnx.Module):
     """``f(x) = F G x`` as two bias-free ``nnx.Linear`` layers (kernels ``G^T``, ``F^T``).
 
-    Initialization follows protocol P1: ``G_0`` has random orthonormal rows,
+    Initialization as in the experiments: ``G_0`` has random orthonormal rows,
     ``F_0`` has i.i.d. ``N(0, 1/k)`` entries. With ``batch_norm=True`` the inputs
     are standardized per coordinate with the batch's statistics first (the
     batch-norm baseline, without learned scale/shift); its population effect is

@@ -1,4 +1,4 @@
-"""Single-index learning with one large first-layer step (PAPER.md §4, protocol P2).
+"""Single-index learning with one large first-layer step (Zhang et al., ICML 2025).
 
 Target ``y = tanh(<beta_star, x>) + eps`` with ``x ~ N(0, Sigma)``, ``Sigma = U
 diag(lambda) U^T`` (Haar ``U``, ``lambda`` log-spaced in ``[1, kappa]`` and
@@ -12,7 +12,7 @@ layer on fresh samples. Directions come from the library's optax transforms fed
 by the Flax capture (K-FAC's is ``grad (Sigma_hat + lambda I)^{-1}``, i.e.
 :func:`layerwise_optax.kfac` with ``sides='input'``).
 
-Why the methods differ (PAPER.md §4.3): at initialization the gradient's spike is
+Why the methods differ: at initialization the gradient's spike is
 ``∝ a (Sigma beta_star)^T``, so SGD's spike direction is biased towards
 ``Sigma beta_star``; whitening by the input covariance turns it into a ridge
 estimate of ``beta_star``. :func:`alignment_theory` gives the closed-form
@@ -58,7 +58,7 @@ class SingleIndexProblem(NamedTuple):
 def single_index_problem(
     key: jax.Array, *, d: int = 200, kappa: jax.typing.ArrayLike = 1.0, noise: float = 0.1
 ) -> SingleIndexProblem:
-    """Samples a single-index task (protocol P2 by default).
+    """Samples a single-index task (the experiments' settings by default).
 
     Args:
       key: PRNG key.
@@ -169,7 +169,7 @@ def tanh_moments(num_points: int = 201) -> dict[str, float]:
 
 
 def alignment_theory(problem: SingleIndexProblem, n: int) -> dict[str, float]:
-    """Closed-form predictions of ``cos(v, beta_star)`` after one step (PAPER.md §4.3).
+    """Closed-form predictions of ``cos(v, beta_star)`` after one step (the paper's Fig. 2).
 
     Args:
       problem: The task (only ``sigma``, ``beta`` and ``noise`` are used).

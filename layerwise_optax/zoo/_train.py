@@ -84,7 +84,7 @@ def gauss_newton_matrix(model: nnx.Module, x: jax.Array) -> jax.Array:
     order :func:`full_gauss_newton` uses for the gradients.
 
     For a :class:`~layerwise_optax.zoo.LinearRepModel` ``f(x) = F G x`` the matrix is
-    assembled from its Kronecker blocks (PAPER.md §6.6; ``vec`` column-major, which is
+    assembled from its Kronecker blocks (``vec`` column-major, which is
     ``ravel_pytree``'s row-major order of the kernels ``F^T``, ``G^T``)::
 
         [[Sz ⊗ I,        (G Sx) ⊗ F  ],
