@@ -72,11 +72,12 @@ lint: $(STAMP_TEST)
 	$(PY) -m ruff check layerwise_optax tests benchmarks examples
 	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples
 
-# The API reference site (docs/_build/html/index.html): every warning is an error, the
-# notebooks are rendered as committed (never executed), nothing is fetched at build
-# time; then every public name must be in the built site's inventory.
+# The API reference site (docs/_build/html/index.html), read afresh each time (-E: Sphinx
+# does not notice edited docstrings, and would not repeat an old warning): every warning
+# is an error, the notebooks are rendered as committed (never executed), nothing is
+# fetched at build time; then every public name must be in the built site's inventory.
 docs: $(STAMP_DOCS)
-	$(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	$(PY) -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
 	$(PY) docs/coverage.py --inventory docs/_build/html/objects.inv
 
 clean:
