@@ -148,7 +148,8 @@ def inv_root_eigh(
       >>> a = jnp.array([[4.0, 0.0], [0.0, 1.0]])
       >>> linalg.inv_root_eigh(a, 2).tolist()
       [[0.5, 0.0], [0.0, 1.0]]
-      >>> [[round(v, 4) + 0.0 for v in row] for row in linalg.inv_root_eigh(a, 2, damping=0.25, relative_damping=True).tolist()]
+      >>> r = linalg.inv_root_eigh(a, 2, damping=0.25, relative_damping=True)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
       [[0.4472, 0.0], [0.0, 0.7071]]
 
     References:
@@ -656,7 +657,8 @@ def ns_coefficients(preset: str | Any, steps: int) -> jax.Array:
       >>> from layerwise_optax import linalg
       >>> linalg.ns_coefficients('polar_express', 5).shape
       (5, 3)
-      >>> [[round(v, 4) + 0.0 for v in row] for row in linalg.ns_coefficients('standard', 2).tolist()]
+      >>> r = linalg.ns_coefficients('standard', 2)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
       [[3.4445, -4.775, 2.0315], [3.4445, -4.775, 2.0315]]
 
     References:
@@ -723,7 +725,8 @@ def newton_schulz(
       >>> import jax.numpy as jnp
       >>> from layerwise_optax import linalg
       >>> x = jnp.array([[3.0, 0.0], [0.0, 0.5]])
-      >>> [[round(v, 4) + 0.0 for v in row] for row in linalg.newton_schulz(x, linalg.ns_coefficients('polar_express', 8)).tolist()]
+      >>> r = linalg.newton_schulz(x, linalg.ns_coefficients('polar_express', 8))
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
       [[1.0, 0.0], [0.0, 1.0]]
 
     References:
