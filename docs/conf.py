@@ -31,6 +31,9 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
+    # MathJax served from the site itself (copied into _static), not from a CDN: the
+    # pages' maths renders offline too.
+    "sphinx-mathjax-offline",
 ]
 
 # The notebooks are jupytext pairs in ../notebooks; Sphinx reads sources only under
@@ -58,7 +61,9 @@ myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 0
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
+# Types go next to each argument's description: the signatures stay readable.
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
 autodoc_preserve_defaults = True
 autodoc_default_options = {"exclude-members": "__init__, __new__"}
 napoleon_google_docstring = True
