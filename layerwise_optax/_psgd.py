@@ -71,6 +71,16 @@ def precond_update_prob_schedule(
 
     Returns:
       A schedule ``count -> probability`` (float32 scalar).
+
+    Examples:
+      >>> import layerwise_optax as lo
+      >>> schedule = lo.precond_update_prob_schedule()
+      >>> [round(float(schedule(t)), 3) for t in (0, 500, 1500, 10_000)]
+      [1.0, 1.0, 0.368, 0.03]
+
+    References:
+      Li, `Stochastic Hessian Fittings with Lie Groups
+      <https://arxiv.org/abs/2402.11858>`_, 2024 (psgd-jax's default schedule).
     """
     _checks.in_unit_interval("max_prob", max_prob, right_closed=True)
     _checks.in_unit_interval("min_prob", min_prob, right_closed=True)
