@@ -378,6 +378,10 @@ class SingleIndexConfig:
 def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs the single-index protocols; returns JSON-ready results.
 
+    Args:
+      config: The settings.
+      progress: Show a progress bar.
+
     Returns:
       ``{'settings', 'alignment_vs_kappa', 'alignment_vs_n', 'test_loss'}``:
       alignments are per method (and ``'theory_sgd'``, ``'theory_kfac'``,
@@ -511,6 +515,9 @@ def _h(x) -> float:
 def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Checks the linear representation claims of the paper on ``results``.
 
+    Args:
+      results: What :func:`run_linear_rep` returns (or its JSON, read back).
+
     Returns:
       One ``{'claim', 'passed', 'detail'}`` per claim (methods that were not run
       are skipped).
@@ -587,7 +594,15 @@ def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def single_index_claims(results: dict[str, Any], tolerance: float = 0.05) -> list[dict[str, Any]]:
-    """Checks the single-index claims of the paper on ``results``."""
+    """Checks the single-index claims of the paper on ``results``.
+
+    Args:
+      results: What :func:`run_single_index` returns (or its JSON, read back).
+      tolerance: Largest allowed gap between simulated and closed-form alignment.
+
+    Returns:
+      One ``{'claim', 'passed', 'detail'}`` per claim.
+    """
     claims = []
 
     def add(claim, passed, detail):
@@ -644,5 +659,17 @@ def theory_errors(results: dict[str, Any]) -> list[float]:
 
 
 def all_passed(claims: Iterable[dict[str, Any]]) -> bool:
-    """Whether every claim passed."""
+    """Whether every claim passed.
+
+    Args:
+      claims: What :func:`linear_rep_claims` or :func:`single_index_claims` return.
+
+    Returns:
+      ``True`` when each claim's ``'passed'`` is true.
+
+    Examples:
+      >>> from layerwise_optax import zoo
+      >>> zoo.all_passed([{'claim': 'a', 'passed': True}, {'claim': 'b', 'passed': False}])
+      False
+    """
     return all(c["passed"] for c in claims)

@@ -213,7 +213,16 @@ def subspace_distance(g: jax.Array, g_star: jax.Array) -> jax.Array:
 
 
 def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.Array:
-    """``argmin_F ||y - z F^T||^2`` (tiny ridge for safety), returned as ``(d_y, k)``."""
+    """``argmin_F ||y - z F^T||^2`` (tiny ridge for safety), returned as ``(d_y, k)``.
+
+    Args:
+      z: ``(n, k)`` features.
+      y: ``(n, d_y)`` targets.
+      ridge: Added to the diagonal of ``z^T z`` relative to its mean eigenvalue.
+
+    Returns:
+      The head ``F`` in the paper's ``(d_y, k)`` layout.
+    """
     gram = _mm(z.T, z)
     scale = jnp.trace(gram) / gram.shape[0]
     reg = gram + ridge * (scale + 1e-12) * jnp.eye(gram.shape[0], dtype=gram.dtype)
@@ -221,7 +230,16 @@ def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.A
 
 
 def train_loss(problem: LinearRepProblem, f: jax.Array, g: jax.Array) -> jax.Array:
-    """Population training loss ``1/2 E||y - F G x||^2`` (paper layouts ``(d_y,k)``, ``(k,d_x)``)."""
+    """Population training loss ``1/2 E||y - F G x||^2`` (paper layouts ``(d_y,k)``, ``(k,d_x)``).
+
+    Args:
+      problem: The task (its ``Sigma``, ``F_star G_star`` and noise level).
+      f: The head ``F``, ``(d_y, k)``.
+      g: The representation ``G``, ``(k, d_x)``.
+
+    Returns:
+      A scalar, in closed form (no sampling); its floor is ``d_y sigma^2 / 2``.
+    """
     e = _mm(f, g) - _mm(problem.f_star, problem.g_star)
     d_y = e.shape[0]
     return 0.5 * jnp.sum(_mm(e, problem.sigma) * e) + 0.5 * d_y * problem.noise**2
@@ -234,8 +252,17 @@ def transfer_loss(
 
     The transfer task has isotropic Rademacher inputs and head ``f_transfer``; the
     head is fit on ``n_fit`` noisy samples drawn from ``key`` (keep ``key`` fixed
-    along a run so the curve tracks ``g`` only). Returns the mean squared error on
-    noiseless inputs, ``||F_hat G - F_transfer G_star||_F^2``.
+    along a run so the curve tracks ``g`` only).
+
+    Args:
+      problem: The task (its transfer head and ``G_star``).
+      g: The learned representation ``(k, d_x)``.
+      key: PRNG key of the refit's samples.
+      n_fit: Number of samples the head is refit on.
+
+    Returns:
+      The mean squared error on noiseless inputs,
+      ``||F_hat G - F_transfer G_star||_F^2``.
     """
     return transfer_loss_on(problem, g, transfer_sample(problem, key, n_fit))
 

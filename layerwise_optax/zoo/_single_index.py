@@ -89,7 +89,17 @@ def single_index_problem(
 def sample_single_index(
     problem: SingleIndexProblem, key: jax.Array, n: int, *, noiseless: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Draws ``n`` examples: ``x ~ N(0, Sigma)`` ``(n, d)``, ``y = tanh(x beta) + eps`` ``(n,)``."""
+    """Draws ``n`` examples: ``x ~ N(0, Sigma)`` ``(n, d)``, ``y = tanh(x beta) + eps`` ``(n,)``.
+
+    Args:
+      problem: The task.
+      key: PRNG key.
+      n: Number of examples.
+      noiseless: Leave out the label noise ``eps`` (for test sets).
+
+    Returns:
+      ``(x, y)`` of shapes ``(n, d)`` and ``(n,)``.
+    """
     check_sizes(n=n)
     kx, ke = jax.random.split(key)
     x = _mm(jax.random.normal(kx, (n, problem.beta.shape[0])), problem.sigma_sqrt)
@@ -153,7 +163,22 @@ def top_right_singular_vector(d_mat) -> np.ndarray:
 
 
 def alignment(v, beta) -> float:
-    """``|cos(v, beta)|``."""
+    """``|cos(v, beta)|``, the alignment of a learned direction with the target.
+
+    Args:
+      v: A direction ``(d,)``.
+      beta: The target direction ``(d,)``.
+
+    Returns:
+      The absolute cosine, in ``[0, 1]`` (sign-free: a spike and its negative
+      align equally).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> round(zoo.alignment(jnp.array([1.0, 1.0]), jnp.array([-2.0, 0.0])), 4)
+      0.7071
+    """
     v, beta = np.asarray(v, np.float64), np.asarray(beta, np.float64)
     return float(abs(v @ beta) / (np.linalg.norm(v) * np.linalg.norm(beta)))
 
