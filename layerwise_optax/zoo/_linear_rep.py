@@ -128,6 +128,23 @@ def linear_rep_problem(
     Raises:
       ValueError: For sizes below 1, ``k > d_x``, ``k > d_y`` or a condition number
         below 1.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> problem = zoo.linear_rep_problem(jax.random.key(0), d_x=8, d_y=3, k=2, kappa=100.0)
+      >>> round(float(jnp.linalg.cond(problem.sigma)))
+      100
+      >>> x, y = zoo.sample_linear_rep(problem, jax.random.key(1), 5)
+      >>> x.shape, y.shape
+      ((5, 8), (5, 3))
+
+      The true factors reach the noise floor ``d_y sigma^2 / 2`` and distance 0:
+
+      >>> round(float(zoo.train_loss(problem, problem.f_star, problem.g_star)), 6)
+      0.015
+      >>> round(float(zoo.subspace_distance(problem.g_star, problem.g_star)), 6)
+      0.0
     """
     check_sizes(d_x=d_x, d_y=d_y, k=k)
     if k > d_x:
@@ -222,6 +239,13 @@ def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.A
 
     Returns:
       The head ``F`` in the paper's ``(d_y, k)`` layout.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> z = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> zoo.least_squares_head(z, z @ jnp.array([[2.0], [-1.0]])).round(4).tolist()
+      [[2.0, -1.0]]
     """
     gram = _mm(z.T, z)
     scale = jnp.trace(gram) / gram.shape[0]

@@ -71,6 +71,14 @@ def single_index_problem(
 
     Raises:
       ValueError: For ``d < 1`` or ``kappa < 1``.
+
+    Examples:
+      >>> import jax
+      >>> from layerwise_optax import zoo
+      >>> problem = zoo.single_index_problem(jax.random.key(0), d=6, kappa=10.0)
+      >>> x, y = zoo.sample_single_index(problem, jax.random.key(1), 4)
+      >>> x.shape, y.shape
+      ((4, 6), (4,))
     """
     check_sizes(d=d)
     check_condition_number("kappa", kappa)
