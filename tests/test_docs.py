@@ -9,7 +9,12 @@ directive of the `.rst` sources, and the checker itself catches a removed name.
 import importlib
 import importlib.util
 import inspect
+import os
 import pathlib
+import re
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -89,6 +94,38 @@ def test_inventory_check_reads_python_objects_and_fails_on_a_missing_name(tmp_pa
     partial = _inventory(tmp_path / "partial.inv", [n for n in public if not n.endswith(".kfac")])
     assert cov.public_names() - cov.documented_in_inventory(partial) == {"layerwise_optax.kfac"}
     assert cov.main(["--inventory", str(partial)]) == 1
+
+
+def _code_blocks():
+    for page in sorted(DOCS.rglob("*.rst")):
+        if "_build" in page.parts:
+            continue
+        for block in re.findall(
+            r"^\.\. code-block:: python\n\n((?:(?:   .*)?\n)+)", page.read_text(), re.M
+        ):
+            code = textwrap.dedent(block)
+            yield pytest.param(code, id=f"{page.relative_to(DOCS)}:{code.splitlines()[0][:30]}")
+
+
+CODE_BLOCKS = list(_code_blocks())
+
+
+def test_the_docs_have_code_blocks():
+    assert len(CODE_BLOCKS) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", CODE_BLOCKS)
+def test_docs_code_block_runs_standalone(code, tmp_path):
+    # Each code block of the site, alone in a fresh interpreter, as a reader would paste
+    # it (a few seconds each, hence the slow tier; the README's twins run in the default).
+    pytest.importorskip("orbax.checkpoint")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 TEMPLATE_SECTIONS = ("Args:", "Returns:", "Examples:", "References:")
