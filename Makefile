@@ -69,8 +69,8 @@ bench-quick: bench-deps
 
 lint: $(STAMP_TEST)
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check layerwise_optax tests benchmarks examples
-	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples
+	$(PY) -m ruff check layerwise_optax tests benchmarks examples docs
+	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples docs
 
 # The API reference site (docs/_build/html/index.html), read afresh each time (-E: Sphinx
 # does not notice edited docstrings, and would not repeat an old warning): every warning
