@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 # the paper's figures and the demo need the zoo extra; the tests need test + notebooks.
 STAMP_ZOO := $(VENV)/.installed-zoo
 STAMP_TEST := $(VENV)/.installed-test
+STAMP_DOCS := $(VENV)/.installed-docs
 
-.PHONY: reproduce reproduce-all paper demo test test-slow bench bench-quick bench-deps lint clean
+.PHONY: reproduce reproduce-all paper demo test test-slow bench bench-quick bench-deps lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ $(STAMP_ZOO): pyproject.toml | $(PY)
 
 $(STAMP_TEST): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,notebooks]'
+	touch $@
+
+$(STAMP_DOCS): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[docs]'
 	touch $@
 
 reproduce: $(STAMP_ZOO)
@@ -64,8 +69,16 @@ bench-quick: bench-deps
 
 lint: $(STAMP_TEST)
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check layerwise_optax tests benchmarks examples
-	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples
+	$(PY) -m ruff check layerwise_optax tests benchmarks examples docs
+	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples docs
+
+# The API reference site (docs/_build/html/index.html), read afresh each time (-E: Sphinx
+# does not notice edited docstrings, and would not repeat an old warning): every warning
+# is an error, the notebooks are rendered as committed (never executed), nothing is
+# fetched at build time; then every public name must be in the built site's inventory.
+docs: $(STAMP_DOCS)
+	$(PY) -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
+	$(PY) docs/coverage.py --inventory docs/_build/html/objects.inv
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results docs/_build docs/notebooks

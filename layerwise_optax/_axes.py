@@ -58,6 +58,18 @@ class DimensionNumbers(NamedTuple):
       identity_axes: Axes that are contracted in the statistics but never
         preconditioned (one-sided preconditioning, e.g. only the input axis of a
         kernel).
+
+    Examples:
+      A stack of 4 layers ``(4, 64, 32)``, each with its own ``64 × 32`` factors,
+      given to an optimizer's ``dimension_numbers``:
+
+      >>> import jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> spec = lo.DimensionNumbers(factor_axes=((1,), (2,)), batch_axes=(0,))
+      >>> spec
+      DimensionNumbers(factor_axes=((1,), (2,)), batch_axes=(0,), identity_axes=())
+      >>> tx = lo.shampoo(1e-3, dimension_numbers={'stack': spec})
+      >>> state = tx.init({'stack': jnp.zeros((4, 64, 32))})
     """
 
     factor_axes: tuple[tuple[int, ...], ...]
@@ -193,6 +205,13 @@ def default_dimension_numbers(
 
     Returns:
       A :class:`DimensionNumbers`, or ``None``.
+
+    Examples:
+      >>> import layerwise_optax as lo
+      >>> lo.default_dimension_numbers((3, 3, 64, 128)).factor_axes
+      ((0, 1, 2), (3,))
+      >>> lo.default_dimension_numbers((128,)) is None
+      True
     """
     shape = tuple(shape)
     nonunit = [a for a, s in enumerate(shape) if s > 1]

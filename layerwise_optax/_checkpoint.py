@@ -76,6 +76,16 @@ def checkpointable(state: Any) -> Any:
 
     Returns:
       The same tree with every zero-size array replaced by ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+      >>> state = lo.shampoo(1e-3).init(params)
+      >>> sum(x.size == 0 for x in jax.tree.leaves(state))  # the vector's empty factor slots
+      2
+      >>> sum(x.size == 0 for x in jax.tree.leaves(lo.checkpointable(state)))
+      0
     """
     return jax.tree.map(lambda x: None if _size(x) == 0 else x, state)
 
@@ -96,6 +106,20 @@ def check_state(like: Any, restored: Any) -> None:
     Raises:
       ValueError: naming each missing, extra or mismatched state path (up to 8),
         with both shapes and dtypes.
+
+    Examples:
+      A state written with Adam grafting does not fit an optimizer that grafts
+      SGD (no second moment):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 3))}
+      >>> state = lo.shampoo(1e-3).init(params)
+      >>> try:
+      ...     lo.check_state(jax.eval_shape(lo.shampoo(1e-3, grafting='sgd').init, params), state)
+      ... except ValueError as e:
+      ...     print(str(e).splitlines()[1])
+        0/nu/w: in the checkpoint ((4, 3) float32) but not in this optimizer's state
     """
     want, got = _flat(like), _flat(restored)
     problems = []
@@ -147,6 +171,20 @@ def restore_state(like: Any, restored: Any) -> Any:
 
     Raises:
       ValueError: if paths, shapes or dtypes differ (see :func:`check_state`).
+
+    Examples:
+      A round trip (a checkpointer would write ``saved`` and read it back as plain
+      containers):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+      >>> tx = lo.shampoo(1e-3)
+      >>> state = tx.init(params)
+      >>> saved = lo.checkpointable(state)
+      >>> restored = lo.restore_state(jax.eval_shape(tx.init, params), saved)
+      >>> jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, state))
+      True
     """
     check_state(like, restored)
     got = _flat(restored)

@@ -274,6 +274,24 @@ def scale_by_kfac(
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
+
+    Examples:
+      Undamped, the direction is ``A^{-1} G B^{-1}``: here each row of ``G`` is
+      divided by its input's variance (the momentum only scales it).
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.zeros((2, 2))}
+      >>> stats = {'w': lo.KfacFactors(a=jnp.diag(jnp.array([4.0, 1.0])), g=jnp.eye(2))}
+      >>> tx = lo.scale_by_kfac(damping=0.0, damping_mode='absolute')
+      >>> updates, state = jax.jit(tx.update)({'w': jnp.ones((2, 2))}, tx.init(params),
+      ...                                     params, kfac_stats=stats)
+      >>> (updates['w'] / updates['w'][1, 0]).tolist()
+      [[0.25, 0.25], [1.0, 1.0]]
+
+    References:
+      Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)

@@ -73,6 +73,12 @@ def symmetrize(a: jax.Array) -> jax.Array:
 
     Returns:
       The symmetric part of ``a``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> linalg.symmetrize(jnp.array([[1.0, 2.0], [0.0, 1.0]])).tolist()
+      [[1.0, 1.0], [1.0, 1.0]]
     """
     return 0.5 * (a + jnp.swapaxes(a, -1, -2))
 
@@ -91,6 +97,13 @@ def eigh_psd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
       ``(w, v)``: eigenvalues ``(..., n)`` in ascending order, clipped at 0, and
       eigenvectors ``(..., n, n)`` as columns. A matrix with a non-finite entry
       gives NaN ``w`` and ``v``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> w, v = linalg.eigh_psd(jnp.array([[4.0, 0.0], [0.0, 1.0]]))
+      >>> w.tolist()
+      [1.0, 4.0]
     """
     a = symmetrize(a.astype(_compute_dtype(a)))
     ok = _finite_matrices(a)
@@ -126,6 +139,21 @@ def inv_root_eigh(
 
     Returns:
       ``(..., n, n)`` symmetric positive definite roots; NaN for non-finite inputs.
+
+    Examples:
+      ``(A + delta I)^{-1/2}``, undamped and with ``delta = 0.25 lambda_max``:
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> a = jnp.array([[4.0, 0.0], [0.0, 1.0]])
+      >>> linalg.inv_root_eigh(a, 2).tolist()
+      [[0.5, 0.0], [0.0, 1.0]]
+      >>> r = linalg.inv_root_eigh(a, 2, damping=0.25, relative_damping=True)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
+      [[0.4472, 0.0], [0.0, 0.7071]]
+
+    References:
+      Higham, *Functions of Matrices: Theory and Computation*, SIAM, 2008.
     """
     w, v = eigh_psd(a)
     w = _damped_floor(w, jnp.asarray(damping, w.dtype), relative_damping)
@@ -184,6 +212,13 @@ def inv_psd_cholesky(
 
     Returns:
       ``(..., n, n)`` symmetric inverses; NaN where the factorization failed.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> inv = linalg.inv_psd_cholesky(jnp.array([[4.0, 0.0], [0.0, 1.0]]), damping=1.0)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in inv.tolist()]
+      [[0.2, 0.0], [0.0, 0.5]]
     """
     a = symmetrize(a.astype(_compute_dtype(a)))
     ok = _finite_matrices(a)
@@ -283,6 +318,12 @@ def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
 
     Returns:
       ``(...)`` eigenvalue estimates (Rayleigh quotients).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> round(float(linalg.max_eigenvalue(jnp.array([[2.0, 1.0], [1.0, 2.0]]))), 4)
+      3.0
     """
     a = symmetrize(a.astype(_compute_dtype(a)))
     # Iterate on A / max|A_ij| so that the vector norms cannot overflow (entries
@@ -317,6 +358,18 @@ def spectral_norm_lower_bound(a: jax.Array) -> jax.Array:
 
     Returns:
       ``(...)`` bounds; 0 for zero matrices.
+
+    Examples:
+      For ``[[2, 1], [1, 2]]`` (spectral norm 3):
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> round(float(linalg.spectral_norm_lower_bound(jnp.array([[2.0, 1.0], [1.0, 2.0]]))), 3)
+      2.984
+
+    References:
+      Li, `Stochastic Hessian Fittings with Lie Groups
+      <https://arxiv.org/abs/2402.11858>`_, 2024.
     """
     a = a.astype(_compute_dtype(a))
     # Work on A / max|A_ij| (squares of entries above ~1e19 overflow float32).
@@ -400,6 +453,19 @@ def inv_root_newton(
     Returns:
       ``(root, residual)``: the roots ``(..., n, n)`` and the true residuals
       ``max |X^p A' - I|`` of shape ``(...)``. Non-finite inputs give NaN roots.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> root, residual = linalg.inv_root_newton(jnp.array([[4.0, 0.0], [0.0, 1.0]]), 2)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in root.tolist()], bool(residual < 1e-5)
+      ([[0.5, 0.0], [0.0, 1.0]], True)
+
+    References:
+      Guo and Higham, A Schur-Newton Method for the Matrix p-th Root and its
+      Inverse, SIAM J. Matrix Anal. Appl. 28(3), 2006.
+      Anil et al., `Scalable Second Order Optimization for Deep Learning
+      <https://arxiv.org/abs/2002.09018>`_, 2020.
     """
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"p must be a positive int for the Newton iteration, got {p!r}.")
@@ -492,6 +558,17 @@ def eigenbasis(a: jax.Array) -> jax.Array:
     Returns:
       ``(..., n, n)`` orthogonal matrices whose columns are eigenvectors; NaN for
       non-finite inputs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> q = linalg.eigenbasis(jnp.array([[1.0, 0.0], [0.0, 3.0]]))
+      >>> [[round(v, 4) + 0.0 for v in row] for row in abs(q).tolist()]
+      [[0.0, 1.0], [1.0, 0.0]]
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024 (the eigenbasis SOAP runs Adam in).
     """
     _, v = eigh_psd(a)
     return v[..., ::-1]
@@ -513,6 +590,20 @@ def refresh_eigenbasis(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array
       ``(q_new, perm)``: the refreshed bases and the ``(..., n)`` int32 column
       permutation applied before the power step. Non-finite inputs give NaN
       ``q_new``.
+
+    Examples:
+      From the identity, the columns are reordered by Rayleigh quotient (largest
+      first), then one power step and QR:
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> q, perm = linalg.refresh_eigenbasis(jnp.array([[1.0, 0.0], [0.0, 3.0]]), jnp.eye(2))
+      >>> [[round(v, 4) + 0.0 for v in row] for row in abs(q).tolist()], perm.tolist()
+      ([[0.0, 1.0], [1.0, 0.0]], [1, 0])
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024.
     """
     dtype = _compute_dtype(a)
     a = symmetrize(a.astype(dtype))
@@ -588,6 +679,19 @@ def ns_coefficients(preset: str | Any, steps: int) -> jax.Array:
     Returns:
       A float32 array ``(steps, 3)``.
 
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> linalg.ns_coefficients('polar_express', 5).shape
+      (5, 3)
+      >>> r = linalg.ns_coefficients('standard', 2)
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
+      [[3.4445, -4.775, 2.0315], [3.4445, -4.775, 2.0315]]
+
+    References:
+      Amsel et al., The Polar Express: Optimal Matrix Sign Methods and Their
+      Application to the Muon Algorithm, 2025.
     Raises:
       ValueError: For an unknown preset name or a badly shaped array.
     """
@@ -642,6 +746,23 @@ def newton_schulz(
 
     Returns:
       ``(..., m, n)`` array.
+
+    Examples:
+      The singular values go to 1, the singular vectors stay:
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> x = jnp.array([[3.0, 0.0], [0.0, 0.5]])
+      >>> r = linalg.newton_schulz(x, linalg.ns_coefficients('polar_express', 8))
+      >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
+      [[1.0, 0.0], [0.0, 1.0]]
+
+    References:
+      Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_, 2024 (the ``'standard'``
+      quintic).
+      Amsel et al., The Polar Express: Optimal Matrix Sign Methods and Their
+      Application to the Muon Algorithm, 2025 (``'polar_express'``).
     """
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else _compute_dtype(x)
     if check_finite:

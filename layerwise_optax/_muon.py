@@ -144,6 +144,30 @@ def scale_by_muon(
         ``ns_steps < 1``, ...); at ``init`` for a spec without exactly two factor
         groups, naming the leaf's path, and for default roles whose head the
         shapes leave ambiguous (:func:`layerwise_optax.layer_roles`).
+
+    Examples:
+      The bare transform (no learning rate, no fallback): hidden matrices become
+      ``U V^T`` times the shape scaling, other leaves pass through unchanged.
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((8, 32)), 'b': jnp.zeros(32)}
+      >>> grads = {'w': jax.random.normal(jax.random.key(0), (8, 32)), 'b': jnp.ones(32)}
+      >>> tx = lo.scale_by_muon(scaling='none', ns_coeffs='polar_express', ns_steps=8)
+      >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+      >>> s = jnp.linalg.svd(updates['w'], compute_uv=False)
+      >>> bool(jnp.all(jnp.abs(s - 1) < 1e-3)), updates['b'].tolist() == grads['b'].tolist()
+      (True, True)
+
+    References:
+      Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+      Bernstein and Newhouse, `Old Optimizer, New Norm: An Anthology
+      <https://arxiv.org/abs/2409.20325>`_, 2024.
+      Liu et al., `Muon is Scalable for LLM Training
+      <https://arxiv.org/abs/2502.16982>`_, 2025 (``scaling='rms'``).
+      Li et al., NorMuon: Making Muon more efficient and scalable, 2025 (the
+      per-neuron second moment).
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -380,6 +404,45 @@ def muon(
       ``state.inner_states['muon'].inner_state[0]`` is the :class:`ScaleByMuonState`;
       ``state.inner_states['adam'].inner_state[0]`` the guarded Adam's state, which
       skips (and counts) each leaf whose gradient is not finite.
+
+    Raises:
+      ValueError: At construction for an unknown preset or ``scaling``, a decay
+        outside ``[0, 1)``, ``ns_steps < 1`` or a non-positive ``eps``; at ``init``
+        for a ``dimension_numbers`` spec without exactly two factor groups and for
+        default roles whose head the shapes leave ambiguous (naming the paths).
+
+    Examples:
+      With ``scaling='none'`` the update of a hidden matrix is ``-lr U V^T``: all
+      its singular values are 1 (Polar Express coefficients, 8 steps; plain
+      momentum, so that the first AdamW step below is simple):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((16, 16)), 'head': jnp.ones((16, 3)), 'b': jnp.zeros(16)}
+      >>> grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+      >>> tx = lo.muon(1.0, scaling='none', ns_coeffs='polar_express', ns_steps=8,
+      ...              nesterov=False)
+      >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+      >>> s = jnp.linalg.svd(-updates['w'], compute_uv=False)
+      >>> bool(jnp.all(jnp.abs(s - 1) < 1e-3))
+      True
+
+      ``head`` (named so) and ``b`` went to AdamW, whose first step is ``-lr`` times
+      the sign of the gradient:
+
+      >>> bool(jnp.allclose(updates['b'], -jnp.sign(grads['b']), atol=1e-5))
+      True
+
+    References:
+      Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+      Bernstein and Newhouse, `Old Optimizer, New Norm: An Anthology
+      <https://arxiv.org/abs/2409.20325>`_, 2024.
+      Liu et al., `Muon is Scalable for LLM Training
+      <https://arxiv.org/abs/2502.16982>`_, 2025 (``scaling='rms'``).
+
+    .. seealso:: :func:`layerwise_optax.normuon`, :func:`layerwise_optax.scale_by_muon`,
+      :func:`layerwise_optax.steepest_descent`
     """
     _checks.alias_args(learning_rate, weight_decay, mask)
     if adam_learning_rate is not None:
@@ -499,6 +562,35 @@ def normuon(
 
     Returns:
       An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
+
+    Raises:
+      ValueError: As :func:`muon`, and for ``b2`` outside ``[0, 1)``.
+
+    Examples:
+      Each matrix leaf's update has RMS ``lr * rms`` (0.2 by default), like an
+      AdamW step, whatever the gradient's scale:
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((16, 16)), 'head': jnp.ones((16, 3))}
+      >>> noise = lambda p: 1e3 * jax.random.normal(jax.random.key(0), p.shape)
+      >>> grads = jax.tree.map(noise, params)
+      >>> tx = lo.normuon(learning_rate=1.0)
+      >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+      >>> round(float(jnp.sqrt(jnp.mean(updates['w'] ** 2))), 3)
+      0.2
+
+    References:
+      Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+      Bernstein and Newhouse, `Old Optimizer, New Norm: An Anthology
+      <https://arxiv.org/abs/2409.20325>`_, 2024.
+      Liu et al., `Muon is Scalable for LLM Training
+      <https://arxiv.org/abs/2502.16982>`_, 2025 (``scaling='rms'``).
+      Li et al., NorMuon: Making Muon more efficient and scalable, 2025 (the
+      per-neuron second moment).
+
+    .. seealso:: :func:`layerwise_optax.muon`
     """
     _checks.in_unit_interval("b2", b2)  # named as normuon's caller knows it
     return muon(

@@ -71,6 +71,16 @@ def precond_update_prob_schedule(
 
     Returns:
       A schedule ``count -> probability`` (float32 scalar).
+
+    Examples:
+      >>> import layerwise_optax as lo
+      >>> schedule = lo.precond_update_prob_schedule()
+      >>> [round(float(schedule(t)), 3) for t in (0, 500, 1500, 10_000)]
+      [1.0, 1.0, 0.368, 0.03]
+
+    References:
+      Li, `Stochastic Hessian Fittings with Lie Groups
+      <https://arxiv.org/abs/2402.11858>`_, 2024 (psgd-jax's default schedule).
     """
     _checks.in_unit_interval("max_prob", max_prob, right_closed=True)
     _checks.in_unit_interval("min_prob", min_prob, right_closed=True)
@@ -258,6 +268,30 @@ def scale_by_psgd_kron(
     Returns:
       A :class:`optax.GradientTransformation` with state
       :class:`ScaleByPsgdKronState`.
+
+    Raises:
+      ValueError: At construction for a hyperparameter out of range (see
+        :func:`psgd_kron`); at ``init`` if ``dimension_numbers`` do not fit a
+        parameter (naming its path).
+
+    Examples:
+      ``P = Q^T Q`` starts as ``precond_init_scale`` times the identity, so on a
+      step that does not fit the first update is that multiple of the
+      (bias-corrected) momentum:
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((3, 2))}
+      >>> tx = lo.scale_by_psgd_kron(precond_update_prob=0.0, precond_init_scale=0.5)
+      >>> updates, state = jax.jit(tx.update)({'w': jnp.ones((3, 2))}, tx.init(params), params)
+      >>> [[round(v, 5) for v in row] for row in updates['w'].tolist()]
+      [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+
+    References:
+      Li, `Preconditioned Stochastic Gradient Descent
+      <https://arxiv.org/abs/1512.04202>`_, IEEE TNNLS, 2018.
+      Li, `Stochastic Hessian Fittings with Lie Groups
+      <https://arxiv.org/abs/2402.11858>`_, 2024.
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -519,6 +553,36 @@ def psgd_kron(
     Returns:
       An :class:`optax.GradientTransformation`; ``state[0]`` is the
       :class:`ScaleByPsgdKronState`.
+
+    Raises:
+      ValueError: At construction for a hyperparameter out of range (``b1``
+        outside ``[0, 1)``, ``precond_lr`` outside ``(0, 1]``, a non-positive
+        ``precond_init_scale`` or ``clip_rms``, an unknown ``memory_save_mode``,
+        a probability outside ``[0, 1]``); at ``init`` if ``dimension_numbers``
+        do not fit a parameter (naming its path).
+
+    Examples:
+      The probes and the coins that decide when to fit come from ``seed``, so a
+      run is reproducible:
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((6, 4)), 'b': jnp.zeros(4)}
+      >>> grads = {'w': jax.random.normal(jax.random.key(0), (6, 4)), 'b': jnp.ones(4)}
+      >>> tx = lo.psgd_kron(learning_rate=1e-3, seed=0)
+      >>> update = jax.jit(tx.update)
+      >>> u1, _ = update(grads, tx.init(params), params)
+      >>> u2, _ = update(grads, tx.init(params), params)
+      >>> jax.tree.map(jnp.shape, u1), bool(jnp.array_equal(u1['w'], u2['w']))
+      ({'b': (4,), 'w': (6, 4)}, True)
+
+    References:
+      Li, `Preconditioned Stochastic Gradient Descent
+      <https://arxiv.org/abs/1512.04202>`_, IEEE TNNLS, 2018.
+      Li, `Stochastic Hessian Fittings with Lie Groups
+      <https://arxiv.org/abs/2402.11858>`_, 2024.
+
+    .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_psgd_kron`
     """
     _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(

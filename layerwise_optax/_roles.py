@@ -333,7 +333,7 @@ def layer_roles(
     the result with each leaf's matrix and how the head was chosen.
 
     Args:
-      params: A params tree (arrays, ``jax.ShapeDtypeStruct``s, ``nnx.State``...).
+      params: A params tree (arrays, ``jax.ShapeDtypeStruct`` leaves, an ``nnx.State``, ...).
       overrides: ``{pattern: role}``; each pattern is an ``fnmatch`` pattern over the
         ``'/'``-joined path (``'layers/2/kernel'``, ``'*/out/kernel'``); later
         patterns win over earlier ones, and all over the rules. Giving some leaf
@@ -350,7 +350,7 @@ def layer_roles(
         no leaf (naming it and some paths that exist), or a head that the shapes
         leave ambiguous (naming the candidates and how to set it).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, layerwise_optax as lo
       >>> params = {'l1': {'kernel': jnp.zeros((8, 16)), 'bias': jnp.zeros(16)},
       ...           'l2': {'kernel': jnp.zeros((16, 4)), 'bias': jnp.zeros(4)}}
@@ -407,7 +407,7 @@ def format_roles(params: Any, roles: RolesOrFn | None = None) -> str:
     Raises:
       ValueError: As :func:`layer_roles` (an ambiguous head, a bad role or tree).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, layerwise_optax as lo
       >>> print(lo.format_roles({'w': jnp.zeros((8, 1, 6)), 'b': jnp.zeros(6)}))
       path  shape      role    matrix

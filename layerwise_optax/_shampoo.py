@@ -184,6 +184,27 @@ def scale_by_shampoo(
     Raises:
       ValueError: At construction for out-of-range hyperparameters; at ``init`` if
         ``dimension_numbers`` do not fit a parameter (naming its path).
+
+    Examples:
+      One step without momentum, grafting or accumulation: the factors are
+      ``G G^T`` and ``G^T G``, so ``L^{-1/4} G R^{-1/4}`` is the polar factor
+      ``U V^T`` of ``G = U S V^T`` (the direction Muon approximates):
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.zeros((2, 2))}
+      >>> grads = {'w': jnp.array([[0.0, 2.0], [0.5, 0.0]])}
+      >>> tx = lo.scale_by_shampoo(b1=0.0, grafting='none', factor_bias_correction=True,
+      ...                          start_preconditioning_step=0)
+      >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+      >>> [[round(v, 3) for v in row] for row in updates['w'].tolist()]
+      [[0.0, 1.0], [1.0, 0.0]]
+
+    References:
+      Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
+      Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
+      Lin et al., Understanding and Improving Shampoo and SOAP via
+      Kullback-Leibler Minimization, 2025 (``factor_estimation='kl'``).
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)
@@ -485,6 +506,8 @@ def shampoo(
       Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
       Anil et al., `Scalable Second Order Optimization for Deep Learning
       <https://arxiv.org/abs/2002.09018>`_, 2020.
+      Lin et al., Understanding and Improving Shampoo and SOAP via
+      Kullback-Leibler Minimization, 2025 (KL-Shampoo).
 
     .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
     """

@@ -101,7 +101,7 @@ def state_shardings(
 
     Args:
       tx: Any optax transform (an alias of this library, a chain, ...).
-      params: The params, or their ``jax.ShapeDtypeStruct``s.
+      params: The params, or their ``jax.ShapeDtypeStruct`` stand-ins.
       param_shardings: A tree like ``params`` of ``NamedSharding`` or
         ``PartitionSpec`` (``None`` for replicated).
       mesh: The mesh, needed when ``param_shardings`` holds partition specs.
@@ -114,6 +114,21 @@ def state_shardings(
       ValueError: A spec with more entries than the parameter has axes, a mesh
         axis that does not exist, or an axis not divisible by its mesh axes,
         naming the parameter's path and the axis.
+
+    Examples:
+      On a one-device mesh (the same code runs on any mesh); the moments shaped like
+      ``w`` are sharded like it:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
+      >>> tx = lo.shampoo(1e-3)
+      >>> mesh = jax.make_mesh((1,), ('data',))
+      >>> shardings = lo.state_shardings(tx, params, {'w': P('data'), 'b': P()}, mesh=mesh)
+      >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+      >>> {x.sharding.spec == P('data') for x in jax.tree.leaves(state) if x.shape == (4, 3)}
+      {True}
     """
     flat_params, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_axes.is_masked)
     try:

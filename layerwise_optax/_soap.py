@@ -126,6 +126,23 @@ def scale_by_soap(
     Raises:
       ValueError: At construction for out-of-range hyperparameters; at ``init`` if
         ``dimension_numbers`` do not fit a parameter.
+
+    Examples:
+      A vector has no factor, so it keeps the identity basis and SOAP is Adam:
+      its first step is the sign of the gradient.
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'b': jnp.zeros(3)}
+      >>> tx = lo.scale_by_soap()
+      >>> updates, state = jax.jit(tx.update)({'b': jnp.array([0.5, -2.0, 1e-3])},
+      ...                                     tx.init(params), params)
+      >>> [round(v, 3) for v in updates['b'].tolist()]
+      [1.0, -1.0, 1.0]
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024.
     """
     if dimension_numbers is not None:
         _checks.tree_or_callable("dimension_numbers", dimension_numbers)

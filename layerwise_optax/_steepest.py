@@ -171,6 +171,26 @@ def scale_by_steepest_descent(
       A :class:`optax.GradientTransformation` with state
       :class:`ScaleBySteepestDescentState`.
 
+
+    Examples:
+      Every role mapped to ``'sign'`` with ``beta=0`` is sign descent:
+
+      >>> import jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> roles = ('matrix', 'conv', 'stacked', 'embedding', 'head', 'vector', 'scalar')
+      >>> tx = lo.scale_by_steepest_descent(norms={r: 'sign' for r in roles},
+      ...                                   scales={r: 1.0 for r in roles}, beta=0.0)
+      >>> params = {'w': jnp.ones((2, 3))}
+      >>> grads = {'w': jnp.array([[0.5, -2.0, 0.0], [3.0, -1e-3, 1.0]])}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates['w'].tolist()
+      [[1.0, -1.0, 0.0], [1.0, -1.0, 1.0]]
+
+    References:
+      Bernstein and Newhouse, `Old Optimizer, New Norm: An Anthology
+      <https://arxiv.org/abs/2409.20325>`_, 2024.
+      Pethick et al., `Training Deep Learning Models with Norm-Constrained LMOs
+      <https://arxiv.org/abs/2502.07529>`_ (Scion), 2025.
     Raises:
       ValueError: At construction for an unknown role or norm, a bad ``beta`` or
         ``ns_steps``; at ``init`` for a spectral norm on a leaf that is not a
@@ -334,6 +354,35 @@ def steepest_descent(
     Returns:
       An :class:`optax.GradientTransformation`; ``state[0]`` is the
       :class:`ScaleBySteepestDescentState`.
+
+    Raises:
+      ValueError: At construction for an unknown role or norm, a negative scale,
+        ``beta`` outside ``[0, 1)`` or ``ns_steps < 1``; at ``init`` for a spectral
+        norm on a leaf that is not a matrix (naming its path).
+      TypeError: If ``norms`` or ``scales`` is not a dict.
+
+    Examples:
+      With the defaults, the head takes sign steps of size ``lr / fan_in`` and a
+      bias a step of RMS ``lr``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'w': jnp.ones((4, 16)), 'head': jnp.ones((16, 3)), 'b': jnp.zeros(16)}
+      >>> grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+      >>> tx = lo.steepest_descent(learning_rate=1.0)
+      >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+      >>> bool(jnp.allclose(updates['head'], -jnp.sign(grads['head']) / 16))
+      True
+      >>> round(float(jnp.sqrt(jnp.mean(updates['b'] ** 2))), 4)
+      1.0
+
+    References:
+      Bernstein and Newhouse, `Old Optimizer, New Norm: An Anthology
+      <https://arxiv.org/abs/2409.20325>`_, 2024.
+      Pethick et al., `Training Deep Learning Models with Norm-Constrained LMOs
+      <https://arxiv.org/abs/2502.07529>`_ (Scion), 2025.
+
+    .. seealso:: :func:`layerwise_optax.muon`, :func:`layerwise_optax.scale_by_steepest_descent`
     """
     _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(

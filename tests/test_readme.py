@@ -87,7 +87,12 @@ def test_no_links_to_files_outside_the_repository():
 
 @pytest.mark.parametrize(
     "target, extras",
-    [("reproduce", {".[zoo]"}), ("demo", {".[zoo]"}), ("test", {".[test,notebooks]"})],
+    [
+        ("reproduce", {".[zoo]"}),
+        ("demo", {".[zoo]"}),
+        ("test", {".[test,notebooks]"}),
+        ("docs", {".[docs]"}),
+    ],
 )
 def test_make_targets_install_only_the_extras_they_need(target, extras, tmp_path):
     # The README promises `make reproduce` installs the zoo extra only (it used to install

@@ -1,4 +1,4 @@
-"""The paper's experiments (PAPER.md §6 protocols), as functions returning plain data.
+"""The paper's experiments (analogues of Zhang et al., ICML 2025), as functions returning data.
 
 :func:`run_linear_rep` covers Fig. 1 (training loss, subspace distance and
 transfer loss vs iteration for several ``kappa``), Fig. 1b (iterations to
@@ -12,7 +12,7 @@ qualitative claims on them (the tests run these in quick mode).
 Learning rates: each method has its own grid (:class:`layerwise_optax.zoo.Method`).
 The curves of Fig. 1 use, per method and ``kappa``, the rate with the lowest
 mean final distance over seeds; the hitting times of Fig. 1b pick the rate per
-seed that hits first (final distance alone favours small rates, PAPER.md §6 (ii)).
+seed that hits first (final distance alone favours small rates).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def serial_blas():
 
 @dataclasses.dataclass(frozen=True)
 class LinearRepConfig:
-    """Settings of the linear representation experiments (defaults: protocol P1).
+    """Settings of the linear representation experiments (defaults: the full protocol).
 
     ``grids`` overrides a method's learning-rate grid by name.
     """
@@ -340,7 +340,7 @@ def _hitting(per_lr, target: float, cap: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class SingleIndexConfig:
-    """Settings of the single-index experiments (defaults: protocol P2)."""
+    """Settings of the single-index experiments (defaults: the full protocol)."""
 
     d: int = 200
     width: int = 400
@@ -377,6 +377,10 @@ class SingleIndexConfig:
 @serial_blas()
 def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dict[str, Any]:
     """Runs the single-index protocols; returns JSON-ready results.
+
+    Args:
+      config: The settings.
+      progress: Show a progress bar.
 
     Returns:
       ``{'settings', 'alignment_vs_kappa', 'alignment_vs_n', 'test_loss'}``:
@@ -511,6 +515,9 @@ def _h(x) -> float:
 def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Checks the linear representation claims of the paper on ``results``.
 
+    Args:
+      results: What :func:`run_linear_rep` returns (or its JSON, read back).
+
     Returns:
       One ``{'claim', 'passed', 'detail'}`` per claim (methods that were not run
       are skipped).
@@ -587,7 +594,15 @@ def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def single_index_claims(results: dict[str, Any], tolerance: float = 0.05) -> list[dict[str, Any]]:
-    """Checks the single-index claims of the paper on ``results``."""
+    """Checks the single-index claims of the paper on ``results``.
+
+    Args:
+      results: What :func:`run_single_index` returns (or its JSON, read back).
+      tolerance: Largest allowed gap between simulated and closed-form alignment.
+
+    Returns:
+      One ``{'claim', 'passed', 'detail'}`` per claim.
+    """
     claims = []
 
     def add(claim, passed, detail):
@@ -644,5 +659,17 @@ def theory_errors(results: dict[str, Any]) -> list[float]:
 
 
 def all_passed(claims: Iterable[dict[str, Any]]) -> bool:
-    """Whether every claim passed."""
+    """Whether every claim passed.
+
+    Args:
+      claims: What :func:`linear_rep_claims` or :func:`single_index_claims` return.
+
+    Returns:
+      ``True`` when each claim's ``'passed'`` is true.
+
+    Examples:
+      >>> from layerwise_optax import zoo
+      >>> zoo.all_passed([{'claim': 'a', 'passed': True}, {'claim': 'b', 'passed': False}])
+      False
+    """
     return all(c["passed"] for c in claims)

@@ -1,11 +1,11 @@
-"""Linear representation learning: data, model and metrics (PAPER.md §3, protocol P1).
+"""Linear representation learning (Zhang et al., ICML 2025): data, model and metrics.
 
 The task: ``y = F_star G_star x + eps`` with a shared ``k``-dimensional
 representation ``G_star`` (orthonormal rows, ``k × d_x``), a head ``F_star``
 (``d_y × k``) and anisotropic inputs ``x = Sigma^{1/2} r``, ``r`` Rademacher (or
 Gaussian), ``Sigma = U diag(lambda) U^T`` with ``U`` Haar-random and ``lambda``
 log-spaced in ``[1, kappa]``. Keeping ``lambda_min = 1`` keeps the statistical
-noise floor the same at every ``kappa`` (PAPER.md §6, pitfall (i)).
+noise floor the same at every ``kappa``, so that runs at different ``kappa`` compare.
 
 The model is the two-layer linear network ``f(x) = F G x`` as Flax NNX layers
 (``nnx.Linear`` kernels are ``G^T`` and ``F^T``), optionally with a parameter-free
@@ -108,7 +108,7 @@ def linear_rep_problem(
     kappa_f: jax.typing.ArrayLike | None = None,
     noise: jax.typing.ArrayLike = 0.1,
 ) -> LinearRepProblem:
-    """Samples a linear representation learning task (protocol P1 by default).
+    """Samples a linear representation learning task (the experiments' settings by default).
 
     Args:
       key: PRNG key; the task is a pure function of it and the settings.
@@ -128,6 +128,23 @@ def linear_rep_problem(
     Raises:
       ValueError: For sizes below 1, ``k > d_x``, ``k > d_y`` or a condition number
         below 1.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> problem = zoo.linear_rep_problem(jax.random.key(0), d_x=8, d_y=3, k=2, kappa=100.0)
+      >>> round(float(jnp.linalg.cond(problem.sigma)))
+      100
+      >>> x, y = zoo.sample_linear_rep(problem, jax.random.key(1), 5)
+      >>> x.shape, y.shape
+      ((5, 8), (5, 3))
+
+      The true factors reach the noise floor ``d_y sigma^2 / 2`` and distance 0:
+
+      >>> round(float(zoo.train_loss(problem, problem.f_star, problem.g_star)), 6)
+      0.015
+      >>> round(float(zoo.subspace_distance(problem.g_star, problem.g_star)), 6)
+      0.0
     """
     check_sizes(d_x=d_x, d_y=d_y, k=k)
     if k > d_x:
@@ -213,7 +230,23 @@ def subspace_distance(g: jax.Array, g_star: jax.Array) -> jax.Array:
 
 
 def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.Array:
-    """``argmin_F ||y - z F^T||^2`` (tiny ridge for safety), returned as ``(d_y, k)``."""
+    """``argmin_F ||y - z F^T||^2`` (tiny ridge for safety), returned as ``(d_y, k)``.
+
+    Args:
+      z: ``(n, k)`` features.
+      y: ``(n, d_y)`` targets.
+      ridge: Added to the diagonal of ``z^T z`` relative to its mean eigenvalue.
+
+    Returns:
+      The head ``F`` in the paper's ``(d_y, k)`` layout.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> z = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> zoo.least_squares_head(z, z @ jnp.array([[2.0], [-1.0]])).round(4).tolist()
+      [[2.0, -1.0]]
+    """
     gram = _mm(z.T, z)
     scale = jnp.trace(gram) / gram.shape[0]
     reg = gram + ridge * (scale + 1e-12) * jnp.eye(gram.shape[0], dtype=gram.dtype)
@@ -221,7 +254,16 @@ def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.A
 
 
 def train_loss(problem: LinearRepProblem, f: jax.Array, g: jax.Array) -> jax.Array:
-    """Population training loss ``1/2 E||y - F G x||^2`` (paper layouts ``(d_y,k)``, ``(k,d_x)``)."""
+    """Population training loss ``1/2 E||y - F G x||^2`` (paper layouts ``(d_y,k)``, ``(k,d_x)``).
+
+    Args:
+      problem: The task (its ``Sigma``, ``F_star G_star`` and noise level).
+      f: The head ``F``, ``(d_y, k)``.
+      g: The representation ``G``, ``(k, d_x)``.
+
+    Returns:
+      A scalar, in closed form (no sampling); its floor is ``d_y sigma^2 / 2``.
+    """
     e = _mm(f, g) - _mm(problem.f_star, problem.g_star)
     d_y = e.shape[0]
     return 0.5 * jnp.sum(_mm(e, problem.sigma) * e) + 0.5 * d_y * problem.noise**2
@@ -234,8 +276,17 @@ def transfer_loss(
 
     The transfer task has isotropic Rademacher inputs and head ``f_transfer``; the
     head is fit on ``n_fit`` noisy samples drawn from ``key`` (keep ``key`` fixed
-    along a run so the curve tracks ``g`` only). Returns the mean squared error on
-    noiseless inputs, ``||F_hat G - F_transfer G_star||_F^2``.
+    along a run so the curve tracks ``g`` only).
+
+    Args:
+      problem: The task (its transfer head and ``G_star``).
+      g: The learned representation ``(k, d_x)``.
+      key: PRNG key of the refit's samples.
+      n_fit: Number of samples the head is refit on.
+
+    Returns:
+      The mean squared error on noiseless inputs,
+      ``||F_hat G - F_transfer G_star||_F^2``.
     """
     return transfer_loss_on(problem, g, transfer_sample(problem, key, n_fit))
 
@@ -280,7 +331,7 @@ def _orthonormal_columns_init(key, shape, dtype=jnp.float32):
 class LinearRepModel(nnx.Module):
     """``f(x) = F G x`` as two bias-free ``nnx.Linear`` layers (kernels ``G^T``, ``F^T``).
 
-    Initialization follows protocol P1: ``G_0`` has random orthonormal rows,
+    Initialization as in the experiments: ``G_0`` has random orthonormal rows,
     ``F_0`` has i.i.d. ``N(0, 1/k)`` entries. With ``batch_norm=True`` the inputs
     are standardized per coordinate with the batch's statistics first (the
     batch-norm baseline, without learned scale/shift); its population effect is

@@ -1,4 +1,4 @@
-"""Single-index learning with one large first-layer step (PAPER.md §4, protocol P2).
+"""Single-index learning with one large first-layer step (Zhang et al., ICML 2025).
 
 Target ``y = tanh(<beta_star, x>) + eps`` with ``x ~ N(0, Sigma)``, ``Sigma = U
 diag(lambda) U^T`` (Haar ``U``, ``lambda`` log-spaced in ``[1, kappa]`` and
@@ -12,7 +12,7 @@ layer on fresh samples. Directions come from the library's optax transforms fed
 by the Flax capture (K-FAC's is ``grad (Sigma_hat + lambda I)^{-1}``, i.e.
 :func:`layerwise_optax.kfac` with ``sides='input'``).
 
-Why the methods differ (PAPER.md §4.3): at initialization the gradient's spike is
+Why the methods differ: at initialization the gradient's spike is
 ``∝ a (Sigma beta_star)^T``, so SGD's spike direction is biased towards
 ``Sigma beta_star``; whitening by the input covariance turns it into a ridge
 estimate of ``beta_star``. :func:`alignment_theory` gives the closed-form
@@ -58,7 +58,7 @@ class SingleIndexProblem(NamedTuple):
 def single_index_problem(
     key: jax.Array, *, d: int = 200, kappa: jax.typing.ArrayLike = 1.0, noise: float = 0.1
 ) -> SingleIndexProblem:
-    """Samples a single-index task (protocol P2 by default).
+    """Samples a single-index task (the experiments' settings by default).
 
     Args:
       key: PRNG key.
@@ -71,6 +71,14 @@ def single_index_problem(
 
     Raises:
       ValueError: For ``d < 1`` or ``kappa < 1``.
+
+    Examples:
+      >>> import jax
+      >>> from layerwise_optax import zoo
+      >>> problem = zoo.single_index_problem(jax.random.key(0), d=6, kappa=10.0)
+      >>> x, y = zoo.sample_single_index(problem, jax.random.key(1), 4)
+      >>> x.shape, y.shape
+      ((4, 6), (4,))
     """
     check_sizes(d=d)
     check_condition_number("kappa", kappa)
@@ -89,7 +97,17 @@ def single_index_problem(
 def sample_single_index(
     problem: SingleIndexProblem, key: jax.Array, n: int, *, noiseless: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Draws ``n`` examples: ``x ~ N(0, Sigma)`` ``(n, d)``, ``y = tanh(x beta) + eps`` ``(n,)``."""
+    """Draws ``n`` examples: ``x ~ N(0, Sigma)`` ``(n, d)``, ``y = tanh(x beta) + eps`` ``(n,)``.
+
+    Args:
+      problem: The task.
+      key: PRNG key.
+      n: Number of examples.
+      noiseless: Leave out the label noise ``eps`` (for test sets).
+
+    Returns:
+      ``(x, y)`` of shapes ``(n, d)`` and ``(n,)``.
+    """
     check_sizes(n=n)
     kx, ke = jax.random.split(key)
     x = _mm(jax.random.normal(kx, (n, problem.beta.shape[0])), problem.sigma_sqrt)
@@ -153,7 +171,22 @@ def top_right_singular_vector(d_mat) -> np.ndarray:
 
 
 def alignment(v, beta) -> float:
-    """``|cos(v, beta)|``."""
+    """``|cos(v, beta)|``, the alignment of a learned direction with the target.
+
+    Args:
+      v: A direction ``(d,)``.
+      beta: The target direction ``(d,)``.
+
+    Returns:
+      The absolute cosine, in ``[0, 1]`` (sign-free: a spike and its negative
+      align equally).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import zoo
+      >>> round(zoo.alignment(jnp.array([1.0, 1.0]), jnp.array([-2.0, 0.0])), 4)
+      0.7071
+    """
     v, beta = np.asarray(v, np.float64), np.asarray(beta, np.float64)
     return float(abs(v @ beta) / (np.linalg.norm(v) * np.linalg.norm(beta)))
 
@@ -169,7 +202,7 @@ def tanh_moments(num_points: int = 201) -> dict[str, float]:
 
 
 def alignment_theory(problem: SingleIndexProblem, n: int) -> dict[str, float]:
-    """Closed-form predictions of ``cos(v, beta_star)`` after one step (PAPER.md §4.3).
+    """Closed-form predictions of ``cos(v, beta_star)`` after one step (the paper's Fig. 2).
 
     Args:
       problem: The task (only ``sigma``, ``beta`` and ``noise`` are used).

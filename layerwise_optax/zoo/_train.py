@@ -78,13 +78,13 @@ def full_gauss_newton(
 
 
 def gauss_newton_matrix(model: nnx.Module, x: jax.Array) -> jax.Array:
-    """``J^T J / n`` of the model's outputs w.r.t. its ``nnx.Param``s (squared error).
+    """``J^T J / n`` of the model's outputs w.r.t. its ``nnx.Param`` leaves (squared error).
 
     The parameter order is ``ravel_pytree`` of ``nnx.state(model, nnx.Param)``, the
     order :func:`full_gauss_newton` uses for the gradients.
 
     For a :class:`~layerwise_optax.zoo.LinearRepModel` ``f(x) = F G x`` the matrix is
-    assembled from its Kronecker blocks (PAPER.md §6.6; ``vec`` column-major, which is
+    assembled from its Kronecker blocks (``vec`` column-major, which is
     ``ravel_pytree``'s row-major order of the kernels ``F^T``, ``G^T``)::
 
         [[Sz ⊗ I,        (G Sx) ⊗ F  ],
@@ -302,7 +302,20 @@ def linear_rep_trainer(
 
 
 def hitting_time(curve, target: float) -> float:
-    """First index where ``curve <= target`` (``inf`` if never)."""
+    """First index where ``curve <= target`` (``inf`` if never).
+
+    Args:
+      curve: A 1-D sequence of values (e.g. the subspace distance per iteration).
+      target: The threshold.
+
+    Returns:
+      The first index as a float, or ``inf`` when the curve never reaches it.
+
+    Examples:
+      >>> from layerwise_optax import zoo
+      >>> zoo.hitting_time([1.0, 0.5, 0.05, 0.2], 0.1), zoo.hitting_time([1.0], 0.1)
+      (2.0, inf)
+    """
     hits = np.flatnonzero(np.asarray(curve) <= target)
     return float(hits[0]) if hits.size else float("inf")
 
@@ -329,6 +342,20 @@ def single_index_direction(
     batch-norm: SGD on per-coordinate standardized inputs. ``w0`` and ``direction``
     are in the paper's ``(N, d)`` layout and in model coordinates; multiply columns
     by ``scale`` (the batch-norm input scaling, ones otherwise) to map to inputs.
+
+    Args:
+      method: ``'sgd'``, ``'adam'``, ``'kfac'`` or ``'batchnorm'``.
+      n: Number of samples of the step.
+      d: Input dimension.
+      width: Hidden width ``N``.
+      damping: K-FAC's ridge ``damping`` (absolute).
+
+    Returns:
+      A jitted ``direction(problem, key)`` returning ``w0``, ``direction`` (both
+      ``(N, d)``) and ``scale`` (``(d,)``).
+
+    Raises:
+      ValueError: For an unknown method.
     """
     if method not in SINGLE_INDEX_METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {SINGLE_INDEX_METHODS}.")
