@@ -2,6 +2,7 @@
 #   make reproduce -> the paper's headline figure (Fig. 1 analogue) on CPU: PNG/PDF + JSON
 #   make test      -> runs the default test tier (what CI runs)
 #   make paper     -> both experiments, then the README's paper table and docs figure regenerated
+# Checks CI runs besides the tests: make lint, make typecheck, make test-oldest.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,8 @@ PY := $(VENV)/bin/python
 STAMP_ZOO := $(VENV)/.installed-zoo
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: reproduce reproduce-all paper demo test test-slow bench bench-quick bench-deps lint clean
+.PHONY: reproduce reproduce-all paper demo test test-slow test-oldest bench bench-quick bench-deps \
+	lint typecheck typecheck-baseline hooks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,5 +69,41 @@ lint: $(STAMP_TEST)
 	$(PY) -m ruff check layerwise_optax tests benchmarks examples
 	$(PY) -m ruff format --check layerwise_optax tests benchmarks examples
 
+# The type checker: basedpyright (pyright's checker; its wheel brings its own Node.js,
+# so it installs from PyPI alone), basic mode, settings in pyproject.toml
+# [tool.basedpyright]. It reads the .venv's packages (flax, matplotlib, ... for the zoo).
+# .basedpyright/baseline.json holds errors accepted for now; fixed ones drop out of it.
+BASEDPYRIGHT := basedpyright==1.40.2
+typecheck: $(STAMP_TEST)
+	$(PY) -m pip install -q '$(BASEDPYRIGHT)'
+	$(VENV)/bin/basedpyright --pythonpath $(PY)
+
+# Accept the current errors (rewrites .basedpyright/baseline.json; review its diff).
+typecheck-baseline: $(STAMP_TEST)
+	$(PY) -m pip install -q '$(BASEDPYRIGHT)'
+	$(VENV)/bin/basedpyright --pythonpath $(PY) --writebaseline
+
+# The oldest dependency versions pyproject.toml declares, in a venv of their own, on a
+# smoke subset of the tests. Two steps, because flax's floor needs a newer jax than the
+# core's: .ci/oldest-core.txt pins jax/jaxlib/optax/numpy at their floors, then
+# .ci/oldest-flax.txt moves to flax's floor (and the jax it requires).
+OLDEST ?= .venv-oldest
+SMOKE_CORE := tests/test_public_api.py tests/test_shampoo.py tests/test_soap.py \
+	tests/test_kfac.py tests/test_muon.py tests/test_psgd.py
+SMOKE_FLAX := tests/test_flax.py
+test-oldest:
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q -c .ci/oldest-core.txt -e . pytest scipy
+	$(OLDEST)/bin/python -m pytest -q -p no:randomly $(SMOKE_CORE)
+	$(OLDEST)/bin/python -m pip install -q -c .ci/oldest-flax.txt -e '.[flax]'
+	$(OLDEST)/bin/python -m pytest -q -p no:randomly $(SMOKE_FLAX)
+
+# Git hooks (.pre-commit-config.yaml): ruff, the type checker and whitespace fixers,
+# all run from the .venv (no hook repository is cloned).
+hooks: $(STAMP_TEST)
+	$(PY) -m pip install -q ruff '$(BASEDPYRIGHT)' pre-commit pre-commit-hooks
+	$(VENV)/bin/pre-commit install
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(OLDEST) results
