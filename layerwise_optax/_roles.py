@@ -200,7 +200,8 @@ def _fans(role: str, shape: tuple[int, ...], path: tuple[Any, ...]) -> tuple[int
     spec = matrix_dimension_numbers(role, shape, path)
     if spec is None:
         return None
-    return tuple(math.prod(shape[a] for a in g) for g in spec.factor_axes)
+    fan_in, fan_out = (math.prod(shape[a] for a in g) for g in spec.factor_axes)
+    return fan_in, fan_out
 
 
 class _Labels(NamedTuple):

@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from layerwise_optax import _axes
 
@@ -45,14 +45,15 @@ def _contains(haystack: tuple[str, ...], needle: tuple[str, ...]) -> bool:
 
 def _as_named(path: str, shape: tuple[int, ...], s: Any, mesh: Mesh | None) -> NamedSharding:
     """Checks one parameter's sharding against its shape and mesh; returns a NamedSharding."""
+    on: Mesh | AbstractMesh  # a NamedSharding may carry an abstract mesh
     if isinstance(s, NamedSharding):
-        mesh, spec = s.mesh, s.spec
+        on, spec = s.mesh, s.spec
     elif isinstance(s, PartitionSpec) or s is None:
         if mesh is None:
             raise ValueError(
                 f"param {path}: a PartitionSpec needs mesh=...; pass the Mesh or NamedShardings."
             )
-        spec = PartitionSpec() if s is None else s
+        on, spec = mesh, PartitionSpec() if s is None else s
     else:
         raise TypeError(
             f"param {path}: sharding must be a NamedSharding or a PartitionSpec, got "
@@ -63,14 +64,14 @@ def _as_named(path: str, shape: tuple[int, ...], s: Any, mesh: Mesh | None) -> N
             f"param {path} with shape {shape}: partition spec {spec} has {len(spec)} entries "
             f"for {len(shape)} axes."
         )
-    sizes = dict(mesh.shape)
+    sizes = dict(on.shape)
     entries = [() if e is None else e if isinstance(e, tuple) else (e,) for e in spec]
     for dim, names in enumerate(entries):
         for name in names:
             if name not in sizes:
                 raise ValueError(
                     f"param {path}: mesh axis {name!r} (axis {dim} of its spec {spec}) does not "
-                    f"exist; the mesh has axes {tuple(mesh.axis_names)}."
+                    f"exist; the mesh has axes {tuple(on.axis_names)}."
                 )
     for dim, names in enumerate(entries):
         total = math.prod(sizes[name] for name in names)
@@ -79,7 +80,7 @@ def _as_named(path: str, shape: tuple[int, ...], s: Any, mesh: Mesh | None) -> N
                 f"param {path} with shape {shape}: axis {dim} (size {shape[dim]}) is not "
                 f"divisible by mesh axis {'×'.join(names)} (size {total}) of its spec {spec}."
             )
-    return NamedSharding(mesh, spec)
+    return NamedSharding(on, spec)
 
 
 def state_shardings(

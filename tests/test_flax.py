@@ -568,3 +568,59 @@ def test_state_pure_and_dict_trees_give_identical_results():
     # The norm has no statistics: it takes the diagonal fallback g / (g^2 + damping).
     g = np.asarray(nnx.to_pure_dict(grads)["norm"]["scale"])
     np.testing.assert_allclose(-np.asarray(u_pure["norm"]["scale"]), g / (g**2 + 1e-4), rtol=1e-5)
+
+
+def _padded_patches_np(x, k, pads, mode):
+    """Rows of every (k[0], k[1]) window of ``x`` padded by ``pads`` (NumPy, stride 1)."""
+    x = np.pad(x, [(0, 0), *pads, (0, 0)], mode=mode)
+    n, h, w, _ = x.shape
+    rows = [
+        x[:, i : i + k[0], j : j + k[1], :].reshape(n, -1)
+        for i in range(h - k[0] + 1)
+        for j in range(w - k[1] + 1)
+    ]
+    return np.stack(rows, 1)  # (n, positions, k0*k1*c_in)
+
+
+@pytest.mark.parametrize(
+    "padding, pads, mode",
+    [
+        ("SAME", [(0, 1), (1, 1)], "constant"),
+        (1, [(1, 1), (1, 1)], "constant"),
+        ((1, 2), [(1, 1), (2, 2)], "constant"),
+        (((1, 0), (0, 2)), [(1, 0), (0, 2)], "constant"),
+        ("CIRCULAR", [(0, 1), (1, 1)], "wrap"),
+    ],
+    ids=["same", "int", "ints", "pairs", "circular"],
+)
+def test_conv_input_factor_for_every_padding_form(padding, pads, mode):
+    # nnx.Conv takes an int, per-axis ints, (low, high) pairs and CIRCULAR besides the lax
+    # names; capture used to fail on the int forms (TypeError / ValueError) and CIRCULAR.
+    # The float64 windows are checked against the layer's own output first.
+    x = np.random.default_rng(0).standard_normal((3, 5, 4, 2)).astype(np.float32)
+    model = nnx.Conv(2, 3, kernel_size=(2, 3), padding=padding, rngs=nnx.Rngs(0))
+    rows = _padded_patches_np(x.astype(np.float64), (2, 3), pads, mode)
+    w = np.asarray(model.kernel[...], np.float64).reshape(-1, 3)
+    out = np.asarray(model(jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(
+        rows @ w, (out - np.asarray(model.bias[...])).reshape(3, -1, 3), atol=1e-5
+    )
+    y = jnp.zeros(out.shape, jnp.float32)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)
+    _, _, stats = f(model, jnp.asarray(x), y)
+    rows = rows.reshape(-1, rows.shape[-1])
+    np.testing.assert_allclose(stats["kernel"].a, rows.T @ rows / 3, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_conv_input_factor():
+    x = np.random.default_rng(1).standard_normal((2, 6, 2)).astype(np.float32)
+    model = nnx.Conv(2, 3, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2, rngs=nnx.Rngs(0))
+    xp = np.pad(x.astype(np.float64), [(0, 0), (4, 0), (0, 0)])  # (3 - 1) * 2 zeros before
+    rows = np.stack([xp[:, t : t + 5 : 2, :].reshape(2, -1) for t in range(6)], 1)
+    w = np.asarray(model.kernel[...], np.float64).reshape(-1, 3)
+    out = np.asarray(model(jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(rows @ w, out - np.asarray(model.bias[...]), atol=1e-5)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)
+    _, _, stats = f(model, jnp.asarray(x), jnp.zeros(out.shape, jnp.float32))
+    rows = rows.reshape(-1, rows.shape[-1])
+    np.testing.assert_allclose(stats["kernel"].a, rows.T @ rows / 2, rtol=1e-5, atol=1e-5)

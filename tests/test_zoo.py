@@ -330,6 +330,27 @@ def test_docs_figure_is_drawn_from_the_committed_json():
     )
 
 
+def test_publish_writes_the_json_figure_and_readme_table(tmp_path):
+    # `make paper`'s last step: it called a writer the CLI does not have (AttributeError
+    # after a full run); the type checker found it. Published into a scratch root, the
+    # outputs are the committed JSON, a figure drawn from it, and README's table.
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    written = _publish.publish(ROOT / _publish.DOCS, tmp_path)
+    assert written == [
+        tmp_path / _publish.DOCS / "linear_rep.json",
+        tmp_path / _publish.DOCS / "single_index.json",
+        tmp_path / _publish.FIGURE,
+        tmp_path / "README.md",
+    ]
+    for name in ("linear_rep", "single_index"):
+        assert (tmp_path / _publish.DOCS / f"{name}.json").read_text() == _committed(name)
+    assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
+    from PIL import Image  # matplotlib's own dependency
+
+    source = Image.open(tmp_path / _publish.FIGURE).text.get("Source")
+    assert source == _publish.figure_source(_committed("linear_rep"))
+
+
 def test_replace_section_needs_both_markers_once():
     text = f"a\n{_publish.BEGIN}\nold\n{_publish.END}\nb\n"
     assert _publish.replace_section(text, "new") == f"a\n{_publish.BEGIN}\nnew\n{_publish.END}\nb\n"

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,10 @@ import jax.numpy as jnp
 from layerwise_optax import _checks, _optional
 from layerwise_optax._kfac import FoldedBias, KfacFactors
 
-nnx = _optional.require("flax.nnx", "layerwise_optax.flax")
+if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
+    from flax import nnx
+else:
+    nnx = _optional.require("flax.nnx", "layerwise_optax.flax")
 
 _LOSSES = ("mse", "softmax_cross_entropy")
 _MODES = ("empirical", "fisher", "gauss_newton")
@@ -172,6 +175,32 @@ def _sample_labels(kind: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, outputs, axis=-1)
 
 
+def _conv_padding(
+    padding: Any, x: jax.Array, kernel_size: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[jax.Array, str | tuple[tuple[int, int], ...]]:
+    """The input and ``lax`` padding that give ``nnx.Conv``'s windows for its ``padding``.
+
+    ``nnx.Conv`` takes a lax padding name, an int (the same on both sides of every
+    spatial axis), one int or ``(low, high)`` pair per spatial axis, or ``'CIRCULAR'``
+    / ``'CAUSAL'``, which pad the input itself (wrapped around, or zeros before a 1-D
+    sequence only) and then slide the window without padding.
+    """
+    if padding in ("CIRCULAR", "CAUSAL"):
+        spans = [(k - 1) * d for k, d in zip(kernel_size, dilation)]  # dilated window - 1
+        if padding == "CIRCULAR":
+            pads = [(s // 2, (s + 1) // 2) for s in spans]
+        else:
+            pads = [(spans[0], 0)]  # nnx.Conv allows CAUSAL on 1-D convolutions only
+        outer = [(0, 0)] * (x.ndim - len(pads) - 1)
+        mode = "wrap" if padding == "CIRCULAR" else "constant"
+        return jnp.pad(x, [*outer, *pads, (0, 0)], mode=mode), "VALID"
+    if isinstance(padding, str):
+        return x, padding
+    if isinstance(padding, int):
+        return x, ((padding, padding),) * len(kernel_size)
+    return x, tuple((p, p) if isinstance(p, int) else (p[0], p[1]) for p in padding)
+
+
 def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     """Input patches of a convolution, features ordered like ``kernel.reshape(-1, out)``."""
     kernel_size = tuple(module.kernel_shape[:-2])
@@ -186,13 +215,15 @@ def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     if spatial is None:  # pragma: no cover - 4-D convolutions are not in nnx
         raise NotImplementedError("convolutions with more than 3 spatial dims")
     lhs = "N" + spatial + "C"
+    dilation = per_dim(module.kernel_dilation, 1)
+    x, padding = _conv_padding(module.padding, x, kernel_size, dilation)
     patches = jax.lax.conv_general_dilated_patches(
         x,
         filter_shape=kernel_size,
         window_strides=per_dim(module.strides, 1),
-        padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        padding=padding,
         lhs_dilation=per_dim(module.input_dilation, 1),
-        rhs_dilation=per_dim(module.kernel_dilation, 1),
+        rhs_dilation=dilation,
         dimension_numbers=(lhs, spatial + "IO", lhs),
     )
     c_in = x.shape[-1]
@@ -271,11 +302,11 @@ def _patched(recorder: _Recorder):
     originals = {cls: cls.__call__ for cls in _CAPTURED}
     try:
         for cls, orig in originals.items():
-            cls.__call__ = recorder.wrap(cls, orig)
+            setattr(cls, "__call__", recorder.wrap(cls, orig))  # noqa: B010
         yield recorder
     finally:
         for cls, orig in originals.items():
-            cls.__call__ = orig
+            setattr(cls, "__call__", orig)  # noqa: B010
 
 
 def _key(path: tuple) -> str:
@@ -542,13 +573,16 @@ def kfac_value_and_grad(
             )(params, zeros)
             deltas = jax.tree.map(lambda d: n * d[None], out_grads)
         elif fisher:
+            # Checked above: a callable loss is empirical only, and fisher needs a key.
+            assert loss_name is not None and key is not None
+            kind, fisher_key = loss_name, key
 
-            def objective(p, e):
+            def fisher_objective(p, e):
                 outputs, feats = forward(p, e)
-                sampled = _sample_labels(loss_name, outputs, key)
+                sampled = _sample_labels(kind, outputs, fisher_key)
                 return (loss_fn(outputs, targets), loss_fn(outputs, sampled)), feats
 
-            (value, _), pullback, feats = jax.vjp(objective, params, zeros, has_aux=True)
+            (value, _), pullback, feats = jax.vjp(fisher_objective, params, zeros, has_aux=True)
             one, zero = jnp.ones_like(value), jnp.zeros_like(value)
             grads, _ = pullback((one, zero))
             _, out_grads = pullback((zero, one))

@@ -27,14 +27,17 @@ evaluation noise:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
 
 from layerwise_optax import _optional
 
-nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
+if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
+    from flax import nnx
+else:
+    nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -43,7 +46,7 @@ def _mm(a, b):
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
-def _is_number(v) -> bool:
+def _is_number(v) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

@@ -21,7 +21,7 @@ predictions of the alignment ``cos(v, beta_star)`` for both.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,10 @@ from layerwise_optax.zoo._linear_rep import (
     log_spectrum,
 )
 
-nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
+if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
+    from flax import nnx
+else:
+    nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 
 class SingleIndexProblem(NamedTuple):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,10 @@ from layerwise_optax import flax as lof
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
 
-nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
+if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
+    from flax import nnx
+else:
+    nnx = _optional.require("flax.nnx", "layerwise_optax.zoo", extra="zoo")
 
 
 def full_gauss_newton(
@@ -72,7 +75,7 @@ def full_gauss_newton(
         flat, unravel = ravel_pytree(updates)
         m = gauss_newton + damping * jnp.eye(flat.shape[0], dtype=gauss_newton.dtype)
         step = jnp.linalg.solve(m, flat.astype(m.dtype))
-        return unravel((-learning_rate * step).astype(flat.dtype)), state
+        return unravel((-(step * learning_rate)).astype(flat.dtype)), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -158,7 +161,7 @@ class Method:
     head: Literal["joint", "least_squares"] = "joint"
 
 
-def _kfac_paper(lr, sides="both"):
+def _kfac_paper(lr, sides: Literal["both", "input", "output"] = "both"):
     # The paper's stylized update: current-batch factors, absolute damping 1e-3, no momentum.
     return lo.kfac(lr, b1=0.0, factor_decay=0.0, damping=1e-3, damping_mode="absolute", sides=sides)
 
@@ -378,6 +381,7 @@ def single_index_direction(
         params, grads = nnx.as_pure(nnx.state(model, nnx.Param)), nnx.as_pure(grads)
         tx = optax.with_extra_args_support(txs[method]())
         updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+        updates = cast(dict[str, Any], updates)  # the model's {'first': ..., ...} tree
         scale = si_.input_scale(x) if method == "batchnorm" else jnp.ones((d,))
         return {
             "w0": model.first.kernel[...].T,
