@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 import layerwise_optax as lo
-from layerwise_optax import linalg
+from layerwise_optax import _registry, linalg
+from tests._helpers import PARAM_AND_STATE_HELPERS, WRAPPERS_AND_SCHEDULES
 
 PACKAGE = pathlib.Path(lo.__file__).parent
 
@@ -45,6 +46,7 @@ EXPECTED_ALL = {
     "shampoo",
     "soap",
     "static_args",
+    "FailureCounts",
     "FailureReport",
     "OptimizerFailureError",
     "check_state",
@@ -109,21 +111,58 @@ def test_public_callables_document_args_and_returns():
         assert "Args:" in doc and "Returns:" in doc, fn.__name__
 
 
-FACTORY_LIST = (
-    lo.shampoo,
-    lo.soap,
-    lo.kfac,
-    lo.scale_by_shampoo,
-    lo.scale_by_soap,
-    lo.scale_by_kfac,
-    lo.muon,
-    lo.normuon,
-    lo.scale_by_muon,
-    lo.steepest_descent,
-    lo.scale_by_steepest_descent,
-    lo.psgd_kron,
-    lo.scale_by_psgd_kron,
-)
+def _factory_list():
+    """Every public optimizer factory, from the optimizer registry."""
+    return tuple(f for _, f in _registry.iter_factories(public_only=True))
+
+
+FACTORY_LIST = _factory_list()
+
+
+def _public_factories():
+    """Callables in ``lo.__all__`` that build an optimizer (not classes, helpers, wrappers)."""
+    return {
+        n: getattr(lo, n)
+        for n in lo.__all__
+        if callable(getattr(lo, n))
+        and not inspect.isclass(getattr(lo, n))
+        and n not in PARAM_AND_STATE_HELPERS | WRAPPERS_AND_SCHEDULES
+    }
+
+
+def test_every_public_factory_is_registered():
+    # A factory exported without a registry entry would miss static_args, the failure
+    # report's name, the conformance suite and the configuration-error table.
+    registered = set(FACTORY_LIST)
+    missing = sorted(n for n, f in _public_factories().items() if f not in registered)
+    assert not missing, f"public factories without a registry entry: {missing}"
+
+
+def test_registry_and_all_agree():
+    public = _public_factories()
+    for entry, factory in _registry.iter_factories(public_only=True):
+        name = factory.__name__
+        assert public.get(name) is factory, f"registry entry {entry.name!r}: {name} not exported"
+        state = entry.state.__name__
+        assert getattr(lo, state, None) is entry.state, f"{state} not exported"
+    names = [e.name for e in _registry.entries()]
+    assert len(names) == len(set(names)), names
+
+
+def test_registry_entries_are_consistent():
+    for entry in _registry.entries():
+        for factory in entry.factories:
+            params = inspect.signature(factory).parameters
+            assert entry.momentum_arg in params or factory is entry.scale_by, (entry.name, factory)
+            for arg in entry.bad_values:
+                assert any(arg in inspect.signature(f).parameters for f in entry.factories), (
+                    entry.name,
+                    arg,
+                )
+            # A static argument is one of the module's declared ones.
+            assert set(lo.static_args(factory)) <= set(entry.static_args)
+        if entry.alias is not None:
+            assert entry.momentum_arg in inspect.signature(entry.alias).parameters, entry.name
 
 
 def test_static_args_cover_every_non_numeric_argument():
