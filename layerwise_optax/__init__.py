@@ -1,4 +1,19 @@
-"""Layer-wise (per-axis, Kronecker-factored) preconditioners as optax transforms."""
+"""Layer-wise (per-axis, Kronecker-factored) preconditioners as optax transforms.
+
+The package is built in layers, each importing only those below it (see
+``docs/architecture.md``; ``tests/test_layers.py`` enforces it):
+
+* core per-axis maths: ``_checks``, ``_linalg`` (public subset: :mod:`.linalg`),
+  ``_distribute``, ``_axes``, ``_failure``, ``_kron``, ``_roles``;
+* algorithms, one module per paper: ``_shampoo``, ``_soap``, ``_kfac``,
+  ``_muon``, ``_steepest``, ``_psgd``, and ``_grafting`` which they share;
+* runtime: ``_registry`` (one entry per optimizer; the only runtime module that
+  imports the algorithms), ``_inject``, ``_health``, ``_checkpoint``,
+  ``_sharding``, ``_multi_steps``;
+* this module, the public API;
+* support utilities ``_optional`` and ``_io``; extensions ``flax`` and ``zoo``,
+  which use public names only (and the support modules).
+"""
 
 from layerwise_optax import linalg as linalg
 from layerwise_optax._axes import DimensionNumbers as DimensionNumbers
@@ -17,6 +32,9 @@ from layerwise_optax._inject import static_args as static_args
 from layerwise_optax._kfac import FoldedBias as FoldedBias
 from layerwise_optax._kfac import KfacFactors as KfacFactors
 from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
+from layerwise_optax._kfac import (
+    default_kernel_dimension_numbers as default_kernel_dimension_numbers,
+)
 from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
 from layerwise_optax._multi_steps import multi_steps as multi_steps
@@ -73,6 +91,7 @@ __all__ = (
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
+    "default_kernel_dimension_numbers",
     "format_roles",
     "inject_hyperparams",
     "kfac",

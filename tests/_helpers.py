@@ -53,6 +53,7 @@ PARAM_AND_STATE_HELPERS = frozenset(
         "layer_roles",
         "format_roles",
         "default_dimension_numbers",
+        "default_kernel_dimension_numbers",
         "static_args",
         "failure_report",
         "failure_counts",

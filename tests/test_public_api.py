@@ -31,6 +31,7 @@ EXPECTED_ALL = {
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
+    "default_kernel_dimension_numbers",
     "format_roles",
     "inject_hyperparams",
     "kfac",
@@ -204,3 +205,28 @@ def test_static_args_rejects_foreign_factories():
 
     with pytest.raises(ValueError, match="factory must be an optimizer factory"):
         lo.static_args(optax.adam)
+
+
+def test_default_kernel_dimension_numbers_is_kfacs_default_layout():
+    # Public since layerwise_optax.flax builds its specs from public names only:
+    # inputs first, outputs last; a bias is a kernel with a unit input.
+    f = lo.default_kernel_dimension_numbers
+    assert f(()) is None
+    assert f((7,)) == lo.DimensionNumbers(((), (0,)))
+    assert f((4, 3)) == lo.DimensionNumbers(((0,), (1,)))
+    assert f((3, 3, 4, 8)) == lo.DimensionNumbers(((0, 1, 2), (3,)))
+    # Spelled out for every leaf it gives kfac's default updates (no biases to fold).
+    import jax.numpy as jnp
+
+    params = {"w": jnp.ones((4, 3)), "conv": jnp.ones((2, 2, 3, 5))}
+    grads = {"w": jnp.arange(12.0).reshape(4, 3), "conv": jnp.ones((2, 2, 3, 5))}
+    stats = {
+        "w": lo.KfacFactors(2 * jnp.eye(4), jnp.eye(3)),
+        "conv": lo.KfacFactors(jnp.eye(12), 3 * jnp.eye(5)),
+    }
+    spec = jax.tree.map(lambda p: f(p.shape), params)
+    a, b = lo.kfac(1e-2), lo.kfac(1e-2, dimension_numbers=spec)
+    ua, _ = a.update(grads, a.init(params), params, kfac_stats=stats)
+    ub, _ = b.update(grads, b.init(params), params, kfac_stats=stats)
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
