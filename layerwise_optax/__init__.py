@@ -46,9 +46,11 @@ from layerwise_optax._psgd import ScaleByPsgdKronState as ScaleByPsgdKronState
 from layerwise_optax._psgd import precond_update_prob_schedule as precond_update_prob_schedule
 from layerwise_optax._psgd import psgd_kron as psgd_kron
 from layerwise_optax._psgd import scale_by_psgd_kron as scale_by_psgd_kron
+from layerwise_optax._roles import HIDDEN_ROLES as HIDDEN_ROLES
 from layerwise_optax._roles import ROLES as ROLES
 from layerwise_optax._roles import format_roles as format_roles
 from layerwise_optax._roles import layer_roles as layer_roles
+from layerwise_optax._roles import matrix_dimension_numbers as matrix_dimension_numbers
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
@@ -85,6 +87,7 @@ __all__ = (
     "DimensionNumbers",
     "FoldedBias",
     "KfacFactors",
+    "HIDDEN_ROLES",
     "ROLES",
     "ScaleByKfacState",
     "ScaleByMuonState",
@@ -97,6 +100,7 @@ __all__ = (
     "kfac",
     "multi_steps",
     "layer_roles",
+    "matrix_dimension_numbers",
     "linalg",
     "muon",
     "normuon",

@@ -62,6 +62,20 @@ SUPPORT_FOR_EXTENSIONS = {
 }
 EXTENSIONS = {"flax", "zoo"}
 
+# Repository scripts that still import algorithm internals, with the reason. Each is
+# a debt: the test fails when the import is gone, so the entry is removed with it.
+SCRIPT_EXCEPTIONS = {
+    ("benchmarks/sharded_refresh.py", "layerwise_optax._axes"): (
+        "measures the inverse-root refresh alone, replicated and spread over a mesh, on "
+        "Shampoo's block plans; the public update mixes the refresh with the rest of the "
+        "step (and its lax.cond), so no public name isolates it"
+    ),
+    (
+        "benchmarks/sharded_refresh.py",
+        "layerwise_optax._kron",
+    ): "as above: _kron.inverse_roots_tree",
+}
+
 
 def _layer_of(module: str) -> str:
     for layer, modules in LAYERS.items():
@@ -151,6 +165,8 @@ def _check_public_only(paths, own_package: str | None = None) -> list[str]:
     bad = []
     for path in paths:
         for line, target in _imports(path):
+            if (str(path.relative_to(ROOT)), target) in SCRIPT_EXCEPTIONS:
+                continue
             parts = target.split(".")
             if len(parts) == 1:
                 continue  # import layerwise_optax / from layerwise_optax import <public name>
@@ -181,3 +197,9 @@ def test_benchmarks_notebooks_examples_use_public_names_only():
     assert paths
     bad = _check_public_only(paths)
     assert not bad, "\n".join(bad)
+
+
+def test_script_exceptions_are_still_needed():
+    for where, target in SCRIPT_EXCEPTIONS:
+        targets = {t for _, t in _imports(ROOT / where)}
+        assert target in targets, f"{where} no longer imports {target}: drop the exception"

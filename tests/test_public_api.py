@@ -17,6 +17,7 @@ EXPECTED_ALL = {
     "FoldedBias",
     "KfacFactors",
     "ScaleByKfacState",
+    "HIDDEN_ROLES",
     "ROLES",
     "ScaleByPsgdKronState",
     "precond_update_prob_schedule",
@@ -36,6 +37,7 @@ EXPECTED_ALL = {
     "inject_hyperparams",
     "kfac",
     "layer_roles",
+    "matrix_dimension_numbers",
     "linalg",
     "multi_steps",
     "muon",
@@ -230,3 +232,15 @@ def test_default_kernel_dimension_numbers_is_kfacs_default_layout():
     ub, _ = b.update(grads, b.init(params), params, kfac_stats=stats)
     for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_matrix_dimension_numbers_is_the_role_matrix_view():
+    # Public so that a comparison with optax.contrib.muon (benchmarks/step_time.py)
+    # can give it the leaves and matrix views our Muon uses.
+    f = lo.matrix_dimension_numbers
+    assert lo.HIDDEN_ROLES == ("matrix", "conv", "stacked")
+    assert set(lo.HIDDEN_ROLES) <= set(lo.ROLES)
+    assert f("matrix", (4, 3)) == lo.DimensionNumbers(((0,), (1,)))
+    assert f("conv", (3, 3, 4, 8)) == lo.DimensionNumbers(((0, 1, 2), (3,)))
+    assert f("stacked", (5, 4, 3)) == lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
+    assert f("vector", (7,)) is None and f("matrix", (7,)) is None
