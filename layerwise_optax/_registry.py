@@ -37,7 +37,10 @@ convergence tests pass each problem's true factors instead).
 Arguments that several optimizers share (``learning_rate``, ``b1``,
 ``block_size``, ...) mean the same everywhere, so their bad values stay in the
 configuration-error test's common table; an entry's ``bad_values`` lists only
-arguments of its own. An argument in both fails that test.
+arguments of its own (an argument in both fails that test). Three own arguments
+whose bad values are arrays (PSGD's ``seed``, Shampoo's
+``start_preconditioning_step`` and ``root_exponent``) stay in the test's table
+too: this module builds no arrays at import time.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 
 import layerwise_optax as lo
 from layerwise_optax import _checks, _failure, _registry
-from tests import _helpers, test_config_errors, test_conformance
+from tests import _helpers, test_config_errors, test_conformance, test_public_api
 
 # ----------------------------------------------------------------------------- the toy module
 
@@ -308,3 +308,12 @@ def test_register_refuses_clashes(registered):
     )
     with pytest.raises(ValueError, match="momentum_arg 'beta'"):
         _registry.register(bad)
+
+
+def test_public_api_test_fails_for_an_unregistered_public_factory(monkeypatch):
+    # Dropping SOAP's entry (as if lo.soap had been exported without one) makes the
+    # public-API check name both of its factories.
+    kept = [e for e in _registry.entries() if e.name != "soap"]
+    monkeypatch.setattr(_registry, "_registered", kept)
+    with pytest.raises(AssertionError, match=r"\['scale_by_soap', 'soap'\]"):
+        test_public_api.test_every_public_factory_is_registered()
