@@ -36,7 +36,6 @@ import optax
 
 import layerwise_optax as lo
 from benchmarks import harness, peers
-from layerwise_optax import _axes, _kron
 
 try:
     from tqdm import tqdm
@@ -120,13 +119,11 @@ def optax_muon_dimension_numbers(params: Any) -> Any:
     """
     from optax.contrib import MuonDimensionNumbers
 
-    from layerwise_optax import _roles
-
     def spec(path, x, role):
-        if role not in _roles.HIDDEN_ROLES:
+        if role not in lo.HIDDEN_ROLES:
             return None
         # Our one kernel-to-matrix decision; optax maps the remaining axes as batch.
-        dims = _roles.matrix_dimension_numbers(role, x.shape, path)
+        dims = lo.matrix_dimension_numbers(role, x.shape, path)
         return MuonDimensionNumbers(*dims.factor_axes)
 
     return jax.tree_util.tree_map_with_path(spec, params, lo.layer_roles(params))
@@ -199,23 +196,57 @@ def optimizers(args, params) -> dict[str, Any]:
     return out
 
 
+def _shampoo_blocks(params: Any, args) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
+    """``(block stack shape, full factor per axis)`` of every preconditioned leaf.
+
+    Read from the shapes of a blocked Shampoo state (its ``stats``: ``(stack, b, b)``
+    per full factor, ``(stack, b)`` per diagonal one, empty for leaves without
+    factors), so the floor runs on the very block views Shampoo uses.
+    """
+    tx = lo.scale_by_shampoo(block_size=args.block_size, max_precond_dim=max(args.block_size, 1024))
+    state = jax.eval_shape(tx.init, params)
+    out = []
+    for stats in jax.tree.leaves(state.stats, is_leaf=lambda x: isinstance(x, tuple)):
+        if any(s.size for s in stats):
+            stack = stats[0].shape[0]
+            out.append(((stack, *(s.shape[-1] for s in stats)), tuple(s.ndim == 3 for s in stats)))
+    return out
+
+
 def floor_shampoo(params: Any, args) -> Any:
-    """The unavoidable matmuls of one blocked Shampoo step, on the same block views."""
-    plans = _axes.resolve(
-        None, params, max_precond_dim=max(args.block_size, 1024), block_size=args.block_size
-    )
+    """The unavoidable matmuls of one blocked Shampoo step, on the same block views.
 
-    def step(grads):
-        def leaf(g, plan):
-            if not plan.is_preconditioned:
-                return g
-            gb = plan.to_blocks(g)
-            stats = _kron.axis_stats(gb, plan)
-            return plan.from_blocks(_kron.apply_axis_matrices(gb, stats, plan))
+    Per block, every axis's statistic ``G_(i) G_(i)^T`` (a diagonal one: squares
+    summed) and the application of one matrix per axis (``L G R`` for a matrix).
+    The gradient arrives already blocked: the floor excludes the layout copies.
+    Returns ``(step, blocks_for)`` like :func:`floor_psgd`.
+    """
+    layout = _shampoo_blocks(params, args)
 
-        return _axes.map_leaves(leaf, plans, grads)
+    def stats(g, axis, full):
+        x = jnp.moveaxis(g, axis, 1).reshape(g.shape[0], g.shape[axis], -1)
+        return x @ jnp.swapaxes(x, 1, 2) if full else jnp.sum(x * x, axis=2)
 
-    return step
+    def apply(g, axis, s, full):
+        x = jnp.moveaxis(g, axis, -1)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        flat = flat @ jnp.swapaxes(s, 1, 2) if full else flat * s[:, None, :]
+        return jnp.moveaxis(flat.reshape(x.shape), -1, axis)
+
+    def step(blocks):
+        out = []
+        for gb, (_, kinds) in zip(blocks, layout):
+            ss = [stats(gb, i + 1, full) for i, full in enumerate(kinds)]
+            for i, (s, full) in enumerate(zip(ss, kinds)):
+                gb = apply(gb, i + 1, s, full)
+            out.append(gb)
+        return out
+
+    def blocks_for(grads):
+        keys = jax.random.split(jax.random.key(0), max(len(layout), 1))
+        return [jax.random.normal(k, shape) for k, (shape, _) in zip(keys, layout)]
+
+    return step, blocks_for
 
 
 def floor_newton_schulz(params: Any, args) -> Any:
@@ -266,14 +297,20 @@ FLOORS = {
 }
 
 
-def documented_state_bytes(plans: Any, params: Any) -> int:
-    """ScaleByShampooState size by its docstring formula (rmsprop graft: mu and nu)."""
+def documented_state_bytes(state: Any, params: Any) -> int:
+    """ScaleByShampooState size by its docstring's note (rmsprop graft: mu and nu).
+
+    Params-shaped ``mu`` and ``nu``, and for the factors the statistics and the
+    roots in one layout: twice the floats of ``stats``.
+    """
+    (inner,) = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, lo.ScaleByShampooState))
+        if isinstance(s, lo.ScaleByShampooState)
+    ]
     total = 4 + 4 + 4  # count, failures.skipped, failures.failed
-    for plan, p in zip(
-        jax.tree.leaves(plans, is_leaf=lambda x: isinstance(x, _axes.LeafPlan)),
-        jax.tree.leaves(params),
-    ):
-        total += 2 * p.size * 4 + 2 * plan.state_floats() * 4
+    total += sum(2 * p.size * 4 for p in jax.tree.leaves(params))
+    total += sum(2 * x.size * 4 for x in jax.tree.leaves(inner.stats))
     return total
 
 
@@ -316,10 +353,7 @@ def run_one(oname: str, spec, params, grads, args) -> dict[str, Any]:
         ),
     }
     if oname.startswith("shampoo"):
-        plans = _axes.resolve(
-            None, params, max_precond_dim=max(args.block_size, 1024), block_size=args.block_size
-        )
-        entry["documented_state_bytes"] = documented_state_bytes(plans, params)
+        entry["documented_state_bytes"] = documented_state_bytes(state, params)
     return entry
 
 
@@ -328,6 +362,9 @@ def run_floor(fname: str, params, grads, args) -> dict[str, Any]:
     if fname == "floor_psgd":
         step, qs_for = built
         arg = (grads, qs_for(grads))
+    elif fname == "floor_shampoo":
+        step, blocks_for = built
+        arg = blocks_for(grads)
     else:
         step, arg = built, grads
     fn, compile_s = harness.compile_step(step, arg)

@@ -1,4 +1,19 @@
-"""Layer-wise (per-axis, Kronecker-factored) preconditioners as optax transforms."""
+"""Layer-wise (per-axis, Kronecker-factored) preconditioners as optax transforms.
+
+The package is built in layers, each importing only those below it (see
+``docs/architecture.md``; ``tests/test_layers.py`` enforces it):
+
+* core per-axis maths: ``_checks``, ``_linalg`` (public subset: :mod:`.linalg`),
+  ``_distribute``, ``_axes``, ``_failure``, ``_kron``, ``_roles``;
+* algorithms, one module per paper: ``_shampoo``, ``_soap``, ``_kfac``,
+  ``_muon``, ``_steepest``, ``_psgd``, and ``_grafting`` which they share;
+* runtime: ``_registry`` (one entry per optimizer; the only runtime module that
+  imports the algorithms), ``_inject``, ``_health``, ``_checkpoint``,
+  ``_sharding``, ``_multi_steps``;
+* this module, the public API;
+* support utilities ``_optional`` and ``_io``; extensions ``flax`` and ``zoo``,
+  which use public names only (and the support modules).
+"""
 
 from layerwise_optax import linalg as linalg
 from layerwise_optax._axes import DimensionNumbers as DimensionNumbers
@@ -17,6 +32,9 @@ from layerwise_optax._inject import static_args as static_args
 from layerwise_optax._kfac import FoldedBias as FoldedBias
 from layerwise_optax._kfac import KfacFactors as KfacFactors
 from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
+from layerwise_optax._kfac import (
+    default_kernel_dimension_numbers as default_kernel_dimension_numbers,
+)
 from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
 from layerwise_optax._multi_steps import multi_steps as multi_steps
@@ -28,9 +46,11 @@ from layerwise_optax._psgd import ScaleByPsgdKronState as ScaleByPsgdKronState
 from layerwise_optax._psgd import precond_update_prob_schedule as precond_update_prob_schedule
 from layerwise_optax._psgd import psgd_kron as psgd_kron
 from layerwise_optax._psgd import scale_by_psgd_kron as scale_by_psgd_kron
+from layerwise_optax._roles import HIDDEN_ROLES as HIDDEN_ROLES
 from layerwise_optax._roles import ROLES as ROLES
 from layerwise_optax._roles import format_roles as format_roles
 from layerwise_optax._roles import layer_roles as layer_roles
+from layerwise_optax._roles import matrix_dimension_numbers as matrix_dimension_numbers
 from layerwise_optax._shampoo import ScaleByShampooState as ScaleByShampooState
 from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
@@ -67,17 +87,20 @@ __all__ = (
     "DimensionNumbers",
     "FoldedBias",
     "KfacFactors",
+    "HIDDEN_ROLES",
     "ROLES",
     "ScaleByKfacState",
     "ScaleByMuonState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
+    "default_kernel_dimension_numbers",
     "format_roles",
     "inject_hyperparams",
     "kfac",
     "multi_steps",
     "layer_roles",
+    "matrix_dimension_numbers",
     "linalg",
     "muon",
     "normuon",

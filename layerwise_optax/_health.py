@@ -27,29 +27,11 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from layerwise_optax import (
-    _checks,
-    _failure,
-    _grafting,
-    _kfac,
-    _muon,
-    _psgd,
-    _shampoo,
-    _soap,
-    _steepest,
-)
+from layerwise_optax import _checks, _failure, _registry
 
-# State type -> algorithm name in the report. Every library state carries its
-# counters as one ``failures`` field (:class:`layerwise_optax._failure.FailureCounts`).
-ALGORITHMS: dict[type, str] = {
-    _shampoo.ScaleByShampooState: "shampoo",
-    _soap.ScaleBySoapState: "soap",
-    _kfac.ScaleByKfacState: "kfac",
-    _muon.ScaleByMuonState: "muon",
-    _steepest.ScaleBySteepestDescentState: "steepest_descent",
-    _psgd.ScaleByPsgdKronState: "psgd_kron",
-    _grafting.ScaleByGuardedAdamState: "adam",
-}
+# Every library state carries its counters as one ``failures`` field
+# (:class:`layerwise_optax._failure.FailureCounts`); the algorithm names come from
+# the optimizer registry (:func:`layerwise_optax._registry.algorithm_of`).
 
 
 def _is_counted(x: Any) -> bool:
@@ -169,7 +151,7 @@ def failure_report(state: optax.OptState) -> FailureReport:
         entries.append(
             FailureEntry(
                 path=path,
-                algorithm=ALGORITHMS.get(type(s), type(s).__name__),
+                algorithm=_registry.algorithm_of(type(s)),
                 steps=int(jnp.max(count)) if count is not None else 0,
                 skipped=int(jnp.sum(s.failures.skipped)),
                 failed=int(jnp.sum(s.failures.failed)),
@@ -279,83 +261,115 @@ def raise_on_failure(
     """
     _checks.one_of("mode", mode, ("callback", "checkify"))
     inner = optax.with_extra_args_support(inner)
+    check = _checkify_checks if mode == "checkify" else _callback_check
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        skipped = failure_counts(new_state)[0] - failure_counts(state)[0]
-        grads = _float_leaves(updates)
-        invalid = [_invalid_gradient(g) for _, g in grads]
-        olds = dict(_counted_states(state))
-        counted = _counted_states(new_state)
-        steps = [jnp.max(s.count).astype(jnp.int32) for _, s in counted if s.count is not None]
-        step = functools.reduce(jnp.maximum, steps, jnp.int32(-1))
-        transforms = []  # (path, algorithm, new failures, [(array path, non-finite)])
-        for where, s in counted:
-            if where not in olds:
-                continue
-            algorithm = ALGORITHMS.get(type(s), type(s).__name__)
-            n = jnp.sum(s.failures.failed) - jnp.sum(olds[where].failures.failed)
-            arrays = [(p, ~jnp.all(jnp.isfinite(x))) for p, x in _float_leaves(s)]
-            transforms.append((where, algorithm, n.astype(jnp.int32), arrays))
-
-        if mode == "checkify":
-            for (path, _), bad in zip(grads, invalid):
-                checkify.check(
-                    ~bad | (skipped == 0),
-                    f"layerwise_optax: step {{step}}: skipped gradient: invalid gradient "
-                    f"(NaN/Inf or squared norm overflowing float32) at {path} {_POLICY}.",
-                    step=step,
-                )
-            checkify.check(
-                (skipped == 0) | functools.reduce(jnp.logical_or, invalid, jnp.bool_(False)),
-                f"layerwise_optax: step {{step}}: skipped gradient: {{n}} leaves whose new "
-                f"statistics were not finite {_POLICY}.",
-                step=step,
-                n=skipped,
-            )
-            for where, algorithm, n, arrays in transforms:
-                for path, bad in arrays:
-                    checkify.check(
-                        (n == 0) | ~bad,
-                        f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
-                        f"{algorithm} (state {where}) gave a non-finite result, previous kept; non-finite "
-                        f"state at {path} {_POLICY}.",
-                        step=step,
-                        n=n,
-                    )
-                checkify.check(
-                    n == 0,
-                    f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
-                    f"{algorithm} (state {where}) gave a non-finite result, previous kept {_POLICY}.",
-                    step=step,
-                    n=n,
-                )
-            return new_updates, new_state
-
-        grad_paths = [p for p, _ in grads]
-        layout = [
-            (where, algorithm, [p for p, _ in arrays]) for where, algorithm, _, arrays in transforms
-        ]
-
-        def check(step, skipped, invalid, fails, bad_arrays):
-            failures = []
-            for (where, algorithm, paths), n, bads in zip(layout, fails, bad_arrays):
-                if int(n):
-                    failures.append(
-                        (where, algorithm, int(n), [p for p, b in zip(paths, bads) if b])
-                    )
-            if int(skipped) or failures:
-                bad_paths = [p for p, b in zip(grad_paths, invalid) if b]
-                raise OptimizerFailureError(_message(int(step), int(skipped), bad_paths, failures))
-
-        jax.debug.callback(
-            check,
-            step,
-            skipped,
-            invalid,
-            [n for _, _, n, _ in transforms],
-            [[b for _, b in arrays] for _, _, _, arrays in transforms],
-        )
+        check(_observe(updates, state, new_state))
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """What one update did, as traced values (read by the checks below).
+
+    Attributes:
+      step: The transforms' largest step count after the update (-1: none).
+      skipped: New skipped events over the whole state.
+      grads: ``(path, gradient)`` of every float gradient leaf.
+      invalid: Per gradient leaf, whether it breaks the validity rule.
+      transforms: ``(state path, algorithm, new failed refreshes, [(array path,
+        non-finite)])`` per library state present before and after.
+    """
+
+    step: jax.Array
+    skipped: jax.Array
+    grads: list[tuple[str, jax.Array]]
+    invalid: list[jax.Array]
+    transforms: list[tuple[str, str, jax.Array, list[tuple[str, jax.Array]]]]
+
+
+def _observe(updates: Any, state: Any, new_state: Any) -> _Step:
+    """Compares the counters of ``state`` and ``new_state`` for one update."""
+    grads = _float_leaves(updates)
+    olds = dict(_counted_states(state))
+    counted = _counted_states(new_state)
+    steps = [jnp.max(s.count).astype(jnp.int32) for _, s in counted if s.count is not None]
+    transforms = []
+    for where, s in counted:
+        if where not in olds:
+            continue
+        n = jnp.sum(s.failures.failed) - jnp.sum(olds[where].failures.failed)
+        arrays = [(p, ~jnp.all(jnp.isfinite(x))) for p, x in _float_leaves(s)]
+        transforms.append((where, _registry.algorithm_of(type(s)), n.astype(jnp.int32), arrays))
+    return _Step(
+        step=functools.reduce(jnp.maximum, steps, jnp.int32(-1)),
+        skipped=failure_counts(new_state)[0] - failure_counts(state)[0],
+        grads=grads,
+        invalid=[_invalid_gradient(g) for _, g in grads],
+        transforms=transforms,
+    )
+
+
+def _checkify_checks(obs: _Step) -> None:
+    """One ``checkify.check`` per gradient leaf and per transform (its arrays, then itself)."""
+    step, skipped = obs.step, obs.skipped
+    for (path, _), bad in zip(obs.grads, obs.invalid):
+        checkify.check(
+            ~bad | (skipped == 0),
+            f"layerwise_optax: step {{step}}: skipped gradient: invalid gradient "
+            f"(NaN/Inf or squared norm overflowing float32) at {path} {_POLICY}.",
+            step=step,
+        )
+    checkify.check(
+        (skipped == 0) | functools.reduce(jnp.logical_or, obs.invalid, jnp.bool_(False)),
+        f"layerwise_optax: step {{step}}: skipped gradient: {{n}} leaves whose new "
+        f"statistics were not finite {_POLICY}.",
+        step=step,
+        n=skipped,
+    )
+    for where, algorithm, n, arrays in obs.transforms:
+        for path, bad in arrays:
+            checkify.check(
+                (n == 0) | ~bad,
+                f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
+                f"{algorithm} (state {where}) gave a non-finite result, previous kept; non-finite "
+                f"state at {path} {_POLICY}.",
+                step=step,
+                n=n,
+            )
+        checkify.check(
+            n == 0,
+            f"layerwise_optax: step {{step}}: failed refresh: {{n}} refreshes of "
+            f"{algorithm} (state {where}) gave a non-finite result, previous kept {_POLICY}.",
+            step=step,
+            n=n,
+        )
+
+
+def _callback_check(obs: _Step) -> None:
+    """A host callback that raises :class:`OptimizerFailureError` on a new event."""
+    grad_paths = [p for p, _ in obs.grads]
+    layout = [
+        (where, algorithm, [p for p, _ in arrays]) for where, algorithm, _, arrays in obs.transforms
+    ]
+
+    def check(step, skipped, invalid, fails, bad_arrays):
+        failures = []
+        for (where, algorithm, paths), n, bads in zip(layout, fails, bad_arrays):
+            if int(n):
+                failures.append((where, algorithm, int(n), [p for p, b in zip(paths, bads) if b]))
+        if int(skipped) or failures:
+            bad_paths = [p for p, b in zip(grad_paths, invalid) if b]
+            raise OptimizerFailureError(_message(int(step), int(skipped), bad_paths, failures))
+
+    jax.debug.callback(
+        check,
+        obs.step,
+        obs.skipped,
+        obs.invalid,
+        [n for _, _, n, _ in obs.transforms],
+        [[b for _, b in arrays] for _, _, _, arrays in obs.transforms],
+    )

@@ -8,30 +8,15 @@ from typing import Any
 
 import optax
 
-from layerwise_optax import _checks, _kfac, _muon, _psgd, _shampoo, _soap, _steepest
-
-_STATIC: dict[Callable[..., Any], tuple[str, ...]] = {
-    _kfac.kfac: _kfac._STATIC_ARGS,
-    _kfac.scale_by_kfac: _kfac._STATIC_ARGS,
-    _muon.muon: _muon._STATIC_ARGS,
-    _muon.normuon: _muon._STATIC_ARGS,
-    _muon.scale_by_muon: _muon._STATIC_ARGS,
-    _shampoo.shampoo: _shampoo._STATIC_ARGS,
-    _shampoo.scale_by_shampoo: _shampoo._STATIC_ARGS,
-    _soap.soap: _soap._STATIC_ARGS,
-    _psgd.psgd_kron: _psgd._STATIC_ARGS,
-    _psgd.scale_by_psgd_kron: _psgd._STATIC_ARGS,
-    _steepest.steepest_descent: _steepest._STATIC_ARGS,
-    _steepest.scale_by_steepest_descent: _steepest._STATIC_ARGS,
-    _soap.scale_by_soap: _soap._STATIC_ARGS,
-}
+from layerwise_optax import _checks, _registry
 
 
 def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
     """The arguments of a layerwise_optax factory that must stay static.
 
     Args:
-      factory: An alias or ``scale_by_*`` function of this library.
+      factory: An alias or ``scale_by_*`` function of this library (an entry of
+        its optimizer registry).
 
     Returns:
       The names that fix shapes, modes or trees (they cannot be traced).
@@ -40,8 +25,8 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
       ValueError: If ``factory`` is not a factory of this library.
     """
     try:
-        declared = _STATIC[factory]
-    except (KeyError, TypeError):
+        declared = _registry.static_args_of(factory)
+    except KeyError:
         raise ValueError(
             f"factory must be an optimizer factory of layerwise_optax, got {factory!r}."
         ) from None

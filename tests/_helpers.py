@@ -2,63 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.linalg
 
 import layerwise_optax as lo
+from layerwise_optax import _registry
 
-# The single list the conformance suite iterates over: (id, factory, kwargs).
-# Adding an optimizer to the library means adding a line here.
-OPTIMIZERS = [
-    ("shampoo", lo.shampoo, dict(learning_rate=3e-2, precondition_frequency=2)),
-    (
-        "shampoo_newton_blocked",
-        lo.shampoo,
-        dict(learning_rate=3e-2, precondition_frequency=2, root_method="newton", block_size=3),
-    ),
-    (
-        "shampoo_sgd_graft_nesterov",
-        lo.shampoo,
-        dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True),
-    ),
-    ("soap", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
-    ("soap_blocked", lo.soap, dict(learning_rate=3e-2, precondition_frequency=2, block_size=3)),
-    ("kfac", lo.kfac, dict(learning_rate=3e-2, precondition_frequency=2)),
-    ("muon", lo.muon, dict(learning_rate=2e-2)),
-    ("muon_rms_dion", lo.muon, dict(learning_rate=3e-2, scaling="rms", ns_coeffs="dion")),
-    ("normuon", lo.normuon, dict(learning_rate=3e-2, ns_coeffs="polar_express")),
-    ("steepest", lo.steepest_descent, dict(learning_rate=2e-2)),
-    # max_precond_dim 1024 (not PSGD's 8192): the mixed tree's 5000-long axis then
-    # takes the diagonal path the generic tests are meant to exercise, instead of a
-    # 5000x5000 triangular factor (85 s per test on 2 cores).
-    (
-        "psgd_kron",
-        lo.psgd_kron,
-        dict(learning_rate=3e-2, precond_update_prob=1.0, max_precond_dim=1024),
-    ),
-    (
-        "shampoo_kl",
-        lo.shampoo,
-        dict(learning_rate=3e-2, precondition_frequency=2, factor_estimation="kl", damping=1e-3),
-    ),
-]
+
+def optimizers():
+    """Every conformance configuration in the optimizer registry: ``(id, alias, kwargs)``.
+
+    Read at call time, so an entry added with ``_registry.register`` is included.
+    """
+    return [(c.id, e.alias, dict(c.kwargs)) for e in _registry.entries() for c in e.conformance]
+
+
+def slow_variants():
+    """Ids of the configurations that run only in the slow tier."""
+    return frozenset(c.id for e in _registry.entries() for c in e.conformance if c.slow)
+
+
+# The list the conformance suite iterates over, from the optimizer registry
+# (layerwise_optax/_registry.py): adding an optimizer is adding its entry there.
+OPTIMIZERS = optimizers()
 OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
 # Variants of a family already covered by its base entry: they exercise other
 # options (blocking, Newton roots, SGD grafting, presets) through the same generic
 # tests, so they run in the slow tier (`make test-slow`) to keep the default tier
 # within its ~10 minute budget on 2 cores. Each family's base entry stays default.
-SLOW_VARIANTS = frozenset(
-    {
-        "shampoo_newton_blocked",
-        "shampoo_sgd_graft_nesterov",
-        "soap_blocked",
-        "muon_rms_dion",
-        "shampoo_kl",
-    }
-)
+SLOW_VARIANTS = slow_variants()
 
 
 def optimizer_params():
@@ -75,8 +51,10 @@ def optimizer_params():
 PARAM_AND_STATE_HELPERS = frozenset(
     {
         "layer_roles",
+        "matrix_dimension_numbers",
         "format_roles",
         "default_dimension_numbers",
+        "default_kernel_dimension_numbers",
         "static_args",
         "failure_report",
         "failure_counts",
@@ -86,47 +64,76 @@ PARAM_AND_STATE_HELPERS = frozenset(
         "state_shardings",
     }
 )
+# Public factories that wrap an optimizer or build a schedule: not optimizers, so
+# not in the registry (their arguments are in the configuration-error table).
+WRAPPERS_AND_SCHEDULES = frozenset(
+    {"inject_hyperparams", "multi_steps", "raise_on_failure", "precond_update_prob_schedule"}
+)
 
-# The momentum-decay argument of each family (the rest call it b1).
-MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta", "normuon": "beta", "steepest": "beta"}
+
+class _ByConfig(Mapping):
+    """A read-only ``{configuration id: value}`` view of the registry, read at lookup."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def __getitem__(self, config_id):
+        try:
+            entry = _registry.entry_of_config(config_id)
+        except KeyError:
+            raise KeyError(config_id) from None
+        value = self._value(entry)
+        if value is None:
+            raise KeyError(config_id)
+        return value
+
+    def __iter__(self):
+        return (o[0] for o in optimizers() if o[0] in self)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __contains__(self, config_id):
+        try:
+            self[config_id]
+        except KeyError:
+            return False
+        return True
+
+
+# The momentum-decay argument of each configuration's optimizer (most call it b1).
+MOMENTUM_ARG = _ByConfig(lambda e: e.momentum_arg)
+# Extra update arguments an optimizer needs, computed from the updates it receives.
+EXTRA_ARGS = _ByConfig(lambda e: e.extra_args if e.conformance_extra_args else None)
 
 
 def main_state(name, state):
-    """The ``ScaleByX`` state inside an alias's state (muon: its matrix partition)."""
-    if "muon" in name:
-        return state.inner_states["muon"].inner_state[0]
-    return state[0]
+    """The registered ``ScaleByX`` state inside an alias's state (its first in tree order)."""
+    kind = _registry.entry_of_config(name).state
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
+        if isinstance(s, kind)
+    ]
+    assert found, f"no {kind.__name__} in the state of {name}"
+    return found[0]
 
 
 def skipped_count(name, state):
-    """Non-finite gradient events recorded in an alias's state."""
-    if "muon" in name:
-        adam = state.inner_states["adam"].inner_state[0]
-        return int(main_state(name, state).failures.skipped) + int(adam.failures.skipped)
-    return int(state[0].failures.skipped)
+    """Non-finite gradient events recorded in an alias's state (all its transforms)."""
+    del name  # every library state counts them in its ``failures`` field
+    return int(lo.failure_counts(state)[0])
 
 
 def identity_kfac_stats(updates):
     """Identity K-FAC factors for every kernel (default layout), None elsewhere.
 
     The conformance suite's generic tests have no model to capture statistics
-    from; they exercise the machinery with these. Convergence tests pass each
-    problem's true factors instead.
+    from; they exercise the machinery with these (K-FAC's registry entry's
+    ``conformance_extra_args``). Convergence tests pass each problem's true
+    factors instead.
     """
-
-    def one(x):
-        if isinstance(x, optax.MaskedNode) or x.ndim < 2:
-            return None
-        # Long dimensions get diagonal factors: pass just the diagonal there.
-        dims = (int(np.prod(x.shape[:-1])), x.shape[-1])
-        a, g = (jnp.eye(d) if d <= 4096 else jnp.ones(d) for d in dims)
-        return lo.KfacFactors(a, g)
-
-    return jax.tree.map(one, updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-
-# Extra update arguments an optimizer needs, computed from the updates it receives.
-EXTRA_ARGS = {"kfac": lambda u: {"kfac_stats": identity_kfac_stats(u)}}
+    return _registry.get("kfac").extra_args(updates)["kfac_stats"]
 
 
 def with_extra_args(tx, fn):

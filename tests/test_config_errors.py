@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import layerwise_optax as lo
+from layerwise_optax import _registry
 from tests._helpers import PARAM_AND_STATE_HELPERS
 
 VE, TE = ValueError, TypeError
@@ -33,29 +34,19 @@ MODE = [("bogus", VE), (3, VE)]
 DTYPE = [("not-a-dtype", TE), (jnp.int32, TE)]
 TREE = [("x", TE), (3, TE)]
 
-# Argument -> bad values with the exception each must raise. One table for every
-# factory: an argument means the same wherever it appears.
+# Argument -> bad values with the exception each must raise, for arguments several
+# factories share: an argument means the same wherever it appears. An optimizer's
+# own arguments have their bad values in its registry entry (layerwise_optax/_registry.py).
 BAD = {
     "learning_rate": NON_NEGATIVE,
-    "adam_learning_rate": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE,
-    "adam_weight_decay": NON_NEGATIVE,
     "b1": UNIT,
     "b2": UNIT,
     "beta": UNIT,
-    "adam_b1": UNIT,
-    "adam_b2": UNIT,
-    "neuron_b2": [(1.0, VE), (-0.5, VE), ("x", TE)],
     "factor_decay": UNIT_CLOSED,
     "eps": NON_NEGATIVE,
-    "neuron_eps": NON_NEGATIVE,
     "damping": NON_NEGATIVE,
-    "rms": NON_NEGATIVE,
     "decay": NON_NEGATIVE,
-    "precond_lr": [(0.0, VE), (1.5, VE), ("x", TE)],
-    "precond_init_scale": POSITIVE + [(None, TE)],
-    "clip_rms": POSITIVE,
-    "precond_update_prob": [(1.5, VE), (-0.1, VE), ("x", TE)],
     "max_prob": UNIT_CLOSED,
     "min_prob": UNIT_CLOSED,
     "precondition_frequency": POSITIVE_INT + BAD_INT_ARRAYS,
@@ -68,64 +59,64 @@ BAD = {
     "seed": [(1.5, TE), ("x", TE), (None, TE)] + BAD_INT_ARRAYS,
     "nesterov": BOOL,
     "merge_small_dims": BOOL,
-    "relative_damping": BOOL,
-    "factor_bias_correction": BOOL,
-    "dual_scale": BOOL,
     "distribute": BOOL,
-    "axis_name": [(3, TE), (["batch"], TE)],
-    "grafting": MODE,
-    "root_method": MODE + [("cholesky", VE)],
-    "factor_estimation": MODE,
-    "damping_mode": MODE,
-    "sides": MODE,
-    "scaling": MODE,
-    "memory_save_mode": MODE,
     "ns_coeffs": [("bogus", VE)],
     "mu_dtype": DTYPE,
     "precond_dtype": DTYPE,
     "ns_dtype": DTYPE,
     "hyperparam_dtype": DTYPE,
     "mask": TREE,
-    "adam_mask": TREE,
     "dimension_numbers": TREE,
     "roles": TREE,
-    "norms": [("spectral", TE), ({"bogus_role": "spectral"}, VE), ({"matrix": "bogus"}, VE)],
-    "scales": [(2.0, TE), ({"bogus_role": 1.0}, VE), ({"matrix": -1.0}, VE)],
     "mode": MODE,
     "factory": [(None, VE), (lambda: None, VE)],
     "every_k_schedule": POSITIVE_INT,
 }
 
-# Factory -> the arguments it cannot do without (everything else is defaulted).
-FACTORIES = {
-    lo.shampoo: dict(learning_rate=1e-2),
-    lo.scale_by_shampoo: {},
-    lo.soap: dict(learning_rate=1e-2),
-    lo.scale_by_soap: {},
-    lo.kfac: dict(learning_rate=1e-2),
-    lo.scale_by_kfac: {},
-    lo.muon: dict(learning_rate=1e-2),
-    lo.normuon: dict(learning_rate=1e-2),
-    lo.scale_by_muon: {},
-    lo.steepest_descent: dict(learning_rate=1e-2),
-    lo.scale_by_steepest_descent: {},
-    lo.psgd_kron: dict(learning_rate=1e-2),
-    lo.scale_by_psgd_kron: {},
+# Factories that are not optimizers -> the arguments they cannot do without.
+NON_OPTIMIZERS = {
     lo.precond_update_prob_schedule: {},
     lo.raise_on_failure: dict(inner=lo.shampoo(1e-2)),
     lo.inject_hyperparams: dict(factory=lo.shampoo),
     lo.multi_steps: dict(opt=lo.kfac(1e-2), every_k_schedule=2),
 }
+
+
+def _required(factory):
+    """The arguments an optimizer factory cannot do without: its learning rate."""
+    params = inspect.signature(factory).parameters
+    required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+    assert required <= {"learning_rate"}, (factory.__name__, required)
+    return {n: 1e-2 for n in required}
+
+
+def factories(*, public_only=True):
+    """Factory -> required arguments: every registered optimizer factory (read from
+    the registry at call time), then the non-optimizers."""
+    table = {f: _required(f) for _, f in _registry.iter_factories(public_only=public_only)}
+    return {**table, **NON_OPTIMIZERS}
+
+
+def bad_values(factory, arg):
+    """The bad values of ``arg`` for ``factory``: its registry entry's own, else ``BAD``."""
+    for entry in _registry.entries():
+        if factory in entry.factories and arg in entry.bad_values:
+            return list(entry.bad_values[arg])
+    return BAD.get(arg, [])
+
+
+FACTORIES = factories()
 # Arguments that are the object being wrapped, checked where they are used.
 NOT_HYPERPARAMETERS = {"inner", "opt"}
 
 
-def _cases():
-    for factory, required in FACTORIES.items():
+def cases(table):
+    """``(factory, required, arg, value, error)`` params for every factory of ``table``."""
+    for factory, required in table.items():
         for arg in inspect.signature(factory).parameters:
             if arg in NOT_HYPERPARAMETERS:
                 continue
-            for i, (value, error) in enumerate(BAD.get(arg, ())):
+            for i, (value, error) in enumerate(bad_values(factory, arg)):
                 if arg in required and value is None and error is TE and arg != "seed":
                     continue
                 yield pytest.param(
@@ -133,17 +124,33 @@ def _cases():
                 )
 
 
-CASES = list(_cases())
+CASES = list(cases(FACTORIES))
+
+
+def missing_bad_values(table):
+    """``factory(arg)`` for every argument of ``table``'s factories without bad values."""
+    return {
+        f"{f.__name__}({a})"
+        for f in table
+        for a in inspect.signature(f).parameters
+        if not bad_values(f, a) and a not in NOT_HYPERPARAMETERS
+    }
 
 
 def test_every_argument_has_bad_values():
-    missing = {
-        f"{f.__name__}({a})"
-        for f in FACTORIES
-        for a in inspect.signature(f).parameters
-        if a not in BAD and a not in NOT_HYPERPARAMETERS
-    }
-    assert not missing, f"add bad values for {sorted(missing)} to BAD"
+    missing = missing_bad_values(FACTORIES)
+    assert not missing, (
+        f"add bad values for {sorted(missing)} to BAD (an argument several factories share) "
+        "or to the optimizer's registry entry's bad_values (its own argument)"
+    )
+
+
+def test_registry_bad_values_do_not_shadow_the_common_table():
+    # An argument means the same wherever it appears: it is either common (BAD) or
+    # one optimizer's own (its entry), never both.
+    for entry in _registry.entries():
+        both = sorted(set(entry.bad_values) & set(BAD))
+        assert not both, (entry.name, both)
 
 
 def test_every_public_factory_is_in_the_table():

@@ -12,11 +12,14 @@ import optax
 import pytest
 
 import layerwise_optax as lo
+from layerwise_optax import _registry
 from tests._helpers import (
     EXTRA_ARGS,
     MOMENTUM_ARG,
     OPTIMIZERS,
     PARAM_AND_STATE_HELPERS,
+    SLOW_VARIANTS,
+    WRAPPERS_AND_SCHEDULES,
     assert_recovers,
     assert_tree_finite,
     assert_trees_close,
@@ -469,37 +472,27 @@ def test_deterministic(name, factory, kwargs):
 # through_cond above); learning-rate schedules
 # (test_constant_schedule_equals_constant_learning_rate above).
 
-# Each alias with the settings optax's table would give it: K-FAC (fed identity
-# factors, so heavy-ball SGD) and steepest descent (normalized steps) need smaller
-# rates for the Rosenbrock target's curvature ~1000.
-CONTRACT = {
-    "shampoo": (lo.shampoo, dict(learning_rate=3e-2, precondition_frequency=2)),
-    "soap": (lo.soap, dict(learning_rate=3e-2, precondition_frequency=2)),
-    "kfac": (lo.kfac, dict(learning_rate=1e-3, precondition_frequency=2)),
-    "muon": (lo.muon, dict(learning_rate=2e-2)),
-    "normuon": (lo.normuon, dict(learning_rate=3e-2)),
-    "steepest_descent": (lo.steepest_descent, dict(learning_rate=3e-3)),
-    "psgd_kron": (lo.psgd_kron, dict(learning_rate=1e-2, precond_update_prob=1.0)),
-}
+
+# Each alias with the settings optax's table would give it: its registry entry's
+# ``contract`` keyword arguments (K-FAC, fed identity factors so heavy-ball SGD, and
+# steepest descent, normalized steps, get smaller rates for the Rosenbrock target's
+# curvature ~1000). Read at call time, so a registered entry takes part.
+def _contract(alias):
+    """``(alias factory, kwargs)`` of a registry entry's contract settings."""
+    entry = _registry.get(alias)
+    return entry.alias, dict(entry.contract)
+
+
+CONTRACT = {e.name: _contract(e.name) for e in _registry.entries() if e.contract is not None}
 parametrize_contract = pytest.mark.parametrize("alias", list(CONTRACT))
 
 
-def _identity_factors(updates):
-    """Identity K-FAC factors for every non-scalar leaf (a vector as a bias: ``(1, d)``)."""
-
-    def one(x):
-        if x.ndim == 0:
-            return None
-        d_in = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
-        return lo.KfacFactors(jnp.eye(d_in), jnp.eye(x.shape[-1]))
-
-    return {"kfac_stats": jax.tree.map(one, updates)}
-
-
 def _contract_tx(alias, factory=None, **overrides):
-    fn, kwargs = CONTRACT[alias]
+    fn, kwargs = _contract(alias)
     tx = (factory or fn)(**{**kwargs, **overrides})
-    return with_extra_args(tx, _identity_factors if alias == "kfac" else None)
+    entry = _registry.get(alias)
+    extra = functools.partial(entry.extra_args, contract=True)
+    return with_extra_args(tx, extra if entry.conformance_extra_args else None)
 
 
 def _parabola(dtype):
@@ -570,7 +563,7 @@ def test_contract_converges(alias, target):
 def test_contract_inject_hyperparams_without_static_args(alias):
     # How optax users write it: no static_args. Traceable integers (refresh periods,
     # seeds) arrive traced; shape-deciding ones default to None, which optax leaves alone.
-    factory, kwargs = CONTRACT[alias]
+    factory, kwargs = _contract(alias)
     injected = _contract_tx(alias, optax.inject_hyperparams(factory))
     plain = _contract_tx(alias)
     params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
@@ -608,18 +601,13 @@ def test_map_params():  # pragma: no cover
 
 
 def test_every_public_alias_is_in_the_conformance_list():
-    aliases = {
-        "shampoo": lo.shampoo,
-        "soap": lo.soap,
-        "kfac": lo.kfac,
-        "muon": lo.muon,
-        "normuon": lo.normuon,
-        "steepest_descent": lo.steepest_descent,
-        "psgd_kron": lo.psgd_kron,
-    }
-    registered = {f for _, f, _ in OPTIMIZERS}
+    # Every public alias (registry entries marked public; test_public_api checks they
+    # are exactly the public factories) has a default-tier conformance configuration
+    # and contract settings.
+    aliases = {e.name: e.alias for e in _registry.entries() if e.public and e.alias is not None}
+    registered = {f for n, f, _ in OPTIMIZERS if n not in SLOW_VARIANTS}
     for name, fn in aliases.items():
-        assert fn in registered, f"{name} is not in tests/_helpers.py OPTIMIZERS"
+        assert fn in registered, f"{name} has no default-tier conformance configuration"
     assert {f for f, _ in CONTRACT.values()} == set(aliases.values())
     public = {
         n
@@ -627,7 +615,6 @@ def test_every_public_alias_is_in_the_conformance_list():
         if not n[0].isupper()
         and not n.startswith(("scale_by", "linalg", "default_", "inject", "static"))
         and n not in PARAM_AND_STATE_HELPERS
-        # Wrappers around an optimizer and a schedule, not optimizers themselves.
-        and n not in ("precond_update_prob_schedule", "raise_on_failure", "multi_steps")
+        and n not in WRAPPERS_AND_SCHEDULES
     }
     assert public == set(aliases), public

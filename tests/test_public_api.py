@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 import layerwise_optax as lo
-from layerwise_optax import linalg
+from layerwise_optax import _registry, linalg
+from tests._helpers import PARAM_AND_STATE_HELPERS, WRAPPERS_AND_SCHEDULES
 
 PACKAGE = pathlib.Path(lo.__file__).parent
 
@@ -16,6 +17,7 @@ EXPECTED_ALL = {
     "FoldedBias",
     "KfacFactors",
     "ScaleByKfacState",
+    "HIDDEN_ROLES",
     "ROLES",
     "ScaleByPsgdKronState",
     "precond_update_prob_schedule",
@@ -30,10 +32,12 @@ EXPECTED_ALL = {
     "ScaleByShampooState",
     "ScaleBySoapState",
     "default_dimension_numbers",
+    "default_kernel_dimension_numbers",
     "format_roles",
     "inject_hyperparams",
     "kfac",
     "layer_roles",
+    "matrix_dimension_numbers",
     "linalg",
     "multi_steps",
     "muon",
@@ -110,21 +114,58 @@ def test_public_callables_document_args_and_returns():
         assert "Args:" in doc and "Returns:" in doc, fn.__name__
 
 
-FACTORY_LIST = (
-    lo.shampoo,
-    lo.soap,
-    lo.kfac,
-    lo.scale_by_shampoo,
-    lo.scale_by_soap,
-    lo.scale_by_kfac,
-    lo.muon,
-    lo.normuon,
-    lo.scale_by_muon,
-    lo.steepest_descent,
-    lo.scale_by_steepest_descent,
-    lo.psgd_kron,
-    lo.scale_by_psgd_kron,
-)
+def _factory_list():
+    """Every public optimizer factory, from the optimizer registry."""
+    return tuple(f for _, f in _registry.iter_factories(public_only=True))
+
+
+FACTORY_LIST = _factory_list()
+
+
+def _public_factories():
+    """Callables in ``lo.__all__`` that build an optimizer (not classes, helpers, wrappers)."""
+    return {
+        n: getattr(lo, n)
+        for n in lo.__all__
+        if callable(getattr(lo, n))
+        and not inspect.isclass(getattr(lo, n))
+        and n not in PARAM_AND_STATE_HELPERS | WRAPPERS_AND_SCHEDULES
+    }
+
+
+def test_every_public_factory_is_registered():
+    # A factory exported without a registry entry would miss static_args, the failure
+    # report's name, the conformance suite and the configuration-error table.
+    registered = set(_factory_list())
+    missing = sorted(n for n, f in _public_factories().items() if f not in registered)
+    assert not missing, f"public factories without a registry entry: {missing}"
+
+
+def test_registry_and_all_agree():
+    public = _public_factories()
+    for entry, factory in _registry.iter_factories(public_only=True):
+        name = factory.__name__
+        assert public.get(name) is factory, f"registry entry {entry.name!r}: {name} not exported"
+        state = entry.state.__name__
+        assert getattr(lo, state, None) is entry.state, f"{state} not exported"
+    names = [e.name for e in _registry.entries()]
+    assert len(names) == len(set(names)), names
+
+
+def test_registry_entries_are_consistent():
+    for entry in _registry.entries():
+        for factory in entry.factories:
+            params = inspect.signature(factory).parameters
+            assert entry.momentum_arg in params or factory is entry.scale_by, (entry.name, factory)
+            for arg in entry.bad_values:
+                assert any(arg in inspect.signature(f).parameters for f in entry.factories), (
+                    entry.name,
+                    arg,
+                )
+            # A static argument is one of the module's declared ones.
+            assert set(lo.static_args(factory)) <= set(entry.static_args)
+        if entry.alias is not None:
+            assert entry.momentum_arg in inspect.signature(entry.alias).parameters, entry.name
 
 
 def test_static_args_cover_every_non_numeric_argument():
@@ -166,3 +207,40 @@ def test_static_args_rejects_foreign_factories():
 
     with pytest.raises(ValueError, match="factory must be an optimizer factory"):
         lo.static_args(optax.adam)
+
+
+def test_default_kernel_dimension_numbers_is_kfacs_default_layout():
+    # Public since layerwise_optax.flax builds its specs from public names only:
+    # inputs first, outputs last; a bias is a kernel with a unit input.
+    f = lo.default_kernel_dimension_numbers
+    assert f(()) is None
+    assert f((7,)) == lo.DimensionNumbers(((), (0,)))
+    assert f((4, 3)) == lo.DimensionNumbers(((0,), (1,)))
+    assert f((3, 3, 4, 8)) == lo.DimensionNumbers(((0, 1, 2), (3,)))
+    # Spelled out for every leaf it gives kfac's default updates (no biases to fold).
+    import jax.numpy as jnp
+
+    params = {"w": jnp.ones((4, 3)), "conv": jnp.ones((2, 2, 3, 5))}
+    grads = {"w": jnp.arange(12.0).reshape(4, 3), "conv": jnp.ones((2, 2, 3, 5))}
+    stats = {
+        "w": lo.KfacFactors(2 * jnp.eye(4), jnp.eye(3)),
+        "conv": lo.KfacFactors(jnp.eye(12), 3 * jnp.eye(5)),
+    }
+    spec = jax.tree.map(lambda p: f(p.shape), params)
+    a, b = lo.kfac(1e-2), lo.kfac(1e-2, dimension_numbers=spec)
+    ua, _ = a.update(grads, a.init(params), params, kfac_stats=stats)
+    ub, _ = b.update(grads, b.init(params), params, kfac_stats=stats)
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_matrix_dimension_numbers_is_the_role_matrix_view():
+    # Public so that a comparison with optax.contrib.muon (benchmarks/step_time.py)
+    # can give it the leaves and matrix views our Muon uses.
+    f = lo.matrix_dimension_numbers
+    assert lo.HIDDEN_ROLES == ("matrix", "conv", "stacked")
+    assert set(lo.HIDDEN_ROLES) <= set(lo.ROLES)
+    assert f("matrix", (4, 3)) == lo.DimensionNumbers(((0,), (1,)))
+    assert f("conv", (3, 3, 4, 8)) == lo.DimensionNumbers(((0, 1, 2), (3,)))
+    assert f("stacked", (5, 4, 3)) == lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
+    assert f("vector", (7,)) is None and f("matrix", (7,)) is None

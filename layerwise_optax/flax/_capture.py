@@ -55,9 +55,16 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from layerwise_optax import _checks, _optional
-from layerwise_optax._kfac import FoldedBias, KfacFactors
+from layerwise_optax import (
+    DimensionNumbers,
+    FoldedBias,
+    KfacFactors,
+    _checks,
+    _optional,
+    default_kernel_dimension_numbers,
+)
 
 if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
     from flax import nnx
@@ -313,6 +320,23 @@ def _key(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
+def _is_masked(x: Any) -> bool:
+    """Whether ``x`` is a leaf masked out by ``optax.masked``."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def _path_keys(path: tuple) -> tuple[str, ...]:
+    """A params-tree path as the strings :func:`_key` joins for the same layer.
+
+    The trailing ``.value`` of an ``nnx.Variable`` is dropped, so the leaves of an
+    ``nnx.State``, of its pure form and of a nested dict give the same keys.
+    """
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
+
+
 def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
     """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``."""
     paths, tuples, biases = {}, {}, {}
@@ -374,9 +398,6 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
       Grosse and Martens, `A Kronecker-factored Approximate Fisher Matrix for
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
-    from layerwise_optax._axes import DimensionNumbers, is_masked, path_keys
-    from layerwise_optax._kfac import FoldedBias, default_kernel_dimension_numbers
-
     _checks.boolean("fold_biases", fold_biases)
     layouts = {}
     for path, node in nnx.iter_graph(model):
@@ -385,9 +406,9 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
             layouts[key] = _layout(node, key)
 
     def spec(path, leaf):
-        if is_masked(leaf):
+        if _is_masked(leaf):
             return None
-        names = path_keys(path)
+        names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
         layout = layouts.get(layer)
         if layout is not None and kind == "kernel":
@@ -398,7 +419,7 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
             return DimensionNumbers(((), tuple(range(leaf.ndim))))
         return default_kernel_dimension_numbers(leaf.shape)
 
-    return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=is_masked)
+    return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_masked)
 
 
 def _stats_tree(
