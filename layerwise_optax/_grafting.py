@@ -18,7 +18,7 @@ asked) and ``nu`` the EMA of squared gradients:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,18 @@ def graft_blocks(direction: jax.Array, magnitude_sq: jax.Array) -> jax.Array:
     return direction * scale
 
 
+def moment_dtype(p: jax.Array) -> Any:
+    """The storage dtype of a second moment: ``p``'s dtype, at least float32."""
+    return jnp.promote_types(p.dtype, jnp.float32)
+
+
+class _AdamLeaf(NamedTuple):
+    update: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+    ok: jax.Array  # bool scalar: the gradient leaf was valid
+
+
 class ScaleByGuardedAdamState(NamedTuple):
     """State for :func:`scale_by_guarded_adam`.
 
@@ -190,22 +202,15 @@ def scale_by_guarded_adam(
 
         def leaf(g, mu, nu):
             ok, g32, mu_new, m_hat = guarded_momentum(g, mu, b1, count_inc, nesterov)
-            nu_new = _axes.select(ok, b2_ * nu + (1 - b2_) * jnp.square(g32), nu)
+            nu_new = _failure.keep(ok, b2_ * nu + (1 - b2_) * jnp.square(g32), nu)
             u = graft_update("adam", m_hat, nu_new, b2_, eps, count_inc)
-            return jnp.where(ok, u, 0).astype(g.dtype), mu_new.astype(mu.dtype), nu_new, ok
+            return _AdamLeaf(
+                _failure.zero_unless(ok, u, g.dtype), mu_new.astype(mu.dtype), nu_new, ok
+            )
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
-        treedef = jax.tree.structure(updates)
-        u, mu, nu, oks = (
-            (jax.tree.unflatten(treedef, list(x)) for x in zip(*treedef.flatten_up_to(out)))
-            if treedef.num_leaves
-            else (updates, state.mu, state.nu, [])
-        )
-        skipped = sum(
-            ((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks)), jnp.zeros([], jnp.int32)
-        )
-        return u, ScaleByGuardedAdamState(
-            count_inc, mu, nu, _failure.add(state.failures, skipped=skipped)
-        )
+        u, mu, nu, oks = (_axes.unzip(out, field) for field in _AdamLeaf._fields)
+        failures = _failure.add(state.failures, skipped=_failure.count_invalid(oks))
+        return u, ScaleByGuardedAdamState(count_inc, mu, nu, failures)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -18,7 +18,8 @@ blocks is returned so that the optimizer can count it in its state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -419,3 +420,90 @@ def block_norms(x: jax.Array) -> jax.Array:
     """Frobenius norm of each block of a block view, shape ``(stack, 1, ..., 1)``."""
     axes = tuple(range(1, x.ndim))
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def ema_debias(decay: jax.Array, count: jax.Array) -> jax.Array:
+    """``1 / (1 - decay^t)``: the factor that turns a zero-started EMA into a weighted mean.
+
+    After ``t`` steps of :func:`ema` from zero the weights sum to ``1 - decay^t``.
+    The sum is computed as ``-expm1(t log decay)``, which keeps float32 accuracy
+    (~2e-7 relative) for ``decay`` near 1, where ``1 - decay^t`` in float32 cancels
+    (up to ~6e-5 relative at ``decay = 1 - 1e-7``, ``t = 1000``). ``decay == 1`` (a
+    running sum) gives 1.
+
+    Args:
+      decay: Scalar EMA decay in ``(0, 1]`` (float32).
+      count: int scalar ``t >= 1``, the number of EMA steps (skipped ones too).
+
+    Returns:
+      A float32 scalar ``>= 1``.
+    """
+    t = count.astype(jnp.float32)
+    return jnp.where(decay == 1.0, 1.0, -1.0 / jnp.expm1(t * jnp.log(decay)))
+
+
+def factor_powers(factors: Factors, plan: _axes.LeafPlan, k: int, dtype: Any) -> Factors:
+    """Each factor to the integer power ``k``, cast to ``dtype``.
+
+    Full factors by :func:`layerwise_optax._linalg.matrix_power`, diagonal ones
+    entrywise; ``'none'`` placeholders pass unchanged.
+    """
+    out = []
+    for kind, f in zip(plan.kinds, factors):
+        if kind == "full":
+            out.append(_linalg.matrix_power(f, k).astype(dtype))
+        elif kind == "diag":
+            out.append((f**k).astype(dtype))
+        else:
+            out.append(f)
+    return tuple(out)
+
+
+def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int) -> Factors:
+    """KL-Shampoo's per-axis statistics ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i``.
+
+    The other factors' inverses come from the stored roots ``L_j^{-1/root}``:
+    ``L_j^{-1/2}`` is the root raised to ``root / 2`` (``root`` even,
+    :func:`factor_powers`), applied to every axis but ``i`` before the usual
+    contraction (:func:`axis_stats`); ``n_i`` is the product of the other block
+    lengths. This is the fixed-point (flip-flop) update of the Kronecker-factored
+    Gaussian that is closest in KL divergence to the gradient's second moment
+    (Lin et al. 2025): for gradients ``A^{1/2} Z B^{1/2}`` with white ``Z`` it
+    settles at ``L_1 ⊗ L_2 = A ⊗ B``.
+
+    Args:
+      g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
+      roots: The leaf's stored roots ``L_j^{-1/root}`` (factor tuple).
+      plan: The leaf's plan.
+      root: The even root order ``p`` of ``roots``.
+
+    Returns:
+      A factor tuple in the layout of :func:`init_factors`.
+    """
+    halves = factor_powers(roots, plan, root // 2, g.dtype)
+    out = []
+    for i, kind in enumerate(plan.kinds):
+        if kind == "none":
+            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            continue
+        x = apply_axis_matrices(g, halves, plan, skip=i)
+        n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])
+        out.append(axis_stats(x, plan)[i] / n_other)
+    return tuple(out)
+
+
+def on_schedule(
+    branch: Any, refreshes: Sequence[Callable[..., Any]], kept: Callable[..., Any], *operands: Any
+) -> tuple[Any, jax.Array]:
+    """The refresh phase under one ``lax.switch``: ``(new, failed)``.
+
+    Branch 0 keeps the preconditioner, ``(kept(*operands), 0)``; branch ``j >= 1``
+    runs ``refreshes[j - 1](*operands)``, which returns the new value and its int32
+    failure count. ``branch`` is a traced int or bool (``True`` is branch 1), e.g.
+    :func:`every` of the step count.
+    """
+
+    def keep(*xs):
+        return kept(*xs), jnp.zeros([], jnp.int32)
+
+    return jax.lax.switch(jnp.asarray(branch).astype(jnp.int32), [keep, *refreshes], *operands)

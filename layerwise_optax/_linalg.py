@@ -387,8 +387,26 @@ def spectral_norm_lower_bound(a: jax.Array) -> jax.Array:
     return scale * jnp.where(axn > 0, jnp.linalg.norm(aay, axis=-1), 0.0)
 
 
-def _matrix_power(m: jax.Array, p: int) -> jax.Array:
-    """``m^p`` for a static integer ``p >= 1`` by repeated squaring."""
+def matrix_power(m: jax.Array, p: int) -> jax.Array:
+    """``m^p`` for a static integer ``p >= 1``, by repeated squaring.
+
+    ``ceil(log2 p) + popcount(p) - 1`` matmuls at ``Precision.HIGHEST`` (so
+    ``m^2 = m m`` and ``m^3 = m (m m)``); no damping, no symmetrization. Used for
+    the residual of the coupled Newton iteration and for KL-Shampoo's
+    ``L^{-1/2} = (L^{-1/p})^{p/2}`` (:func:`layerwise_optax._kron.kl_axis_stats`).
+
+    Args:
+      m: ``(..., n, n)`` matrices (any float dtype; the product keeps it).
+      p: The exponent, a Python int ``>= 1``.
+
+    Returns:
+      ``(..., n, n)`` powers, same dtype as ``m``.
+
+    Raises:
+      ValueError: If ``p`` is not an integer ``>= 1``.
+    """
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+        raise ValueError(f"matrix_power needs an integer exponent p >= 1, got {p!r}.")
     result = None
     base = m
     while p:
@@ -413,7 +431,7 @@ def _max_abs(r: jax.Array) -> jax.Array:
 
 def _residual(x: jax.Array, a: jax.Array, p: int) -> jax.Array:
     """``max |X^p A - I|`` per matrix: the true residual of an inverse root."""
-    return _max_abs(_mm(_matrix_power(x, p), a) - _eye_like(a))
+    return _max_abs(_mm(matrix_power(x, p), a) - _eye_like(a))
 
 
 def inv_root_newton(
@@ -506,7 +524,7 @@ def inv_root_newton(
                 i, x, m, _, err, _ = c
                 t = ((p + 1) * ident - m) / p
                 x_new = _mm(x, t)
-                m_new = _mm(_matrix_power(t, p), m)
+                m_new = _mm(matrix_power(t, p), m)
                 err_new = _max_abs(m_new - ident)
                 # The error may rise briefly before converging; stop once it has
                 # grown by more than 20% (Distributed Shampoo's rule).
@@ -533,7 +551,7 @@ def inv_root_newton(
         x_warm0 = symmetrize(warm_start.astype(dtype)) * (s ** (1.0 / p))[..., None, None]
         warm_ok = _finite_matrices(x_warm0)
         x_warm0 = jnp.where(warm_ok[..., None, None], x_warm0, x_cold0)
-        root_warm = iterate(x_warm0, _mm(_matrix_power(x_warm0, p), ad))
+        root_warm = iterate(x_warm0, _mm(matrix_power(x_warm0, p), ad))
         warm_good = warm_ok & (_residual(root_warm, ad, p) < max(tol, 1e-3))
         root = jax.lax.cond(
             jnp.all(warm_good),

@@ -1,16 +1,23 @@
-"""Shampoo: per-axis Kronecker-factored preconditioning with layer-wise grafting."""
+"""Shampoo: per-axis Kronecker-factored preconditioning with layer-wise grafting.
+
+One update is three phases, each a module-level function with its maths:
+:func:`_accumulate` (moments and factor EMAs), :func:`_refresh` (inverse roots,
+every ``precondition_frequency`` steps under ``lax.switch``) and
+:func:`_precondition` (apply the roots, graft). The parts SOAP writes the same
+way live in :mod:`layerwise_optax._factored`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _grafting, _kron
+from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kron
 
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
@@ -67,47 +74,175 @@ class ScaleByShampooState(NamedTuple):
     failures: _failure.FailureCounts
 
 
-def kl_axis_stats(
-    g: jax.Array, roots: tuple[jax.Array, ...], plan: _axes.LeafPlan, root: int
-) -> tuple[jax.Array, ...]:
-    """KL-Shampoo's per-axis statistics ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i``.
+@dataclasses.dataclass(frozen=True)
+class _Options(_factored.FactoredOptions):
+    """The arguments of :func:`scale_by_shampoo`, validated (:func:`_options`)."""
 
-    The other factors' inverses come from the stored roots ``L_j^{-1/root}``:
-    ``L_j^{-1/2}`` is the root raised to ``root / 2`` (``root`` even), applied to
-    every axis but ``i`` before the usual contraction. This is the fixed-point
-    (flip-flop) update of the Kronecker-factored Gaussian that is closest in KL
-    divergence to the gradient's second moment (Lin et al. 2025): for gradients
-    ``A^{1/2} Z B^{1/2}`` with white ``Z`` it settles at ``L_1 ⊗ L_2 = A ⊗ B``.
+    damping: Any
+    start_preconditioning_step: Any
+    grafting: str
+    root_exponent: int | None
+    root_method: str
+    relative_damping: bool
+    nesterov: bool
+    factor_estimation: str
+    factor_bias_correction: bool
+
+    def root(self, plan: _axes.LeafPlan) -> int:
+        """The root order ``p`` of a leaf's factors: ``root_exponent``, else ``2k`` (KL: 2)."""
+        default = 2 if self.factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
+        return self.root_exponent or default
+
+
+class _Hyper(NamedTuple):
+    """The float hyperparameters as float32 arrays (:func:`_checks.hyperparameters`)."""
+
+    b1: jax.Array
+    b2: jax.Array
+    eps: jax.Array
+    decay: jax.Array
+    damping: jax.Array
+
+
+def _options(args: dict[str, Any]) -> _Options:
+    """Checks the factory's arguments (``ValueError`` naming argument, value, range)."""
+    _checks.non_negative("damping", args["damping"])
+    _checks.traceable_int(
+        "start_preconditioning_step", args["start_preconditioning_step"], minimum=0
+    )
+    _checks.one_of("grafting", args["grafting"], _grafting.GRAFTING)
+    _checks.positive_int("root_exponent", args["root_exponent"], allow_none=True)
+    _checks.one_of("root_method", args["root_method"], ("eigh", "newton"))
+    for name in ("relative_damping", "factor_bias_correction", "nesterov"):
+        _checks.boolean(name, args[name])
+    _checks.one_of("factor_estimation", args["factor_estimation"], ("shampoo", "kl"))
+    root_exponent = args["root_exponent"]
+    if args["factor_estimation"] == "kl" and root_exponent is not None and root_exponent % 2:
+        raise ValueError(
+            f"root_exponent must be even with factor_estimation='kl' (the statistics "
+            f"use L^(-1/2) = root^(p/2)), got {root_exponent}."
+        )
+    return _factored.factored_options(_Options, args, _DEFAULT_MAX_PRECOND_DIM)
+
+
+def _init(o: _Options, params: optax.Params) -> ScaleByShampooState:
+    """Zero moments and statistics, identity roots."""
+    start = _factored.init_factored(o, params)
+    nu = None
+    if _grafting.needs_second_moment(o.grafting):
+        nu = jax.tree.map(lambda p: jnp.zeros(p.shape, _grafting.moment_dtype(p)), params)
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByShampooState(zero, start.mu, nu, start.stats, start.identity, _failure.zeros())
+
+
+def _accumulate(o, h, g, plan, mu, nu, stats, roots) -> _factored.Accumulated:
+    r"""Accumulate: the guarded moments and factor EMAs of one leaf.
+
+    .. math::
+      m \leftarrow b_1 m + (1-b_1) G, \quad
+      \nu \leftarrow b_2 \nu + (1-b_2) G^2, \quad
+      L_i \leftarrow \beta L_i + (1-\beta) \hat L_i
+
+    with ``\hat L_i = G_(i) G_(i)^T``, or KL-Shampoo's
+    ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i`` from the last roots
+    (:func:`layerwise_optax._kron.kl_axis_stats`); ``\nu`` only for Adam/RMSProp
+    grafting. A valid gradient has finite plain statistics; KL's go through the
+    roots and can still overflow, and then nothing is accumulated
+    (``check_estimates`` of :func:`layerwise_optax._factored.accumulate`). A running
+    sum (``factor_decay=1``) that overflows later shows up as failed refreshes,
+    the roots kept.
     """
-    half = root // 2
-    halves = []
-    for kind, r in zip(plan.kinds, roots):
-        if kind == "full":
-            m = r
-            for _ in range(half - 1):
-                m = jnp.matmul(m, r, precision=_kron.HIGHEST)
-            halves.append(m.astype(g.dtype))
-        elif kind == "diag":
-            halves.append((r**half).astype(g.dtype))
-        else:
-            halves.append(r)
-    out = []
-    for i, kind in enumerate(plan.kinds):
-        if kind == "none":
-            out.append(jnp.zeros((plan.stack, 0), g.dtype))
-            continue
-        x = _kron.apply_axis_matrices(g, tuple(halves), plan, skip=i)
-        n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])
-        out.append(_kron.axis_stats(x, plan)[i] / n_other)
-    return tuple(out)
+    estimate = None
+    if o.factor_estimation == "kl":
+        estimate = functools.partial(
+            _kron.kl_axis_stats, roots=roots, plan=plan, root=o.root_exponent or 2
+        )
+    # Shampoo checks the plain statistics too: one path for both estimates.
+    a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay, estimate, check_estimates=True)
+    if nu is None:
+        return a
+    return a._replace(nu=_failure.keep(a.ok, h.b2 * nu + (1 - h.b2) * a.g32**2, nu))
 
 
-class _LeafOut(NamedTuple):
-    update: jax.Array
-    mu: jax.Array
-    nu: Any
-    stats: Any
-    ok: jax.Array  # bool scalar: the gradient leaf was finite
+def _refresh(o, h, plans, count_inc, stats, roots) -> tuple[Any, jax.Array]:
+    r"""Refresh: the damped inverse roots ``(L_i + δ I)^{-1/p}`` of every factor.
+
+    With ``factor_bias_correction`` the roots are of ``L_i / (1 - β^t) + δ I``:
+    the EMA starts at zero, so its weights sum to ``1 - β^t`` (``t`` counts steps,
+    skipped ones too; :func:`layerwise_optax._kron.ema_debias`). Same-sized blocks
+    of all leaves are one batch each, split over the devices of the mesh when
+    there is one; a block whose root is not finite keeps its previous root and is
+    counted (:func:`layerwise_optax._kron.inverse_roots_tree`).
+    """
+    if o.factor_bias_correction:
+        corr = _kron.ema_debias(h.decay, count_inc)
+        stats = jax.tree.map(lambda s: s * corr.astype(s.dtype), stats)
+    return _kron.inverse_roots_tree(
+        stats,
+        roots,
+        plans,
+        root=o.root,
+        damping=h.damping,
+        relative_damping=o.relative_damping,
+        method=o.root_method,
+        distribute=o.distribute,
+    )
+
+
+def _precondition(o, h, count_inc, use_precond, g, plan, a, roots) -> jax.Array:
+    r"""Precondition and graft: one leaf's update.
+
+    .. math::
+      D = \mathrm{graft}(\hat m, \nu), \qquad
+      U = \hat m \times_1 R_1 \cdots \times_k R_k, \qquad
+      U_b \leftarrow U_b \, \|D_b\| / \|U_b\| \text{ per block } b
+
+    with ``\hat m`` the bias-corrected (or Nesterov) first moment, ``D`` the
+    graft method's diagonal update (:func:`layerwise_optax._grafting.graft_update`)
+    and ``R_i`` the roots; no rescaling with ``grafting='none'``. Leaves without
+    factors, and every leaf before ``start_preconditioning_step``, take ``D``; an
+    invalid gradient leaf gets zero.
+    """
+    m_hat = _grafting.bias_corrected_first_moment(
+        a.mu.astype(a.g32.dtype), a.g32, h.b1, count_inc, o.nesterov
+    )
+    diag = _grafting.graft_update(o.grafting, m_hat, a.nu, h.b2, h.eps, count_inc)
+    if not plan.is_preconditioned:
+        return _failure.zero_unless(a.ok, diag, g.dtype)
+    pb = _kron.apply_axis_matrices(plan.to_blocks(m_hat), roots, plan)
+    if o.grafting != "none":
+        pb = _grafting.graft_blocks(pb, plan.block_sum_squares(diag))
+    return _failure.zero_unless(a.ok, jnp.where(use_precond, plan.from_blocks(pb), diag), g.dtype)
+
+
+def _update(o: _Options, updates, state, params=None):
+    """One Shampoo step: accumulate, refresh every ``precondition_frequency`` steps, precondition."""
+    del params
+    h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay, o.damping))
+    with jax.named_scope("layerwise_optax.shampoo"):
+        plans = o.resolve(updates)
+        count_inc = optax.safe_increment(state.count)
+        stats, roots = _kron.normalize(plans, state.stats), _kron.normalize(plans, state.roots)
+        use_nu = _grafting.needs_second_moment(o.grafting)
+        nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
+        accumulate = functools.partial(_accumulate, o, h)
+        acc = _axes.map_leaves(accumulate, plans, updates, state.mu, nus, stats, roots)
+        roots, failed = _kron.on_schedule(
+            _kron.every(state.count, o.precondition_frequency),
+            [functools.partial(_refresh, o, h, plans, count_inc)],
+            lambda s, r: r,
+            _axes.unzip(acc, "stats"),
+            roots,
+        )
+        use_precond = state.count >= o.start_preconditioning_step
+        precondition = functools.partial(_precondition, o, h, count_inc, use_precond)
+        new_updates = _axes.map_leaves(precondition, plans, updates, acc, roots)
+        nu = _axes.unzip(acc, "nu") if use_nu else None
+        kept = _factored.stored(o, plans, acc, state, failed)
+        roots = _axes.bare(plans, roots)
+        return new_updates, ScaleByShampooState(
+            count_inc, kept.mu, nu, kept.stats, roots, kept.failures
+        )
 
 
 def scale_by_shampoo(
@@ -206,161 +341,10 @@ def scale_by_shampoo(
       Lin et al., Understanding and Improving Shampoo and SOAP via
       Kullback-Leibler Minimization, 2025 (``factor_estimation='kl'``).
     """
-    if dimension_numbers is not None:
-        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
-    _checks.in_unit_interval("b1", b1)
-    _checks.in_unit_interval("b2", b2)
-    _checks.non_negative("eps", eps)
-    _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
-    _checks.positive("factor_decay", factor_decay)
-    _checks.non_negative("damping", damping)
-    _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
-    _checks.traceable_int("start_preconditioning_step", start_preconditioning_step, minimum=0)
-    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
-    max_precond_dim = _DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None else max_precond_dim
-    _checks.positive_int("block_size", block_size, allow_none=True)
-    _checks.boolean("merge_small_dims", merge_small_dims)
-    _checks.one_of("grafting", grafting, _grafting.GRAFTING)
-    _checks.positive_int("root_exponent", root_exponent, allow_none=True)
-    _checks.one_of("root_method", root_method, ("eigh", "newton"))
-    _checks.boolean("relative_damping", relative_damping)
-    _checks.boolean("factor_bias_correction", factor_bias_correction)
-    _checks.boolean("nesterov", nesterov)
-    _checks.one_of("factor_estimation", factor_estimation, ("shampoo", "kl"))
-    _checks.boolean("distribute", distribute)
-    if factor_estimation == "kl" and root_exponent is not None and root_exponent % 2:
-        raise ValueError(
-            f"root_exponent must be even with factor_estimation='kl' (the statistics "
-            f"use L^(-1/2) = root^(p/2)), got {root_exponent}."
-        )
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
-    resolve = functools.partial(
-        _axes.resolve,
-        dimension_numbers,
-        max_precond_dim=max_precond_dim,
-        block_size=block_size,
-        merge_small_dims=merge_small_dims,
+    options = _options(dict(locals()))  # every argument above, checked
+    return optax.GradientTransformation(
+        functools.partial(_init, options), functools.partial(_update, options)
     )
-    use_nu = _grafting.needs_second_moment(grafting)
-
-    def nu_dtype(p):
-        return jnp.promote_types(p.dtype, jnp.float32)
-
-    def init_fn(params):
-        plans = resolve(params)
-        return ScaleByShampooState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype(p)), params) if use_nu else None,
-            stats=_kron.init_factor_tree(plans, params, precond_dtype),
-            roots=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
-            failures=_failure.zeros(),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        # One arithmetic for plain and injected hyperparameters (float32 first).
-        b1_, b2_, eps_, decay_, damping_ = _checks.hyperparameters(
-            b1, b2, eps, factor_decay, damping
-        )
-        with jax.named_scope("layerwise_optax.shampoo"):
-            plans = resolve(updates)
-            count_inc = optax.safe_increment(state.count)
-            state_stats = _kron.normalize(plans, state.stats)
-            state_roots = _kron.normalize(plans, state.roots)
-
-            def accumulate(g, plan, mu, nu, stats, roots):
-                ok, g32 = _failure.guard(g)
-                blocks = plan.to_blocks(g32)
-                if factor_estimation == "kl":
-                    new = kl_axis_stats(blocks, roots, plan, root_exponent or 2)
-                else:
-                    new = _kron.axis_stats(blocks, plan)
-                # A valid gradient has finite plain statistics; KL's go through the
-                # roots and can still overflow. (A running sum, factor_decay=1, that
-                # overflows later shows up as failed refreshes, the roots kept.)
-                ok = ok & _kron.all_finite(new)
-                mu_new = jnp.where(ok, b1_ * mu + (1 - b1_) * g32, mu)
-                nu_new = None if nu is None else jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
-                stats = _kron.ema(stats, new, decay_, valid=ok)
-                return _LeafOut(g32, mu_new, nu_new, stats, ok)
-
-            nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)
-            out = _axes.map_leaves(
-                accumulate, plans, updates, state.mu, nus, state_stats, state_roots
-            )
-            g32s, mus = _axes.unzip(out, "update"), _axes.unzip(out, "mu")
-            stats = _axes.unzip(out, "stats")
-            new_nu = _axes.unzip(out, "nu") if use_nu else None
-            oks = _axes.unzip(out, "ok")
-            skipped = sum((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks))
-            skipped = jnp.asarray(skipped, jnp.int32)
-
-            def refresh(stats, roots):
-                if factor_bias_correction:
-                    # Roots of L_t / (1 - beta^t): the EMA starts at zero, so its
-                    # weights sum to 1 - beta^t (t counts steps, skipped ones too).
-                    # 1 - beta^t as -expm1(t log beta): no cancellation for beta near 1.
-                    t = count_inc.astype(jnp.float32)
-                    corr = jnp.where(decay_ == 1.0, 1.0, -1.0 / jnp.expm1(t * jnp.log(decay_)))
-                    stats = jax.tree.map(lambda s: s * corr.astype(s.dtype), stats)
-
-                def root_of(plan):
-                    default = 2 if factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
-                    return root_exponent or default
-
-                # Same-sized blocks of all leaves in one batch each, split over the
-                # devices of the mesh when there is one.
-                return _kron.inverse_roots_tree(
-                    stats,
-                    roots,
-                    plans,
-                    root=root_of,
-                    damping=damping_,
-                    relative_damping=relative_damping,
-                    method=root_method,
-                    distribute=distribute,
-                )
-
-            roots, failed = jax.lax.cond(
-                _kron.every(state.count, precondition_frequency),
-                refresh,
-                lambda s, r: (r, jnp.zeros([], jnp.int32)),
-                stats,
-                state_roots,
-            )
-            use_precond = state.count >= start_preconditioning_step
-
-            def direction(g, plan, ok, g32, mu, nu, roots):
-                m_hat = _grafting.bias_corrected_first_moment(
-                    mu.astype(g32.dtype), g32, b1_, count_inc, nesterov
-                )
-                diag = _grafting.graft_update(grafting, m_hat, nu, b2_, eps_, count_inc)
-                if plan.is_preconditioned:
-                    pb = _kron.apply_axis_matrices(plan.to_blocks(m_hat), roots, plan)
-                    if grafting != "none":
-                        pb = _grafting.graft_blocks(pb, plan.block_sum_squares(diag))
-                    upd = jnp.where(use_precond, plan.from_blocks(pb), diag)
-                else:
-                    upd = diag
-                return jnp.where(ok, upd, 0).astype(g.dtype)
-
-            new_updates = _axes.map_leaves(
-                direction, plans, updates, oks, g32s, mus, new_nu if use_nu else nus, roots
-            )
-            return new_updates, ScaleByShampooState(
-                count=count_inc,
-                mu=optax.tree.cast(mus, mu_dtype)
-                if mu_dtype is not None
-                else optax.tree.cast_like(mus, state.mu),
-                nu=new_nu,
-                stats=_axes.bare(plans, stats),
-                roots=_axes.bare(plans, roots),
-                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
-            )
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def shampoo(

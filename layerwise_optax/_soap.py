@@ -20,6 +20,11 @@ deliberate:
 As in the reference, the first moment is kept in the original coordinates and
 rotated each step (so it survives basis changes), the second moment lives in the
 rotated coordinates, and a QR refresh reorders its entries with the basis.
+
+One update is three phases: :func:`_accumulate` (moments and factor EMAs),
+:func:`_precondition` (Adam in the current eigenbasis) and :func:`_refresh` (the
+bases for the next step); the parts Shampoo writes the same way live in
+:mod:`layerwise_optax._factored`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _kron
+from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kron
 
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
@@ -77,12 +82,105 @@ class ScaleBySoapState(NamedTuple):
     failures: _failure.FailureCounts
 
 
-class _LeafOut(NamedTuple):
-    update: Any
-    mu: Any
-    nu: Any
-    stats: Any
-    ok: Any  # bool scalar: the gradient leaf was finite
+class _Hyper(NamedTuple):
+    """The float hyperparameters as float32 arrays (:func:`_checks.hyperparameters`)."""
+
+    b1: jax.Array
+    b2: jax.Array
+    eps: jax.Array
+    decay: jax.Array
+
+
+def _init(o: _factored.FactoredOptions, params: optax.Params) -> ScaleBySoapState:
+    """Zero moments and statistics, identity bases; ``nu`` in the block view."""
+    start = _factored.init_factored(o, params)
+    nu = _axes.map_leaves(
+        lambda p, plan: jnp.zeros(plan.block_shape, _grafting.moment_dtype(p)), start.plans, params
+    )
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleBySoapState(zero, start.mu, nu, start.stats, start.identity, _failure.zeros())
+
+
+def _accumulate(h, g, plan, mu, nu, stats, bases) -> _factored.Accumulated:
+    r"""Accumulate: the guarded moments and factor EMAs of one leaf.
+
+    .. math::
+      m \leftarrow b_1 m + (1-b_1) G, \quad
+      \nu \leftarrow b_2 \nu + (1-b_2) \tilde G^2, \quad
+      L_i \leftarrow \beta L_i + (1-\beta) G_{(i)} G_{(i)}^\top
+
+    with ``\tilde G = G \times_1 Q_1^\top \cdots \times_k Q_k^\top`` rotated by the
+    current bases (built from earlier gradients only); ``m`` stays in the original
+    coordinates. An invalid gradient leaf changes nothing
+    (:func:`layerwise_optax._factored.accumulate`).
+    """
+    a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay)
+    rot = _kron.apply_axis_matrices(a.blocks, bases, plan, transpose=True)
+    return a._replace(nu=_failure.keep(a.ok, h.b2 * nu + (1 - h.b2) * jnp.square(rot), nu))
+
+
+def _precondition(h, count_inc, g, plan, a, bases) -> jax.Array:
+    r"""Precondition: Adam's step in the eigenbasis, rotated back.
+
+    .. math::
+      U = \frac{\hat{\tilde m}}{\sqrt{\hat \nu} + \epsilon} \times_1 Q_1 \cdots \times_k Q_k,
+      \qquad \tilde m = m \times_1 Q_1^\top \cdots \times_k Q_k^\top
+
+    with Adam's bias corrections ``\hat x = x / (1 - b^t)``; zero for an invalid
+    gradient leaf.
+    """
+    m_rot = _kron.apply_axis_matrices(plan.to_blocks(a.mu), bases, plan, transpose=True)
+    m_hat = optax.tree.bias_correction(m_rot, h.b1, count_inc)
+    nu_hat = optax.tree.bias_correction(a.nu, h.b2, count_inc)
+    u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + h.eps), bases, plan)
+    return _failure.zero_unless(a.ok, plan.from_blocks(u), g.dtype)
+
+
+def _refresh(o, plans, method, stats, bases, nu) -> tuple[Any, jax.Array]:
+    """Refresh: new eigenbases ``Q_i`` of every full factor, ``nu`` reordered with them.
+
+    ``'eigh'``: exact eigenvectors; ``'qr'``: one power step ``L_i Q_i`` plus QR,
+    whose columns are sorted by the estimated eigenvalues, and ``nu``'s entries
+    follow that permutation (:func:`layerwise_optax._kron.eigenbases_tree`). Same-sized
+    blocks of all leaves are one batch each, split over the mesh's devices; a block
+    whose basis is not finite keeps its previous one and is counted.
+    """
+    bases, perms, failed = _kron.eigenbases_tree(
+        stats, bases, plans, method=method, distribute=o.distribute
+    )
+    nu = _axes.map_leaves(lambda v, plan, perm: _kron.permute_axes(v, perm, plan), plans, nu, perms)
+    return (bases, nu), failed
+
+
+def _update(o: _factored.FactoredOptions, updates, state, params=None):
+    """One SOAP step: accumulate, precondition, refresh the bases for the next step."""
+    del params
+    h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay))
+    with jax.named_scope("layerwise_optax.soap"):
+        plans = o.resolve(updates)
+        count_inc = optax.safe_increment(state.count)
+        stats, bases = _kron.normalize(plans, state.stats), _kron.normalize(plans, state.bases)
+        accumulate = functools.partial(_accumulate, h)
+        acc = _axes.map_leaves(accumulate, plans, updates, state.mu, state.nu, stats, bases)
+        precondition = functools.partial(_precondition, h, count_inc)
+        new_updates = _axes.map_leaves(precondition, plans, updates, acc, bases)
+        # The bases for the next step: exact after the first step, then one
+        # power step + QR every `precondition_frequency` steps.
+        every = _kron.every(count_inc, o.precondition_frequency)
+        (bases, nu), failed = _kron.on_schedule(
+            jnp.where(state.count == 0, 2, jnp.where(every, 1, 0)),
+            [functools.partial(_refresh, o, plans, m) for m in ("qr", "eigh")],
+            lambda s, q, v: (q, v),
+            _axes.unzip(acc, "stats"),
+            bases,
+            _axes.unzip(acc, "nu"),
+        )
+        nu = optax.tree.cast_like(nu, state.nu)
+        kept = _factored.stored(o, plans, acc, state, failed)
+        bases = _axes.bare(plans, bases)
+        return new_updates, ScaleBySoapState(
+            count_inc, kept.mu, nu, kept.stats, bases, kept.failures
+        )
 
 
 def scale_by_soap(
@@ -144,120 +242,11 @@ def scale_by_soap(
       Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
       <https://arxiv.org/abs/2409.11321>`_, 2024.
     """
-    if dimension_numbers is not None:
-        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
-    _checks.in_unit_interval("b1", b1)
-    _checks.in_unit_interval("b2", b2)
-    _checks.non_negative("eps", eps)
-    _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
-    _checks.positive("factor_decay", factor_decay)
-    _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
-    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
-    max_precond_dim = _DEFAULT_MAX_PRECOND_DIM if max_precond_dim is None else max_precond_dim
-    _checks.positive_int("block_size", block_size, allow_none=True)
-    _checks.boolean("merge_small_dims", merge_small_dims)
-    _checks.boolean("distribute", distribute)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
-    resolve = functools.partial(
-        _axes.resolve,
-        dimension_numbers,
-        max_precond_dim=max_precond_dim,
-        block_size=block_size,
-        merge_small_dims=merge_small_dims,
+    args = dict(locals())  # every argument above
+    options = _factored.factored_options(_factored.FactoredOptions, args, _DEFAULT_MAX_PRECOND_DIM)
+    return optax.GradientTransformation(
+        functools.partial(_init, options), functools.partial(_update, options)
     )
-
-    def init_fn(params):
-        plans = resolve(params)
-        return ScaleBySoapState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=_axes.map_leaves(
-                lambda p, pl: jnp.zeros(pl.block_shape, jnp.promote_types(p.dtype, jnp.float32)),
-                plans,
-                params,
-            ),
-            stats=_kron.init_factor_tree(plans, params, precond_dtype),
-            bases=_kron.init_factor_tree(plans, params, precond_dtype, identity=True),
-            failures=_failure.zeros(),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        # One arithmetic for plain and injected hyperparameters (float32 first).
-        b1_, b2_, eps_, decay_ = _checks.hyperparameters(b1, b2, eps, factor_decay)
-        with jax.named_scope("layerwise_optax.soap"):
-            plans = resolve(updates)
-            count_inc = optax.safe_increment(state.count)
-            state_stats = _kron.normalize(plans, state.stats)
-            state_bases = _kron.normalize(plans, state.bases)
-
-            def direction(g, plan, mu, nu, q):
-                ok, g32 = _failure.guard(g)
-                mu = jnp.where(ok, b1_ * mu + (1 - b1_) * g32, mu)
-                gb = plan.to_blocks(g32)
-                rot = _kron.apply_axis_matrices(gb, q, plan, transpose=True)
-                nu = jnp.where(ok, b2_ * nu + (1 - b2_) * jnp.square(rot), nu)
-                m_rot = _kron.apply_axis_matrices(plan.to_blocks(mu), q, plan, transpose=True)
-                m_hat = optax.tree.bias_correction(m_rot, b1_, count_inc)
-                nu_hat = optax.tree.bias_correction(nu, b2_, count_inc)
-                u = _kron.apply_axis_matrices(m_hat / (jnp.sqrt(nu_hat) + eps_), q, plan)
-                upd = jnp.where(ok, plan.from_blocks(u), 0).astype(g.dtype)
-                return _LeafOut(upd, mu, nu, gb, ok)
-
-            out = _axes.map_leaves(direction, plans, updates, state.mu, state.nu, state_bases)
-            mus, nu = _axes.unzip(out, "mu"), _axes.unzip(out, "nu")
-            oks = _axes.unzip(out, "ok")
-            skipped = sum((~ok).astype(jnp.int32) for ok in jax.tree.leaves(oks))
-            skipped = jnp.asarray(skipped, jnp.int32)
-
-            def accumulate(ok, plan, gb, stats):
-                return _kron.ema(stats, _kron.axis_stats(gb, plan), decay_, valid=ok)
-
-            stats = _axes.map_leaves(accumulate, plans, oks, _axes.unzip(out, "stats"), state_stats)
-
-            def refresh(method):
-                def run(stats, bases, nu):
-                    # Same-sized blocks of all leaves in one batch each, split over
-                    # the devices of the mesh when there is one.
-                    bases, perms, failed = _kron.eigenbases_tree(
-                        stats, bases, plans, method=method, distribute=distribute
-                    )
-                    nu = _axes.map_leaves(
-                        lambda v, plan, perm: _kron.permute_axes(v, perm, plan), plans, nu, perms
-                    )
-                    return bases, nu, failed
-
-                return run
-
-            # The bases for the next step: exact after the first step, then one
-            # power step + QR every `precondition_frequency` steps.
-            branch = jnp.where(
-                state.count == 0, 2, jnp.where(_kron.every(count_inc, precondition_frequency), 1, 0)
-            )
-            bases, nu, failed = jax.lax.switch(
-                branch,
-                [
-                    lambda s, q, v: (q, v, jnp.zeros([], jnp.int32)),
-                    refresh("qr"),
-                    refresh("eigh"),
-                ],
-                stats,
-                state_bases,
-                nu,
-            )
-            return _axes.unzip(out, "update"), ScaleBySoapState(
-                count=count_inc,
-                mu=optax.tree.cast(mus, mu_dtype)
-                if mu_dtype is not None
-                else optax.tree.cast_like(mus, state.mu),
-                nu=optax.tree.cast_like(nu, state.nu),
-                stats=_axes.bare(plans, stats),
-                bases=_axes.bare(plans, bases),
-                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
-            )
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def soap(

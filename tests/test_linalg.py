@@ -330,3 +330,32 @@ def test_cholesky_solve_batched_matches_numpy_in_float64():
         )
     np.testing.assert_allclose(left, np.linalg.solve(a, b), rtol=1e-8)
     np.testing.assert_allclose(np.swapaxes(right, 1, 2), np.linalg.solve(a, b), rtol=1e-8)
+
+
+@pytest.mark.parametrize("cond", CONDS, ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("p", [1, 2, 3, 5])
+def test_matrix_power_matches_numpy(cond, p):
+    # Symmetric PSD matrices (the roots KL-Shampoo raises) and a general one.
+    rng = np.random.default_rng(int(cond) % 89 + p)
+    a = random_psd(rng, 10, cond) * 3.0
+    b = rng.standard_normal((10, 10)) / 3.0
+    for m in (a, b):
+        want = np.linalg.matrix_power(m, p)
+        with jax.enable_x64(True):
+            got64 = np.asarray(_linalg.matrix_power(jnp.asarray(m), p))
+        assert got64.dtype == np.float64
+        np.testing.assert_allclose(got64, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        got32 = np.asarray(_linalg.matrix_power(jnp.asarray(m, jnp.float32), p))
+        assert got32.dtype == np.float32
+        err = np.linalg.norm(got32 - want) / np.linalg.norm(want)
+        assert err < 1e-5, err
+
+
+def test_matrix_power_is_batched_and_rejects_bad_exponents():
+    m = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 4, 4)), jnp.float32)
+    got = _linalg.matrix_power(m, 3)
+    want = np.linalg.matrix_power(np.asarray(m, np.float64), 3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    for bad in (0, -1, 1.5, True, np.float32(2)):
+        with pytest.raises(ValueError, match="integer exponent"):
+            _linalg.matrix_power(m, bad)

@@ -1,0 +1,211 @@
+"""The phases Shampoo and SOAP share, written once.
+
+Both keep a first moment and per-axis factor EMAs of each leaf, refresh a
+per-factor matrix (roots, eigenbases) every ``precondition_frequency`` steps and
+store the same state parts. What differs (Shampoo's roots, graft and KL
+statistics; SOAP's rotated second moment and bases) stays in their modules:
+
+* :class:`FactoredOptions`: the arguments both take, checked at construction
+  (:func:`factored_options`), and the plans they give (``resolve``);
+* :func:`init_factored`: plans, zero first moment and statistics, identity factors;
+* :func:`accumulate`: the guarded accumulate phase of one leaf (:class:`Accumulated`);
+* :func:`stored`: the first moment in its storage dtype, the statistics stored
+  bare, the failure counts (:class:`Stored`).
+
+The refresh schedule is :func:`layerwise_optax._kron.on_schedule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerwise_optax import _axes, _checks, _failure, _kron
+
+_O = TypeVar("_O", bound="FactoredOptions")
+
+
+class Accumulated(NamedTuple):
+    """One leaf after the accumulate phase of Shampoo or SOAP (see :func:`accumulate`)."""
+
+    ok: jax.Array  # bool scalar: gradient and its statistics were valid
+    g32: jax.Array  # the gradient in at least float32, zero where not ok
+    blocks: jax.Array  # its block view
+    mu: jax.Array  # the new first moment (float32 or wider)
+    stats: _kron.Factors  # the new factor EMAs
+    nu: Any = None  # the optimizer's second moment, filled in by the caller
+
+
+def accumulate(
+    g: jax.Array,
+    plan: _axes.LeafPlan,
+    mu: jax.Array,
+    stats: _kron.Factors,
+    b1: jax.Array,
+    decay: jax.Array,
+    estimate: Callable[[jax.Array], _kron.Factors] | None = None,
+    *,
+    check_estimates: bool = False,
+) -> Accumulated:
+    """The guarded accumulate phase: first moment and factor EMAs of one leaf.
+
+    .. math::
+      m \\leftarrow b_1 m + (1 - b_1) G, \\qquad
+      L_i \\leftarrow \\beta L_i + (1 - \\beta) \\hat L_i(G)
+
+    with ``\\hat L_i = G_(i) G_(i)^T`` (:func:`layerwise_optax._kron.axis_stats`)
+    unless ``estimate`` gives another per-axis estimate (KL-Shampoo's
+    :func:`layerwise_optax._kron.kl_axis_stats`), and the EMA rule of
+    :func:`layerwise_optax._kron.ema` (``decay == 1`` sums).
+
+    Failure policy: a gradient that is not valid
+    (:func:`layerwise_optax._failure.guard`) changes neither ``m`` nor ``L`` and
+    has ``ok`` false. The plain statistics of a valid gradient are finite (see
+    :func:`~layerwise_optax._failure.guard`); estimates that go through other
+    matrices (KL's inverses) can still overflow, and ``check_estimates`` treats
+    those like an invalid gradient.
+
+    Args:
+      g: Gradient leaf (any float dtype).
+      plan: Its plan.
+      mu: The stored first moment.
+      stats: The stored factor EMAs (factor tuple).
+      b1: First-moment decay (float32 scalar).
+      decay: Factor EMA decay (float32 scalar).
+      estimate: ``blocks -> factor tuple``; ``None``:
+        :func:`layerwise_optax._kron.axis_stats`.
+      check_estimates: Also require every estimate to be finite.
+
+    Returns:
+      An :class:`Accumulated` with ``nu`` left ``None``.
+    """
+    ok, g32 = _failure.guard(g)
+    blocks = plan.to_blocks(g32)
+    new = _kron.axis_stats(blocks, plan) if estimate is None else estimate(blocks)
+    if check_estimates:
+        ok = ok & _kron.all_finite(new)
+    mu = _failure.keep(ok, b1 * mu + (1 - b1) * g32, mu)
+    return Accumulated(ok, g32, blocks, mu, _kron.ema(stats, new, decay, valid=ok))
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredOptions:
+    """The arguments Shampoo and SOAP share, validated (see :func:`factored_options`).
+
+    Float hyperparameters may be traced (``optax.inject_hyperparams``); the rest
+    are static. Shampoo's options extend these.
+    """
+
+    b1: Any
+    b2: Any
+    eps: Any
+    factor_decay: Any
+    precondition_frequency: Any
+    max_precond_dim: int
+    block_size: int | None
+    merge_small_dims: bool
+    distribute: bool
+    dimension_numbers: Any
+    mu_dtype: Any
+    precond_dtype: Any
+
+    def resolve(self, tree: Any) -> Any:
+        """The plans of ``tree`` (:func:`layerwise_optax._axes.resolve`)."""
+        return _axes.resolve(
+            self.dimension_numbers,
+            tree,
+            max_precond_dim=self.max_precond_dim,
+            block_size=self.block_size,
+            merge_small_dims=self.merge_small_dims,
+        )
+
+
+def factored_options(cls: type[_O], args: Mapping[str, Any], default_max_precond_dim: int) -> _O:
+    """``cls(**args)`` after checking the :class:`FactoredOptions` fields.
+
+    Raises ``ValueError`` naming the argument and the allowed range; fills in
+    ``max_precond_dim`` (``None``: ``default_max_precond_dim``) and the dtypes
+    (``precond_dtype`` ``None``: float32).
+    """
+    if args["dimension_numbers"] is not None:
+        _checks.tree_or_callable("dimension_numbers", args["dimension_numbers"])
+    for name in ("b1", "b2"):
+        _checks.in_unit_interval(name, args[name])
+    _checks.non_negative("eps", args["eps"])
+    _checks.in_unit_interval("factor_decay", args["factor_decay"], right_closed=True)
+    _checks.positive("factor_decay", args["factor_decay"])
+    _checks.traceable_int("precondition_frequency", args["precondition_frequency"], minimum=1)
+    _checks.positive_int("max_precond_dim", args["max_precond_dim"], allow_none=True)
+    _checks.positive_int("block_size", args["block_size"], allow_none=True)
+    for name in ("merge_small_dims", "distribute"):
+        _checks.boolean(name, args[name])
+    max_dim = args["max_precond_dim"]
+    return cls(
+        **{
+            **args,
+            "max_precond_dim": default_max_precond_dim if max_dim is None else max_dim,
+            "mu_dtype": _checks.canonicalize_dtype(args["mu_dtype"], "mu_dtype"),
+            "precond_dtype": _checks.canonicalize_dtype(args["precond_dtype"], "precond_dtype")
+            or jnp.float32,
+        }
+    )
+
+
+class FactoredInit(NamedTuple):
+    """The parts of a Shampoo or SOAP state that ``init`` builds alike."""
+
+    plans: Any
+    mu: Any  # zeros like the params, dtype ``mu_dtype``
+    stats: Any  # zero factor statistics, stored bare
+    identity: Any  # identity factors (roots or bases), stored bare
+
+
+def init_factored(options: FactoredOptions, params: Any) -> FactoredInit:
+    """Plans, zero first moment, zero statistics and identity factors of ``params``."""
+    plans = options.resolve(params)
+    return FactoredInit(
+        plans,
+        optax.tree.zeros_like(params, dtype=options.mu_dtype),
+        _kron.init_factor_tree(plans, params, options.precond_dtype),
+        _kron.init_factor_tree(plans, params, options.precond_dtype, identity=True),
+    )
+
+
+class Stored(NamedTuple):
+    """The parts of a new Shampoo or SOAP state written alike (:func:`stored`)."""
+
+    mu: Any
+    stats: Any
+    failures: _failure.FailureCounts
+
+
+def stored(options: FactoredOptions, plans: Any, acc: Any, state: Any, failed: jax.Array) -> Stored:
+    """The first moment in its storage dtype, the factor EMAs stored bare, the counts.
+
+    Args:
+      options: The optimizer's options (``mu_dtype``; ``None``: the stored dtype).
+      plans: The plans.
+      acc: Per leaf the :class:`Accumulated` of this step.
+      state: The previous state (``mu`` and ``failures`` fields).
+      failed: This step's failed refreshes (int32).
+
+    Returns:
+      A :class:`Stored`; ``failures`` adds this step's invalid leaves as skipped.
+    """
+    mu = _axes.unzip(acc, "mu")
+    mu = (
+        optax.tree.cast(mu, options.mu_dtype)
+        if options.mu_dtype is not None
+        else optax.tree.cast_like(mu, state.mu)
+    )
+    skipped = _failure.count_invalid(_axes.unzip(acc, "ok"))
+    return Stored(
+        mu,
+        _axes.bare(plans, _axes.unzip(acc, "stats")),
+        _failure.add(state.failures, skipped=skipped, failed=failed),
+    )
