@@ -23,6 +23,20 @@ The fit costs a triangular solve and a few matmuls per factor, so it runs with
 probability ``precond_update_prob`` each step (a schedule: every step early,
 rarely later); the PRNG key lives in the state, so a run is deterministic given
 ``seed`` (an int, or a traced integer under ``optax.inject_hyperparams``).
+
+The update is four phases, each a module-level function:
+
+1. :func:`_momentum`: ``m_t = b1 m_{t-1} + (1 - b1) g_t``, bias-corrected; a
+   leaf with an invalid gradient keeps its momentum and is counted as skipped;
+2. :func:`_draw` flips the coin; on a fitting step :func:`_fit` takes one step
+   of every factor on the momentum and a probe (:func:`fit_factors`: the
+   matrix functions are :func:`layerwise_optax._linalg.solve_upper_transposed`,
+   :func:`~layerwise_optax._linalg.psgd_step_triangular` and
+   :func:`~layerwise_optax._linalg.balance_factors`), all leaves of one block
+   layout in one batch, and keeps the previous factors where the fit is not
+   finite (counted as failed);
+3. :func:`_precondition`: ``u = Q^T Q m_hat`` per axis;
+4. :func:`_clip`: ``u * min(1, clip_rms / rms(u))`` per leaf.
 """
 
 from __future__ import annotations
@@ -362,16 +376,14 @@ def balance(q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> tuple[jax.Array, 
     return tuple(balanced.get(i, f) for i, f in enumerate(q))
 
 
-def _fit_blocks(layout: _axes.LeafPlan, lr: jax.Array) -> Callable[..., Any]:
+def _fit_blocks(key: tuple[_axes.LeafPlan, Any], lr: jax.Array) -> Callable[..., Any]:
     """The fit of a batch of blocks of one layout: ``(g, v, *q) -> (new q, finite per block)``."""
 
     def fit(gb, v, *q):
-        local = layout.as_batch(gb.shape[0])
+        local = key[0].as_batch(gb.shape[0])
         new = balance(fit_factors(q, gb, v, local, lr), local)
-        finite = jnp.stack(
-            [jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), 1) for f in new]
-        )
-        return new, jnp.all(finite, axis=0)
+        finite = [jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), 1) for f in new]
+        return new, jnp.all(jnp.stack(finite), axis=0)
 
     return fit
 
@@ -395,20 +407,13 @@ def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) ->
 
 
 def _fit(
-    q: Any,
-    *,
-    plans: Any,
-    mom: Any,
-    probe_keys: Any,
-    lr: jax.Array,
-    dtype: Any,
-    distribute: bool,
+    q: Any, plans: Any, mom: Any, probe_keys: Any, lr: jax.Array, s: _Settings
 ) -> tuple[Any, jax.Array]:
     """Phase 2b: fit every leaf's factors on its momentum and probe (see the module docstring).
 
     Leaves with the same block layout are fitted as one batch
     (:func:`layerwise_optax._axes.map_grouped`, split over the mesh's devices
-    when ``distribute``), then each leaf keeps its new factors or its old ones
+    when ``s.distribute``), then each leaf keeps its new factors or its old ones
     (:func:`_keep_fit`). Returns ``(factors, failed)``.
     """
 
@@ -419,16 +424,10 @@ def _fit(
         q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(q_leaf))
         return [((plan.as_batch(1), gb.dtype), (gb, v, *q32))]
 
-    fitted = _axes.map_grouped(
-        prepare,
-        lambda key: _fit_blocks(key[0], lr),
-        plans,
-        mom,
-        q,
-        probe_keys,
-        distribute=distribute,
-    )
-    out = _axes.map_leaves(functools.partial(_keep_fit, dtype=dtype), plans, q, mom, fitted)
+    batched = functools.partial(_fit_blocks, lr=lr)
+    fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probe_keys, distribute=s.distribute)
+    keep = functools.partial(_keep_fit, dtype=s.precond_dtype)
+    out = _axes.map_leaves(keep, plans, q, mom, fitted)
     return _axes.unzip(out, "factors"), _failure.total(_axes.unzip(out, "failed"))
 
 
@@ -470,15 +469,7 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     clip = None if s.clip_rms is None else _checks.hyperparameters(s.clip_rms)[0]
     mom = _momentum(plans, updates, state.mu, b1, count_inc, s.nesterov)
     key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
-    fit = functools.partial(
-        _fit,
-        plans=plans,
-        mom=mom,
-        probe_keys=probe_keys,
-        lr=lr,
-        dtype=s.precond_dtype,
-        distribute=s.distribute,
-    )
+    fit = functools.partial(_fit, plans=plans, mom=mom, probe_keys=probe_keys, lr=lr, s=s)
     q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(plans, state.q))
     u = _axes.map_leaves(_precondition, plans, mom, q)
     u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, mom, updates)
