@@ -332,6 +332,39 @@ class LeafPlan:
         y = jnp.sum(jnp.reshape(y, split), axis=tuple(2 + 2 * i for i in range(k)))
         return jnp.reshape(y, (self.stack,) + (1,) * k)
 
+    def as_batch(self, n: int) -> LeafPlan:
+        """The plan of ``n`` independent blocks of this plan's layout, as a leaf of its own.
+
+        The leaf is a stack of blocks, shape ``(n, b_1, ..., b_k)``: the same kinds
+        and block lengths, ``batch == stack == n``, one block per dimension, its
+        ``to_blocks``/``from_blocks`` the identity. Work on the blocks of several
+        leaves with the same layout, concatenated on the stack axis
+        (:func:`map_grouped`), runs on it; leaves with equal layouts give equal
+        plans (``plan.as_batch(1)`` is a group key).
+
+        Args:
+          n: The number of blocks in the stack.
+
+        Returns:
+          A :class:`LeafPlan` of shape ``(n,) + blocks``.
+        """
+        ident = tuple(
+            1 + i
+            for i, (kind, b) in enumerate(zip(self.kinds, self.blocks))
+            if kind == "none" and b > 1
+        )
+        groups = tuple((1 + i,) for i in range(len(self.blocks)) if 1 + i not in ident)
+        return LeafPlan(
+            shape=(n,) + self.blocks,
+            spec=DimensionNumbers(groups, (0,), ident),
+            perm=tuple(range(1 + len(self.blocks))),
+            batch=n,
+            dims=self.blocks,
+            kinds=self.kinds,
+            blocks=self.blocks,
+            num_blocks=(1,) * len(self.blocks),
+        )
+
     def state_floats(self) -> int:
         """Floats held by one factor set (statistics or roots) of this leaf."""
         total = 0

@@ -29,6 +29,7 @@ Damping (``damping``, ``relative_damping``): the matrix function is applied to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -385,6 +386,115 @@ def spectral_norm_lower_bound(a: jax.Array) -> jax.Array:
     y = ax / jnp.where(axn > 0, axn, 1)[..., None]
     aay = jnp.einsum("...ij,...j->...i", a, y, precision=HIGHEST)
     return scale * jnp.where(axn > 0, jnp.linalg.norm(aay, axis=-1), 0.0)
+
+
+def solve_upper_transposed(u: jax.Array, b: jax.Array) -> jax.Array:
+    """``U^{-T} B`` for upper triangular ``U``: the solution ``X`` of ``U^T X = B``.
+
+    ``U^T`` is lower triangular, so this is one forward substitution (``n^2 m``
+    flops for ``m`` right-hand sides, no inverse formed) and backward stable: the
+    computed ``X`` solves ``(U + E)^T X = B`` with ``|E| <= n eps |U|``, so its
+    relative error is of order ``eps * kappa(U)``. PSGD uses it to map a probe
+    through ``Q^{-T}`` (Li 2018, 2024).
+
+    Args:
+      u: ``(..., n, n)`` upper triangular matrices (the strictly lower part is
+        not read).
+      b: ``(..., n, m)`` right-hand sides, with the same leading axes as ``u``.
+
+    Returns:
+      ``X``, the shape of ``b``, in the common compute dtype of both inputs.
+      A singular ``U`` gives non-finite entries (callers keep their previous
+      result, see :mod:`layerwise_optax._failure`).
+    """
+    dtype = jnp.promote_types(_compute_dtype(u), _compute_dtype(b))
+    return jax.scipy.linalg.solve_triangular(
+        u.astype(dtype), b.astype(dtype), trans="T", lower=False
+    )
+
+
+def psgd_step_triangular(q: jax.Array, aa: jax.Array, bb: jax.Array, lr: Any) -> jax.Array:
+    r"""One step of PSGD's fit of upper triangular factors on their Lie group.
+
+    .. math::
+      Q \leftarrow Q - \frac{\mu}{\|A A^T + B B^T\|_{lb}}\,
+      \mathrm{triu}(A A^T - B B^T)\, Q
+
+    with ``aa = A A^T`` and ``bb = B B^T`` the factor's statistics of the
+    preconditioned gradient ``A = Q g`` and the mapped probe ``B = Q^{-T} v``,
+    and ``||.||_lb`` :func:`spectral_norm_lower_bound`. The step multiplies ``Q``
+    by the upper triangular ``I - mu triu(aa - bb) / ||aa + bb||_lb``; the bound
+    is at least the largest row norm of ``aa + bb``, hence at least every
+    ``|aa_jj - bb_jj|``, so that factor's diagonal lies in ``[1 - mu, 1 + mu]``
+    and ``Q`` stays on the group of invertible upper triangular matrices for
+    ``mu < 1``. The step is zero at the whitening fixed point ``aa == bb`` and
+    scale free: scaling ``aa`` and ``bb`` by ``c > 0`` does not change it
+    (Li 2018, 2024).
+
+    Args:
+      q: ``(..., n, n)`` upper triangular factors.
+      aa: ``(..., n, n)`` symmetric PSD statistics ``A A^T``.
+      bb: ``(..., n, n)`` symmetric PSD statistics ``B B^T``.
+      lr: Step size ``mu`` in ``(0, 1]`` (a scalar, may be traced).
+
+    Returns:
+      The new factors, upper triangular, the shape of ``q``. Default matmul
+      precision (the fit is stochastic, as in psgd-jax).
+    """
+    bound = spectral_norm_lower_bound(aa + bb)
+    step = jnp.triu(aa - bb) / (bound[..., None, None] + 1e-30)
+    return q - lr * jnp.matmul(step, q)
+
+
+def psgd_step_diagonal(d: jax.Array, aa: jax.Array, bb: jax.Array, lr: Any) -> jax.Array:
+    r"""One step of PSGD's fit of diagonal factors: the diagonal case of :func:`psgd_step_triangular`.
+
+    .. math::
+      d \leftarrow d - \mu\, \frac{a - b}{\max_j |a_j + b_j|} \odot d
+
+    with ``a``, ``b`` the diagonals of ``A A^T`` and ``B B^T``; for diagonal
+    matrices the max-abs entry is the spectral norm exactly.
+
+    Args:
+      d: ``(..., n)`` diagonals of the factors.
+      aa: ``(..., n)`` diagonal statistics ``diag(A A^T)``.
+      bb: ``(..., n)`` diagonal statistics ``diag(B B^T)``.
+      lr: Step size ``mu`` in ``(0, 1]``.
+
+    Returns:
+      The new diagonals, the shape of ``d``.
+    """
+    bound = jnp.max(jnp.abs(aa + bb), axis=-1, keepdims=True)
+    return d - lr * (aa - bb) / (bound + 1e-30) * d
+
+
+def balance_factors(factors: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    r"""Rescales Kronecker factors to equal max-abs entries, their product unchanged.
+
+    ``Q_1 ⊗ ... ⊗ Q_k = (c_1 Q_1) ⊗ ... ⊗ (c_k Q_k)`` whenever ``prod c_i = 1``.
+    With ``m_i = max|Q_i|`` and ``c_i = (prod_j m_j)^{1/k} / m_i`` every factor
+    ends with max-abs ``(prod_j m_j)^{1/k}`` (the geometric mean), computed in
+    logarithms so that it cannot overflow. A fit that does not see this freedom
+    (PSGD's) would otherwise let one factor drift large and another small;
+    balancing keeps them all well inside float range (Li 2024; psgd-jax).
+    Zero factors count as max-abs ``1e-30``.
+
+    Args:
+      factors: ``(stack, ...)`` arrays (matrices or diagonals), balanced per
+        entry of the leading stack axis.
+
+    Returns:
+      The rescaled factors (the input unchanged when there are fewer than two).
+    """
+    if len(factors) < 2:
+        return tuple(factors)
+    maxes = [jnp.max(jnp.abs(jnp.reshape(f, (f.shape[0], -1))), axis=1) for f in factors]
+    logs = jnp.log(jnp.maximum(jnp.stack(maxes), 1e-30))
+    target = jnp.mean(logs, axis=0)
+    return tuple(
+        f * jnp.reshape(jnp.exp(target - logs[j]), (-1,) + (1,) * (f.ndim - 1))
+        for j, f in enumerate(factors)
+    )
 
 
 def matrix_power(m: jax.Array, p: int) -> jax.Array:

@@ -23,11 +23,24 @@ The fit costs a triangular solve and a few matmuls per factor, so it runs with
 probability ``precond_update_prob`` each step (a schedule: every step early,
 rarely later); the PRNG key lives in the state, so a run is deterministic given
 ``seed`` (an int, or a traced integer under ``optax.inject_hyperparams``).
+
+The update is four phases, each a module-level function:
+
+1. :func:`_momentum`: ``m_t = b1 m_{t-1} + (1 - b1) g_t``, bias-corrected; a
+   leaf with an invalid gradient keeps its momentum and is counted as skipped;
+2. :func:`_draw` flips the coin; on a fitting step :func:`_fit` takes one step
+   of every factor on the momentum and a probe (:func:`fit_factors`: the
+   matrix functions are :func:`layerwise_optax._linalg.solve_upper_transposed`,
+   :func:`~layerwise_optax._linalg.psgd_step_triangular` and
+   :func:`~layerwise_optax._linalg.balance_factors`), all leaves of one block
+   layout in one batch, and keeps the previous factors where the fit is not
+   finite (counted as failed);
+3. :func:`_precondition`: ``u = Q^T Q m_hat`` per axis;
+4. :func:`_clip`: ``u * min(1, clip_rms / rms(u))`` per leaf.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -37,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _distribute, _failure, _grafting, _kron, _linalg
+from layerwise_optax import _axes, _checks, _failure, _grafting, _kron, _linalg
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -122,23 +135,207 @@ class ScaleByPsgdKronState(NamedTuple):
     failures: _failure.FailureCounts
 
 
+class _Settings(NamedTuple):
+    """The arguments of :func:`scale_by_psgd_kron`, validated (numbers may be traced)."""
+
+    b1: Any
+    precond_lr: Any
+    precond_init_scale: Any
+    precond_update_prob: Any
+    max_precond_dim: Any
+    memory_save_mode: str | None
+    nesterov: bool
+    clip_rms: Any
+    seed: Any
+    distribute: bool
+    dimension_numbers: Any
+    merge_small_dims: bool
+    mu_dtype: Any
+    precond_dtype: Any
+
+
 class _Moment(NamedTuple):
+    """One leaf's momentum phase: gradient validity, new momentum, bias-corrected estimate."""
+
     ok: Any
     mu: Any
     m_hat: Any
 
 
-def _solve_axis(q: jax.Array, x: jax.Array, i: int, kind: str) -> jax.Array:
-    """Applies ``Q_i^{-T}`` on axis ``1 + i`` of a block view."""
-    if kind == "diag":
-        shape = [1] * x.ndim
-        shape[0], shape[1 + i] = q.shape[0], q.shape[1]
-        return x / jnp.reshape(q, shape)
-    moved = jnp.moveaxis(x, 1 + i, 1)
-    flat = jnp.reshape(moved, moved.shape[:2] + (-1,))
-    # Q^T X = V with Q upper triangular: Q^T is lower triangular.
-    sol = jax.scipy.linalg.solve_triangular(q, flat, trans="T", lower=False)
-    return jnp.moveaxis(jnp.reshape(sol, moved.shape), 1, 1 + i)
+def _validate(s: _Settings) -> _Settings:
+    """Checks every argument (``ValueError`` naming it) and fills in the defaults."""
+    if s.dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", s.dimension_numbers)
+    _checks.in_unit_interval("b1", s.b1)
+    _checks.traceable_int("seed", s.seed)
+    _checks.boolean("distribute", s.distribute)
+    _checks.positive("precond_lr", s.precond_lr)
+    _checks.in_unit_interval("precond_lr", s.precond_lr, right_closed=True)
+    _checks.positive("precond_init_scale", s.precond_init_scale)
+    _checks.positive_int("max_precond_dim", s.max_precond_dim, allow_none=True)
+    if s.memory_save_mode not in _MEMORY_MODES:
+        raise ValueError(
+            f"Unknown memory_save_mode {s.memory_save_mode!r}; expected one of {_MEMORY_MODES}."
+        )
+    _checks.boolean("nesterov", s.nesterov)
+    _checks.boolean("merge_small_dims", s.merge_small_dims)
+    if s.clip_rms is not None:
+        _checks.positive("clip_rms", s.clip_rms)
+    prob = s.precond_update_prob
+    if prob is None:
+        prob = precond_update_prob_schedule()
+    elif not callable(prob):
+        _checks.in_unit_interval("precond_update_prob", prob, right_closed=True)
+    return s._replace(
+        precond_update_prob=prob,
+        max_precond_dim=8192 if s.max_precond_dim is None else s.max_precond_dim,
+        mu_dtype=_checks.canonicalize_dtype(s.mu_dtype, "mu_dtype"),
+        precond_dtype=_checks.canonicalize_dtype(s.precond_dtype, "precond_dtype") or jnp.float32,
+    )
+
+
+def _psgd_dimension_numbers(shape, *, max_precond_dim, merge_small_dims):
+    spec = _axes.default_dimension_numbers(
+        shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
+    )
+    if spec is None and len(shape) >= 1 and math.prod(shape) > 1:
+        # Vectors (and (1, n) leaves) get one factor over the whole leaf.
+        return _axes.DimensionNumbers((tuple(range(len(shape))),))
+    return spec
+
+
+def _default_dimension_numbers(tree: Any, *, max_precond_dim: int, merge_small_dims: bool) -> Any:
+    """PSGD's default spec tree: the library's default, vectors one factor, scalars none."""
+
+    def one(x):
+        if _axes.is_masked(x):
+            return None
+        return _psgd_dimension_numbers(
+            tuple(x.shape), max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
+        )
+
+    return jax.tree.map(one, tree, is_leaf=_axes.is_masked)
+
+
+def _memory_save_plan(plan: Any, mode: str | None, max_precond_dim: int) -> Any:
+    """``plan`` re-made with the diagonal factors ``memory_save_mode`` asks for.
+
+    ``'one_diag'``: the longest view dimension diagonal (all tied ones); ``'all_diag'``:
+    every dimension diagonal.
+    """
+    if mode is None or _axes.is_masked(plan) or plan.spec is None:
+        return plan
+    limit = max(plan.dims) - 1 if mode == "one_diag" and len(plan.dims) > 1 else 0
+    return _axes.make_plan(
+        plan.shape, plan.spec, max_precond_dim=min(limit, max_precond_dim), block_size=None
+    )
+
+
+def _plans(s: _Settings, tree: Any) -> Any:
+    """The leaves' plans: one factor per view dimension, unblocked."""
+    dimension_numbers = s.dimension_numbers
+    if dimension_numbers is None:
+        dimension_numbers = functools.partial(
+            _default_dimension_numbers,
+            max_precond_dim=s.max_precond_dim,
+            merge_small_dims=s.merge_small_dims,
+        )
+    plans = _axes.resolve(
+        dimension_numbers,
+        tree,
+        max_precond_dim=s.max_precond_dim,
+        block_size=None,
+        merge_small_dims=s.merge_small_dims,
+    )
+    if s.memory_save_mode is None:
+        return plans
+    return jax.tree.map(
+        lambda p: _memory_save_plan(p, s.memory_save_mode, s.max_precond_dim),
+        plans,
+        is_leaf=_axes.is_plan_leaf,
+    )
+
+
+def _init(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
+    """``mu = 0``; ``Q_i = c^{1/(2k)} I`` for ``k`` factors, so ``P = Q^T Q = c I``."""
+    plans = _plans(s, params)
+
+    def init_q(x, plan):
+        k = max(plan.num_factors, 1)
+        scale = jnp.asarray(s.precond_init_scale, jnp.float32) ** (0.5 / k)
+        factors = _kron.init_factors(plan, s.precond_dtype, identity=True)
+        return tuple((f * scale).astype(s.precond_dtype) for f in factors)
+
+    return ScaleByPsgdKronState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=s.mu_dtype),
+        q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
+        key=jax.random.key_data(jax.random.key(s.seed)),
+        precond_updates=jnp.zeros([], jnp.int32),
+        failures=_failure.zeros(),
+    )
+
+
+def _momentum(
+    plans: Any, updates: Any, mu: Any, b1: jax.Array, count_inc: jax.Array, nesterov: bool
+) -> Any:
+    """Phase 1: ``m_t = b1 m_{t-1} + (1 - b1) g_t`` and its bias correction, per leaf.
+
+    A leaf whose gradient is not valid keeps its momentum and is flagged
+    (:func:`layerwise_optax._grafting.guarded_momentum`). Returns a tree of
+    :class:`_Moment`.
+    """
+
+    def one(g, plan, m):
+        ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, m, b1, count_inc, nesterov)
+        return _Moment(ok, mu_new, m_hat)
+
+    return _axes.map_leaves(one, plans, updates, mu)
+
+
+def _draw(key_data: jax.Array, count: jax.Array, plans: Any, prob: Any) -> tuple[Any, ...]:
+    """Phase 2a: the coin (fit with probability ``prob(count)``) and one probe key per leaf.
+
+    Returns ``(next_key_data, do_fit, probe_keys)``; the probe keys are a tree
+    like ``plans``.
+    """
+    key, coin_key, probe_key = jax.random.split(jax.random.wrap_key_data(key_data), 3)
+    do_fit = jax.random.uniform(coin_key) < (prob(count) if callable(prob) else prob)
+    n_leaves = len(jax.tree.leaves(plans, is_leaf=_axes.is_plan_leaf))
+    keys = iter(jax.random.split(probe_key, max(n_leaves, 1)))
+    probe_keys = _axes.map_leaves(lambda _, plan: next(keys), plans, plans)
+    return jax.random.key_data(key), do_fit, probe_keys
+
+
+def _probe(m_hat: jax.Array, plan: _axes.LeafPlan, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A leaf's block view ``g`` (of the momentum) and its Gaussian probe ``v ~ N(0, I)``.
+
+    A tiny random perturbation of ``g`` (``sqrt(eps) * mean|g|``) keeps the fit
+    well posed for rank-deficient (e.g. single-example) gradients.
+    """
+    gb = plan.to_blocks(m_hat)
+    k1, k2 = jax.random.split(key)
+    v = jax.random.normal(k1, gb.shape, jnp.float32)
+    tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps) * jnp.mean(jnp.abs(gb))
+    return gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32), v
+
+
+def _solve_axes(v: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> jax.Array:
+    """``Q^{-T} v``: each axis of a block view mapped through its factor's inverse transpose."""
+    for i, (kind, qi) in enumerate(zip(plan.kinds, q)):
+        if kind == "diag":
+            shape = [1] * v.ndim
+            shape[0], shape[1 + i] = qi.shape[0], qi.shape[1]
+            v = v / jnp.reshape(qi, shape)
+        elif kind == "full":
+            moved = jnp.moveaxis(v, 1 + i, 1)
+            flat = jnp.reshape(moved, moved.shape[:2] + (-1,))
+            sol = _linalg.solve_upper_transposed(qi, flat)
+            v = jnp.moveaxis(jnp.reshape(sol, moved.shape), 1, 1 + i)
+    return v
+
+
+_FACTOR_STEPS = {"full": _linalg.psgd_step_triangular, "diag": _linalg.psgd_step_diagonal}
 
 
 def fit_factors(
@@ -150,6 +347,12 @@ def fit_factors(
 ) -> tuple[jax.Array, ...]:
     """One Lie-group step of every factor of a leaf (see the module docstring).
 
+    ``A = Q g`` and ``B = Q^{-T} v`` per axis, their per-axis statistics
+    ``A_(i) A_(i)^T`` and ``B_(i) B_(i)^T``, then
+    :func:`layerwise_optax._linalg.psgd_step_triangular` (or ``_diagonal``) per
+    factor. Default matmul precision (TF32 on GPUs, as psgd-jax): the fit is
+    stochastic and HIGHEST costs ~1.5x on CPU.
+
     Args:
       q: The leaf's factors (float32).
       g: Gradient block view ``(stack, b_1..b_k)``.
@@ -160,27 +363,14 @@ def fit_factors(
     Returns:
       The new factors (not yet checked for finiteness).
     """
-    # Default matmul precision (TF32 on GPUs, as psgd-jax): the fit is stochastic
-    # and HIGHEST costs ~1.5x on CPU.
     a = _kron.apply_axis_matrices(g, q, plan, precision=None)
-    b = v
-    for i, (kind, qi) in enumerate(zip(plan.kinds, q)):
-        if kind != "none":
-            b = _solve_axis(qi, b, i, kind)
+    b = _solve_axes(v, q, plan)
     aa = _kron.axis_stats(a, plan, precision=None)
     bb = _kron.axis_stats(b, plan, precision=None)
-    out = []
-    for kind, qi, t1, t2 in zip(plan.kinds, q, aa, bb):
-        if kind == "full":
-            bound = _linalg.spectral_norm_lower_bound(t1 + t2)
-            step = jnp.triu(t1 - t2) / (bound[:, None, None] + 1e-30)
-            out.append(qi - lr * jnp.matmul(step, qi))
-        elif kind == "diag":
-            bound = jnp.max(jnp.abs(t1 + t2), axis=-1, keepdims=True)
-            out.append(qi - lr * (t1 - t2) / (bound + 1e-30) * qi)
-        else:
-            out.append(qi)
-    return tuple(out)
+    return tuple(
+        _FACTOR_STEPS[kind](qi, t1, t2, lr) if kind in _FACTOR_STEPS else qi
+        for kind, qi, t1, t2 in zip(plan.kinds, q, aa, bb)
+    )
 
 
 def balance(q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> tuple[jax.Array, ...]:
@@ -188,19 +378,71 @@ def balance(q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> tuple[jax.Array, 
 
     ``Q_1 ⊗ Q_2 = (c Q_1) ⊗ (Q_2 / c)``: the fit does not see this freedom, so one
     factor can drift large and another small; balancing keeps both well inside
-    float range.
+    float range (:func:`layerwise_optax._linalg.balance_factors` on the factors
+    that are not ``'none'``).
     """
     idx = [i for i, k in enumerate(plan.kinds) if k != "none"]
-    if len(idx) < 2:
-        return q
-    maxes = [jnp.max(jnp.abs(jnp.reshape(q[i], (q[i].shape[0], -1))), axis=1) for i in idx]
-    logs = jnp.log(jnp.maximum(jnp.stack(maxes), 1e-30))
-    target = jnp.mean(logs, axis=0)
-    out = list(q)
-    for j, i in enumerate(idx):
-        f = jnp.exp(target - logs[j])
-        out[i] = q[i] * jnp.reshape(f, (-1,) + (1,) * (q[i].ndim - 1))
-    return tuple(out)
+    balanced = dict(zip(idx, _linalg.balance_factors([q[i] for i in idx])))
+    return tuple(balanced.get(i, f) for i, f in enumerate(q))
+
+
+def _fit_blocks(key: tuple[_axes.LeafPlan, Any], lr: jax.Array) -> Callable[..., Any]:
+    """The fit of a batch of blocks of one layout: ``(g, v, *q) -> (new q, finite per block)``."""
+
+    def fit(gb, v, *q):
+        local = key[0].as_batch(gb.shape[0])
+        new = balance(fit_factors(q, gb, v, local, lr), local)
+        finite = [jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), 1) for f in new]
+        return new, jnp.all(jnp.stack(finite), axis=0)
+
+    return fit
+
+
+def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) -> _kron.Refreshed:
+    """The failure policy of one leaf's fit: all new factors, or all previous ones.
+
+    The new factors are kept when the leaf's gradient was valid and every new
+    factor is finite; a valid leaf whose fit was not finite keeps its previous
+    factors and counts one failure (a leaf with an invalid gradient is already
+    counted as skipped).
+    """
+    old = _kron.as_factors(q)
+    (fitted,) = done
+    if fitted is None:
+        return _kron.Refreshed(old, (), jnp.zeros([], jnp.int32))
+    new, finite = fitted
+    good = m.ok & jnp.all(finite)
+    kept = tuple(f.astype(dtype) for f in _failure.keep(good, new, old))
+    return _kron.Refreshed(kept, (), (m.ok & ~good).astype(jnp.int32))
+
+
+def _fit(
+    q: Any, plans: Any, mom: Any, probe_keys: Any, lr: jax.Array, s: _Settings
+) -> tuple[Any, jax.Array]:
+    """Phase 2b: fit every leaf's factors on its momentum and probe (see the module docstring).
+
+    Leaves with the same block layout are fitted as one batch
+    (:func:`layerwise_optax._axes.map_grouped`, split over the mesh's devices
+    when ``s.distribute``), then each leaf keeps its new factors or its old ones
+    (:func:`_keep_fit`). Returns ``(factors, failed)``.
+    """
+
+    def prepare(plan, m, q_leaf, key):
+        if not plan.is_preconditioned:
+            return [None]
+        gb, v = _axes.on_gathered(_probe, m.m_hat, plan, key)
+        q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(q_leaf))
+        return [((plan.as_batch(1), gb.dtype), (gb, v, *q32))]
+
+    batched = functools.partial(_fit_blocks, lr=lr)
+    fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probe_keys, distribute=s.distribute)
+    keep = functools.partial(_keep_fit, dtype=s.precond_dtype)
+    out = _axes.map_leaves(keep, plans, q, mom, fitted)
+    return _axes.unzip(out, "factors"), _failure.total(_axes.unzip(out, "failed"))
+
+
+def _no_fit(q: Any) -> tuple[Any, jax.Array]:
+    return q, jnp.zeros([], jnp.int32)
 
 
 def precondition(g: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> jax.Array:
@@ -209,14 +451,50 @@ def precondition(g: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -
     return _kron.apply_axis_matrices(qg, q, plan, transpose=True, precision=None)
 
 
-def _psgd_dimension_numbers(shape, *, max_precond_dim, merge_small_dims):
-    spec = _axes.default_dimension_numbers(
-        shape, max_precond_dim=max_precond_dim, merge_small_dims=merge_small_dims
+def _precondition(m: _Moment, plan: _axes.LeafPlan, q: Any) -> jax.Array:
+    """Phase 3: ``u = Q^T Q m_hat`` on a leaf's block view (``m_hat`` where unfactored)."""
+    if not plan.is_preconditioned:
+        return m.m_hat
+    q32 = tuple(f.astype(jnp.float32) for f in q)
+    return plan.from_blocks(precondition(plan.to_blocks(m.m_hat), q32, plan))
+
+
+def _clip(u: jax.Array, plan: Any, m: _Moment, g: jax.Array, *, clip: Any) -> jax.Array:
+    """Phase 4: ``u * min(1, clip / rms(u))`` (no clipping with ``clip=None``).
+
+    Zero for a leaf whose gradient was not valid; cast to the gradient's dtype.
+    """
+    if clip is not None:
+        rms = jnp.sqrt(jnp.mean(u * u))
+        u = u * jnp.minimum(1.0, clip / (rms + 1e-30))
+    return _failure.zero_unless(m.ok, u, g.dtype)
+
+
+def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
+    """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip."""
+    plans = _plans(s, updates)
+    count_inc = optax.safe_increment(state.count)
+    # One arithmetic for plain and injected hyperparameters (float32 first).
+    b1, lr = _checks.hyperparameters(s.b1, s.precond_lr)
+    clip = None if s.clip_rms is None else _checks.hyperparameters(s.clip_rms)[0]
+    mom = _momentum(plans, updates, state.mu, b1, count_inc, s.nesterov)
+    key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
+    fit = functools.partial(_fit, plans=plans, mom=mom, probe_keys=probe_keys, lr=lr, s=s)
+    q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(plans, state.q))
+    u = _axes.map_leaves(_precondition, plans, mom, q)
+    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, mom, updates)
+    mu = _axes.map_leaves(
+        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu
     )
-    if spec is None and len(shape) >= 1 and math.prod(shape) > 1:
-        # Vectors (and (1, n) leaves) get one factor over the whole leaf.
-        return _axes.DimensionNumbers((tuple(range(len(shape))),))
-    return spec
+    skipped = _failure.count_invalid(_axes.unzip(mom, "ok"))
+    return u, ScaleByPsgdKronState(
+        count=count_inc,
+        mu=mu,
+        q=_axes.bare(plans, q),
+        key=key,
+        precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
+        failures=_failure.add(state.failures, skipped=skipped, failed=failed),
+    )
 
 
 def scale_by_psgd_kron(
@@ -293,201 +571,15 @@ def scale_by_psgd_kron(
       Li, `Stochastic Hessian Fittings with Lie Groups
       <https://arxiv.org/abs/2402.11858>`_, 2024.
     """
-    if dimension_numbers is not None:
-        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
-    _checks.in_unit_interval("b1", b1)
-    _checks.traceable_int("seed", seed)
-    _checks.boolean("distribute", distribute)
-    _checks.positive("precond_lr", precond_lr)
-    _checks.in_unit_interval("precond_lr", precond_lr, right_closed=True)
-    _checks.positive("precond_init_scale", precond_init_scale)
-    _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
-    max_precond_dim = 8192 if max_precond_dim is None else max_precond_dim
-    if memory_save_mode not in _MEMORY_MODES:
-        raise ValueError(
-            f"Unknown memory_save_mode {memory_save_mode!r}; expected one of {_MEMORY_MODES}."
-        )
-    _checks.boolean("nesterov", nesterov)
-    _checks.boolean("merge_small_dims", merge_small_dims)
-    if clip_rms is not None:
-        _checks.positive("clip_rms", clip_rms)
-    if precond_update_prob is None:
-        precond_update_prob = precond_update_prob_schedule()
-    elif not callable(precond_update_prob):
-        _checks.in_unit_interval("precond_update_prob", precond_update_prob, right_closed=True)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
-    if dimension_numbers is None:
-
-        def dimension_numbers(tree):
-            return jax.tree.map(
-                lambda x: (
-                    None
-                    if _axes.is_masked(x)
-                    else _psgd_dimension_numbers(
-                        tuple(x.shape),
-                        max_precond_dim=max_precond_dim,
-                        merge_small_dims=merge_small_dims,
-                    )
-                ),
-                tree,
-                is_leaf=_axes.is_masked,
-            )
-
-    def plans_for(tree):
-        plans = _axes.resolve(
-            dimension_numbers,
-            tree,
-            max_precond_dim=max_precond_dim,
-            block_size=None,
-            merge_small_dims=merge_small_dims,
-        )
-        if memory_save_mode is None:
-            return plans
-
-        def relimit(plan):
-            if _axes.is_masked(plan) or plan.spec is None:
-                return plan
-            limit = 0
-            if memory_save_mode == "one_diag" and len(plan.dims) > 1:
-                limit = max(plan.dims) - 1
-            return _axes.make_plan(
-                plan.shape, plan.spec, max_precond_dim=min(limit, max_precond_dim), block_size=None
-            )
-
-        return jax.tree.map(relimit, plans, is_leaf=_axes.is_plan_leaf)
-
-    def init_q(x, plan):
-        k = max(plan.num_factors, 1)
-        scale = jnp.asarray(precond_init_scale, jnp.float32) ** (0.5 / k)  # P = Q^T Q
-        return tuple(f * scale for f in _kron.init_factors(plan, precond_dtype, identity=True))
+    s = _validate(_Settings(**locals()))  # the arguments as passed, checked
 
     def init_fn(params):
-        plans = plans_for(params)
-        return ScaleByPsgdKronState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
-            key=jax.random.key_data(jax.random.key(seed)),
-            precond_updates=jnp.zeros([], jnp.int32),
-            failures=_failure.zeros(),
-        )
+        return _init(params, s)
 
     def update_fn(updates, state, params=None):
         del params
         with jax.named_scope("layerwise_optax.psgd_kron"):
-            plans = plans_for(updates)
-            count_inc = optax.safe_increment(state.count)
-            # One arithmetic for plain and injected hyperparameters (float32 first).
-            b1_, lr_ = _checks.hyperparameters(b1, precond_lr)
-            clip_ = None if clip_rms is None else _checks.hyperparameters(clip_rms)[0]
-            q_state = _kron.normalize(plans, state.q)
-            key = jax.random.wrap_key_data(state.key)
-            key, coin_key, probe_key = jax.random.split(key, 3)
-            prob = (
-                precond_update_prob(state.count)
-                if callable(precond_update_prob)
-                else precond_update_prob
-            )
-            do_fit = jax.random.uniform(coin_key) < prob
-
-            n_leaves = len(jax.tree.leaves(plans, is_leaf=_axes.is_plan_leaf))
-            keys = iter(jax.random.split(probe_key, max(n_leaves, 1)))
-            probe_keys = jax.tree.map(
-                lambda p: p if _axes.is_masked(p) else next(keys), plans, is_leaf=_axes.is_plan_leaf
-            )
-
-            def moment(g, plan, mu):
-                ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, mu, b1_, count_inc, nesterov)
-                return _Moment(ok, mu_new, m_hat)
-
-            mom = _axes.map_leaves(moment, plans, updates, state.mu)
-
-            def probe(m_hat, plan, k):
-                """A leaf's gradient block view and its Gaussian probe."""
-                gb = plan.to_blocks(m_hat)
-                k1, k2 = jax.random.split(k)
-                v = jax.random.normal(k1, gb.shape, jnp.float32)
-                # A tiny random perturbation keeps the fit well posed for rank-deficient
-                # (e.g. single-example) gradients.
-                tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps) * jnp.mean(jnp.abs(gb))
-                return gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32), v
-
-            def fit_all(q_tree):
-                # Every leaf's fit, leaves with the same block layout batched together
-                # (and split over the mesh's devices when there is one).
-                plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_axes.is_plan_leaf)
-                moms = treedef.flatten_up_to(mom)
-                qs = treedef.flatten_up_to(q_tree)
-                ks = treedef.flatten_up_to(probe_keys)
-                items, where, templates = [], [], {}
-                for i, plan in enumerate(plan_leaves):
-                    if not isinstance(plan, _axes.LeafPlan) or not plan.is_preconditioned:
-                        continue
-                    gb, v = _axes.on_gathered(probe, moms[i].m_hat, plan, ks[i])
-                    q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(qs[i]))
-                    key = (plan.kinds, plan.blocks, tuple(f.shape[1:] for f in q32))
-                    templates.setdefault(key, plan)
-                    items.append((key, (gb, v, *q32)))
-                    where.append(i)
-
-                def batched(key):
-                    def fit(gb, v, *q):
-                        # The same layout with this batch as its stack of blocks.
-                        t = templates[key]
-                        local = dataclasses.replace(
-                            t, batch=gb.shape[0], num_blocks=(1,) * len(t.num_blocks)
-                        )
-                        new = balance(fit_factors(q, gb, v, local, lr_), local)
-                        finite = [
-                            jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), axis=1)
-                            for f in new
-                        ]
-                        return new, functools.reduce(jnp.logical_and, finite)
-
-                    return fit
-
-                out = list(qs)
-                fails = jnp.zeros([], jnp.int32)
-                fitted = _distribute.grouped(items, batched, enabled=distribute)
-                for i, (new, finite) in zip(where, fitted):
-                    old = _kron.as_factors(qs[i])
-                    good = moms[i].ok & jnp.all(finite)
-                    out[i] = tuple(
-                        jnp.where(good, n, f).astype(precond_dtype) for n, f in zip(new, old)
-                    )
-                    fails = fails + (moms[i].ok & ~good).astype(jnp.int32)
-                return jax.tree.unflatten(treedef, out), fails
-
-            def no_fit(q_tree):
-                return q_tree, jnp.zeros([], jnp.int32)
-
-            q_new, fit_fails = jax.lax.cond(do_fit, fit_all, no_fit, q_state)
-
-            def apply(m, plan, q, g):
-                u = m.m_hat
-                if plan.is_preconditioned:
-                    q32 = tuple(f.astype(jnp.float32) for f in q)
-                    u = plan.from_blocks(precondition(plan.to_blocks(u), q32, plan))
-                if clip_ is not None:
-                    rms = jnp.sqrt(jnp.mean(u * u))
-                    u = u * jnp.minimum(1.0, clip_ / (rms + 1e-30))
-                return jnp.where(m.ok, u, 0).astype(g.dtype)
-
-            out = _axes.map_leaves(apply, plans, mom, q_new, updates)
-            mu = _axes.map_leaves(
-                lambda m, p, old: m.mu.astype(mu_dtype or old.dtype), plans, mom, state.mu
-            )
-            bad = _axes.map_leaves(lambda m, p: (~m.ok).astype(jnp.int32), plans, mom)
-            skipped = sum(jax.tree.leaves(bad), jnp.zeros([], jnp.int32))
-            return out, ScaleByPsgdKronState(
-                count=count_inc,
-                mu=mu,
-                q=_axes.bare(plans, q_new),
-                key=jax.random.key_data(key),
-                precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
-                failures=_failure.add(state.failures, skipped=skipped, failed=fit_fails),
-            )
+            return _update(updates, state, s)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -187,3 +187,41 @@ def test_block_sum_squares_matches_block_view(name):
     np.testing.assert_allclose(
         np.asarray(plan.block_sum_squares(x)), np.asarray(want), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "shape, spec, max_dim, block",
+    [
+        ((6, 5), DN(((0,), (1,))), 8, None),
+        ((10, 3), DN(((0,), (1,))), 8, 4),  # blocked: 3 blocks of 4 (padded)
+        ((6, 3), DN(((0,), (1,))), 4, None),  # a diagonal factor
+        ((2, 4, 5), DN(((1,),), batch_axes=(0,), identity_axes=(2,)), 8, None),
+        ((1, 7), DN(((0,), (1,))), 8, None),  # a unit dimension
+        ((4, 3), None, 8, None),  # no factors
+    ],
+)
+def test_as_batch_is_the_block_view_as_a_leaf(shape, spec, max_dim, block):
+    plan = _axes.make_plan(shape, spec, max_precond_dim=max_dim, block_size=block)
+    batch = plan.as_batch(5)
+    assert batch.block_shape == batch.shape == (5,) + plan.blocks
+    assert (batch.kinds, batch.blocks, batch.stack) == (plan.kinds, plan.blocks, 5)
+    # A leaf of its own: the plan make_plan gives for its shape and spec, and its
+    # block view is the identity.
+    assert _axes.make_plan(batch.shape, batch.spec, max_precond_dim=max_dim, block_size=None) == (
+        batch
+    )
+    x = jnp.arange(np.prod(batch.shape), dtype=jnp.float32).reshape(batch.shape)
+    np.testing.assert_array_equal(batch.to_blocks(x), x)
+    np.testing.assert_array_equal(batch.from_blocks(x), x)
+    # Leaves with the same block layout give the same plan (a group key); the
+    # stacked blocks of a leaf are a batch of that layout.
+    assert plan.as_batch(plan.stack) == batch.as_batch(plan.stack)
+    assert hash(plan.as_batch(1)) == hash(batch.as_batch(1))
+
+
+def test_as_batch_groups_transposed_layouts_together():
+    a = _axes.make_plan((6, 5), DN(((0,), (1,))), max_precond_dim=8, block_size=None)
+    b = _axes.make_plan((5, 6), DN(((1,), (0,))), max_precond_dim=8, block_size=None)
+    c = _axes.make_plan((5, 6), DN(((0,), (1,))), max_precond_dim=8, block_size=None)
+    assert a != b and a.as_batch(1) == b.as_batch(1)
+    assert a.as_batch(1) != c.as_batch(1)

@@ -359,3 +359,149 @@ def test_matrix_power_is_batched_and_rejects_bad_exponents():
     for bad in (0, -1, 1.5, True, np.float32(2)):
         with pytest.raises(ValueError, match="integer exponent"):
             _linalg.matrix_power(m, bad)
+
+
+# PSGD's matrix functions: the triangular solve, the factor steps, the balancing.
+
+
+def _triangular_with_cond(rng, n, cond):
+    """An upper triangular ``n x n`` matrix with condition number ``cond`` (R of a QR)."""
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    _, r = np.linalg.qr((u * np.logspace(0, -np.log10(cond), n)) @ v.T)
+    return r
+
+
+def _psgd_bound_ref(a):
+    """PSGD's spectral-norm lower bound ``||A² x|| / ||A x||`` (x: the largest row), float64."""
+    x = a[np.argmax(np.sum(a * a, axis=1))]
+    return np.linalg.norm(a @ (a @ x)) / np.linalg.norm(a @ x)
+
+
+@pytest.mark.parametrize("cond", CONDS[:4], ids=lambda c: f"cond{c:g}")
+def test_solve_upper_transposed_float64_exact(cond):
+    rng = np.random.default_rng(int(np.log10(cond)) + 40)
+    u = np.stack([_triangular_with_cond(rng, 9, cond) for _ in range(3)])
+    b = rng.standard_normal((3, 9, 4))
+    # The strictly lower part is not read.
+    noisy = u + np.tril(rng.standard_normal((3, 9, 9)), -1)
+    with jax.enable_x64(True):
+        got = np.asarray(_linalg.solve_upper_transposed(jnp.asarray(noisy), jnp.asarray(b)))
+    want = np.linalg.solve(np.swapaxes(u, 1, 2), b)
+    assert np.linalg.cond(u[0]) == pytest.approx(cond, rel=1e-6)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-14 * cond + 1e-13, err
+
+
+@pytest.mark.parametrize("cond", CONDS[:4], ids=lambda c: f"cond{c:g}")
+def test_solve_upper_transposed_float32_error_grows_with_cond_only(cond):
+    rng = np.random.default_rng(5)
+    u = _triangular_with_cond(rng, 16, cond).astype(np.float32)
+    b = rng.standard_normal((16, 6)).astype(np.float32)
+    got = _linalg.solve_upper_transposed(jnp.asarray(u)[None], jnp.asarray(b)[None])[0]
+    assert got.dtype == jnp.float32
+    want = np.linalg.solve(u.T.astype(np.float64), b.astype(np.float64))
+    err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+    # Backward stable: relative error of order n * eps32 * cond.
+    assert err < 1e-6 * cond + 1e-6, err
+
+
+def _psgd_step_ref(q, aa, bb, lr):
+    """Li (2024) / psgd-jax's triangular factor step, float64."""
+    return q - lr * np.triu(aa - bb) / _psgd_bound_ref(aa + bb) @ q
+
+
+@pytest.mark.parametrize("cond", CONDS[:4], ids=lambda c: f"cond{c:g}")
+def test_psgd_step_triangular_matches_a_float64_reference(cond):
+    rng = np.random.default_rng(int(np.log10(cond)) + 50)
+    n, lr = 7, 0.3
+    q = _triangular_with_cond(rng, n, cond)
+    a, b = rng.standard_normal((n, 12)), 2.0 * rng.standard_normal((n, 12))
+    aa, bb = a @ a.T, b @ b.T
+    want = _psgd_step_ref(q, aa, bb, lr)
+    with jax.enable_x64(True):
+        got64 = np.asarray(
+            _linalg.psgd_step_triangular(*(jnp.asarray(x)[None] for x in (q, aa, bb)), lr)
+        )[0]
+    np.testing.assert_allclose(got64, want, rtol=1e-12, atol=1e-12 * np.abs(q).max())
+    got32 = np.asarray(
+        _linalg.psgd_step_triangular(
+            *(jnp.asarray(x, jnp.float32)[None] for x in (q, aa, bb)), jnp.float32(lr)
+        )
+    )[0]
+    np.testing.assert_allclose(got32, want, rtol=2e-5, atol=2e-5 * np.abs(q).max())
+    # The step multiplies Q by an upper triangular factor with diagonal in
+    # [1 - lr, 1 + lr] (invertible for lr < 1), so Q stays on the group.
+    assert np.array_equal(np.triu(got64), got64)
+    factor = want @ np.linalg.inv(q)
+    np.testing.assert_allclose(np.tril(factor, -1), 0.0, atol=1e-9 * cond)
+    assert np.all(np.abs(np.diag(factor) - 1.0) <= lr + 1e-9)
+
+
+def test_psgd_step_triangular_fixed_point_and_scale_free():
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(_triangular_with_cond(rng, 5, 10.0), jnp.float32)[None]
+    a = rng.standard_normal((5, 9))
+    aa = jnp.asarray(a @ a.T, jnp.float32)[None]
+    bb = jnp.asarray(np.eye(5) + 0.5, jnp.float32)[None]
+    # Whitened (aa == bb): no step at all.
+    np.testing.assert_array_equal(_linalg.psgd_step_triangular(q, aa, aa, 0.5), q)
+    base = np.asarray(_linalg.psgd_step_triangular(q, aa, bb, 0.5))
+    for c in (1e-20, 1e-3, 1e4, 1e20):
+        scaled = _linalg.psgd_step_triangular(q, aa * c, bb * c, 0.5)
+        np.testing.assert_allclose(scaled, base, rtol=1e-5, atol=1e-6)
+
+
+def test_psgd_step_diagonal_matches_a_float64_reference():
+    rng = np.random.default_rng(7)
+    d = rng.uniform(0.1, 10.0, (3, 6))
+    a, b = rng.uniform(0, 5, (3, 6)), rng.uniform(0, 5, (3, 6))
+    want = d - 0.2 * (a - b) / np.max(np.abs(a + b), axis=-1, keepdims=True) * d
+    with jax.enable_x64(True):
+        got = np.asarray(_linalg.psgd_step_diagonal(*(jnp.asarray(x) for x in (d, a, b)), 0.2))
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    got32 = _linalg.psgd_step_diagonal(*(jnp.asarray(x, jnp.float32) for x in (d, a, b)), 0.2)
+    np.testing.assert_allclose(got32, want, rtol=1e-6)
+    # For a diagonal matrix the max-abs entry is its spectral norm: the diagonal
+    # step is the triangular step restricted to diagonal factors.
+    full = _linalg.psgd_step_triangular(
+        *(jnp.asarray(np.stack([np.diag(r) for r in x])) for x in (d, a, b)), 0.2
+    )
+    np.testing.assert_allclose(np.diagonal(np.asarray(full), axis1=1, axis2=2), got32, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e6, 1e15], ids=lambda s: f"spread{s:g}")
+def test_balance_factors_equalizes_and_keeps_the_kronecker_product(spread):
+    rng = np.random.default_rng(8)
+    # Two stack entries; the factors of each are scaled by `spread` apart.
+    q1 = np.triu(rng.standard_normal((2, 3, 3))) * np.array([spread, 1.0])[:, None, None]
+    q2 = rng.uniform(0.5, 2.0, (2, 4)) / np.array([spread, 3.0])[:, None]  # a diagonal factor
+    q3 = np.triu(rng.standard_normal((2, 2, 2))) * np.array([1.0, 1.0 / spread])[:, None, None]
+
+    def kron(a, b, c):
+        return np.kron(np.kron(a, np.diag(b)), c)
+
+    for dtype, rtol in ((np.float32, 2e-5), (np.float64, 1e-12)):
+        with jax.enable_x64(dtype == np.float64):
+            out = [
+                np.asarray(f, np.float64)
+                for f in _linalg.balance_factors([jnp.asarray(x, dtype) for x in (q1, q2, q3)])
+            ]
+        for n in range(2):
+            maxes = [np.abs(f[n]).max() for f in out]
+            want = np.prod([np.abs(f[n]).max() for f in (q1, q2, q3)]) ** (1 / 3)
+            np.testing.assert_allclose(maxes, want, rtol=rtol)
+            before = kron(q1[n], q2[n], q3[n])
+            after = kron(out[0][n], out[1][n], out[2][n])
+            np.testing.assert_allclose(
+                after, before, rtol=rtol * 10, atol=rtol * np.abs(before).max()
+            )
+
+
+def test_balance_factors_single_and_zero_factors():
+    one = jnp.asarray([[3.0, -5.0]])
+    assert _linalg.balance_factors([one])[0] is one
+    zero, q = jnp.zeros((1, 2, 2)), 4.0 * jnp.eye(2)[None]
+    out = _linalg.balance_factors([zero, q])
+    assert all(bool(jnp.all(jnp.isfinite(f))) for f in out)
+    np.testing.assert_array_equal(out[0], 0.0)

@@ -203,3 +203,27 @@ def test_update_probability_schedule():
 def test_bad_hyperparameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.psgd_kron(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_factor_storage_keeps_the_state_dtype(dtype):
+    # init stored P's scaled identity factors in float32 whatever precond_dtype was,
+    # so the first fit's lax.cond branches disagreed (bf16 vs f32) and update raised.
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+    g = {"w": jnp.full((4, 3), 0.1), "b": jnp.full(3, -0.2), "s": jnp.asarray(0.3)}
+    tx = lo.psgd_kron(1e-2, precond_dtype=dtype, precond_update_prob=1.0, precond_init_scale=2.0)
+    state = tx.init(params)
+    layout = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    assert {f.dtype for f in jax.tree.leaves(state[0].q)} == {jnp.dtype(dtype)}
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        u, state = update(g, state, params)
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == layout
+    assert int(state[0].precond_updates) == 3
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    # P = Q^T Q = precond_init_scale * I at init, to the storage precision.
+    q = state[0].q["w"]
+    assert q[0].dtype == jnp.dtype(dtype)
+    q0 = tx.init(params)[0].q["w"]
+    p = np.kron(*(np.asarray(f[0], np.float64).T @ np.asarray(f[0], np.float64) for f in q0))
+    np.testing.assert_allclose(p, 2.0 * np.eye(12), rtol=1e-2, atol=1e-2)
