@@ -6,7 +6,8 @@ The package is built in layers, each importing only those below it (see
 * core per-axis maths: ``_checks``, ``_linalg`` (public subset: :mod:`.linalg`),
   ``_distribute``, ``_axes``, ``_failure``, ``_kron``, ``_roles``;
 * algorithms, one module per paper: ``_shampoo``, ``_soap``, ``_kfac``,
-  ``_muon``, ``_steepest``, ``_psgd``, and ``_grafting`` which they share;
+  ``_muon``, ``_steepest``, ``_psgd``, and the pieces they share: ``_grafting``
+  (grafting, guarded Adam) and ``_factored`` (Shampoo's and SOAP's common phases);
 * runtime: ``_registry`` (one entry per optimizer; the only runtime module that
   imports the algorithms), ``_inject``, ``_health``, ``_checkpoint``,
   ``_sharding``, ``_multi_steps``;

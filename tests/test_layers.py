@@ -26,10 +26,20 @@ LAYERS = {
     # spreading, and layer roles (which leaves are matrices, and how a kernel is
     # viewed as one: a per-leaf plan decision that Muon and steepest descent use).
     "core": {"_checks", "_linalg", "_distribute", "_axes", "_failure", "_kron", "_roles", "linalg"},
-    # One module per paper, written against the core. ``_grafting`` holds the
-    # grafting and guarded-Adam pieces the others share (see EXCEPTIONS-free rule
-    # below: algorithms may import ``_grafting`` and nothing else of their layer).
-    "algorithms": {"_grafting", "_shampoo", "_soap", "_kfac", "_muon", "_steepest", "_psgd"},
+    # One module per paper, written against the core, plus the pieces families
+    # share: ``_grafting`` (grafting, guarded Adam) and ``_factored`` (the phases
+    # Shampoo and SOAP both run). Algorithms may import those and nothing else of
+    # their layer.
+    "algorithms": {
+        "_grafting",
+        "_factored",
+        "_shampoo",
+        "_soap",
+        "_kfac",
+        "_muon",
+        "_steepest",
+        "_psgd",
+    },
     # What runs around an optimizer: the registry (the only runtime module that
     # imports the algorithms), static args, failure report, checkpoint checks,
     # state shardings, gradient accumulation.
@@ -42,7 +52,7 @@ LAYERS = {
 SUPPORT = {"_optional", "_io"}
 
 # Algorithms may import these algorithm modules (shared pieces, not a family).
-SHARED_ALGORITHM_MODULES = {"_grafting"}
+SHARED_ALGORITHM_MODULES = {"_grafting", "_factored"}
 
 # (importer, imported) -> why the layering allows it.
 EXCEPTIONS = {
