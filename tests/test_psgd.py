@@ -227,3 +227,24 @@ def test_low_precision_factor_storage_keeps_the_state_dtype(dtype):
     q0 = tx.init(params)[0].q["w"]
     p = np.kron(*(np.asarray(f[0], np.float64).T @ np.asarray(f[0], np.float64) for f in q0))
     np.testing.assert_allclose(p, 2.0 * np.eye(12), rtol=1e-2, atol=1e-2)
+
+
+def test_a_leaf_fits_alike_whatever_dtype_shares_its_layout():
+    # Leaves with the same block layout are fitted in one batch; a float64 leaf
+    # (x64) used to be concatenated with a float32 one, fitting the latter in float64.
+    def fitted(b_shape):
+        with jax.enable_x64(True):
+            params = {"a": jnp.zeros((4, 3), jnp.float32), "b": jnp.zeros(b_shape, jnp.float64)}
+            g = {
+                "a": jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32),
+                "b": jnp.ones(b_shape, jnp.float64),
+            }
+            tx = lo.scale_by_psgd_kron(precond_update_prob=1.0)
+            u, state = jax.jit(tx.update)(g, tx.init(params))
+            return np.asarray(u["a"]), [np.asarray(f) for f in state.q["a"]]
+
+    (u_same, q_same), (u_other, q_other) = fitted((4, 3)), fitted((3, 4))
+    assert u_same.dtype == np.float32
+    np.testing.assert_array_equal(u_same, u_other)
+    for x, y in zip(q_same, q_other):
+        np.testing.assert_array_equal(x, y)
