@@ -88,7 +88,13 @@ PARAM_AND_STATE_HELPERS = frozenset(
 )
 
 # The momentum-decay argument of each family (the rest call it b1).
-MOMENTUM_ARG = {"muon": "beta", "muon_rms_dion": "beta", "normuon": "beta", "steepest": "beta"}
+MOMENTUM_ARG = {
+    "muon": "beta",
+    "muon_rms_dion": "beta",
+    "normuon": "beta",
+    "steepest": "beta",
+    "kfac": "momentum",
+}
 
 
 def main_state(name, state):

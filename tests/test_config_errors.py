@@ -43,6 +43,7 @@ BAD = {
     "b1": UNIT,
     "b2": UNIT,
     "beta": UNIT,
+    "momentum": UNIT,
     "adam_b1": UNIT,
     "adam_b2": UNIT,
     "neuron_b2": [(1.0, VE), (-0.5, VE), ("x", TE)],
