@@ -470,16 +470,11 @@ def _correction(decay: jax.Array, count: jax.Array) -> jax.Array:
 
 def _applied_plans(plans: Any, stats: Any, sides: str) -> Any:
     """Per kernel with statistics its applied plan (:func:`_applied_plan`), else masked."""
-    return jax.tree.map(
-        lambda p, s: (
-            optax.MaskedNode()
-            if _axes.is_masked(p) or p.spec is None or s is None
-            else _applied_plan(p, sides)
-        ),
-        plans,
-        stats,
-        is_leaf=lambda x: _axes.is_plan_leaf(x) or x is None,
-    )
+
+    def applied(s, plan):
+        return optax.MaskedNode() if plan.spec is None or s is None else _applied_plan(plan, sides)
+
+    return _axes.map_leaves(applied, plans, stats)
 
 
 def _refresh(refresh, acc, state, plans, stats, hp, count, static):
