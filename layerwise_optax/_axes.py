@@ -375,6 +375,38 @@ class LeafPlan:
                 total += self.stack * b
         return total
 
+    def with_kinds(self, kinds: tuple[Kind, ...]) -> LeafPlan:
+        """The same block view with other factor kinds per view dimension.
+
+        For transforms whose factors differ from the default rule of
+        :func:`make_plan` on the same layout (K-FAC keeps a ``1 x 1`` factor for a
+        length-1 dimension, and drops the factor of a side it does not apply).
+        The invariants of a plan hold for the result: one kind per view
+        dimension, a ``'diag'`` dimension is never blocked, and the identity
+        group of a spec (the last view dimension) stays ``'none'``.
+
+        Args:
+          kinds: ``'full'``, ``'diag'`` or ``'none'`` per view dimension.
+
+        Returns:
+          A :class:`LeafPlan` equal to this one except for ``kinds``.
+
+        Raises:
+          ValueError: If ``kinds`` breaks one of the invariants above.
+        """
+        kinds = tuple(kinds)
+        if len(kinds) != len(self.kinds) or any(k not in ("full", "diag", "none") for k in kinds):
+            raise ValueError(
+                f"kinds must be one of 'full', 'diag', 'none' per view dimension "
+                f"({len(self.kinds)} here), got {kinds}."
+            )
+        for i, k in enumerate(kinds):
+            if k == "diag" and self.num_blocks[i] != 1:
+                raise ValueError(f"view dimension {i} is blocked, so it cannot be 'diag'.")
+        if self.spec is not None and self.spec.identity_axes and kinds[-1] != "none":
+            raise ValueError("the identity group (last view dimension) must stay 'none'.")
+        return dataclasses.replace(self, kinds=kinds)
+
 
 @functools.lru_cache(maxsize=4096)
 def make_plan(

@@ -12,6 +12,7 @@ layers, each with its own factors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _kron
+from layerwise_optax import _axes, _checks, _failure, _kron, _linalg
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -102,7 +103,7 @@ class FoldedBias:
       >>> import jax.numpy as jnp
       >>> import layerwise_optax as lo
       >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
-      >>> tx = lo.kfac(1.0, b1=0.0, damping=0.0, damping_mode='absolute',
+      >>> tx = lo.kfac(1.0, momentum=0.0, damping=0.0, damping_mode='absolute',
       ...              dimension_numbers={'w': lo.DimensionNumbers(((0,), (1,))),
       ...                                 'b': lo.FoldedBias('w')})
       >>> stats = {'w': lo.KfacFactors(a=jnp.eye(4), g=jnp.eye(2)), 'b': lo.FoldedBias('w')}
@@ -192,23 +193,46 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     return _axes.DimensionNumbers((tuple(range(len(shape) - 1)), (len(shape) - 1,)))
 
 
+class _Hyper(NamedTuple):
+    """The numeric hyperparameters as float32 arrays (plain and injected alike)."""
+
+    momentum: jax.Array
+    b2: jax.Array
+    factor_decay: jax.Array
+    damping: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The static (shape- and branch-fixing) options of one :func:`scale_by_kfac`."""
+
+    sides: str
+    damping_mode: str
+    nesterov: bool
+    distribute: bool
+    axis_name: Any
+    mu_dtype: Any
+
+
 class _Accumulated(NamedTuple):
+    """One leaf after :func:`_accumulate`: validity, factor EMAs, pending statistics mean."""
+
     ok: Any
     factors: Any
     stats: Any = None
 
 
 class _LeafOut(NamedTuple):
+    """One leaf after :func:`_directions`: its update, moments and validity."""
+
     update: Any
     mu: Any
     nu: Any
-    factors: Any
-    inverses: Any
-    skipped: Any
+    ok: Any
 
 
 def scale_by_kfac(
-    b1: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping: jax.typing.ArrayLike = 1e-1,
@@ -225,9 +249,17 @@ def scale_by_kfac(
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
+    Each update runs four phases, in the order of Martens and Grosse (2015):
+    :func:`_accumulate` (the given statistics into the factor EMAs),
+    :func:`_refresh` (the damped factors' Cholesky factors, under ``lax.cond``
+    every ``precondition_frequency`` steps), :func:`_directions` (the
+    preconditioned gradient, or the diagonal fallback) with :func:`_momentum`,
+    and :func:`_outputs` (the new state, back in the params' layout).
+
     Args:
-      b1: Momentum: decay of the EMA of the preconditioned updates, ``m <- b1 m +
-        (1 - b1) U`` (an average, not optax's heavy-ball ``trace``), in ``[0, 1)``.
+      momentum: Momentum: decay of the EMA of the preconditioned updates, ``m <-
+        momentum m + (1 - momentum) U`` (an average, not optax's heavy-ball
+        ``trace``, and not bias-corrected: not Adam's ``b1``), in ``[0, 1)``.
       b2: Decay of the diagonal fallback's squared-gradient EMA, in ``[0, 1)``.
       factor_decay: EMA decay of ``A`` and ``B``, in ``[0, 1]`` (``0``: the current
         batch's factors only, as in the paper's stylized update; ``1``: sum).
@@ -293,15 +325,62 @@ def scale_by_kfac(
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
     """
-    if dimension_numbers is not None:
-        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
-    _checks.in_unit_interval("b1", b1)
+    _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
+    _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
+    max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype)
+    if dimension_numbers is None:
+        dimension_numbers = default_layout
+
+    def plans_for(tree):
+        """The tree's static :class:`_Layout` (working plans and folded biases)."""
+        return _layout(dimension_numbers, tree, max_precond_dim)
+
+    def init_fn(params):
+        return _init(params, plans_for(params).work_plans, mu_dtype)
+
+    def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
+        # Set by layerwise_optax.multi_steps: False on the mini-steps that only
+        # accumulate statistics (the caller keeps only ``pending`` of that state).
+        emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
+        del params, extra_args
+        if kfac_stats is None:
+            raise ValueError(NO_STATS_MSG)
+        with jax.named_scope("layerwise_optax.kfac"):
+            hp = _Hyper(*_checks.hyperparameters(momentum, b2, factor_decay, damping))
+            layout = plans_for(updates)
+            plans = layout.work_plans
+            stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
+            # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
+            # position (the bias's is masked) until _outputs splits them.
+            grads = _fold(layout, updates)
+            count = optax.safe_increment(state.count)
+            acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
+            refresh = _kron.every(state.count, precondition_frequency)
+            inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
+            mu, nu = _fold(layout, state.mu), _fold(layout, state.nu)
+            out = _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static)
+            new = _Step(count, out, acc, inverses, failed, emit)
+            return _outputs(layout, updates, state, new, static.mu_dtype)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim):
+    """Range checks of the numeric hyperparameters (skipped for traced values)."""
+    _checks.in_unit_interval("momentum", momentum)
     _checks.in_unit_interval("b2", b2)
     _checks.in_unit_interval("factor_decay", factor_decay, right_closed=True)
     _checks.non_negative("damping", damping)
     _checks.traceable_int("precondition_frequency", precondition_frequency, minimum=1)
     _checks.positive_int("max_precond_dim", max_precond_dim, allow_none=True)
-    max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
+
+
+def _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name):
+    """Checks of the static (non-numeric) arguments."""
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
     _checks.one_of("damping_mode", damping_mode, _DAMPING_MODES)
     _checks.one_of("sides", sides, _SIDES)
     _checks.boolean("nesterov", nesterov)
@@ -314,175 +393,264 @@ def scale_by_kfac(
             f"axis_name must be None, a str or a tuple of str, got "
             f"{type(axis_name).__name__} {axis_name!r}."
         )
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    if dimension_numbers is None:
-        dimension_numbers = default_layout
 
-    def plans_for(tree):
-        """The tree's static :class:`_Layout` (working plans and folded biases)."""
-        return _layout(dimension_numbers, tree, max_precond_dim)
 
-    def init_fn(params):
-        plans = plans_for(params).work_plans
+def _init(params: Any, plans: Any, mu_dtype: Any) -> ScaleByKfacState:
+    """Zero moments and factor EMAs, identity inverses (per kernel in the working layout)."""
 
-        def factors(p, plan):
-            return _kron.init_factors(_kernel_plan(plan), jnp.float32)
+    def factors(p, plan):
+        return _kron.init_factors(_kernel_plan(plan), jnp.float32)
 
-        def eyes(p, plan):
-            return _kron.init_factors(_kernel_plan(plan), jnp.float32, identity=True)
+    def eyes(p, plan):
+        return _kron.init_factors(_kernel_plan(plan), jnp.float32, identity=True)
 
-        return ScaleByKfacState(
-            count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=jax.tree.map(
-                lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
-            ),
-            # Per-leaf factor tuples are stored bare (see _axes.bare).
-            factors=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
-            inverses=_axes.bare(plans, _axes.map_leaves(eyes, plans, params)),
-            failures=_failure.zeros(),
-            pending=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
-            pending_count=jnp.zeros([], jnp.int32),
+    return ScaleByKfacState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=jax.tree.map(
+            lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+        ),
+        # Per-leaf factor tuples are stored bare (see _axes.bare).
+        factors=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
+        inverses=_axes.bare(plans, _axes.map_leaves(eyes, plans, params)),
+        failures=_failure.zeros(),
+        pending=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
+        pending_count=jnp.zeros([], jnp.int32),
+    )
+
+
+def _match_stats(kfac_stats: Any, updates: Any, layout: _Layout, axis_name: Any) -> Any:
+    """The statistics matched to the updates' leaves and checked (:func:`_stats_like`).
+
+    With ``axis_name`` (inside ``pmap``/``shard_map`` over data shards) they are
+    averaged over that axis, ``A = mean_k A_k`` and ``B = mean_k B_k``, so every
+    device builds the factors of the whole batch.
+    """
+    stats = _stats_like(kfac_stats, updates, layout)
+    if axis_name is not None:
+        stats = jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), stats)
+    return stats
+
+
+def _accumulate(
+    grads: Any, stats: Any, state: ScaleByKfacState, plans: Any, decay: jax.Array
+) -> Any:
+    """Phase 1: this step's statistics into the factor EMAs, per kernel.
+
+    ``A_bar <- beta A_bar + (1 - beta) A_t`` and ``B_bar <- beta B_bar + (1 -
+    beta) B_t`` (``beta = factor_decay``; at ``beta = 1`` a running sum), where
+    ``(A_t, B_t)`` is the mean of the statistics of this step and of the
+    mini-steps pending in an accumulation (:func:`_with_pending`). A leaf whose
+    gradient or statistics are not finite keeps its EMAs and pending mean
+    (:mod:`layerwise_optax._failure`). Returns per leaf an :class:`_Accumulated`
+    (validity, new EMAs, new pending mean).
+    """
+    leaf = functools.partial(_accumulate_leaf, pending_count=state.pending_count, decay=decay)
+    return _axes.map_leaves(
+        leaf,
+        plans,
+        grads,
+        stats,
+        _kron.normalize(plans, state.factors),
+        _kron.normalize(plans, state.pending),
+    )
+
+
+def _accumulate_leaf(g, plan, s, fac, pend, *, pending_count, decay) -> _Accumulated:
+    """:func:`_accumulate` for one leaf (no statistics: validity only)."""
+    ok, _ = _failure.guard(g)
+    if plan.spec is None or s is None:
+        return _Accumulated(ok, fac, pend)
+    new = _stats_view(s, plan)
+    ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
+    new = _with_pending(new, pend, pending_count, ok)
+    return _Accumulated(ok, _kron.ema(fac, new, decay, valid=ok), new)
+
+
+def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> Any:
+    """The mean of ``count`` pending mini-steps' statistics and this step's ``new``.
+
+    ``P <- P + (N - P) / (count + 1)``; where ``ok`` is false (statistics or
+    gradient not finite) the pending mean is kept as it is.
+    """
+    w = 1.0 / (count.astype(jnp.float32) + 1.0)
+    return tuple(
+        _failure.keep(ok, p + w * (n - p), p).astype(n.dtype)
+        for n, p in zip(new, _kron.as_factors(pending))
+    )
+
+
+def _correction(decay: jax.Array, count: jax.Array) -> jax.Array:
+    """Bias correction ``1 / (1 - beta^t)`` of factor EMAs started at zero (1 for sums)."""
+    t = count.astype(jnp.float32)
+    return jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
+
+
+def _applied_plans(plans: Any, stats: Any, sides: str) -> Any:
+    """Per kernel with statistics its applied plan (:func:`_applied_plan`), else masked."""
+
+    def applied(s, plan):
+        return optax.MaskedNode() if plan.spec is None or s is None else _applied_plan(plan, sides)
+
+    return _axes.map_leaves(applied, plans, stats)
+
+
+def _refresh(refresh, acc, state, plans, stats, hp, count, static):
+    """Phase 2, every ``precondition_frequency`` steps: the damped factors' Cholesky factors.
+
+    Under ``lax.cond(refresh, ...)``: ``L_A L_A^T = c A_bar + delta_A I`` and
+    ``L_B L_B^T = c B_bar + delta_B I`` (``c``: :func:`_correction`; deltas:
+    :func:`_damped`) for every kernel with statistics (the factors that
+    ``sides`` applies), same-sized factors of all layers batched
+    (:func:`layerwise_optax._kron.inverse_roots_tree`, split over the mesh's
+    devices when ``distribute``). A factorization that fails keeps the previous
+    one and is counted. Returns ``(inverses, failed)``.
+    """
+    applied = _applied_plans(plans, stats, static.sides)
+    correction = _correction(hp.factor_decay, count)
+
+    def factorize(facs, invs):
+        damped = _axes.map_leaves(
+            lambda f, kplan: _damped(f, kplan, hp.damping, static.damping_mode, correction),
+            applied,
+            facs,
+        )
+        return _kron.inverse_roots_tree(
+            damped,
+            invs,
+            applied,
+            root=lambda kplan: 1,
+            damping=jnp.zeros([], jnp.float32),
+            relative_damping=False,
+            method="cholesky_factor",
+            distribute=static.distribute,
         )
 
-    def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
-        # Set by layerwise_optax.multi_steps: False on the mini-steps that only
-        # accumulate statistics (the caller keeps only ``pending`` of that state).
-        emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
-        del params, extra_args
-        if kfac_stats is None:
-            raise ValueError(NO_STATS_MSG)
-        with jax.named_scope("layerwise_optax.kfac"):
-            # One arithmetic for plain and injected (traced float32) hyperparameters:
-            # ``1 - b2`` in float64 against ``1 - b2**t`` in float32 would differ by
-            # 1e-5 relative at b2 = 0.999.
-            b1_, b2_, damping_ = (jnp.asarray(h, jnp.float32) for h in (b1, b2, damping))
-            layout = plans_for(updates)
-            plans = layout.work_plans
-            # Folded kernel-bias pairs become one homogeneous leaf at the kernel's
-            # position (the bias's position is masked) until the split at the end.
-            stats = _stats_like(kfac_stats, updates, layout)
-            updates_in, updates = updates, _fold(layout, updates)
-            mu_in, nu_in = _fold(layout, state.mu), _fold(layout, state.nu)
-            if axis_name is not None:
-                stats = jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), stats)
-            count_inc = optax.safe_increment(state.count)
-            refresh = _kron.every(state.count, precondition_frequency)
+    def keep(facs, invs):
+        return invs, jnp.zeros([], jnp.int32)
 
-            # Factor EMAs start at zero: bias-correct them (classic sums need none).
-            decay = jnp.asarray(factor_decay, jnp.float32)
-            t = count_inc.astype(jnp.float32)
-            correction = jnp.where((decay == 1.0) | (decay == 0.0), 1.0, 1.0 / (1.0 - decay**t))
+    factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
+    return jax.lax.cond(refresh, factorize, keep, factors, inverses)
 
-            def accumulate(path, g, plan, s, fac, pend):
-                """This step's factor EMAs and the leaf's validity."""
-                ok, _ = _failure.guard(g)
-                if plan.spec is None or s is None:
-                    return _Accumulated(ok, fac, pend)
-                new = _check_stats(path, s, plan)
-                ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
-                new = _with_pending(new, pend, state.pending_count, ok)
-                return _Accumulated(ok, _kron.ema(fac, new, factor_decay, valid=ok), new)
 
-            def per_leaf(fn, *trees):
-                return jax.tree_util.tree_map_with_path(
-                    lambda path, p, *xs: (
-                        p
-                        if _axes.is_masked(p)
-                        else _axes.on_gathered(
-                            lambda x, p, *r, path=path: fn(path, x, p, *r), xs[0], p, *xs[1:]
-                        )
-                    ),
-                    plans,
-                    *trees,
-                    is_leaf=_axes.is_plan_leaf,
-                )
+def _damped(fac, kplan, damping, mode, correction):
+    """``A + d_A I, B + d_B I`` of the bias-corrected EMAs (diagonals: ``+ d``).
 
-            acc = per_leaf(
-                accumulate,
-                updates,
-                stats,
-                _kron.normalize(plans, state.factors),
-                _kron.normalize(plans, state.pending),
-            )
-            facs = _axes.unzip(acc, "factors")
-            # The inverses of every kernel, same-sized blocks of all layers batched
-            # (and split over the mesh's devices when there is one).
-            has_stats = jax.tree.map(
-                lambda p, s: (
-                    optax.MaskedNode()
-                    if _axes.is_masked(p) or p.spec is None or s is None
-                    else _applied_plan(p, sides)
-                ),
-                plans,
-                stats,
-                is_leaf=lambda x: _axes.is_plan_leaf(x) or x is None,
-            )
+    ``kplan`` is the applied plan (:func:`_applied_plan`): a factor of kind
+    ``'none'`` is not applied and is returned as is. Every damping depends only
+    on the factors that are applied. With both applied, ``'pi'`` splits
+    ``lambda`` as ``pi sqrt(lambda)`` and ``sqrt(lambda) / pi``
+    (:func:`layerwise_optax._linalg.pi_damping`; Martens and Grosse, 2015,
+    section 6.3). With one applied (``sides='input'`` or ``'output'``) the other
+    factor is the identity, and ``A ⊗ I + lambda I = (A + lambda I) ⊗ I``
+    exactly: the applied factor gets ``lambda`` in either mode (the pi rule would
+    bring in the scale of a factor that is never applied).
 
-            def refresh_all(facs, invs):
-                damped = _axes.map_leaves(
-                    lambda f, kplan: _damped(f, kplan, damping_, damping_mode, correction),
-                    has_stats,
-                    facs,
-                )
-                return _kron.inverse_roots_tree(
-                    damped,
-                    invs,
-                    has_stats,
-                    root=lambda kplan: 1,
-                    damping=jnp.zeros([], jnp.float32),
-                    relative_damping=False,
-                    method="cholesky_factor",
-                    distribute=distribute,
-                )
+    Damped factors are positive definite, so a Cholesky factorization exists (an
+    order of magnitude cheaper than eigh); a failed factorization keeps the
+    previous one (:func:`layerwise_optax._kron.inverse_roots_tree`).
+    """
+    fac = tuple(f * correction for f in _kron.as_factors(fac))
+    damping = jnp.asarray(damping, jnp.float32)
+    if mode == "pi" and "none" not in kplan.kinds:
+        diag = tuple(k == "diag" for k in kplan.kinds)
+        deltas = _linalg.pi_damping(*fac, damping, a_diagonal=diag[0], b_diagonal=diag[1])
+    else:
+        deltas = (jnp.broadcast_to(damping, fac[0].shape[:1]),) * 2
+    return tuple(
+        f if k == "none" else _linalg.add_ridge(f, dl, diagonal=k == "diag")
+        for f, dl, k in zip(fac, deltas, kplan.kinds)
+    )
 
-            invs, failed = jax.lax.cond(
-                refresh,
-                refresh_all,
-                lambda f, i: (i, jnp.zeros([], jnp.int32)),
-                facs,
-                _kron.normalize(plans, state.inverses),
-            )
 
-            def direction(path, g, plan, s, a, mu, nu, inv):
-                ok, g32 = _failure.guard(g)
-                ok = ok & a.ok
-                if plan.spec is None or s is None:
-                    # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
-                    nu = jnp.where(ok, b2_ * nu + (1 - b2_) * g32**2, nu)
-                    u = g32 / (optax.tree.bias_correction(nu, b2_, count_inc) + damping_)
-                else:
-                    u = _precondition(g32, inv, plan, sides)
-                mu, d = _momentum(u, mu, b1_, nesterov, ok)
-                d = jnp.where(ok, d, 0).astype(g.dtype)
-                return _LeafOut(d, mu, nu, a.factors, inv, (~ok).astype(jnp.int32))
+def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static):
+    """Phase 3: per leaf the step direction and the new moments (:class:`_LeafOut`).
 
-            out = per_leaf(direction, updates, stats, acc, mu_in, nu_in, invs)
-            mu = _unfold(layout, _axes.unzip(out, "mu"), state.mu)
-            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
-            return _unfold(layout, _axes.unzip(out, "update"), updates_in), ScaleByKfacState(
-                count=count_inc,
-                mu=optax.tree.cast(mu, mu_dtype)
-                if mu_dtype is not None
-                else optax.tree.cast_like(mu, state.mu),
-                nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
-                factors=_axes.bare(plans, _axes.unzip(out, "factors")),
-                inverses=_axes.bare(plans, _axes.unzip(out, "inverses")),
-                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
-                pending=_axes.bare(
-                    plans,
-                    _axes.map_leaves(
-                        lambda a, plan: tuple(
-                            jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats
-                        ),
-                        plans,
-                        acc,
-                    ),
-                ),
-                pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
-            )
+    A kernel with statistics: ``U = (A + delta_A I)^{-1} G (B + delta_B I)^{-1}``
+    by the Cholesky solves of :func:`_precondition`. Any other leaf: the damped
+    diagonal empirical Fisher, ``nu <- b2 nu + (1 - b2) g^2`` and ``U = g /
+    (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
+    statistics not finite) gets a zero update and keeps its moments.
+    """
+    leaf = functools.partial(
+        _direction_leaf, hp=hp, count=count, sides=static.sides, nesterov=static.nesterov
+    )
+    return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -> _LeafOut:
+    """:func:`_directions` for one leaf."""
+    ok, g32 = _failure.guard(g)
+    ok = ok & a.ok
+    if plan.spec is None or s is None:
+        # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
+        nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
+        u = g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
+    else:
+        u = _precondition(g32, inv, plan, sides)
+    mu, d = _momentum(u, mu, hp.momentum, nesterov, ok)
+    return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
+
+
+def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
+    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
+    return plan.from_blocks(
+        _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
+    )
+
+
+def _momentum(u, mu, momentum, nesterov, ok):
+    """EMA momentum ``m <- momentum m + (1 - momentum) u`` and the step direction.
+
+    An average of the preconditioned updates, not a heavy-ball sum: natural-gradient
+    steps are already O(1), and the heavy ball's ``u / (1 - momentum)`` (10x at
+    0.9) made the default step diverge (issue 20 item 16). Nesterov: ``momentum m
+    + (1 - momentum) u`` with the new ``m``. Invalid leaves (``ok`` false) keep
+    ``m``.
+    """
+    mu = _failure.keep(ok, momentum * mu.astype(u.dtype) + (1 - momentum) * u, mu)
+    return mu, (momentum * mu + (1 - momentum) * u if nesterov else mu)
+
+
+class _Step(NamedTuple):
+    """What one update computed, for :func:`_outputs`."""
+
+    count: jax.Array
+    out: Any
+    acc: Any
+    inverses: Any
+    failed: jax.Array
+    emit: jax.Array
+
+
+def _outputs(layout, updates, state, new: _Step, mu_dtype):
+    """Phase 4: the updates and the new state, in the params' layout (folded pairs split).
+
+    The pending statistics of :func:`layerwise_optax.multi_steps` are reset on the
+    step that emits (``emit``) and kept on the mini-steps that only accumulate.
+    """
+    plans, out, acc, emit = layout.work_plans, new.out, new.acc, new.emit
+    mu = _unfold(layout, _axes.unzip(out, "mu"), state.mu)
+    pending = _axes.map_leaves(
+        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats), plans, acc
+    )
+    new_state = ScaleByKfacState(
+        count=new.count,
+        mu=optax.tree.cast(mu, mu_dtype)
+        if mu_dtype is not None
+        else optax.tree.cast_like(mu, state.mu),
+        nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
+        factors=_axes.bare(plans, _axes.unzip(acc, "factors")),
+        inverses=_axes.bare(plans, new.inverses),
+        failures=_failure.add(
+            state.failures,
+            skipped=_failure.count_invalid(_axes.unzip(out, "ok")),
+            failed=new.failed,
+        ),
+        pending=_axes.bare(plans, pending),
+        pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
+    )
+    return _unfold(layout, _axes.unzip(out, "update"), updates), new_state
 
 
 def default_layout(tree: Any) -> Any:
@@ -526,13 +694,15 @@ class _Layout(NamedTuple):
     ``plans`` are the leaves' own plans; ``work_plans`` is the tree the update runs
     on: at a folded kernel the plan of its homogeneous block ``(batch, d_in + 1,
     d_out)``, at its folded bias an ``optax.MaskedNode`` (the bias rides along in
-    the kernel's block). ``folds`` holds the ``(kernel, bias)`` leaf indices.
+    the kernel's block); ``flat_work`` is the same, leaf by leaf. ``folds`` holds
+    the ``(kernel, bias)`` leaf indices.
     """
 
     paths: tuple[Any, ...]
     keys: tuple[tuple[str, ...], ...]
     plans: tuple[Any, ...]
     work_plans: Any
+    flat_work: tuple[Any, ...]
     folds: tuple[tuple[int, int], ...]
 
 
@@ -549,7 +719,23 @@ def _layout(dimension_numbers: Any, tree: Any, max_precond_dim: int) -> _Layout:
         ) from None
     paths = tuple(path for path, _ in flat)
     keys = tuple(_axes.path_keys(path) for path in paths)
-    index = {"/".join(k): i for i, k in enumerate(keys)}
+    plans, folded = _leaf_plans(flat, specs, max_precond_dim)
+    folds = _check_folds(folded, paths, keys, plans)
+    work = list(plans)
+    for k, b in folds:
+        kp = plans[k]
+        work[k] = _axes.make_plan(
+            (kp.batch, kp.dims[0] + 1, kp.dims[1]),
+            _axes.DimensionNumbers(((1,), (2,)), batch_axes=(0,)),
+            max_precond_dim=max_precond_dim,
+            block_size=None,
+        )
+        work[b] = optax.MaskedNode()
+    return _Layout(paths, keys, plans, treedef.unflatten(work), tuple(work), folds)
+
+
+def _leaf_plans(flat: list, specs: list, max_precond_dim: int) -> tuple[tuple, dict]:
+    """Each leaf's own plan (two factor groups checked) and the folded biases' specs."""
     plans, folded = [], {}
     for i, ((path, x), spec) in enumerate(zip(flat, specs)):
         if _axes.is_masked(x):
@@ -568,6 +754,16 @@ def _layout(dimension_numbers: Any, tree: Any, max_precond_dim: int) -> _Layout:
                 f"(input, output), got {tuple(spec)}."
             )
         plans.append(plan)
+    return tuple(plans), folded
+
+
+def _check_folds(folded: dict, paths: tuple, keys: tuple, plans: tuple) -> tuple:
+    """The ``(kernel, bias)`` leaf index pairs of the folded biases, each checked.
+
+    A folded bias must name a leaf of the params that has a K-FAC layout, have
+    that kernel's batch and output shape, and be the kernel's only folded bias.
+    """
+    index = {"/".join(k): i for i, k in enumerate(keys)}
     folds, kernels = [], {}
     for b, fb in folded.items():
         where = _axes.path_label(paths[b])
@@ -599,17 +795,7 @@ def _layout(dimension_numbers: Any, tree: Any, max_precond_dim: int) -> _Layout:
             )
         kernels[k] = b
         folds.append((k, b))
-    work = list(plans)
-    for k, b in folds:
-        kp = plans[k]
-        work[k] = _axes.make_plan(
-            (kp.batch, kp.dims[0] + 1, kp.dims[1]),
-            _axes.DimensionNumbers(((1,), (2,)), batch_axes=(0,)),
-            max_precond_dim=max_precond_dim,
-            block_size=None,
-        )
-        work[b] = optax.MaskedNode()
-    return _Layout(paths, keys, tuple(plans), treedef.unflatten(work), tuple(folds))
+    return tuple(folds)
 
 
 def _is_stats_entry(x: Any) -> bool:
@@ -637,10 +823,48 @@ def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
       folded kernel whose ``a`` is not homogeneous (``d_in + 1``): error;
     * ``FoldedBias`` where the layout does not fold that bias into that kernel, or
       a folded bias whose kernel has factors but whose own entry is not
-      ``FoldedBias``: error.
+      ``FoldedBias``: error;
+    * factors whose shapes do not fit the kernel's working plan
+      (:func:`_check_shapes`): error.
     """
-    found = {}
-    layers = set()
+    found, layers = _index_stats(kfac_stats, layout)
+    kernel_of = {b: k for k, b in layout.folds}
+    out = []
+    for i, (key, plan) in enumerate(zip(layout.keys, layout.plans)):
+        if _axes.is_masked(plan):
+            out.append(None)
+            continue
+        s = found.get(key, (None, _ABSENT))[1]
+        if s is _ABSENT:
+            if key[:-1] in layers and (plan.spec is not None or i in kernel_of):
+                raise ValueError(
+                    f"kfac_stats has statistics for the layer of param "
+                    f"{_axes.path_label(layout.paths[i])} but no entry for it: give its "
+                    "KfacFactors, FoldedBias (a bias folded into its kernel) or None (the "
+                    "diagonal fallback, on purpose)."
+                )
+            s = None
+        if i in kernel_of:
+            _check_folded_bias_entry(i, kernel_of[i], s, found, layout)
+            out.append(None)
+        else:
+            out.append(_check_entry(i, s, plan, layout))
+    for path, s, work in zip(layout.paths, out, layout.flat_work):
+        if s is not None:
+            _check_shapes(path, s, work)
+    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    return treedef.unflatten([x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)])
+
+
+_ABSENT = object()
+
+
+def _index_stats(kfac_stats: Any, layout: _Layout) -> tuple[dict, set]:
+    """The statistics' entries by normalized path, and the layers (parent paths) they cover.
+
+    Raises for an entry of the wrong type or one that matches no parameter.
+    """
+    found, layers = {}, set()
     for path, s in jax.tree_util.tree_flatten_with_path(kfac_stats, is_leaf=_is_stats_entry)[0]:
         if not _is_stats_entry(s):
             raise ValueError(
@@ -659,80 +883,117 @@ def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
             f"and the params must mirror each other; leaf paths are like {names[:8]}"
             f"{' ...' if len(names) > 8 else ''})."
         )
-    kernel_of = {b: k for k, b in layout.folds}
-    bias_of = {k: b for k, b in layout.folds}
-    out = []
-    for i, (key, plan) in enumerate(zip(layout.keys, layout.plans)):
-        if _axes.is_masked(plan):
-            out.append(None)
-            continue
-        where = _axes.path_label(layout.paths[i])
-        s = found.get(key, (None, _ABSENT))[1]
-        if s is _ABSENT:
-            if key[:-1] in layers and (plan.spec is not None or i in kernel_of):
-                raise ValueError(
-                    f"kfac_stats has statistics for the layer of param {where} but no entry "
-                    "for it: give its KfacFactors, FoldedBias (a bias folded into its "
-                    "kernel) or None (the diagonal fallback, on purpose)."
-                )
-            s = None
-        if i in kernel_of:
-            k = kernel_of[i]
-            kernel = "/".join(layout.keys[k])
-            ks = found.get(layout.keys[k], (None, None))[1]
-            if isinstance(s, FoldedBias) and s.kernel.strip("/") != kernel:
-                raise ValueError(
-                    f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout "
-                    f"folds this bias into {kernel!r}."
-                )
-            if isinstance(s, KfacFactors) or (isinstance(ks, KfacFactors) and s is None):
-                raise ValueError(
-                    f"kfac_stats at {where}: kfac's layout folds this bias into kernel "
-                    f"{kernel!r} (homogeneous coordinates), so its entry must be "
-                    f"FoldedBias({kernel!r}) and the kernel's a must include the constant "
-                    "input 1; for a separate bias block give kfac dimension_numbers with "
-                    "DimensionNumbers(((), (0,))) at the bias (e.g. "
-                    "layerwise_optax.flax.kfac_dimension_numbers(model, fold_biases=False))."
-                )
-            if isinstance(s, FoldedBias) and not isinstance(ks, KfacFactors):
-                raise ValueError(
-                    f"kfac_stats at {where}: FoldedBias({kernel!r}), but the kernel has no "
-                    "KfacFactors."
-                )
-            out.append(None)
-            continue
-        if isinstance(s, FoldedBias):
+    return found, layers
+
+
+def _check_folded_bias_entry(i: int, k: int, s: Any, found: dict, layout: _Layout) -> None:
+    """The entry ``s`` of leaf ``i``, a bias folded into kernel ``k``, must be its FoldedBias."""
+    where = _axes.path_label(layout.paths[i])
+    kernel = "/".join(layout.keys[k])
+    ks = found.get(layout.keys[k], (None, None))[1]
+    if isinstance(s, FoldedBias) and s.kernel.strip("/") != kernel:
+        raise ValueError(
+            f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout "
+            f"folds this bias into {kernel!r}."
+        )
+    if isinstance(s, KfacFactors) or (isinstance(ks, KfacFactors) and s is None):
+        raise ValueError(
+            f"kfac_stats at {where}: kfac's layout folds this bias into kernel "
+            f"{kernel!r} (homogeneous coordinates), so its entry must be "
+            f"FoldedBias({kernel!r}) and the kernel's a must include the constant "
+            "input 1; for a separate bias block give kfac dimension_numbers with "
+            "DimensionNumbers(((), (0,))) at the bias (e.g. "
+            "layerwise_optax.flax.kfac_dimension_numbers(model, fold_biases=False))."
+        )
+    if isinstance(s, FoldedBias) and not isinstance(ks, KfacFactors):
+        raise ValueError(
+            f"kfac_stats at {where}: FoldedBias({kernel!r}), but the kernel has no KfacFactors."
+        )
+
+
+def _check_entry(i: int, s: Any, plan: _axes.LeafPlan, layout: _Layout) -> Any:
+    """The entry ``s`` of leaf ``i`` (not a folded bias), checked against its layout."""
+    where = _axes.path_label(layout.paths[i])
+    if isinstance(s, FoldedBias):
+        raise ValueError(
+            f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout does not "
+            "fold this leaf into a kernel (give kfac dimension_numbers with "
+            f"FoldedBias({s.kernel!r}) here, e.g. "
+            "layerwise_optax.flax.kfac_dimension_numbers(model))."
+        )
+    if not isinstance(s, KfacFactors):
+        return s
+    if plan.spec is None:
+        raise ValueError(
+            f"kfac_stats at {where} gives KfacFactors, but the param has no K-FAC "
+            "layout (its dimension_numbers are None); give None there for the "
+            "diagonal fallback."
+        )
+    bias = next((b for k, b in layout.folds if k == i), None)
+    d = plan.dims[0] + 1
+    a_shape = tuple(np.shape(s.a))
+    if bias is not None and a_shape[-2:] != (d, d) and a_shape[-1:] != (d,):
+        raise ValueError(
+            f"kfac_stats at {where}: factor a has shape {a_shape}, but the "
+            f"kernel's bias {'/'.join(layout.keys[bias])!r} is folded into it, so a must "
+            f"be in homogeneous coordinates, {(d, d)} per layer slice (inputs with a "
+            "constant 1 appended; the capture's default); for a separate bias "
+            "block give kfac DimensionNumbers(((), (0,))) at the bias."
+        )
+    return s
+
+
+def _check_shapes(path: Any, s: KfacFactors, plan: _axes.LeafPlan) -> None:
+    """A kernel's factors must fit its working plan: ``(d, d)`` per layer slice.
+
+    For a diagonal dimension (longer than ``max_precond_dim``) the diagonal
+    ``(..., d)`` is accepted as well.
+    """
+    for name, mat, d, kind in zip(("a", "g"), s, plan.dims, _kernel_plan(plan).kinds):
+        full = mat.shape[-2:] == (d, d) and mat.size == plan.stack * d * d
+        diag = kind == "diag" and mat.shape[-1:] == (d,) and mat.size == plan.stack * d
+        if not (full or diag):
             raise ValueError(
-                f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout does not "
-                "fold this leaf into a kernel (give kfac dimension_numbers with "
-                f"FoldedBias({s.kernel!r}) here, e.g. "
-                "layerwise_optax.flax.kfac_dimension_numbers(model))."
+                f"kfac_stats at {jax.tree_util.keystr(path)}: factor {name} has shape "
+                f"{mat.shape}, but param with shape {plan.shape} needs {(d, d)} per layer "
+                f"slice ({plan.stack} slices)."
             )
-        if isinstance(s, KfacFactors):
-            if plan.spec is None:
-                raise ValueError(
-                    f"kfac_stats at {where} gives KfacFactors, but the param has no K-FAC "
-                    "layout (its dimension_numbers are None); give None there for the "
-                    "diagonal fallback."
-                )
-            if i in bias_of:
-                d = plan.dims[0] + 1
-                a_shape = tuple(np.shape(s.a))
-                if a_shape[-2:] != (d, d) and a_shape[-1:] != (d,):
-                    bias = "/".join(layout.keys[bias_of[i]])
-                    raise ValueError(
-                        f"kfac_stats at {where}: factor a has shape {a_shape}, but the "
-                        f"kernel's bias {bias!r} is folded into it, so a must be in "
-                        f"homogeneous coordinates, {(d, d)} per layer slice (inputs with a "
-                        "constant 1 appended; the capture's default); for a separate bias "
-                        "block give kfac DimensionNumbers(((), (0,))) at the bias."
-                    )
-        out.append(s)
-    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
-    return treedef.unflatten([x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)])
 
 
-_ABSENT = object()
+def _stats_view(s: KfacFactors, plan: _axes.LeafPlan) -> tuple[jax.Array, jax.Array]:
+    """A kernel's checked factors (:func:`_check_shapes`) in the state layout, float32.
+
+    Full factors are ``(stack, d, d)``; a diagonal dimension keeps only the
+    diagonal, ``(stack, d)``, of a full matrix or of a given diagonal.
+    """
+    out = []
+    for mat, d, kind in zip(s, plan.dims, _kernel_plan(plan).kinds):
+        if mat.shape[-2:] == (d, d) and mat.size == plan.stack * d * d:
+            mat = jnp.reshape(mat, (plan.stack, d, d))
+            if kind == "diag":
+                mat = jnp.diagonal(mat, axis1=-2, axis2=-1)
+        out.append(jnp.reshape(mat, (plan.stack, d) if kind == "diag" else (plan.stack, d, d)))
+    return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+
+
+def _kernel_plan(plan: _axes.LeafPlan) -> _axes.LeafPlan:
+    """A kernel's factor kinds: dense, or diagonal above ``max_precond_dim``; never none.
+
+    K-FAC factors are never blocked, and a length-1 dimension keeps its ``1 x 1``
+    factor (``'none'`` in the shared default rule).
+    """
+    if plan.spec is None:
+        return plan
+    return plan.with_kinds(tuple("diag" if k == "diag" else "full" for k in plan.kinds))
+
+
+def _applied_plan(plan: _axes.LeafPlan, sides: str) -> _axes.LeafPlan:
+    """The kernel's plan with the factor that ``sides`` does not apply as ``'none'``."""
+    kinds = tuple(
+        k if (i == 0 and sides != "output") or (i == 1 and sides != "input") else "none"
+        for i, k in enumerate(_kernel_plan(plan).kinds)
+    )
+    return plan.with_kinds(kinds)
 
 
 def _homogeneous(g: jax.Array, plan: _axes.LeafPlan, b: jax.Array) -> jax.Array:
@@ -774,131 +1035,9 @@ def _unfold(layout: _Layout, tree: Any, like: Any) -> Any:
     return treedef.unflatten(leaves)
 
 
-def _check_stats(path: Any, s: Any, plan: _axes.LeafPlan) -> tuple[jax.Array, jax.Array]:
-    """Validates a kernel's factors and brings them to the state layout.
-
-    Full factors are ``(stack, d, d)``; for a diagonal dimension (longer than
-    ``max_precond_dim``) either the full matrix or its diagonal ``(..., d)`` is
-    accepted and only the diagonal is kept.
-    """
-    if not isinstance(s, KfacFactors):
-        raise ValueError(
-            f"kfac_stats at {jax.tree_util.keystr(path)} must be a KfacFactors(a, g) or None, "
-            f"got {type(s).__name__}."
-        )
-    out = []
-    kinds = _kernel_plan(plan).kinds
-    for name, mat, d, kind in zip(("a", "g"), s, plan.dims, kinds):
-        full = mat.shape[-2:] == (d, d) and mat.size == plan.stack * d * d
-        diag = kind == "diag" and mat.shape[-1:] == (d,) and mat.size == plan.stack * d
-        if not (full or diag):
-            raise ValueError(
-                f"kfac_stats at {jax.tree_util.keystr(path)}: factor {name} has shape "
-                f"{mat.shape}, but param with shape {plan.shape} needs {(d, d)} per layer "
-                f"slice ({plan.stack} slices)."
-            )
-        if full:
-            mat = jnp.reshape(mat, (plan.stack, d, d))
-            if kind == "diag":
-                mat = jnp.diagonal(mat, axis1=-2, axis2=-1)
-        out.append(jnp.reshape(mat, (plan.stack, d) if kind == "diag" else (plan.stack, d, d)))
-    return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
-
-
-def _kernel_plan(plan: _axes.LeafPlan) -> _axes.LeafPlan:
-    """A kernel's factor kinds: dense, or diagonal above ``max_precond_dim``; never none."""
-    if plan.spec is None:
-        return plan
-    return _with_kinds(plan, tuple("diag" if k == "diag" else "full" for k in plan.kinds))
-
-
-def _with_kinds(plan: _axes.LeafPlan, kinds: tuple[str, ...]) -> _axes.LeafPlan:
-    """The kernel's plan with the given factor kinds (K-FAC factors are never blocked)."""
-    return dataclasses.replace(plan, kinds=kinds)
-
-
-def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
-    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
-    return plan.from_blocks(
-        _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
-    )
-
-
-def _momentum(u, mu, b1, nesterov, ok):
-    """EMA momentum ``m <- b1 m + (1 - b1) u`` and the step direction.
-
-    An average of the preconditioned updates, not a heavy-ball sum: natural-gradient
-    steps are already O(1), and the heavy ball's ``u / (1 - b1)`` (10x at 0.9)
-    made the default step diverge (issue 20 item 16). Nesterov: ``b1 m + (1 - b1) u``
-    with the new ``m``. Invalid leaves (``ok`` false) keep ``m``.
-    """
-    mu = jnp.where(ok, b1 * mu.astype(u.dtype) + (1 - b1) * u, mu)
-    return mu, (b1 * mu + (1 - b1) * u if nesterov else mu)
-
-
-def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> Any:
-    """The mean of ``count`` pending mini-steps' statistics and this step's ``new``.
-
-    Where ``ok`` is false (statistics or gradient not finite) the pending mean is
-    kept as it is.
-    """
-    w = 1.0 / (count.astype(jnp.float32) + 1.0)
-    return tuple(
-        jnp.where(ok, p + w * (n - p), p).astype(n.dtype)
-        for n, p in zip(new, _kron.as_factors(pending))
-    )
-
-
-def _applied_plan(plan: _axes.LeafPlan, sides: str) -> _axes.LeafPlan:
-    """The kernel's plan with the factor that ``sides`` does not apply as ``'none'``."""
-    kinds = tuple(
-        k if (i == 0 and sides != "output") or (i == 1 and sides != "input") else "none"
-        for i, k in enumerate(_kernel_plan(plan).kinds)
-    )
-    return _with_kinds(plan, kinds)
-
-
-def _damped(fac, kplan, damping, mode, correction):
-    """``A + d_A I, B + d_B I`` of the bias-corrected EMAs (diagonals: ``+ d``).
-
-    ``kplan`` is the applied plan (:func:`_applied_plan`): a factor of kind
-    ``'none'`` is not applied and is returned as is. Every damping depends only
-    on the factors that are applied. With both applied, ``'pi'`` splits
-    ``lambda`` as ``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` (Martens and
-    Grosse, 2015, section 6.3). With one applied (``sides='input'`` or
-    ``'output'``) the other factor is the identity, and ``A ⊗ I + lambda I = (A +
-    lambda I) ⊗ I`` exactly: the applied factor gets ``lambda`` in either mode
-    (the pi rule would bring in the scale of a factor that is never applied).
-
-    Damped factors are positive definite, so a Cholesky factorization exists (an
-    order of magnitude cheaper than eigh); a failed factorization keeps the
-    previous one (:func:`layerwise_optax._kron.inverse_roots_tree`).
-    """
-    fac = tuple(f * correction for f in _kron.as_factors(fac))
-    damping = jnp.asarray(damping, jnp.float32)
-
-    def mean_eig(f, kind):
-        return jnp.mean(jnp.diagonal(f, axis1=-2, axis2=-1) if kind == "full" else f, axis=-1)
-
-    if mode == "pi" and "none" not in kplan.kinds:
-        ta, tb = (mean_eig(f, k) for f, k in zip(fac, kplan.kinds))
-        pi = jnp.sqrt(jnp.where((ta > 0) & (tb > 0), ta / jnp.where(tb > 0, tb, 1.0), 1.0))
-        deltas = (pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi)
-    else:
-        deltas = (jnp.broadcast_to(damping, fac[0].shape[:1]),) * 2
-    return tuple(
-        f + dl[:, None, None] * jnp.eye(f.shape[-1], dtype=f.dtype)[None]
-        if k == "full"
-        else f + dl[:, None]
-        if k == "diag"
-        else f
-        for f, dl, k in zip(fac, deltas, kplan.kinds)
-    )
-
-
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
-    b1: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     factor_decay: jax.typing.ArrayLike = 0.95,
     damping: jax.typing.ArrayLike = 1e-1,
@@ -928,12 +1067,13 @@ def kfac(
       \bar B \leftarrow \beta \bar B + (1-\beta) B_t, \quad
       U = (\bar A + \delta_A I)^{-1}\, G\, (\bar B + \delta_B I)^{-1}
 
-    followed by momentum as an exponential moving average, ``m \leftarrow b_1 m +
-    (1 - b_1) U``, applied as ``-lr * m`` (Nesterov: ``-lr (b_1 m + (1 - b_1) U)``).
-    This is an average of natural-gradient steps, not optax's heavy-ball
-    ``trace`` (``m <- b1 m + U``), whose steady-state step ``U / (1 - b1)`` is 10x
-    larger at ``b1 = 0.9``. The factorizations are refreshed
-    every ``precondition_frequency`` steps.
+    followed by momentum as an exponential moving average, ``m \leftarrow \mu m +
+    (1 - \mu) U`` (``\mu`` = ``momentum``), applied as ``-lr * m`` (Nesterov:
+    ``-lr (\mu m + (1 - \mu) U)``). This is an average of natural-gradient steps,
+    not optax's heavy-ball ``trace`` (``m <- mu m + U``), whose steady-state step
+    ``U / (1 - mu)`` is 10x larger at ``momentum = 0.9``; nor is it Adam's
+    bias-corrected ``b1`` average (the first step is ``(1 - momentum) U``). The
+    factorizations are refreshed every ``precondition_frequency`` steps.
 
     Biases are folded into their kernels by default (homogeneous coordinates,
     Martens and Grosse 2015, section 3, as in kfac-jax): ``z = x W + b`` is the
@@ -966,20 +1106,20 @@ def kfac(
     whose statistics you can capture in the forward/backward pass. It is the
     method the paper analyzes: its rate does not depend on the conditioning of
     the inputs or of the next layer. With the defaults (``damping=0.1``,
-    pi-adjusted; EMA momentum ``b1=0.9``) any learning rate in ``0.01..1`` is
+    pi-adjusted; EMA ``momentum=0.9``) any learning rate in ``0.01..1`` is
     stable on the MLPs of the benchmarks (sklearn digits, MNIST-1D, Fisher or
     empirical statistics), about ``0.1`` being fastest. Lowering ``damping`` lets the
     step grow as the curvature shrinks: the Fisher of a confident classifier goes
     to zero, the damped step approaches ``G / lambda`` and, at ``damping=1e-3``,
     diverges on digits for every learning rate from 0.03 up. Lower it only with a
-    smaller learning rate, or for the paper's stylized step (``b1=0,
+    smaller learning rate, or for the paper's stylized step (``momentum=0,
     factor_decay=0, damping_mode='absolute'``, small ``damping``), where the
     statistics come from one well-conditioned batch.
 
     Args:
       learning_rate: A global scaling factor, fixed or a schedule.
-      b1: Decay of the momentum EMA of the preconditioned updates, in ``[0, 1)``
-        (``0``: no momentum).
+      momentum: Decay of the momentum EMA of the preconditioned updates (not
+        bias-corrected), in ``[0, 1)`` (``0``: no momentum).
       b2: Decay of the diagonal fallback's second moment, in ``[0, 1)``.
       factor_decay: EMA decay of the factors, in ``[0, 1]`` (``0``: current batch).
       damping: Tikhonov damping ``lambda`` (see "what to tune").
@@ -1016,16 +1156,17 @@ def kfac(
       >>> import layerwise_optax as lo
       >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
       >>> stats = {'w': lo.KfacFactors(a=jnp.eye(3), g=jnp.eye(2)), 'b': None}
-      >>> tx = lo.kfac(learning_rate=0.1, b1=0.0, damping_mode='absolute', damping=0.0)
+      >>> tx = lo.kfac(learning_rate=0.1, momentum=0.0, damping_mode='absolute', damping=0.0)
       >>> state = tx.init(params)
       >>> grads = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
       >>> updates, state = tx.update(grads, state, params, kfac_stats=stats)
       >>> [[round(v, 6) for v in row] for row in updates['w'].tolist()]
       [[-0.1, -0.1], [-0.1, -0.1], [-0.1, -0.1]]
 
-      With momentum ``b1`` the first step is ``(1 - b1)`` of that (an EMA from zero):
+      With ``momentum`` the first step is ``(1 - momentum)`` of that (an EMA from zero,
+      not bias-corrected):
 
-      >>> tx = lo.kfac(learning_rate=0.1, b1=0.9, damping_mode='absolute', damping=0.0)
+      >>> tx = lo.kfac(learning_rate=0.1, momentum=0.9, damping_mode='absolute', damping=0.0)
       >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
       >>> round(float(updates['w'][0, 0]), 6)
       -0.01
@@ -1041,7 +1182,7 @@ def kfac(
     _checks.alias_args(learning_rate, weight_decay, mask)
     return optax.chain(
         scale_by_kfac(
-            b1=b1,
+            momentum=momentum,
             b2=b2,
             factor_decay=factor_decay,
             damping=damping,

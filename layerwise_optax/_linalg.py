@@ -916,3 +916,82 @@ def newton_schulz(
     if not wide:
         x = jnp.swapaxes(x, -1, -2)
     return x
+
+
+def pi_damping(
+    a: jax.Array,
+    b: jax.Array,
+    damping: jax.Array,
+    *,
+    a_diagonal: bool = False,
+    b_diagonal: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Martens and Grosse's factored Tikhonov damping: ``lambda`` split between two factors.
+
+    Damping a Kronecker-factored curvature ``A ⊗ B`` by ``lambda I`` is
+    approximated by damping each factor,
+    ``(A + delta_A I) ⊗ (B + delta_B I) = A ⊗ B + delta_B A ⊗ I + delta_A I ⊗ B
+    + delta_A delta_B I``, with ``delta_A delta_B = lambda`` and the split
+    chosen to minimise the trace of the two cross terms
+    (``delta_B d_B tr A + delta_A d_A tr B``); the minimiser is
+
+    .. math::
+      \delta_A = \pi \sqrt{\lambda}, \quad \delta_B = \sqrt{\lambda} / \pi,
+      \quad \pi = \sqrt{\frac{\operatorname{tr} A / d_A}{\operatorname{tr} B / d_B}}
+
+    (Martens and Grosse 2015, section 6.3). Where either mean eigenvalue is not
+    positive (an all-zero factor, as before any statistics arrive) ``pi = 1``:
+    the damping is split evenly, ``sqrt(lambda)`` each.
+
+    Args:
+      a: ``(..., d_A, d_A)`` PSD factors, or their ``(..., d_A)`` diagonals
+        (``a_diagonal``).
+      b: ``(..., d_B, d_B)`` PSD factors, or ``(..., d_B)`` diagonals
+        (``b_diagonal``); same batch shape as ``a``.
+      damping: ``lambda >= 0``, a scalar.
+      a_diagonal: Whether ``a`` holds diagonals.
+      b_diagonal: Whether ``b`` holds diagonals.
+
+    Returns:
+      ``(delta_A, delta_B)``, each of the batch shape, ``delta_A delta_B = lambda``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import _linalg
+      >>> a, b = 4.0 * jnp.eye(3)[None], jnp.eye(2)[None]
+      >>> da, db = _linalg.pi_damping(a, b, jnp.asarray(0.01))
+      >>> round(float(da[0]), 6), round(float(db[0]), 6)
+      (0.2, 0.05)
+    """
+
+    def mean_eig(f, diagonal):
+        return jnp.mean(f if diagonal else jnp.diagonal(f, axis1=-2, axis2=-1), axis=-1)
+
+    ta, tb = mean_eig(a, a_diagonal), mean_eig(b, b_diagonal)
+    pi = jnp.sqrt(jnp.where((ta > 0) & (tb > 0), ta / jnp.where(tb > 0, tb, 1.0), 1.0))
+    return pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi
+
+
+def add_ridge(a: jax.Array, delta: jax.Array, *, diagonal: bool = False) -> jax.Array:
+    """``A + delta I`` per matrix of a batch (Tikhonov damping with a per-matrix ridge).
+
+    Args:
+      a: ``(..., n, n)`` matrices, or their ``(..., n)`` diagonals (``diagonal``).
+      delta: ``(...)`` ridges, one per matrix (the batch shape of ``a``).
+      diagonal: Whether ``a`` holds diagonals (the ridge is then added to every
+        entry).
+
+    Returns:
+      ``a`` with ``delta`` added on the diagonal, same shape and dtype as ``a``
+      (for float ``delta`` of at most ``a``'s precision).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import _linalg
+      >>> _linalg.add_ridge(jnp.ones((1, 2, 2)), jnp.asarray([0.5]))[0].tolist()
+      [[1.5, 1.0], [1.0, 1.5]]
+    """
+    if diagonal:
+        return a + delta[..., None]
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)[(None,) * (a.ndim - 2)]
+    return a + delta[..., None, None] * eye

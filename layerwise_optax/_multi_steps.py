@@ -55,7 +55,7 @@ def multi_steps(
       >>> import jax.numpy as jnp
       >>> import layerwise_optax as lo
       >>> params = {'w': jnp.zeros((2, 2))}
-      >>> tx = lo.multi_steps(lo.kfac(1.0, b1=0.0, damping=0.0, damping_mode='absolute'), 2)
+      >>> tx = lo.multi_steps(lo.kfac(1.0, momentum=0.0, damping=0.0, damping_mode='absolute'), 2)
       >>> state = tx.init(params)
       >>> g = {'w': jnp.ones((2, 2))}
       >>> s1 = {'w': lo.KfacFactors(jnp.eye(2), jnp.eye(2))}

@@ -167,10 +167,6 @@ def _identity_kfac_stats_vectors_as_biases(updates: Any) -> dict[str, Any]:
     return {"kfac_stats": jax.tree.map(one, updates)}
 
 
-# K-FAC's heavy-ball coefficient: ``momentum`` since issue 14's rename (``b1``
-# before it; read from the signature so the entry is right on either side).
-_KFAC_MOMENTUM = "momentum" if "momentum" in inspect.signature(_kfac.kfac).parameters else "b1"
-
 # ----------------------------------------------------------------------------- bad values
 
 _VE, _TE = ValueError, TypeError
@@ -262,7 +258,7 @@ ENTRIES: tuple[Entry, ...] = (
         state=_kfac.ScaleByKfacState,
         static_args=_kfac._STATIC_ARGS,
         algorithm="kfac",
-        momentum_arg=_KFAC_MOMENTUM,
+        momentum_arg="momentum",
         conformance=(Config("kfac", dict(learning_rate=3e-2, precondition_frequency=2)),),
         # Fed identity factors the contract's steps are heavy-ball SGD: a smaller
         # rate for the Rosenbrock target's curvature ~1000.
@@ -270,6 +266,7 @@ ENTRIES: tuple[Entry, ...] = (
         conformance_extra_args=_identity_kfac_stats,
         contract_extra_args=_identity_kfac_stats_vectors_as_biases,
         bad_values={
+            "momentum": _UNIT,
             "damping_mode": _MODE,
             "sides": _MODE,
             "axis_name": ((3, _TE), (["batch"], _TE)),

@@ -225,3 +225,32 @@ def test_as_batch_groups_transposed_layouts_together():
     c = _axes.make_plan((5, 6), DN(((0,), (1,))), max_precond_dim=8, block_size=None)
     assert a != b and a.as_batch(1) == b.as_batch(1)
     assert a.as_batch(1) != c.as_batch(1)
+
+
+def test_with_kinds_keeps_the_block_view_and_the_invariants():
+    plan = _axes.make_plan((7, 1, 6), DN(((0,), (1,), (2,))), max_precond_dim=1024, block_size=None)
+    assert plan.kinds == ("full", "none", "full")
+    edited = plan.with_kinds(("diag", "full", "none"))
+    assert edited.kinds == ("diag", "full", "none")
+    assert (edited.shape, edited.perm, edited.dims, edited.blocks) == (
+        plan.shape,
+        plan.perm,
+        plan.dims,
+        plan.blocks,
+    )
+    x = jnp.arange(42.0).reshape(7, 1, 6)
+    np.testing.assert_array_equal(edited.to_blocks(x), plan.to_blocks(x))
+    assert edited.state_floats() == 7 + 1
+    with pytest.raises(ValueError, match="per view dimension"):
+        plan.with_kinds(("full", "full"))
+    with pytest.raises(ValueError, match="per view dimension"):
+        plan.with_kinds(("full", "bogus", "full"))
+    blocked = _axes.make_plan((5000, 6), DN(((0,), (1,))), max_precond_dim=1024, block_size=512)
+    with pytest.raises(ValueError, match="blocked, so it cannot be 'diag'"):
+        blocked.with_kinds(("diag", "full"))
+    ident = _axes.make_plan(
+        (4, 3), DN(((0,),), identity_axes=(1,)), max_precond_dim=8, block_size=None
+    )
+    assert ident.kinds == ("full", "none")
+    with pytest.raises(ValueError, match="identity group"):
+        ident.with_kinds(("full", "full"))

@@ -308,7 +308,7 @@ def test_library_kfac_reproduces_the_papers_update_on_linear_representation():
     model = LinearRep(d_x, k, d_y, nnx.Rngs(0))
     G = np.asarray(model.g.kernel[...], np.float64).T  # paper layout (k, d_x)
     F = np.asarray(model.f.kernel[...], np.float64).T  # (d_y, k)
-    tx = lo.kfac(lr, b1=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute")
+    tx = lo.kfac(lr, momentum=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute")
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     capture = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics="gauss_newton")
 
@@ -380,7 +380,7 @@ def _kfac_step(model, x, y, fold, dims=None, **kw):
         dims = lof.kfac_dimension_numbers(model, fold_biases=False)
     tx = lo.kfac(
         1.0,
-        b1=0.0,
+        momentum=0.0,
         factor_decay=0.0,
         damping=1e-8,
         damping_mode="absolute",
@@ -458,7 +458,7 @@ def test_nnx_state_paths_give_the_pure_dict_step():
     y = jax.random.normal(jax.random.key(1), (8, 2))
     _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
     params = nnx.split(model, nnx.Param)[1]
-    tx = lo.kfac(1.0, b1=0, factor_decay=0, damping=1e-8, damping_mode="absolute")
+    tx = lo.kfac(1.0, momentum=0, factor_decay=0, damping=1e-8, damping_mode="absolute")
     steps = {}
     for name, conv in [
         ("state", lambda t: t),
@@ -498,7 +498,7 @@ def test_readme_recipe_with_linear_general_under_nnx_optimizer():
     y = jax.random.normal(jax.random.key(1), (16, 6))
     tx = lo.kfac(
         1.0,
-        b1=0.0,
+        momentum=0.0,
         factor_decay=0.0,
         damping=1e-8,
         damping_mode="absolute",
@@ -539,7 +539,7 @@ def test_state_pure_and_dict_trees_give_identical_results():
     _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
     params = nnx.split(model, nnx.Param)[1]
     dims = lof.kfac_dimension_numbers(model)
-    tx = lo.kfac(1.0, b1=0.0, factor_decay=0.0, damping=1e-4, dimension_numbers=dims)
+    tx = lo.kfac(1.0, momentum=0.0, factor_decay=0.0, damping=1e-4, dimension_numbers=dims)
     spec_leaf = lambda s: s is None or isinstance(s, (lo.DimensionNumbers, lo.FoldedBias))
     results = {}
     for name, conv in [

@@ -20,7 +20,7 @@ def _stats_seq(rng, d_in, d_out, n, batch=()):
     return a, g
 
 
-def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides="both"):
+def kfac_reference(grads, a_seq, g_seq, *, momentum, decay, damping, mode, freq, sides="both"):
     """Naive float64 K-FAC on one (in, out) kernel: explicit np.kron and solves."""
     d_in, d_out = grads[0].shape
     a_ema, g_ema = np.zeros((d_in, d_in)), np.zeros((d_out, d_out))
@@ -42,7 +42,7 @@ def kfac_reference(grads, a_seq, g_seq, *, b1, decay, damping, mode, freq, sides
             right = gh + dg * np.eye(d_out) if sides != "input" else np.eye(d_out)
             inv = np.linalg.inv(np.kron(left, right))
         u = (inv @ np.asarray(gr, np.float64).reshape(-1)).reshape(d_in, d_out)
-        mu = b1 * mu + (1 - b1) * u  # EMA momentum
+        mu = momentum * mu + (1 - momentum) * u  # EMA momentum, not bias-corrected
         out.append(mu)
     return out
 
@@ -62,7 +62,7 @@ def test_matches_dense_kron_reference(mode, freq, sides):
     d_in, d_out, n = 4, 3, 6
     a_seq, g_seq = _stats_seq(rng, d_in, d_out, n)
     grads = [rng.standard_normal((d_in, d_out)).astype(np.float32) for _ in range(n)]
-    hp = dict(b1=0.5, damping=1e-2)
+    hp = dict(momentum=0.5, damping=1e-2)
     tx = lo.scale_by_kfac(
         **hp, factor_decay=0.8, damping_mode=mode, precondition_frequency=freq, sides=sides
     )
@@ -91,7 +91,7 @@ def test_stacked_layers_and_conv_kernels():
     params = {"stack": jnp.zeros((2, 3, 2)), "conv": jnp.zeros((2, 2, 3, 2))}
     spec = {"stack": DN(((1,), (2,)), batch_axes=(0,)), "conv": DN(((0, 1, 2), (3,)))}
     tx = lo.scale_by_kfac(
-        b1=0.0, factor_decay=1.0, damping=0.0, damping_mode="absolute", dimension_numbers=spec
+        momentum=0.0, factor_decay=1.0, damping=0.0, damping_mode="absolute", dimension_numbers=spec
     )
     stats = {
         "stack": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)),
@@ -122,7 +122,7 @@ def test_one_step_with_unit_output_factor_is_least_squares():
     params = {"w": jnp.zeros((d_in, d_out), jnp.float32)}
     loss = lambda p: 0.5 * jnp.mean(jnp.sum((jnp.asarray(x, jnp.float32) @ p["w"] - y) ** 2, -1))
     stats = {"w": lo.KfacFactors(jnp.asarray(x.T @ x / n, jnp.float32), jnp.eye(d_out))}
-    tx = lo.kfac(1.0, b1=0.0, damping=0.0, damping_mode="absolute")
+    tx = lo.kfac(1.0, momentum=0.0, damping=0.0, damping_mode="absolute")
     u, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, kfac_stats=stats)
     w_ls = np.linalg.lstsq(x, y, rcond=None)[0]
     np.testing.assert_allclose(np.asarray(u["w"]), w_ls, rtol=2e-3, atol=2e-4)
@@ -130,7 +130,7 @@ def test_one_step_with_unit_output_factor_is_least_squares():
 
 def test_leaves_without_stats_use_the_damped_diagonal_fisher():
     params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-    tx = lo.scale_by_kfac(b1=0.0, b2=0.9, damping=1e-2)
+    tx = lo.scale_by_kfac(momentum=0.0, b2=0.9, damping=1e-2)
     g = {"w": jnp.ones((3, 2)), "b": jnp.asarray([0.5, -2.0])}
     u, _ = tx.update(g, tx.init(params), params, kfac_stats={"w": None, "b": None})
     for k in g:
@@ -182,7 +182,7 @@ def test_non_finite_stats_or_gradients_are_skipped_and_counted():
 
 
 INVALID = [
-    (dict(b1=1.0), "b1 must be in"),
+    (dict(momentum=1.0), "momentum must be in"),
     (dict(damping=-1.0), "damping must be >= 0"),
     (dict(factor_decay=1.5), "factor_decay must be in"),
     (dict(precondition_frequency=0), "precondition_frequency must be >= 1"),
@@ -198,6 +198,21 @@ def test_invalid_hyperparameters(kwargs, match):
         lo.kfac(0.1, **kwargs)
     with pytest.raises(ValueError, match="learning_rate"):
         lo.kfac(-0.1)
+
+
+def test_momentum_is_named_momentum_not_b1():
+    # K-FAC's momentum is an EMA of preconditioned steps without bias correction, not
+    # Adam's/optax's bias-corrected b1 (issue 14): the old name is gone, not aliased.
+    for factory, args in ((lo.kfac, (0.1,)), (lo.scale_by_kfac, ())):
+        with pytest.raises(TypeError, match="b1"):
+            factory(*args, b1=0.9)
+    params, stats = {"w": jnp.zeros((3, 2))}, {"w": lo.KfacFactors(jnp.eye(3), jnp.eye(2))}
+    tx = lo.scale_by_kfac(momentum=0.75, damping=0.0, damping_mode="absolute")
+    state = tx.init(params)
+    for t in range(2):
+        u, state = tx.update({"w": jnp.ones((3, 2))}, state, params, kfac_stats=stats)
+        # m_t = 1 - 0.75^t for constant unit steps: no 1 / (1 - 0.75^t) correction.
+        np.testing.assert_allclose(np.asarray(u["w"]), 1 - 0.75 ** (t + 1), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- biases and paths
@@ -216,7 +231,7 @@ def test_user_built_folded_bias_on_stacked_layers_matches_float64():
     params = {"stack": {"w": jnp.zeros((2, 3, 3)), "b": jnp.zeros((2, 3))}}
     dims = {"stack": {"w": DN(((1,), (2,)), batch_axes=(0,)), "b": lo.FoldedBias("stack/w")}}
     tx = lo.scale_by_kfac(
-        b1=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute", dimension_numbers=dims
+        momentum=0.0, factor_decay=0.0, damping=lam, damping_mode="absolute", dimension_numbers=dims
     )
     stats = {
         "stack": {
@@ -245,7 +260,7 @@ def test_flax_named_biases_are_folded_by_default():
         }
     }
     grads = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.asarray([1.0, -1.0])}}
-    tx = lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
+    tx = lo.scale_by_kfac(momentum=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
     u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
     want = np.linalg.solve(a, np.vstack([np.ones((3, 2)), [1.0, -1.0]]))
     np.testing.assert_allclose(u["dense"]["kernel"], want[:3], rtol=1e-4, atol=1e-6)
@@ -332,14 +347,18 @@ def test_deliberate_none_and_unseen_layers_keep_the_diagonal_fallback():
     # with its own factors is preconditioned by them.
     params, grads = _dense_layer()
     grads = jax.tree.map(lambda g: 0.5 * g, grads)
-    tx = lo.scale_by_kfac(b1=0.0, b2=0.0, damping=1e-2)
+    tx = lo.scale_by_kfac(momentum=0.0, b2=0.0, damping=1e-2)
     u, _ = tx.update(
         grads, tx.init(params), params, kfac_stats={"l": {"kernel": None, "bias": None}}
     )
     for v in jax.tree.leaves(u):
         np.testing.assert_allclose(v, 0.5 / (0.25 + 1e-2), rtol=1e-5)
     tx = lo.scale_by_kfac(
-        b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute", dimension_numbers=SEPARATE
+        momentum=0.0,
+        factor_decay=0.0,
+        damping=0.0,
+        damping_mode="absolute",
+        dimension_numbers=SEPARATE,
     )
     stats = {
         "l": {
@@ -394,7 +413,7 @@ def test_statistics_of_masked_leaves_are_not_stray():
         "v": lo.KfacFactors(jnp.eye(3), jnp.eye(2)),
     }
     tx = optax.masked(
-        lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute"),
+        lo.scale_by_kfac(momentum=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute"),
         {"w": True, "v": False},
     )
     grads = jax.tree.map(jnp.ones_like, params)
@@ -421,7 +440,7 @@ def test_small_damping_step_matches_float64_for_the_same_float32_factors(cond):
     a, b = (x.T @ x / n).astype(np.float32), (dl.T @ dl / n).astype(np.float32)
     g = (x.T @ dl / n).astype(np.float32)
     tx = lo.inject_hyperparams(lo.scale_by_kfac)(
-        b1=0.0, factor_decay=0.0, damping=1.0, damping_mode="absolute"
+        momentum=0.0, factor_decay=0.0, damping=1.0, damping_mode="absolute"
     )
     params = {"w": jnp.zeros((d_in, d_out))}
     stats = {"w": lo.KfacFactors(jnp.asarray(a), jnp.asarray(b))}
@@ -448,7 +467,7 @@ def test_multi_steps_accumulates_the_statistics_of_every_mini_step():
     d_in, d_out, k, rounds = 4, 3, 2, 2
     a_seq, g_seq = _stats_seq(rng, d_in, d_out, k * rounds)
     grads = [rng.standard_normal((d_in, d_out)).astype(np.float32) for _ in range(k * rounds)]
-    hp = dict(b1=0.5, factor_decay=0.8, damping=1e-2, damping_mode="pi")
+    hp = dict(momentum=0.5, factor_decay=0.8, damping=1e-2, damping_mode="pi")
     params = {"w": jnp.zeros((d_in, d_out))}
     as_stats = lambda a, g: {
         "w": lo.KfacFactors(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32))
@@ -498,7 +517,7 @@ def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted
     # Failure policy with stored Cholesky factors: a factor that is not positive
     # definite after damping (finite, so the statistics are accepted) fails to
     # factor; the previous factor is kept per block and the failure counted.
-    tx = lo.scale_by_kfac(b1=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
+    tx = lo.scale_by_kfac(momentum=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
     params = {"w": jnp.zeros((3, 2))}
     g = {"w": jnp.asarray(np.arange(6.0).reshape(3, 2), jnp.float32)}
     a1, b1 = np.diag([1.0, 2.0, 4.0]), np.array([[2.0, 0.5], [0.5, 1.0]])

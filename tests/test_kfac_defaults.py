@@ -36,7 +36,9 @@ def test_one_sided_kfac_with_default_damping_mode_is_the_papers_single_index_ste
 
     sgd = alignment(optax.sgd(1.0))
     for damping in (1e-2, 1e-3):
-        got = alignment(lo.kfac(1.0, b1=0.0, factor_decay=0.0, damping=damping, sides="input"))
+        got = alignment(
+            lo.kfac(1.0, momentum=0.0, factor_decay=0.0, damping=damping, sides="input")
+        )
         assert got >= 0.95, (damping, got, sgd)
     assert sgd < 0.65
 

@@ -163,7 +163,9 @@ class Method:
 
 def _kfac_paper(lr, sides: Literal["both", "input", "output"] = "both"):
     # The paper's stylized update: current-batch factors, absolute damping 1e-3, no momentum.
-    return lo.kfac(lr, b1=0.0, factor_decay=0.0, damping=1e-3, damping_mode="absolute", sides=sides)
+    return lo.kfac(
+        lr, momentum=0.0, factor_decay=0.0, damping=1e-3, damping_mode="absolute", sides=sides
+    )
 
 
 SGD_GRID = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -367,7 +369,12 @@ def single_index_direction(
         "batchnorm": lambda: optax.sgd(1.0),
         "adam": lambda: optax.adam(1.0),
         "kfac": lambda: lo.kfac(
-            1.0, b1=0.0, factor_decay=0.0, damping=damping, damping_mode="absolute", sides="input"
+            1.0,
+            momentum=0.0,
+            factor_decay=0.0,
+            damping=damping,
+            damping_mode="absolute",
+            sides="input",
         ),
     }
     capture = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
