@@ -7,7 +7,8 @@ The package is built in layers, each importing only those below it (see
   ``_distribute``, ``_axes``, ``_failure``, ``_kron``, ``_roles``;
 * algorithms, one module per paper: ``_shampoo``, ``_soap``, ``_kfac``,
   ``_muon``, ``_steepest``, ``_psgd``, and the pieces they share: ``_grafting``
-  (grafting, guarded Adam) and ``_factored`` (Shampoo's and SOAP's common phases);
+  (grafting, guarded Adam), ``_factored`` (Shampoo's and SOAP's common phases)
+  and ``_dual`` (Muon's and steepest descent's momentum and polar factors);
 * runtime: ``_registry`` (one entry per optimizer; the only runtime module that
   imports the algorithms), ``_inject``, ``_health``, ``_checkpoint``,
   ``_sharding``, ``_multi_steps``;

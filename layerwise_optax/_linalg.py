@@ -597,13 +597,37 @@ def inv_root_newton(
     """
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"p must be a positive int for the Newton iteration, got {p!r}.")
+    ad, s, ok, zero = _newton_operand(a, damping, relative_damping)
+    dtype = ad.dtype
+    root = symmetrize(_newton_root(ad, s, p, warm_start, max_iters, tol))
+    residual = _residual(root, ad, p)
+    zero_root = jnp.finfo(dtype).tiny ** (-1.0 / p) * _eye_like(ad)
+    root = jnp.where(zero[..., None, None], zero_root, root * (s ** (-1.0 / p))[..., None, None])
+    residual = jnp.where(zero, 0.0, residual)
+    nan = jnp.asarray(jnp.nan, dtype)
+    return jnp.where(ok[..., None, None], root, nan), jnp.where(ok, residual, nan)
+
+
+def _newton_operand(
+    a: jax.Array, damping: jax.typing.ArrayLike, relative_damping: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The damped, scaled matrices ``A' = A / s + delta I`` the Newton iteration runs on.
+
+    ``s = max |A_ij|`` (1 for a zero matrix): ``(A + delta I)^{-1/p} = s^{-1/p}
+    (A/s + delta/s I)^{-1/p}``, so the Frobenius norms and power iterations do
+    not overflow for entries above ~1e19 and the cold start behaves for tiny
+    ones. The same floor as the eigendecomposition path, ``eps ||A'||_F`` on the
+    diagonal, bounds the conditioning; an all-zero ``A'`` becomes ``I`` (its root
+    is set apart by the caller), a non-finite ``A`` becomes ``I`` too.
+
+    Returns:
+      ``(ad, s, ok, zero)``: ``A'`` in the compute dtype, the scales ``s``, the
+      finite-input flags and the all-zero flags, each of shape ``(...)``.
+    """
     dtype = _compute_dtype(a)
     a = symmetrize(a.astype(dtype))
     ok = _finite_matrices(a)
     a = jnp.where(ok[..., None, None], a, _eye_like(a))
-    # Iterate on A / s with s = max |A_ij|: (A + delta I)^{-1/p} = s^{-1/p} (A/s +
-    # delta/s I)^{-1/p}. Without it the Frobenius norms and power iterations below
-    # overflow for entries above ~1e19 and the cold start misbehaves for tiny ones.
     s = jnp.max(jnp.abs(a), axis=(-2, -1))
     s = jnp.where(s > 0, s, 1.0)
     a = a / s[..., None, None]
@@ -614,67 +638,80 @@ def inv_root_newton(
         else jnp.broadcast_to(damping, a.shape[:-2]) / s
     )
     ad = a + delta[..., None, None] * _eye_like(a)
-    # The same floor as the eigendecomposition path: eps * ||A'|| on the diagonal
-    # bounds the conditioning; an all-zero matrix is handled apart below.
     frob = jnp.linalg.norm(ad, axis=(-2, -1))
     zero = frob <= jnp.finfo(dtype).tiny
     ad = jnp.where(zero[..., None, None], _eye_like(ad), ad)
     ad = ad + (jnp.finfo(dtype).eps * frob)[..., None, None] * _eye_like(ad)
+    return ad, s, ok, zero
 
-    def iterate(x0: jax.Array, m0: jax.Array) -> jax.Array:
-        def one(x0, m0):
-            n = x0.shape[-1]
-            ident = jnp.eye(n, dtype=dtype)
 
-            def cond(c):
-                i, _, _, _, err, run = c
-                return (i < max_iters) & (err > tol) & run
+def _newton_root(
+    ad: jax.Array,
+    s: jax.Array,
+    p: int,
+    warm_start: jax.Array | None,
+    max_iters: int,
+    tol: float,
+) -> jax.Array:
+    """``A'^{-1/p}`` by :func:`_coupled_newton`, from the cold or the warm start.
 
-            def body(c):
-                i, x, m, _, err, _ = c
-                t = ((p + 1) * ident - m) / p
-                x_new = _mm(x, t)
-                m_new = _mm(matrix_power(t, p), m)
-                err_new = _max_abs(m_new - ident)
-                # The error may rise briefly before converging; stop once it has
-                # grown by more than 20% (Distributed Shampoo's rule).
-                return i + 1, x_new, m_new, x, err_new, err_new < 1.2 * err
-
-            err0 = _max_abs(m0 - ident)
-            init = (jnp.zeros([], jnp.int32), x0, m0, x0, err0, jnp.asarray(True))
-            _, x, _, x_prev, _, run = jax.lax.while_loop(cond, body, init)
-            # If the last step diverged, return the iterate before it.
-            return jnp.where(run, x, x_prev)
-
-        batch_shape = x0.shape[:-2]
-        n = x0.shape[-1]
-        flat = jax.vmap(one)(x0.reshape((-1, n, n)), m0.reshape((-1, n, n)))
-        return flat.reshape(batch_shape + (n, n))
-
+    Cold: ``z = (1 + p) / (2 ||A'||_F)``, ``X = z^{1/p} I``, ``M = z A'``. Warm:
+    ``X = X_0 s^{1/p}`` (the previous root of the unscaled matrix), ``M = X^p
+    A'``, accepted per matrix only where finite with true residual ``max |X^p A' -
+    I| < max(tol, 1e-3)``; the cold iteration runs only when some matrix needs it.
+    """
     z = (1.0 + p) / (2.0 * jnp.linalg.norm(ad, axis=(-2, -1)))
     x_cold0 = (z ** (1.0 / p))[..., None, None] * _eye_like(ad)
     m_cold0 = z[..., None, None] * ad
-
     if warm_start is None:
-        root = iterate(x_cold0, m_cold0)
-    else:
-        x_warm0 = symmetrize(warm_start.astype(dtype)) * (s ** (1.0 / p))[..., None, None]
-        warm_ok = _finite_matrices(x_warm0)
-        x_warm0 = jnp.where(warm_ok[..., None, None], x_warm0, x_cold0)
-        root_warm = iterate(x_warm0, _mm(matrix_power(x_warm0, p), ad))
-        warm_good = warm_ok & (_residual(root_warm, ad, p) < max(tol, 1e-3))
-        root = jax.lax.cond(
-            jnp.all(warm_good),
-            lambda: root_warm,
-            lambda: jnp.where(warm_good[..., None, None], root_warm, iterate(x_cold0, m_cold0)),
-        )
-    root = symmetrize(root)
-    residual = _residual(root, ad, p)
-    zero_root = jnp.finfo(dtype).tiny ** (-1.0 / p) * _eye_like(ad)
-    root = jnp.where(zero[..., None, None], zero_root, root * (s ** (-1.0 / p))[..., None, None])
-    residual = jnp.where(zero, 0.0, residual)
-    nan = jnp.asarray(jnp.nan, dtype)
-    return jnp.where(ok[..., None, None], root, nan), jnp.where(ok, residual, nan)
+        return _coupled_newton(x_cold0, m_cold0, p, max_iters, tol)
+    x_warm0 = symmetrize(warm_start.astype(ad.dtype)) * (s ** (1.0 / p))[..., None, None]
+    warm_ok = _finite_matrices(x_warm0)
+    x_warm0 = jnp.where(warm_ok[..., None, None], x_warm0, x_cold0)
+    root_warm = _coupled_newton(x_warm0, _mm(matrix_power(x_warm0, p), ad), p, max_iters, tol)
+    warm_good = warm_ok & (_residual(root_warm, ad, p) < max(tol, 1e-3))
+    return jax.lax.cond(
+        jnp.all(warm_good),
+        lambda: root_warm,
+        lambda: jnp.where(
+            warm_good[..., None, None],
+            root_warm,
+            _coupled_newton(x_cold0, m_cold0, p, max_iters, tol),
+        ),
+    )
+
+
+def _coupled_newton(x0: jax.Array, m0: jax.Array, p: int, max_iters: int, tol: float) -> jax.Array:
+    """The coupled iteration ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M``.
+
+    Per matrix of the ``(..., n, n)`` stacks ``x0``, ``m0``: runs until ``max |M -
+    I| < tol``, ``max_iters``, or the error grows by more than 20% in a step (it
+    may rise briefly before converging; Distributed Shampoo's rule), in which case
+    the iterate before that step is returned.
+    """
+    n = x0.shape[-1]
+    ident = jnp.eye(n, dtype=x0.dtype)
+
+    def cond(c):
+        i, _, _, _, err, run = c
+        return (i < max_iters) & (err > tol) & run
+
+    def body(c):
+        i, x, m, _, err, _ = c
+        t = ((p + 1) * ident - m) / p
+        x_new = _mm(x, t)
+        m_new = _mm(matrix_power(t, p), m)
+        err_new = _max_abs(m_new - ident)
+        return i + 1, x_new, m_new, x, err_new, err_new < 1.2 * err
+
+    def one(x0, m0):
+        err0 = _max_abs(m0 - ident)
+        init = (jnp.zeros([], jnp.int32), x0, m0, x0, err0, jnp.asarray(True))
+        _, x, _, x_prev, _, run = jax.lax.while_loop(cond, body, init)
+        return jnp.where(run, x, x_prev)
+
+    flat = jax.vmap(one)(x0.reshape((-1, n, n)), m0.reshape((-1, n, n)))
+    return flat.reshape(x0.shape[:-2] + (n, n))
 
 
 def eigenbasis(a: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _distribute, _failure, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _dual, _failure, _grafting, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -69,19 +69,147 @@ class ScaleByMuonState(NamedTuple):
     nu: Any = None
 
 
-class _Prepared(NamedTuple):
-    ok: Any
-    g32: Any
-    mu: Any
-    blocks: Any
+class _Config(NamedTuple):
+    """Static settings of one :func:`scale_by_muon` (they fix shapes and branches)."""
+
+    coeffs: Any
+    nesterov: bool
+    scaling: str
+    ns_dtype: Any
+    mu_dtype: Any
+    normuon: bool
+    distribute: bool
 
 
-class _LeafOut(NamedTuple):
-    update: Any
-    mu: Any
-    skipped: Any
-    nu: Any
-    failed: Any
+class _Hyper(NamedTuple):
+    """The float hyperparameters, as float32 arrays (one arithmetic for injected ones)."""
+
+    beta: jax.Array
+    eps: jax.Array
+    rms: jax.Array
+    neuron_eps: jax.Array
+    neuron_b2: jax.Array | None
+
+
+def _validate(
+    *,
+    ns_coeffs: Any,
+    ns_steps: int | None,
+    beta: Any,
+    eps: Any,
+    mu_dtype: Any,
+    nesterov: bool,
+    dimension_numbers: Any,
+    scaling: str,
+    rms: Any,
+    ns_dtype: Any,
+    roles: Any,
+    neuron_b2: Any,
+    neuron_eps: Any,
+    distribute: bool,
+) -> _Config:
+    """Checks :func:`scale_by_muon`'s arguments (``ValueError`` naming one) into a config."""
+    if dimension_numbers is not None:
+        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
+    if roles is not None:
+        _checks.tree_or_callable("roles", roles)
+    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
+    _checks.in_unit_interval("beta", beta)
+    _checks.non_negative("eps", eps)
+    _checks.one_of("scaling", scaling, _SCALINGS)
+    _checks.boolean("nesterov", nesterov)
+    _checks.non_negative("rms", rms)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
+    if neuron_b2 is not None:
+        _checks.in_unit_interval("neuron_b2", neuron_b2)
+    _checks.non_negative("neuron_eps", neuron_eps)
+    _checks.boolean("distribute", distribute)
+    coeffs = _linalg.ns_coefficients(ns_coeffs, 5 if ns_steps is None else ns_steps)
+    normuon = neuron_b2 is not None
+    return _Config(coeffs, nesterov, scaling, ns_dtype, mu_dtype, normuon, distribute)
+
+
+def _matrix_plans(dimension_numbers: Any, tree: Any) -> Any:
+    """The leaves' plans, each spec checked to be one matrix view (fan-in, fan-out).
+
+    Raises:
+      ValueError: For a spec without exactly two factor groups, naming the path.
+    """
+
+    def check(path, plan):
+        if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
+            if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
+                raise ValueError(
+                    f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: muon "
+                    f"needs exactly two factor groups (fan-in, fan-out), got "
+                    f"{tuple(plan.spec)}."
+                )
+        return plan
+
+    plans = _axes.resolve(
+        dimension_numbers, tree, max_precond_dim=_HUGE, block_size=None, merge_small_dims=False
+    )
+    return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_axes.is_plan_leaf)
+
+
+def _init_nu(x: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
+    """NorMuon's per-neuron moment: ``(slices, fan_out)`` zeros (0-d off the matrices)."""
+    if plan.spec is None:
+        return jnp.zeros([], jnp.float32)
+    return jnp.zeros((plan.stack, plan.dims[1]), jnp.float32)
+
+
+def _normalize_neurons(
+    o: jax.Array, nu: jax.Array, ok: jax.Array, hp: _Hyper
+) -> tuple[jax.Array, jax.Array]:
+    r"""NorMuon: ``v_j <- b_2 v_j + (1 - b_2) mean_i O_ij^2``, then ``O_ij / (sqrt(v_j) + eps)``.
+
+    ``o``: ``(slices, fan_in, fan_out)`` polar factors; ``nu``: the ``(slices,
+    fan_out)`` moments, kept where ``ok`` is false. Returns ``(o, nu)``.
+    """
+    o = o.astype(jnp.float32)
+    b2 = hp.neuron_b2
+    nu = _failure.keep(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
+    return o / (jnp.sqrt(nu)[:, None, :] + hp.neuron_eps), nu
+
+
+def _shape_scale(o: jax.Array, plan: _axes.LeafPlan, cfg: _Config, hp: _Hyper) -> jax.Array:
+    """``s(W) O`` for ``(slices, fan_in, fan_out)`` directions ``O``.
+
+    ``'width'``: ``s = sqrt(max(1, fan_out / fan_in))`` (optax's); ``'rms'``:
+    ``s = rms * sqrt(max(fan_in, fan_out))``, which gives ``U V^T`` RMS ``rms``
+    (Liu et al. 2025), except after NorMuon's per-neuron division, whose result
+    no longer has norm ``sqrt(min(m, n))``: each slice is then rescaled to RMS
+    ``rms`` by its measured norm; ``'none'``: ``s = 1``.
+    """
+    fan_in, fan_out = plan.dims[0], plan.dims[1]
+    if cfg.scaling == "width":
+        return o * max(1.0, fan_out / fan_in) ** 0.5
+    if cfg.scaling == "rms" and not cfg.normuon:
+        return o * (hp.rms * max(fan_in, fan_out) ** 0.5)
+    if cfg.scaling == "rms":
+        norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
+        return o * (hp.rms * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
+    return o
+
+
+def _leaf_step(g, plan, prep, polar, mu, nu=None, *, cfg: _Config, hp: _Hyper) -> _dual.Step:
+    """One leaf's Muon step from its momentum and polar factor (NorMuon, scaling, policy).
+
+    Leaves that are not matrices pass through. A polar factor that is not finite
+    gives the leaf a zero update and keeps its momentum and NorMuon moment
+    (:func:`layerwise_optax._dual.settle`).
+    """
+    if plan.spec is None:
+        zero = jnp.zeros([], jnp.int32)
+        return _dual.Step(g, mu, zero, zero, nu)
+    (o,) = polar
+    ok, failed = _dual.settle(o, prep)
+    if cfg.normuon:
+        o, nu = _normalize_neurons(o, nu, ok, hp)
+    update = plan.from_blocks(_shape_scale(o, plan, cfg, hp).astype(prep.g32.dtype))
+    return _dual.step(g, mu, prep, ok, failed, update, cfg.mu_dtype, nu)
 
 
 def scale_by_muon(
@@ -169,60 +297,18 @@ def scale_by_muon(
       Li et al., NorMuon: Making Muon more efficient and scalable, 2025 (the
       per-neuron second moment).
     """
-    if dimension_numbers is not None:
-        _checks.tree_or_callable("dimension_numbers", dimension_numbers)
-    if roles is not None:
-        _checks.tree_or_callable("roles", roles)
-    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
-    ns_steps = 5 if ns_steps is None else ns_steps
-    _checks.in_unit_interval("beta", beta)
-    _checks.non_negative("eps", eps)
-    _checks.one_of("scaling", scaling, _SCALINGS)
-    _checks.boolean("nesterov", nesterov)
-    _checks.non_negative("rms", rms)
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
-    if neuron_b2 is not None:
-        _checks.in_unit_interval("neuron_b2", neuron_b2)
-    _checks.non_negative("neuron_eps", neuron_eps)
-    _checks.boolean("distribute", distribute)
-    coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)  # validates the preset
+    cfg = _validate(**locals())  # every argument above, checked
     if dimension_numbers is None:
         dimension_numbers = _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
-
-    resolve = functools.partial(
-        _axes.resolve,
-        dimension_numbers,
-        max_precond_dim=_HUGE,
-        block_size=None,
-        merge_small_dims=False,
-    )
-
-    def plans_for(tree):
-        def check(path, plan):
-            if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
-                if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
-                    raise ValueError(
-                        f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: muon "
-                        f"needs exactly two factor groups (fan-in, fan-out), got "
-                        f"{tuple(plan.spec)}."
-                    )
-            return plan
-
-        return jax.tree_util.tree_map_with_path(check, resolve(tree), is_leaf=_axes.is_plan_leaf)
-
-    def init_nu(x, plan):
-        if plan.spec is None:
-            return jnp.zeros([], jnp.float32)
-        return jnp.zeros((plan.stack, plan.dims[1]), jnp.float32)
+    plans_for = functools.partial(_matrix_plans, dimension_numbers)
 
     def init_fn(params):
         plans = plans_for(params)  # validates the specs, naming paths
         return ScaleByMuonState(
             count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            mu=optax.tree.zeros_like(params, dtype=cfg.mu_dtype),
             failures=_failure.zeros(),
-            nu=None if neuron_b2 is None else _axes.map_leaves(init_nu, plans, params),
+            nu=_axes.map_leaves(_init_nu, plans, params) if cfg.normuon else None,
         )
 
     def update_fn(updates, state, params=None):
@@ -230,84 +316,33 @@ def scale_by_muon(
         with jax.named_scope("layerwise_optax.muon"):
             plans = plans_for(updates)
             count_inc = optax.safe_increment(state.count)
-            # One arithmetic for plain and injected hyperparameters (float32 first).
-            beta_, eps_, rms_, neuron_eps_ = _checks.hyperparameters(beta, eps, rms, neuron_eps)
+            hp = _Hyper(
+                *_checks.hyperparameters(beta, eps, rms, neuron_eps),
+                neuron_b2=_checks.hyperparameters(neuron_b2)[0] if cfg.normuon else None,
+            )
 
-            def prepare(g, plan, mu):
+            def momentum(g, plan, mu):
                 if plan.spec is None:
                     return None
-                ok, g32, mu_new, m_hat = _grafting.guarded_momentum(
-                    g, mu, beta_, count_inc, nesterov
-                )
-                return _Prepared(ok, g32, mu_new, plan.to_blocks(m_hat))
+                return _dual.momentum(g, mu, hp.beta, count_inc, cfg.nesterov, plan=plan)
 
-            prepared = _axes.map_leaves(prepare, plans, updates, state.mu)
-            # Newton-Schulz on every matrix: same-shaped blocks of all leaves in one
-            # batch each, split over the devices of the mesh when there is one (each
-            # matrix orthogonalized on one device, no collective inside the
-            # iteration). m_hat is finite: the gradient was zeroed if not, and the
-            # momentum only ever holds finite values.
-            prep_leaves = jax.tree.structure(plans, is_leaf=_axes.is_plan_leaf).flatten_up_to(
-                prepared
+            prepared = _axes.map_leaves(momentum, plans, updates, state.mu)
+            polar = _dual.polar_factors(
+                plans,
+                prepared,
+                cfg.coeffs,
+                eps=hp.eps,
+                ns_dtype=cfg.ns_dtype,
+                distribute=cfg.distribute,
             )
-            items = [
-                ((p.blocks.shape[1:], p.blocks.dtype), (p.blocks,))
-                for p in prep_leaves
-                if isinstance(p, _Prepared)
-            ]
-
-            def orthogonalize(key):
-                return lambda x: _linalg.newton_schulz(
-                    x, coeffs, eps=eps_, compute_dtype=ns_dtype, check_finite=False
-                )
-
-            ortho = iter(_distribute.grouped(items, orthogonalize, enabled=distribute))
-            os_tree = jax.tree.unflatten(
-                jax.tree.structure(plans, is_leaf=_axes.is_plan_leaf),
-                [next(ortho) if isinstance(p, _Prepared) else None for p in prep_leaves],
-            )
-
-            def leaf(g, plan, prep, o, mu, nu=None):
-                zero = jnp.zeros([], jnp.int32)
-                if plan.spec is None:
-                    return _LeafOut(g, mu, zero, nu, zero)
-                ok, g32, mu_new = prep.ok, prep.g32, prep.mu
-                # Failure policy: an orthogonalization that is not finite gives this
-                # leaf a zero update and leaves its momentum and moments as they were.
-                o_ok = jnp.all(jnp.isfinite(o))
-                failed = (ok & ~o_ok).astype(jnp.int32)
-                ok = ok & o_ok
-                mu_new = jnp.where(ok, mu_new, mu.astype(mu_new.dtype))
-                o = jnp.where(o_ok, o, 0)
-                fan_in, fan_out = plan.dims[0], plan.dims[1]
-                if neuron_b2 is not None:
-                    o = o.astype(jnp.float32)
-                    b2 = jnp.asarray(neuron_b2, jnp.float32)
-                    nu = jnp.where(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
-                    o = o / (jnp.sqrt(nu)[:, None, :] + neuron_eps_)
-                if scaling == "width":
-                    o = o * max(1.0, fan_out / fan_in) ** 0.5
-                elif scaling == "rms" and neuron_b2 is None:
-                    o = o * (rms_ * max(fan_in, fan_out) ** 0.5)
-                elif scaling == "rms":
-                    # After the per-neuron division the norm is no longer sqrt(min(m, n)):
-                    # rescale each slice to RMS ``rms`` by its measured norm (NorMuon).
-                    norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
-                    o = o * (rms_ * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
-                u = jnp.where(ok, plan.from_blocks(o.astype(g32.dtype)), 0).astype(g.dtype)
-                return _LeafOut(u, mu_new, (~ok).astype(jnp.int32) - failed, nu, failed)
-
+            leaf = functools.partial(_leaf_step, cfg=cfg, hp=hp)
             nus = () if state.nu is None else (state.nu,)
-            out = _axes.map_leaves(leaf, plans, updates, prepared, os_tree, state.mu, *nus)
-            mu = _axes.unzip(out, "mu")
-            skipped = sum(jax.tree.leaves(_axes.unzip(out, "skipped")), jnp.zeros([], jnp.int32))
-            failed = sum(jax.tree.leaves(_axes.unzip(out, "failed")), jnp.zeros([], jnp.int32))
-            return _axes.unzip(out, "update"), ScaleByMuonState(
+            out = _axes.map_leaves(leaf, plans, updates, prepared, polar, state.mu, *nus)
+            new_updates, mu, failures = _dual.collect(out, state.failures)
+            return new_updates, ScaleByMuonState(
                 count=count_inc,
-                mu=optax.tree.cast(mu, mu_dtype)
-                if mu_dtype is not None
-                else optax.tree.cast_like(mu, state.mu),
-                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
+                mu=mu,
+                failures=failures,
                 nu=None if state.nu is None else _axes.unzip(out, "nu"),
             )
 

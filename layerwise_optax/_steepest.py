@@ -28,6 +28,7 @@ The norms (``d`` for a leaf ``g``; matrices in Flax ``(fan_in, fan_out)`` layout
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _dual, _failure, _linalg, _roles
 
 _STATIC_ARGS = (
     "norms",
@@ -106,19 +107,19 @@ def dual_map(
     norm: str,
     *,
     plan: _axes.LeafPlan | None = None,
-    coeffs: jax.Array | None = None,
-    ns_dtype: Any = None,
+    polar: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Unit-norm steepest-descent direction of ``g`` and the dual norm ``||g||_*``.
 
-    ``plan`` (a two-group matrix view) and ``coeffs`` are needed by the spectral
-    norms. Zero gradients give zero directions.
+    The spectral norms need ``plan`` (a two-group matrix view) and ``polar``, the
+    polar factors ``U V^T`` of ``plan.to_blocks(g)`` (``(stack, m, n)``, from
+    :func:`layerwise_optax._dual.polar_factors`, which batches them over all
+    leaves). Zero gradients give zero directions.
     """
     g = g.astype(jnp.float32)
     if norm in _SPECTRAL:
         blocks = plan.to_blocks(g)
-        d = _linalg.newton_schulz(blocks, coeffs, compute_dtype=ns_dtype, check_finite=False)
-        d = d.astype(jnp.float32)
+        d = polar.astype(jnp.float32)
         # Dual of the spectral norm: the nuclear norm <g, U V^T>, summed over slices.
         dual = jnp.sum(blocks * d)
         if norm == "rms_spectral":
@@ -137,6 +138,107 @@ def dual_map(
     if norm == "l2":
         return _safe_div(g, l2), l2
     return g, jnp.sum(g * g) ** 0.5  # 'none'
+
+
+class _Config(NamedTuple):
+    """Static settings of one :func:`scale_by_steepest_descent`."""
+
+    table: dict[str, str]  # role -> norm
+    scales: dict[str, float]  # role -> multiplier (else default_scale)
+    coeffs: Any
+    nesterov: bool
+    dual_scale: bool
+    ns_dtype: Any
+    mu_dtype: Any
+
+
+def _validate(
+    norms: Any,
+    scales: Any,
+    roles: Any,
+    beta: Any,
+    nesterov: bool,
+    dual_scale: bool,
+    ns_coeffs: Any,
+    ns_steps: int | None,
+    ns_dtype: Any,
+    mu_dtype: Any,
+) -> _Config:
+    """Checks :func:`scale_by_steepest_descent`'s arguments into a config.
+
+    Raises:
+      TypeError: ``norms`` or ``scales`` not a mapping.
+      ValueError: An unknown role or norm, a negative scale, a bad ``beta`` or
+        ``ns_steps`` (naming the argument and value).
+    """
+    for arg, value in (("norms", norms), ("scales", scales)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{arg} must be a dict from role to value, got {type(value).__name__} {value!r}."
+            )
+    table = dict(DEFAULT_NORMS)
+    for role, norm in (norms or {}).items():
+        _checks.one_of("norms key", role, _roles.ROLES)
+        _checks.one_of(f"norms[{role!r}]", norm, NORMS)
+        table[role] = norm
+    scales = dict(scales or {})
+    for role, s in scales.items():
+        _checks.one_of("scales key", role, _roles.ROLES)
+        _checks.non_negative(f"scales[{role!r}]", s)
+    if roles is not None:
+        _checks.tree_or_callable("roles", roles)
+    _checks.in_unit_interval("beta", beta)
+    _checks.boolean("nesterov", nesterov)
+    _checks.boolean("dual_scale", dual_scale)
+    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
+    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
+    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
+    coeffs = _linalg.ns_coefficients(ns_coeffs, 5 if ns_steps is None else ns_steps)
+    return _Config(table, scales, coeffs, nesterov, dual_scale, ns_dtype, mu_dtype)
+
+
+def _plans(tree: Any, tree_roles: Any, cfg: _Config) -> Any:
+    """Per leaf its plan: the matrix view for a spectral norm, else no factors.
+
+    Raises:
+      ValueError: A spectral norm on a leaf that is not a matrix, or ``row_l2``
+        on one without rows, naming the leaf's path and shape.
+    """
+
+    def spec(path, x, role):
+        if _axes.is_masked(x):
+            return None
+        shape, norm, where = tuple(x.shape), cfg.table[role], _roles.path_string(path)
+        if norm in _SPECTRAL:
+            spec = _roles.matrix_dimension_numbers(role, shape, path)
+            if spec is None:
+                raise ValueError(
+                    f"param {where} with shape {shape} and role {role!r}: norm {norm!r} "
+                    "needs a matrix (role matrix, conv, stacked, embedding or head)."
+                )
+            return spec
+        if norm == "row_l2" and len(shape) < 2:
+            raise ValueError(f"param {where} with shape {shape}: norm 'row_l2' needs rows.")
+        return None
+
+    specs = jax.tree_util.tree_map_with_path(spec, tree, tree_roles, is_leaf=_axes.is_masked)
+    return _axes.resolve(
+        specs, tree, max_precond_dim=_HUGE, block_size=None, merge_small_dims=False
+    )
+
+
+def _leaf_step(g, plan, prep, polar, mu, role, *, cfg: _Config) -> _dual.Step:
+    """One leaf's step: ``c_role d(\\hat M_t)`` (times ``||\\hat M_t||_*`` with ``dual_scale``).
+
+    A direction that is not finite gives the leaf a zero update and keeps its
+    momentum (:func:`layerwise_optax._dual.settle`).
+    """
+    d, dual = dual_map(prep.m_hat, cfg.table[role], plan=plan, polar=polar[0])
+    if cfg.dual_scale:
+        d = d * dual
+    ok, failed = _dual.settle(d, prep)
+    scale = float(cfg.scales.get(role, default_scale(role, plan.shape)))
+    return _dual.step(g, mu, prep, ok, failed, d * scale, cfg.mu_dtype)
 
 
 def scale_by_steepest_descent(
@@ -196,105 +298,45 @@ def scale_by_steepest_descent(
         ``ns_steps``; at ``init`` for a spectral norm on a leaf that is not a
         matrix (naming its path).
     """
-    for arg, value in (("norms", norms), ("scales", scales)):
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(
-                f"{arg} must be a dict from role to value, got {type(value).__name__} {value!r}."
-            )
-    table = dict(DEFAULT_NORMS)
-    for role, norm in (norms or {}).items():
-        _checks.one_of("norms key", role, _roles.ROLES)
-        _checks.one_of(f"norms[{role!r}]", norm, NORMS)
-        table[role] = norm
-    scales = dict(scales or {})
-    for role, s in scales.items():
-        _checks.one_of("scales key", role, _roles.ROLES)
-        _checks.non_negative(f"scales[{role!r}]", s)
-    if roles is not None:
-        _checks.tree_or_callable("roles", roles)
-    _checks.in_unit_interval("beta", beta)
-    _checks.boolean("nesterov", nesterov)
-    _checks.boolean("dual_scale", dual_scale)
-    _checks.positive_int("ns_steps", ns_steps, allow_none=True)
-    ns_steps = 5 if ns_steps is None else ns_steps
-    mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    ns_dtype = _checks.canonicalize_dtype(ns_dtype, "ns_dtype")
-    coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)
-
-    def leaf_setup(tree):
-        """Per leaf: (norm, scale, plan or None); static, from shapes and roles."""
-        tree_roles = _roles.resolve_roles(roles, tree)
-        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)
-        paths = [k for k, _ in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_axes.is_masked)]
-        out = []
-        for path, x, role in zip(paths, leaves, treedef.flatten_up_to(tree_roles)):
-            if _axes.is_masked(x):
-                out.append(None)
-                continue
-            shape = tuple(x.shape)
-            norm = table[role]
-            plan = None
-            where = _roles.path_string(path)
-            if norm in _SPECTRAL:
-                spec = _roles.matrix_dimension_numbers(role, shape, path)
-                if spec is None:
-                    raise ValueError(
-                        f"param {where} with shape {shape} and role {role!r}: norm {norm!r} "
-                        "needs a matrix (role matrix, conv, stacked, embedding or head)."
-                    )
-                spec = _axes.normalize(spec, shape, where)
-                plan = _axes.make_plan(shape, spec, max_precond_dim=_HUGE, block_size=None)
-            elif norm == "row_l2" and len(shape) < 2:
-                raise ValueError(f"param {where} with shape {shape}: norm 'row_l2' needs rows.")
-            scale = scales.get(role, default_scale(role, shape))
-            out.append((norm, float(scale), plan))
-        return treedef, out
+    cfg = _validate(
+        norms, scales, roles, beta, nesterov, dual_scale, ns_coeffs, ns_steps, ns_dtype, mu_dtype
+    )
 
     def init_fn(params):
-        leaf_setup(params)  # validates norms against shapes, naming paths
+        _plans(params, _roles.resolve_roles(roles, params), cfg)  # validates, naming paths
         return ScaleBySteepestDescentState(
             count=jnp.zeros([], jnp.int32),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            mu=optax.tree.zeros_like(params, dtype=cfg.mu_dtype),
             failures=_failure.zeros(),
         )
 
     def update_fn(updates, state, params=None):
         del params
         with jax.named_scope("layerwise_optax.steepest_descent"):
-            treedef, setup = leaf_setup(updates)
+            tree_roles = _roles.resolve_roles(roles, updates)
+            plans = _plans(updates, tree_roles, cfg)
             count_inc = optax.safe_increment(state.count)
-            beta_ = jnp.asarray(beta, jnp.float32)
-            gs = treedef.flatten_up_to(updates)
-            mus = treedef.flatten_up_to(state.mu)
-            new_u, new_mu = [], []
-            skipped = failed = jnp.zeros([], jnp.int32)
-            for g, mu, s in zip(gs, mus, setup):
-                if s is None:
-                    new_u.append(g)
-                    new_mu.append(mu)
-                    continue
+            (beta_,) = _checks.hyperparameters(beta)
 
-                def one(g, setup, mu):
-                    norm, scale, plan = setup
-                    ok, _, m, m_hat = _grafting.guarded_momentum(g, mu, beta_, count_inc, nesterov)
-                    d, dual = dual_map(m_hat, norm, plan=plan, coeffs=coeffs, ns_dtype=ns_dtype)
-                    if dual_scale:
-                        d = d * dual
-                    d_ok = jnp.all(jnp.isfinite(d))
-                    m = jnp.where(ok & d_ok, m, mu.astype(m.dtype))
-                    u = jnp.where(ok & d_ok, d * scale, 0).astype(g.dtype)
-                    return u, m.astype(mu_dtype or mu.dtype), ~ok, ok & ~d_ok
+            def momentum(g, plan, mu, role):
+                return _dual.momentum(
+                    g,
+                    mu,
+                    beta_,
+                    count_inc,
+                    cfg.nesterov,
+                    plan=plan if cfg.table[role] in _SPECTRAL else None,
+                    dtype=jnp.float32,
+                )
 
-                u, m, bad, fail = _axes.on_gathered(one, g, s, mu)
-                new_u.append(u)
-                new_mu.append(m)
-                skipped = skipped + bad.astype(jnp.int32)
-                failed = failed + fail.astype(jnp.int32)
-            return treedef.unflatten(new_u), ScaleBySteepestDescentState(
-                count=count_inc,
-                mu=treedef.unflatten(new_mu),
-                failures=_failure.add(state.failures, skipped=skipped, failed=failed),
+            prepared = _axes.map_leaves(momentum, plans, updates, state.mu, tree_roles)
+            polar = _dual.polar_factors(
+                plans, prepared, cfg.coeffs, eps=None, ns_dtype=cfg.ns_dtype, distribute=False
             )
+            leaf = functools.partial(_leaf_step, cfg=cfg)
+            out = _axes.map_leaves(leaf, plans, updates, prepared, polar, state.mu, tree_roles)
+            new_updates, mu, failures = _dual.collect(out, state.failures)
+            return new_updates, ScaleBySteepestDescentState(count_inc, mu, failures)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -27,12 +27,14 @@ LAYERS = {
     # viewed as one: a per-leaf plan decision that Muon and steepest descent use).
     "core": {"_checks", "_linalg", "_distribute", "_axes", "_failure", "_kron", "_roles", "linalg"},
     # One module per paper, written against the core, plus the pieces families
-    # share: ``_grafting`` (grafting, guarded Adam) and ``_factored`` (the phases
-    # Shampoo and SOAP both run). Algorithms may import those and nothing else of
+    # share: ``_grafting`` (grafting, guarded Adam), ``_factored`` (the phases
+    # Shampoo and SOAP both run) and ``_dual`` (Muon's and steepest descent's
+    # guarded momentum and batched polar factors). Algorithms may import those and nothing else of
     # their layer.
     "algorithms": {
         "_grafting",
         "_factored",
+        "_dual",
         "_shampoo",
         "_soap",
         "_kfac",
@@ -52,7 +54,7 @@ LAYERS = {
 SUPPORT = {"_optional", "_io"}
 
 # Algorithms may import these algorithm modules (shared pieces, not a family).
-SHARED_ALGORITHM_MODULES = {"_grafting", "_factored"}
+SHARED_ALGORITHM_MODULES = {"_grafting", "_factored", "_dual"}
 
 # (importer, imported) -> why the layering allows it.
 EXCEPTIONS = {

@@ -50,6 +50,7 @@ Output-gradient modes:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -535,29 +536,10 @@ def kfac_value_and_grad(
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
     _checks.boolean("fold_biases", fold_biases)
-    if statistics not in _MODES:
-        raise ValueError(f"Unknown statistics {statistics!r}; expected one of {sorted(_MODES)}.")
-    if isinstance(loss, str):
-        if loss not in _LOSSES:
-            raise ValueError(
-                f"Unknown loss {loss!r}; expected one of {sorted(_LOSSES)} or a callable."
-            )
-        loss_name = loss
-        loss_fn = mse if loss == "mse" else softmax_cross_entropy
-    elif callable(loss):
-        if statistics != "empirical":
-            raise ValueError(
-                f"statistics={statistics!r} needs loss='mse' or 'softmax_cross_entropy'."
-            )
-        loss_name, loss_fn = None, loss
-    else:
-        raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
-    if statistics == "gauss_newton" and loss_name != "mse":
-        raise ValueError("statistics='gauss_newton' is implemented for loss='mse' only.")
-    fisher = statistics == "fisher"
+    loss_name, loss_fn = _loss_for(loss, statistics)
 
     def fn(model, inputs, targets, key=None):
-        if fisher and key is None:
+        if statistics == "fisher" and key is None:
             raise ValueError(
                 "statistics='fisher' needs a PRNG key: f(model, inputs, targets, key=key)."
             )
@@ -582,42 +564,96 @@ def kfac_value_and_grad(
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_pass.output_shapes.items()}
         n = jax.tree.leaves(inputs)[0].shape[0]
-
         if statistics == "empirical":
-
-            def objective(p, e):
-                outputs, feats = forward(p, e)
-                return loss_fn(outputs, targets), feats
-
-            (value, feats), (grads, out_grads) = jax.value_and_grad(
-                objective, argnums=(0, 1), has_aux=True
-            )(params, zeros)
-            deltas = jax.tree.map(lambda d: n * d[None], out_grads)
-        elif fisher:
-            # Checked above: a callable loss is empirical only, and fisher needs a key.
-            assert loss_name is not None and key is not None
-            kind, fisher_key = loss_name, key
-
-            def fisher_objective(p, e):
-                outputs, feats = forward(p, e)
-                sampled = _sample_labels(kind, outputs, fisher_key)
-                return (loss_fn(outputs, targets), loss_fn(outputs, sampled)), feats
-
-            (value, _), pullback, feats = jax.vjp(fisher_objective, params, zeros, has_aux=True)
-            one, zero = jnp.ones_like(value), jnp.zeros_like(value)
-            grads, _ = pullback((one, zero))
-            _, out_grads = pullback((zero, one))
-            deltas = jax.tree.map(lambda d: n * d[None], out_grads)
-        else:  # exact Gauss-Newton for the squared error
-            outputs, pullback, feats = jax.vjp(forward, params, zeros, has_aux=True)
-            value, d_out = jax.value_and_grad(loss_fn)(outputs, targets)
-            grads, _ = pullback(d_out)
-            units = outputs.shape[-1]
-            basis = jnp.broadcast_to(
-                jnp.eye(units, dtype=outputs.dtype)[:, None], (units,) + outputs.shape
+            value, grads, feats, deltas = _empirical(forward, params, zeros, loss_fn, targets, n)
+        elif statistics == "fisher":
+            sample = functools.partial(_sample_labels, loss_name, key=key)
+            value, grads, feats, deltas = _fisher(
+                forward, params, zeros, loss_fn, targets, sample, n
             )
-            # Per-example Jacobian rows J_i^T e_k of every layer output, for each unit k.
-            deltas = jax.vmap(lambda ct: pullback(ct)[1])(basis)
+        else:
+            value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
         return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases)
 
     return fn
+
+
+def _loss_for(loss: Any, statistics: str) -> tuple[str | None, Callable]:
+    """``(name or None, loss function)`` of ``kfac_value_and_grad``'s ``loss``, checked.
+
+    Raises:
+      ValueError: An unknown loss or statistics mode, or a mode the loss does not
+        support (``'fisher'`` and ``'gauss_newton'`` need a built-in loss, and
+        ``'gauss_newton'`` the squared error).
+    """
+    if statistics not in _MODES:
+        raise ValueError(f"Unknown statistics {statistics!r}; expected one of {sorted(_MODES)}.")
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(
+                f"Unknown loss {loss!r}; expected one of {sorted(_LOSSES)} or a callable."
+            )
+        loss_name, loss_fn = loss, (mse if loss == "mse" else softmax_cross_entropy)
+    elif callable(loss):
+        if statistics != "empirical":
+            raise ValueError(
+                f"statistics={statistics!r} needs loss='mse' or 'softmax_cross_entropy'."
+            )
+        loss_name, loss_fn = None, loss
+    else:
+        raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
+    if statistics == "gauss_newton" and loss_name != "mse":
+        raise ValueError("statistics='gauss_newton' is implemented for loss='mse' only.")
+    return loss_name, loss_fn
+
+
+def _empirical(forward, params, zeros, loss_fn, targets, n):
+    """Empirical statistics: ``B`` from the per-example output gradients of the true loss.
+
+    The gradient of the mean loss with respect to each layer's output
+    perturbation is ``1/n`` times the per-example gradient, hence the factor
+    ``n``. Returns ``(loss, grads, layer inputs, output gradients (1, n, ...))``.
+    """
+
+    def objective(p, e):
+        outputs, feats = forward(p, e)
+        return loss_fn(outputs, targets), feats
+
+    (value, feats), (grads, out_grads) = jax.value_and_grad(
+        objective, argnums=(0, 1), has_aux=True
+    )(params, zeros)
+    return value, grads, feats, jax.tree.map(lambda d: n * d[None], out_grads)
+
+
+def _fisher(forward, params, zeros, loss_fn, targets, sample, n):
+    """Fisher statistics: ``B`` from the output gradients of the loss on sampled labels.
+
+    One forward pass, two pullbacks: the true loss's gradient for the parameters,
+    the sampled loss's (labels drawn by ``sample(outputs)`` from the model's
+    predictive distribution) for the statistics. Returns as :func:`_empirical`.
+    """
+
+    def objective(p, e):
+        outputs, feats = forward(p, e)
+        return (loss_fn(outputs, targets), loss_fn(outputs, sample(outputs))), feats
+
+    (value, _), pullback, feats = jax.vjp(objective, params, zeros, has_aux=True)
+    one, zero = jnp.ones_like(value), jnp.zeros_like(value)
+    grads, _ = pullback((one, zero))
+    _, out_grads = pullback((zero, one))
+    return value, grads, feats, jax.tree.map(lambda d: n * d[None], out_grads)
+
+
+def _gauss_newton(forward, params, zeros, loss_fn, targets):
+    """Exact Gauss-Newton statistics for the squared error: ``B = E[J^T J]``.
+
+    One pullback per output unit ``k`` (vectorized) gives every layer's
+    per-example Jacobian rows ``J_i^T e_k``. Returns ``(loss, grads, layer
+    inputs, Jacobian rows (units, n, ...))``.
+    """
+    outputs, pullback, feats = jax.vjp(forward, params, zeros, has_aux=True)
+    value, d_out = jax.value_and_grad(loss_fn)(outputs, targets)
+    grads, _ = pullback(d_out)
+    units = outputs.shape[-1]
+    basis = jnp.broadcast_to(jnp.eye(units, dtype=outputs.dtype)[:, None], (units,) + outputs.shape)
+    return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(basis)

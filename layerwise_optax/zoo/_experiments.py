@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -390,74 +391,9 @@ def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dic
       and ridge per ``kappa`` (``'random_features'``: no step, ``c = 0``).
     """
     bar = _Progress(estimate_single_index_seconds(config), "single-index", progress)
-    compiled: set[tuple[str, int]] = set()
-
-    def one(kappa: float, n: int, seed: int, method: str, with_ridge: bool):
-        key = jax.random.key(seed)
-        problem = si_.single_index_problem(key, d=config.d, kappa=kappa, noise=config.noise)
-        fn = _train.single_index_direction(
-            method, n=n, d=config.d, width=config.width, damping=config.damping
-        )
-        out = {
-            k: np.asarray(v, np.float64) for k, v in fn(problem, jax.random.fold_in(key, 1)).items()
-        }
-        d_eff = out["direction"] * out["scale"][None, :]
-        align = si_.alignment(si_.top_right_singular_vector(d_eff), problem.beta)
-        result = {"alignment": align}
-        cost = _si_direction_cost(config, n)
-        if (method, n) not in compiled:
-            compiled.add((method, n))
-            cost += _SI_COMPILE_S
-        if with_ridge:
-            result.update(_ridge_after_step(problem, out, config, jax.random.fold_in(key, 2)))
-            cost += _si_ridge_cost(config)
-        bar.update(cost)
-        return problem, result
-
-    vs_kappa: dict[str, Any] = {m: [] for m in config.methods}
-    per_seed_kappa: dict[str, Any] = {m: [] for m in config.methods}
-    test_loss: dict[str, Any] = {m: [] for m in (*config.methods, "random_features")}
-    theory_k = {"theory_sgd": [], "theory_kfac": [], "sgd_limit": []}
-    for kappa in config.kappas:
-        align = {m: [] for m in config.methods}
-        losses = {m: [] for m in (*config.methods, "random_features")}
-        th = {"theory_sgd": [], "theory_kfac": [], "sgd_limit": []}
-        for seed in range(config.seeds):
-            for method in config.methods:
-                problem, r = one(kappa, config.n, seed, method, True)
-                align[method].append(r["alignment"])
-                losses[method].append(r["test_loss"])
-                if method == "sgd":
-                    losses["random_features"].append(r["test_loss_no_step"])
-            t = si_.alignment_theory(problem, config.n)
-            th["theory_sgd"].append(t["sgd"])
-            th["theory_kfac"].append(t["kfac"])
-            th["sgd_limit"].append(t["sgd_limit"])
-        for m in config.methods:
-            vs_kappa[m].append(float(np.mean(align[m])))
-            per_seed_kappa[m].append(align[m])
-        for m, v in losses.items():
-            test_loss[m].append(float(np.mean(v)))
-        for k_, v in th.items():
-            theory_k[k_].append(float(np.nanmean(v)))
-
-    vs_n: dict[str, Any] = {m: [] for m in config.methods}
-    theory_n = {"theory_sgd": [], "theory_kfac": [], "sgd_limit": []}
-    for n in config.ns:
-        align = {m: [] for m in config.methods}
-        th = {"theory_sgd": [], "theory_kfac": [], "sgd_limit": []}
-        for seed in range(config.seeds):
-            for method in config.methods:
-                problem, r = one(config.n_kappa, n, seed, method, False)
-                align[method].append(r["alignment"])
-            t = si_.alignment_theory(problem, n)
-            th["theory_sgd"].append(t["sgd"])
-            th["theory_kfac"].append(t["kfac"])
-            th["sgd_limit"].append(t["sgd_limit"])
-        for m in config.methods:
-            vs_n[m].append(float(np.mean(align[m])))
-        for k_, v in th.items():
-            theory_n[k_].append(_json_float(float(np.mean(v))))
+    trial = functools.partial(_si_trial, config, bar, set())
+    vs_kappa, per_seed_kappa, test_loss, theory_k = _si_kappa_sweep(config, trial)
+    vs_n, theory_n = _si_n_sweep(config, trial)
     bar.close()
     return {
         "settings": dataclasses.asdict(config),
@@ -466,6 +402,98 @@ def run_single_index(config: SingleIndexConfig, *, progress: bool = True) -> dic
         "alignment_vs_n": {**vs_n, **theory_n},
         "test_loss": test_loss,
     }
+
+
+_SI_THEORY = ("theory_sgd", "theory_kfac", "sgd_limit")
+
+
+def _si_trial(
+    config: SingleIndexConfig,
+    bar: _Progress,
+    compiled: set[tuple[str, int]],
+    kappa: float,
+    n: int,
+    seed: int,
+    method: str,
+    with_ridge: bool,
+) -> tuple[Any, dict[str, float]]:
+    """One seed of one method: the first-layer step's spike alignment (and ridge test loss).
+
+    Returns ``(problem, result)`` with ``result['alignment']`` and, ``with_ridge``,
+    the test losses of :func:`_ridge_after_step`; advances ``bar`` by the
+    estimated cost (plus compilation the first time a ``(method, n)`` is seen).
+    """
+    key = jax.random.key(seed)
+    problem = si_.single_index_problem(key, d=config.d, kappa=kappa, noise=config.noise)
+    fn = _train.single_index_direction(
+        method, n=n, d=config.d, width=config.width, damping=config.damping
+    )
+    out = {k: np.asarray(v, np.float64) for k, v in fn(problem, jax.random.fold_in(key, 1)).items()}
+    d_eff = out["direction"] * out["scale"][None, :]
+    result = {"alignment": si_.alignment(si_.top_right_singular_vector(d_eff), problem.beta)}
+    cost = _si_direction_cost(config, n)
+    if (method, n) not in compiled:
+        compiled.add((method, n))
+        cost += _SI_COMPILE_S
+    if with_ridge:
+        result.update(_ridge_after_step(problem, out, config, jax.random.fold_in(key, 2)))
+        cost += _si_ridge_cost(config)
+    bar.update(cost)
+    return problem, result
+
+
+def _si_theory(th: dict[str, list], problem: Any, n: int) -> None:
+    """Appends the closed-form alignments of SGD and K-FAC and SGD's limit to ``th``."""
+    t = si_.alignment_theory(problem, n)
+    for name, field in zip(_SI_THEORY, ("sgd", "kfac", "sgd_limit")):
+        th[name].append(t[field])
+
+
+def _si_kappa_sweep(config: SingleIndexConfig, trial: Callable) -> tuple[dict, dict, dict, dict]:
+    """Alignment (seed means and per seed), test loss and theory over ``config.kappas``."""
+    vs_kappa: dict[str, Any] = {m: [] for m in config.methods}
+    per_seed_kappa: dict[str, Any] = {m: [] for m in config.methods}
+    test_loss: dict[str, Any] = {m: [] for m in (*config.methods, "random_features")}
+    theory_k: dict[str, Any] = {k: [] for k in _SI_THEORY}
+    for kappa in config.kappas:
+        align = {m: [] for m in config.methods}
+        losses = {m: [] for m in (*config.methods, "random_features")}
+        th = {k: [] for k in _SI_THEORY}
+        for seed in range(config.seeds):
+            for method in config.methods:
+                problem, r = trial(kappa, config.n, seed, method, True)
+                align[method].append(r["alignment"])
+                losses[method].append(r["test_loss"])
+                if method == "sgd":
+                    losses["random_features"].append(r["test_loss_no_step"])
+            _si_theory(th, problem, config.n)
+        for m in config.methods:
+            vs_kappa[m].append(float(np.mean(align[m])))
+            per_seed_kappa[m].append(align[m])
+        for m, v in losses.items():
+            test_loss[m].append(float(np.mean(v)))
+        for k_, v in th.items():
+            theory_k[k_].append(float(np.nanmean(v)))
+    return vs_kappa, per_seed_kappa, test_loss, theory_k
+
+
+def _si_n_sweep(config: SingleIndexConfig, trial: Callable) -> tuple[dict, dict]:
+    """Alignment (seed means) and theory over ``config.ns`` at ``kappa = config.n_kappa``."""
+    vs_n: dict[str, Any] = {m: [] for m in config.methods}
+    theory_n: dict[str, Any] = {k: [] for k in _SI_THEORY}
+    for n in config.ns:
+        align = {m: [] for m in config.methods}
+        th = {k: [] for k in _SI_THEORY}
+        for seed in range(config.seeds):
+            for method in config.methods:
+                problem, r = trial(config.n_kappa, n, seed, method, False)
+                align[method].append(r["alignment"])
+            _si_theory(th, problem, n)
+        for m in config.methods:
+            vs_n[m].append(float(np.mean(align[m])))
+        for k_, v in th.items():
+            theory_n[k_].append(_json_float(float(np.mean(v))))
+    return vs_n, theory_n
 
 
 def _ridge_after_step(problem, out, config: SingleIndexConfig, key) -> dict[str, float]:
@@ -524,42 +552,61 @@ def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """
     hit = results["hitting"]
     kappas = list(hit["kfac"])
-    lo_k, hi_k = kappas[0], kappas[-1]
-    cap = results["settings"]["hit_cap"]
-    claims = []
-
-    def add(claim, passed, detail):
-        claims.append({"claim": claim, "passed": bool(passed), "detail": detail})
-
     k_hits = [_h(hit["kfac"][k]["median"]) for k in kappas]
-    add(
-        "K-FAC reaches dist <= target within 20 iterations at every kappa",
-        max(k_hits) <= 20,
-        f"K-FAC iterations to target per kappa {dict(zip(kappas, k_hits))}",
-    )
-    add(
-        "K-FAC's iterations to target are nearly independent of kappa (max <= 2 min + 2)",
-        max(k_hits) <= 2 * min(k_hits) + 2,
-        f"min {min(k_hits)}, max {max(k_hits)}",
-    )
+    return [
+        *_kfac_sgd_claims(results, kappas, k_hits),
+        *_adam_ngd_claims(hit, kappas, k_hits),
+        *_dfw_claims(results, kappas, k_hits),
+    ]
+
+
+def _claim(claim: str, passed: Any, detail: str) -> dict[str, Any]:
+    """One ``{'claim', 'passed', 'detail'}`` entry of a claims list."""
+    return {"claim": claim, "passed": bool(passed), "detail": detail}
+
+
+def _kfac_sgd_claims(results: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+    """K-FAC's iterations to target do not depend on kappa(Sigma_x); SGD's grow past the budget."""
+    hit, hi_k = results["hitting"], kappas[-1]
+    cap = results["settings"]["hit_cap"]
     s_hits = [_h(hit["sgd"][k]["median"]) for k in kappas]
-    add(
-        "SGD's iterations to target grow with kappa",
-        s_hits[-1] > s_hits[0] and all(b >= a for a, b in zip(s_hits, s_hits[1:])),
-        f"SGD per kappa {dict(zip(kappas, s_hits))}",
-    )
     sgd_final = results["curves"]["sgd"][hi_k]["distance"][-1]
-    add(
-        f"SGD has not converged at kappa={hi_k} within the budget",
-        s_hits[-1] > cap and (sgd_final is None or sgd_final > results["settings"]["target"]),
-        f"SGD at kappa={hi_k}: hit {s_hits[-1]}, final distance {sgd_final}",
-    )
+    return [
+        _claim(
+            "K-FAC reaches dist <= target within 20 iterations at every kappa",
+            max(k_hits) <= 20,
+            f"K-FAC iterations to target per kappa {dict(zip(kappas, k_hits))}",
+        ),
+        _claim(
+            "K-FAC's iterations to target are nearly independent of kappa (max <= 2 min + 2)",
+            max(k_hits) <= 2 * min(k_hits) + 2,
+            f"min {min(k_hits)}, max {max(k_hits)}",
+        ),
+        _claim(
+            "SGD's iterations to target grow with kappa",
+            s_hits[-1] > s_hits[0] and all(b >= a for a, b in zip(s_hits, s_hits[1:])),
+            f"SGD per kappa {dict(zip(kappas, s_hits))}",
+        ),
+        _claim(
+            f"SGD has not converged at kappa={hi_k} within the budget",
+            s_hits[-1] > cap and (sgd_final is None or sgd_final > results["settings"]["target"]),
+            f"SGD at kappa={hi_k}: hit {s_hits[-1]}, final distance {sgd_final}",
+        ),
+    ]
+
+
+def _adam_ngd_claims(hit: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+    """Adam helps only partly; full Gauss-Newton is no faster than K-FAC (when they were run)."""
+    lo_k, hi_k = kappas[0], kappas[-1]
+    claims = []
     if "adam" in hit:
         a_hi = _h(hit["adam"][hi_k]["median"])
-        add(
-            f"Adam helps only partially: at kappa={hi_k} it needs >= 5x K-FAC's iterations",
-            a_hi >= 5 * k_hits[-1],
-            f"Adam {a_hi} vs K-FAC {k_hits[-1]} at kappa={hi_k}",
+        claims.append(
+            _claim(
+                f"Adam helps only partially: at kappa={hi_k} it needs >= 5x K-FAC's iterations",
+                a_hi >= 5 * k_hits[-1],
+                f"Adam {a_hi} vs K-FAC {k_hits[-1]} at kappa={hi_k}",
+            )
         )
     if "ngd" in hit:
         # Equal step size: the largest rate in both grids (joint steps of 1 overshoot).
@@ -567,28 +614,40 @@ def linear_rep_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         eta = max(common, key=float)
         ngd = [_h(hit["ngd"][k]["at_lr"][eta][0]) for k in kappas]
         kf = [_h(hit["kfac"][k]["at_lr"][eta][0]) for k in kappas]
-        add(
-            f"Full Gauss-Newton (NGD) is no faster than K-FAC at equal step size ({eta})",
-            all(n >= k for n, k in zip(ngd, kf)),
-            f"NGD {ngd} vs K-FAC {kf} (seed 0, per kappa)",
+        claims.append(
+            _claim(
+                f"Full Gauss-Newton (NGD) is no faster than K-FAC at equal step size ({eta})",
+                all(n >= k for n, k in zip(ngd, kf)),
+                f"NGD {ngd} vs K-FAC {kf} (seed 0, per kappa)",
+            )
         )
-    head = results.get("head_sweep", {})
+    return claims
+
+
+def _dfw_claims(results: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+    """DFW (input whitening only) fixes input anisotropy but not head conditioning."""
+    hit, head = results["hitting"], results.get("head_sweep", {})
+    claims = []
     if {"dfw", "kfac"} <= set(head):
         kfs = list(head["kfac"])
         dfw = [_h(head["dfw"][k]["median"]) for k in kfs]
         kf = [_h(head["kfac"][k]["median"]) for k in kfs]
-        add(
-            "DFW fixes input anisotropy but not head conditioning: its iterations grow with "
-            "kappa(F*) (>= 3x from first to last), K-FAC's do not (<= 2x + 2)",
-            dfw[-1] >= 3 * dfw[0] and kf[-1] <= 2 * kf[0] + 2,
-            f"kappa_F {kfs}: DFW {dfw}, K-FAC {kf}",
+        claims.append(
+            _claim(
+                "DFW fixes input anisotropy but not head conditioning: its iterations grow "
+                "with kappa(F*) (>= 3x from first to last), K-FAC's do not (<= 2x + 2)",
+                dfw[-1] >= 3 * dfw[0] and kf[-1] <= 2 * kf[0] + 2,
+                f"kappa_F {kfs}: DFW {dfw}, K-FAC {kf}",
+            )
         )
     if "dfw" in hit:
         d_hits = [_h(hit["dfw"][k]["median"]) for k in kappas]
-        add(
-            "DFW helps only partially: slower than K-FAC at every kappa",
-            all(d > k for d, k in zip(d_hits, k_hits)),
-            f"DFW {d_hits} vs K-FAC {k_hits}",
+        claims.append(
+            _claim(
+                "DFW helps only partially: slower than K-FAC at every kappa",
+                all(d > k for d, k in zip(d_hits, k_hits)),
+                f"DFW {d_hits} vs K-FAC {k_hits}",
+            )
         )
     return claims
 

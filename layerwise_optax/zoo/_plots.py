@@ -134,11 +134,21 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
     Methods and Provable Feature Learning*, ICML 2025, Fig. 1.
     """
     plt = _plt()
+    figs = {
+        "fig1_linear_rep": _linear_rep_curves(plt, results),
+        "fig1b_hitting_vs_kappa": _hitting_vs_kappa(plt, results),
+    }
+    if results.get("head_sweep"):
+        figs["head_conditioning"] = _head_conditioning(plt, results)
+    return figs
+
+
+def _linear_rep_curves(plt: Any, results: dict[str, Any]) -> Any:
+    """Fig. 1: training loss, subspace distance and transfer loss vs iteration, a row per κ(Σx)."""
     s = results["settings"]
     labels = results["labels"]
     curves = results["curves"]
     panel = [f"{k:g}" for k in s["panel_kappas"]]
-    figs = {}
     fig, axes = plt.subplots(
         len(panel),
         3,
@@ -184,8 +194,13 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
         "its legend (the grid value with the lowest final distance); DFW: P = I, Q = the batch's "
         "input covariance (input whitening only); NGD: damped full Gauss-Newton.",
     )
-    figs["fig1_linear_rep"] = fig
+    return fig
 
+
+def _hitting_vs_kappa(plt: Any, results: dict[str, Any]) -> Any:
+    """Fig. 1b: median iterations to the target distance vs κ(Σx), per method."""
+    s = results["settings"]
+    labels = results["labels"]
     fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     kappas = s["kappas"]
     cap = s["hit_cap"]
@@ -210,36 +225,38 @@ def plot_linear_rep(results: dict[str, Any]) -> dict[str, Any]:
         f"median was not reached within {cap} iterations (dotted line; the true value is "
         "larger, not the plotted height).",
     )
-    figs["fig1b_hitting_vs_kappa"] = fig
+    return fig
 
-    if results.get("head_sweep"):
-        fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
-        cap = s["head_steps"]
-        sweep = results["head_sweep"]
-        for i, (m, per) in enumerate(sweep.items()):
-            kfs = [float(k) for k in per]
-            med = [per[k]["median"] for k in per]
-            slot = i - (len(sweep) - 1) / 2
-            _hitting_plot(
-                ax, kfs, med, cap, COLORS.get(m), _label(results["head_labels"][m]), slot=slot
-            )
-        _not_reached_band(ax, cap)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("κ(F★) (head conditioning)")
-        ax.set_ylabel(f"iterations to dist ≤ {s['target']:g}")
-        ax.set_title(f"Head-conditioning sweep (AMD), κ(Σx) = {s['head_kappa_x']:g}", fontsize=10)
-        ax.legend(fontsize=7, loc="center right")
-        _caption(
-            fig,
-            "AMD (alternating min-descent): on every batch the head F is refit exactly by "
-            "least squares, then only the representation G takes the method's step. The "
-            "training head F★ has singular values log-spaced in [1, κ(F★)]. Iterations to "
-            f"subspace distance ≤ {s['target']:g} (seed 0, fastest learning rate); hollow "
-            f"triangles in the grey band: not reached within {cap} iterations.",
+
+def _head_conditioning(plt: Any, results: dict[str, Any]) -> Any:
+    """The AMD head-conditioning sweep: iterations to the target distance vs κ(F★)."""
+    s = results["settings"]
+    fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
+    cap = s["head_steps"]
+    sweep = results["head_sweep"]
+    for i, (m, per) in enumerate(sweep.items()):
+        kfs = [float(k) for k in per]
+        med = [per[k]["median"] for k in per]
+        slot = i - (len(sweep) - 1) / 2
+        _hitting_plot(
+            ax, kfs, med, cap, COLORS.get(m), _label(results["head_labels"][m]), slot=slot
         )
-        figs["head_conditioning"] = fig
-    return figs
+    _not_reached_band(ax, cap)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("κ(F★) (head conditioning)")
+    ax.set_ylabel(f"iterations to dist ≤ {s['target']:g}")
+    ax.set_title(f"Head-conditioning sweep (AMD), κ(Σx) = {s['head_kappa_x']:g}", fontsize=10)
+    ax.legend(fontsize=7, loc="center right")
+    _caption(
+        fig,
+        "AMD (alternating min-descent): on every batch the head F is refit exactly by "
+        "least squares, then only the representation G takes the method's step. The "
+        "training head F★ has singular values log-spaced in [1, κ(F★)]. Iterations to "
+        f"subspace distance ≤ {s['target']:g} (seed 0, fastest learning rate); hollow "
+        f"triangles in the grey band: not reached within {cap} iterations.",
+    )
+    return fig
 
 
 def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
@@ -269,9 +286,16 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
     Reference: Zhang, Moniri et al., ICML 2025, Figs. 2 and 3.
     """
     plt = _plt()
+    return {
+        "fig2_single_index_alignment": _alignment_figure(plt, results),
+        "fig3_single_index_test_loss": _test_loss_figure(plt, results),
+    }
+
+
+def _alignment_figure(plt: Any, results: dict[str, Any]) -> Any:
+    """Fig. 2: spike alignment vs κ(Σ) and vs n/d, simulation points and theory lines."""
     s = results["settings"]
     labels = results["labels"]
-    figs = {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), constrained_layout=True)
     for ax, key, xs, xlabel in (
         (axes[0], "alignment_vs_kappa", s["kappas"], "κ(Σ)"),
@@ -307,8 +331,13 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
         "lines: closed-form predictions for SGD and K-FAC (input whitening by Σ̂ + λI); dashed: "
         "cos∠(Σβ★, β★), SGD's limit as n → ∞.",
     )
-    figs["fig2_single_index_alignment"] = fig
+    return fig
 
+
+def _test_loss_figure(plt: Any, results: dict[str, Any]) -> Any:
+    """Fig. 3: test MSE after one step and a ridge refit vs κ(Σ), with the no-step baseline."""
+    s = results["settings"]
+    labels = results["labels"]
     fig, ax = plt.subplots(figsize=(6.4, 5.0), constrained_layout=True)
     tl = results["test_loss"]
     for m in (*s["methods"], "random_features"):
@@ -327,8 +356,7 @@ def plot_single_index(results: dict[str, Any]) -> dict[str, Any]:
         "regression of the second layer on fresh samples; c and the ridge tuned on "
         "validation data. Dashed black: no step (random features).",
     )
-    figs["fig3_single_index_test_loss"] = fig
-    return figs
+    return fig
 
 
 def finite(x) -> bool:

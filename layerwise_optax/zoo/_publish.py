@@ -62,62 +62,24 @@ def _sig2(x) -> str:
 
 
 def _linear_rep_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The linear-representation rows of the claims table: ``(claim, evidence)`` pairs."""
     s, hit = r["settings"], r["hitting"]
     kappas = [f"{k:g}" for k in s["kappas"]]
     med = {m: [hit[m][k]["median"] for k in kappas] for m in hit}
-
-    def method(m, bold=False):
-        text = f"{SHORT[m]} {_join(med[m])}"
-        if med[m][-1] is None:
-            final = r["curves"][m][kappas[-1]]["distance"][-1]
-            if final is not None:
-                text += f" (final distance {final:.2f})"
-        return f"**{text}**" if bold else text
-
-    rows = []
-    first = [method("kfac", bold=True)] + [
-        method(m) for m in ("sgd", "adam", "batchnorm") if m in med
+    first = [_lr_method(r, med, kappas, "kfac", bold=True)] + [
+        _lr_method(r, med, kappas, m) for m in ("sgd", "adam", "batchnorm") if m in med
     ]
-    rows.append(
+    rows = [
         (
             "K-FAC learns the representation at a rate independent of κ(Σx)",
             f"iterations to subspace distance ≤ {s['target']:g} (median of {_seeds(s)}, "
             f"cap {s['hit_cap']}) at κ = {_ks(s['kappas'])}: " + "; ".join(first),
         )
-    )
-    head = r.get("head_sweep", {})
+    ]
     if "dfw" in med:
-        text = f"DFW {_join(med['dfw'])} over κ(Σx)"
-        if {"dfw", "kfac"} <= set(head):
-            kfs = list(head["kfac"])
-            dfw_h = [head["dfw"][k]["median"] for k in kfs]
-            kf_h = [head["kfac"][k]["median"] for k in kfs]
-            kf_text = (
-                f"K-FAC {_iters(kf_h[0])} at every κ(F★)"
-                if len(set(kf_h)) == 1
-                else f"K-FAC {_join(kf_h)}"
-            )
-            text += (
-                f"; with alternating min-descent at κ(Σx) = {s['head_kappa_x']:g} and "
-                f"κ(F★) = {_ks(kfs)}: DFW {_join(dfw_h)}, {kf_text}"
-            )
-        rows.append(("DFW (P = I, Q = Σ̂x) fixes input anisotropy, not head conditioning", text))
+        rows.append(_lr_dfw_row(r, med))
     if "ngd" in hit:
-        from layerwise_optax.zoo._train import full_gauss_newton
-
-        damping = inspect.signature(full_gauss_newton).parameters["damping"].default
-        common = set(hit["ngd"][kappas[0]]["at_lr"]) & set(hit["kfac"][kappas[0]]["at_lr"])
-        eta = max(common, key=float)
-        ngd = [hit["ngd"][k]["at_lr"][eta][0] for k in kappas]
-        kf = [hit["kfac"][k]["at_lr"][eta][0] for k in kappas]
-        kf_text = f"K-FAC {_iters(kf[0])} at every κ" if len(set(kf)) == 1 else f"K-FAC {_join(kf)}"
-        rows.append(
-            (
-                "Full Gauss-Newton (NGD) is no faster than K-FAC",
-                f"NGD (damped {damping:g}) {_join(ngd)} iterations, {kf_text} at the same "
-                f"step size {float(eta):g} (seed 0)",
-            )
-        )
+        rows.append(_lr_ngd_row(hit, kappas))
     general = [f"{SHORT[m]} {_join(med[m])}" for m in ("shampoo", "soap") if m in med]
     if general:
         rows.append(
@@ -128,6 +90,53 @@ def _linear_rep_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _lr_method(r: dict[str, Any], med: dict, kappas: list[str], m: str, bold: bool = False) -> str:
+    """A method's median iterations to target per kappa (its final distance if never reached)."""
+    text = f"{SHORT[m]} {_join(med[m])}"
+    if med[m][-1] is None:
+        final = r["curves"][m][kappas[-1]]["distance"][-1]
+        if final is not None:
+            text += f" (final distance {final:.2f})"
+    return f"**{text}**" if bold else text
+
+
+def _lr_dfw_row(r: dict[str, Any], med: dict) -> tuple[str, str]:
+    """DFW over kappa(Sigma_x), and against K-FAC over kappa(F*) when the head sweep ran."""
+    s, head = r["settings"], r.get("head_sweep", {})
+    text = f"DFW {_join(med['dfw'])} over κ(Σx)"
+    if {"dfw", "kfac"} <= set(head):
+        kfs = list(head["kfac"])
+        dfw_h = [head["dfw"][k]["median"] for k in kfs]
+        kf_h = [head["kfac"][k]["median"] for k in kfs]
+        kf_text = (
+            f"K-FAC {_iters(kf_h[0])} at every κ(F★)"
+            if len(set(kf_h)) == 1
+            else f"K-FAC {_join(kf_h)}"
+        )
+        text += (
+            f"; with alternating min-descent at κ(Σx) = {s['head_kappa_x']:g} and "
+            f"κ(F★) = {_ks(kfs)}: DFW {_join(dfw_h)}, {kf_text}"
+        )
+    return ("DFW (P = I, Q = Σ̂x) fixes input anisotropy, not head conditioning", text)
+
+
+def _lr_ngd_row(hit: dict[str, Any], kappas: list[str]) -> tuple[str, str]:
+    """Full Gauss-Newton against K-FAC at the largest step size both grids share (seed 0)."""
+    from layerwise_optax.zoo._train import full_gauss_newton
+
+    damping = inspect.signature(full_gauss_newton).parameters["damping"].default
+    common = set(hit["ngd"][kappas[0]]["at_lr"]) & set(hit["kfac"][kappas[0]]["at_lr"])
+    eta = max(common, key=float)
+    ngd = [hit["ngd"][k]["at_lr"][eta][0] for k in kappas]
+    kf = [hit["kfac"][k]["at_lr"][eta][0] for k in kappas]
+    kf_text = f"K-FAC {_iters(kf[0])} at every κ" if len(set(kf)) == 1 else f"K-FAC {_join(kf)}"
+    return (
+        "Full Gauss-Newton (NGD) is no faster than K-FAC",
+        f"NGD (damped {damping:g}) {_join(ngd)} iterations, {kf_text} at the same "
+        f"step size {float(eta):g} (seed 0)",
+    )
 
 
 def _single_index_rows(r: dict[str, Any]) -> list[tuple[str, str]]:

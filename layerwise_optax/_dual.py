@@ -1,0 +1,175 @@
+"""Momentum, then a dual map per leaf: the phases Muon and steepest descent share.
+
+Both transforms take one guarded EMA momentum step per leaf, map the
+bias-corrected momentum ``\\hat M_t`` to a steepest-descent direction under a norm
+(the *dual map*; for the spectral norm it is the polar factor ``U V^T`` of
+``\\hat M_t = U S V^T``, Bernstein and Newhouse 2024), and keep no preconditioner
+to fall back on when that direction is not finite. The phases, in order:
+
+1. :func:`momentum`: ``M_t = beta M_{t-1} + (1 - beta) G_t`` with the gradient
+   guarded (:func:`layerwise_optax._grafting.guarded_momentum`), and the matrix
+   view of ``\\hat M_t`` of each leaf that needs one;
+2. :func:`polar_factors`: Newton-Schulz on every matrix view, same-shaped stacks
+   of all leaves in one batch each (:func:`layerwise_optax._axes.map_grouped`);
+3. :func:`settle`: the failure policy for a leaf without stored fallback (a
+   non-finite direction gives a zero update and keeps the momentum) and the
+   leaf's :class:`Step`;
+4. :func:`collect`: the updates, the momentum tree and the counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from layerwise_optax import _axes, _failure, _grafting, _linalg
+
+
+class Momentum(NamedTuple):
+    """One leaf after :func:`momentum`.
+
+    Attributes:
+      ok: bool scalar, whether the gradient was valid (:func:`_failure.guard`).
+      g32: The gradient in at least float32, zero if not valid.
+      mu: The new momentum (the stored one where not valid).
+      m_hat: Its bias-corrected (or Nesterov) estimate ``\\hat M_t``.
+      blocks: ``(stack, m, n)`` matrix view of ``m_hat``, or ``None`` for a leaf
+        that has none.
+    """
+
+    ok: jax.Array
+    g32: jax.Array
+    mu: jax.Array
+    m_hat: jax.Array
+    blocks: jax.Array | None
+
+
+class Step(NamedTuple):
+    """One leaf's result: update, momentum to store, its failure events, NorMuon's moment."""
+
+    update: Any
+    mu: Any
+    skipped: Any
+    failed: Any
+    nu: Any = None
+
+
+def momentum(
+    g: jax.Array,
+    mu: jax.Array,
+    beta: jax.Array,
+    count_inc: jax.Array,
+    nesterov: bool,
+    *,
+    plan: _axes.LeafPlan | None = None,
+    dtype: Any = None,
+) -> Momentum:
+    """Phase 1: ``M_t = beta M_{t-1} + (1 - beta) G_t`` and ``\\hat M_t``, guarded.
+
+    Args:
+      g: Gradient leaf.
+      mu: Stored momentum.
+      beta: Momentum decay (float32).
+      count_inc: Step number ``t >= 1``.
+      nesterov: NAdam-form look-ahead.
+      plan: When given, ``blocks`` is ``plan.to_blocks(m_hat)``.
+      dtype: Cast ``m_hat`` to this dtype first (``None``: keep it).
+
+    Returns:
+      The leaf's :class:`Momentum`.
+    """
+    ok, g32, mu_new, m_hat = _grafting.guarded_momentum(g, mu, beta, count_inc, nesterov)
+    if dtype is not None:
+        m_hat = m_hat.astype(dtype)
+    return Momentum(ok, g32, mu_new, m_hat, None if plan is None else plan.to_blocks(m_hat))
+
+
+def polar_factors(
+    plans: Any, prepared: Any, coeffs: jax.Array, *, eps: Any, ns_dtype: Any, distribute: bool
+) -> Any:
+    """Phase 2: ``NS(\\hat M_t) ~ U V^T`` for every matrix view, batched over all leaves.
+
+    Same-shaped (and same-dtype) stacks of all leaves are one batch each, spread
+    over the devices of the current mesh when ``distribute``: each matrix is
+    orthogonalized on one device (no collective inside the iteration). The
+    inputs are finite (a non-valid gradient was zeroed, the momentum holds only
+    finite values), so Newton-Schulz skips its own finiteness pass.
+
+    Args:
+      plans: The plans (from :func:`layerwise_optax._axes.resolve`).
+      prepared: Per leaf a :class:`Momentum` or ``None``.
+      coeffs: ``(steps, 3)`` Newton-Schulz coefficients.
+      eps: Added to each matrix's Frobenius norm before dividing (``None``:
+        :func:`layerwise_optax._linalg.newton_schulz`'s default).
+      ns_dtype: Iteration dtype (``None``: float32).
+      distribute: Spread the batches over the mesh's devices.
+
+    Returns:
+      A tree like ``plans``: per leaf a 1-tuple, ``(None,)`` where the leaf has no
+      matrix view, else ``(polar,)`` shaped like its ``blocks``.
+    """
+
+    def prepare(plan, p):
+        if p is None or p.blocks is None:
+            return [None]
+        return [((p.blocks.shape[1:], p.blocks.dtype), (p.blocks,))]
+
+    options = {"compute_dtype": ns_dtype, "check_finite": False}
+    if eps is not None:
+        options["eps"] = eps
+
+    def batched(key):
+        del key
+        return lambda x: _linalg.newton_schulz(x, coeffs, **options)
+
+    return _axes.map_grouped(prepare, batched, plans, prepared, distribute=distribute)
+
+
+def settle(direction: jax.Array, prep: Momentum) -> tuple[jax.Array, jax.Array]:
+    """Phase 3a: the failure verdict of a leaf whose direction has no fallback.
+
+    Returns:
+      ``(ok, failed)``: whether the gradient was valid and ``direction`` finite
+      (the update may be taken and the momentum stored), and whether a valid
+      gradient gave a non-finite direction (counted as *failed*).
+    """
+    finite = jnp.all(jnp.isfinite(direction))
+    return prep.ok & finite, prep.ok & ~finite
+
+
+def step(
+    g: jax.Array,
+    mu: jax.Array,
+    prep: Momentum,
+    ok: jax.Array,
+    failed: jax.Array,
+    update: jax.Array,
+    mu_dtype: Any,
+    nu: Any = None,
+) -> Step:
+    """Phase 3b: the leaf's :class:`Step` under the verdict of :func:`settle`.
+
+    The update is zero and the stored momentum ``mu`` kept (cast to ``mu_dtype``,
+    default its own) where ``ok`` is false; a non-valid gradient counts as
+    *skipped*, a non-finite direction as *failed*.
+    """
+    mu_new = _failure.keep(ok, prep.mu, mu.astype(prep.mu.dtype)).astype(mu_dtype or mu.dtype)
+    skipped = (~prep.ok).astype(jnp.int32)
+    return Step(
+        _failure.zero_unless(ok, update, g.dtype), mu_new, skipped, failed.astype(jnp.int32), nu
+    )
+
+
+def collect(out: Any, failures: _failure.FailureCounts) -> tuple[Any, Any, _failure.FailureCounts]:
+    """Phase 4: ``(updates, momentum, failures)`` from a tree of :class:`Step`."""
+    return (
+        _axes.unzip(out, "update"),
+        _axes.unzip(out, "mu"),
+        _failure.add(
+            failures,
+            skipped=_failure.total(_axes.unzip(out, "skipped")),
+            failed=_failure.total(_axes.unzip(out, "failed")),
+        ),
+    )
