@@ -197,7 +197,7 @@ def scale_by_guarded_adam(
 
     def update_fn(updates, state, params=None):
         del params
-        count_inc = optax.safe_increment(state.count)
+        count_inc = _kron.increment(state.count)
         b2_ = jnp.asarray(b2, jnp.float32)
 
         def leaf(g, mu, nu):

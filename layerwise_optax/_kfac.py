@@ -355,7 +355,7 @@ def scale_by_kfac(
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
-            count = optax.safe_increment(state.count)
+            count = _kron.increment(state.count)
             acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
             refresh = _kron.every(state.count, precondition_frequency)
             inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
@@ -989,7 +989,7 @@ def _kernel_plan(plan: _axes.LeafPlan) -> _axes.LeafPlan:
 
 def _applied_plan(plan: _axes.LeafPlan, sides: str) -> _axes.LeafPlan:
     """The kernel's plan with the factor that ``sides`` does not apply as ``'none'``."""
-    kinds = tuple(
+    kinds: tuple[_axes.Kind, ...] = tuple(
         k if (i == 0 and sides != "output") or (i == 1 and sides != "input") else "none"
         for i, k in enumerate(_kernel_plan(plan).kinds)
     )

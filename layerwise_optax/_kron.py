@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from layerwise_optax import _axes, _failure, _linalg
 
@@ -55,6 +56,15 @@ def as_factors(x: Any) -> Factors:
 def normalize(plans: Any, tree: Any) -> Any:
     """Applies :func:`as_factors` to every per-leaf container of a factor tree."""
     return _axes.map_leaves(lambda f, plan: as_factors(f), plans, tree)
+
+
+def increment(count: jax.Array) -> jax.Array:
+    """A step counter plus one, as an int32 array that saturates at the int32 maximum.
+
+    :func:`optax.safe_increment` (annotated to return any array-like), typed as
+    the ``jax.Array`` every state's ``count`` field holds.
+    """
+    return jnp.asarray(optax.safe_increment(count))
 
 
 def every(count: jax.Array, period: Any) -> jax.Array:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _dual, _failure, _grafting, _linalg, _roles
+from layerwise_optax import _axes, _checks, _dual, _failure, _grafting, _kron, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -170,6 +170,7 @@ def _normalize_neurons(
     """
     o = o.astype(jnp.float32)
     b2 = hp.neuron_b2
+    assert b2 is not None  # NorMuon only (neuron_b2 set)
     nu = _failure.keep(ok, b2 * nu + (1 - b2) * jnp.mean(o * o, axis=1), nu)
     return o / (jnp.sqrt(nu)[:, None, :] + hp.neuron_eps), nu
 
@@ -207,6 +208,7 @@ def _leaf_step(g, plan, prep, polar, mu, nu=None, *, cfg: _Config, hp: _Hyper) -
     (o,) = polar
     ok, failed = _dual.settle(o, prep)
     if cfg.normuon:
+        assert nu is not None  # NorMuon's state holds the per-neuron moments
         o, nu = _normalize_neurons(o, nu, ok, hp)
     update = plan.from_blocks(_shape_scale(o, plan, cfg, hp).astype(prep.g32.dtype))
     return _dual.step(g, mu, prep, ok, failed, update, cfg.mu_dtype, nu)
@@ -315,7 +317,7 @@ def scale_by_muon(
         del params
         with jax.named_scope("layerwise_optax.muon"):
             plans = plans_for(updates)
-            count_inc = optax.safe_increment(state.count)
+            count_inc = _kron.increment(state.count)
             hp = _Hyper(
                 *_checks.hyperparameters(beta, eps, rms, neuron_eps),
                 neuron_b2=_checks.hyperparameters(neuron_b2)[0] if cfg.normuon else None,

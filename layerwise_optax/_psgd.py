@@ -300,7 +300,8 @@ def _draw(key_data: jax.Array, count: jax.Array, plans: Any, prob: Any) -> tuple
     like ``plans``.
     """
     key, coin_key, probe_key = jax.random.split(jax.random.wrap_key_data(key_data), 3)
-    do_fit = jax.random.uniform(coin_key) < (prob(count) if callable(prob) else prob)
+    threshold = jnp.asarray(prob(count) if callable(prob) else prob)
+    do_fit = jax.random.uniform(coin_key) < threshold
     n_leaves = len(jax.tree.leaves(plans, is_leaf=_axes.is_plan_leaf))
     keys = iter(jax.random.split(probe_key, max(n_leaves, 1)))
     probe_keys = _axes.map_leaves(lambda _, plan: next(keys), plans, plans)
@@ -473,7 +474,7 @@ def _clip(u: jax.Array, plan: Any, m: _Moment, g: jax.Array, *, clip: Any) -> ja
 def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
     """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip."""
     plans = _plans(s, updates)
-    count_inc = optax.safe_increment(state.count)
+    count_inc = _kron.increment(state.count)
     # One arithmetic for plain and injected hyperparameters (float32 first).
     b1, lr = _checks.hyperparameters(s.b1, s.precond_lr)
     clip = None if s.clip_rms is None else _checks.hyperparameters(s.clip_rms)[0]

@@ -68,7 +68,7 @@ class ScaleByShampooState(NamedTuple):
 
     count: jax.Array
     mu: optax.Updates
-    nu: optax.Updates | None
+    nu: Any  # a params tree, or None (grafting without a second moment)
     stats: optax.Updates
     roots: optax.Updates
     failures: _failure.FailureCounts
@@ -221,7 +221,7 @@ def _update(o: _Options, updates, state, params=None):
     h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay, o.damping))
     with jax.named_scope("layerwise_optax.shampoo"):
         plans = o.resolve(updates)
-        count_inc = optax.safe_increment(state.count)
+        count_inc = _kron.increment(state.count)
         stats, roots = _kron.normalize(plans, state.stats), _kron.normalize(plans, state.roots)
         use_nu = _grafting.needs_second_moment(o.grafting)
         nus = state.nu if use_nu else jax.tree.map(lambda _: None, updates)

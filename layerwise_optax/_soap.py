@@ -158,7 +158,7 @@ def _update(o: _factored.FactoredOptions, updates, state, params=None):
     h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay))
     with jax.named_scope("layerwise_optax.soap"):
         plans = o.resolve(updates)
-        count_inc = optax.safe_increment(state.count)
+        count_inc = _kron.increment(state.count)
         stats, bases = _kron.normalize(plans, state.stats), _kron.normalize(plans, state.bases)
         accumulate = functools.partial(_accumulate, h)
         acc = _axes.map_leaves(accumulate, plans, updates, state.mu, state.nu, stats, bases)

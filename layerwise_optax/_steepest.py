@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _dual, _failure, _linalg, _roles
+from layerwise_optax import _axes, _checks, _dual, _failure, _kron, _linalg, _roles
 
 _STATIC_ARGS = (
     "norms",
@@ -118,6 +118,7 @@ def dual_map(
     """
     g = g.astype(jnp.float32)
     if norm in _SPECTRAL:
+        assert polar is not None  # spectral norms come with their polar factors
         blocks = plan.to_blocks(g)
         d = polar.astype(jnp.float32)
         # Dual of the spectral norm: the nuclear norm <g, U V^T>, summed over slices.
@@ -315,7 +316,7 @@ def scale_by_steepest_descent(
         with jax.named_scope("layerwise_optax.steepest_descent"):
             tree_roles = _roles.resolve_roles(roles, updates)
             plans = _plans(updates, tree_roles, cfg)
-            count_inc = optax.safe_increment(state.count)
+            count_inc = _kron.increment(state.count)
             (beta_,) = _checks.hyperparameters(beta)
 
             def momentum(g, plan, mu, role):

@@ -567,6 +567,8 @@ def kfac_value_and_grad(
         if statistics == "empirical":
             value, grads, feats, deltas = _empirical(forward, params, zeros, loss_fn, targets, n)
         elif statistics == "fisher":
+            # Checked above: a callable loss is empirical only, and fisher needs a key.
+            assert loss_name is not None and key is not None
             sample = functools.partial(_sample_labels, loss_name, key=key)
             value, grads, feats, deltas = _fisher(
                 forward, params, zeros, loss_fn, targets, sample, n

@@ -565,7 +565,7 @@ def _claim(claim: str, passed: Any, detail: str) -> dict[str, Any]:
     return {"claim": claim, "passed": bool(passed), "detail": detail}
 
 
-def _kfac_sgd_claims(results: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+def _kfac_sgd_claims(results: dict[str, Any], kappas: list[str], k_hits: list[float]) -> list:
     """K-FAC's iterations to target do not depend on kappa(Sigma_x); SGD's grow past the budget."""
     hit, hi_k = results["hitting"], kappas[-1]
     cap = results["settings"]["hit_cap"]
@@ -595,7 +595,7 @@ def _kfac_sgd_claims(results: dict[str, Any], kappas: list[str], k_hits: list[in
     ]
 
 
-def _adam_ngd_claims(hit: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+def _adam_ngd_claims(hit: dict[str, Any], kappas: list[str], k_hits: list[float]) -> list:
     """Adam helps only partly; full Gauss-Newton is no faster than K-FAC (when they were run)."""
     lo_k, hi_k = kappas[0], kappas[-1]
     claims = []
@@ -624,7 +624,7 @@ def _adam_ngd_claims(hit: dict[str, Any], kappas: list[str], k_hits: list[int]) 
     return claims
 
 
-def _dfw_claims(results: dict[str, Any], kappas: list[str], k_hits: list[int]) -> list:
+def _dfw_claims(results: dict[str, Any], kappas: list[str], k_hits: list[float]) -> list:
     """DFW (input whitening only) fixes input anisotropy but not head conditioning."""
     hit, head = results["hitting"], results.get("head_sweep", {})
     claims = []
