@@ -25,9 +25,12 @@ over the mesh's one ``data`` axis) and the state placed by
   moves per device every step anyway.
 
 Measured from the placed arrays and the compiled programs, not timed (simulated
-CPU devices share the machine's cores). Each device count runs in its own
-subprocess with ``--xla_force_host_platform_device_count=N`` (JAX fixes the
-device count when it starts).
+CPU devices share the machine's cores). The script starts itself in a
+subprocess with ``--xla_force_host_platform_device_count=8`` (JAX fixes the
+device count when it starts); the meshes of 1, 2 and 4 devices are over the
+first devices of those 8, which places every array as a process with that many
+devices would. ``--quick`` measures a small MLP, and the collectives of
+Shampoo and PSGD-Kron only.
 
 Run: ``python -m benchmarks.sharded_state [--quick] [--out DIR]``.
 """
@@ -45,6 +48,8 @@ from typing import Any
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 ALIASES = ("adamw", "shampoo", "soap", "kfac", "muon", "normuon", "steepest", "psgd_kron")
+# --quick compiles the update (for its collectives) of these only.
+QUICK_COLLECTIVES = ("shampoo", "psgd_kron")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -53,10 +58,7 @@ def workloads(quick: bool) -> dict[str, tuple[dict, int]]:
     from benchmarks.step_time import mlp_shapes, transformer_shapes
 
     if quick:
-        return {
-            "mlp_64_128_128_10": (mlp_shapes(64, 128, 128, 10), 32),
-            "transformer_w32_d1": (transformer_shapes(32, 1, vocab=64, context=16), 32),
-        }
+        return {"mlp_64_128_128_10": (mlp_shapes(64, 128, 128, 10), 32)}
     return {
         "mlp_784_1024_1024_1024_10": (mlp_shapes(784, 1024, 1024, 1024, 10), 128),
         "transformer_w256_d4": (transformer_shapes(256, 4, vocab=256, context=128), 128),
@@ -213,57 +215,64 @@ def _per_device_bytes(state: Any) -> dict[str, int]:
     return per
 
 
-def measure(n: int, quick: bool, comms: bool) -> dict[str, Any]:
+def measure(counts: tuple[int, ...], quick: bool) -> dict[str, Any]:
+    """Per-device state bytes on a ``data`` mesh over the first ``n`` devices, each ``n``.
+
+    A mesh over ``n`` of this process's devices places every array as a process
+    with ``n`` devices would, so one process measures every count; the update is
+    compiled (for the collectives) on the largest mesh.
+    """
     import jax
     from jax.sharding import NamedSharding
 
     import layerwise_optax as lo
     from benchmarks.step_time import make_tree
 
-    assert jax.device_count() == n, jax.devices()
-    mesh = jax.make_mesh((n,), ("data",))
-    out: dict[str, Any] = {}
+    assert jax.device_count() >= max(counts), jax.devices()
+    out: dict[str, Any] = {str(n): {} for n in counts}
     for wname, (shapes, block) in workloads(quick).items():
         params = make_tree(shapes, jax.random.key(0))
-        specs = _specs(params, n)
-        param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
         params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-        row: dict[str, Any] = {"params_bytes": params_bytes}
+        for n in counts:
+            out[str(n)][wname] = {"params_bytes": params_bytes}
         for name in ALIASES:
             tx = _optimizer(name, block)
-            shard = lo.state_shardings(tx, params, specs, mesh=mesh)
-            with jax.set_mesh(mesh):
-                p = jax.device_put(params, param_sh)
-                state = jax.jit(tx.init, out_shardings=shard)(p)
-            per = _per_device_bytes(state)
-            replicated = sum(
-                x.nbytes for x in jax.tree.leaves(state) if x.sharding.is_fully_replicated
-            )
-            entry = {
-                "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves(state)),
-                "state_bytes_per_device_max": max(per.values()),
-                "state_bytes_replicated_per_device": replicated,
-            }
-            if comms:
-                extra = {"kfac_stats": _kfac_stats(params)} if name == "kfac" else {}
+            state = jax.jit(tx.init)(params)
+            for n in counts:
+                mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+                specs = _specs(params, n)
+                param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+                shard = lo.state_shardings(tx, params, specs, mesh=mesh)
+                placed = jax.device_put(state, shard)
+                per = _per_device_bytes(placed)
+                entry = {
+                    "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves(placed)),
+                    "state_bytes_per_device_max": max(per.values()),
+                    "state_bytes_replicated_per_device": sum(
+                        x.nbytes for x in jax.tree.leaves(placed) if x.sharding.is_fully_replicated
+                    ),
+                }
+                if n == max(counts) and (not quick or name in QUICK_COLLECTIVES):
+                    extra = {"kfac_stats": _kfac_stats(params)} if name == "kfac" else {}
 
-                def step(g, s, p, tx=tx, extra=extra):
-                    return tx.update(g, s, p, **extra)
+                    def step(g, s, p, tx=tx, extra=extra):
+                        return tx.update(g, s, p, **extra)
 
-                with jax.set_mesh(mesh):
-                    compiled = (
-                        jax.jit(step, out_shardings=(param_sh, shard)).lower(p, state, p).compile()
-                    )
-                entry["collective_bytes"] = hlo_collective_bytes(compiled.as_text())
-            row[name] = entry
-            del state
-        out[wname] = row
+                    with jax.set_mesh(mesh):
+                        p = jax.device_put(params, param_sh)
+                        lowered = jax.jit(step, out_shardings=(param_sh, shard)).lower(p, placed, p)
+                        entry["collective_bytes"] = hlo_collective_bytes(
+                            lowered.compile().as_text()
+                        )
+                out[str(n)][wname][name] = entry
+                del placed
     return out
 
 
-def _child(n: int, quick: bool) -> dict[str, Any]:
+def _child(quick: bool) -> dict[str, Any]:
+    n = max(DEVICE_COUNTS)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-    cmd = [sys.executable, "-m", "benchmarks.sharded_state", "--child", str(n)]
+    cmd = [sys.executable, "-m", "benchmarks.sharded_state", "--child"]
     cmd += ["--quick"] if quick else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=3600)
     if proc.returncode:
@@ -315,13 +324,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small trees (CI smoke run)")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child is not None:
-        comms = args.child == max(DEVICE_COUNTS)
-        print(json.dumps(measure(args.child, args.quick, comms)))
+    if args.child:
+        print(json.dumps(measure(DEVICE_COUNTS, args.quick)))
         return
-    results = {"devices": {str(n): _child(n, args.quick) for n in DEVICE_COUNTS}}
+    results = {"devices": _child(args.quick)}
     ratios = {}
     for wname in results["devices"]["1"]:
         ratios[wname] = {

@@ -129,3 +129,51 @@ def test_kfac_step_quick_runs(tmp_path):
 def test_benchmark_readme_tables_match_the_newest_records():
     """The generated tables in benchmarks/README.md are those of the committed records."""
     assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"
+
+
+def test_sharded_state_reads_collective_bytes_from_hlo():
+    """Conditionals count their cheapest (ordinary) or dearest (refresh) branch; loops their trips."""
+    from benchmarks import sharded_state
+
+    hlo = """HloModule step, entry_computation_layout={(f32[4,16]{1,0})->f32[16,16]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %x, f32[] %y)
+}
+
+%refresh (p: f32[4,16]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  ROOT %ag = f32[16,16]{1,0} all-gather(f32[4,16]{1,0} %p), channel_id=2, dimensions={0}
+}
+
+%keep (p: f32[4,16]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  ROOT %b = f32[16,16]{1,0} broadcast(f32[4,16]{1,0} %p), dimensions={0,1}
+}
+
+%body (c: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %c = (s32[], f32[8]{0}) parameter(0)
+  %v = f32[8]{0} get-tuple-element((s32[], f32[8]{0}) %c), index=1
+  %ar = (f32[8]{0}, bf16[4]{0}) all-reduce(f32[8]{0} %v, bf16[4]{0} %v), to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(s32[] %i, f32[8]{0} %v)
+}
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (p: f32[4,16], k: s32[]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  %k = s32[] parameter(1)
+  %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %rs = f32[1,16]{1,0} reduce-scatter(f32[4,16]{1,0} %p), channel_id=3, dimensions={0}, to_apply=%add
+  ROOT %out = f32[16,16]{1,0} conditional(s32[] %k, f32[4,16]{1,0} %p, f32[4,16]{1,0} %p), branch_computations={%keep, %refresh}
+}
+"""
+    got = sharded_state.hlo_collective_bytes(hlo)
+    # all-reduce: (8 float32 + 4 bfloat16) x 5 trips; reduce-scatter: its 4x16 input.
+    every_step = {"all-reduce": (8 * 4 + 4 * 2) * 5, "reduce-scatter": 4 * 16 * 4}
+    assert got["ordinary"] == every_step
+    assert got["refresh"] == {**every_step, "all-gather": 16 * 16 * 4}
