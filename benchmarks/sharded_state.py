@@ -17,7 +17,8 @@ over the mesh's one ``data`` axis) and the state placed by
   update step's HLO (``compiled.as_text()``, the per-device SPMD program) is
   parsed for ``all-gather``, ``all-reduce``, ``reduce-scatter``, ``all-to-all``
   and ``collective-permute``; each op counts the larger of its operand and
-  result bytes per device. A refresh is a ``conditional`` in the program: an
+  result bytes per device (an all-gather its gathered result, a reduce-scatter
+  its input; operands are looked up by name, as compiled HLO prints them). A refresh is a ``conditional`` in the program: an
   *ordinary* step takes each conditional's cheapest branch, a *refresh* step its
   most expensive one; a ``while`` body counts its known trip count (once when
   XLA does not know it). Beside them: the parameter bytes, i.e. what a
@@ -174,13 +175,25 @@ def hlo_collective_bytes(hlo: str) -> dict[str, dict[str, int]]:
             return memo[(comp, kind)]
         memo[(comp, kind)] = {}
         total: dict[str, int] = {}
+        # Compiled HLO names an instruction's operands without their shapes: look
+        # them up in the computation's own results (and parameters).
+        shapes = {}
+        for line in comps.get(comp, []):
+            if "=" in line:
+                name, rhs = line.split("=", 1)
+                shapes[name.strip().removeprefix("ROOT ").strip().lstrip("%")] = rhs.split("(")[0]
         for line in comps.get(comp, []):
             op = _OP.search(line)
             if op:
                 lhs, rest = line[: op.start()], line[op.end() :]
                 result = lhs.split("=", 1)[1] if "=" in lhs else lhs
                 operands = rest.split(")", 1)[0]
-                add(total, {op.group(1): max(_nbytes(result), _nbytes(operands))})
+                named = sum(
+                    _nbytes(shapes.get(n.lstrip("%"), ""))
+                    for n in re.findall(r"%([\w.\-]+)", operands)
+                )
+                inputs = _nbytes(operands) or named
+                add(total, {op.group(1): max(_nbytes(result), inputs)})
                 continue
             branches = _BRANCHES.search(line)
             names = (

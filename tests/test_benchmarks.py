@@ -168,12 +168,13 @@ ENTRY %main (p: f32[4,16], k: s32[]) -> f32[16,16] {
   %p = f32[4,16]{1,0} parameter(0)
   %k = s32[] parameter(1)
   %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
-  %rs = f32[1,16]{1,0} reduce-scatter(f32[4,16]{1,0} %p), channel_id=3, dimensions={0}, to_apply=%add
+  %rs = f32[1,16]{1,0} reduce-scatter(%p), channel_id=3, dimensions={0}, to_apply=%add
   ROOT %out = f32[16,16]{1,0} conditional(s32[] %k, f32[4,16]{1,0} %p, f32[4,16]{1,0} %p), branch_computations={%keep, %refresh}
 }
 """
     got = sharded_state.hlo_collective_bytes(hlo)
-    # all-reduce: (8 float32 + 4 bfloat16) x 5 trips; reduce-scatter: its 4x16 input.
+    # all-reduce: (8 float32 + 4 bfloat16) x 5 trips; reduce-scatter: its 4x16 input
+    # (named without its shape, as compiled HLO prints operands: looked up).
     every_step = {"all-reduce": (8 * 4 + 4 * 2) * 5, "reduce-scatter": 4 * 16 * 4}
     assert got["ordinary"] == every_step
     assert got["refresh"] == {**every_step, "all-gather": 16 * 16 * 4}
