@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import harness, plot, report, step_time
 
 
@@ -178,3 +180,28 @@ ENTRY %main (p: f32[4,16], k: s32[]) -> f32[16,16] {
     every_step = {"all-reduce": (8 * 4 + 4 * 2) * 5, "reduce-scatter": 4 * 16 * 4}
     assert got["ordinary"] == every_step
     assert got["refresh"] == {**every_step, "all-gather": 16 * 16 * 4}
+
+
+@pytest.mark.slow
+def test_sharded_state_quick_writes_record(tmp_path, capsys):
+    """Per-device state bytes at 1/2/4/8 devices and a step's collectives (~25 s CPU)."""
+    from benchmarks import sharded_state
+
+    sharded_state.main(["--quick", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*_sharded_state/*.json")
+    record = json.loads(path.read_text())
+    devices = record["results"]["devices"]
+    assert sorted(devices, key=int) == ["1", "2", "4", "8"]
+    ratios = record["results"]["reduction_1_over_max_devices"]
+    for wname, per_alias in ratios.items():
+        assert set(per_alias) == set(sharded_state.ALIASES)
+        # AdamW's moments are all params-shaped: FSDP divides them (but the
+        # 10-wide bias and the step counter) by the device count.
+        assert per_alias["adamw"] > 7, per_alias
+        for name in sharded_state.ALIASES:
+            per = [devices[n][wname][name]["state_bytes_per_device_max"] for n in "1248"]
+            assert per == sorted(per, reverse=True), (name, per)
+        for name in sharded_state.QUICK_COLLECTIVES:
+            comm = devices["8"][wname][name]["collective_bytes"]
+            assert sum(comm["refresh"].values()) >= sum(comm["ordinary"].values()) > 0, comm
+    assert "1/8" in capsys.readouterr().out
