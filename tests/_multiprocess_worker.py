@@ -12,8 +12,9 @@ gloo, jax's default on CPU), so the 8 devices of both processes form one global
 ``(4, 2)`` mesh with ``Explicit`` axes. Every base alias then runs ``STEPS``
 sharded steps (refreshes included: ``precondition_frequency=2``) on params placed
 with :func:`layerwise_optax.state_shardings`'s layout; process 0 also runs the
-same steps on one of its own devices (the single-process reference) and prints
-one JSON line per alias with the largest relative difference.
+same steps on one of its own devices (the single-process reference; every
+process runs it, so that the processes stay in step) and prints one JSON line
+per alias with the largest relative difference.
 
 Then the sharded checkpoint round trip, each process writing its own shards:
 the state after ``STEPS`` steps is saved with orbax on the ``(4, 2)`` mesh,
@@ -179,9 +180,12 @@ def main(port, process_id, num_processes, ckpt_dir):
             continue
         tx = build(name, factory, kwargs)
         outs, state, _ = _sharded_run(tx, mesh, STEPS)
+        # Every process runs the single-device reference too: the processes must
+        # reach each collective within gloo's 30 s rendezvous timeout, so they
+        # do the same work (one alone at it made the other time out under load).
+        reference = _local_run(tx, STEPS)
         record = dict(alias=name, mode="multiprocess", process=process_id)
-        if process_id == 0:
-            record["max_rel_err"] = _max_rel_err(outs, _local_run(tx, STEPS))
+        record["max_rel_err"] = _max_rel_err(outs, reference)
         print(json.dumps(record), flush=True)
         if ckpt_dir != "-":
             _, record = _checkpoint_case(name, tx, state, ckpt_dir, _mesh((8, 1)))
