@@ -4,7 +4,8 @@
 memory across shapes (``step_time``), Muon/PSGD-Kron against their peers with
 interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``),
 Shampoo's refresh FLOPs and state bytes per device on 8 simulated devices
-(``sharded_refresh``), and steps/time to AdamW's loss on every workload
+(``sharded_refresh``), optimizer-state bytes per device on 1, 2, 4, 8 devices and
+the collectives of a step (``sharded_state``), and steps/time to AdamW's loss on every workload
 (``time_to_target``). Each writes
 its own record. Without ``--quick`` and with the default ``--out`` it then
 rewrites the generated tables of ``benchmarks/README.md`` (``benchmarks.report``).
@@ -21,6 +22,7 @@ from benchmarks import (
     layerwise_step,
     report,
     sharded_refresh,
+    sharded_state,
     step_time,
     time_to_target,
 )
@@ -46,6 +48,7 @@ def main(argv=None) -> None:
         ("layerwise_step", layerwise_step.main, quick + out),
         ("kfac_step", kfac_step.main, quick + out),
         ("sharded_refresh", sharded_refresh.main, quick + out),
+        ("sharded_state", sharded_state.main, quick + out),
         ("time_to_target", time_to_target.main, ttt_argv + out),
     ]
     timings = {}

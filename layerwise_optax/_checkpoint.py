@@ -149,7 +149,7 @@ def check_state(like: Any, restored: Any) -> None:
         )
 
 
-def restore_state(like: Any, restored: Any) -> Any:
+def restore_state(like: Any, restored: Any, shardings: Any = None) -> Any:
     """A restored state rebuilt in the structure of ``like``, after :func:`check_state`.
 
     Use it with a checkpointer's raw restore, e.g. orbax::
@@ -161,16 +161,39 @@ def restore_state(like: Any, restored: Any) -> Any:
 
     Empty placeholders that :func:`checkpointable` left out are recreated.
 
+    On a mesh, pass the target layout as ``shardings`` (for instance
+    :func:`state_shardings` for the mesh the run continues on, which may differ
+    from the mesh that saved the state: 8 devices to 4, ``(4, 2)`` to
+    ``(8, 1)``); every leaf is then placed with ``jax.device_put`` on its
+    sharding. With orbax, restore straight into that layout by giving each leaf
+    of the target a ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``, so no
+    device ever holds a whole leaf it does not own::
+
+      shardings = lo.state_shardings(tx, params, specs, mesh=new_mesh)
+      abstract = jax.eval_shape(tx.init, params)
+      target = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+      )
+      raw = checkpointer.restore(path, lo.checkpointable(target))
+      state = lo.restore_state(abstract, raw, shardings)
+
     Args:
       like: The expected state or its ``jax.eval_shape``.
       restored: The restored tree (any container layout, same paths).
+      shardings: Optional tree like ``like`` of ``jax.sharding.Sharding`` (e.g.
+        from :func:`state_shardings`); ``None`` leaves the arrays where they are.
 
     Returns:
       A state with ``like``'s tree structure (named tuples, empty states) and
-      ``restored``'s arrays, bit for bit.
+      ``restored``'s arrays, bit for bit, on ``shardings`` if given.
 
     Raises:
-      ValueError: if paths, shapes or dtypes differ (see :func:`check_state`).
+      ValueError: if paths, shapes or dtypes differ (see :func:`check_state`);
+        if ``shardings`` does not match ``like``'s tree; if a leaf's sharding
+        cannot hold it (a partition spec with more entries than the leaf has
+        axes, or an axis not divisible by the product of its mesh axes' sizes),
+        naming the leaf's path and the axis.
+        All checks run before anything is placed.
 
     Examples:
       A round trip (a checkpointer would write ``saved`` and read it back as plain
@@ -187,6 +210,54 @@ def restore_state(like: Any, restored: Any) -> Any:
       True
     """
     check_state(like, restored)
+    placements = None if shardings is None else _check_shardings(like, shardings)
     got = _flat(restored)
     leaves = [got[p] if p in got else jnp.zeros(x.shape, x.dtype) for p, x in _flat(like).items()]
+    if placements is not None:
+        leaves = [jax.device_put(x, s) for x, s in zip(leaves, placements)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _check_shardings(like: Any, shardings: Any) -> list[Any]:
+    """``shardings`` flattened like ``like``, each checked against its leaf's shape."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    try:
+        placements = treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"shardings does not match the optimizer state's tree: {e}") from None
+    for (path, leaf), s in zip(flat, placements):
+        where = _show(tuple(_key(k) for k in path))
+        shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
+        if not isinstance(s, jax.sharding.Sharding):
+            raise ValueError(
+                f"state leaf {where}: shardings must hold a jax.sharding.Sharding per leaf, "
+                f"got {type(s).__name__} {s!r}."
+            )
+        if isinstance(s, jax.sharding.NamedSharding):
+            _check_named(where, shape, s)
+        else:
+            try:
+                s.shard_shape(shape)
+            except ValueError as e:
+                raise ValueError(f"state leaf {where} with shape {shape}: {e}") from None
+    return placements
+
+
+def _check_named(where: str, shape: tuple[int, ...], s: jax.sharding.NamedSharding) -> None:
+    # NamedSharding itself rejects unknown mesh axes; the shape is checked here.
+    spec = s.spec
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"state leaf {where} with shape {shape}: partition spec {spec} has {len(spec)} "
+            f"entries for {len(shape)} axes."
+        )
+    sizes = dict(s.mesh.shape)
+    for dim, entry in enumerate(spec):
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        total = int(np.prod([sizes[n] for n in names], dtype=np.int64))
+        if shape[dim] % total:
+            raise ValueError(
+                f"state leaf {where} with shape {shape}: axis {dim} (size {shape[dim]}) is not "
+                f"divisible by mesh axis {'×'.join(names)} (size {total}) of its spec {spec}; "
+                f"this mesh ({dict(sizes)}) cannot hold the saved layout."
+            )

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import harness, plot, report, step_time
 
 
@@ -129,3 +131,77 @@ def test_kfac_step_quick_runs(tmp_path):
 def test_benchmark_readme_tables_match_the_newest_records():
     """The generated tables in benchmarks/README.md are those of the committed records."""
     assert report.main(["--check"]) == 0, "run `python -m benchmarks.report`"
+
+
+def test_sharded_state_reads_collective_bytes_from_hlo():
+    """Conditionals count their cheapest (ordinary) or dearest (refresh) branch; loops their trips."""
+    from benchmarks import sharded_state
+
+    hlo = """HloModule step, entry_computation_layout={(f32[4,16]{1,0})->f32[16,16]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %x, f32[] %y)
+}
+
+%refresh (p: f32[4,16]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  ROOT %ag = f32[16,16]{1,0} all-gather(f32[4,16]{1,0} %p), channel_id=2, dimensions={0}
+}
+
+%keep (p: f32[4,16]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  ROOT %b = f32[16,16]{1,0} broadcast(f32[4,16]{1,0} %p), dimensions={0,1}
+}
+
+%body (c: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %c = (s32[], f32[8]{0}) parameter(0)
+  %v = f32[8]{0} get-tuple-element((s32[], f32[8]{0}) %c), index=1
+  %ar = (f32[8]{0}, bf16[4]{0}) all-reduce(f32[8]{0} %v, bf16[4]{0} %v), to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(s32[] %i, f32[8]{0} %v)
+}
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (p: f32[4,16], k: s32[]) -> f32[16,16] {
+  %p = f32[4,16]{1,0} parameter(0)
+  %k = s32[] parameter(1)
+  %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %rs = f32[1,16]{1,0} reduce-scatter(%p), channel_id=3, dimensions={0}, to_apply=%add
+  ROOT %out = f32[16,16]{1,0} conditional(s32[] %k, f32[4,16]{1,0} %p, f32[4,16]{1,0} %p), branch_computations={%keep, %refresh}
+}
+"""
+    got = sharded_state.hlo_collective_bytes(hlo)
+    # all-reduce: (8 float32 + 4 bfloat16) x 5 trips; reduce-scatter: its 4x16 input
+    # (named without its shape, as compiled HLO prints operands: looked up).
+    every_step = {"all-reduce": (8 * 4 + 4 * 2) * 5, "reduce-scatter": 4 * 16 * 4}
+    assert got["ordinary"] == every_step
+    assert got["refresh"] == {**every_step, "all-gather": 16 * 16 * 4}
+
+
+@pytest.mark.slow
+def test_sharded_state_quick_writes_record(tmp_path, capsys):
+    """Per-device state bytes at 1/2/4/8 devices and a step's collectives (~25 s CPU)."""
+    from benchmarks import sharded_state
+
+    sharded_state.main(["--quick", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*_sharded_state/*.json")
+    record = json.loads(path.read_text())
+    devices = record["results"]["devices"]
+    assert sorted(devices, key=int) == ["1", "2", "4", "8"]
+    ratios = record["results"]["reduction_1_over_max_devices"]
+    for wname, per_alias in ratios.items():
+        assert set(per_alias) == set(sharded_state.ALIASES)
+        # AdamW's moments are all params-shaped: FSDP divides them (but the
+        # 10-wide bias and the step counter) by the device count.
+        assert per_alias["adamw"] > 7, per_alias
+        for name in sharded_state.ALIASES:
+            per = [devices[n][wname][name]["state_bytes_per_device_max"] for n in "1248"]
+            assert per == sorted(per, reverse=True), (name, per)
+        for name in sharded_state.QUICK_COLLECTIVES:
+            comm = devices["8"][wname][name]["collective_bytes"]
+            assert sum(comm["refresh"].values()) >= sum(comm["ordinary"].values()) > 0, comm
+    assert "1/8" in capsys.readouterr().out
