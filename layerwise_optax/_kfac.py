@@ -187,6 +187,15 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
 
     Returns:
       A :class:`layerwise_optax.DimensionNumbers`, or ``None``.
+
+    Examples:
+      >>> import layerwise_optax as lo
+      >>> lo.default_kernel_dimension_numbers((3, 3, 8, 16))  # conv: (window·in) x out
+      DimensionNumbers(factor_axes=((0, 1, 2), (3,)), batch_axes=(), identity_axes=())
+      >>> lo.default_kernel_dimension_numbers((16,))  # a bias: unit input, output factor
+      DimensionNumbers(factor_axes=((), (0,)), batch_axes=(), identity_axes=())
+      >>> lo.default_kernel_dimension_numbers(()) is None
+      True
     """
     if not shape:
         return None

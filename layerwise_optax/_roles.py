@@ -174,6 +174,15 @@ def matrix_dimension_numbers(
     Returns:
       A :class:`layerwise_optax.DimensionNumbers` with two factor groups (and batch
       axes for ``stacked``), or ``None``.
+
+    Examples:
+      >>> import layerwise_optax as lo
+      >>> lo.matrix_dimension_numbers('conv', (3, 3, 8, 16))
+      DimensionNumbers(factor_axes=((0, 1, 2), (3,)), batch_axes=(), identity_axes=())
+      >>> lo.matrix_dimension_numbers('stacked', (4, 8, 16))
+      DimensionNumbers(factor_axes=((1,), (2,)), batch_axes=(0,), identity_axes=())
+      >>> lo.matrix_dimension_numbers('vector', (16,)) is None
+      True
     """
     n = len(shape)
     if role in (None, "vector", "scalar") or n < 2:

@@ -21,9 +21,30 @@ PACKAGE = ROOT / "layerwise_optax"
 CORE = {"jax", "jaxlib", "optax", "numpy", "layerwise_optax"}
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): never run, read by type checkers only."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imported_top_level_modules(path: Path) -> set[str]:
+    """Top-level modules a file imports at run time (imports under TYPE_CHECKING excluded)."""
+    tree = ast.parse(path.read_text())
+    checking_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if _is_type_checking_block(block)
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in checking_only:
+            continue
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
