@@ -10,7 +10,8 @@ under both, interleaved round by round in a fresh random order
 and warm-up. Two kinds of step per alias: *ordinary* (no refresh:
 ``precondition_frequency`` larger than the run) and *refresh* (a refresh every
 step: frequency 1). It prints head/base ratios of the medians and minima and
-writes one JSON record.
+writes one JSON record under ``<date>_revision_compare`` (not ``*_step_time``: the
+README tables are generated from the newest ``step_time`` records).
 
 The workload is a 3-layer MLP tree (``784x512``, ``512x512``, ``512x10`` kernels
 with biases); ``--quick`` shrinks it for a smoke run.
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
                 f"{e['ratio_median']:7.3f} {e['ratio_min']:6.3f}"
             )
     config = {"base": args.base, "base_sha": sha, "rounds": rounds, "quick": args.quick}
-    path = harness.write_record(args.out, "revision_step_time", config, results)
+    path = harness.write_record(args.out, "revision_compare", config, results)
     print("record:", path)
 
 
