@@ -165,6 +165,15 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         )
 
 
+def max_rel_err(a, b):
+    """Largest ``max|x - y| / max|y|`` over the leaves of two trees (float64)."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
+    return worst
+
+
 def assert_tree_finite(a):
     for x in jax.tree.leaves(a):
         assert np.all(np.isfinite(np.asarray(x, np.float64))), x

@@ -74,14 +74,6 @@ def _fetch(tree, mesh):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0), np.float64), full)
 
 
-def _max_rel_err(a, b):
-    worst = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
-    return worst
-
-
 def _mesh(shape, devices=None):
     return jax.make_mesh(
         shape, ("data", "model"), axis_types=(AxisType.Explicit,) * 2, devices=devices
@@ -123,6 +115,7 @@ def _checkpoint_case(name, tx, state, ckpt_dir, mesh, uninterrupted=None):
     import orbax.checkpoint as ocp
 
     import layerwise_optax as lo
+    from tests._helpers import max_rel_err
 
     path = f"{ckpt_dir}/{name}_{'x'.join(map(str, mesh.devices.shape))}"
     ckpt = ocp.StandardCheckpointer()
@@ -155,7 +148,7 @@ def _checkpoint_case(name, tx, state, ckpt_dir, mesh, uninterrupted=None):
         alias=name,
         mode="checkpoint",
         mesh=list(mesh.devices.shape),
-        max_rel_err=_max_rel_err(resumed, uninterrupted),
+        max_rel_err=max_rel_err(resumed, uninterrupted),
         misplaced=misplaced,
         only_own_shards=own,
         addressable_of_biggest=len(biggest.addressable_shards),
@@ -169,7 +162,7 @@ def main(port, process_id, num_processes, ckpt_dir):
         process_id=process_id,
         local_device_ids=None,
     )
-    from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, build
+    from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, build, max_rel_err
 
     assert jax.process_count() == num_processes, jax.process_count()
     assert jax.device_count() == 8 and jax.local_device_count() == 8 // num_processes
@@ -185,7 +178,7 @@ def main(port, process_id, num_processes, ckpt_dir):
         # do the same work (one alone at it made the other time out under load).
         reference = _local_run(tx, STEPS)
         record = dict(alias=name, mode="multiprocess", process=process_id)
-        record["max_rel_err"] = _max_rel_err(outs, reference)
+        record["max_rel_err"] = max_rel_err(outs, reference)
         print(json.dumps(record), flush=True)
         if ckpt_dir != "-":
             _, record = _checkpoint_case(name, tx, state, ckpt_dir, _mesh((8, 1)))

@@ -11,12 +11,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import layerwise_optax as lo
-from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, build
+from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, build, max_rel_err
 
 STEPS = 5
 # FSDP over 'data' and tensor parallelism over 'model', mixed per leaf. Square
@@ -53,14 +52,6 @@ def _run(tx, params, place=lambda t: t, init=None, update=None):
     return outs, state
 
 
-def _max_rel_err(a, b):
-    worst = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
-    return worst
-
-
 def mesh_case(name, factory, kwargs, axis_type, reference):
     params = _params()
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
@@ -87,7 +78,7 @@ def mesh_case(name, factory, kwargs, axis_type, reference):
     return dict(
         alias=name,
         mode=str(axis_type),
-        max_rel_err=_max_rel_err(outs, reference),
+        max_rel_err=max_rel_err(outs, reference),
         update_specs={n: str(u.sharding.spec) for n, u in outs[-1].items()},
         wrong_state_shardings=wrong,
         sharded_state_leaves=sharded_moments,
@@ -124,7 +115,7 @@ def mix_case(name, factory, kwargs):
             for g in grads:
                 u, state = update(jax.device_put(g, shardings), state, p)
                 outs.append(u)
-        out[f"{init_from}_max_rel_err"] = _max_rel_err(outs, reference)
+        out[f"{init_from}_max_rel_err"] = max_rel_err(outs, reference)
         out[f"{init_from}_update_specs"] = {n: str(x.sharding.spec) for n, x in outs[-1].items()}
     return out
 
@@ -156,7 +147,7 @@ def pmap_case(name, factory, kwargs, reference):
         outs.append(jax.tree.map(lambda x: x[0], u))
         same = all(bool(jnp.all(x == x[:1])) for x in jax.tree.leaves(u))
         assert same, "devices disagree"
-    return dict(alias=name, mode="pmap", max_rel_err=_max_rel_err(outs, reference))
+    return dict(alias=name, mode="pmap", max_rel_err=max_rel_err(outs, reference))
 
 
 def pmap_stats_case():
@@ -190,7 +181,7 @@ def pmap_stats_case():
     for _ in range(STEPS):
         u, state = update(rep[0], state, rep[1], a, b)
         outs.append(jax.tree.map(lambda x: x[0], u))
-    return dict(mode="pmap_stats", max_rel_err=_max_rel_err(outs, reference))
+    return dict(mode="pmap_stats", max_rel_err=max_rel_err(outs, reference))
 
 
 def errors_case():
