@@ -251,6 +251,13 @@ class LeafPlan:
       kinds: ``'full'``, ``'diag'`` or ``'none'`` per view dimension.
       blocks: Block length per view dimension (equal to ``dims`` if unblocked).
       num_blocks: Number of blocks per view dimension.
+      per_block: The leaf is a *group* of the owner layout
+        (:mod:`layerwise_optax._owner`): a stack of blocks of several leaves,
+        sharded along the stack over the mesh's devices. Each block is its own
+        unit for the failure policy (:func:`layerwise_optax._failure.guard`),
+        the work on it stays on the devices that own its blocks
+        (:func:`map_leaves` does not gather it, :func:`map_grouped` computes it
+        where it lies), and its stack is never concatenated with another.
     """
 
     shape: tuple[int, ...]
@@ -261,6 +268,7 @@ class LeafPlan:
     kinds: tuple[Kind, ...]
     blocks: tuple[int, ...]
     num_blocks: tuple[int, ...]
+    per_block: bool = False
 
     @property
     def stack(self) -> int:
@@ -523,7 +531,7 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
         if is_masked(p):
             return p
         if isinstance(p, LeafPlan):
-            return on_gathered(fn, x, p, *r)
+            return fn(x, p, *r) if p.per_block else on_gathered(fn, x, p, *r)
         inner, rewrap = _unwrap(p)
         args = [_unwrap(a)[0] if type(a) is type(p) else a for a in (x, *r)]
         return rewrap(apply(inner, *args))
@@ -580,9 +588,20 @@ def map_grouped(
         listed.append([None] * len(work))
         for j, item in enumerate(work):
             if item is not None:
-                items.append(item)
+                # A group of the owner layout is a batch of its own, computed where
+                # its blocks lie (its key is never equal to another item's).
+                key, arrays = item
+                items.append(((_distribute.Owned(i, j), key), arrays) if plan.per_block else item)
                 where.append((i, j))
-    for (i, j), result in zip(where, _distribute.grouped(items, batched, enabled=distribute)):
+
+    def batched_of(key):
+        return (
+            batched(key[1])
+            if isinstance(key, tuple) and key and isinstance(key[0], _distribute.Owned)
+            else batched(key)
+        )
+
+    for (i, j), result in zip(where, _distribute.grouped(items, batched_of, enabled=distribute)):
         listed[i][j] = result
     leaves = [tuple(x) if isinstance(p, LeafPlan) else x for p, x in zip(plan_leaves, listed)]
     return jax.tree.unflatten(treedef, leaves)

@@ -127,6 +127,21 @@ def one_of(name: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {sorted(allowed)}.")
 
 
+def axis_names(name: str, value: Any) -> None:
+    """Checks an optional tuple of mesh axis names (``None``, a string or a sequence of strings)."""
+    if value is None or isinstance(value, str):
+        return
+    if (
+        not isinstance(value, (tuple, list))
+        or not value
+        or not all(isinstance(a, str) for a in value)
+    ):
+        raise ValueError(
+            f"{name} must be None, a mesh axis name or a non-empty tuple of mesh axis names, "
+            f"got {value!r}."
+        )
+
+
 def boolean(name: str, value: Any) -> None:
     """Checks a static flag is a Python bool."""
     if not isinstance(value, bool):

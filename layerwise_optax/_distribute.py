@@ -22,7 +22,7 @@ axes), the function is applied as is.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,54 @@ def spread(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> 
     return jax.tree.map(gather, out)
 
 
+class Owned(NamedTuple):
+    """Marks a work item of :func:`grouped` as a stack already laid out by owner.
+
+    The owner layout (:mod:`layerwise_optax._owner`) stores each group of
+    same-shaped blocks sharded along its stack over the mesh's devices; such a
+    stack is computed where it lies (:func:`local`), never concatenated with
+    other stacks. Items keyed ``(Owned(...), key)`` are unique by construction.
+    """
+
+    leaf: int
+    item: int
+
+
+def local(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> Any:
+    """``fn(*arrays)`` computed by each device on the blocks it owns.
+
+    The arrays are stacks sharded (or to be sharded) along axis 0 over all axes
+    of the current mesh, their length a multiple of the device count (the owner
+    layout pads them so). Each device applies ``fn`` to its own slice, and the
+    result stays sharded the same way: no collective at all. Without a usable
+    mesh (none, one device, manual axes) or when the stack does not divide
+    evenly, ``fn`` is applied as is and the partitioner places the work.
+
+    Args:
+      fn: A function batched over axis 0, treating stack entries independently.
+      *arrays: Its inputs, with a common leading stack axis.
+      enabled: ``False`` applies ``fn`` as is.
+
+    Returns:
+      ``fn(*arrays)``, sharded along axis 0 like the inputs.
+    """
+    mesh = current_mesh() if enabled else None
+    if mesh is None or arrays[0].shape[0] % mesh.size:
+        return fn(*arrays)
+    spec = P(tuple(mesh.axis_names))
+    arrays = tuple(place(a, spec, mesh) for a in arrays)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False
+    )(*arrays)
+
+
+def place(x: jax.Array, spec: P, mesh: Any) -> jax.Array:
+    """``x`` laid out as ``spec`` on the current mesh (Explicit: reshard; Auto: constraint)."""
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def grouped(
     items: list[tuple[Any, tuple[jax.Array, ...]]],
     fn: Callable[[Any], Callable[..., Any]],
@@ -105,6 +153,10 @@ def grouped(
         groups.setdefault(key, []).append(k)
     out: list[Any] = [None] * len(items)
     for key, members in groups.items():
+        if isinstance(key, tuple) and key and isinstance(key[0], Owned):
+            (k,) = members
+            out[k] = local(fn(key), *items[k][1])  # the owner layout computes where it stores
+            continue
         arity = len(items[members[0]][1])
         batch = tuple(jnp.concatenate([items[k][1][a] for k in members]) for a in range(arity))
         result = spread(fn(key), *batch, enabled=enabled)

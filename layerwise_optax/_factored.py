@@ -18,14 +18,14 @@ The refresh schedule is :func:`layerwise_optax._kron.on_schedule`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _kron
+from layerwise_optax import _axes, _checks, _failure, _kron, _owner
 
 _O = TypeVar("_O", bound="FactoredOptions")
 
@@ -84,11 +84,11 @@ def accumulate(
     Returns:
       An :class:`Accumulated` with ``nu`` left ``None``.
     """
-    ok, g32 = _failure.guard(g)
+    ok, g32 = _failure.guard(g, per_block=plan.per_block)
     blocks = plan.to_blocks(g32)
     new = _kron.axis_stats(blocks, plan) if estimate is None else estimate(blocks)
     if check_estimates:
-        ok = ok & _kron.all_finite(new)
+        ok = ok & _failure.fit(_kron.all_finite(new, per_block=plan.per_block), ok)
     mu = _failure.keep(ok, b1 * mu + (1 - b1) * g32, mu)
     return Accumulated(ok, g32, blocks, mu, _kron.ema(stats, new, decay, valid=ok))
 
@@ -113,9 +113,16 @@ class FactoredOptions:
     dimension_numbers: Any
     mu_dtype: Any
     precond_dtype: Any
+    state_layout: str
+    owner_axes: Any
+    # Set on the copy of the options that runs on an owner layout's grouped tree
+    # (:func:`owned_update`): the grouped tree's plans.
+    grouped_plans: Any = dataclasses.field(default=None, kw_only=True)
 
     def resolve(self, tree: Any) -> Any:
         """The plans of ``tree`` (:func:`layerwise_optax._axes.resolve`)."""
+        if self.grouped_plans is not None:
+            return self.grouped_plans
         return _axes.resolve(
             self.dimension_numbers,
             tree,
@@ -144,6 +151,8 @@ def factored_options(cls: type[_O], args: Mapping[str, Any], default_max_precond
     _checks.positive_int("block_size", args["block_size"], allow_none=True)
     for name in ("merge_small_dims", "distribute"):
         _checks.boolean(name, args[name])
+    _checks.one_of("state_layout", args["state_layout"], _owner.LAYOUTS)
+    _checks.axis_names("owner_axes", args["owner_axes"])
     max_dim = args["max_precond_dim"]
     return cls(
         **{
@@ -209,3 +218,84 @@ def stored(options: FactoredOptions, plans: Any, acc: Any, state: Any, failed: j
         _axes.bare(plans, _axes.unzip(acc, "stats")),
         _failure.add(state.failures, skipped=skipped, failed=failed),
     )
+
+
+def owned_init(
+    options: FactoredOptions, params: Any, init: Callable[[Any, Any], Any], factors: Sequence[str]
+) -> Any:
+    """``init(options, params)``, in the owner layout when :func:`_owner.decide` says so.
+
+    In the owner layout the state's params-like fields hold
+    :class:`layerwise_optax._owner.Grouped` trees built by ``init`` on the grouped
+    tree (:mod:`layerwise_optax._owner`), laid out along the block axis over the
+    mesh; the statistics fields named in ``factors`` hold the identity in padded
+    blocks (:func:`layerwise_optax._owner.pad_identity`).
+    """
+    plans = options.resolve(params)
+    layout = _owner.decide(options.state_layout, options.owner_axes, plans, params)
+    if layout is None:
+        return init(options, params)
+    inner = dataclasses.replace(options, grouped_plans=layout.plans(plans))
+    state = init(inner, _owner.zeros(layout, plans, params))
+    fields = {}
+    for name in state._fields:
+        value = getattr(state, name)
+        if isinstance(value, dict) and set(value) == {"blocks", "leaves"}:
+            if name in factors:
+                eyes = _kron.init_factor_tree(
+                    inner.grouped_plans, value, options.precond_dtype, identity=True
+                )
+                value = {
+                    **value,
+                    "blocks": _owner.pad_identity(layout, value["blocks"], eyes["blocks"]),
+                }
+            fields[name] = _owner.grouped(_owner.place_state(layout, value), layout)
+    return state._replace(**fields)
+
+
+def owned_update(
+    options: FactoredOptions,
+    update: Callable[[Any, Any, Any], tuple[Any, Any]],
+    updates: Any,
+    state: Any,
+    params: Any = None,
+) -> tuple[Any, Any]:
+    """``update(options, updates, state)`` on the grouped tree of an owner-layout state.
+
+    The gradient of each leaf is checked once (the failure policy's
+    :func:`layerwise_optax._failure.guard`); its blocks go to their owners
+    (:func:`layerwise_optax._owner.to_groups`, NaN where the leaf is not valid),
+    the optimizer's own code runs on the grouped tree, and the new updates come
+    back in the parameters' shapes (:func:`layerwise_optax._owner.from_groups`).
+    Skipped events are counted per leaf, as in the replicated layout.
+    """
+    del params  # Shampoo and SOAP do not read them.
+    layout = _owner.layout_of(state)
+    if layout is None:
+        return update(options, updates, state)
+    plans = options.resolve(updates)
+    _owner.check(layout, plans, updates)
+    nodes = _owner.plan_nodes(plans)
+    bare = _owner._bare_leaves(plans, updates)
+    valid = [
+        None if _axes.is_masked(plan) else _failure.guard(x)[0] for plan, x in zip(nodes, bare)
+    ]
+    grouped_updates = _owner.to_groups(layout, plans, updates, valid=valid)
+    inner = dataclasses.replace(options, grouped_plans=layout.plans(plans))
+    fields = {
+        name: (value.tree() if isinstance(value, _owner.Grouped) else value)
+        for name, value in zip(state._fields, state)
+    }
+    new_grouped, new_state = update(inner, grouped_updates, type(state)(**fields))
+    skipped = _failure.count_invalid([v for v in valid if v is not None])
+    failures = _failure.FailureCounts(state.failures.skipped + skipped, new_state.failures.failed)
+    out = {
+        name: (
+            _owner.grouped(getattr(new_state, name), layout)
+            if isinstance(getattr(state, name), _owner.Grouped)
+            else getattr(new_state, name)
+        )
+        for name in state._fields
+    }
+    out["failures"] = failures
+    return _owner.from_groups(layout, plans, new_grouped, updates), type(state)(**out)

@@ -52,7 +52,7 @@ def add(counts: FailureCounts, *, skipped: Any = 0, failed: Any = 0) -> FailureC
     )
 
 
-def guard(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def guard(g: jax.Array, *, per_block: bool = False) -> tuple[jax.Array, jax.Array]:
     """A leaf's validity flag and the leaf in at least float32, zeroed if not valid.
 
     The policy's entry point: a gradient leaf is valid when its squared Frobenius
@@ -69,14 +69,35 @@ def guard(g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Args:
       g: A gradient leaf of any shape and floating dtype.
+      per_block: ``g`` is a stack of blocks of *several* leaves (a group of the
+        owner layout, :mod:`layerwise_optax._owner`): each block along axis 0 is
+        checked on its own. The owner layout fills every block of an invalid
+        leaf with NaN first, so a block is valid exactly when its leaf is.
 
     Returns:
-      ``(ok, g32)``: a bool scalar and ``g`` cast to at least float32, all zeros
-      where ``ok`` is false.
+      ``(ok, g32)``: a bool scalar (with ``per_block``, shape
+      ``(stack, 1, ..., 1)``, broadcasting against ``g``) and ``g`` cast to at
+      least float32, all zeros where ``ok`` is false.
     """
     g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-    ok = jnp.isfinite(jnp.sum(jnp.square(g32)))
+    axes = tuple(range(1, g.ndim)) if per_block else None
+    ok = jnp.isfinite(jnp.sum(jnp.square(g32), axis=axes, keepdims=per_block))
     return ok, jnp.where(ok, g32, 0)
+
+
+def fit(ok: Any, x: jax.Array) -> Any:
+    """A validity flag shaped to broadcast against ``x``.
+
+    A scalar flag (one leaf) is returned as is; a per-block flag of shape
+    ``(stack, 1, ...)`` (:func:`guard` with ``per_block``) is reshaped to
+    ``(stack, 1, ..., 1)`` with ``x.ndim`` axes, so that it selects whole blocks
+    of any per-block array (factors ``(stack, b, b)``, diagonals ``(stack, b)``,
+    block views).
+    """
+    ok = jnp.asarray(ok)
+    if ok.ndim == 0:
+        return ok
+    return jnp.reshape(ok, (ok.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def keep(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -87,12 +108,12 @@ def keep(ok: jax.Array, new: Any, old: Any) -> Any:
     """
     if new is None:
         return None
-    return jax.tree.map(lambda n, o: _axes.select(ok, n, o), new, old)
+    return jax.tree.map(lambda n, o: _axes.select(fit(ok, o), n, o), new, old)
 
 
 def zero_unless(ok: jax.Array, update: jax.Array, dtype: Any) -> jax.Array:
     """The update of a leaf, zero where the leaf was not valid, cast to ``dtype``."""
-    return jnp.where(ok, update, 0).astype(dtype)
+    return jnp.where(fit(ok, update), update, 0).astype(dtype)
 
 
 def count_invalid(flags: Any) -> jax.Array:

@@ -224,9 +224,17 @@ def apply_axis_cholesky(g: jax.Array, chols: Factors, plan: _axes.LeafPlan) -> j
     return g
 
 
-def all_finite(factors: Factors) -> jax.Array:
-    """Whether every entry of every factor is finite (a bool scalar)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in factors] or [jnp.bool_(True)]))
+def all_finite(factors: Factors, *, per_block: bool = False) -> jax.Array:
+    """Whether every entry of every factor is finite.
+
+    A bool scalar; with ``per_block``, one flag per block of the stack, shape
+    ``(stack, 1)`` (the factors' leading axis; see
+    :func:`layerwise_optax._failure.fit`).
+    """
+    if not per_block:
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in factors] or [jnp.bool_(True)]))
+    flags = [jnp.all(jnp.isfinite(f), axis=tuple(range(1, f.ndim))) for f in factors]
+    return jnp.all(jnp.stack(flags), axis=0)[:, None]
 
 
 def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> Factors:
@@ -237,8 +245,14 @@ def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> F
     """
     decay = jnp.asarray(decay, jnp.float32)
     w = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
+    # The new statistics are materialized before the EMA: fused into the matrix
+    # product that makes them, the sum would be rounded differently (a fused
+    # multiply-add) in some programs and not in others, and those last-bit
+    # differences decide the roots of rank-deficient factors. With the barrier
+    # every layout (replicated, owner, any mesh) rounds the EMA alike.
+    new = jax.lax.optimization_barrier(tuple(new))
     return tuple(
-        jnp.where(valid, (decay * o + w * n.astype(o.dtype)).astype(o.dtype), o)
+        jnp.where(_failure.fit(valid, o), (decay * o + w * n.astype(o.dtype)).astype(o.dtype), o)
         for o, n in zip(old, new)
     )
 

@@ -22,6 +22,8 @@ from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kro
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
 _STATIC_ARGS = (
+    "state_layout",
+    "owner_axes",
     "max_precond_dim",
     "block_size",
     "merge_small_dims",
@@ -267,6 +269,8 @@ def scale_by_shampoo(
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
     distribute: bool = True,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
 ) -> optax.GradientTransformation:
     """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
@@ -311,6 +315,20 @@ def scale_by_shampoo(
         (same-sized blocks of all leaves batched together) over all its devices,
         each block computed on one device and the roots gathered; no effect
         without a mesh. The result is the same either way.
+      state_layout: Where the per-block state (statistics, roots) lives
+        on a device mesh. ``'auto'`` (default): the *owner layout* when
+        ``init`` runs under a mesh of more than one device (:func:`jax.set_mesh`,
+        or params sharded over one; :func:`layerwise_optax.state_shardings` sets
+        it), else replicated. ``'owner'``: the blocks of all leaves with the same
+        block shape are stacked and the stack sharded along the block axis over
+        the mesh (padded to a multiple of the device count), so each device
+        stores, accumulates and refreshes only its own blocks and the state per
+        device shrinks with the device count; without a mesh the stacks are kept
+        whole. ``'replicated'``: per leaf, every factor on every device (the
+        layout of earlier versions). The updates are the same in every layout.
+        Static; checkpoints restore into the layout they were saved in.
+      owner_axes: Mesh axes the owner layout shards the block axis over
+        (``None``: all of them; a name or a tuple of names). Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -343,7 +361,8 @@ def scale_by_shampoo(
     """
     options = _options(dict(locals()))  # every argument above, checked
     return optax.GradientTransformation(
-        functools.partial(_init, options), functools.partial(_update, options)
+        functools.partial(_factored.owned_init, options, init=_init, factors=("stats",)),
+        functools.partial(_factored.owned_update, options, _update),
     )
 
 
@@ -372,6 +391,8 @@ def shampoo(
     nesterov: bool = False,
     factor_estimation: Literal["shampoo", "kl"] = "shampoo",
     distribute: bool = True,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
@@ -467,6 +488,9 @@ def shampoo(
         ``L^{-1/2}``).
       distribute: Spread the refresh over the mesh's devices (see
         :func:`scale_by_shampoo`).
+      state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
+        :func:`layerwise_optax.scale_by_shampoo`).
+      owner_axes: Mesh axes of the owner layout (``None``: all).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -514,6 +538,8 @@ def shampoo(
             root_method=root_method,
             factor_estimation=factor_estimation,
             distribute=distribute,
+            state_layout=state_layout,
+            owner_axes=owner_axes,
             relative_damping=relative_damping,
             factor_bias_correction=factor_bias_correction,
             mu_dtype=mu_dtype,

@@ -13,8 +13,12 @@ sharded. The layout:
 * leaves shaped like a parameter (moments ``mu``/``nu``, NorMuon's or Adam's
   moments) are sharded like that parameter (FSDP- and tensor-parallel layouts
   shard optimizer memory the same way as the weights);
-* everything else (Kronecker factors and their roots, bases and PSGD factors,
-  counters, keys) is replicated.
+* in the *owner layout* (the default of the Kronecker optimizers under a mesh,
+  :mod:`layerwise_optax._owner`), the per-block state of all leaves is stored
+  as stacks of same-shaped blocks, each sharded along its block axis over the
+  mesh: ``P(axes)`` on axis 0, so each device holds ``1 / devices`` of it;
+* everything else (the factors of the replicated layout, counters, keys) is
+  replicated.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from layerwise_optax import _axes
+from layerwise_optax import _axes, _owner
 
 
 def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -108,8 +112,11 @@ def state_shardings(
       mesh: The mesh, needed when ``param_shardings`` holds partition specs.
 
     Returns:
-      A tree like ``jax.eval_shape(tx.init, params)`` of ``NamedSharding``:
-      params-shaped leaves sharded like their parameter, the rest replicated.
+      A tree like ``jax.eval_shape(tx.init, params)`` (``init`` traced under
+      the mesh, so the Kronecker optimizers choose their owner layout) of
+      ``NamedSharding``: params-shaped leaves sharded like their parameter, the
+      owner layout's block stacks along their block axis over the mesh, the
+      rest replicated.
 
     Raises:
       ValueError: A spec with more entries than the parameter has axes, a mesh
@@ -144,7 +151,12 @@ def state_shardings(
     if the_mesh is None:
         raise ValueError("no params and no mesh: nothing to shard.")
     replicated = NamedSharding(the_mesh, PartitionSpec())
-    abstract = jax.eval_shape(tx.init, params)
+    # ``init`` under the mesh: transforms with a state layout choose the owner
+    # layout there (``state_layout='auto'``).
+    use = jax.set_mesh if isinstance(the_mesh, Mesh) else jax.sharding.use_abstract_mesh
+    with use(the_mesh):
+        abstract = jax.eval_shape(tx.init, params)
+    positions = [s for _, _, s in named]
 
     def place(path, leaf):
         keys = _keys(path)
@@ -155,4 +167,27 @@ def state_shardings(
                     best = (p_keys, s)
         return replicated if best is None else best[1]
 
-    return jax.tree_util.tree_map_with_path(place, abstract)
+    def place_grouped(node: _owner.Grouped) -> _owner.Grouped:
+        # Group stacks along the block axis; params-shaped leaves like their param.
+        layout = node.layout
+        stacked = NamedSharding(the_mesh, layout.spec())
+        blocks = jax.tree.map(lambda _: stacked, node.blocks)
+        leaves = []
+        for i, entry in zip(layout.leaves, node.leaves):
+            shape = tuple(flat_params[i][1].shape)
+            leaves.append(
+                jax.tree.map(
+                    lambda x, i=i, shape=shape: positions[i] if x.shape == shape else replicated,
+                    entry,
+                )
+            )
+        return _owner.Grouped(blocks, tuple(leaves), layout)
+
+    def place_any(path, leaf):
+        if isinstance(leaf, _owner.Grouped):
+            return place_grouped(leaf)
+        return place(path, leaf)
+
+    return jax.tree_util.tree_map_with_path(
+        place_any, abstract, is_leaf=lambda x: isinstance(x, _owner.Grouped)
+    )

@@ -30,7 +30,7 @@ bases for the next step); the parts Shampoo writes the same way live in
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,8 @@ from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kro
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
 _STATIC_ARGS = (
+    "state_layout",
+    "owner_axes",
     "max_precond_dim",
     "block_size",
     "merge_small_dims",
@@ -193,6 +195,8 @@ def scale_by_soap(
     block_size: int | None = None,
     merge_small_dims: bool = True,
     distribute: bool = True,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
@@ -213,6 +217,20 @@ def scale_by_soap(
       distribute: Under a mesh set with :func:`jax.set_mesh`, split each basis
         refresh (same-sized blocks of all leaves batched) over its devices, each
         block on one device; no effect without a mesh.
+      state_layout: Where the per-block state (statistics, bases, rotated moments) lives
+        on a device mesh. ``'auto'`` (default): the *owner layout* when
+        ``init`` runs under a mesh of more than one device (:func:`jax.set_mesh`,
+        or params sharded over one; :func:`layerwise_optax.state_shardings` sets
+        it), else replicated. ``'owner'``: the blocks of all leaves with the same
+        block shape are stacked and the stack sharded along the block axis over
+        the mesh (padded to a multiple of the device count), so each device
+        stores, accumulates and refreshes only its own blocks and the state per
+        device shrinks with the device count; without a mesh the stacks are kept
+        whole. ``'replicated'``: per leaf, every factor on every device (the
+        layout of earlier versions). The updates are the same in every layout.
+        Static; checkpoints restore into the layout they were saved in.
+      owner_axes: Mesh axes the owner layout shards the block axis over
+        (``None``: all of them; a name or a tuple of names). Static.
       dimension_numbers: Spec tree or callable; ``None``: the default policy
         (vectors and scalars keep the identity basis: plain Adam).
       mu_dtype: Storage dtype of the first moment.
@@ -245,7 +263,8 @@ def scale_by_soap(
     args = dict(locals())  # every argument above
     options = _factored.factored_options(_factored.FactoredOptions, args, _DEFAULT_MAX_PRECOND_DIM)
     return optax.GradientTransformation(
-        functools.partial(_init, options), functools.partial(_update, options)
+        functools.partial(_factored.owned_init, options, init=_init, factors=("stats",)),
+        functools.partial(_factored.owned_update, options, _update),
     )
 
 
@@ -260,6 +279,8 @@ def soap(
     block_size: int | None = None,
     merge_small_dims: bool = True,
     distribute: bool = True,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
@@ -311,6 +332,9 @@ def soap(
       merge_small_dims: Merge small adjacent axes in the default policy.
       distribute: Spread basis refreshes over the mesh's devices (see
         :func:`scale_by_soap`).
+      state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
+        :func:`layerwise_optax.scale_by_soap`).
+      owner_axes: Mesh axes of the owner layout (``None``: all).
       dimension_numbers: Per-leaf spec tree or callable; ``None``: default.
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask (tree or callable).
@@ -352,6 +376,8 @@ def soap(
             block_size=block_size,
             merge_small_dims=merge_small_dims,
             distribute=distribute,
+            state_layout=state_layout,
+            owner_axes=owner_axes,
             dimension_numbers=dimension_numbers,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,

@@ -416,8 +416,10 @@ def test_factor_bias_correction_is_a_no_op_with_relative_damping_and_grafting():
     kw = dict(factor_decay=0.9, precondition_frequency=1, start_preconditioning_step=0)
     a, _ = _run(lo.scale_by_shampoo(**kw), grads)
     b, _ = _run(lo.scale_by_shampoo(**kw, factor_bias_correction=True), grads)
+    # Equal up to float32 round-off of the two roots (the bias correction scales
+    # each factor before its eigendecomposition), relative to the update's size.
     for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * np.max(np.abs(y)))
 
 
 def test_factor_bias_correction_with_injected_factor_decay():

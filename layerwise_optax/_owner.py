@@ -1,0 +1,408 @@
+"""The owner layout: per-block optimizer state sharded over the devices of a mesh.
+
+A Kronecker preconditioner's state is a set of independent per-block parts:
+each block of each leaf (:class:`layerwise_optax._axes.LeafPlan`) has its own
+factor statistics, roots or inverses, eigenbases, PSGD factors, and its own
+share of the moments. Replicated on every device, that state does not shrink
+when devices are added. The owner layout stores it the way the refresh already
+batches it:
+
+1. the blocks of all leaves with the same block layout (block lengths, factor
+   kinds and compute dtype) form one *group*, stacked on a leading axis in leaf
+   order (:class:`Group`);
+2. each group's stack is padded to a multiple of the device count and sharded
+   along that axis over the chosen mesh axes (all of them by default), so every
+   device holds ``padded / devices`` blocks of every group. Blocks of one group
+   cost the same, so the split is balanced by construction; at most
+   ``devices - 1`` padded blocks per group are stored and computed;
+3. every per-block step (moments, statistics, refresh, preconditioning) runs on
+   the group stacks where they lie: the gradient of a block is sent to its
+   owner (:func:`to_groups`), the owner computes, and the preconditioned blocks
+   are gathered once and put back into the parameters' shapes
+   (:func:`from_groups`).
+
+A leaf without factors (biases and other vectors under the default policy)
+stays as it is: its state is shaped and sharded like the parameter.
+
+The optimizer runs its ordinary per-leaf code on the *grouped tree*
+``{'blocks': (stack, ...), 'leaves': (leaf, ...)}``, whose group stacks have
+plans with ``per_block=True`` (each block its own unit for the failure policy:
+the blocks of a leaf whose gradient is not valid are filled with NaN first, and
+padded blocks are filled with NaN too, so they never enter any statistic).
+Since a block is computed from the same numbers by the same operations as on
+one device, the updates do not depend on the mesh (up to float32 round-off of
+reductions the compiler may reorder).
+
+The layout is static: it is decided at ``init`` (:func:`decide`) and carried in
+the state's tree structure (:class:`Grouped`), so ``update`` and
+:func:`layerwise_optax.state_shardings` read it from the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from layerwise_optax import _axes, _distribute
+
+LAYOUTS = ("auto", "owner", "replicated")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The blocks of the leaves with one block layout, stacked.
+
+    Attributes:
+      key: ``plan.as_batch(1)`` of the members (block lengths and kinds).
+      dtype: Compute dtype of the members' gradients (at least float32).
+      members: ``(position, blocks)`` per member leaf, in leaf order; ``position``
+        indexes the plan nodes of the params tree (:func:`plan_nodes`).
+      padded: Stack length, the number of blocks rounded up to a multiple of
+        the device count.
+    """
+
+    key: _axes.LeafPlan
+    dtype: str
+    members: tuple[tuple[int, int], ...]
+    padded: int
+
+    @property
+    def size(self) -> int:
+        """The number of real (not padded) blocks."""
+        return sum(n for _, n in self.members)
+
+    @property
+    def plan(self) -> _axes.LeafPlan:
+        """The plan of the group's stack: one block per entry, ``per_block``."""
+        return dataclasses.replace(self.key.as_batch(self.padded), per_block=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every block of a params tree lives in the owner layout.
+
+    Attributes:
+      groups: The groups, ordered by first member.
+      leaves: Positions of the leaves without factors, kept params-shaped.
+      axes: Mesh axes the stacks are sharded over.
+      devices: Product of those axes' sizes (the padding multiple).
+    """
+
+    groups: tuple[Group, ...]
+    leaves: tuple[int, ...]
+    axes: tuple[str, ...]
+    devices: int
+
+    def plans(self, plans: Any) -> dict[str, tuple[Any, ...]]:
+        """The plans of the grouped tree (see the module docstring)."""
+        nodes = plan_nodes(plans)
+        return {
+            "blocks": tuple(g.plan for g in self.groups),
+            "leaves": tuple(nodes[i] for i in self.leaves),
+        }
+
+    def spec(self) -> P:
+        """The partition spec of every group stack: axis 0 over :attr:`axes`."""
+        return P(self.axes if len(self.axes) != 1 else self.axes[0])
+
+    def padding(self) -> int:
+        """Padded blocks stored in all, over every group."""
+        return sum(g.padded - g.size for g in self.groups)
+
+
+@jax.tree_util.register_pytree_node_class
+class Grouped:
+    """A state field in the owner layout: group stacks and params-shaped leaves.
+
+    A pytree node whose children are ``blocks`` (one entry per group, e.g. a
+    factor tuple with a leading stack axis) and ``leaves`` (one entry per leaf
+    without factors); the :class:`Layout` is static data, so the layout travels
+    with the state's tree structure (checkpoints restore it from the ``like``
+    tree).
+    """
+
+    def __init__(self, blocks: tuple[Any, ...], leaves: tuple[Any, ...], layout: Layout):
+        self.blocks = tuple(blocks)
+        self.leaves = tuple(leaves)
+        self.layout = layout
+
+    def tree_flatten(self):
+        return (self.blocks, self.leaves), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, children):
+        return cls(children[0], children[1], layout)
+
+    def tree(self) -> dict[str, tuple[Any, ...]]:
+        """The grouped tree (a plain dict) the optimizer's per-leaf code works on."""
+        return {"blocks": self.blocks, "leaves": self.leaves}
+
+    def __repr__(self) -> str:
+        return (
+            f"Grouped({len(self.blocks)} groups over {self.layout.axes} "
+            f"({self.layout.devices} devices), {len(self.leaves)} params-shaped leaves)"
+        )
+
+
+def grouped(tree: Any, layout: Layout) -> Grouped | None:
+    """A grouped tree (dict) as a :class:`Grouped` state field (``None`` stays)."""
+    if tree is None:
+        return None
+    return Grouped(tree["blocks"], tree["leaves"], layout)
+
+
+def layout_of(state: Any) -> Layout | None:
+    """The :class:`Layout` of a state, or ``None`` for the replicated (per-leaf) one."""
+    for x in jax.tree.leaves(state, is_leaf=lambda y: isinstance(y, Grouped)):
+        if isinstance(x, Grouped):
+            return x.layout
+    return None
+
+
+def plan_nodes(plans: Any) -> list[Any]:
+    """The plan nodes of a plans tree, unwrapped: a LeafPlan or a mask per position."""
+    nodes = jax.tree.flatten(plans, is_leaf=_axes._is_plan_node)[0]
+    out = []
+    for node in nodes:
+        while not _axes.is_plan_leaf(node):
+            node = _axes._unwrap(node)[0]
+        out.append(node)
+    return out
+
+
+def _mesh_axes(params: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """The mesh to lay the state out on: the current one, else the params'."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        for x in jax.tree.leaves(params):
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding):
+                mesh = sharding.mesh
+                break
+        else:
+            return None
+    if mesh.empty or any(t == AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh, tuple(mesh.axis_names)
+
+
+def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: Any) -> Layout | None:
+    """The layout ``init`` builds (``None``: replicated, per leaf).
+
+    Args:
+      choice: ``'auto'`` (owner layout when a mesh of more than one device is
+        current or carries the params, else replicated), ``'owner'`` (always;
+        on one device the groups are unpadded stacks) or ``'replicated'``.
+      owner_axes: Mesh axes to shard the stacks over; ``None``: all.
+      plans: The params' plans.
+      params: The params (their dtypes; their sharding's mesh when no mesh is set).
+
+    Returns:
+      A :class:`Layout`, or ``None``.
+
+    Raises:
+      ValueError: ``owner_axes`` names an axis the mesh does not have.
+    """
+    if choice == "replicated":
+        return None
+    found = _mesh_axes(params)
+    if found is None:
+        return None if choice == "auto" else build(plans, params, (), 1)
+    mesh, names = found
+    if owner_axes is None:
+        axes = names
+    else:
+        axes = (owner_axes,) if isinstance(owner_axes, str) else tuple(owner_axes)
+    missing = [a for a in axes if a not in names]
+    if missing:
+        raise ValueError(
+            f"owner_axes={tuple(owner_axes or ())} names mesh axis {missing[0]!r}, which the "
+            f"mesh does not have; its axes are {names}."
+        )
+    devices = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes)
+    if choice == "auto" and devices <= 1:
+        return None
+    return build(plans, params, axes, devices)
+
+
+def build(plans: Any, params: Any, axes: tuple[str, ...], devices: int) -> Layout:
+    """Groups the blocks of every preconditioned leaf by block layout and dtype."""
+    nodes = plan_nodes(plans)
+    arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
+    members: dict[tuple[Any, str], list[tuple[int, int]]] = {}
+    leaves = []
+    for i, (plan, x) in enumerate(zip(nodes, arrays)):
+        if _axes.is_masked(plan):
+            continue
+        if not plan.is_preconditioned:
+            leaves.append(i)
+            continue
+        dtype = jnp.promote_types(x.dtype, jnp.float32).name
+        members.setdefault((plan.as_batch(1), dtype), []).append((i, plan.stack))
+    groups = tuple(
+        Group(key, dtype, tuple(m), -(-sum(n for _, n in m) // devices) * devices)
+        for (key, dtype), m in members.items()
+    )
+    return Layout(groups, tuple(leaves), tuple(axes), devices)
+
+
+def check(layout: Layout, plans: Any, tree: Any) -> None:
+    """Raises ``ValueError`` unless ``tree`` has the leaves ``layout`` was built for."""
+    expected = build(plans, tree, layout.axes, layout.devices)
+    if expected.groups != layout.groups or expected.leaves != layout.leaves:
+        raise ValueError(
+            "the updates do not match the params the owner-layout state was initialized "
+            f"with: groups {[(g.key.blocks, g.size) for g in expected.groups]} expected "
+            f"{[(g.key.blocks, g.size) for g in layout.groups]}."
+        )
+
+
+def _constrain(x: jax.Array, layout: Layout) -> jax.Array:
+    """A group stack laid out along axis 0 over the layout's axes (when a mesh is current)."""
+    mesh = _distribute.current_mesh()
+    if mesh is None or not layout.axes or any(a not in mesh.axis_names for a in layout.axes):
+        return x
+    return _distribute.place(x, layout.spec(), mesh)
+
+
+def _replicate(x: jax.Array) -> jax.Array:
+    """``x`` replicated over the current mesh (no-op without one)."""
+    mesh = _distribute.current_mesh()
+    return x if mesh is None else _distribute.place(x, P(), mesh)
+
+
+def to_groups(
+    layout: Layout, plans: Any, tree: Any, *, valid: Sequence[Any] | None = None
+) -> dict[str, tuple[Any, ...]]:
+    """The grouped tree of a params-shaped tree (gradients, updates).
+
+    Each preconditioned leaf's block view is cast to its group's dtype and
+    appended to the group's stack; the stacks are padded with NaN blocks (so the
+    failure policy keeps them out of every statistic) and laid out along axis 0
+    over the mesh. Leaves without factors are passed bare.
+
+    Args:
+      layout: The layout.
+      plans: The plans of ``tree``.
+      tree: A tree like the params.
+      valid: Per plan position a bool scalar (``None`` entries allowed); the
+        blocks of a leaf whose flag is false are filled with NaN.
+
+    Returns:
+      ``{'blocks': (stack per group), 'leaves': (leaf per leaf without factors)}``.
+    """
+    nodes = plan_nodes(plans)
+    xs = _bare_leaves(plans, tree)
+    blocks = []
+    for g in layout.groups:
+        parts = []
+        for i, _ in g.members:
+            x = xs[i]
+            if _axes._explicit_spec(x) is not None:
+                x = jax.sharding.reshard(x, P())
+            b = nodes[i].to_blocks(x.astype(g.dtype))
+            if valid is not None and valid[i] is not None:
+                b = jnp.where(valid[i], b, jnp.nan)
+            parts.append(b)
+        pad = g.padded - g.size
+        if pad:
+            parts.append(jnp.full((pad,) + g.key.blocks, jnp.nan, g.dtype))
+        blocks.append(_constrain(jnp.concatenate(parts) if len(parts) > 1 else parts[0], layout))
+    return {"blocks": tuple(blocks), "leaves": tuple(xs[i] for i in layout.leaves)}
+
+
+def from_groups(layout: Layout, plans: Any, grouped_tree: Any, like: Any) -> Any:
+    """A params-shaped tree back from a grouped tree (inverse of :func:`to_groups`).
+
+    Each group stack is gathered once (the one collective of the way back),
+    sliced into its members' block views and mapped to the leaves' shapes; each
+    leaf takes ``like``'s dtype, wrapper and (explicit) sharding. Masked
+    positions of ``plans`` keep ``like``'s node.
+    """
+    nodes, treedef = jax.tree.flatten(plans, is_leaf=_axes._is_plan_node)
+    plan_leaves = plan_nodes(plans)
+    like_nodes = treedef.flatten_up_to(like)
+    out: list[Any] = list(like_nodes)
+    for g, stack in zip(layout.groups, grouped_tree["blocks"]):
+        stack = _replicate(stack)
+        start = 0
+        for i, n in g.members:
+            y = plan_leaves[i].from_blocks(stack[start : start + n])
+            start += n
+            out[i] = _like(y, like_nodes[i], nodes[i])
+    for i, y in zip(layout.leaves, grouped_tree["leaves"]):
+        out[i] = _like(y, like_nodes[i], nodes[i])
+    return jax.tree.unflatten(treedef, out)
+
+
+def _like(y: jax.Array, like: Any, node: Any) -> Any:
+    """``y`` with the dtype, explicit sharding and wrappers of ``like``."""
+    wrappers = []
+    while not _axes.is_plan_leaf(node) and type(like) is type(node):
+        like, rewrap = _axes._unwrap(like)
+        node = _axes._unwrap(node)[0]
+        wrappers.append(rewrap)
+    y = y.astype(like.dtype)
+    spec = _axes._explicit_spec(like)
+    if spec is not None:
+        y = jax.sharding.reshard(y, spec)
+    for rewrap in reversed(wrappers):
+        y = rewrap(y)
+    return y
+
+
+def _bare_leaves(plans: Any, tree: Any) -> list[Any]:
+    """Per plan position, the leaf of ``tree`` without the plans' wrappers."""
+    nodes, treedef = jax.tree.flatten(plans, is_leaf=_axes._is_plan_node)
+    out = []
+    for node, x in zip(nodes, treedef.flatten_up_to(tree)):
+        while not _axes.is_plan_leaf(node) and type(x) is type(node):
+            node, x = _axes._unwrap(node)[0], _axes._unwrap(x)[0]
+        out.append(x)
+    return out
+
+
+def zeros(layout: Layout, plans: Any, params: Any) -> dict[str, tuple[Any, ...]]:
+    """A grouped tree of zeros standing in for the params at ``init``."""
+    xs = _bare_leaves(plans, params)
+    return {
+        "blocks": tuple(jnp.zeros((g.padded,) + g.key.blocks, g.dtype) for g in layout.groups),
+        "leaves": tuple(jnp.zeros(np.shape(xs[i]), xs[i].dtype) for i in layout.leaves),
+    }
+
+
+def place_state(layout: Layout, tree: Any) -> Any:
+    """Lays every group entry of a grouped state tree out along axis 0 (at ``init``)."""
+    if tree is None:
+        return None
+    return {
+        "blocks": jax.tree.map(lambda x: _constrain(x, layout), tree["blocks"]),
+        "leaves": tree["leaves"],
+    }
+
+
+def pad_identity(layout: Layout, factors: tuple[Any, ...], identity: tuple[Any, ...]) -> Any:
+    """Per group, factor statistics whose padded blocks hold the identity.
+
+    A padded block never enters a statistic (its gradient is NaN), so its
+    statistic keeps its initial value; the identity keeps its root, inverse or
+    basis finite at every refresh, so padding is never counted as a failure.
+    """
+    out = []
+    for g, fs, eyes in zip(layout.groups, factors, identity):
+        real = (jnp.arange(g.padded) < g.size)[:, None]
+        out.append(
+            tuple(
+                jnp.where(jnp.reshape(real, (g.padded,) + (1,) * (f.ndim - 1)), f, e)
+                for f, e in zip(fs, eyes)
+            )
+        )
+    return tuple(out)
