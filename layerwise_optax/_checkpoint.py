@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layerwise_optax import _owner
+
 _HINT = (
     "The checkpoint was written by an optimizer with other static settings (e.g. "
     "block_size, max_precond_dim, grafting, dimension_numbers, mu_dtype, precond_dtype) "
@@ -161,6 +163,16 @@ def restore_state(like: Any, restored: Any, shardings: Any = None) -> Any:
 
     Empty placeholders that :func:`checkpointable` left out are recreated.
 
+    A state in the owner layout (:mod:`layerwise_optax._owner`) restores onto a
+    mesh with another device count: its group stacks are padded to a multiple
+    of the device count, and stacks of the saved length are cut or padded to
+    the length ``like`` has (the real blocks come first). ``like`` must be in
+    the layout the run continues in: trace it under that mesh
+    (``with jax.set_mesh(mesh): jax.eval_shape(tx.init, params)``), as
+    :func:`state_shardings` does. With orbax's target restore, give the arrays
+    the saved lengths (for instance the shapes of the checkpoint's metadata) and
+    let this function resize them.
+
     On a mesh, pass the target layout as ``shardings`` (for instance
     :func:`state_shardings` for the mesh the run continues on, which may differ
     from the mesh that saved the state: 8 devices to 4, ``(4, 2)`` to
@@ -209,13 +221,19 @@ def restore_state(like: Any, restored: Any, shardings: Any = None) -> Any:
       >>> jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, state))
       True
     """
-    check_state(like, restored)
+    got = _owner.repad(like, _flat(restored), _key)
+    check_state(like, _unflat_like(restored, got))
     placements = None if shardings is None else _check_shardings(like, shardings)
-    got = _flat(restored)
     leaves = [got[p] if p in got else jnp.zeros(x.shape, x.dtype) for p, x in _flat(like).items()]
     if placements is not None:
         leaves = [jax.device_put(x, s) for x, s in zip(leaves, placements)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _unflat_like(restored: Any, flat: dict[tuple[str, ...], Any]) -> Any:
+    """``restored`` with its leaves replaced by ``flat``'s entries at the same paths."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(restored)
+    return jax.tree.unflatten(treedef, [flat[tuple(_key(k) for k in p)] for p, _ in paths])
 
 
 def _check_shardings(like: Any, shardings: Any) -> list[Any]:

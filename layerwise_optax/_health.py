@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from layerwise_optax import _checks, _failure, _registry
+from layerwise_optax import _checks, _failure, _owner, _registry
 
 # Every library state carries its counters as one ``failures`` field
 # (:class:`layerwise_optax._failure.FailureCounts`); the algorithm names come from
@@ -56,6 +56,10 @@ class FailureEntry:
       skipped: (leaf, step) pairs whose gradient was invalid and was kept out.
       failed: (block or leaf, refresh) pairs whose refreshed result was not finite
         (0 for transforms that refresh nothing).
+      layout: Where its per-block state lives: ``'replicated'`` (per leaf, on
+        every device), or the owner layout's groups, devices and padding; a
+        group with fewer blocks than devices is padded and named here
+        (:mod:`layerwise_optax._owner`).
     """
 
     path: str
@@ -63,6 +67,7 @@ class FailureEntry:
     steps: int
     skipped: int
     failed: int
+    layout: str = "replicated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +107,9 @@ class FailureReport:
             (e.path, e.algorithm, str(e.steps), str(e.skipped), str(e.failed)) for e in self.entries
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [f"{e.path}: {e.layout}" for e in self.entries if e.layout != "replicated"]
+        return "\n".join(lines)
 
 
 def failure_counts(state: optax.OptState) -> tuple[jax.Array, jax.Array]:
@@ -155,6 +162,7 @@ def failure_report(state: optax.OptState) -> FailureReport:
                 steps=int(jnp.max(count)) if count is not None else 0,
                 skipped=int(jnp.sum(s.failures.skipped)),
                 failed=int(jnp.sum(s.failures.failed)),
+                layout=_owner.describe(_owner.layout_of(s)),
             )
         )
     return FailureReport(tuple(entries))

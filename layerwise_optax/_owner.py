@@ -72,7 +72,9 @@ class Group:
     key: _axes.LeafPlan
     dtype: str
     members: tuple[tuple[int, int], ...]
-    padded: int
+    # Not part of the layout's identity (equality, hash, tree structure): the
+    # same groups padded for another device count restore into each other.
+    padded: int = dataclasses.field(compare=False)
 
     @property
     def size(self) -> int:
@@ -99,7 +101,7 @@ class Layout:
     groups: tuple[Group, ...]
     leaves: tuple[int, ...]
     axes: tuple[str, ...]
-    devices: int
+    devices: int = dataclasses.field(compare=False)
 
     def plans(self, plans: Any) -> dict[str, tuple[Any, ...]]:
         """The plans of the grouped tree (see the module docstring)."""
@@ -118,7 +120,7 @@ class Layout:
         return sum(g.padded - g.size for g in self.groups)
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class Grouped:
     """A state field in the owner layout: group stacks and params-shaped leaves.
 
@@ -133,6 +135,10 @@ class Grouped:
         self.blocks = tuple(blocks)
         self.leaves = tuple(leaves)
         self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        keys = (jax.tree_util.GetAttrKey("blocks"), jax.tree_util.GetAttrKey("leaves"))
+        return tuple(zip(keys, (self.blocks, self.leaves))), self.layout
 
     def tree_flatten(self):
         return (self.blocks, self.leaves), self.layout
@@ -152,6 +158,28 @@ class Grouped:
         )
 
 
+def describe(layout: Layout | None) -> str:
+    """One line on a state's layout, for :func:`layerwise_optax.failure_report`.
+
+    A group with fewer blocks than devices cannot be spread: it is padded to one
+    block per device, so its per-device state does not shrink (it still works;
+    ``block_size`` splits large leaves into more blocks). The line says so.
+    """
+    if layout is None:
+        return "replicated"
+    text = (
+        f"owner: {len(layout.groups)} block groups over {layout.axes} "
+        f"({layout.devices} devices), {layout.padding()} padded blocks"
+    )
+    small = [g for g in layout.groups if g.size < layout.devices]
+    if small:
+        text += (
+            f"; {len(small)} groups have fewer blocks than devices (padded to one block per "
+            "device: their per-device state does not shrink; block_size splits large leaves)"
+        )
+    return text
+
+
 def grouped(tree: Any, layout: Layout) -> Grouped | None:
     """A grouped tree (dict) as a :class:`Grouped` state field (``None`` stays)."""
     if tree is None:
@@ -160,10 +188,23 @@ def grouped(tree: Any, layout: Layout) -> Grouped | None:
 
 
 def layout_of(state: Any) -> Layout | None:
-    """The :class:`Layout` of a state, or ``None`` for the replicated (per-leaf) one."""
+    """The :class:`Layout` of a state, or ``None`` for the replicated (per-leaf) one.
+
+    The stack lengths are read from the state's arrays (a state restored for
+    another device count carries the lengths of its new layout).
+    """
     for x in jax.tree.leaves(state, is_leaf=lambda y: isinstance(y, Grouped)):
         if isinstance(x, Grouped):
-            return x.layout
+            layout = x.layout
+            padded = [
+                int(np.shape(jax.tree.leaves(b)[0])[0]) if jax.tree.leaves(b) else g.padded
+                for g, b in zip(layout.groups, x.blocks)
+            ]
+            groups = tuple(dataclasses.replace(g, padded=n) for g, n in zip(layout.groups, padded))
+            devices = layout.devices
+            if any(n % devices for n in padded):
+                devices = math.gcd(*padded)
+            return dataclasses.replace(layout, groups=groups, devices=devices)
     return None
 
 
@@ -406,3 +447,41 @@ def pad_identity(layout: Layout, factors: tuple[Any, ...], identity: tuple[Any, 
             )
         )
     return tuple(out)
+
+
+def repad(like: Any, restored: dict[tuple[str, ...], Any], key: Any) -> dict[tuple[str, ...], Any]:
+    """Restored group stacks cut or padded to the stack lengths of ``like``.
+
+    A state saved in the owner layout on ``D`` devices has its groups padded to a
+    multiple of ``D``; restored for another device count the padding differs
+    (8 devices to 4: a 3-block group is 8 long in the checkpoint and 4 in the
+    new layout). The real blocks come first in every stack, so a longer stack
+    is cut and a shorter one is extended with copies of its first block (a valid
+    statistic, root or basis, which a padded block keeps for good: its gradient
+    is NaN).
+
+    Args:
+      like: The expected state (or its ``jax.eval_shape``).
+      restored: The restored arrays by path (``key`` of each path entry).
+      key: How a path entry becomes a string (the checkpoint module's rule).
+
+    Returns:
+      ``restored`` with the group stacks of ``like`` resized; other entries as given.
+    """
+    out = dict(restored)
+    nodes = jax.tree_util.tree_flatten_with_path(like, is_leaf=lambda x: isinstance(x, Grouped))[0]
+    for path, node in nodes:
+        if not isinstance(node, Grouped):
+            continue
+        prefix = tuple(key(k) for k in path) + ("blocks",)
+        for sub, want in jax.tree_util.tree_flatten_with_path(node.blocks)[0]:
+            where = prefix + tuple(key(k) for k in sub)
+            have = out.get(where)
+            if have is None or not np.ndim(have) or np.shape(have)[1:] != tuple(want.shape[1:]):
+                continue
+            n, m = np.shape(have)[0], want.shape[0]
+            if n > m:
+                out[where] = have[:m]
+            elif n < m:
+                out[where] = jnp.concatenate([have, jnp.repeat(have[:1], m - n, axis=0)])
+    return out

@@ -126,9 +126,14 @@ def _checkpoint_case(name, tx, state, ckpt_dir, mesh, uninterrupted=None):
 
     specs = {n: spec for n, (_, spec) in SHAPES.items()}
     shardings = lo.state_shardings(tx, _params(), specs, mesh=mesh)
-    abstract = jax.eval_shape(tx.init, _params())
+    # The state's layout on the new mesh: the owner layout's group stacks are
+    # padded to a multiple of its device count.
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(tx.init, _params())
+    # orbax reads each array at its saved shape (each process only its shards);
+    # restore_state cuts or pads the group stacks to the new layout's lengths.
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     raw = ckpt.restore(path, lo.checkpointable(target))
     restored = lo.restore_state(abstract, raw, shardings)

@@ -3,7 +3,8 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread`` (any subset).
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner``
+(any subset).
 """
 
 import json
@@ -203,6 +204,101 @@ def errors_case():
     return dict(mode="errors", results=out)
 
 
+# Issue 15: rectangular, rank-deficient leaves (3 x 200 has rank <= 3 per step, so
+# its 200 x 200 factor is nearly all null space at the first refreshes) and a
+# vector, FSDP over 'data' and tensor-parallel over 'model'.
+OWNER_SHAPES = {
+    "w": ((64, 48), P("data", "model")),
+    "v": ((3, 200), P(None, "data")),
+    "b": ((48,), P("model")),
+}
+OWNER_MESHES = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (4, 2)}
+
+
+def _layout_aliases():
+    """Aliases whose factory takes ``state_layout`` (the owner layout's)."""
+    import inspect
+
+    return [
+        (name, factory, kwargs)
+        for name, factory, kwargs in OPTIMIZERS
+        if name not in SLOW_VARIANTS and "state_layout" in inspect.signature(factory).parameters
+    ]
+
+
+def _per_device_bytes(state):
+    totals = {}
+    for x in jax.tree.leaves(state):
+        for shard in x.addressable_shards:
+            totals[shard.device.id] = totals.get(shard.device.id, 0) + shard.data.nbytes
+    return max(totals.values())
+
+
+def owner_case(name, factory, kwargs):
+    """Default layout (owner under a mesh) on 1, 2, 4, 8 devices vs one device, replicated.
+
+    Two variants: the conformance configuration (one block per leaf: each group has
+    fewer blocks than devices, so it is padded and per-device memory cannot
+    shrink) and 16-blocks (12 and 13 blocks per leaf: the stacks split over the
+    devices).
+    """
+    from layerwise_optax import _owner
+
+    params = {
+        n: jax.random.normal(jax.random.key(i), s)
+        for i, (n, (s, _)) in enumerate(OWNER_SHAPES.items())
+    }
+    grads = [
+        {
+            n: jax.random.normal(jax.random.key(100 * t + i), x.shape)
+            for i, (n, x) in enumerate(params.items())
+        }
+        for t in range(STEPS)
+    ]
+    grads[3]["w"] = grads[3]["w"].at[1, 2].set(jnp.nan)
+    out = dict(alias=name, mode="owner")
+    for variant, extra in (("plain", {}), ("blocked", {"block_size": 16})):
+        kw = {**kwargs, "precondition_frequency": 2, **extra}
+        ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
+        state = ref_tx.init(params)
+        reference = []
+        for g in grads:
+            u, state = jax.jit(ref_tx.update)(g, state, params)
+            reference.append(u)
+        out[f"{variant}_ref_counts"] = [int(c) for c in lo.failure_counts(state)]
+        out[f"{variant}_ref_bytes"] = _per_device_bytes(state)
+        tx = build(name, factory, kw)
+        for n, shape in OWNER_MESHES.items():
+            for axis_type in (AxisType.Auto, AxisType.Explicit):
+                mesh = jax.make_mesh(
+                    shape,
+                    ("data", "model"),
+                    axis_types=(axis_type,) * 2,
+                    devices=jax.devices()[:n],
+                )
+                specs = {k: spec for k, (_, spec) in OWNER_SHAPES.items()}
+                shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
+                promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+                with jax.set_mesh(mesh):
+                    p = jax.device_put(params, shardings)
+                    state = jax.jit(tx.init, out_shardings=promised)(p)
+                    update = jax.jit(tx.update, out_shardings=(shardings, promised))
+                    outs = []
+                    for g in grads:
+                        u, state = update(jax.device_put(g, shardings), state, p)
+                        outs.append(u)
+                key = f"{variant}_{n}_{axis_type}"
+                layout = _owner.layout_of(state)
+                out[f"layout_{key}"] = (
+                    None if layout is None else [layout.devices, list(layout.axes)]
+                )
+                out[f"err_{key}"] = max_rel_err(outs, reference)
+                out[f"bytes_{key}"] = _per_device_bytes(state)
+                out[f"counts_{key}"] = [int(c) for c in lo.failure_counts(state)]
+                out[f"specs_{key}"] = {k: str(x.sharding.spec) for k, x in outs[-1].items()}
+    return out
+
+
 def _shard_map_inputs(jaxpr):
     """Per ``shard_map`` in a jaxpr (nested ones included), its per-device input shapes."""
     found = []
@@ -233,7 +329,13 @@ def spread_case():
     out = {}
     roots = {}
     for distribute in (False, True):
-        tx = lo.shampoo(1e-2, block_size=32, precondition_frequency=1, distribute=distribute)
+        tx = lo.shampoo(
+            1e-2,
+            block_size=32,
+            precondition_frequency=1,
+            distribute=distribute,
+            state_layout="replicated",
+        )
         with jax.set_mesh(mesh):
             state = tx.init(params)
             jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
@@ -247,11 +349,16 @@ def spread_case():
         for a, b in zip(jax.tree.leaves(roots[False]), jax.tree.leaves(roots[True]))
     )
 
-    # Every alias with a refresh spreads it (and only when asked).
+    # Every alias with a refresh spreads it in the replicated layout (and only when
+    # asked); the owner layout computes where the blocks lie whatever ``distribute``.
+    import inspect
+
     counts = {}
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS or name == "steepest":
             continue
+        if "state_layout" in inspect.signature(factory).parameters:
+            kwargs = {**kwargs, "state_layout": "replicated"}
         for distribute in (False, True):
             tx = build(name, factory, {**kwargs, "distribute": distribute})
             with jax.set_mesh(mesh):
@@ -279,6 +386,9 @@ def main(modes):
         print(json.dumps(spread_case()), flush=True)
     if "pmap" in modes:
         print(json.dumps(pmap_stats_case()), flush=True)
+    if "owner" in modes:
+        for name, factory, kwargs in _layout_aliases():
+            print(json.dumps(owner_case(name, factory, kwargs)), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue

@@ -78,7 +78,14 @@ def _max_rel(a, b):
     return max(errs)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+# The variants beyond one blocked configuration per family run in the slow tier.
+SLOW = {"shampoo_diag_newton", "shampoo_sgd_graft", "soap"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(CONFIGS)],
+)
 def test_owner_layout_gives_the_replicated_updates_and_counts(name):
     params = _params()
     grads = _grads(params, 5, nan_at=3)
@@ -90,13 +97,17 @@ def test_owner_layout_gives_the_replicated_updates_and_counts(name):
     for r, o in zip(ref, out):
         assert jax.tree.structure(r) == jax.tree.structure(o)
         for key in r:
-            tol = 2e-2 if r[key].dtype == jnp.bfloat16 else 1e-5
+            # bfloat16 updates: one ulp (2**-8). KL-Shampoo's statistics go through
+            # the inverse roots, which amplify float32 round-off by ~1/damping
+            # (measured 1.2e-5 on w at damping 1e-3; every other leaf bit-equal).
+            tol = 2e-2 if r[key].dtype == jnp.bfloat16 else 3e-5 if name == "kl_shampoo" else 1e-5
             assert r[key].dtype == o[key].dtype
             assert _max_rel(r[key], o[key]) < tol, (name, key)
     # Skipped counts per (leaf, step) as in the replicated layout (w and b at
     # step 3), whatever the number of blocks; padded blocks never count.
-    assert lo.failure_counts(state) == lo.failure_counts(ref_state)
-    assert lo.failure_counts(state)["skipped"] == 2
+    counts = [int(c) for c in lo.failure_counts(state)]
+    assert counts == [int(c) for c in lo.failure_counts(ref_state)]
+    assert counts[0] == 2
 
 
 def test_owner_layout_groups_blocks_of_all_leaves_by_shape_and_dtype():
@@ -104,11 +115,14 @@ def test_owner_layout_groups_blocks_of_all_leaves_by_shape_and_dtype():
     tx = lo.scale_by_shampoo(block_size=16, state_layout="owner")
     state = tx.init(params)
     layout = _owner.layout_of(state)
-    # w (64 x 48) and the float32 block of conv share (16, 16) blocks; h is bfloat16:
-    # its blocks compute in float32 too, so it joins them.
+    # w (64 x 48) and h (48 x 64) share (16, 16) blocks (h is bfloat16: its blocks
+    # compute in float32 too, so it joins them); conv is a 36 x 8 matrix.
     by_shape = {(g.key.blocks, g.dtype): g.size for g in layout.groups}
-    assert by_shape[((16, 16), "float32")] == 4 * 3 + 3 * 4 + 3 * 1
-    assert by_shape[((3, 16), "float32")] == 13
+    assert by_shape == {
+        ((16, 16), "float32"): 4 * 3 + 3 * 4,
+        ((3, 16), "float32"): 13,
+        ((16, 8), "float32"): 3,
+    }
     assert layout.devices == 1 and layout.padding() == 0
     # The vector keeps params-shaped state.
     assert [np.shape(x) for x in state.mu.leaves] == [(48,)]
@@ -140,6 +154,20 @@ def test_owner_layout_pads_each_group_with_identity_statistics():
     assert np.all(np.isnan(np.asarray(grouped["blocks"][0][2:])))
     back = _owner.from_groups(layout, plans, grouped, g)
     np.testing.assert_array_equal(back["u"], g["u"])
+    # failure_report says when a group has fewer blocks than devices (padded).
+    text = _owner.describe(layout)
+    assert "1 groups have fewer blocks than devices" in text and "6 padded blocks" in text
+    assert _owner.describe(None) == "replicated"
+
+
+def test_failure_report_names_the_layout():
+    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros((4,))}
+    report = lo.failure_report(lo.shampoo(1e-2, state_layout="owner").init(params))
+    (entry,) = report.entries
+    assert entry.layout.startswith("owner: 1 block groups over () (1 devices), 0 padded")
+    assert entry.layout in str(report)
+    report = lo.failure_report(lo.shampoo(1e-2).init(params))
+    assert report.entries[0].layout == "replicated" and "owner" not in str(report)
 
 
 def test_owner_layout_under_masked_and_with_nnx_state():

@@ -107,6 +107,32 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert "data" in messages["not_divisible"]
 
 
+def test_owner_layout_is_the_same_on_1_2_4_8_devices_and_shrinks_the_state():
+    """Issue 15: the default layout under a mesh is the owner layout; its updates do
+    not depend on the mesh (Auto or Explicit axes, 1 to 8 devices) on rectangular,
+    rank-deficient leaves, and the state per device shrinks with the devices."""
+    results = [r for r in _worker(["owner"]) if r.get("mode") == "owner"]
+    assert {r["alias"] for r in results} >= {"shampoo", "soap"}
+    specs = {"b": "P('model',)", "v": "P(None, 'data')", "w": "P('data', 'model')"}
+    for r in results:
+        name = r["alias"]
+        for variant in ("plain", "blocked"):
+            for n in (1, 2, 4, 8):
+                for axis in ("AxisType.Auto", "AxisType.Explicit"):
+                    key = f"{variant}_{n}_{axis}"
+                    # One device is the replicated layout; more are the owner layout.
+                    assert r[f"layout_{key}"] == (None if n == 1 else [n, ["data", "model"]])
+                    assert r[f"err_{key}"] < 1e-5, (name, key, r[f"err_{key}"])
+                    assert r[f"counts_{key}"] == r[f"{variant}_ref_counts"], (name, key)
+                    assert r[f"specs_{key}"] == specs, (name, key)
+        # The whole state per device (moments and factors) at 8 devices: with 12-13
+        # blocks per leaf the stacks split over the devices; with one block per leaf
+        # every group is padded to one block per device, no larger than replicated.
+        for axis in ("AxisType.Auto", "AxisType.Explicit"):
+            assert r["blocked_ref_bytes"] / r[f"bytes_blocked_8_{axis}"] >= 4, (name, r)
+            assert r[f"bytes_plain_8_{axis}"] <= r["plain_ref_bytes"], (name, r)
+
+
 @pytest.mark.slow
 def test_every_alias_under_pmap_matches_single_device():
     results = _worker(["pmap"])
