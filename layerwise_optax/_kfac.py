@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _kron, _linalg, _owner
+from layerwise_optax import _axes, _checks, _distribute, _failure, _kron, _linalg, _owner
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -693,10 +693,20 @@ def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -
 
 
 def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
-    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
-    return plan.from_blocks(
-        _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
-    )
+    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves.
+
+    An owner-layout group is solved where its blocks lie: each device solves
+    with the blocks it owns (:func:`layerwise_optax._distribute.local`).
+    """
+
+    def solve(blocks, *chols):
+        applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
+        return _kron.apply_axis_cholesky(blocks, chols, applied)
+
+    blocks, chols = plan.to_blocks(g), _kron.as_factors(chols)
+    if plan.per_block:
+        return plan.from_blocks(_distribute.local(solve, blocks, *chols))
+    return plan.from_blocks(solve(blocks, *chols))
 
 
 def _momentum(u, mu, momentum, nesterov, ok):

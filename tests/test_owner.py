@@ -207,6 +207,10 @@ KFAC_CONFIGS = {
         1e-2, max_precond_dim=50, mu_dtype=jnp.bfloat16, precondition_frequency=3, **k
     ),
 }
+# The default tier runs the default configuration; the others are slow.
+_KFAC_PARAMS = [
+    pytest.param(n, marks=() if n == "kfac" else pytest.mark.slow) for n in sorted(KFAC_CONFIGS)
+]
 
 
 def _kfac_problem(steps, *, nan_at=None, bad_stats_at=None):
@@ -285,7 +289,7 @@ def _run_kfac(tx, params, grads, stats):
     return updates, state
 
 
-@pytest.mark.parametrize("name", sorted(KFAC_CONFIGS))
+@pytest.mark.parametrize("name", _KFAC_PARAMS)
 def test_kfac_owner_layout_gives_the_replicated_updates_and_counts(name):
     params, spec, grads, stats = _kfac_problem(5, nan_at=3, bad_stats_at=1)
     make = KFAC_CONFIGS[name]
@@ -307,3 +311,25 @@ def test_kfac_owner_layout_gives_the_replicated_updates_and_counts(name):
     # never count, and no factorization fails.
     assert lo.failure_counts(state) == lo.failure_counts(ref_state)
     assert tuple(int(x) for x in lo.failure_counts(state)) == (3, 0)
+
+
+def test_kfac_owner_layout_under_multi_steps_and_inject_hyperparams():
+    # lo.multi_steps keeps the pending statistics (grouped) of the mini-steps and
+    # optax.inject_hyperparams passes the static state_layout through; a traced
+    # damping reaches the grouped refresh. Same updates as the replicated layout.
+    params, spec, grads, stats = _kfac_problem(4)
+    res, states = {}, {}
+    for layout in ("replicated", "owner"):
+        inner = optax.inject_hyperparams(lo.kfac, static_args=("dimension_numbers",))(
+            learning_rate=1e-2, damping=3e-2, dimension_numbers=spec, state_layout=layout
+        )
+        tx = lo.multi_steps(inner, 2)
+        res[layout], states[layout] = _run_kfac(tx, params, grads, stats)
+    state = states["owner"].inner_opt_state
+    kfac_state = state.inner_state[0]
+    assert isinstance(kfac_state.pending, _owner.Grouped)
+    assert _owner.layout_of(states["replicated"]) is None
+    for r, o in zip(res["replicated"], res["owner"]):
+        assert _max_rel(r, o) < 1e-5
+    assert float(jnp.max(jnp.abs(res["owner"][1]["l1"]["kernel"]))) > 0  # emitted
+    np.testing.assert_array_equal(res["owner"][2]["l2"]["kernel"], 0.0)  # a mini-step
