@@ -156,6 +156,13 @@ class ScaleByKfacState(NamedTuple):
         layout as ``factors``; zero outside an accumulation.
       pending_count: int32 scalar, the number of mini-steps in ``pending``.
 
+    In the owner layout (``state_layout`` of :func:`scale_by_kfac`) ``mu``,
+    ``nu``, ``factors``, ``inverses`` and ``pending`` are grouped
+    (``layerwise_optax._owner.Grouped``): per group of kernels with the same
+    factor shapes one stack of layer slices (a folded kernel's slice holds its
+    bias as the last input row), sharded along the slice axis, and per leaf
+    without factors its entry as above.
+
     .. note::
       Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
       floats per layer slice (factors, Cholesky factors, pending statistics),

@@ -333,3 +333,27 @@ def test_kfac_owner_layout_under_multi_steps_and_inject_hyperparams():
         assert _max_rel(r, o) < 1e-5
     assert float(jnp.max(jnp.abs(res["owner"][1]["l1"]["kernel"]))) > 0  # emitted
     np.testing.assert_array_equal(res["owner"][2]["l2"]["kernel"], 0.0)  # a mini-step
+
+
+def test_kfac_owner_layout_with_nnx_state_and_folded_bias():
+    # nnx.State params: the default layout folds the bias into the kernel (one
+    # 13 x 8 homogeneous slice, grouped); updates come back as nnx.State.
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(12, 8, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params
+    )
+    x = jnp.sin(jnp.arange(13.0 * 20).reshape(20, 13))
+    d = jnp.cos(jnp.arange(8.0 * 20).reshape(20, 8))
+    stats = {"kernel": lo.KfacFactors(x.T @ x / 20, d.T @ d / 20), "bias": lo.FoldedBias("kernel")}
+    out = {}
+    for layout in ("replicated", "owner"):
+        tx = lo.kfac(1e-2, state_layout=layout)
+        state = tx.init(params)
+        for _ in range(3):
+            u, state = jax.jit(tx.update)(grads, state, params, kfac_stats=stats)
+        out[layout] = u
+    assert isinstance(state[0].factors, _owner.Grouped)
+    assert jax.tree.structure(out["owner"]) == jax.tree.structure(out["replicated"])
+    assert _max_rel(out["owner"], out["replicated"]) < 1e-5
