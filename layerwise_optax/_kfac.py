@@ -616,7 +616,7 @@ def _identity_unless_present(fac: Any, kplan: _axes.LeafPlan, s: Any) -> Any:
         return fac
     eyes = _kron.init_factors(_kernel_plan(kplan), jnp.float32, identity=True)
     return tuple(
-        f if k == "none" else jnp.where(_failure.fit(present, f), f, e.astype(f.dtype))
+        f if k == "none" else _failure.keep(present, f, e.astype(f.dtype))
         for f, e, k in zip(_kron.as_factors(fac), eyes, kplan.kinds)
     )
 
