@@ -115,13 +115,29 @@ def local(fn: Callable[..., Any], *arrays: jax.Array, enabled: bool = True) -> A
       ``fn(*arrays)``, sharded along axis 0 like the inputs.
     """
     mesh = current_mesh() if enabled else None
-    if mesh is None or arrays[0].shape[0] % mesh.size:
+    if mesh is None:
         return fn(*arrays)
     spec = P(tuple(mesh.axis_names))
+    if arrays[0].shape[0] % mesh.size:
+        # Stacks laid out over some of the axes (``owner_axes``): under Explicit
+        # axes (where the batched CPU fallbacks refuse a sharded stack) each
+        # device computes the blocks it holds along those axes.
+        axes = _explicit_stack_axes(arrays[0], mesh)
+        if axes is None:
+            return fn(*arrays)
+        spec = P(axes)
     arrays = tuple(place(a, spec, mesh) for a in arrays)
     return jax.shard_map(
         fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False
     )(*arrays)
+
+
+def _explicit_stack_axes(x: jax.Array, mesh: Any) -> Any:
+    """The Explicit mesh axes ``x``'s axis 0 is sharded over (``None``: not so sharded)."""
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return None
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec[0] if spec else None
 
 
 def place(x: jax.Array, spec: P, mesh: Any) -> jax.Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _kron, _linalg
+from layerwise_optax import _axes, _checks, _distribute, _failure, _kron, _linalg, _owner
 
 _STATIC_ARGS = (
     "max_precond_dim",
@@ -32,6 +32,8 @@ _STATIC_ARGS = (
     "nesterov",
     "distribute",
     "axis_name",
+    "state_layout",
+    "owner_axes",
 )
 
 _SIDES = ("both", "input", "output")
@@ -154,6 +156,13 @@ class ScaleByKfacState(NamedTuple):
         layout as ``factors``; zero outside an accumulation.
       pending_count: int32 scalar, the number of mini-steps in ``pending``.
 
+    In the owner layout (``state_layout`` of :func:`scale_by_kfac`) ``mu``,
+    ``nu``, ``factors``, ``inverses`` and ``pending`` are grouped
+    (``layerwise_optax._owner.Grouped``): per group of kernels with the same
+    factor shapes one stack of layer slices (a folded kernel's slice holds its
+    bias as the last input row), sharded along the slice axis, and per leaf
+    without factors its entry as above.
+
     .. note::
       Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
       floats per layer slice (factors, Cholesky factors, pending statistics),
@@ -255,6 +264,8 @@ def scale_by_kfac(
     nesterov: bool = False,
     distribute: bool = True,
     axis_name: str | tuple[str, ...] | None = None,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -303,6 +314,24 @@ def scale_by_kfac(
         before they enter the factors, so that every device keeps the factors
         of the whole batch. ``None``: the statistics are used as given (already
         global, e.g. under ``jit`` with sharded batches).
+      state_layout: Where the per-layer state (factor EMAs, Cholesky factors,
+        pending statistics, moments) lives on a device mesh. ``'auto'``
+        (default): the *owner layout* when ``init`` runs under a mesh of more
+        than one device (:func:`jax.set_mesh`, or params sharded over one;
+        :func:`layerwise_optax.state_shardings` sets it), else replicated.
+        ``'owner'``: the layer slices of all kernels with the same factor shapes
+        (``d_in`` or ``d_in + 1`` with a folded bias, ``d_out``) are stacked and
+        the stack sharded along the slice axis over the mesh (padded to a
+        multiple of the device count), so each device stores, accumulates and
+        factorizes only its own layers' factors, the layer statistics of
+        ``kfac_stats`` and the gradient of a layer go to the device that owns
+        it, and the state per device shrinks with the device count; without a
+        mesh the stacks are kept whole. ``'replicated'``: per leaf, every factor
+        on every device (the layout of earlier versions). The updates are the
+        same in every layout. Static; checkpoints restore into the layout they
+        were saved in.
+      owner_axes: Mesh axes the owner layout shards the slice axis over
+        (``None``: all of them; a name or a tuple of names). Static.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -310,8 +339,9 @@ def scale_by_kfac(
 
     Raises:
       ValueError: At construction for bad hyperparameters; at ``init`` if a
-        kernel's spec does not have exactly two factor groups or a
-        :class:`FoldedBias` names no kernel of the right shape; at ``update`` if
+        kernel's spec does not have exactly two factor groups, a
+        :class:`FoldedBias` names no kernel of the right shape or ``owner_axes``
+        names an axis the mesh does not have; at ``update`` if
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
@@ -336,6 +366,8 @@ def scale_by_kfac(
     """
     _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
     _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
+    _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
+    _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype)
@@ -347,7 +379,13 @@ def scale_by_kfac(
         return _layout(dimension_numbers, tree, max_precond_dim)
 
     def init_fn(params):
-        return _init(params, plans_for(params).work_plans, mu_dtype)
+        layout = plans_for(params)
+        plans = layout.work_plans
+        work = _fold(layout, params)
+        owner = _owner.decide(state_layout, owner_axes, plans, work)
+        if owner is None:
+            return _init(params, plans, mu_dtype)
+        return _owned_init(owner, plans, work, mu_dtype)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
@@ -364,14 +402,22 @@ def scale_by_kfac(
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
-            count = _kron.increment(state.count)
-            acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
-            refresh = _kron.every(state.count, precondition_frequency)
-            inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
-            mu, nu = _fold(layout, state.mu), _fold(layout, state.nu)
-            out = _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static)
-            new = _Step(count, out, acc, inverses, failed, emit)
-            return _outputs(layout, updates, state, new, static.mu_dtype)
+            run = functools.partial(
+                _step, hp=hp, frequency=precondition_frequency, static=static, emit=emit
+            )
+            owner = _owner.layout_of(state)
+            if owner is not None:
+                return _owned_update(
+                    run, owner, layout, updates, grads, stats, state, static.mu_dtype
+                )
+            work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
+            new = run(grads, stats, work_state, plans)
+            back = functools.partial(_unfold, layout)
+            new_state = _new_state(plans, work_state, new, static.mu_dtype)
+            new_state = new_state._replace(
+                mu=back(new_state.mu, state.mu), nu=back(new_state.nu, state.nu)
+            )
+            return back(_axes.unzip(new.out, "update"), updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -466,14 +512,20 @@ def _accumulate(
 
 
 def _accumulate_leaf(g, plan, s, fac, pend, *, pending_count, decay) -> _Accumulated:
-    """:func:`_accumulate` for one leaf (no statistics: validity only)."""
-    ok, _ = _failure.guard(g)
+    """:func:`_accumulate` for one leaf (no statistics: validity only).
+
+    An owner-layout group (``plan.per_block``) has one flag per block; blocks
+    without statistics (:class:`_Partial`) keep their EMAs and pending mean.
+    """
+    ok, _ = _failure.guard(g, per_block=plan.per_block)
     if plan.spec is None or s is None:
         return _Accumulated(ok, fac, pend)
+    s, present = _present(s)
     new = _stats_view(s, plan)
-    ok = ok & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1]))
-    new = _with_pending(new, pend, pending_count, ok)
-    return _Accumulated(ok, _kron.ema(fac, new, decay, valid=ok), new)
+    ok = ok & _failure.fit(_kron.all_finite(new, per_block=plan.per_block), ok)
+    use = ok if present is None else ok & _failure.fit(present, ok)
+    new = _with_pending(new, pend, pending_count, use)
+    return _Accumulated(ok, _kron.ema(fac, new, decay, valid=use), new)
 
 
 def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> Any:
@@ -520,11 +572,18 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
 
     def factorize(facs, invs):
         damped = _axes.map_leaves(
-            lambda f, kplan: _damped(f, kplan, hp.damping, static.damping_mode, correction),
+            lambda f, kplan, s: _damped(
+                _identity_unless_present(f, kplan, s),
+                kplan,
+                hp.damping,
+                static.damping_mode,
+                correction,
+            ),
             applied,
             facs,
+            stats,
         )
-        return _kron.inverse_roots_tree(
+        new, failed = _kron.inverse_roots_tree(
             damped,
             invs,
             applied,
@@ -534,12 +593,41 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
             method="cholesky_factor",
             distribute=static.distribute,
         )
+        new = _axes.map_leaves(
+            lambda n, kplan, old, s: _keep_unless_present(n, old, s), applied, new, invs, stats
+        )
+        return _axes.keep_masked(applied, new, invs), failed
 
     def keep(facs, invs):
         return invs, jnp.zeros([], jnp.int32)
 
     factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
     return jax.lax.cond(refresh, factorize, keep, factors, inverses)
+
+
+def _identity_unless_present(fac: Any, kplan: _axes.LeafPlan, s: Any) -> Any:
+    """The factors, with the identity in the blocks of a group that have no statistics.
+
+    Those blocks keep their Cholesky factors (:func:`_keep_unless_present`); the
+    identity keeps their factorization finite, so it is never counted as failed.
+    """
+    _, present = _present(s)
+    if present is None:
+        return fac
+    eyes = _kron.init_factors(_kernel_plan(kplan), jnp.float32, identity=True)
+    return tuple(
+        f if k == "none" else _failure.keep(present, f, e.astype(f.dtype))
+        for f, e, k in zip(_kron.as_factors(fac), eyes, kplan.kinds)
+    )
+
+
+def _keep_unless_present(new: Any, old: Any, s: Any) -> Any:
+    """The new Cholesky factors in the blocks with statistics, the old ones elsewhere."""
+    _, present = _present(s)
+    new = _kron.as_factors(new)
+    if present is None:
+        return new
+    return tuple(_failure.keep(present, n, o) for n, o in zip(new, _kron.as_factors(old)))
 
 
 def _damped(fac, kplan, damping, mode, correction):
@@ -588,24 +676,44 @@ def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static):
 
 
 def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -> _LeafOut:
-    """:func:`_directions` for one leaf."""
-    ok, g32 = _failure.guard(g)
+    """:func:`_directions` for one leaf (an owner-layout group: per block)."""
+    ok, g32 = _failure.guard(g, per_block=plan.per_block)
     ok = ok & a.ok
-    if plan.spec is None or s is None:
+
+    def fallback(nu):
         # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
         nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
-        u = g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
+        return nu, g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
+
+    if plan.spec is None or s is None:
+        nu, u = fallback(nu)
     else:
+        s, present = _present(s)
         u = _precondition(g32, inv, plan, sides)
+        if present is not None:
+            # A group with blocks without statistics: those take the fallback.
+            nu_fb, u_fb = fallback(nu)
+            u = _failure.keep(present, u, u_fb)
+            nu = _failure.keep(present, nu, nu_fb)
     mu, d = _momentum(u, mu, hp.momentum, nesterov, ok)
     return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
 
 
 def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
-    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves."""
-    return plan.from_blocks(
-        _kron.apply_axis_cholesky(plan.to_blocks(g), chols, _applied_plan(plan, sides))
-    )
+    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves.
+
+    An owner-layout group is solved where its blocks lie: each device solves
+    with the blocks it owns (:func:`layerwise_optax._distribute.local`).
+    """
+
+    def solve(blocks, *chols):
+        applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
+        return _kron.apply_axis_cholesky(blocks, chols, applied)
+
+    blocks, chols = plan.to_blocks(g), _kron.as_factors(chols)
+    if plan.per_block:
+        return plan.from_blocks(_distribute.local(solve, blocks, *chols))
+    return plan.from_blocks(solve(blocks, *chols))
 
 
 def _momentum(u, mu, momentum, nesterov, ok):
@@ -622,7 +730,7 @@ def _momentum(u, mu, momentum, nesterov, ok):
 
 
 class _Step(NamedTuple):
-    """What one update computed, for :func:`_outputs`."""
+    """What one update computed, for :func:`_new_state`."""
 
     count: jax.Array
     out: Any
@@ -632,23 +740,38 @@ class _Step(NamedTuple):
     emit: jax.Array
 
 
-def _outputs(layout, updates, state, new: _Step, mu_dtype):
-    """Phase 4: the updates and the new state, in the params' layout (folded pairs split).
+def _step(grads, stats, state, plans, *, hp, frequency, static, emit) -> _Step:
+    """Phases 1 to 3 on a tree in the working layout (folded pairs as one leaf).
+
+    ``state`` holds the moments in the same layout as ``grads``; in the owner
+    layout every tree is the grouped tree (:mod:`layerwise_optax._owner`) and
+    ``plans`` are its plans.
+    """
+    count = _kron.increment(state.count)
+    acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
+    refresh = _kron.every(state.count, frequency)
+    inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
+    out = _directions(grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static)
+    return _Step(count, out, acc, inverses, failed, emit)
+
+
+def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
+    """Phase 4: the new state, its moments in the working layout of ``state``'s.
 
     The pending statistics of :func:`layerwise_optax.multi_steps` are reset on the
     step that emits (``emit``) and kept on the mini-steps that only accumulate.
     """
-    plans, out, acc, emit = layout.work_plans, new.out, new.acc, new.emit
-    mu = _unfold(layout, _axes.unzip(out, "mu"), state.mu)
+    out, acc, emit = new.out, new.acc, new.emit
+    mu = _axes.unzip(out, "mu")
     pending = _axes.map_leaves(
         lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats), plans, acc
     )
-    new_state = ScaleByKfacState(
+    return ScaleByKfacState(
         count=new.count,
         mu=optax.tree.cast(mu, mu_dtype)
         if mu_dtype is not None
         else optax.tree.cast_like(mu, state.mu),
-        nu=_unfold(layout, _axes.unzip(out, "nu"), state.nu),
+        nu=_axes.unzip(out, "nu"),
         factors=_axes.bare(plans, _axes.unzip(acc, "factors")),
         inverses=_axes.bare(plans, new.inverses),
         failures=_failure.add(
@@ -659,7 +782,146 @@ def _outputs(layout, updates, state, new: _Step, mu_dtype):
         pending=_axes.bare(plans, pending),
         pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
     )
-    return _unfold(layout, _axes.unzip(out, "update"), updates), new_state
+
+
+# ----------------------------------------------------------------------------- owner layout
+
+_GROUPED_FIELDS = ("mu", "nu", "factors", "inverses", "pending")
+
+
+@jax.tree_util.register_pytree_node_class
+class _Partial:
+    """A group's stacked statistics where only some blocks have statistics this step.
+
+    In the owner layout the kernels of one group may differ in whether
+    ``kfac_stats`` gives them statistics (a layer the capture does not see has
+    the diagonal fallback). ``present`` (static, one bool per block of the stack)
+    marks the blocks that do; the others are treated exactly as a leaf without
+    statistics is in the replicated layout: their factors and pending statistics
+    are kept, their Cholesky factors are not refreshed and their direction is
+    the diagonal fallback's.
+    """
+
+    def __init__(self, factors: KfacFactors, present: tuple[bool, ...]):
+        self.factors = factors
+        self.present = tuple(present)
+
+    def tree_flatten(self):
+        return (self.factors,), self.present
+
+    @classmethod
+    def tree_unflatten(cls, present, children):
+        return cls(children[0], present)
+
+
+def _present(s: Any) -> tuple[Any, Any]:
+    """The factors of a statistics entry and its per-block mask (``None``: every block)."""
+    if isinstance(s, _Partial):
+        return s.factors, jnp.asarray(np.asarray(s.present))[:, None]
+    return s, None
+
+
+def _owned_init(owner: _owner.Layout, plans: Any, work: Any, mu_dtype: Any) -> ScaleByKfacState:
+    """:func:`_init` on the grouped tree of ``work`` (the params in the working layout).
+
+    The factor EMAs of padded blocks hold the identity
+    (:func:`layerwise_optax._owner.pad_identity`), so their factorizations stay
+    finite; every per-block field is laid out along the block axis.
+    """
+    grouped_plans = owner.plans(plans)
+    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype)
+    eyes = [
+        _kron.init_factors(_kernel_plan(g.plan), jnp.float32, identity=True) for g in owner.groups
+    ]
+    factors = {
+        **state.factors,
+        "blocks": _owner.pad_identity(owner, state.factors["blocks"], eyes),
+    }
+    state = state._replace(factors=factors)
+    return state._replace(
+        **{
+            name: _owner.grouped(_owner.place_state(owner, getattr(state, name)), owner)
+            for name in _GROUPED_FIELDS
+        }
+    )
+
+
+def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
+    """One update of an owner-layout state (see ``state_layout`` of :func:`scale_by_kfac`).
+
+    Each working leaf's validity (gradient and statistics finite) is decided
+    once, per leaf as in the replicated layout; the gradient blocks of the
+    leaf go to their owners (NaN where it is not valid) together with the
+    leaf's statistics (:func:`layerwise_optax._owner.to_groups_blocks`), the
+    four phases run on the grouped tree, and the updates come back in the
+    params' layout. Skipped events are counted per leaf.
+    """
+    plans = layout.work_plans
+    _owner.check(owner, plans, grads)
+    nodes = _owner.plan_nodes(plans)
+    bare = _owner._bare_leaves(plans, grads)
+    flat_stats = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)[1].flatten_up_to(
+        stats
+    )
+    views, valid = [], []
+    for plan, g, s in zip(nodes, bare, flat_stats):
+        if _axes.is_masked(plan):
+            views.append(None)
+            valid.append(None)
+            continue
+        ok = _failure.guard(g)[0]
+        view = None if plan.spec is None or s is None else _stats_view(s, plan)
+        if view is not None:
+            ok = ok & _kron.all_finite(view)
+        views.append(view)
+        valid.append(ok)
+    grouped_stats = {
+        "blocks": _group_stats(owner, nodes, views),
+        "leaves": tuple(flat_stats[i] for i in owner.leaves),
+    }
+    grouped_grads = _owner.to_groups(owner, plans, grads, valid=valid)
+    grouped_plans = owner.plans(plans)
+    inner = state._replace(**{name: getattr(state, name).tree() for name in _GROUPED_FIELDS})
+    new = run(grouped_grads, grouped_stats, inner, grouped_plans)
+    new_state = _new_state(grouped_plans, inner, new, mu_dtype)
+    skipped = _failure.count_invalid([v for v in valid if v is not None])
+    new_state = new_state._replace(
+        failures=_failure.FailureCounts(
+            state.failures.skipped + skipped, new_state.failures.failed
+        ),
+        **{name: _owner.grouped(getattr(new_state, name), owner) for name in _GROUPED_FIELDS},
+    )
+    out = _owner.from_groups(owner, plans, _axes.unzip(new.out, "update"), grads)
+    return _unfold(layout, out, updates), new_state
+
+
+def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:
+    """Per group the stacked statistics views of its members (see :class:`_Partial`).
+
+    ``None`` for a group none of whose members has statistics; a
+    :class:`KfacFactors` of stacks when all have; a :class:`_Partial` otherwise
+    (zero placeholders for the members without, never used).
+    """
+    per_leaf: list[Any] = [None] * len(nodes)
+    present: dict[int, bool] = {}
+    for g in owner.groups:
+        has = [views[i] is not None for i, _ in g.members]
+        if not any(has):
+            continue
+        for (i, _), h in zip(g.members, has):
+            present[i] = h
+            per_leaf[i] = views[i] if h else _kron.init_factors(_kernel_plan(nodes[i]), jnp.float32)
+    stacked = _owner.to_groups_blocks(owner, per_leaf)
+    out = []
+    for g, s in zip(owner.groups, stacked):
+        if s is None:
+            out.append(None)
+            continue
+        mask = [present[i] for i, n in g.members for _ in range(n)]
+        mask += [False] * (g.padded - g.size)
+        s = KfacFactors(*s)
+        out.append(s if all(present[i] for i, _ in g.members) else _Partial(s, tuple(mask)))
+    return tuple(out)
 
 
 def default_layout(tree: Any) -> Any:
@@ -1062,6 +1324,8 @@ def kfac(
     nesterov: bool = False,
     distribute: bool = True,
     axis_name: str | tuple[str, ...] | None = None,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -1149,6 +1413,9 @@ def kfac(
         :func:`scale_by_kfac`).
       axis_name: Average the statistics over this ``pmap`` axis (see
         :func:`scale_by_kfac`).
+      state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
+        :func:`layerwise_optax.scale_by_kfac`).
+      owner_axes: Mesh axes of the owner layout (``None``: all).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
@@ -1204,6 +1471,8 @@ def kfac(
             nesterov=nesterov,
             distribute=distribute,
             axis_name=axis_name,
+            state_layout=state_layout,
+            owner_axes=owner_axes,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -485,3 +485,44 @@ def repad(like: Any, restored: dict[tuple[str, ...], Any], key: Any) -> dict[tup
             elif n < m:
                 out[where] = jnp.concatenate([have, jnp.repeat(have[:1], m - n, axis=0)])
     return out
+
+
+def to_groups_blocks(layout: Layout, per_leaf: Sequence[Any], *, fill: float = 0.0) -> tuple:
+    """Per group, per-block arrays of its members stacked like :func:`to_groups` stacks blocks.
+
+    For state or inputs that are not shaped like the params but have one entry
+    per block (K-FAC's layer statistics ``(stack, d, d)``): each member's arrays
+    are concatenated along axis 0 in member order, padded with ``fill`` to the
+    group's padded length and laid out along axis 0 over the mesh, so block
+    ``j`` of a stack belongs to the same leaf and block as in the gradient's
+    stack.
+
+    Args:
+      layout: The layout.
+      per_leaf: Per plan position a pytree of arrays whose leading axis is the
+        leaf's number of blocks (its plan's ``stack``), or ``None``; the members
+        of a group are all ``None`` or all alike in structure.
+      fill: The value of padded blocks.
+
+    Returns:
+      Per group the stacked pytree, or ``None`` where its members are ``None``.
+    """
+    out = []
+    for g in layout.groups:
+        parts = [per_leaf[i] for i, _ in g.members]
+        if all(p is None for p in parts):
+            out.append(None)
+            continue
+
+        def stack(*xs, g=g):
+            xs = [
+                jax.sharding.reshard(x, P()) if _axes._explicit_spec(x) is not None else x
+                for x in xs
+            ]
+            pad = g.padded - g.size
+            if pad:
+                xs.append(jnp.full((pad,) + tuple(xs[0].shape[1:]), fill, xs[0].dtype))
+            return _constrain(jnp.concatenate(xs) if len(xs) > 1 else xs[0], layout)
+
+        out.append(jax.tree.map(stack, *parts))
+    return tuple(out)

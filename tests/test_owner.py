@@ -219,3 +219,172 @@ def test_owner_layout_rejects_bad_options_and_other_trees():
     state = tx.init({"w": jnp.zeros((4, 3))})
     with pytest.raises(ValueError, match="do not match the params"):
         tx.update({"w": jnp.zeros((5, 3))}, state)
+
+
+# K-FAC takes its factors from kfac_stats, not from the gradient: its own
+# configurations, on a tree with every kind of leaf K-FAC has (see _kfac_problem).
+KFAC_CONFIGS = {
+    "kfac": lambda **k: lo.kfac(1e-2, precondition_frequency=2, **k),
+    "kfac_absolute_input": lambda **k: lo.kfac(
+        1e-2, damping=1e-3, damping_mode="absolute", sides="input", **k
+    ),
+    "kfac_output_diag_nesterov": lambda **k: lo.kfac(
+        1e-2, sides="output", max_precond_dim=40, nesterov=True, factor_decay=0.8, **k
+    ),
+    "kfac_pi_diag_bf16_mu": lambda **k: lo.kfac(
+        1e-2, max_precond_dim=50, mu_dtype=jnp.bfloat16, precondition_frequency=3, **k
+    ),
+}
+# The default tier runs the default configuration; the others are slow.
+_KFAC_PARAMS = [
+    pytest.param(n, marks=() if n == "kfac" else pytest.mark.slow) for n in sorted(KFAC_CONFIGS)
+]
+
+
+def _kfac_problem(steps, *, nan_at=None, bad_stats_at=None):
+    """Params, dimension numbers, gradients and statistics covering K-FAC's leaf kinds.
+
+    ``l1``: a kernel with its bias folded (one homogeneous 65 x 48 slice); ``l3``:
+    an unfolded 65 x 48 kernel with no statistics (same group as ``l1``: a group
+    in which some blocks take the diagonal fallback); ``l2``: rank-deficient 3 x 200;
+    ``stack``: two stacked layers (batch axis) with a separate bias block that
+    shares its (1 x 6) group with the norm scale ``norm`` (no statistics);
+    ``t``: a scalar (no factors at all).
+    """
+    dn = lo.DimensionNumbers
+    params = {
+        "l1": {"kernel": jnp.zeros((64, 48)), "bias": jnp.zeros((48,))},
+        "l2": {"kernel": jnp.zeros((3, 200))},
+        "l3": {"kernel": jnp.zeros((65, 48))},
+        "stack": {"kernel": jnp.zeros((2, 8, 6)), "bias": jnp.zeros((2, 6))},
+        "norm": {"scale": jnp.zeros((6,))},
+        "t": jnp.zeros(()),
+    }
+    spec = {
+        "l1": {"kernel": dn(((0,), (1,))), "bias": lo.FoldedBias("l1/kernel")},
+        "l2": {"kernel": dn(((0,), (1,)))},
+        "l3": {"kernel": dn(((0,), (1,)))},
+        "stack": {
+            "kernel": dn(((1,), (2,)), batch_axes=(0,)),
+            "bias": dn(((), (1,)), batch_axes=(0,)),
+        },
+        "norm": {"scale": dn(((), (0,)))},
+        "t": None,
+    }
+
+    def cov(key, batch, d, rows):
+        x = jax.random.normal(key, batch + (rows, d))
+        return jnp.einsum("...ri,...rj->...ij", x, x) / rows
+
+    grads, stats = [], []
+    for t in range(steps):
+        k = jax.random.split(jax.random.key(t), 12)
+        leaves, treedef = jax.tree.flatten(params)
+        g = treedef.unflatten(
+            [jax.random.normal(jax.random.fold_in(k[0], i), x.shape) for i, x in enumerate(leaves)]
+        )
+        s = {
+            "l1": {
+                "kernel": lo.KfacFactors(cov(k[6], (), 65, 80), cov(k[7], (), 48, 80)),
+                "bias": lo.FoldedBias("l1/kernel"),
+            },
+            "l2": {"kernel": lo.KfacFactors(cov(k[8], (), 3, 10), cov(k[9], (), 200, 2))},
+            "stack": {
+                "kernel": lo.KfacFactors(cov(k[10], (2,), 8, 20), cov(k[11], (2,), 6, 20)),
+                "bias": lo.KfacFactors(jnp.ones((2, 1, 1)), cov(k[5], (2,), 6, 20)),
+            },
+        }
+        if t == nan_at:
+            g["l1"]["bias"] = g["l1"]["bias"].at[2].set(jnp.nan)
+            g["norm"]["scale"] = g["norm"]["scale"].at[0].set(jnp.inf)
+        if t == bad_stats_at:
+            a = s["stack"]["kernel"].a
+            s["stack"]["kernel"] = lo.KfacFactors(
+                a.at[1, 0, 0].set(jnp.nan), s["stack"]["kernel"].g
+            )
+        grads.append(g)
+        stats.append(s)
+    return params, spec, grads, stats
+
+
+def _run_kfac(tx, params, grads, stats):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    updates = []
+    for g, s in zip(grads, stats):
+        u, state = step(g, state, params, kfac_stats=s)
+        updates.append(u)
+    return updates, state
+
+
+@pytest.mark.parametrize("name", _KFAC_PARAMS)
+def test_kfac_owner_layout_gives_the_replicated_updates_and_counts(name):
+    params, spec, grads, stats = _kfac_problem(5, nan_at=3, bad_stats_at=1)
+    make = KFAC_CONFIGS[name]
+    ref, ref_state = _run_kfac(
+        make(state_layout="replicated", dimension_numbers=spec), params, grads, stats
+    )
+    out, state = _run_kfac(make(state_layout="owner", dimension_numbers=spec), params, grads, stats)
+    assert _owner.layout_of(state) is not None and _owner.layout_of(ref_state) is None
+    for r, o in zip(ref, out):
+        assert jax.tree.structure(r) == jax.tree.structure(o)
+        for path, x, y in zip(
+            jax.tree_util.tree_leaves_with_path(r), jax.tree.leaves(r), jax.tree.leaves(o)
+        ):
+            assert x.dtype == y.dtype and x.shape == y.shape, path[0]
+            tol = 1e-2 if name.endswith("bf16_mu") else 1e-5
+            assert _max_rel(x, y) < tol, (name, path[0])
+    # Skipped per (working leaf, step): stack at step 1 (its statistics), the
+    # folded l1 pair and norm at step 3; the padded and statistics-less blocks
+    # never count, and no factorization fails.
+    assert lo.failure_counts(state) == lo.failure_counts(ref_state)
+    assert tuple(int(x) for x in lo.failure_counts(state)) == (3, 0)
+
+
+def test_kfac_owner_layout_under_multi_steps_and_inject_hyperparams():
+    # lo.multi_steps keeps the pending statistics (grouped) of the mini-steps and
+    # optax.inject_hyperparams passes the static state_layout through; a traced
+    # damping reaches the grouped refresh. Same updates as the replicated layout.
+    params, spec, grads, stats = _kfac_problem(4)
+    keep = lambda tree: {k: v for k, v in tree.items() if k in ("l1", "stack", "norm")}  # noqa: E731
+    params, spec = keep(params), keep(spec)
+    grads, stats = [keep(g) for g in grads], [keep(s) for s in stats]
+    res, states = {}, {}
+    for layout in ("replicated", "owner"):
+        inner = optax.inject_hyperparams(lo.kfac, static_args=("dimension_numbers",))(
+            learning_rate=1e-2, damping=3e-2, dimension_numbers=spec, state_layout=layout
+        )
+        tx = lo.multi_steps(inner, 2)
+        res[layout], states[layout] = _run_kfac(tx, params, grads, stats)
+    state = states["owner"].inner_opt_state
+    kfac_state = state.inner_state[0]
+    assert isinstance(kfac_state.pending, _owner.Grouped)
+    assert _owner.layout_of(states["replicated"]) is None
+    for r, o in zip(res["replicated"], res["owner"]):
+        assert _max_rel(r, o) < 1e-5
+    assert float(jnp.max(jnp.abs(res["owner"][1]["l1"]["kernel"]))) > 0  # emitted
+    np.testing.assert_array_equal(res["owner"][2]["l1"]["kernel"], 0.0)  # a mini-step
+
+
+def test_kfac_owner_layout_with_nnx_state_and_folded_bias():
+    # nnx.State params: the default layout folds the bias into the kernel (one
+    # 13 x 8 homogeneous slice, grouped); updates come back as nnx.State.
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(12, 8, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params
+    )
+    x = jnp.sin(jnp.arange(13.0 * 20).reshape(20, 13))
+    d = jnp.cos(jnp.arange(8.0 * 20).reshape(20, 8))
+    stats = {"kernel": lo.KfacFactors(x.T @ x / 20, d.T @ d / 20), "bias": lo.FoldedBias("kernel")}
+    out = {}
+    for layout in ("replicated", "owner"):
+        tx = lo.kfac(1e-2, state_layout=layout)
+        state = tx.init(params)
+        for _ in range(3):
+            u, state = jax.jit(tx.update)(grads, state, params, kfac_stats=stats)
+        out[layout] = u
+    assert isinstance(state[0].factors, _owner.Grouped)
+    assert jax.tree.structure(out["owner"]) == jax.tree.structure(out["replicated"])
+    assert _max_rel(out["owner"], out["replicated"]) < 1e-5
