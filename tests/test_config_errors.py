@@ -71,6 +71,8 @@ BAD = {
     "mode": MODE,
     "factory": [(None, VE), (lambda: None, VE)],
     "every_k_schedule": POSITIVE_INT,
+    "state_layout": [("sharded", VE), (3, VE), (None, VE)],
+    "owner_axes": [((), VE), (("data", 3), VE), (3, VE)],
 }
 
 # Factories that are not optimizers -> the arguments they cannot do without.
