@@ -58,13 +58,7 @@ def bias_corrected_first_moment(
 
 
 def guarded_momentum(
-    g: jax.Array,
-    mu: jax.Array,
-    b1: jax.Array,
-    count_inc: jax.Array,
-    nesterov: bool,
-    *,
-    per_block: bool = False,
+    g: jax.Array, mu: jax.Array, b1: jax.Array, count_inc: jax.Array, nesterov: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One EMA momentum step that keeps a non-finite gradient leaf out.
 
@@ -76,15 +70,13 @@ def guarded_momentum(
       b1: Momentum decay.
       count_inc: Step number ``t >= 1``.
       nesterov: NAdam-style look-ahead (:func:`bias_corrected_first_moment`).
-      per_block: ``g`` is a group stack of the owner layout: one flag per block
-        (:func:`layerwise_optax._failure.guard`).
 
     Returns:
       ``(ok, g32, mu_new, m_hat)``: the all-finite flag, the gradient in at least
       float32 (zero if not finite), the new momentum (``mu`` unchanged if not
       finite) and its bias-corrected estimate.
     """
-    ok, g32 = _failure.guard(g, per_block=per_block)
+    ok, g32 = _failure.guard(g)
     b1 = jnp.asarray(b1, jnp.float32)  # one arithmetic for plain and injected values
     mu_new = _axes.select(ok, b1 * mu.astype(g32.dtype) + (1 - b1) * g32, mu)
     return ok, g32, mu_new, bias_corrected_first_moment(mu_new, g32, b1, count_inc, nesterov)

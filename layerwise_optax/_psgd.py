@@ -39,14 +39,16 @@ The update is four phases, each a module-level function:
 4. :func:`_clip`: ``u * min(1, clip_rms / rms(u))`` per leaf.
 
 Under a device mesh the state can take the *owner layout*
-(:mod:`layerwise_optax._owner`, ``state_layout``): momentum and factors of the
-leaves with the same block layout are stacked and sharded along the stack over
-the mesh, and phases 1 to 3 run on those stacks where they lie. What is per
-leaf stays per leaf: the probes are drawn per leaf from the same keys as in the
-replicated layout and sent to the stacks (:func:`_owned_probes`), a leaf keeps
-its new factors only when all of its blocks' fits are finite and counts one
-failure otherwise (:func:`_owned_agree`), and the clip of phase 4 runs on the
-updates back in the parameters' shapes.
+(:mod:`layerwise_optax._owner`, ``state_layout``): the factors of the leaves
+with the same block layout are stacked and sharded along the stack over the
+mesh, and phases 2 and 3 run on those stacks where they lie, on the momentum
+sent to them (:func:`_owned_moments`). What is per leaf stays per leaf: the
+momentum (params-shaped, sharded like its parameter), the probes (drawn per
+leaf from the same keys as in the replicated layout, then sent to the stacks:
+:func:`_owned_probes`), a leaf keeps its new factors only when all of its
+blocks' fits are finite and counts one failure otherwise
+(:func:`_owned_agree`), and the clip of phase 4 runs on the updates back in the
+parameters' shapes.
 """
 
 from __future__ import annotations
@@ -128,9 +130,7 @@ class ScaleByPsgdKronState(NamedTuple):
 
     Attributes:
       count: int32 scalar, steps so far.
-      mu: Momentum, params tree (``mu_dtype``); in the owner layout a
-        :class:`layerwise_optax._owner.Grouped` of block stacks (``mu_dtype``,
-        else the group's compute dtype) and params-shaped leaves.
+      mu: Momentum, params tree (``mu_dtype``), in every layout.
       q: Per leaf, one factor per view dimension: ``(stack, b, b)`` upper
         triangular, ``(stack, b)`` diagonal, or an empty placeholder
         (``precond_dtype``); in the owner layout a ``Grouped`` of the same per
@@ -276,13 +276,8 @@ def _plans(s: _Settings, tree: Any) -> Any:
     )
 
 
-def _init(params: optax.Params, s: _Settings, plans: Any = None) -> ScaleByPsgdKronState:
-    """``mu = 0``; ``Q_i = c^{1/(2k)} I`` for ``k`` factors, so ``P = Q^T Q = c I``.
-
-    ``plans``: the plans of ``params`` (default: :func:`_plans`); the owner
-    layout passes a grouped tree's plans.
-    """
-    plans = _plans(s, params) if plans is None else plans
+def _init_q(tree: Any, plans: Any, s: _Settings) -> Any:
+    """``Q_i = c^{1/(2k)} I`` for ``k`` factors, so ``P = Q^T Q = c I``, stored bare."""
 
     def init_q(x, plan):
         k = max(plan.num_factors, 1)
@@ -290,31 +285,32 @@ def _init(params: optax.Params, s: _Settings, plans: Any = None) -> ScaleByPsgdK
         factors = _kron.init_factors(plan, s.precond_dtype, identity=True)
         return tuple((f * scale).astype(s.precond_dtype) for f in factors)
 
-    return ScaleByPsgdKronState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=s.mu_dtype),
-        q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
-        key=jax.random.key_data(jax.random.key(s.seed)),
-        precond_updates=jnp.zeros([], jnp.int32),
-        failures=_failure.zeros(),
-    )
+    return _axes.bare(plans, _axes.map_leaves(init_q, plans, tree))  # see _axes.bare
 
 
-def _init_state(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
-    """:func:`_init` in the layout :func:`layerwise_optax._owner.decide` picks.
+def _init(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
+    """``mu = 0`` and ``P = c I`` (:func:`_init_q`), in the layout ``state_layout`` picks.
 
-    In the owner layout ``mu`` and ``q`` are built on the grouped tree
-    (:func:`layerwise_optax._owner.zeros`): padded blocks start, like real ones,
-    at ``c^{1/(2k)} I`` (finite, and never fitted: see :func:`_owned_agree`).
+    In the owner layout (:func:`layerwise_optax._owner.decide`) the factors are
+    built on the grouped tree (:func:`layerwise_optax._owner.zeros`) and laid out
+    along the stack over the mesh; padded blocks start, like real ones, at
+    ``c^{1/(2k)} I`` (finite, and never fitted: see :func:`_owned_agree`). The
+    momentum is params-shaped in every layout (sharded like its parameter).
     """
     plans = _plans(s, params)
     layout = _owner.decide(s.state_layout, s.owner_axes, plans, params)
     if layout is None:
-        return _init(params, s, plans)
-    state = _init(_owner.zeros(layout, plans, params), s, layout.plans(plans))
-    return state._replace(
-        mu=_owner.grouped(_owner.place_state(layout, state.mu), layout),
-        q=_owner.grouped(_owner.place_state(layout, state.q), layout),
+        q = _init_q(params, plans, s)
+    else:
+        q = _init_q(_owner.zeros(layout, plans, params), layout.plans(plans), s)
+        q = _owner.grouped(_owner.place_state(layout, q), layout)
+    return ScaleByPsgdKronState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=s.mu_dtype),
+        q=q,
+        key=jax.random.key_data(jax.random.key(s.seed)),
+        precond_updates=jnp.zeros([], jnp.int32),
+        failures=_failure.zeros(),
     )
 
 
@@ -329,9 +325,7 @@ def _momentum(
     """
 
     def one(g, plan, m):
-        ok, _, mu_new, m_hat = _grafting.guarded_momentum(
-            g, m, b1, count_inc, nesterov, per_block=plan.per_block
-        )
+        ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, m, b1, count_inc, nesterov)
         return _Moment(ok, mu_new, m_hat)
 
     return _axes.map_leaves(one, plans, updates, mu)
@@ -523,6 +517,30 @@ def _no_fit(q: Any) -> tuple[Any, jax.Array]:
     return q, jnp.zeros([], jnp.int32)
 
 
+def _owned_moments(
+    layout: _owner.Layout, plans: Any, updates: Any, mom: Any
+) -> tuple[Any, Any, list[Any]]:
+    """The grouped tree's plans and :class:`_Moment` s, and each leaf's validity.
+
+    Each leaf's bias-corrected momentum goes to the owners of its blocks
+    (:func:`layerwise_optax._owner.to_groups`), filled with NaN where the leaf's
+    gradient was not valid; a block's flag is its leaf's (padded blocks: false).
+
+    Returns:
+      ``(grouped plans, grouped moments, validity per plan position)``.
+    """
+    valid = _owner.leaf_validity(plans, updates)
+    m_hat = _owner.to_groups(layout, plans, _axes.unzip(mom, "m_hat"), valid=valid)
+    blocks = tuple(
+        _Moment(
+            _owner.per_block(layout, g, jnp.stack([valid[i] for i, _ in g.members]), False), None, x
+        )
+        for g, x in zip(layout.groups, m_hat["blocks"])
+    )
+    leaves = tuple(_Moment(valid[i], None, x) for i, x in zip(layout.leaves, m_hat["leaves"]))
+    return layout.plans(plans), {"blocks": blocks, "leaves": leaves}, valid
+
+
 class _Draws(NamedTuple):
     """One leaf's Gaussian draws for its probe (:func:`_probe`), in the leaf's shape."""
 
@@ -631,12 +649,13 @@ def _clip(u: jax.Array, plan: Any, ok: Any, g: jax.Array, *, clip: Any) -> jax.A
 def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
     """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip.
 
-    In the owner layout (:mod:`layerwise_optax._owner`) phases 1 to 3 run on the
-    grouped tree: each leaf's gradient is checked once, its blocks go to their
-    owners (NaN where the leaf is not valid), and the preconditioned blocks come
-    back in the parameters' shapes (in float32) for the per-leaf clip. The coin,
-    the probe keys and the skipped counts are per leaf of the params in every
-    layout.
+    In the owner layout (:mod:`layerwise_optax._owner`) phases 2 and 3 run on
+    the grouped tree: the bias-corrected momentum of each leaf goes to the
+    owners of its blocks (NaN where the leaf's gradient was not valid, so its
+    fit is never kept), and the preconditioned blocks come back in the
+    parameters' shapes (in float32) for the per-leaf clip. The momentum, the
+    coin, the probe keys and the skipped counts are per leaf of the params in
+    every layout.
     """
     plans = _plans(s, updates)
     layout = _owner.layout_of(state)
@@ -644,41 +663,36 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     # One arithmetic for plain and injected hyperparameters (float32 first).
     b1, lr = _checks.hyperparameters(s.b1, s.precond_lr)
     clip = None if s.clip_rms is None else _checks.hyperparameters(s.clip_rms)[0]
+    mom = _momentum(plans, updates, state.mu, b1, count_inc, s.nesterov)
     key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
     if layout is None:
-        work, grads, mu, q = plans, updates, state.mu, state.q
-    else:
-        _owner.check(layout, plans, updates)
-        valid = _owner.leaf_validity(plans, updates)
-        work = layout.plans(plans)
-        grads = _owner.to_groups(layout, plans, updates, valid=valid)
-        mu, q = state.mu.tree(), state.q.tree()
-    mom = _momentum(work, grads, mu, b1, count_inc, s.nesterov)
-    if layout is None:
+        work, work_mom, q = plans, mom, state.q
         fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
     else:
+        _owner.check(layout, plans, updates)
+        work, work_mom, valid = _owned_moments(layout, plans, updates, mom)
+        q = state.q.tree()
 
         def fit(q):
-            probes = _owned_probes(layout, plans, mom, probe_keys)
+            probes = _owned_probes(layout, plans, work_mom, probe_keys)
             agree = functools.partial(_owned_agree, layout, valid)
-            return _fit(q, work, mom, probes, lr, s, agree)
+            return _fit(q, work, work_mom, probes, lr, s, agree)
 
     q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(work, q))
-    u = _axes.map_leaves(_precondition, work, mom, q)
-    if layout is None:
-        ok = _axes.unzip(mom, "ok")
-    else:
-        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
-        u = _owner.from_groups(layout, plans, u, like)
-        ok = _owner.position_tree(plans, valid)
-    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, ok, updates)
-    new_mu = _axes.map_leaves(lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), work, mom, mu)
+    u = _axes.map_leaves(_precondition, work, work_mom, q)
     q = _axes.bare(work, q)
     if layout is not None:
-        new_mu, q = _owner.grouped(new_mu, layout), _owner.grouped(q, layout)
+        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
+        u = _owner.from_groups(layout, plans, u, like)
+        q = _owner.grouped(q, layout)
+    ok = _axes.unzip(mom, "ok")
+    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, ok, updates)
+    mu = _axes.map_leaves(
+        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu
+    )
     return u, ScaleByPsgdKronState(
         count=count_inc,
-        mu=new_mu,
+        mu=mu,
         q=q,
         key=key,
         precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
@@ -733,16 +747,16 @@ def scale_by_psgd_kron(
       merge_small_dims: Merge small adjacent axes in the default policy.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype (default float32).
-      state_layout: Where the per-leaf state (momentum, factors) lives on a
-        device mesh. ``'auto'`` (default): the *owner layout* when ``init`` runs
+      state_layout: Where the factors ``Q`` live on a device mesh. ``'auto'`` (default): the *owner layout* when ``init`` runs
         under a mesh of more than one device (:func:`jax.set_mesh`, or params
         sharded over one; :func:`layerwise_optax.state_shardings` sets it), else
         replicated. ``'owner'``: the blocks of all leaves with the same block
         layout (shape and factor kinds) are stacked and the stack sharded along
         the block axis over the mesh (padded to a multiple of the device count),
-        so each device stores and fits only its own blocks and the state per
-        device shrinks with the device count; without a mesh the stacks are kept
-        whole. ``'replicated'``: per leaf, every factor on every device (the
+        so each device stores and fits only its own blocks (its factors shrink
+        with the device count once a layout has as many blocks as devices);
+        without a mesh the stacks are kept whole. The momentum is shaped and
+        sharded like the params in every layout. ``'replicated'``: per leaf, every factor on every device (the
         layout of earlier versions). The probes, coins, clipping and failure
         counts are per leaf in every layout and the updates are the same.
         Static; checkpoints restore into the layout they were saved in.
@@ -782,7 +796,7 @@ def scale_by_psgd_kron(
     s = _validate(_Settings(**locals()))  # the arguments as passed, checked
 
     def init_fn(params):
-        return _init_state(params, s)
+        return _init(params, s)
 
     def update_fn(updates, state, params=None):
         del params
