@@ -676,7 +676,10 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         def fit(q):
             probes = _owned_probes(layout, plans, work_mom, probe_keys)
             agree = functools.partial(_owned_agree, layout, valid)
-            return _fit(q, work, work_mom, probes, lr, s, agree)
+            new, failed = _fit(q, work, work_mom, probes, lr, s, agree)
+            # Laid out as stored: the fit runs over all the mesh's devices, which
+            # with ``owner_axes`` a subset of the axes is another layout.
+            return _owner.place_state(layout, new), failed
 
     q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(work, q))
     u = _axes.map_leaves(_precondition, work, work_mom, q)
