@@ -51,7 +51,7 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from layerwise_optax import _axes, _distribute
+from layerwise_optax import _axes, _distribute, _failure
 
 LAYOUTS = ("auto", "owner", "replicated")
 
@@ -526,3 +526,69 @@ def to_groups_blocks(layout: Layout, per_leaf: Sequence[Any], *, fill: float = 0
 
         out.append(jax.tree.map(stack, *parts))
     return tuple(out)
+
+
+def leaf_validity(plans: Any, tree: Any) -> list[Any]:
+    """Per plan position, the leaf's validity flag (``None`` where masked).
+
+    The failure policy's :func:`layerwise_optax._failure.guard` of each leaf of a
+    gradient tree, computed where the leaf lies (a sum, no gather): the
+    ``valid`` argument of :func:`to_groups`, and the per-leaf flags a step
+    applies after :func:`from_groups` (skipped counts, per-leaf updates).
+    """
+    return [
+        None if _axes.is_masked(plan) else _failure.guard(x)[0]
+        for plan, x in zip(plan_nodes(plans), _bare_leaves(plans, tree))
+    ]
+
+
+def position_tree(plans: Any, values: Sequence[Any]) -> Any:
+    """A tree like ``plans`` holding one value per plan position (e.g. :func:`leaf_validity`)."""
+    treedef = jax.tree.structure(plans, is_leaf=_axes._is_plan_node)
+    return jax.tree.unflatten(treedef, list(values))
+
+
+def _member_ids(group: Group) -> np.ndarray:
+    """Per block of ``group``'s stack, the index of its member leaf (padding: ``len(members)``)."""
+    counts = [n for _, n in group.members] + [group.padded - group.size]
+    return np.repeat(np.arange(len(counts)), counts)
+
+
+def per_member(group: Group, x: jax.Array, reduce: str) -> jax.Array:
+    """Per member leaf of ``group``, a reduction of per-block values over its blocks.
+
+    Args:
+      group: The group.
+      x: Per block of its stack a value, shape ``(padded,)`` (sharded or not).
+      reduce: ``'sum'`` or ``'all'`` (``x`` bool).
+
+    Returns:
+      Shape ``(len(group.members),)``, replicated: padded blocks never enter.
+    """
+    ids = _member_ids(group)
+    num = len(group.members) + 1
+    x = _replicate(x)
+    if reduce == "sum":
+        return jax.ops.segment_sum(x, ids, num_segments=num, indices_are_sorted=True)[:-1]
+    if reduce == "all":
+        low = jax.ops.segment_min(
+            x.astype(jnp.int32), ids, num_segments=num, indices_are_sorted=True
+        )
+        return low[:-1] > 0
+    raise ValueError(f"reduce must be 'sum' or 'all', got {reduce!r}.")
+
+
+def per_block(layout: Layout, group: Group, values: jax.Array, fill: Any) -> jax.Array:
+    """Per block of ``group``'s stack, its member leaf's value (inverse of :func:`per_member`).
+
+    Args:
+      layout: The layout (the stack is laid out along axis 0 over its axes).
+      group: The group.
+      values: Shape ``(len(group.members),)``.
+      fill: The value of padded blocks.
+
+    Returns:
+      Shape ``(padded,)``, laid out like the group's stacks.
+    """
+    values = jnp.concatenate([values, jnp.full((1,), fill, values.dtype)])
+    return _constrain(values[_member_ids(group)], layout)

@@ -37,6 +37,18 @@ The update is four phases, each a module-level function:
    finite (counted as failed);
 3. :func:`_precondition`: ``u = Q^T Q m_hat`` per axis;
 4. :func:`_clip`: ``u * min(1, clip_rms / rms(u))`` per leaf.
+
+Under a device mesh the state can take the *owner layout*
+(:mod:`layerwise_optax._owner`, ``state_layout``): the factors of the leaves
+with the same block layout are stacked and sharded along the stack over the
+mesh, and phases 2 and 3 run on those stacks where they lie, on the momentum
+sent to them (:func:`_owned_moments`). What is per leaf stays per leaf: the
+momentum (params-shaped, sharded like its parameter), the probes (drawn per
+leaf from the same keys as in the replicated layout, then sent to the stacks:
+:func:`_owned_probes`), a leaf keeps its new factors only when all of its
+blocks' fits are finite and counts one failure otherwise
+(:func:`_owned_agree`), and the clip of phase 4 runs on the updates back in the
+parameters' shapes.
 """
 
 from __future__ import annotations
@@ -44,15 +56,18 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from layerwise_optax import _axes, _checks, _failure, _grafting, _kron, _linalg
+from layerwise_optax import _axes, _checks, _failure, _grafting, _kron, _linalg, _owner
 
 _STATIC_ARGS = (
+    "state_layout",
+    "owner_axes",
     "max_precond_dim",
     "memory_save_mode",
     "dimension_numbers",
@@ -115,10 +130,11 @@ class ScaleByPsgdKronState(NamedTuple):
 
     Attributes:
       count: int32 scalar, steps so far.
-      mu: Momentum, params tree (``mu_dtype``).
+      mu: Momentum, params tree (``mu_dtype``), in every layout.
       q: Per leaf, one factor per view dimension: ``(stack, b, b)`` upper
         triangular, ``(stack, b)`` diagonal, or an empty placeholder
-        (``precond_dtype``).
+        (``precond_dtype``); in the owner layout a ``Grouped`` of the same per
+        group, the stack axis sharded over the mesh.
       key: PRNG key for the coin and the probes.
       precond_updates: int32 scalar, steps on which ``q`` was fitted.
       failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
@@ -152,6 +168,8 @@ class _Settings(NamedTuple):
     merge_small_dims: bool
     mu_dtype: Any
     precond_dtype: Any
+    state_layout: str
+    owner_axes: Any
 
 
 class _Moment(NamedTuple):
@@ -181,6 +199,8 @@ def _validate(s: _Settings) -> _Settings:
     _checks.boolean("merge_small_dims", s.merge_small_dims)
     if s.clip_rms is not None:
         _checks.positive("clip_rms", s.clip_rms)
+    _checks.one_of("state_layout", s.state_layout, _owner.LAYOUTS)
+    _checks.axis_names("owner_axes", s.owner_axes)
     prob = s.precond_update_prob
     if prob is None:
         prob = precond_update_prob_schedule()
@@ -256,9 +276,8 @@ def _plans(s: _Settings, tree: Any) -> Any:
     )
 
 
-def _init(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
-    """``mu = 0``; ``Q_i = c^{1/(2k)} I`` for ``k`` factors, so ``P = Q^T Q = c I``."""
-    plans = _plans(s, params)
+def _init_q(tree: Any, plans: Any, s: _Settings) -> Any:
+    """``Q_i = c^{1/(2k)} I`` for ``k`` factors, so ``P = Q^T Q = c I``, stored bare."""
 
     def init_q(x, plan):
         k = max(plan.num_factors, 1)
@@ -266,10 +285,29 @@ def _init(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
         factors = _kron.init_factors(plan, s.precond_dtype, identity=True)
         return tuple((f * scale).astype(s.precond_dtype) for f in factors)
 
+    return _axes.bare(plans, _axes.map_leaves(init_q, plans, tree))  # see _axes.bare
+
+
+def _init(params: optax.Params, s: _Settings) -> ScaleByPsgdKronState:
+    """``mu = 0`` and ``P = c I`` (:func:`_init_q`), in the layout ``state_layout`` picks.
+
+    In the owner layout (:func:`layerwise_optax._owner.decide`) the factors are
+    built on the grouped tree (:func:`layerwise_optax._owner.zeros`) and laid out
+    along the stack over the mesh; padded blocks start, like real ones, at
+    ``c^{1/(2k)} I`` (finite, and never fitted: see :func:`_owned_agree`). The
+    momentum is params-shaped in every layout (sharded like its parameter).
+    """
+    plans = _plans(s, params)
+    layout = _owner.decide(s.state_layout, s.owner_axes, plans, params)
+    if layout is None:
+        q = _init_q(params, plans, s)
+    else:
+        q = _init_q(_owner.zeros(layout, plans, params), layout.plans(plans), s)
+        q = _owner.grouped(_owner.place_state(layout, q), layout)
     return ScaleByPsgdKronState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=s.mu_dtype),
-        q=_axes.bare(plans, _axes.map_leaves(init_q, plans, params)),  # see _axes.bare
+        q=q,
         key=jax.random.key_data(jax.random.key(s.seed)),
         precond_updates=jnp.zeros([], jnp.int32),
         failures=_failure.zeros(),
@@ -406,37 +444,70 @@ def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) ->
     factor is finite; a valid leaf whose fit was not finite keeps its previous
     factors and counts one failure (a leaf with an invalid gradient is already
     counted as skipped).
+
+    On a group stack of the owner layout (``plan.per_block``) the same rule
+    holds per member leaf: ``done`` holds ``(new, finite, failed)`` with
+    ``finite`` already the flag of each block's leaf and ``failed`` the group's
+    count per leaf (:func:`_owned_agree`); a padded block is never valid.
     """
     old = _kron.as_factors(q)
     (fitted,) = done
     if fitted is None:
         return _kron.Refreshed(old, (), jnp.zeros([], jnp.int32))
-    new, finite = fitted
-    good = m.ok & jnp.all(finite)
+    if plan.per_block:
+        new, finite, failed = fitted
+        good = jnp.reshape(m.ok, (-1,)) & finite
+    else:
+        new, finite = fitted
+        good = m.ok & jnp.all(finite)
+        failed = (m.ok & ~good).astype(jnp.int32)
     kept = tuple(f.astype(dtype) for f in _failure.keep(good, new, old))
-    return _kron.Refreshed(kept, (), (m.ok & ~good).astype(jnp.int32))
+    return _kron.Refreshed(kept, (), failed)
 
 
 def _fit(
-    q: Any, plans: Any, mom: Any, probe_keys: Any, lr: jax.Array, s: _Settings
+    q: Any,
+    plans: Any,
+    mom: Any,
+    probes: Any,
+    lr: jax.Array,
+    s: _Settings,
+    agree: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, jax.Array]:
     """Phase 2b: fit every leaf's factors on its momentum and probe (see the module docstring).
 
     Leaves with the same block layout are fitted as one batch
     (:func:`layerwise_optax._axes.map_grouped`, split over the mesh's devices
-    when ``s.distribute``), then each leaf keeps its new factors or its old ones
+    when ``s.distribute``; a group stack of the owner layout on the devices
+    that own its blocks), then each leaf keeps its new factors or its old ones
     (:func:`_keep_fit`). Returns ``(factors, failed)``.
+
+    Args:
+      q: The factors, a tree like ``plans``.
+      plans: The plans (of the params, or of the owner layout's grouped tree).
+      mom: Per leaf the :class:`_Moment`.
+      probes: Per leaf its probe key (drawn here, :func:`_probe`) or, for a
+        group stack, its ``(g, v)`` block views (:func:`_owned_probes`).
+      lr: Preconditioner step size.
+      s: The settings.
+      agree: Applied to the fitted tree before the failure policy (the owner
+        layout's per-leaf flags and counts, :func:`_owned_agree`).
     """
 
-    def prepare(plan, m, q_leaf, key):
+    def prepare(plan, m, q_leaf, probe):
         if not plan.is_preconditioned:
             return [None]
-        gb, v = _axes.on_gathered(_probe, m.m_hat, plan, key)
+        if plan.per_block:
+            gb, v = probe
+        else:
+            gb, v = _axes.on_gathered(_probe, m.m_hat, plan, probe)
         q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(q_leaf))
         return [((plan.as_batch(1), gb.dtype), (gb, v, *q32))]
 
     batched = functools.partial(_fit_blocks, lr=lr)
-    fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probe_keys, distribute=s.distribute)
+    fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probes, distribute=s.distribute)
+    if agree is not None:
+        fitted = agree(fitted)
     keep = functools.partial(_keep_fit, dtype=s.precond_dtype)
     out = _axes.map_leaves(keep, plans, q, mom, fitted)
     return _axes.unzip(out, "factors"), _failure.total(_axes.unzip(out, "failed"))
@@ -444,6 +515,109 @@ def _fit(
 
 def _no_fit(q: Any) -> tuple[Any, jax.Array]:
     return q, jnp.zeros([], jnp.int32)
+
+
+def _owned_moments(
+    layout: _owner.Layout, plans: Any, updates: Any, mom: Any
+) -> tuple[Any, Any, list[Any]]:
+    """The grouped tree's plans and :class:`_Moment` s, and each leaf's validity.
+
+    Each leaf's bias-corrected momentum goes to the owners of its blocks
+    (:func:`layerwise_optax._owner.to_groups`), filled with NaN where the leaf's
+    gradient was not valid; a block's flag is its leaf's (padded blocks: false).
+
+    Returns:
+      ``(grouped plans, grouped moments, validity per plan position)``.
+    """
+    valid = _owner.leaf_validity(plans, updates)
+    m_hat = _owner.to_groups(layout, plans, _axes.unzip(mom, "m_hat"), valid=valid)
+    blocks = tuple(
+        _Moment(
+            _owner.per_block(layout, g, jnp.stack([valid[i] for i, _ in g.members]), False), None, x
+        )
+        for g, x in zip(layout.groups, m_hat["blocks"])
+    )
+    leaves = tuple(_Moment(valid[i], None, x) for i, x in zip(layout.leaves, m_hat["leaves"]))
+    return layout.plans(plans), {"blocks": blocks, "leaves": leaves}, valid
+
+
+class _Draws(NamedTuple):
+    """One leaf's Gaussian draws for its probe (:func:`_probe`), in the leaf's shape."""
+
+    v: jax.Array
+    noise: jax.Array
+
+
+def _owned_probes(
+    layout: _owner.Layout, plans: Any, mom: Any, probe_keys: Any
+) -> dict[str, tuple[Any, ...]]:
+    """The owner layout's probes: per group stack, the ``(g, v)`` of :func:`_probe`.
+
+    The Gaussian draws are made per real leaf from its key, in the shape the
+    replicated layout draws them (its block view), so they are the same numbers
+    in every layout; they reach the group stacks through
+    :func:`layerwise_optax._owner.to_groups` (padded blocks: NaN). The
+    perturbation's scale ``sqrt(eps) * mean|g|`` is per leaf too: the block sums
+    of ``|m_hat|`` are summed over each member leaf's blocks
+    (:func:`layerwise_optax._owner.per_member`) and sent back to its blocks.
+
+    Args:
+      layout: The owner layout.
+      plans: The plans of the params.
+      mom: The grouped tree's :class:`_Moment` per group stack (and leaf).
+      probe_keys: Per leaf of the params its probe key (:func:`_draw`).
+
+    Returns:
+      ``{'blocks': ((g, v) per group), 'leaves': (None, ...)}``, like the
+      grouped tree.
+    """
+
+    def draw(key, plan):
+        if not plan.is_preconditioned:
+            return _Draws(jnp.zeros(()), jnp.zeros(()))
+        k1, k2 = jax.random.split(key)  # as in _probe
+        normal = (jax.random.normal(k, plan.block_shape, jnp.float32) for k in (k1, k2))
+        return _Draws(*(plan.from_blocks(x) for x in normal))
+
+    draws = _axes.map_leaves(draw, plans, probe_keys)
+    v, noise = (_owner.to_groups(layout, plans, _axes.unzip(draws, f)) for f in _Draws._fields)
+    tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps)
+    out = []
+    for g, m, vb, nb in zip(layout.groups, mom["blocks"], v["blocks"], noise["blocks"]):
+        gb = m.m_hat
+        sums = _owner.per_member(g, jnp.sum(jnp.abs(gb), axis=tuple(range(1, gb.ndim))), "sum")
+        sizes = np.array([n for _, n in g.members]) * math.prod(g.key.blocks)
+        scale = _owner.per_block(layout, g, tiny * (sums / sizes.astype(sums.dtype)), 0.0)
+        out.append((gb + jnp.reshape(scale, (-1,) + (1,) * (gb.ndim - 1)) * nb, vb))
+    return {"blocks": tuple(out), "leaves": (None,) * len(layout.leaves)}
+
+
+def _owned_agree(layout: _owner.Layout, valid: list[Any], fitted: Any) -> Any:
+    """The owner layout's fit results with the replicated layout's per-leaf rule.
+
+    Per group, the per-block finiteness of the fit is reduced over each member
+    leaf's blocks (:func:`layerwise_optax._owner.per_member`) and sent back to
+    its blocks, so a leaf keeps all its new factors or none, as in
+    :func:`_keep_fit`; the failures are counted once per valid member leaf
+    whose fit was not finite (padded blocks belong to no leaf).
+
+    Args:
+      layout: The owner layout.
+      valid: Per plan position of the params, the leaf's validity flag.
+      fitted: The grouped tree's :func:`layerwise_optax._axes.map_grouped`
+        output: per group ``((new, finite),)``.
+
+    Returns:
+      ``fitted`` with per group ``((new, finite_of_its_leaf, failed),)``.
+    """
+    out = []
+    for g, (item,) in zip(layout.groups, fitted["blocks"]):
+        new, finite = item
+        leaf_ok = _owner.per_member(g, finite, "all")
+        ok = jnp.stack([valid[i] for i, _ in g.members])
+        failed = jnp.sum(ok & ~leaf_ok).astype(jnp.int32)
+        out.append(((new, _owner.per_block(layout, g, leaf_ok, False), failed),))
+    return {"blocks": tuple(out), "leaves": fitted["leaves"]}
 
 
 def precondition(g: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> jax.Array:
@@ -460,41 +634,72 @@ def _precondition(m: _Moment, plan: _axes.LeafPlan, q: Any) -> jax.Array:
     return plan.from_blocks(precondition(plan.to_blocks(m.m_hat), q32, plan))
 
 
-def _clip(u: jax.Array, plan: Any, m: _Moment, g: jax.Array, *, clip: Any) -> jax.Array:
-    """Phase 4: ``u * min(1, clip / rms(u))`` (no clipping with ``clip=None``).
+def _clip(u: jax.Array, plan: Any, ok: Any, g: jax.Array, *, clip: Any) -> jax.Array:
+    """Phase 4: ``u * min(1, clip / rms(u))`` (no clipping with ``clip=None``), per leaf.
 
-    Zero for a leaf whose gradient was not valid; cast to the gradient's dtype.
+    Zero for a leaf whose gradient was not valid (``ok`` false); cast to the
+    gradient's dtype.
     """
     if clip is not None:
         rms = jnp.sqrt(jnp.mean(u * u))
         u = u * jnp.minimum(1.0, clip / (rms + 1e-30))
-    return _failure.zero_unless(m.ok, u, g.dtype)
+    return _failure.zero_unless(ok, u, g.dtype)
 
 
 def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
-    """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip."""
+    """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip.
+
+    In the owner layout (:mod:`layerwise_optax._owner`) phases 2 and 3 run on
+    the grouped tree: the bias-corrected momentum of each leaf goes to the
+    owners of its blocks (NaN where the leaf's gradient was not valid, so its
+    fit is never kept), and the preconditioned blocks come back in the
+    parameters' shapes (in float32) for the per-leaf clip. The momentum, the
+    coin, the probe keys and the skipped counts are per leaf of the params in
+    every layout.
+    """
     plans = _plans(s, updates)
+    layout = _owner.layout_of(state)
     count_inc = _kron.increment(state.count)
     # One arithmetic for plain and injected hyperparameters (float32 first).
     b1, lr = _checks.hyperparameters(s.b1, s.precond_lr)
     clip = None if s.clip_rms is None else _checks.hyperparameters(s.clip_rms)[0]
     mom = _momentum(plans, updates, state.mu, b1, count_inc, s.nesterov)
     key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
-    fit = functools.partial(_fit, plans=plans, mom=mom, probe_keys=probe_keys, lr=lr, s=s)
-    q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(plans, state.q))
-    u = _axes.map_leaves(_precondition, plans, mom, q)
-    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, mom, updates)
+    if layout is None:
+        work, work_mom, q = plans, mom, state.q
+        fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
+    else:
+        _owner.check(layout, plans, updates)
+        work, work_mom, valid = _owned_moments(layout, plans, updates, mom)
+        q = state.q.tree()
+
+        def fit(q):
+            probes = _owned_probes(layout, plans, work_mom, probe_keys)
+            agree = functools.partial(_owned_agree, layout, valid)
+            new, failed = _fit(q, work, work_mom, probes, lr, s, agree)
+            # Laid out as stored: the fit runs over all the mesh's devices, which
+            # with ``owner_axes`` a subset of the axes is another layout.
+            return _owner.place_state(layout, new), failed
+
+    q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(work, q))
+    u = _axes.map_leaves(_precondition, work, work_mom, q)
+    q = _axes.bare(work, q)
+    if layout is not None:
+        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
+        u = _owner.from_groups(layout, plans, u, like)
+        q = _owner.grouped(q, layout)
+    ok = _axes.unzip(mom, "ok")
+    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, ok, updates)
     mu = _axes.map_leaves(
         lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu
     )
-    skipped = _failure.count_invalid(_axes.unzip(mom, "ok"))
     return u, ScaleByPsgdKronState(
         count=count_inc,
         mu=mu,
-        q=_axes.bare(plans, q),
+        q=q,
         key=key,
         precond_updates=state.precond_updates + do_fit.astype(jnp.int32),
-        failures=_failure.add(state.failures, skipped=skipped, failed=failed),
+        failures=_failure.add(state.failures, skipped=_failure.count_invalid(ok), failed=failed),
     )
 
 
@@ -514,6 +719,8 @@ def scale_by_psgd_kron(
     merge_small_dims: bool = False,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
     """PSGD-Kron's preconditioning of the momentum; see :func:`psgd_kron`.
 
@@ -543,6 +750,21 @@ def scale_by_psgd_kron(
       merge_small_dims: Merge small adjacent axes in the default policy.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype (default float32).
+      state_layout: Where the factors ``Q`` live on a device mesh. ``'auto'`` (default): the *owner layout* when ``init`` runs
+        under a mesh of more than one device (:func:`jax.set_mesh`, or params
+        sharded over one; :func:`layerwise_optax.state_shardings` sets it), else
+        replicated. ``'owner'``: the blocks of all leaves with the same block
+        layout (shape and factor kinds) are stacked and the stack sharded along
+        the block axis over the mesh (padded to a multiple of the device count),
+        so each device stores and fits only its own blocks (its factors shrink
+        with the device count once a layout has as many blocks as devices);
+        without a mesh the stacks are kept whole. The momentum is shaped and
+        sharded like the params in every layout. ``'replicated'``: per leaf, every factor on every device (the
+        layout of earlier versions). The probes, coins, clipping and failure
+        counts are per leaf in every layout and the updates are the same.
+        Static; checkpoints restore into the layout they were saved in.
+      owner_axes: Mesh axes the owner layout shards the block axis over
+        (``None``: all of them; a name or a tuple of names). Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -551,7 +773,9 @@ def scale_by_psgd_kron(
     Raises:
       ValueError: At construction for a hyperparameter out of range (see
         :func:`psgd_kron`); at ``init`` if ``dimension_numbers`` do not fit a
-        parameter (naming its path).
+        parameter (naming its path) or ``owner_axes`` names an axis the mesh
+        does not have; at ``update`` in the owner layout if the updates do not
+        have the params' shapes.
 
     Examples:
       ``P = Q^T Q`` starts as ``precond_init_scale`` times the identity, so on a
@@ -604,6 +828,8 @@ def psgd_kron(
     merge_small_dims: bool = False,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformation:
     r"""PSGD-Kron: momentum preconditioned by a Kronecker product fitted on a Lie group.
 
@@ -642,6 +868,9 @@ def psgd_kron(
       merge_small_dims: Merge small adjacent axes.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype.
+      state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
+        :func:`layerwise_optax.scale_by_psgd_kron`).
+      owner_axes: Mesh axes of the owner layout (``None``: all).
 
     Returns:
       An :class:`optax.GradientTransformation`; ``state[0]`` is the
@@ -651,8 +880,10 @@ def psgd_kron(
       ValueError: At construction for a hyperparameter out of range (``b1``
         outside ``[0, 1)``, ``precond_lr`` outside ``(0, 1]``, a non-positive
         ``precond_init_scale`` or ``clip_rms``, an unknown ``memory_save_mode``,
-        a probability outside ``[0, 1]``); at ``init`` if ``dimension_numbers``
-        do not fit a parameter (naming its path).
+        a probability outside ``[0, 1]``, an unknown ``state_layout``, an
+        ``owner_axes`` that is not a name or a tuple of names); at ``init`` if
+        ``dimension_numbers`` do not fit a parameter (naming its path) or
+        ``owner_axes`` names an axis the mesh does not have.
 
     Examples:
       The probes and the coins that decide when to fit come from ``seed``, so a
@@ -694,6 +925,8 @@ def psgd_kron(
             merge_small_dims=merge_small_dims,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
+            state_layout=state_layout,
+            owner_axes=owner_axes,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

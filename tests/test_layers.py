@@ -25,7 +25,17 @@ LAYERS = {
     # per-axis statistics, matrix functions, the failure policy, validators, mesh
     # spreading, and layer roles (which leaves are matrices, and how a kernel is
     # viewed as one: a per-leaf plan decision that Muon and steepest descent use).
-    "core": {"_checks", "_linalg", "_distribute", "_axes", "_owner", "_failure", "_kron", "_roles", "linalg"},
+    "core": {
+        "_checks",
+        "_linalg",
+        "_distribute",
+        "_axes",
+        "_owner",
+        "_failure",
+        "_kron",
+        "_roles",
+        "linalg",
+    },
     # One module per paper, written against the core, plus the pieces families
     # share: ``_grafting`` (grafting, guarded Adam), ``_factored`` (the phases
     # Shampoo and SOAP both run) and ``_dual`` (Muon's and steepest descent's

@@ -31,6 +31,12 @@ CONFIGS = {
     "shampoo_sgd_graft": lambda **k: lo.shampoo(1e-2, grafting="sgd", block_size=32, **k),
     "soap_blocked": lambda **k: lo.soap(1e-2, block_size=16, precondition_frequency=2, **k),
     "soap": lambda **k: lo.soap(1e-2, max_precond_dim=40, **k),
+    "psgd_bf16_q": lambda **k: lo.psgd_kron(
+        1e-2, precond_update_prob=1.0, precond_dtype="bfloat16", **k
+    ),
+    "psgd_one_diag_coin": lambda **k: lo.psgd_kron(
+        1e-2, precond_update_prob=0.5, seed=3, memory_save_mode="one_diag", nesterov=True, **k
+    ),
 }
 
 

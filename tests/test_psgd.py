@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import layerwise_optax as lo
-from layerwise_optax import _axes, _psgd, linalg
+from layerwise_optax import _axes, _owner, _psgd, linalg
 from tests._helpers import random_spd
 
 
@@ -248,3 +248,103 @@ def test_a_leaf_fits_alike_whatever_dtype_shares_its_layout():
     np.testing.assert_array_equal(u_same, u_other)
     for x, y in zip(q_same, q_other):
         np.testing.assert_array_equal(x, y)
+
+
+def _owner_case():
+    """Leaves sharing one layout (one a stack of 4 slices) and a vector.
+
+    Step 2: a NaN in ``a`` and an Inf in ``b`` (skipped); step 3: slice 1 of ``s``
+    and all of ``c`` 1e10 times larger, so their fits overflow (``P`` starts at
+    1e20 I) there and at step 4: each of those leaves keeps all its factors and
+    counts one failure per fit.
+    """
+    params = {
+        "a": jnp.zeros((16, 8)),
+        "c": jnp.zeros((16, 8)),
+        "s": jnp.zeros((4, 16, 8)),
+        "b": jnp.zeros((8,)),
+    }
+    dims = {n: lo.DimensionNumbers(((0,), (1,))) for n in ("a", "c")}
+    dims["s"] = lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
+    dims["b"] = lo.DimensionNumbers(((0,),))
+    grads = []
+    for t in range(5):
+        g = {
+            n: jax.random.normal(jax.random.key(10 * t + i), p.shape)
+            for i, (n, p) in enumerate(sorted(params.items()))
+        }
+        if t == 2:
+            g["a"] = g["a"].at[3, 5].set(jnp.nan)
+            g["b"] = g["b"].at[0].set(jnp.inf)
+        if t == 3:
+            g["s"] = g["s"].at[1].multiply(1e10)
+            g["c"] = g["c"] * 1e10
+        grads.append(g)
+
+    def make(**kwargs):
+        return lo.scale_by_psgd_kron(
+            precond_update_prob=1.0,
+            precond_init_scale=1e20,
+            clip_rms=None,
+            dimension_numbers=dims,
+            **kwargs,
+        )
+
+    return params, grads, make
+
+
+def _run_steps(tx, params, grads):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    out = []
+    for g in grads:
+        u, state = step(g, state, params)
+        out.append(u)
+    return out, state
+
+
+def _assert_same_updates(ref, out):
+    for r, o in zip(ref, out):
+        for name in r:
+            x, y = np.asarray(r[name], np.float64), np.asarray(o[name], np.float64)
+            assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(x)), name
+
+
+def test_owner_layout_keeps_probes_fit_failures_and_counts_per_leaf(monkeypatch):
+    # The owner layout stacks a, c and the 4 slices of s into one group; its
+    # probes must be the replicated layout's numbers (drawn per leaf from the
+    # leaf's key, perturbed by the leaf's mean), a leaf whose fit overflows in
+    # one block keeps all its factors, and every count is per leaf. The groups
+    # are padded as on a 4-device mesh (6 -> 8 and 1 -> 4 blocks): padding never
+    # counts, never changes a real result, and its factors stay finite.
+    params, grads, make = _owner_case()
+    ref, ref_state = _run_steps(make(state_layout="replicated"), params, grads)
+    monkeypatch.setattr(
+        _owner, "decide", lambda choice, axes, plans, p: _owner.build(plans, p, (), 4)
+    )
+    tx = make(state_layout="owner")
+    init = tx.init(params)
+    out, state = _run_steps(tx, params, grads)
+    layout = _owner.layout_of(state)
+    sizes = sorted((g.size, g.padded) for g in layout.groups)
+    assert sizes == [(1, 4), (6, 8)]
+    _assert_same_updates(ref, out)
+    # Skipped: a and b at step 2; failed: s and c at steps 3 and 4 (the momentum
+    # still holds the large gradient).
+    assert [int(n) for n in lo.failure_counts(ref_state)] == [2, 4]
+    assert [int(n) for n in lo.failure_counts(state)] == [2, 4]
+    assert int(state.precond_updates) == int(ref_state.precond_updates) == 5
+    # The factors, back per leaf, equal the replicated layout's; padded blocks
+    # still hold their initial (finite) factors.
+    for g, q, q0 in zip(layout.groups, state.q.blocks, init.q.blocks):
+        start = 0
+        for i, n in g.members:
+            name = sorted(params)[i]
+            for f, r in zip(q, ref_state.q[name]):
+                mine = np.asarray(f[start : start + n], np.float64)
+                theirs = np.asarray(r, np.float64)
+                assert np.max(np.abs(mine - theirs)) <= 1e-5 * np.max(np.abs(theirs)), name
+            start += n
+        for f, f0 in zip(q, q0):
+            assert bool(jnp.all(jnp.isfinite(f)))
+            np.testing.assert_array_equal(f[g.size :], f0[g.size :])
