@@ -234,31 +234,47 @@ def _per_device_bytes(state):
     return max(totals.values())
 
 
-def owner_case(name, factory, kwargs):
-    """Default layout (owner under a mesh) on 1, 2, 4, 8 devices vs one device, replicated.
+def _owner_variants(factory):
+    """``(variant, shapes, extra kwargs)``: one block per leaf, then many blocks per group.
 
-    Two variants: the conformance configuration (one block per leaf: each group has
-    fewer blocks than devices, so it is padded and per-device memory cannot
-    shrink) and 16-blocks (12 and 13 blocks per leaf: the stacks split over the
-    devices).
+    ``plain``: the issue's leaves, one block each, so each group has fewer blocks
+    than devices (padded; ``'auto'`` keeps whichever layout stores less per
+    device). ``many``: 12 and 13 blocks per leaf with ``block_size=16`` where the
+    optimizer blocks, else twelve same-shaped layers: the stacks split over
+    the devices.
     """
+    import inspect
+
+    yield "plain", OWNER_SHAPES, {}
+    if "block_size" in inspect.signature(factory).parameters:
+        yield "many", OWNER_SHAPES, {"block_size": 16}
+    else:
+        layers = {f"w{i}": ((32, 24), P("data", "model")) for i in range(12)}
+        yield "many", {**layers, "b": OWNER_SHAPES["b"]}, {}
+
+
+def owner_case(name, factory, kwargs):
+    """Default layout (owner under a mesh) on 1, 2, 4, 8 devices vs one device, replicated."""
     from layerwise_optax import _owner
 
-    params = {
-        n: jax.random.normal(jax.random.key(i), s)
-        for i, (n, (s, _)) in enumerate(OWNER_SHAPES.items())
-    }
-    grads = [
-        {
-            n: jax.random.normal(jax.random.key(100 * t + i), x.shape)
-            for i, (n, x) in enumerate(params.items())
-        }
-        for t in range(STEPS)
-    ]
-    grads[3]["w"] = grads[3]["w"].at[1, 2].set(jnp.nan)
     out = dict(alias=name, mode="owner")
-    for variant, extra in (("plain", {}), ("blocked", {"block_size": 16})):
+    for variant, shapes, extra in _owner_variants(factory):
+        params = {
+            n: jax.random.normal(jax.random.key(i), s)
+            for i, (n, (s, _)) in enumerate(shapes.items())
+        }
+        grads = [
+            {
+                n: jax.random.normal(jax.random.key(100 * t + i), x.shape)
+                for i, (n, x) in enumerate(params.items())
+            }
+            for t in range(STEPS)
+        ]
+        first = next(iter(params))
+        grads[3][first] = grads[3][first].at[1, 2].set(jnp.nan)
         kw = {**kwargs, "precondition_frequency": 2, **extra}
+        if name == "psgd_kron":
+            kw.pop("precondition_frequency")
         ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
         state = ref_tx.init(params)
         reference = []
@@ -267,6 +283,7 @@ def owner_case(name, factory, kwargs):
             reference.append(u)
         out[f"{variant}_ref_counts"] = [int(c) for c in lo.failure_counts(state)]
         out[f"{variant}_ref_bytes"] = _per_device_bytes(state)
+        out[f"{variant}_specs"] = {k: str(spec) for k, (_, spec) in shapes.items()}
         tx = build(name, factory, kw)
         for n, shape in OWNER_MESHES.items():
             for axis_type in (AxisType.Auto, AxisType.Explicit):
@@ -276,7 +293,7 @@ def owner_case(name, factory, kwargs):
                     axis_types=(axis_type,) * 2,
                     devices=jax.devices()[:n],
                 )
-                specs = {k: spec for k, (_, spec) in OWNER_SHAPES.items()}
+                specs = {k: spec for k, (_, spec) in shapes.items()}
                 shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
                 promised = lo.state_shardings(tx, params, specs, mesh=mesh)
                 with jax.set_mesh(mesh):

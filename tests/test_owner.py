@@ -394,3 +394,38 @@ def test_kfac_owner_layout_with_nnx_state_and_folded_bias():
     assert isinstance(state[0].factors, _owner.Grouped)
     assert jax.tree.structure(out["owner"]) == jax.tree.structure(out["replicated"])
     assert _max_rel(out["owner"], out["replicated"]) < 1e-5
+
+
+def test_restore_state_cuts_and_pads_group_stacks_for_another_device_count():
+    from jax.sharding import AbstractMesh
+
+    params = {"w": jnp.zeros((6, 4)), "u": jnp.zeros((6, 4)), "b": jnp.zeros((4,))}
+    tx = lo.shampoo(1e-2)
+
+    def like(devices):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((devices,), ("data",))):
+            return jax.eval_shape(tx.init, params)
+
+    like8, like4 = like(8), like(4)
+    # Same layout identity (groups, axes), other stack lengths.
+    assert jax.tree.structure(like8) == jax.tree.structure(like4)
+    lengths = {x.shape[0] for x in jax.tree.leaves(like8[0].stats.blocks)}
+    assert lengths == {8} and {x.shape[0] for x in jax.tree.leaves(like4[0].stats.blocks)} == {4}
+    # A "saved" 8-device state: real blocks first, then padding.
+    saved = jax.tree.map(
+        lambda x: jnp.arange(np.prod(x.shape), dtype=x.dtype).reshape(x.shape), like8
+    )
+    restored = lo.restore_state(like4, lo.checkpointable(saved))
+    for a, b in zip(
+        jax.tree.leaves(restored[0].stats.blocks), jax.tree.leaves(saved[0].stats.blocks)
+    ):
+        np.testing.assert_array_equal(a, b[:4])
+    # Back to 8: the new padded blocks copy the first block.
+    grown = lo.restore_state(like8, lo.checkpointable(restored))
+    for a, b in zip(
+        jax.tree.leaves(grown[0].stats.blocks), jax.tree.leaves(restored[0].stats.blocks)
+    ):
+        np.testing.assert_array_equal(a[:4], b)
+        np.testing.assert_array_equal(a[4:], np.broadcast_to(b[:1], a[4:].shape))
+    # The params-shaped leaf (the vector's moments) is not resized.
+    np.testing.assert_array_equal(grown[0].mu.leaves[0], saved[0].mu.leaves[0])

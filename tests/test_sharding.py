@@ -112,24 +112,26 @@ def test_owner_layout_is_the_same_on_1_2_4_8_devices_and_shrinks_the_state():
     not depend on the mesh (Auto or Explicit axes, 1 to 8 devices) on rectangular,
     rank-deficient leaves, and the state per device shrinks with the devices."""
     results = [r for r in _worker(["owner"]) if r.get("mode") == "owner"]
-    assert {r["alias"] for r in results} >= {"shampoo", "soap"}
-    specs = {"b": "P('model',)", "v": "P(None, 'data')", "w": "P('data', 'model')"}
+    assert {r["alias"] for r in results} == {"shampoo", "soap", "kfac", "psgd_kron"}
     for r in results:
         name = r["alias"]
-        for variant in ("plain", "blocked"):
+        for variant in ("plain", "many"):
             for n in (1, 2, 4, 8):
                 for axis in ("AxisType.Auto", "AxisType.Explicit"):
                     key = f"{variant}_{n}_{axis}"
-                    # One device is the replicated layout; more are the owner layout.
-                    assert r[f"layout_{key}"] == (None if n == 1 else [n, ["data", "model"]])
+                    layout = r[f"layout_{key}"]
+                    # One device: replicated; a mesh: the owner layout.
+                    assert layout == (None if n == 1 else [n, ["data", "model"]]), (name, key)
                     assert r[f"err_{key}"] < 1e-5, (name, key, r[f"err_{key}"])
                     assert r[f"counts_{key}"] == r[f"{variant}_ref_counts"], (name, key)
-                    assert r[f"specs_{key}"] == specs, (name, key)
-        # The whole state per device (moments and factors) at 8 devices: with 12-13
-        # blocks per leaf the stacks split over the devices; with one block per leaf
-        # every group is padded to one block per device, no larger than replicated.
+                    assert r[f"specs_{key}"] == r[f"{variant}_specs"], (name, key)
+        # The whole state per device (moments and factors): with many blocks per
+        # group the stacks split over the devices; with one block per leaf each
+        # group is padded to one block per device and does not shrink (measured:
+        # at most 2% below one device's state; the replicated layout's moments
+        # would be sharded like the params, 6% less for Shampoo here).
         for axis in ("AxisType.Auto", "AxisType.Explicit"):
-            assert r["blocked_ref_bytes"] / r[f"bytes_blocked_8_{axis}"] >= 4, (name, r)
+            assert r["many_ref_bytes"] / r[f"bytes_many_8_{axis}"] >= 4, (name, r)
             assert r[f"bytes_plain_8_{axis}"] <= r["plain_ref_bytes"], (name, r)
 
 
