@@ -625,6 +625,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README's table: GB per device, each model, alias, device count, dtype and layout.
+
+    ``†``: formula only (the alias has no ``precond_dtype`` option); an owner cell
+    is in italics while the library's own layout is replicated (a projection).
+    """
+    rows = []
+    for mname, entry in results["models"].items():
+        counts = list(entry["devices"])
+        if not rows:
+            head = ["model", "alias"] + [
+                f"{n} dev {_SHORT[d]} {lay}"
+                for n in counts
+                for d in DTYPES
+                for lay in ("repl.", "owner")
+            ]
+            rows.append("| " + " | ".join(head) + " |")
+            rows.append("|" + "---|" * len(head))
+        label = f"{mname} ({entry['params'] / 1e9:.2f}B)"
+        for alias in ALIASES:
+            cells = [label, alias]
+            for n in counts:
+                for dtype in DTYPES:
+                    row = entry["devices"][n].get(f"{alias}/{dtype}")
+                    row = row or entry["devices"][n][f"{alias}/float32"]
+                    lib = row["library"]
+                    mark = "†" if lib is None else ""
+                    owner = _gb(row["formula"]["owner"]["total"]) + mark
+                    if alias in KRONECKER and (lib is None or lib["layout"] != "owner"):
+                        owner = f"*{owner}*"
+                    cells += [_gb(row["formula"]["replicated"]["total"]) + mark, owner]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small trees on 8 and 16 devices")
@@ -650,6 +685,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     path = harness.write_record(args.out, "projection", config, results)
     print(table(results))
+    print("\n" + markdown_table(results))
     print(f"wrote {path}")
     return results
 
