@@ -387,11 +387,13 @@ def fsdp_specs(params: Any, devices: int) -> Any:
     return _specs(params, devices)
 
 
-def _fallback_shardings(params: Any, specs: Any, mesh: Any, state: Any) -> Any:
-    """Today's placement without the library: params-shaped leaves like their param, rest replicated.
+def replicated_shardings(params: Any, specs: Any, mesh: Any, state: Any) -> Any:
+    """The replicated layout without the library: moments like their param, the rest whole.
 
-    Matches a state leaf to the parameter whose path ends its own and whose
-    shape it has (the library's rule).
+    A state leaf is placed like the parameter that has its shape and whose path
+    appears in the leaf's path (the longest such), as
+    :func:`layerwise_optax.state_shardings` placed it before the owner layout;
+    every other leaf is replicated.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -405,16 +407,20 @@ def _fallback_shardings(params: Any, specs: Any, mesh: Any, state: Any) -> Any:
 
     def place(path, leaf):
         k = keys(path)
+        best = None
         for pk, shape, spec in named:
             n = len(pk)
             if tuple(leaf.shape) == shape and any(k[i : i + n] == pk for i in range(len(k))):
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, PartitionSpec())
+                if best is None or n > len(best[0]):
+                    best = (pk, spec)
+        return NamedSharding(mesh, PartitionSpec() if best is None else best[1])
 
     return jax.tree_util.tree_map_with_path(place, state)
 
 
-def library_bytes(tx: Any, shapes: Any, devices: int) -> dict[str, Any]:
+def library_bytes(
+    tx: Any, shapes: Any, devices: int, *, use_state_shardings: bool = True
+) -> dict[str, Any]:
     """Per-device state bytes of ``tx`` as the library lays it out on ``devices`` devices.
 
     ``jax.eval_shape(tx.init, params)`` (under the abstract mesh, so an ``init``
@@ -425,7 +431,8 @@ def library_bytes(tx: Any, shapes: Any, devices: int) -> dict[str, Any]:
 
     Returns:
       ``{"total": bytes per device, "state_bytes": unsharded total,
-      "via": "state_shardings" | "fallback: <error>", "layout": "replicated" |
+      "via": "state_shardings" | "fallback: <error>" | "replicated_shardings"
+      (``use_state_shardings=False``: :func:`replicated_shardings`), "layout": "replicated" |
       "owner"}``: ``"owner"`` when a leaf that is not shaped like a
       parameter is split over the mesh.
     """
@@ -439,12 +446,16 @@ def library_bytes(tx: Any, shapes: Any, devices: int) -> dict[str, Any]:
     specs = fsdp_specs(params, devices)
     with jax.sharding.use_abstract_mesh(mesh):
         state = jax.eval_shape(tx.init, params)
-        try:
-            shardings = lo.state_shardings(tx, params, specs, mesh=mesh)
-            via = "state_shardings"
-        except Exception as e:  # noqa: BLE001 - reported, and the fallback keeps the table
-            shardings = _fallback_shardings(params, specs, mesh, state)
-            via = f"fallback: {type(e).__name__}: {e}"
+        if not use_state_shardings:
+            shardings = replicated_shardings(params, specs, mesh, state)
+            via = "replicated_shardings"
+        else:
+            try:
+                shardings = lo.state_shardings(tx, params, specs, mesh=mesh)
+                via = "state_shardings"
+            except Exception as e:  # noqa: BLE001 - reported; the fallback keeps the table
+                shardings = replicated_shardings(params, specs, mesh, state)
+                via = f"fallback: {type(e).__name__}: {e}"
     leaves = jax.tree.leaves(state)
     param_shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
     total, layout = 0, "replicated"

@@ -242,6 +242,9 @@ def test_projection_formula_equals_the_library_on_8_abstract_devices(block_size,
                 # Exact bytes, in whichever layout state_shardings gives.
                 got = projection.per_device(inv, 8, lib["layout"])["total"]
                 assert got == lib["total"], (where, lib, got)
+                # And the replicated layout placed without the library.
+                mine = projection.library_bytes(tx, shapes, 8, use_state_shardings=False)
+                assert mine["total"] == projection.per_device(inv, 8, "replicated")["total"]
                 checked += 1
     assert checked >= 3 * 8
 
