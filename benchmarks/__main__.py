@@ -5,8 +5,9 @@ memory across shapes (``step_time``), Muon/PSGD-Kron against their peers with
 interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``),
 Shampoo's refresh FLOPs and state bytes per device on 8 simulated devices
 (``sharded_refresh``), optimizer-state bytes per device on 1, 2, 4, 8 devices and
-the collectives of a step (``sharded_state``), and steps/time to AdamW's loss on every workload
-(``time_to_target``). Each writes
+the collectives of a step (``sharded_state``), the projection of that state to a 1B and a 7B
+transformer on 64 and 256 devices (``projection``, shapes only), and steps/time to AdamW's loss
+on every workload (``time_to_target``). Each writes
 its own record. Without ``--quick`` and with the default ``--out`` it then
 rewrites the generated tables of ``benchmarks/README.md`` (``benchmarks.report``).
 ``--quick`` is the CI smoke run: small shapes, few steps, one seed.
@@ -20,6 +21,7 @@ import time
 from benchmarks import (
     kfac_step,
     layerwise_step,
+    projection,
     report,
     sharded_refresh,
     sharded_state,
@@ -49,6 +51,8 @@ def main(argv=None) -> None:
         ("kfac_step", kfac_step.main, quick + out),
         ("sharded_refresh", sharded_refresh.main, quick + out),
         ("sharded_state", sharded_state.main, quick + out),
+        # After sharded_state: it checks its formulas against that newest record.
+        ("projection", projection.main, quick + out),
         ("time_to_target", time_to_target.main, ttt_argv + out),
     ]
     timings = {}

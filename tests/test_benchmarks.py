@@ -205,3 +205,111 @@ def test_sharded_state_quick_writes_record(tmp_path, capsys):
             comm = devices["8"][wname][name]["collective_bytes"]
             assert sum(comm["refresh"].values()) >= sum(comm["ordinary"].values()) > 0, comm
     assert "1/8" in capsys.readouterr().out
+
+
+# The replicated-layout measurement the projection's formulas are checked against.
+_REPLICATED_RECORD = "benchmarks/results/2026-11-30_sharded_state/124447-6332.json"
+
+
+@pytest.mark.parametrize(
+    "block_size, max_precond_dim",
+    [(32, None), (None, 48)],  # blocked (ragged last blocks); unblocked with diagonal factors
+)
+def test_projection_formula_equals_the_library_on_8_abstract_devices(block_size, max_precond_dim):
+    """The formula's state bytes: total = eval_shape's, per device = state_shardings' (exact)."""
+    from benchmarks import projection
+    from benchmarks.step_time import mlp_shapes, transformer_shapes
+
+    trees = {
+        "mlp": mlp_shapes(50, 96, 10),
+        "gpt": transformer_shapes(40, 1, vocab=72, context=16),
+        "llama": projection.llama_shapes(40, 1, ffn=104, vocab=64),
+    }
+    checked = 0
+    for name, shapes in trees.items():
+        for alias in projection.ALIASES:
+            for dtype in projection.DTYPES if alias in projection.KRONECKER else ("float32",):
+                kw = dict(block_size=block_size, precond_dtype=dtype)
+                tx = projection.optimizer(alias, max_precond_dim=max_precond_dim, **kw)
+                if tx is None:
+                    assert alias == "kfac" and not projection.has_precond_dtype("kfac")
+                    continue
+                inv = projection.inventory(alias, shapes, max_precond_dim=max_precond_dim, **kw)
+                where = (name, alias, dtype)
+                assert inv.total_bytes() == projection.eval_shape_bytes(tx, shapes), where
+                lib = projection.library_bytes(tx, shapes, 8)
+                assert lib["via"] == "state_shardings", lib["via"]
+                # Exact bytes, in whichever layout state_shardings gives.
+                got = projection.per_device(inv, 8, lib["layout"])["total"]
+                assert got == lib["total"], (where, lib, got)
+                # And the replicated layout placed without the library.
+                mine = projection.library_bytes(tx, shapes, 8, use_state_shardings=False)
+                assert mine["total"] == projection.per_device(inv, 8, "replicated")["total"]
+                checked += 1
+    assert checked >= 3 * 8
+
+
+def test_projection_formula_reproduces_the_measured_replicated_state():
+    """Bytes per device measured from the placed arrays on 1-8 devices = the formula's, exactly."""
+    import pathlib
+
+    from benchmarks import projection
+
+    check = projection.check_against_record(pathlib.Path(_REPLICATED_RECORD))
+    assert set(check) == {"mlp_784_1024_1024_1024_10", "transformer_w256_d4"}
+    for wname, per_n in check.items():
+        assert sorted(per_n, key=int) == ["1", "2", "4", "8"]
+        for n, per_alias in per_n.items():
+            assert set(per_alias) == set(projection.ALIASES)
+            for alias, c in per_alias.items():
+                assert c["formula_replicated"] == c["measured_per_device"], (wname, n, alias, c)
+                assert c["formula_replicated_part"] == c["measured_replicated_part"], c
+                assert c["formula_ideal"] <= c["formula_owner"] <= c["formula_replicated"], c
+    # The issue's numbers: the MLP's Shampoo state 72.6 MB on one device, 52.2 MB per device on 8.
+    mlp = check["mlp_784_1024_1024_1024_10"]
+    assert round(mlp["1"]["shampoo"]["formula_replicated"] / 1e6, 1) == 72.6
+    assert round(mlp["8"]["shampoo"]["formula_replicated"] / 1e6, 1) == 52.2
+
+
+def test_projection_owner_formula_pads_each_group_of_same_shaped_blocks():
+    """ceil(n / D) blocks per group and device; params-shaped moments split by FSDP."""
+    from benchmarks import projection
+
+    inv = projection.Inventory(
+        moments=(((64, 8), 4), ((10,), 4)),
+        blocks=(("stats", (4, 4), 4, 3), ("stats", (4, 4), 4, 6), ("roots", (4, 4), 2, 9)),
+        scalar_bytes=12,
+    )
+    moments = 64 * 8 * 4 // 8 + 10 * 4  # the 10-vector is not divisible by 8: whole
+    assert projection.per_device(inv, 8, "replicated")["total"] == moments + 9 * 64 + 9 * 32 + 12
+    # stats: 3 + 6 = 9 blocks -> 2 per device; roots (another field and dtype): 9 -> 2.
+    assert projection.per_device(inv, 8, "owner")["total"] == moments + 2 * 64 + 2 * 32 + 12
+    # Padded leaf by leaf: ceil(3/8) + ceil(6/8) = 2 stats, 2 roots; on 2 devices 2 + 3 = 5.
+    assert projection.per_device(inv, 8, "owner_per_leaf")["total"] == moments + 128 + 64 + 12
+    assert projection.per_device(inv, 2, "owner_per_leaf")["blocks"] == 5 * 64 + 5 * 32
+    assert projection.per_device(inv, 2, "owner")["blocks"] == 5 * 64 + 5 * 32
+    assert projection.per_device(inv, 3, "owner")["blocks"] == 3 * 64 + 3 * 32
+    assert projection.per_device(inv, 3, "owner_per_leaf")["blocks"] == (1 + 2) * 64 + 3 * 32
+    with pytest.raises(ValueError, match="layout must be one of"):
+        projection.per_device(inv, 8, "striped")
+
+
+def test_projection_quick_writes_record(tmp_path, capsys):
+    """Small trees on 8 and 16 abstract devices (~4 s): every row, both layouts, a record."""
+    from benchmarks import projection
+
+    results = projection.main(["--quick", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*_projection/*.json")
+    record = json.loads(path.read_text())
+    assert (
+        record["config"]["quick"] and record["results"]["models"].keys() == results["models"].keys()
+    )
+    for entry in record["results"]["models"].values():
+        for per_alias in entry["devices"].values():
+            for key, row in per_alias.items():
+                f = row["formula"]
+                assert f["ideal"]["total"] <= f["owner"]["total"] <= f["replicated"]["total"]
+                if row["library"] is not None:
+                    assert row["formula_state_bytes"] == row["state_bytes_off_mesh"], key
+                    assert row[f"rel_diff_{row['library']['layout']}"] == 0, (key, row)
+    assert "replicated / owner" in capsys.readouterr().out
