@@ -347,10 +347,13 @@ def optimizer(
     block_size: int | None = BLOCK_SIZE,
     precond_dtype: str = "float32",
     max_precond_dim: int | None = None,
+    state_layout: str = "auto",
 ):
     """The transform whose state is projected (``None`` if ``precond_dtype`` is not an option).
 
     ``max_precond_dim`` ``None``: the alias's entry in :data:`MAX_PRECOND_DIM`.
+    ``state_layout``: the Kronecker aliases' layout (``'auto'``: the owner layout
+    under the abstract mesh; ``'replicated'``: every factor on every device).
     """
     import jax.numpy as jnp
     import optax
@@ -365,6 +368,7 @@ def optimizer(
             return None
         extra["precond_dtype"] = jnp.dtype(precond_dtype)
     dim = MAX_PRECOND_DIM[alias] if max_precond_dim is None else max_precond_dim
+    extra["state_layout"] = state_layout
     if alias in ("shampoo", "soap"):
         fn = lo.shampoo if alias == "shampoo" else lo.soap
         return fn(1e-3, block_size=block_size, max_precond_dim=dim, **extra)
@@ -505,12 +509,21 @@ def project(quick: bool) -> dict[str, Any]:
                         row["library"] = None
                         row["note"] = f"formula only: {alias} has no precond_dtype option"
                     else:
-                        lib = library_bytes(tx, shapes, n)
-                        row["library"] = lib
+                        # The library's own layout under the mesh (the owner layout
+                        # for the Kronecker aliases), and its replicated layout.
+                        row["library"] = library_bytes(tx, shapes, n)
+                        rep = optimizer(
+                            alias, block_size=block, precond_dtype=dtype, state_layout="replicated"
+                        )
+                        row["library_replicated"] = library_bytes(rep, shapes, n)
                         row["state_bytes_off_mesh"] = eval_shape_bytes(tx, shapes)
-                        for layout in ("replicated", "owner", "owner_per_leaf"):
+                        row["rel_diff_replicated"] = _rel(
+                            row["formula"]["replicated"]["total"],
+                            row["library_replicated"]["total"],
+                        )
+                        for layout in ("owner", "owner_per_leaf"):
                             row[f"rel_diff_{layout}"] = _rel(
-                                row["formula"][layout]["total"], lib["total"]
+                                row["formula"][layout]["total"], row["library"]["total"]
                             )
                     per_alias[f"{alias}/{dtype}"] = row
             entry["devices"][str(n)] = per_alias
@@ -639,8 +652,10 @@ def table(results: dict[str, Any]) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The README's table: GB per device, each model, alias, device count, dtype and layout.
 
-    ``†``: formula only (the alias has no ``precond_dtype`` option); an owner cell
-    is in italics while the library's own layout is replicated (a projection).
+    ``†``: formula only (the alias has no ``precond_dtype`` option). Owner cells
+    are the library's owner layout read from ``state_shardings`` on the abstract
+    mesh; a cell in italics is the formula's estimate (group by field and factor
+    shape, pad to the device count) where the library gives no owner layout.
     """
     rows = []
     for mname, entry in results["models"].items():
@@ -663,9 +678,10 @@ def markdown_table(results: dict[str, Any]) -> str:
                     row = row or entry["devices"][n][f"{alias}/float32"]
                     lib = row["library"]
                     mark = "†" if lib is None else ""
-                    owner = _gb(row["formula"]["owner"]["total"]) + mark
-                    if alias in KRONECKER and (lib is None or lib["layout"] != "owner"):
-                        owner = f"*{owner}*"
+                    if lib is not None and lib["layout"] == "owner":
+                        owner = _gb(lib["total"])  # the library's owner layout, exact
+                    else:  # the formula's estimate (no library layout to read)
+                        owner = f"*{_gb(row['formula']['owner']['total'])}{mark}*"
                     cells += [_gb(row["formula"]["replicated"]["total"]) + mark, owner]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

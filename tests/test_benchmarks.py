@@ -237,14 +237,25 @@ def test_projection_formula_equals_the_library_on_8_abstract_devices(block_size,
                 inv = projection.inventory(alias, shapes, max_precond_dim=max_precond_dim, **kw)
                 where = (name, alias, dtype)
                 assert inv.total_bytes() == projection.eval_shape_bytes(tx, shapes), where
-                lib = projection.library_bytes(tx, shapes, 8)
+                rep = projection.optimizer(
+                    alias, max_precond_dim=max_precond_dim, state_layout="replicated", **kw
+                )
+                lib = projection.library_bytes(rep, shapes, 8)
                 assert lib["via"] == "state_shardings", lib["via"]
-                # Exact bytes, in whichever layout state_shardings gives.
-                got = projection.per_device(inv, 8, lib["layout"])["total"]
+                # Exact bytes of the replicated layout, from state_shardings ...
+                got = projection.per_device(inv, 8, "replicated")["total"]
                 assert got == lib["total"], (where, lib, got)
-                # And the replicated layout placed without the library.
-                mine = projection.library_bytes(tx, shapes, 8, use_state_shardings=False)
-                assert mine["total"] == projection.per_device(inv, 8, "replicated")["total"]
+                # ... and placed without the library.
+                mine = projection.library_bytes(rep, shapes, 8, use_state_shardings=False)
+                assert mine["total"] == got
+                # The library's default under the mesh: the owner layout for the
+                # Kronecker aliases, never below the no-padding bound.
+                own = projection.library_bytes(tx, shapes, 8)
+                if alias in projection.KRONECKER:
+                    assert own["layout"] == "owner", where
+                    assert projection.per_device(inv, 8, "ideal")["total"] <= own["total"], where
+                else:
+                    assert own["total"] == got, where
                 checked += 1
     assert checked >= 3 * 8
 
@@ -311,5 +322,6 @@ def test_projection_quick_writes_record(tmp_path, capsys):
                 assert f["ideal"]["total"] <= f["owner"]["total"] <= f["replicated"]["total"]
                 if row["library"] is not None:
                     assert row["formula_state_bytes"] == row["state_bytes_off_mesh"], key
-                    assert row[f"rel_diff_{row['library']['layout']}"] == 0, (key, row)
+                    assert row["rel_diff_replicated"] == 0, (key, row)
+                    assert f["ideal"]["total"] <= row["library"]["total"], (key, row)
     assert "replicated / owner" in capsys.readouterr().out
