@@ -222,12 +222,38 @@ def restore_state(like: Any, restored: Any, shardings: Any = None) -> Any:
       True
     """
     got = _owner.repad(like, _flat(restored), _key)
-    check_state(like, _unflat_like(restored, got))
+    try:
+        check_state(like, _unflat_like(restored, got))
+    except ValueError as e:
+        raise ValueError(f"{e}{_layout_hint(like, got)}") from None
     placements = None if shardings is None else _check_shardings(like, shardings)
     leaves = [got[p] if p in got else jnp.zeros(x.shape, x.dtype) for p, x in _flat(like).items()]
     if placements is not None:
         leaves = [jax.device_put(x, s) for x, s in zip(leaves, placements)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _layout_hint(like: Any, got: dict[tuple[str, ...], Any]) -> str:
+    """A hint when the checkpoint and ``like`` seem to be in different state layouts.
+
+    The owner layout's fields flatten through a ``blocks`` entry; a parameter
+    named ``blocks`` can fool the guess, which is why it is only a hint.
+    """
+    like_owner = _owner.layout_of(like) is not None
+    saved_owner = any("blocks" in path for path in got)
+    if saved_owner == like_owner:
+        return ""
+    if saved_owner:
+        return (
+            "\nThe checkpoint looks like the owner layout (saved under a mesh) and ``like`` is "
+            "the replicated layout: trace ``like`` under the mesh the run continues on "
+            "(with jax.set_mesh(mesh): jax.eval_shape(tx.init, params)), or build the "
+            "optimizer with state_layout='owner'."
+        )
+    return (
+        "\nThe checkpoint looks like the replicated layout and ``like`` is the owner layout "
+        "(traced under a mesh): build the optimizer with state_layout='replicated' to restore it."
+    )
 
 
 def _unflat_like(restored: Any, flat: dict[tuple[str, ...], Any]) -> Any:

@@ -132,8 +132,10 @@ class Grouped:
     """
 
     def __init__(self, blocks: tuple[Any, ...], leaves: tuple[Any, ...], layout: Layout):
-        self.blocks = tuple(blocks)
-        self.leaves = tuple(leaves)
+        # Stored as given: tree utilities (orbax's) rebuild a node with other
+        # children in place of an empty tuple.
+        self.blocks = blocks
+        self.leaves = leaves
         self.layout = layout
 
     def tree_flatten_with_keys(self):
@@ -153,8 +155,8 @@ class Grouped:
 
     def __repr__(self) -> str:
         return (
-            f"Grouped({len(self.blocks)} groups over {self.layout.axes} "
-            f"({self.layout.devices} devices), {len(self.leaves)} params-shaped leaves)"
+            f"Grouped({len(self.layout.groups)} groups over {self.layout.axes} "
+            f"({self.layout.devices} devices), {len(self.layout.leaves)} params-shaped leaves)"
         )
 
 
@@ -480,9 +482,16 @@ def repad(like: Any, restored: dict[tuple[str, ...], Any], key: Any) -> dict[tup
             if have is None or not np.ndim(have) or np.shape(have)[1:] != tuple(want.shape[1:]):
                 continue
             n, m = np.shape(have)[0], want.shape[0]
+            if n == m:
+                continue
+            sharding = getattr(have, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding):
+                # Gathered first: a sharded stack cannot be cut where it is split
+                # (restore_state places the result on its target afterwards).
+                have = jax.device_put(have, jax.sharding.NamedSharding(sharding.mesh, P()))
             if n > m:
                 out[where] = have[:m]
-            elif n < m:
+            else:
                 out[where] = jnp.concatenate([have, jnp.repeat(have[:1], m - n, axis=0)])
     return out
 

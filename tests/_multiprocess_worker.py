@@ -208,13 +208,16 @@ def reshard_main(ckpt_dir):
                 name, tx, state, ckpt_dir, _mesh(shape, devices), uninterrupted
             )
             print(json.dumps(record), flush=True)
-    # The saved layout moved as it is onto a 3-device mesh: 16 rows over 3 devices.
+    # The saved layout moved as it is onto a 3-device mesh: the owner layout's
+    # stacks of 8 blocks over 3 devices.
     tx = lo.shampoo(1e-2)
     _, state, saved = _sharded_run(tx, _mesh((4, 2)), 1)
     small = _mesh((3, 1), jax.devices()[:3])
     moved = jax.tree.map(lambda s: NamedSharding(small, s.spec), saved)
     try:
-        lo.restore_state(jax.eval_shape(tx.init, _params()), state, moved)
+        with jax.set_mesh(_mesh((4, 2))):  # the saved (owner) layout
+            like = jax.eval_shape(tx.init, _params())
+        lo.restore_state(like, state, moved)
         message = None
     except ValueError as e:
         message = str(e)

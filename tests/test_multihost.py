@@ -136,9 +136,11 @@ def test_sharded_checkpoint_restores_onto_other_meshes(tmp_path):
             assert r["misplaced"] == [], r
     (small,) = [r for r in records if r["mode"] == "too_small"]
     message = small["message"]
-    assert message is not None, "a 3-device mesh took a layout of 16 rows"
-    assert "state leaf" in message and "axis 0 (size 16)" in message, message
-    assert "mesh axis data (size 3)" in message, message
+    assert message is not None, "a 3-device mesh took a layout of 8-block stacks"
+    # The owner layout's group stacks (8 blocks, padded for 8 devices) over the
+    # 3 devices of data x model.
+    assert "state leaf" in message and "axis 0 (size 8)" in message, message
+    assert "(size 3)" in message, message
 
 
 def test_restore_state_places_every_leaf_on_its_sharding():

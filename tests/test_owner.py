@@ -429,3 +429,15 @@ def test_restore_state_cuts_and_pads_group_stacks_for_another_device_count():
         np.testing.assert_array_equal(a[4:], np.broadcast_to(b[:1], a[4:].shape))
     # The params-shaped leaf (the vector's moments) is not resized.
     np.testing.assert_array_equal(grown[0].mu.leaves[0], saved[0].mu.leaves[0])
+
+
+def test_restore_state_hints_at_a_layout_mismatch():
+    params = {"w": jnp.zeros((6, 4))}
+    owner = lo.shampoo(1e-2, state_layout="owner").init(params)
+    like = jax.eval_shape(lo.shampoo(1e-2).init, params)
+    with pytest.raises(ValueError, match="owner layout .* trace ``like`` under the mesh"):
+        lo.restore_state(like, lo.checkpointable(owner))
+    replicated = lo.shampoo(1e-2).init(params)
+    like = jax.eval_shape(lo.shampoo(1e-2, state_layout="owner").init, params)
+    with pytest.raises(ValueError, match="state_layout='replicated'"):
+        lo.restore_state(like, lo.checkpointable(replicated))
