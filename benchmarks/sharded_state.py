@@ -250,13 +250,15 @@ def measure(counts: tuple[int, ...], quick: bool) -> dict[str, Any]:
             out[str(n)][wname] = {"params_bytes": params_bytes}
         for name in ALIASES:
             tx = _optimizer(name, block)
-            state = jax.jit(tx.init)(params)
             for n in counts:
                 mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
                 specs = _specs(params, n)
                 param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
                 shard = lo.state_shardings(tx, params, specs, mesh=mesh)
-                placed = jax.device_put(state, shard)
+                # The state as the library lays it out on this mesh (the owner
+                # layout of the Kronecker optimizers on more than one device).
+                with jax.set_mesh(mesh):
+                    placed = jax.jit(tx.init, out_shardings=shard)(jax.device_put(params, param_sh))
                 per = _per_device_bytes(placed)
                 entry = {
                     "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves(placed)),
