@@ -29,12 +29,13 @@ Two independent counts:
   ``D`` devices for where they live; per leaf
   ``NamedSharding.shard_shape(shape)``, summed.
 
-The script prints the formula against the library for both layouts (today the
-library is replicated, so its count equals the replicated formula exactly and
-the owner column is a projection; once the owner layout lands, the owner
-formula is the check of ``state_shardings``), and against the measured 8-device
-numbers of the newest ``*_sharded_state`` record (its MLP and transformer tree,
-its optimizers' settings).
+The script prints the formula against the library: the replicated layout
+(``state_layout="replicated"``) equals the formula exactly; the owner cells of
+the table are the library's own owner layout on the abstract mesh (the formula's
+owner estimate groups by field and factor shape, the library by block shape, so
+they differ where blocks of one group have factors of several sizes). It also
+checks the formula against the measured numbers of the last ``sharded_state``
+record of the replicated layout (:data:`REPLICATED_RECORD`).
 
 K-FAC has no ``precond_dtype`` option (when this script was written): its
 bfloat16 rows come from the formula only, marked so in the record.
@@ -62,7 +63,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
 import inspect
 import json
 import math
@@ -538,11 +538,15 @@ def project(quick: bool) -> dict[str, Any]:
 _RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def newest_sharded_state_record(root: pathlib.Path = _RESULTS) -> pathlib.Path | None:
-    """The newest full (not ``--quick``) ``*_sharded_state`` record under ``root``."""
-    paths = sorted(glob.glob(f"{root}/*_sharded_state/*.json"))
-    full = [p for p in paths if not json.loads(pathlib.Path(p).read_text())["config"]["quick"]]
-    return pathlib.Path(full[-1]) if full else None
+# The last full sharded_state record measured in the replicated layout (before
+# the owner layout became the default under a mesh): what the formula models.
+REPLICATED_RECORD = "2026-11-30_sharded_state/124447-6332.json"
+
+
+def replicated_sharded_state_record(root: pathlib.Path = _RESULTS) -> pathlib.Path | None:
+    """The ``sharded_state`` record of the replicated layout (:data:`REPLICATED_RECORD`)."""
+    path = root / REPLICATED_RECORD
+    return path if path.exists() else None
 
 
 def check_against_record(path: pathlib.Path) -> dict[str, Any]:
@@ -693,7 +697,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"models": project(args.quick)}
-    record = newest_sharded_state_record()
+    record = replicated_sharded_state_record()
     if record is not None:
         results["record"] = str(record.relative_to(_RESULTS.parent))
         results["check_against_record"] = check_against_record(record)
