@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -833,10 +833,8 @@ def _owned_init(owner: _owner.Layout, plans: Any, work: Any, mu_dtype: Any) -> S
     eyes = [
         _kron.init_factors(_kernel_plan(g.plan), jnp.float32, identity=True) for g in owner.groups
     ]
-    factors = {
-        **state.factors,
-        "blocks": _owner.pad_identity(owner, state.factors["blocks"], eyes),
-    }
+    grouped = cast(dict[str, Any], state.factors)  # the grouped tree of _owner.zeros
+    factors = {**grouped, "blocks": _owner.pad_identity(owner, grouped["blocks"], eyes)}
     state = state._replace(factors=factors)
     return state._replace(
         **{

@@ -432,7 +432,7 @@ def place_state(layout: Layout, tree: Any) -> Any:
     }
 
 
-def pad_identity(layout: Layout, factors: tuple[Any, ...], identity: tuple[Any, ...]) -> Any:
+def pad_identity(layout: Layout, factors: Sequence[Any], identity: Sequence[Any]) -> Any:
     """Per group, factor statistics whose padded blocks hold the identity.
 
     A padded block never enters a statistic (its gradient is NaN), so its

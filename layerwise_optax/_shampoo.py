@@ -326,7 +326,10 @@ def scale_by_shampoo(
         device shrinks with the device count; without a mesh the stacks are kept
         whole. ``'replicated'``: per leaf, every factor on every device (the
         layout of earlier versions). The updates are the same in every layout.
-        Static; checkpoints restore into the layout they were saved in.
+        In the owner layout ``distribute`` has no effect (each device refreshes
+        the blocks it holds). Static; checkpoints restore into the layout they
+        were saved in (:func:`layerwise_optax.restore_state` resizes the
+        padding for another device count).
       owner_axes: Mesh axes the owner layout shards the block axis over
         (``None``: all of them; a name or a tuple of names). Static.
 

@@ -153,9 +153,12 @@ def state_shardings(
     replicated = NamedSharding(the_mesh, PartitionSpec())
     # ``init`` under the mesh: transforms with a state layout choose the owner
     # layout there (``state_layout='auto'``).
-    use = jax.set_mesh if isinstance(the_mesh, Mesh) else jax.sharding.use_abstract_mesh
-    with use(the_mesh):
-        abstract = jax.eval_shape(tx.init, params)
+    if isinstance(the_mesh, Mesh):
+        with jax.set_mesh(the_mesh):
+            abstract = jax.eval_shape(tx.init, params)
+    else:
+        with jax.sharding.use_abstract_mesh(the_mesh):
+            abstract = jax.eval_shape(tx.init, params)
     positions = [s for _, _, s in named]
 
     def place(path, leaf):

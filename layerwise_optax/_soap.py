@@ -217,18 +217,10 @@ def scale_by_soap(
       distribute: Under a mesh set with :func:`jax.set_mesh`, split each basis
         refresh (same-sized blocks of all leaves batched) over its devices, each
         block on one device; no effect without a mesh.
-      state_layout: Where the per-block state (statistics, bases, rotated moments) lives
-        on a device mesh. ``'auto'`` (default): the *owner layout* when
-        ``init`` runs under a mesh of more than one device (:func:`jax.set_mesh`,
-        or params sharded over one; :func:`layerwise_optax.state_shardings` sets
-        it), else replicated. ``'owner'``: the blocks of all leaves with the same
-        block shape are stacked and the stack sharded along the block axis over
-        the mesh (padded to a multiple of the device count), so each device
-        stores, accumulates and refreshes only its own blocks and the state per
-        device shrinks with the device count; without a mesh the stacks are kept
-        whole. ``'replicated'``: per leaf, every factor on every device (the
-        layout of earlier versions). The updates are the same in every layout.
-        Static; checkpoints restore into the layout they were saved in.
+      state_layout: Where the per-block state (statistics, bases, moments) lives on
+        a device mesh: ``'auto'`` (default: the owner layout under a mesh of
+        more than one device), ``'owner'`` or ``'replicated'``; see
+        :func:`layerwise_optax.scale_by_shampoo`. Static.
       owner_axes: Mesh axes the owner layout shards the block axis over
         (``None``: all of them; a name or a tuple of names). Static.
       dimension_numbers: Spec tree or callable; ``None``: the default policy
