@@ -47,7 +47,9 @@ def _measure(sizes, block_size):
     }
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     plans = _axes.resolve(None, params, max_precond_dim=1024, block_size=block_size)
-    tx = lo.scale_by_shampoo(block_size=block_size, root_method="newton")
+    # The replicated layout's refresh, spread by ``distribute`` (the owner layout
+    # refreshes each device's own blocks without it: benchmarks/sharded_state.py).
+    tx = lo.scale_by_shampoo(block_size=block_size, root_method="newton", state_layout="replicated")
     state = jax.eval_shape(tx.init, params)
     stats = state.stats
     blocks = sum(
