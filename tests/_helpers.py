@@ -155,6 +155,17 @@ def build(name, factory, kwargs, **overrides):
     return with_extra_args(factory(**{**kwargs, **overrides}), EXTRA_ARGS.get(name))
 
 
+def run_steps(tx, params, grads):
+    """``tx.init`` then one jitted ``tx.update`` per gradient: ``(updates per step, state)``."""
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    updates = []
+    for g in grads:
+        u, state = step(g, state, params)
+        updates.append(u)
+    return updates, state
+
+
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)

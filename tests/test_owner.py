@@ -16,6 +16,7 @@ import pytest
 
 import layerwise_optax as lo
 from layerwise_optax import _owner
+from tests._helpers import run_steps
 
 # Owner-layout transforms and configurations exercising their options: blocks,
 # diagonal factors (max_precond_dim), KL statistics, Newton roots, Nesterov, SGD
@@ -66,16 +67,6 @@ def _grads(params, steps, *, nan_at=None):
     return out
 
 
-def _run(tx, params, grads):
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    updates = []
-    for g in grads:
-        u, state = step(g, state, params)
-        updates.append(u)
-    return updates, state
-
-
 def _max_rel(a, b):
     errs = []
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -95,8 +86,8 @@ SLOW = {"shampoo_diag_newton", "shampoo_sgd_graft", "soap"}
 def test_owner_layout_gives_the_replicated_updates_and_counts(name):
     params = _params()
     grads = _grads(params, 5, nan_at=3)
-    ref, ref_state = _run(CONFIGS[name](state_layout="replicated"), params, grads)
-    out, state = _run(CONFIGS[name](state_layout="owner"), params, grads)
+    ref, ref_state = run_steps(CONFIGS[name](state_layout="replicated"), params, grads)
+    out, state = run_steps(CONFIGS[name](state_layout="owner"), params, grads)
     assert _owner.layout_of(state) is not None
     assert _owner.layout_of(ref_state) is None
     # Same blocks, same operations: float32 round-off (bfloat16 leaf: its own rounding).

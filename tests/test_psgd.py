@@ -7,7 +7,7 @@ import pytest
 
 import layerwise_optax as lo
 from layerwise_optax import _axes, _owner, _psgd, linalg
-from tests._helpers import random_spd
+from tests._helpers import random_spd, run_steps
 
 
 def _lower_bound_ref(a):
@@ -293,16 +293,6 @@ def _owner_case():
     return params, grads, make
 
 
-def _run_steps(tx, params, grads):
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    out = []
-    for g in grads:
-        u, state = step(g, state, params)
-        out.append(u)
-    return out, state
-
-
 def _assert_same_updates(ref, out):
     for r, o in zip(ref, out):
         for name in r:
@@ -318,13 +308,13 @@ def test_owner_layout_keeps_probes_fit_failures_and_counts_per_leaf(monkeypatch)
     # are padded as on a 4-device mesh (6 -> 8 and 1 -> 4 blocks): padding never
     # counts, never changes a real result, and its factors stay finite.
     params, grads, make = _owner_case()
-    ref, ref_state = _run_steps(make(state_layout="replicated"), params, grads)
+    ref, ref_state = run_steps(make(state_layout="replicated"), params, grads)
     monkeypatch.setattr(
         _owner, "decide", lambda choice, axes, plans, p: _owner.build(plans, p, (), 4)
     )
     tx = make(state_layout="owner")
     init = tx.init(params)
-    out, state = _run_steps(tx, params, grads)
+    out, state = run_steps(tx, params, grads)
     layout = _owner.layout_of(state)
     sizes = sorted((g.size, g.padded) for g in layout.groups)
     assert sizes == [(1, 4), (6, 8)]
