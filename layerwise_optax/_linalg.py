@@ -468,7 +468,9 @@ def psgd_step_diagonal(d: jax.Array, aa: jax.Array, bb: jax.Array, lr: Any) -> j
     return d - lr * (aa - bb) / (bound + 1e-30) * d
 
 
-def balance_factors(factors: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+def balance_factors(
+    factors: Sequence[jax.Array], masks: Sequence[jax.Array | None] | None = None
+) -> tuple[jax.Array, ...]:
     r"""Rescales Kronecker factors to equal max-abs entries, their product unchanged.
 
     ``Q_1 ⊗ ... ⊗ Q_k = (c_1 Q_1) ⊗ ... ⊗ (c_k Q_k)`` whenever ``prod c_i = 1``.
@@ -482,13 +484,21 @@ def balance_factors(factors: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     Args:
       factors: ``(stack, ...)`` arrays (matrices or diagonals), balanced per
         entry of the leading stack axis.
+      masks: Per factor ``None`` or a boolean array broadcastable to it: the
+        entries where it is false are left out of ``m_i`` (the zero-padded
+        corner of a blocked factor, which must not set the scale of its real
+        entries). ``None``: every entry counts.
 
     Returns:
       The rescaled factors (the input unchanged when there are fewer than two).
     """
     if len(factors) < 2:
         return tuple(factors)
-    maxes = [jnp.max(jnp.abs(jnp.reshape(f, (f.shape[0], -1))), axis=1) for f in factors]
+    masks = [None] * len(factors) if masks is None else list(masks)
+    maxes = [
+        jnp.max(jnp.abs(jnp.reshape(f if m is None else jnp.where(m, f, 0), (f.shape[0], -1))), 1)
+        for f, m in zip(factors, masks)
+    ]
     logs = jnp.log(jnp.maximum(jnp.stack(maxes), 1e-30))
     target = jnp.mean(logs, axis=0)
     return tuple(

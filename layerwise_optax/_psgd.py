@@ -53,6 +53,7 @@ parameters' shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -69,6 +70,7 @@ _STATIC_ARGS = (
     "state_layout",
     "owner_axes",
     "max_precond_dim",
+    "block_size",
     "memory_save_mode",
     "dimension_numbers",
     "merge_small_dims",
@@ -160,6 +162,7 @@ class _Settings(NamedTuple):
     precond_update_prob: Any
     max_precond_dim: Any
     memory_save_mode: str | None
+    block_size: int | None
     nesterov: bool
     clip_rms: Any
     seed: Any
@@ -191,6 +194,7 @@ def _validate(s: _Settings) -> _Settings:
     _checks.in_unit_interval("precond_lr", s.precond_lr, right_closed=True)
     _checks.positive("precond_init_scale", s.precond_init_scale)
     _checks.positive_int("max_precond_dim", s.max_precond_dim, allow_none=True)
+    _checks.positive_int("block_size", s.block_size, allow_none=True)
     if s.memory_save_mode not in _MEMORY_MODES:
         raise ValueError(
             f"Unknown memory_save_mode {s.memory_save_mode!r}; expected one of {_MEMORY_MODES}."
@@ -237,22 +241,42 @@ def _default_dimension_numbers(tree: Any, *, max_precond_dim: int, merge_small_d
     return jax.tree.map(one, tree, is_leaf=_axes.is_masked)
 
 
-def _memory_save_plan(plan: Any, mode: str | None, max_precond_dim: int) -> Any:
+def _memory_save_plan(
+    plan: Any, mode: str | None, max_precond_dim: int, block_size: int | None
+) -> Any:
     """``plan`` re-made with the diagonal factors ``memory_save_mode`` asks for.
 
     ``'one_diag'``: the longest view dimension diagonal (all tied ones); ``'all_diag'``:
-    every dimension diagonal.
+    every dimension diagonal. Which dimensions are diagonal is decided on the
+    unblocked lengths; with ``block_size`` the other dimensions are blocked
+    (diagonal factors never are).
     """
     if mode is None or _axes.is_masked(plan) or plan.spec is None:
         return plan
     limit = max(plan.dims) - 1 if mode == "one_diag" and len(plan.dims) > 1 else 0
-    return _axes.make_plan(
+    unblocked = _axes.make_plan(
         plan.shape, plan.spec, max_precond_dim=min(limit, max_precond_dim), block_size=None
+    )
+    if block_size is None:
+        return unblocked
+    blocked = _axes.make_plan(
+        plan.shape, plan.spec, max_precond_dim=max_precond_dim, block_size=block_size
+    )
+    diag = [k == "diag" for k in unblocked.kinds]
+
+    def pick(a, b):
+        return tuple(x if d else y for d, x, y in zip(diag, a, b))
+
+    return dataclasses.replace(
+        blocked,
+        kinds=pick(unblocked.kinds, blocked.kinds),
+        blocks=pick(unblocked.blocks, blocked.blocks),
+        num_blocks=pick(unblocked.num_blocks, blocked.num_blocks),
     )
 
 
 def _plans(s: _Settings, tree: Any) -> Any:
-    """The leaves' plans: one factor per view dimension, unblocked."""
+    """The leaves' plans: one factor per view dimension, blocked with ``block_size``."""
     dimension_numbers = s.dimension_numbers
     if dimension_numbers is None:
         dimension_numbers = functools.partial(
@@ -264,13 +288,13 @@ def _plans(s: _Settings, tree: Any) -> Any:
         dimension_numbers,
         tree,
         max_precond_dim=s.max_precond_dim,
-        block_size=None,
+        block_size=s.block_size,
         merge_small_dims=s.merge_small_dims,
     )
     if s.memory_save_mode is None:
         return plans
     return jax.tree.map(
-        lambda p: _memory_save_plan(p, s.memory_save_mode, s.max_precond_dim),
+        lambda p: _memory_save_plan(p, s.memory_save_mode, s.max_precond_dim, s.block_size),
         plans,
         is_leaf=_axes.is_plan_leaf,
     )
@@ -346,17 +370,58 @@ def _draw(key_data: jax.Array, count: jax.Array, plans: Any, prob: Any) -> tuple
     return jax.random.key_data(key), do_fit, probe_keys
 
 
+def _padding_rows(plan: _axes.LeafPlan) -> tuple[np.ndarray | None, ...] | None:
+    """Per view dimension of a blocked leaf, which rows of each block are real.
+
+    ``None`` when no block is padded (always without ``block_size``); else per
+    dimension ``None`` (no padding there) or a bool ``(stack, b_i)`` array:
+    block ``s``'s row ``r`` is real when ``j b_i + r < d_i`` for the block's
+    index ``j`` along that dimension (the stack is ``batch × n_1 × ... × n_k``
+    in row-major order, as :meth:`layerwise_optax._axes.LeafPlan.to_blocks`
+    lays it out).
+    """
+    padded = [n * b != d for d, b, n in zip(plan.dims, plan.blocks, plan.num_blocks)]
+    if not any(padded):
+        return None
+    stack = np.arange(plan.stack)
+    rows: list[np.ndarray | None] = []
+    for i, (d, b, n) in enumerate(zip(plan.dims, plan.blocks, plan.num_blocks)):
+        if not padded[i]:
+            rows.append(None)
+            continue
+        index = stack // math.prod(plan.num_blocks[i + 1 :]) % n
+        real = np.minimum(b, d - index * b)
+        rows.append(np.arange(b)[None, :] < real[:, None])
+    return tuple(rows)
+
+
+def _zero_padding(x: jax.Array, rows: tuple[np.ndarray | None, ...]) -> jax.Array:
+    """A block view with its padded entries (:func:`_padding_rows`) set to zero."""
+    for i, r in enumerate(rows):
+        if r is not None:
+            shape = [1] * x.ndim
+            shape[0], shape[1 + i] = r.shape
+            x = jnp.where(np.reshape(r, shape), x, 0.0)
+    return x
+
+
 def _probe(m_hat: jax.Array, plan: _axes.LeafPlan, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A leaf's block view ``g`` (of the momentum) and its Gaussian probe ``v ~ N(0, I)``.
 
     A tiny random perturbation of ``g`` (``sqrt(eps) * mean|g|``) keeps the fit
-    well posed for rank-deficient (e.g. single-example) gradients.
+    well posed for rank-deficient (e.g. single-example) gradients. With
+    ``block_size`` the padded entries of a block get neither probe nor
+    perturbation (they stay zero), so the padding takes no part in the fit.
     """
     gb = plan.to_blocks(m_hat)
     k1, k2 = jax.random.split(key)
     v = jax.random.normal(k1, gb.shape, jnp.float32)
+    noise = jax.random.normal(k2, gb.shape, jnp.float32)
+    rows = _padding_rows(plan)
+    if rows is not None:
+        v, noise = _zero_padding(v, rows), _zero_padding(noise, rows)
     tiny = jnp.sqrt(jnp.finfo(jnp.float32).eps) * jnp.mean(jnp.abs(gb))
-    return gb + tiny * jax.random.normal(k2, gb.shape, jnp.float32), v
+    return gb + tiny * noise, v
 
 
 def _solve_axes(v: jax.Array, q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> jax.Array:
@@ -412,25 +477,48 @@ def fit_factors(
     )
 
 
-def balance(q: tuple[jax.Array, ...], plan: _axes.LeafPlan) -> tuple[jax.Array, ...]:
+def balance(
+    q: tuple[jax.Array, ...], plan: _axes.LeafPlan, v: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
     """Rescales the factors of each block to equal max-abs (their product unchanged).
 
     ``Q_1 ⊗ Q_2 = (c Q_1) ⊗ (Q_2 / c)``: the fit does not see this freedom, so one
     factor can drift large and another small; balancing keeps both well inside
     float range (:func:`layerwise_optax._linalg.balance_factors` on the factors
     that are not ``'none'``).
+
+    With the block view's probe ``v`` (blocked leaves), the max-abs of a
+    triangular factor counts only its real rows and columns: those where the
+    probe is not zero along the other axes (padding has a zero probe,
+    :func:`_probe`; a real row of Gaussian entries is never all zero), so a
+    padded block is balanced exactly as its unpadded sub-array would be.
     """
     idx = [i for i, k in enumerate(plan.kinds) if k != "none"]
-    balanced = dict(zip(idx, _linalg.balance_factors([q[i] for i in idx])))
+    masks = None
+    if v is not None:
+        masks = []
+        for i in idx:
+            if plan.kinds[i] != "full":
+                masks.append(None)
+                continue
+            others = tuple(a for a in range(1, v.ndim) if a != 1 + i)
+            real = jnp.any(v != 0, axis=others)
+            masks.append(real[:, :, None] & real[:, None, :])
+    balanced = dict(zip(idx, _linalg.balance_factors([q[i] for i in idx], masks)))
     return tuple(balanced.get(i, f) for i, f in enumerate(q))
 
 
-def _fit_blocks(key: tuple[_axes.LeafPlan, Any], lr: jax.Array) -> Callable[..., Any]:
-    """The fit of a batch of blocks of one layout: ``(g, v, *q) -> (new q, finite per block)``."""
+def _fit_blocks(
+    key: tuple[_axes.LeafPlan, Any], lr: jax.Array, blocked: bool = False
+) -> Callable[..., Any]:
+    """The fit of a batch of blocks of one layout: ``(g, v, *q) -> (new q, finite per block)``.
+
+    ``blocked``: the blocks may be padded (``block_size``), see :func:`balance`.
+    """
 
     def fit(gb, v, *q):
         local = key[0].as_batch(gb.shape[0])
-        new = balance(fit_factors(q, gb, v, local, lr), local)
+        new = balance(fit_factors(q, gb, v, local, lr), local, v if blocked else None)
         finite = [jnp.all(jnp.isfinite(jnp.reshape(f, (f.shape[0], -1))), 1) for f in new]
         return new, jnp.all(jnp.stack(finite), axis=0)
 
@@ -504,7 +592,7 @@ def _fit(
         q32 = tuple(f.astype(jnp.float32) for f in _kron.as_factors(q_leaf))
         return [((plan.as_batch(1), gb.dtype), (gb, v, *q32))]
 
-    batched = functools.partial(_fit_blocks, lr=lr)
+    batched = functools.partial(_fit_blocks, lr=lr, blocked=s.block_size is not None)
     fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probes, distribute=s.distribute)
     if agree is not None:
         fitted = agree(fitted)
@@ -711,6 +799,7 @@ def scale_by_psgd_kron(
     max_precond_dim: int | None = None,
     memory_save_mode: str | None = None,
     *,
+    block_size: int | None = None,
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
     seed: jax.typing.ArrayLike = 0,
@@ -736,6 +825,11 @@ def scale_by_psgd_kron(
         ``None``: 8192).
       memory_save_mode: ``None``; ``'one_diag'`` (each leaf's longest dimension
         diagonal; ties all diagonal); ``'all_diag'`` (every factor diagonal).
+      block_size: Cut every factor dimension longer than this into blocks of
+        this length (the last one zero-padded), each block with its own
+        factors, probe and fit (static; ``None``: one block per leaf). With
+        it, ``max_precond_dim`` applies to the block length. See
+        :func:`psgd_kron`.
       nesterov: Nesterov momentum.
       clip_rms: Scale each leaf's preconditioned update down to at most this RMS
         (a trust region against a poorly fitted early ``P``); ``None``: off
@@ -820,6 +914,7 @@ def psgd_kron(
     max_precond_dim: int | None = None,
     memory_save_mode: str | None = None,
     *,
+    block_size: int | None = None,
     nesterov: bool = False,
     clip_rms: jax.typing.ArrayLike | None = 1.1,
     seed: jax.typing.ArrayLike = 0,
@@ -849,6 +944,25 @@ def psgd_kron(
     for noisier gradients), ``precond_update_prob`` (more often is better and
     slower), ``memory_save_mode`` for huge layers.
 
+    **Blocks** (``block_size=b``): every factor dimension ``d > b`` is cut into
+    ``ceil(d / b)`` blocks of length ``b`` (the last one zero-padded), so a
+    ``d_1 × d_2`` leaf becomes ``ceil(d_1/b) ceil(d_2/b)`` independent
+    ``b × b`` sub-matrices ``G_{jk}``, each with its own ``Q = Q_1^{jk} ⊗
+    Q_2^{jk}`` (triangular ``b × b`` factors), its own slice of the probe and
+    its own fit and balancing. The padding takes no part: its probe is zero,
+    so each block is fitted and preconditioned exactly as PSGD-Kron on the
+    unpadded sub-array would be (only the perturbation scale and ``clip_rms``
+    stay per leaf). What it buys: a matrix leaf's factors hold ``2 b^2`` floats
+    per ``b × b`` block, about two per parameter (plus padding), instead of
+    ``d_1^2 + d_2^2`` (many per parameter for a long, thin leaf); each fit
+    costs ``O(b^3)`` per block instead of ``O(d^3)``; and the many
+    same-sized blocks are what the owner layout (``state_layout``) spreads
+    evenly over a mesh's devices, so the factors per device shrink with the
+    device count. Use it at pod scale or for dimensions in the thousands. What
+    it costs: ``P`` is block diagonal, so correlations between parameters in
+    different blocks are not whitened, a coarser preconditioner the smaller
+    ``b`` is (``b >= d`` is unblocked PSGD-Kron).
+
     Args:
       learning_rate: Step size or schedule.
       b1: Momentum decay.
@@ -860,6 +974,8 @@ def psgd_kron(
       max_precond_dim: Longest dimension with a triangular factor (static;
         ``None``: 8192).
       memory_save_mode: ``None``, ``'one_diag'`` or ``'all_diag'``.
+      block_size: Block length of long dimensions, ``None`` for no blocking
+        (static; see above).
       nesterov: Nesterov momentum.
       clip_rms: Per-leaf update RMS cap (``None``: off).
       seed: PRNG seed of the probes and coins (an int; may be traced).
@@ -917,6 +1033,7 @@ def psgd_kron(
             precond_update_prob,
             max_precond_dim,
             memory_save_mode,
+            block_size=block_size,
             nesterov=nesterov,
             clip_rms=clip_rms,
             seed=seed,

@@ -35,6 +35,9 @@ CONFIGS = {
     "psgd_bf16_q": lambda **k: lo.psgd_kron(
         1e-2, precond_update_prob=1.0, precond_dtype="bfloat16", **k
     ),
+    # 16-blocks: v's 200-long axis ends in a padded block (8 real rows), and the
+    # blocks of w, v and h share one group.
+    "psgd_blocked": lambda **k: lo.psgd_kron(1e-2, precond_update_prob=1.0, block_size=16, **k),
     "psgd_one_diag_coin": lambda **k: lo.psgd_kron(
         1e-2, precond_update_prob=0.5, seed=3, memory_save_mode="one_diag", nesterov=True, **k
     ),
@@ -75,8 +78,9 @@ def _max_rel(a, b):
     return max(errs)
 
 
-# The variants beyond one blocked configuration per family run in the slow tier.
-SLOW = {"shampoo_diag_newton", "shampoo_sgd_graft", "soap"}
+# The variants beyond one blocked configuration per family run in the slow tier
+# (blocked PSGD also runs on 1-8 devices in tests/test_sharding.py, default tier).
+SLOW = {"shampoo_diag_newton", "shampoo_sgd_graft", "soap", "psgd_blocked"}
 
 
 @pytest.mark.parametrize(

@@ -338,3 +338,134 @@ def test_owner_layout_keeps_probes_fit_failures_and_counts_per_leaf(monkeypatch)
         for f, f0 in zip(q, q0):
             assert bool(jnp.all(jnp.isfinite(f)))
             np.testing.assert_array_equal(f[g.size :], f0[g.size :])
+
+
+def _apply_axes(mats, x):
+    """``x`` with axis ``i`` mapped through ``mats[i]`` (float64)."""
+    for i, m in enumerate(mats):
+        x = np.moveaxis(np.tensordot(m, x, axes=(1, i)), 0, i)
+    return x
+
+
+def _blocked_reference(shape, block, grads, probes, *, b1=0.9, lr=0.1, init_scale=2.0):
+    """PSGD-Kron run independently on every ``block``-sized sub-array of a leaf, float64.
+
+    Each sub-array ``G[j]`` (the last ones shorter: no padding) has its own
+    triangular factors ``Q_i = c^{1/(2k)} I`` of its own lengths, fitted every step
+    on ``m_hat[j] + tiny noise[j]`` and the probe ``v[j]`` (Li 2024's step, then
+    max-abs balancing), and preconditions ``Q^T Q m_hat[j]``. ``probes`` gives per
+    step ``(v, noise, tiny)`` with ``v``/``noise`` leaf-shaped.
+    """
+    counts = [-(-d // block) for d in shape]
+    index = list(np.ndindex(*counts))
+    slices = {
+        j: tuple(slice(b * block, min((b + 1) * block, d)) for b, d in zip(j, shape)) for j in index
+    }
+    k = len(shape)
+    qs = {j: [init_scale ** (0.5 / k) * np.eye(s.stop - s.start) for s in slices[j]] for j in index}
+    m = np.zeros(shape)
+    out = []
+    for t, (g, (v_all, noise_all, tiny)) in enumerate(zip(grads, probes), start=1):
+        m = b1 * m + (1 - b1) * np.asarray(g, np.float64)
+        m_hat = m / (1 - b1**t)
+        u = np.zeros(shape)
+        for j in index:
+            sl = slices[j]
+            g_blk = m_hat[sl] + tiny * noise_all[sl]
+            q = qs[j]
+            a = _apply_axes(q, g_blk)
+            b = _apply_axes([np.linalg.inv(f).T for f in q], v_all[sl])
+            new = []
+            for i, f in enumerate(q):
+                am = np.moveaxis(a, i, 0).reshape(a.shape[i], -1)
+                bm = np.moveaxis(b, i, 0).reshape(b.shape[i], -1)
+                t1, t2 = am @ am.T, bm @ bm.T
+                new.append(f - lr * np.triu(t1 - t2) / _lower_bound_ref(t1 + t2) @ f)
+            logs = np.log([np.max(np.abs(f)) for f in new])
+            new = [f * np.exp(np.mean(logs) - lg) for f, lg in zip(new, logs)]
+            qs[j] = new
+            u[sl] = _apply_axes([f.T for f in new], _apply_axes(new, m_hat[sl]))
+        out.append(u)
+    return out, qs
+
+
+@pytest.mark.parametrize("shape", [(10, 7), (5, 6, 9)])
+def test_blocked_psgd_is_psgd_kron_on_each_block_against_float64(shape):
+    # block_size=4 cuts 10 x 7 into 3 x 2 blocks (the last row and column of
+    # blocks padded: 2 and 3 real entries) and 5 x 6 x 9 into 2 x 2 x 3 blocks.
+    # Every block is fitted and preconditioned as PSGD-Kron on its unpadded
+    # sub-array would be: padding gets no probe and does not set the balance.
+    params = {"w": jnp.zeros(shape)}
+    grads = [
+        {
+            "w": jax.random.normal(jax.random.key(t), shape)
+            * jnp.linspace(0.5, 2.0, shape[-1]).reshape((1,) * (len(shape) - 1) + (-1,))
+        }
+        for t in range(4)
+    ]
+    tx = lo.scale_by_psgd_kron(
+        precond_update_prob=1.0, precond_init_scale=2.0, clip_rms=None, block_size=4
+    )
+    plans = _axes.resolve(None, params, max_precond_dim=8192, block_size=4, merge_small_dims=False)
+    plan = plans["w"]
+    assert plan.blocks == (4,) * len(shape) and plan.kinds == ("full",) * len(shape)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    out, probes = [], []
+    m = np.zeros(shape)
+    for t, g in enumerate(grads, start=1):
+        # The probe keys of this step (the state's key), drawn as the fit draws them.
+        _, _, keys = _psgd._draw(state.key, state.count, plans, 1.0)
+        k1, k2 = jax.random.split(keys["w"])
+        v, noise = (
+            np.asarray(plan.from_blocks(jax.random.normal(k, plan.block_shape)), np.float64)
+            for k in (k1, k2)
+        )
+        m = 0.9 * m + 0.1 * np.asarray(g["w"], np.float64)
+        padded = np.prod([n * b for n, b in zip(plan.num_blocks, plan.blocks)])
+        tiny = np.sqrt(np.finfo(np.float32).eps) * np.sum(np.abs(m / (1 - 0.9**t))) / padded
+        probes.append((v, noise, tiny))
+        u, state = step(g, state)
+        out.append(np.asarray(u["w"], np.float64))
+    want, factors = _blocked_reference(shape, 4, [g["w"] for g in grads], probes)
+    for t, (got, ref) in enumerate(zip(out, want)):
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err < 1e-5, (t, err)
+    # Each block's factors, cut to its real lengths, are the reference's: also
+    # their balance (equal max-abs over the real entries only; the padded corner
+    # does not change the preconditioner but must not set the scale).
+    for s, j in enumerate(np.ndindex(*plan.num_blocks)):
+        for f, ref in zip(state.q["w"], factors[j]):
+            n = ref.shape[0]
+            mine = np.asarray(f[s, :n, :n], np.float64)
+            np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-5 * np.max(np.abs(ref)))
+    # The fit moved the factors: the reference is not the initial preconditioner.
+    assert np.max(np.abs(want[-1] - 2.0 * m / (1 - 0.9**4))) > 0.1 * np.max(np.abs(want[-1]))
+
+
+def test_block_size_larger_than_every_dimension_is_unblocked_psgd_bit_for_bit():
+    # Same plans as block_size=None; the blocked fit's balancing mask (all true)
+    # must not change a bit.
+    params = {"w": jnp.zeros((6, 5)), "t": jnp.zeros((3, 4, 2)), "b": jnp.zeros((5,))}
+    grads = [
+        {
+            n: jax.random.normal(jax.random.key(10 * t + i), p.shape)
+            for i, (n, p) in enumerate(params.items())
+        }
+        for t in range(3)
+    ]
+    ref, _ = run_steps(lo.psgd_kron(1e-2, precond_update_prob=1.0), params, grads)
+    out, _ = run_steps(lo.psgd_kron(1e-2, precond_update_prob=1.0, block_size=64), params, grads)
+    for r, o in zip(ref, out):
+        for name in r:
+            np.testing.assert_array_equal(r[name], o[name])
+
+
+def test_block_size_with_memory_save_modes():
+    # 'one_diag' picks the diagonal dimension on the unblocked lengths (the 40-long
+    # one, unblocked); the other is blocked. 'all_diag': nothing is blocked.
+    params = {"w": jnp.zeros((40, 10))}
+    one = lo.scale_by_psgd_kron(block_size=4, memory_save_mode="one_diag").init(params)
+    assert [f.shape for f in one.q["w"]] == [(3, 40), (3, 4, 4)]
+    every = lo.scale_by_psgd_kron(block_size=4, memory_save_mode="all_diag").init(params)
+    assert [f.shape for f in every.q["w"]] == [(1, 40), (1, 10)]
