@@ -1,7 +1,8 @@
 """Optimizer-state bytes per device and collective bytes per step, on 1, 2, 4, 8 devices.
 
 The numbers the owner layout of issue 15 is measured against. For every base
-alias (and AdamW as the reference), on an MLP (784-1024-1024-1024-10, block 128)
+alias (and AdamW as the reference; PSGD-Kron also with ``block_size``, the row
+``psgd_kron_blocked``), on an MLP (784-1024-1024-1024-10, block 128)
 and a GPT-style transformer parameter tree (width 256, 4 blocks, vocabulary 256,
 context 128; ``benchmarks.step_time.transformer_shapes``), with FSDP-style
 parameter specs (each leaf's first axis divisible by the device count sharded
@@ -31,7 +32,7 @@ subprocess with ``--xla_force_host_platform_device_count=8`` (JAX fixes the
 device count when it starts); the meshes of 1, 2 and 4 devices are over the
 first devices of those 8, which places every array as a process with that many
 devices would. ``--quick`` measures a small MLP, and the collectives of
-Shampoo and PSGD-Kron only.
+Shampoo and PSGD-Kron (unblocked and blocked) only.
 
 Run: ``python -m benchmarks.sharded_state [--quick] [--out DIR]``.
 """
@@ -48,9 +49,20 @@ import sys
 from typing import Any
 
 DEVICE_COUNTS = (1, 2, 4, 8)
-ALIASES = ("adamw", "shampoo", "soap", "kfac", "muon", "normuon", "steepest", "psgd_kron")
+# ``psgd_kron_blocked``: PSGD-Kron with the workload's block size (128; 32 with --quick).
+ALIASES = (
+    "adamw",
+    "shampoo",
+    "soap",
+    "kfac",
+    "muon",
+    "normuon",
+    "steepest",
+    "psgd_kron",
+    "psgd_kron_blocked",
+)
 # --quick compiles the update (for its collectives) of these only.
-QUICK_COLLECTIVES = ("shampoo", "psgd_kron")
+QUICK_COLLECTIVES = ("shampoo", "psgd_kron", "psgd_kron_blocked")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -82,6 +94,7 @@ def _optimizer(name: str, block: int):
         "normuon": lambda: lo.normuon(1e-3),
         "steepest": lambda: lo.steepest_descent(1e-3),
         "psgd_kron": lambda: lo.psgd_kron(1e-3, precond_update_prob=0.1),
+        "psgd_kron_blocked": lambda: lo.psgd_kron(1e-3, precond_update_prob=0.1, block_size=block),
     }[name]()
 
 
@@ -301,7 +314,7 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     for wname in results["devices"][str(counts[0])]:
         lines.append(f"\n{wname}: optimizer state per device, MB (replicated part at {counts[-1]})")
-        head = f"{'alias':10s}" + "".join(f"{n:>9d}" for n in counts)
+        head = f"{'alias':18s}" + "".join(f"{n:>9d}" for n in counts)
         lines.append(head + f"{'repl.':>9s}{f'1/{counts[-1]}':>8s}")
         for name in ALIASES:
             per = [
@@ -312,7 +325,7 @@ def table(results: dict[str, Any]) -> str:
                 "state_bytes_replicated_per_device"
             ]
             lines.append(
-                f"{name:10s}"
+                f"{name:18s}"
                 + "".join(f"{b / 1e6:9.2f}" for b in per)
                 + f"{repl / 1e6:9.2f}{per[0] / per[-1]:7.2f}x"
             )
@@ -322,7 +335,7 @@ def table(results: dict[str, Any]) -> str:
             f"(ordinary / refresh); params {top['params_bytes'] / 1e6:.2f} MB = data-parallel "
             "gradient all-reduce per step"
         )
-        lines.append(f"{'alias':10s}" + "".join(f"{k:>24s}" for k in COLLECTIVES))
+        lines.append(f"{'alias':18s}" + "".join(f"{k:>24s}" for k in COLLECTIVES))
         for name in ALIASES:
             cb = top[name].get("collective_bytes")
             if cb is None:
@@ -331,7 +344,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{cb['ordinary'].get(k, 0) / 1e6:.2f} / {cb['refresh'].get(k, 0) / 1e6:.2f}"
                 for k in COLLECTIVES
             ]
-            lines.append(f"{name:10s}" + "".join(f"{c:>24s}" for c in cells))
+            lines.append(f"{name:18s}" + "".join(f"{c:>24s}" for c in cells))
     return "\n".join(lines)
 
 

@@ -3,7 +3,10 @@
 Each leaf's preconditioner is ``P = Q^T Q`` with ``Q = Q_1 ⊗ ... ⊗ Q_k``, one
 factor per view dimension of the shared per-axis plan: upper triangular for
 dimensions up to ``max_precond_dim``, diagonal above it (or everywhere in
-``memory_save_mode='all_diag'``). ``P`` is fitted so that preconditioned
+``memory_save_mode='all_diag'``); with ``block_size`` every longer dimension
+is cut into blocks, each block with its own factors, probe and fit (its
+zero padding gets no probe, so it takes no part: :func:`_probe`,
+:func:`balance`). ``P`` is fitted so that preconditioned
 gradients are white, ``P E[g g^T] P = E[v v^T] = I`` (``P ≈ E[g g^T]^{-1/2}``,
 Adagrad/Shampoo's target, without any matrix root), by a step on the group of
 triangular matrices from one gradient and one Gaussian probe ``v``:
@@ -134,7 +137,8 @@ class ScaleByPsgdKronState(NamedTuple):
       count: int32 scalar, steps so far.
       mu: Momentum, params tree (``mu_dtype``), in every layout.
       q: Per leaf, one factor per view dimension: ``(stack, b, b)`` upper
-        triangular, ``(stack, b)`` diagonal, or an empty placeholder
+        triangular, ``(stack, b)`` diagonal, or an empty placeholder (``stack``:
+        batch slices times blocks, one with ``block_size=None``)
         (``precond_dtype``); in the owner layout a ``Grouped`` of the same per
         group, the stack axis sharded over the mesh.
       key: PRNG key for the coin and the probes.

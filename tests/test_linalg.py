@@ -512,6 +512,20 @@ def test_balance_factors_single_and_zero_factors():
     np.testing.assert_array_equal(out[0], 0.0)
 
 
+def test_balance_factors_masks_leave_entries_out_of_the_max():
+    # A padded block: the real 2 x 2 corner of q1 has max-abs 0.5, its padded
+    # diagonal entry 100 must not count; q2's real entries max 8.
+    q1 = jnp.asarray([[[0.5, 0.25, 0.0], [0.0, -0.5, 0.0], [0.0, 0.0, 100.0]]])
+    q2 = jnp.asarray([[[8.0, 1.0], [0.0, 2.0]]])
+    real = jnp.asarray([[True, True, False]])
+    out = _linalg.balance_factors([q1, q2], [real[:, :, None] & real[:, None, :], None])
+    # Geometric mean of 0.5 and 8 is 2: q1 scaled by 4, q2 by 1/4.
+    np.testing.assert_allclose(np.asarray(out[0]), 4.0 * np.asarray(q1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(q2) / 4.0, rtol=1e-6)
+    unmasked = _linalg.balance_factors([q1, q2])
+    np.testing.assert_allclose(np.abs(np.asarray(unmasked[0])).max(), np.sqrt(800.0), rtol=1e-6)
+
+
 def _pi_reference(a, b, lam):
     """K-FAC's factored damping in float64, found by minimising the cross terms' trace.
 
