@@ -47,7 +47,7 @@ demo: $(STAMP_ZOO)
 	$(PY) examples/demo.py --out results/demo
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=40
 
 test-slow: $(STAMP_TEST)
 	$(PY) -m pytest -q -n 2 -m slow
