@@ -795,29 +795,29 @@ class _Partial:
 
     In the owner layout the kernels of one group may differ in whether
     ``kfac_stats`` gives them statistics (a layer the capture does not see has
-    the diagonal fallback). ``present`` (static, one bool per block of the stack)
-    marks the blocks that do; the others are treated exactly as a leaf without
+    the diagonal fallback). ``present`` (a bool array, one per block of the
+    stack as stored: a device's share inside ``jax.pmap``) marks the blocks that do; the others are treated exactly as a leaf without
     statistics is in the replicated layout: their factors and pending statistics
     are kept, their Cholesky factors are not refreshed and their direction is
     the diagonal fallback's.
     """
 
-    def __init__(self, factors: KfacFactors, present: tuple[bool, ...]):
+    def __init__(self, factors: KfacFactors, present: Any):
         self.factors = factors
-        self.present = tuple(present)
+        self.present = present
 
     def tree_flatten(self):
-        return (self.factors,), self.present
+        return (self.factors, self.present), None
 
     @classmethod
-    def tree_unflatten(cls, present, children):
-        return cls(children[0], present)
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
 
 
 def _present(s: Any) -> tuple[Any, Any]:
     """The factors of a statistics entry and its per-block mask (``None``: every block)."""
     if isinstance(s, _Partial):
-        return s.factors, jnp.asarray(np.asarray(s.present))[:, None]
+        return s.factors, s.present[:, None]
     return s, None
 
 
@@ -856,6 +856,7 @@ def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
     """
     plans = layout.work_plans
     _owner.check(owner, plans, grads)
+    _owner.check_mapped(owner)
     nodes = _owner.plan_nodes(plans)
     bare = _owner._bare_leaves(plans, grads)
     flat_stats = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)[1].flatten_up_to(
@@ -885,7 +886,8 @@ def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
     skipped = _failure.count_invalid([v for v in valid if v is not None])
     new_state = new_state._replace(
         failures=_failure.FailureCounts(
-            state.failures.skipped + skipped, new_state.failures.failed
+            state.failures.skipped + skipped,
+            _owner.total_failed(owner, state.failures.failed, new_state.failures.failed),
         ),
         **{name: _owner.grouped(getattr(new_state, name), owner) for name in _GROUPED_FIELDS},
     )
@@ -918,7 +920,10 @@ def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:
         mask = [present[i] for i, n in g.members for _ in range(n)]
         mask += [False] * (g.padded - g.size)
         s = KfacFactors(*s)
-        out.append(s if all(present[i] for i, _ in g.members) else _Partial(s, tuple(mask)))
+        if all(present[i] for i, _ in g.members):
+            out.append(s)
+        else:
+            out.append(_Partial(s, _owner.share(owner, g, jnp.asarray(mask))))
     return tuple(out)
 
 

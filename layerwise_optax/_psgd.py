@@ -585,7 +585,9 @@ def _owned_probes(
     out = []
     for g, m, vb, nb in zip(layout.groups, mom["blocks"], v["blocks"], noise["blocks"]):
         gb = m.m_hat
-        sums = _owner.per_member(g, jnp.sum(jnp.abs(gb), axis=tuple(range(1, gb.ndim))), "sum")
+        sums = _owner.per_member(
+            g, jnp.sum(jnp.abs(gb), axis=tuple(range(1, gb.ndim))), "sum", layout
+        )
         sizes = np.array([n for _, n in g.members]) * math.prod(g.key.blocks)
         scale = _owner.per_block(layout, g, tiny * (sums / sizes.astype(sums.dtype)), 0.0)
         out.append((gb + jnp.reshape(scale, (-1,) + (1,) * (gb.ndim - 1)) * nb, vb))
@@ -613,7 +615,7 @@ def _owned_agree(layout: _owner.Layout, valid: list[Any], fitted: Any) -> Any:
     out = []
     for g, (item,) in zip(layout.groups, fitted["blocks"]):
         new, finite = item
-        leaf_ok = _owner.per_member(g, finite, "all")
+        leaf_ok = _owner.per_member(g, finite, "all", layout)
         ok = jnp.stack([valid[i] for i, _ in g.members])
         failed = jnp.sum(ok & ~leaf_ok).astype(jnp.int32)
         out.append(((new, _owner.per_block(layout, g, leaf_ok, False), failed),))
@@ -670,6 +672,7 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
     else:
         _owner.check(layout, plans, updates)
+        _owner.check_mapped(layout)
         work, work_mom, valid = _owned_moments(layout, plans, updates, mom)
         q = state.q.tree()
 
