@@ -331,7 +331,13 @@ def scale_by_kfac(
         same in every layout. Static; checkpoints restore into the layout they
         were saved in.
       owner_axes: Mesh axes the owner layout shards the slice axis over
-        (``None``: all of them; a name or a tuple of names). Static.
+        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
+        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
+        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
+        device's state holds only its ``padded / devices`` layer slices of every group;
+        ``update`` runs inside a pmap over the same axis and device count, takes
+        each device's layer slices at ``lax.axis_index`` and gathers the preconditioned
+        ones with one ``lax.all_gather`` per group. Static.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -345,6 +351,10 @@ def scale_by_kfac(
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
+        Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
+        without ``owner_axes`` or with one that is not mapped there, or outside
+        any mesh and pmap with ``owner_axes``; at ``update`` of a state built
+        inside pmap outside a pmap over its axis or over another device count.
 
     Examples:
       Undamped, the direction is ``A^{-1} G B^{-1}``: here each row of ``G`` is

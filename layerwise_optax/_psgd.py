@@ -767,7 +767,13 @@ def scale_by_psgd_kron(
         counts are per leaf in every layout and the updates are the same.
         Static; checkpoints restore into the layout they were saved in.
       owner_axes: Mesh axes the owner layout shards the block axis over
-        (``None``: all of them; a name or a tuple of names). Static.
+        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
+        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
+        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
+        device's state holds only its ``padded / devices`` blocks of every group;
+        ``update`` runs inside a pmap over the same axis and device count, takes
+        each device's blocks at ``lax.axis_index`` and gathers the preconditioned
+        ones with one ``lax.all_gather`` per group. Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -779,6 +785,10 @@ def scale_by_psgd_kron(
         parameter (naming its path) or ``owner_axes`` names an axis the mesh
         does not have; at ``update`` in the owner layout if the updates do not
         have the params' shapes.
+        Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
+        without ``owner_axes`` or with one that is not mapped there, or outside
+        any mesh and pmap with ``owner_axes``; at ``update`` of a state built
+        inside pmap outside a pmap over its axis or over another device count.
 
     Examples:
       ``P = Q^T Q`` starts as ``precond_init_scale`` times the identity, so on a
