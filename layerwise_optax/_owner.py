@@ -36,6 +36,17 @@ reductions the compiler may reorder).
 The layout is static: it is decided at ``init`` (:func:`decide`) and carried in
 the state's tree structure (:class:`Grouped`), so ``update`` and
 :func:`layerwise_optax.state_shardings` read it from the state.
+
+Under ``jax.pmap`` (or ``jax.shard_map``) there is no mesh to shard over: each
+device runs its own program. With ``owner_axes`` naming the mapped axis the
+layout is *mapped* (:attr:`Layout.mapped`): ``init`` runs inside the pmap and
+each device's state arrays hold only its ``padded / devices`` blocks of every
+group (:attr:`Group.length`), the blocks at ``lax.axis_index`` times that length.
+:func:`to_groups` cuts those blocks out of the whole (replicated) gradient stack
+(:func:`share`), the per-block code runs on the local stacks, and
+:func:`from_groups` gathers them with ``lax.all_gather(..., tiled=True)``.
+:func:`check_mapped` makes ``update`` refuse to run outside such a pmap or over
+another device count.
 """
 
 from __future__ import annotations
@@ -266,9 +277,13 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
 
     Args:
       choice: ``'auto'`` (owner layout when a mesh of more than one device is
-        current or carries the params, else replicated), ``'owner'`` (always;
-        on one device the groups are unpadded stacks) or ``'replicated'``.
-      owner_axes: Mesh axes to shard the stacks over; ``None``: all.
+        current or carries the params, or inside ``jax.pmap`` when
+        ``owner_axes`` names mapped axes of more than one device; else
+        replicated), ``'owner'`` (always; on one device the groups are unpadded
+        stacks) or ``'replicated'``.
+      owner_axes: Mesh axes to shard the stacks over; ``None``: all. Inside
+        ``jax.pmap``/``jax.shard_map``: the mapped axes (required for
+        ``'owner'``); the layout is then *mapped* (:attr:`Layout.mapped`).
       plans: The params' plans.
       params: The params (their dtypes; their sharding's mesh when no mesh is set).
 
@@ -276,17 +291,23 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
       A :class:`Layout`, or ``None``.
 
     Raises:
-      ValueError: ``owner_axes`` names an axis the mesh does not have.
+      ValueError: ``owner_axes`` names an axis the mesh does not have; inside
+        ``jax.pmap`` ``'owner'`` without ``owner_axes``, or ``owner_axes``
+        naming an axis that is not mapped; ``'owner'`` with ``owner_axes`` but
+        neither a mesh nor a pmap.
     """
     if choice == "replicated":
         return None
     manual = _manual_axes()
     if manual:
-        # Inside jax.pmap / jax.shard_map: one program per device.
-        if choice == "auto":
+        # Inside jax.pmap / jax.shard_map: one program per device. 'auto' keeps
+        # the replicated layout unless owner_axes names a mapped axis.
+        if choice == "auto" and owner_axes is None:
             return None
         axes = _mapped_axes(owner_axes, manual)
         devices = math.prod(jax.lax.axis_size(a) for a in axes)
+        if choice == "auto" and devices <= 1:
+            return None
         return build(plans, params, axes, devices, mapped=True)
     found = _mesh_axes(params)
     if found is None:

@@ -4,7 +4,7 @@ Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
 Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,owner_pmap``
-(any subset).
+(any subset; ``owner_pmap_<alias>`` runs one alias's every pmap owner-layout case).
 """
 
 import json
@@ -422,6 +422,16 @@ def owner_pmap_errors_case():
             )
         ),
     }
+    # 'auto' inside pmap: replicated unless owner_axes names the mapped axis.
+    from layerwise_optax import _owner
+
+    for case, tx in (
+        ("auto", lo.shampoo(1e-2)),
+        ("auto_owner_axes", lo.shampoo(1e-2, owner_axes="batch")),
+    ):
+        init = jax.pmap(tx.init, axis_name="batch", devices=four)
+        layout = _owner.layout_of(init(rep(params, 4)))
+        out[case] = None if layout is None else [layout.devices, layout.mapped]
     return dict(mode="owner_pmap_errors", results=out)
 
 
@@ -516,14 +526,16 @@ def main(modes):
         for name, factory, kwargs in _layout_aliases():
             print(json.dumps(owner_case(name, factory, kwargs)), flush=True)
     if "owner_pmap" in modes:
-        # The default tier: Shampoo and SOAP, many blocks per group (padded on 8).
+        # The default tier: Shampoo, many blocks per group (12 and 13, padded to
+        # 16 on 8 devices); owner_pmap_<alias> runs the rest.
         print(json.dumps(owner_pmap_errors_case()), flush=True)
         for name, factory, kwargs in _layout_aliases():
-            if name in ("shampoo", "soap"):
-                out = owner_pmap_case(name, factory, kwargs, ("many",), (2, 8))
+            if name == "shampoo":
+                out = owner_pmap_case(name, factory, kwargs, ("many",), (8,))
                 print(json.dumps(out), flush=True)
-    if "owner_pmap_all" in modes:
-        for name, factory, kwargs in _layout_aliases():
+    for name, factory, kwargs in _layout_aliases():
+        # One alias per mode (the slow tier runs them as separate tests).
+        if f"owner_pmap_{name}" in modes:
             out = owner_pmap_case(name, factory, kwargs, ("plain", "many"), (2, 4, 8))
             print(json.dumps(out), flush=True)
     for name, factory, kwargs in OPTIMIZERS:

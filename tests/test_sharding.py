@@ -152,17 +152,20 @@ def _check_owner_pmap(r, variants, counts):
     if "many" in variants:
         # 12 and 13 blocks per group: each device holds 2 of 16 (8 devices) or 6
         # and 7 (2 devices); with the params-shaped moments, the whole state per
-        # device is 6.0x and 1.9x smaller than one device's.
-        assert r["many_ref_bytes"] / r["bytes_many_8"] >= 5, (name, r)
-        assert r["many_ref_bytes"] / r["bytes_many_2"] >= 1.9, (name, r)
-        assert sorted(r["stacks_many_8"])[0][3] == 2, (name, r["stacks_many_8"])
+        # device is 6.0x and 1.9x smaller than one device's for Shampoo and SOAP.
+        # K-FAC's moments and its one-block bias group do not split: 4.2x, 1.8x.
+        assert r["many_ref_bytes"] / r["bytes_many_8"] >= 4, (name, r)
+        if 2 in counts:
+            assert r["many_ref_bytes"] / r["bytes_many_2"] >= 1.8, (name, r)
+        assert max(s[3] for s in r["stacks_many_8"]) == 2, (name, r["stacks_many_8"])
 
 
 def test_owner_layout_under_pmap_matches_single_device_and_splits_the_state():
     """Issue 15 item 1 under pmap: init inside ``jax.pmap`` with ``owner_axes`` naming
     its axis keeps each device's share of every group stack; the updates over 5 steps
     (refresh every 2, a NaN gradient at step 3) equal the single-device run on the
-    rectangular, rank-deficient leaves, and bad input raises naming what is wrong."""
+    rectangular, rank-deficient leaves, and bad input raises naming what is wrong.
+    Shampoo on 8 devices here (~25 s); every layout alias on 2, 4, 8 in the slow tier."""
     results = _worker(["owner_pmap"])
     (errors,) = [r["results"] for r in results if r["mode"] == "owner_pmap_errors"]
     assert "needs owner_axes" in errors["no_owner_axes"] and "'batch'" in errors["no_owner_axes"]
@@ -171,20 +174,20 @@ def test_owner_layout_under_pmap_matches_single_device_and_splits_the_state():
     assert "outside jax.pmap" in errors["init_outside_pmap"], errors
     assert "not mapped here" in errors["update_outside_pmap"], errors
     assert "of 4 devices, but update runs over 8" in errors["other_device_count"], errors
-    runs = {r["alias"]: r for r in results if r["mode"] == "owner_pmap"}
-    assert sorted(runs) == ["shampoo", "soap"]
-    for r in runs.values():
-        _check_owner_pmap(r, ("many",), (2, 8))
+    assert errors["auto"] is None and errors["auto_owner_axes"] == [4, True], errors
+    (r,) = [r for r in results if r["mode"] == "owner_pmap"]
+    assert r["alias"] == "shampoo"
+    _check_owner_pmap(r, ("many",), (8,))
 
 
 @pytest.mark.slow
-def test_every_layout_alias_in_the_owner_layout_under_pmap():
+@pytest.mark.parametrize("alias", ["shampoo", "soap", "kfac", "psgd_kron"])
+def test_every_layout_alias_in_the_owner_layout_under_pmap(alias):
     """The pmap owner layout for Shampoo, SOAP, K-FAC and PSGD-Kron, one block per
     leaf (padded to one per device) and many, on 2, 4 and 8 devices."""
-    runs = {r["alias"]: r for r in _worker(["owner_pmap_all"]) if r["mode"] == "owner_pmap"}
-    assert sorted(runs) == ["kfac", "psgd_kron", "shampoo", "soap"]
-    for r in runs.values():
-        _check_owner_pmap(r, ("plain", "many"), (2, 4, 8))
+    (r,) = [r for r in _worker([f"owner_pmap_{alias}"]) if r["mode"] == "owner_pmap"]
+    assert r["alias"] == alias
+    _check_owner_pmap(r, ("plain", "many"), (2, 4, 8))
 
 
 @pytest.mark.slow
