@@ -135,6 +135,15 @@ def test_owner_layout_is_the_same_on_1_2_4_8_devices_and_shrinks_the_state():
             assert r[f"bytes_plain_8_{axis}"] <= r["plain_ref_bytes"], (name, r)
 
 
+# Smallest whole-state shrink per device under pmap, 2 and 8 devices, "many" variant.
+MIN_PMAP_SHRINK = {
+    "shampoo": (1.9, 5.5),
+    "soap": (1.9, 5.5),
+    "kfac": (1.75, 4.0),
+    "psgd_kron": (1.4, 2.0),
+}
+
+
 def _check_owner_pmap(r, variants, counts):
     """One alias's pmap owner-layout runs: equal to one device, each device its share."""
     name = r["alias"]
@@ -151,12 +160,16 @@ def _check_owner_pmap(r, variants, counts):
                 assert (devices, local) == (n, padded // n), (name, key)
     if "many" in variants:
         # 12 and 13 blocks per group: each device holds 2 of 16 (8 devices) or 6
-        # and 7 (2 devices); with the params-shaped moments, the whole state per
-        # device is 6.0x and 1.9x smaller than one device's for Shampoo and SOAP.
-        # K-FAC's moments and its one-block bias group do not split: 4.2x, 1.8x.
-        assert r["many_ref_bytes"] / r["bytes_many_8"] >= 4, (name, r)
+        # and 7 (2 devices). The whole state per device, measured on 2 and 8
+        # devices: Shampoo and SOAP 1.9x and 6.0x smaller than one device's (their
+        # moments are grouped too); K-FAC 1.8x and 4.2x (its one-block bias group
+        # does not split); PSGD-Kron 1.45x and 2.08x: only its factors are
+        # grouped, its momentum is per leaf and params-shaped, which pmap (no
+        # parameter sharding) replicates.
+        at2, at8 = MIN_PMAP_SHRINK[name]
+        assert r["many_ref_bytes"] / r["bytes_many_8"] >= at8, (name, r)
         if 2 in counts:
-            assert r["many_ref_bytes"] / r["bytes_many_2"] >= 1.8, (name, r)
+            assert r["many_ref_bytes"] / r["bytes_many_2"] >= at2, (name, r)
         assert max(s[3] for s in r["stacks_many_8"]) == 2, (name, r["stacks_many_8"])
 
 
