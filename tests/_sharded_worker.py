@@ -435,6 +435,62 @@ def owner_pmap_errors_case():
     return dict(mode="owner_pmap_errors", results=out)
 
 
+def owner_shard_map_case():
+    """The mapped owner layout inside ``jax.shard_map`` (manual 'data' axis, 4 devices).
+
+    The group stacks come out of the shard_map as ``P('data')`` (each device's
+    share), everything else replicated; the updates must equal one device's.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from layerwise_optax import _owner
+
+    shapes = {"w": ((64, 48), None), "v": ((3, 200), None)}
+    params, grads, kw = _owner_problem("shampoo", lo.shampoo, {}, shapes, {"block_size": 16})
+    ref = lo.shampoo(1e-2, **kw, state_layout="replicated")
+    state = ref.init(params)
+    reference = []
+    for g in grads:
+        u, state = jax.jit(ref.update)(g, state, params)
+        reference.append(u)
+    tx = lo.shampoo(1e-2, **kw, state_layout="owner", owner_axes="data")
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+
+    def specs(tree):
+        def one(node):
+            if isinstance(node, _owner.Grouped):
+                return _owner.Grouped(
+                    jax.tree.map(lambda _: P("data"), node.blocks),
+                    jax.tree.map(lambda _: P(), node.leaves),
+                    node.layout,
+                )
+            return jax.tree.map(lambda _: P(), node)
+
+        return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, _owner.Grouped))
+
+    # check_vma=False: the state's arrays are per-device shares by construction.
+    probe = jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    spec = specs(jax.eval_shape(probe, params))
+    init = jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=spec, check_vma=False)
+    update = jax.shard_map(
+        tx.update, mesh=mesh, in_specs=(P(), spec, P()), out_specs=(P(), spec), check_vma=False
+    )
+    state = jax.jit(init)(params)
+    outs = []
+    for g in grads:
+        u, state = jax.jit(update)(g, state, params)
+        outs.append(u)
+    stacks = sorted(
+        {
+            x.shape[0]
+            for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _owner.Grouped))
+            if isinstance(n, _owner.Grouped)
+            for x in jax.tree.leaves(n.blocks)
+        }
+    )
+    return dict(mode="owner_shard_map", max_rel_err=max_rel_err(outs, reference), stacks=stacks)
+
+
 def _shard_map_inputs(jaxpr):
     """Per ``shard_map`` in a jaxpr (nested ones included), its per-device input shapes."""
     found = []
@@ -529,6 +585,7 @@ def main(modes):
         # The default tier: Shampoo, many blocks per group (12 and 13, padded to
         # 16 on 8 devices); owner_pmap_<alias> runs the rest.
         print(json.dumps(owner_pmap_errors_case()), flush=True)
+        print(json.dumps(owner_shard_map_case()), flush=True)
         for name, factory, kwargs in _layout_aliases():
             if name == "shampoo":
                 out = owner_pmap_case(name, factory, kwargs, ("many",), (8,))

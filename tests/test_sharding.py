@@ -178,7 +178,7 @@ def test_owner_layout_under_pmap_matches_single_device_and_splits_the_state():
     its axis keeps each device's share of every group stack; the updates over 5 steps
     (refresh every 2, a NaN gradient at step 3) equal the single-device run on the
     rectangular, rank-deficient leaves, and bad input raises naming what is wrong.
-    Shampoo on 8 devices here (~25 s); every layout alias on 2, 4, 8 in the slow tier."""
+    Shampoo on 8 devices and inside shard_map here (~30 s); every layout alias on 2, 4, 8 in the slow tier."""
     results = _worker(["owner_pmap"])
     (errors,) = [r["results"] for r in results if r["mode"] == "owner_pmap_errors"]
     assert "needs owner_axes" in errors["no_owner_axes"] and "'batch'" in errors["no_owner_axes"]
@@ -188,6 +188,10 @@ def test_owner_layout_under_pmap_matches_single_device_and_splits_the_state():
     assert "not mapped here" in errors["update_outside_pmap"], errors
     assert "of 4 devices, but update runs over 8" in errors["other_device_count"], errors
     assert errors["auto"] is None and errors["auto_owner_axes"] == [4, True], errors
+    # The same layout inside jax.shard_map over a manual axis (4 devices).
+    (shard_map,) = [r for r in results if r["mode"] == "owner_shard_map"]
+    assert shard_map["max_rel_err"] < 1e-5, shard_map
+    assert shard_map["stacks"] == [12, 16], shard_map  # 12 and 13 blocks padded to 4s
     (r,) = [r for r in results if r["mode"] == "owner_pmap"]
     assert r["alias"] == "shampoo"
     _check_owner_pmap(r, ("many",), (8,))
