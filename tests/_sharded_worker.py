@@ -385,6 +385,44 @@ def owner_pmap_case(name, factory, kwargs, variants, counts):
     return out
 
 
+def owner_pmap_kfac_case():
+    """K-FAC's owner-layout problem of ``tests/test_owner.py`` (folded bias, a group in
+    which one kernel has no statistics, batch axes, a NaN step, bad statistics) in
+    the pmap owner layout on 4 devices vs one device, replicated."""
+    from tests.test_owner import _kfac_problem
+
+    params, spec, grads, stats = _kfac_problem(5, nan_at=3, bad_stats_at=1)
+    kw = {"precondition_frequency": 2, "dimension_numbers": spec}
+    ref = lo.kfac(1e-2, **kw, state_layout="replicated")
+    state = ref.init(params)
+    reference = []
+    for g, st in zip(grads, stats):
+        u, state = jax.jit(ref.update)(g, state, params, kfac_stats=st)
+        reference.append(u)
+    ref_counts = [int(c) for c in lo.failure_counts(state)]
+    tx = lo.kfac(1e-2, **kw, state_layout="owner", owner_axes="batch")
+    four = jax.devices()[:4]
+
+    def rep(t):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), t)
+
+    state = jax.pmap(tx.init, axis_name="batch", devices=four)(rep(params))
+    update = jax.pmap(
+        lambda g, s, p, k: tx.update(g, s, p, kfac_stats=k), axis_name="batch", devices=four
+    )
+    outs = []
+    for g, st in zip(grads, stats):
+        u, state = update(rep(g), state, rep(params), rep(st))
+        outs.append(jax.tree.map(lambda x: x[0], u))
+    counts = [int(c) for c in lo.failure_counts(jax.tree.map(lambda x: x[0], state))]
+    return dict(
+        mode="owner_pmap_kfac",
+        max_rel_err=max_rel_err(outs, reference),
+        counts=counts,
+        ref_counts=ref_counts,
+    )
+
+
 def owner_pmap_errors_case():
     """Bad input of the pmap owner layout: (case, message) pairs."""
     params = {"w": jnp.ones((6, 4))}
@@ -595,6 +633,8 @@ def main(modes):
         if f"owner_pmap_{name}" in modes:
             out = owner_pmap_case(name, factory, kwargs, ("plain", "many"), (2, 4, 8))
             print(json.dumps(out), flush=True)
+            if name == "kfac":
+                print(json.dumps(owner_pmap_kfac_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue

@@ -202,9 +202,16 @@ def test_owner_layout_under_pmap_matches_single_device_and_splits_the_state():
 def test_every_layout_alias_in_the_owner_layout_under_pmap(alias):
     """The pmap owner layout for Shampoo, SOAP, K-FAC and PSGD-Kron, one block per
     leaf (padded to one per device) and many, on 2, 4 and 8 devices."""
-    (r,) = [r for r in _worker([f"owner_pmap_{alias}"]) if r["mode"] == "owner_pmap"]
+    results = _worker([f"owner_pmap_{alias}"])
+    (r,) = [r for r in results if r["mode"] == "owner_pmap"]
     assert r["alias"] == alias
     _check_owner_pmap(r, ("plain", "many"), (2, 4, 8))
+    if alias == "kfac":
+        # K-FAC's own owner-layout problem (partial groups, folded bias, bad stats):
+        # measured 2.2e-7, counts [3, 0] as on one device.
+        (k,) = [r for r in results if r["mode"] == "owner_pmap_kfac"]
+        assert k["max_rel_err"] < 1e-5, k
+        assert k["counts"] == k["ref_counts"] == [3, 0], k
 
 
 @pytest.mark.slow
