@@ -267,7 +267,9 @@ def owned_update(
     (:func:`layerwise_optax._owner.to_groups`, NaN where the leaf is not valid),
     the optimizer's own code runs on the grouped tree, and the new updates come
     back in the parameters' shapes (:func:`layerwise_optax._owner.from_groups`).
-    Skipped events are counted per leaf, as in the replicated layout.
+    Skipped events are counted per leaf, as in the replicated layout; inside
+    ``jax.pmap`` (a mapped layout) each device refreshes only its own blocks,
+    and the failed refreshes are summed over the devices.
     """
     del params  # Shampoo and SOAP do not read them.
     layout = _owner.layout_of(state)
@@ -275,6 +277,7 @@ def owned_update(
         return update(options, updates, state)
     plans = options.resolve(updates)
     _owner.check(layout, plans, updates)
+    _owner.check_mapped(layout)
     nodes = _owner.plan_nodes(plans)
     bare = _owner._bare_leaves(plans, updates)
     valid = [
@@ -288,7 +291,10 @@ def owned_update(
     }
     new_grouped, new_state = update(inner, grouped_updates, type(state)(**fields))
     skipped = _failure.count_invalid([v for v in valid if v is not None])
-    failures = _failure.FailureCounts(state.failures.skipped + skipped, new_state.failures.failed)
+    failures = _failure.FailureCounts(
+        state.failures.skipped + skipped,
+        _owner.total_failed(layout, state.failures.failed, new_state.failures.failed),
+    )
     out = {
         name: (
             _owner.grouped(getattr(new_state, name), layout)

@@ -331,7 +331,13 @@ def scale_by_kfac(
         same in every layout. Static; checkpoints restore into the layout they
         were saved in.
       owner_axes: Mesh axes the owner layout shards the slice axis over
-        (``None``: all of them; a name or a tuple of names). Static.
+        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
+        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
+        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
+        device's state holds only its ``padded / devices`` layer slices of every group;
+        ``update`` runs inside a pmap over the same axis and device count, takes
+        each device's layer slices at ``lax.axis_index`` and gathers the preconditioned
+        ones with one ``lax.all_gather`` per group. Static.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -345,6 +351,10 @@ def scale_by_kfac(
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
+        Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
+        without ``owner_axes`` or with one that is not mapped there, or outside
+        any mesh and pmap with ``owner_axes``; at ``update`` of a state built
+        inside pmap outside a pmap over its axis or over another device count.
 
     Examples:
       Undamped, the direction is ``A^{-1} G B^{-1}``: here each row of ``G`` is
@@ -795,29 +805,29 @@ class _Partial:
 
     In the owner layout the kernels of one group may differ in whether
     ``kfac_stats`` gives them statistics (a layer the capture does not see has
-    the diagonal fallback). ``present`` (static, one bool per block of the stack)
-    marks the blocks that do; the others are treated exactly as a leaf without
+    the diagonal fallback). ``present`` (a bool array, one per block of the
+    stack as stored: a device's share inside ``jax.pmap``) marks the blocks that do; the others are treated exactly as a leaf without
     statistics is in the replicated layout: their factors and pending statistics
     are kept, their Cholesky factors are not refreshed and their direction is
     the diagonal fallback's.
     """
 
-    def __init__(self, factors: KfacFactors, present: tuple[bool, ...]):
+    def __init__(self, factors: KfacFactors, present: Any):
         self.factors = factors
-        self.present = tuple(present)
+        self.present = present
 
     def tree_flatten(self):
-        return (self.factors,), self.present
+        return (self.factors, self.present), None
 
     @classmethod
-    def tree_unflatten(cls, present, children):
-        return cls(children[0], present)
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
 
 
 def _present(s: Any) -> tuple[Any, Any]:
     """The factors of a statistics entry and its per-block mask (``None``: every block)."""
     if isinstance(s, _Partial):
-        return s.factors, jnp.asarray(np.asarray(s.present))[:, None]
+        return s.factors, s.present[:, None]
     return s, None
 
 
@@ -856,6 +866,7 @@ def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
     """
     plans = layout.work_plans
     _owner.check(owner, plans, grads)
+    _owner.check_mapped(owner)
     nodes = _owner.plan_nodes(plans)
     bare = _owner._bare_leaves(plans, grads)
     flat_stats = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)[1].flatten_up_to(
@@ -885,7 +896,8 @@ def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
     skipped = _failure.count_invalid([v for v in valid if v is not None])
     new_state = new_state._replace(
         failures=_failure.FailureCounts(
-            state.failures.skipped + skipped, new_state.failures.failed
+            state.failures.skipped + skipped,
+            _owner.total_failed(owner, state.failures.failed, new_state.failures.failed),
         ),
         **{name: _owner.grouped(getattr(new_state, name), owner) for name in _GROUPED_FIELDS},
     )
@@ -918,7 +930,10 @@ def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:
         mask = [present[i] for i, n in g.members for _ in range(n)]
         mask += [False] * (g.padded - g.size)
         s = KfacFactors(*s)
-        out.append(s if all(present[i] for i, _ in g.members) else _Partial(s, tuple(mask)))
+        if all(present[i] for i, _ in g.members):
+            out.append(s)
+        else:
+            out.append(_Partial(s, _owner.share(owner, g, jnp.asarray(mask))))
     return tuple(out)
 
 

@@ -36,6 +36,17 @@ reductions the compiler may reorder).
 The layout is static: it is decided at ``init`` (:func:`decide`) and carried in
 the state's tree structure (:class:`Grouped`), so ``update`` and
 :func:`layerwise_optax.state_shardings` read it from the state.
+
+Under ``jax.pmap`` (or ``jax.shard_map``) there is no mesh to shard over: each
+device runs its own program. With ``owner_axes`` naming the mapped axis the
+layout is *mapped* (:attr:`Layout.mapped`): ``init`` runs inside the pmap and
+each device's state arrays hold only its ``padded / devices`` blocks of every
+group (:attr:`Group.length`), the blocks at ``lax.axis_index`` times that length.
+:func:`to_groups` cuts those blocks out of the whole (replicated) gradient stack
+(:func:`share`), the per-block code runs on the local stacks, and
+:func:`from_groups` gathers them with ``lax.all_gather(..., tiled=True)``.
+:func:`check_mapped` makes ``update`` refuse to run outside such a pmap or over
+another device count.
 """
 
 from __future__ import annotations
@@ -75,6 +86,9 @@ class Group:
     # Not part of the layout's identity (equality, hash, tree structure): the
     # same groups padded for another device count restore into each other.
     padded: int = dataclasses.field(compare=False)
+    # Inside ``jax.pmap`` (mapped layout) each device's state holds
+    # ``padded / devices`` blocks; ``None``: the whole stack (a global array).
+    local: int | None = dataclasses.field(default=None, compare=False)
 
     @property
     def size(self) -> int:
@@ -82,9 +96,14 @@ class Group:
         return sum(n for _, n in self.members)
 
     @property
+    def length(self) -> int:
+        """The stack length a state array holds: ``padded``, or the per-device share."""
+        return self.padded if self.local is None else self.local
+
+    @property
     def plan(self) -> _axes.LeafPlan:
-        """The plan of the group's stack: one block per entry, ``per_block``."""
-        return dataclasses.replace(self.key.as_batch(self.padded), per_block=True)
+        """The plan of the group's stack as stored: one block per entry, ``per_block``."""
+        return dataclasses.replace(self.key.as_batch(self.length), per_block=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +113,21 @@ class Layout:
     Attributes:
       groups: The groups, ordered by first member.
       leaves: Positions of the leaves without factors, kept params-shaped.
-      axes: Mesh axes the stacks are sharded over.
+      axes: Mesh axes the stacks are sharded over (inside ``jax.pmap`` or
+        ``jax.shard_map``: the mapped axes named by ``owner_axes``).
       devices: Product of those axes' sizes (the padding multiple).
+      mapped: The state was built inside ``jax.pmap``/``jax.shard_map``: each
+        device's state arrays hold only its own ``padded / devices`` blocks of
+        every group (a local stack), found by ``lax.axis_index`` over
+        :attr:`axes`; the preconditioned blocks come back with one
+        ``lax.all_gather`` per group (:func:`from_groups`).
     """
 
     groups: tuple[Group, ...]
     leaves: tuple[int, ...]
     axes: tuple[str, ...]
     devices: int = dataclasses.field(compare=False)
+    mapped: bool = False
 
     def plans(self, plans: Any) -> dict[str, tuple[Any, ...]]:
         """The plans of the grouped tree (see the module docstring)."""
@@ -171,7 +197,8 @@ def describe(layout: Layout | None) -> str:
         return "replicated"
     text = (
         f"owner: {len(layout.groups)} block groups over {layout.axes} "
-        f"({layout.devices} devices), {layout.padding()} padded blocks"
+        f"({layout.devices} devices{', mapped (pmap)' if layout.mapped else ''}), "
+        f"{layout.padding()} padded blocks"
     )
     small = [g for g in layout.groups if g.size < layout.devices]
     if small:
@@ -193,11 +220,15 @@ def layout_of(state: Any) -> Layout | None:
     """The :class:`Layout` of a state, or ``None`` for the replicated (per-leaf) one.
 
     The stack lengths are read from the state's arrays (a state restored for
-    another device count carries the lengths of its new layout).
+    another device count carries the lengths of its new layout); a mapped
+    layout's (built inside ``jax.pmap``) are its own: its arrays hold one
+    device's share, or all of them stacked on a leading device axis outside.
     """
     for x in jax.tree.leaves(state, is_leaf=lambda y: isinstance(y, Grouped)):
         if isinstance(x, Grouped):
             layout = x.layout
+            if layout.mapped:
+                return layout
             padded = [
                 int(np.shape(jax.tree.leaves(b)[0])[0]) if jax.tree.leaves(b) else g.padded
                 for g, b in zip(layout.groups, x.blocks)
@@ -222,7 +253,11 @@ def plan_nodes(plans: Any) -> list[Any]:
 
 
 def _mesh_axes(params: Any) -> tuple[Any, tuple[str, ...]] | None:
-    """The mesh to lay the state out on: the current one, else the params'."""
+    """The mesh to lay the state out on: the current one, else the params'.
+
+    Inside ``jax.pmap`` or ``jax.shard_map`` (manual axes) there is none: see
+    :func:`_mapped_axes`.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         for x in jax.tree.leaves(params):
@@ -242,9 +277,13 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
 
     Args:
       choice: ``'auto'`` (owner layout when a mesh of more than one device is
-        current or carries the params, else replicated), ``'owner'`` (always;
-        on one device the groups are unpadded stacks) or ``'replicated'``.
-      owner_axes: Mesh axes to shard the stacks over; ``None``: all.
+        current or carries the params, or inside ``jax.pmap`` when
+        ``owner_axes`` names mapped axes of more than one device; else
+        replicated), ``'owner'`` (always; on one device the groups are unpadded
+        stacks) or ``'replicated'``.
+      owner_axes: Mesh axes to shard the stacks over; ``None``: all. Inside
+        ``jax.pmap``/``jax.shard_map``: the mapped axes (required for
+        ``'owner'``); the layout is then *mapped* (:attr:`Layout.mapped`).
       plans: The params' plans.
       params: The params (their dtypes; their sharding's mesh when no mesh is set).
 
@@ -252,12 +291,33 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
       A :class:`Layout`, or ``None``.
 
     Raises:
-      ValueError: ``owner_axes`` names an axis the mesh does not have.
+      ValueError: ``owner_axes`` names an axis the mesh does not have; inside
+        ``jax.pmap`` ``'owner'`` without ``owner_axes``, or ``owner_axes``
+        naming an axis that is not mapped; ``'owner'`` with ``owner_axes`` but
+        neither a mesh nor a pmap.
     """
     if choice == "replicated":
         return None
+    manual = _manual_axes()
+    if manual:
+        # Inside jax.pmap / jax.shard_map: one program per device. 'auto' keeps
+        # the replicated layout unless owner_axes names a mapped axis.
+        if choice == "auto" and owner_axes is None:
+            return None
+        axes = _mapped_axes(owner_axes, manual)
+        devices = math.prod(jax.lax.axis_size(a) for a in axes)
+        if choice == "auto" and devices <= 1:
+            return None
+        return build(plans, params, axes, devices, mapped=True)
     found = _mesh_axes(params)
     if found is None:
+        if owner_axes is not None and choice == "owner":
+            raise ValueError(
+                f"owner_axes={owner_axes!r} names axes to shard the owner layout over, but "
+                "init runs with no mesh set (jax.set_mesh), no params sharded on one, and "
+                "outside jax.pmap: call init under the mesh, or inside "
+                f"jax.pmap(..., axis_name={owner_axes!r}) for a per-device state."
+            )
         return None if choice == "auto" else build(plans, params, (), 1)
     mesh, names = found
     if owner_axes is None:
@@ -276,8 +336,113 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
     return build(plans, params, axes, devices)
 
 
-def build(plans: Any, params: Any, axes: tuple[str, ...], devices: int) -> Layout:
-    """Groups the blocks of every preconditioned leaf by block layout and dtype."""
+def _manual_axes() -> tuple[str, ...]:
+    """The manual axes of the current trace (inside ``jax.pmap``/``jax.shard_map``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
+def _mapped_axes(owner_axes: Any, manual: tuple[str, ...]) -> tuple[str, ...]:
+    """The mapped axes a per-device (pmap) owner layout is split over.
+
+    Raises:
+      ValueError: ``owner_axes`` is ``None`` (inside ``pmap`` the layout does not
+        guess which mapped axis the devices of the data split are) or names an
+        axis that is not mapped here.
+    """
+    if owner_axes is None:
+        raise ValueError(
+            "state_layout='owner' inside jax.pmap / jax.shard_map needs owner_axes naming "
+            f"the mapped axis to split the blocks over (mapped axes here: {manual}), e.g. "
+            "owner_axes='batch' for jax.pmap(..., axis_name='batch')."
+        )
+    axes = (owner_axes,) if isinstance(owner_axes, str) else tuple(owner_axes)
+    missing = [a for a in axes if a not in manual]
+    if missing:
+        raise ValueError(
+            f"owner_axes={owner_axes!r} names axis {missing[0]!r}, which is not a mapped "
+            f"axis here (jax.pmap's axis_name / shard_map's manual axes: {manual})."
+        )
+    return axes
+
+
+def check_mapped(layout: Layout) -> None:
+    """Raises ``ValueError`` unless ``update`` runs where a mapped layout was built.
+
+    A mapped state holds one device's share of every group, so ``update`` must
+    run inside ``jax.pmap`` (or ``shard_map``) over the same axes, of the same
+    total size, as ``init``.
+    """
+    if not layout.mapped:
+        return
+    manual = _manual_axes()
+    missing = [a for a in layout.axes if a not in manual]
+    if missing:
+        raise ValueError(
+            f"the optimizer state was initialized inside jax.pmap in the owner layout over "
+            f"axes {layout.axes} ({layout.devices} devices); update must run inside a pmap "
+            f"over them too, but axis {missing[0]!r} is not mapped here (mapped: {manual})."
+        )
+    devices = math.prod(jax.lax.axis_size(a) for a in layout.axes)
+    if devices != layout.devices:
+        raise ValueError(
+            f"the optimizer state was initialized inside jax.pmap in the owner layout over "
+            f"axes {layout.axes} of {layout.devices} devices, but update runs over "
+            f"{devices} devices: each device holds 1/{layout.devices} of the blocks; "
+            "initialize the state under the same device count."
+        )
+
+
+def total_failed(layout: Layout, before: jax.Array, after: jax.Array) -> jax.Array:
+    """The failed-refresh count after a step, summed over a mapped layout's devices.
+
+    Each device of a mapped layout refreshes only its own blocks, so it counts
+    only their failures; the step's new failures (``after - before``) are summed
+    over the devices so that every device's count is the single-device one.
+    """
+    if not layout.mapped:
+        return after
+    axes = layout.axes
+    return before + jax.lax.psum(after - before, axes[0] if len(axes) == 1 else axes)
+
+
+def _device_index(layout: Layout) -> jax.Array:
+    """This device's position along a mapped layout's axes (row-major over them)."""
+    axes = layout.axes
+    return jax.lax.axis_index(axes[0] if len(axes) == 1 else axes)
+
+
+def share(layout: Layout, group: Group, x: jax.Array) -> jax.Array:
+    """A whole group stack (axis 0 ``group.padded`` long) as the state stores it.
+
+    A mapped layout's state holds this device's ``group.length`` entries (cut
+    at ``lax.axis_index``); otherwise the stack is laid out along axis 0 over
+    the mesh (:func:`_constrain`).
+    """
+    if not layout.mapped:
+        return _constrain(x, layout)
+    n = group.length
+    return jax.lax.dynamic_slice_in_dim(x, _device_index(layout) * n, n)
+
+
+def _whole(x: jax.Array, layout: Layout) -> jax.Array:
+    """A group stack whole on every device: gathered (mapped) or replicated."""
+    if layout.mapped:
+        axes = layout.axes
+        return jax.lax.all_gather(x, axes[0] if len(axes) == 1 else axes, tiled=True)
+    return _replicate(x)
+
+
+def build(
+    plans: Any, params: Any, axes: tuple[str, ...], devices: int, *, mapped: bool = False
+) -> Layout:
+    """Groups the blocks of every preconditioned leaf by block layout and dtype.
+
+    ``mapped``: the state is built per device inside ``jax.pmap`` (each group's
+    ``local`` length is ``padded / devices``).
+    """
     nodes = plan_nodes(plans)
     arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
     members: dict[tuple[Any, str], list[tuple[int, int]]] = {}
@@ -290,11 +455,11 @@ def build(plans: Any, params: Any, axes: tuple[str, ...], devices: int) -> Layou
             continue
         dtype = jnp.promote_types(x.dtype, jnp.float32).name
         members.setdefault((plan.as_batch(1), dtype), []).append((i, plan.stack))
-    groups = tuple(
-        Group(key, dtype, tuple(m), -(-sum(n for _, n in m) // devices) * devices)
-        for (key, dtype), m in members.items()
-    )
-    return Layout(groups, tuple(leaves), tuple(axes), devices)
+    groups = []
+    for (key, dtype), m in members.items():
+        padded = -(-sum(n for _, n in m) // devices) * devices
+        groups.append(Group(key, dtype, tuple(m), padded, padded // devices if mapped else None))
+    return Layout(tuple(groups), tuple(leaves), tuple(axes), devices, mapped)
 
 
 def check(layout: Layout, plans: Any, tree: Any) -> None:
@@ -358,14 +523,15 @@ def to_groups(
         pad = g.padded - g.size
         if pad:
             parts.append(jnp.full((pad,) + g.key.blocks, jnp.nan, g.dtype))
-        blocks.append(_constrain(jnp.concatenate(parts) if len(parts) > 1 else parts[0], layout))
+        blocks.append(share(layout, g, jnp.concatenate(parts) if len(parts) > 1 else parts[0]))
     return {"blocks": tuple(blocks), "leaves": tuple(xs[i] for i in layout.leaves)}
 
 
 def from_groups(layout: Layout, plans: Any, grouped_tree: Any, like: Any) -> Any:
     """A params-shaped tree back from a grouped tree (inverse of :func:`to_groups`).
 
-    Each group stack is gathered once (the one collective of the way back),
+    Each group stack is gathered once (the one collective of the way back; a
+    mapped layout's with ``lax.all_gather`` over its axes),
     sliced into its members' block views and mapped to the leaves' shapes; each
     leaf takes ``like``'s dtype, wrapper and (explicit) sharding. Masked
     positions of ``plans`` keep ``like``'s node.
@@ -375,7 +541,7 @@ def from_groups(layout: Layout, plans: Any, grouped_tree: Any, like: Any) -> Any
     like_nodes = treedef.flatten_up_to(like)
     out: list[Any] = list(like_nodes)
     for g, stack in zip(layout.groups, grouped_tree["blocks"]):
-        stack = _replicate(stack)
+        stack = _whole(stack, layout)
         start = 0
         for i, n in g.members:
             y = plan_leaves[i].from_blocks(stack[start : start + n])
@@ -417,7 +583,7 @@ def zeros(layout: Layout, plans: Any, params: Any) -> dict[str, tuple[Any, ...]]
     """A grouped tree of zeros standing in for the params at ``init``."""
     xs = _bare_leaves(plans, params)
     return {
-        "blocks": tuple(jnp.zeros((g.padded,) + g.key.blocks, g.dtype) for g in layout.groups),
+        "blocks": tuple(jnp.zeros((g.length,) + g.key.blocks, g.dtype) for g in layout.groups),
         "leaves": tuple(jnp.zeros(np.shape(xs[i]), xs[i].dtype) for i in layout.leaves),
     }
 
@@ -441,10 +607,13 @@ def pad_identity(layout: Layout, factors: Sequence[Any], identity: Sequence[Any]
     """
     out = []
     for g, fs, eyes in zip(layout.groups, factors, identity):
-        real = (jnp.arange(g.padded) < g.size)[:, None]
+        index = jnp.arange(g.length)
+        if layout.mapped:
+            index = index + _device_index(layout) * g.length
+        real = index < g.size
         out.append(
             tuple(
-                jnp.where(jnp.reshape(real, (g.padded,) + (1,) * (f.ndim - 1)), f, e)
+                jnp.where(jnp.reshape(real, (g.length,) + (1,) * (f.ndim - 1)), f, e)
                 for f, e in zip(fs, eyes)
             )
         )
@@ -531,7 +700,7 @@ def to_groups_blocks(layout: Layout, per_leaf: Sequence[Any], *, fill: float = 0
             pad = g.padded - g.size
             if pad:
                 xs.append(jnp.full((pad,) + tuple(xs[0].shape[1:]), fill, xs[0].dtype))
-            return _constrain(jnp.concatenate(xs) if len(xs) > 1 else xs[0], layout)
+            return share(layout, g, jnp.concatenate(xs) if len(xs) > 1 else xs[0])
 
         out.append(jax.tree.map(stack, *parts))
     return tuple(out)
@@ -563,20 +732,22 @@ def _member_ids(group: Group) -> np.ndarray:
     return np.repeat(np.arange(len(counts)), counts)
 
 
-def per_member(group: Group, x: jax.Array, reduce: str) -> jax.Array:
+def per_member(group: Group, x: jax.Array, reduce: str, layout: Layout | None = None) -> jax.Array:
     """Per member leaf of ``group``, a reduction of per-block values over its blocks.
 
     Args:
       group: The group.
-      x: Per block of its stack a value, shape ``(padded,)`` (sharded or not).
+      x: Per block of its stack as stored a value, shape ``(group.length,)``
+        (sharded or not; a mapped layout's local share is gathered first).
       reduce: ``'sum'`` or ``'all'`` (``x`` bool).
+      layout: The layout (needed when it is mapped).
 
     Returns:
       Shape ``(len(group.members),)``, replicated: padded blocks never enter.
     """
     ids = _member_ids(group)
     num = len(group.members) + 1
-    x = _replicate(x)
+    x = _replicate(x) if layout is None else _whole(x, layout)
     if reduce == "sum":
         return jax.ops.segment_sum(x, ids, num_segments=num, indices_are_sorted=True)[:-1]
     if reduce == "all":
@@ -597,7 +768,7 @@ def per_block(layout: Layout, group: Group, values: jax.Array, fill: Any) -> jax
       fill: The value of padded blocks.
 
     Returns:
-      Shape ``(padded,)``, laid out like the group's stacks.
+      Shape ``(group.length,)``, laid out like the group's stacks.
     """
     values = jnp.concatenate([values, jnp.full((1,), fill, values.dtype)])
-    return _constrain(values[_member_ids(group)], layout)
+    return share(layout, group, values[_member_ids(group)])

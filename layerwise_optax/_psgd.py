@@ -677,7 +677,9 @@ def _owned_probes(
     out = []
     for g, m, vb, nb in zip(layout.groups, mom["blocks"], v["blocks"], noise["blocks"]):
         gb = m.m_hat
-        sums = _owner.per_member(g, jnp.sum(jnp.abs(gb), axis=tuple(range(1, gb.ndim))), "sum")
+        sums = _owner.per_member(
+            g, jnp.sum(jnp.abs(gb), axis=tuple(range(1, gb.ndim))), "sum", layout
+        )
         sizes = np.array([n for _, n in g.members]) * math.prod(g.key.blocks)
         scale = _owner.per_block(layout, g, tiny * (sums / sizes.astype(sums.dtype)), 0.0)
         out.append((gb + jnp.reshape(scale, (-1,) + (1,) * (gb.ndim - 1)) * nb, vb))
@@ -705,7 +707,7 @@ def _owned_agree(layout: _owner.Layout, valid: list[Any], fitted: Any) -> Any:
     out = []
     for g, (item,) in zip(layout.groups, fitted["blocks"]):
         new, finite = item
-        leaf_ok = _owner.per_member(g, finite, "all")
+        leaf_ok = _owner.per_member(g, finite, "all", layout)
         ok = jnp.stack([valid[i] for i, _ in g.members])
         failed = jnp.sum(ok & ~leaf_ok).astype(jnp.int32)
         out.append(((new, _owner.per_block(layout, g, leaf_ok, False), failed),))
@@ -762,6 +764,7 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
     else:
         _owner.check(layout, plans, updates)
+        _owner.check_mapped(layout)
         work, work_mom, valid = _owned_moments(layout, plans, updates, mom)
         q = state.q.tree()
 
@@ -862,7 +865,13 @@ def scale_by_psgd_kron(
         counts are per leaf in every layout and the updates are the same.
         Static; checkpoints restore into the layout they were saved in.
       owner_axes: Mesh axes the owner layout shards the block axis over
-        (``None``: all of them; a name or a tuple of names). Static.
+        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
+        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
+        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
+        device's state holds only its ``padded / devices`` blocks of every group;
+        ``update`` runs inside a pmap over the same axis and device count, takes
+        each device's blocks at ``lax.axis_index`` and gathers the preconditioned
+        ones with one ``lax.all_gather`` per group. Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -874,6 +883,10 @@ def scale_by_psgd_kron(
         parameter (naming its path) or ``owner_axes`` names an axis the mesh
         does not have; at ``update`` in the owner layout if the updates do not
         have the params' shapes.
+        Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
+        without ``owner_axes`` or with one that is not mapped there, or outside
+        any mesh and pmap with ``owner_axes``; at ``update`` of a state built
+        inside pmap outside a pmap over its axis or over another device count.
 
     Examples:
       ``P = Q^T Q`` starts as ``precond_init_scale`` times the identity, so on a

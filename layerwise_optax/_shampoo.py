@@ -331,7 +331,13 @@ def scale_by_shampoo(
         were saved in (:func:`layerwise_optax.restore_state` resizes the
         padding for another device count).
       owner_axes: Mesh axes the owner layout shards the block axis over
-        (``None``: all of them; a name or a tuple of names). Static.
+        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
+        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
+        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
+        device's state holds only its ``padded / devices`` blocks of every group;
+        ``update`` runs inside a pmap over the same axis and device count, takes
+        each device's blocks at ``lax.axis_index`` and gathers the preconditioned
+        ones with one ``lax.all_gather`` per group. Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
@@ -340,6 +346,10 @@ def scale_by_shampoo(
     Raises:
       ValueError: At construction for out-of-range hyperparameters; at ``init`` if
         ``dimension_numbers`` do not fit a parameter (naming its path).
+        Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
+        without ``owner_axes`` or with one that is not mapped there, or outside
+        any mesh and pmap with ``owner_axes``; at ``update`` of a state built
+        inside pmap outside a pmap over its axis or over another device count.
 
     Examples:
       One step without momentum, grafting or accumulation: the factors are

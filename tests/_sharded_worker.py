@@ -3,8 +3,8 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner``
-(any subset).
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,owner_pmap``
+(any subset; ``owner_pmap_<alias>`` runs one alias's every pmap owner-layout case).
 """
 
 import json
@@ -259,22 +259,7 @@ def owner_case(name, factory, kwargs):
 
     out = dict(alias=name, mode="owner")
     for variant, shapes, extra in _owner_variants(factory):
-        params = {
-            n: jax.random.normal(jax.random.key(i), s)
-            for i, (n, (s, _)) in enumerate(shapes.items())
-        }
-        grads = [
-            {
-                n: jax.random.normal(jax.random.key(100 * t + i), x.shape)
-                for i, (n, x) in enumerate(params.items())
-            }
-            for t in range(STEPS)
-        ]
-        first = next(iter(params))
-        grads[3][first] = grads[3][first].at[1, 2].set(jnp.nan)
-        kw = {**kwargs, "precondition_frequency": 2, **extra}
-        if name == "psgd_kron":
-            kw.pop("precondition_frequency")
+        params, grads, kw = _owner_problem(name, factory, kwargs, shapes, extra)
         ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
         state = ref_tx.init(params)
         reference = []
@@ -314,6 +299,234 @@ def owner_case(name, factory, kwargs):
                 out[f"counts_{key}"] = [int(c) for c in lo.failure_counts(state)]
                 out[f"specs_{key}"] = {k: str(x.sharding.spec) for k, x in outs[-1].items()}
     return out
+
+
+def _owner_problem(name, factory, kwargs, shapes, extra):
+    """Params, 5 gradients (one NaN at step 3) and the options of an owner-layout run."""
+    params = {
+        n: jax.random.normal(jax.random.key(i), s) for i, (n, (s, _)) in enumerate(shapes.items())
+    }
+    grads = [
+        {
+            n: jax.random.normal(jax.random.key(100 * t + i), x.shape)
+            for i, (n, x) in enumerate(params.items())
+        }
+        for t in range(STEPS)
+    ]
+    first = next(iter(params))
+    grads[3][first] = grads[3][first].at[1, 2].set(jnp.nan)
+    kw = {**kwargs, "precondition_frequency": 2, **extra}
+    if name == "psgd_kron":
+        kw.pop("precondition_frequency")
+    return params, grads, kw
+
+
+def owner_pmap_case(name, factory, kwargs, variants, counts):
+    """The owner layout inside ``jax.pmap`` on ``counts`` devices vs one device, replicated.
+
+    ``init`` runs inside the pmap (``owner_axes='batch'``), so each device's state
+    holds its own share of every group stack; the gradients are the same on every
+    device (as after a ``pmean``).
+    """
+    from layerwise_optax import _owner
+
+    out = dict(alias=name, mode="owner_pmap")
+    for variant, shapes, extra in _owner_variants(factory):
+        if variant not in variants:
+            continue
+        params, grads, kw = _owner_problem(name, factory, kwargs, shapes, extra)
+        ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
+        state = ref_tx.init(params)
+        reference = []
+        for g in grads:
+            u, state = jax.jit(ref_tx.update)(g, state, params)
+            reference.append(u)
+        out[f"{variant}_ref_counts"] = [int(c) for c in lo.failure_counts(state)]
+        out[f"{variant}_ref_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
+        tx = build(name, factory, {**kw, "state_layout": "owner", "owner_axes": "batch"})
+        for n in counts:
+            devices = jax.devices()[:n]
+
+            def replicate(t, n=n):
+                return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
+
+            state = jax.pmap(tx.init, axis_name="batch", devices=devices)(replicate(params))
+            update = jax.pmap(tx.update, axis_name="batch", devices=devices)
+            outs = []
+            agree = True
+            for g in grads:
+                u, state = update(replicate(g), state, replicate(params))
+                agree &= all(bool(jnp.all(x == x[:1])) for x in jax.tree.leaves(u))
+                outs.append(jax.tree.map(lambda x: x[0], u))
+            key = f"{variant}_{n}"
+            layout = _owner.layout_of(state)
+            out[f"layout_{key}"] = [layout.devices, list(layout.axes), layout.mapped]
+            # Per group: (real blocks, padded length, stack length each device holds).
+            lengths = set()
+            for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _owner.Grouped)):
+                if isinstance(node, _owner.Grouped):
+                    for g, b in zip(node.layout.groups, node.blocks):
+                        for x in jax.tree.leaves(b):
+                            lengths.add((g.size, g.padded, x.shape[0], x.shape[1]))
+            out[f"stacks_{key}"] = sorted(lengths)
+            out[f"err_{key}"] = max_rel_err(outs, reference)
+            out[f"agree_{key}"] = agree
+            # Each device holds entry [i] of every state array (leading pmap axis).
+            out[f"bytes_{key}"] = sum(x.nbytes // n for x in jax.tree.leaves(state))
+            # The counts of every device (the failed refreshes are summed over them).
+            out[f"counts_{key}"] = sorted(
+                {
+                    tuple(
+                        int(c) for c in lo.failure_counts(jax.tree.map(lambda x, i=i: x[i], state))
+                    )
+                    for i in range(n)
+                }
+            )
+    return out
+
+
+def owner_pmap_kfac_case():
+    """K-FAC's owner-layout problem of ``tests/test_owner.py`` (folded bias, a group in
+    which one kernel has no statistics, batch axes, a NaN step, bad statistics) in
+    the pmap owner layout on 4 devices vs one device, replicated."""
+    from tests.test_owner import _kfac_problem
+
+    params, spec, grads, stats = _kfac_problem(5, nan_at=3, bad_stats_at=1)
+    kw = {"precondition_frequency": 2, "dimension_numbers": spec}
+    ref = lo.kfac(1e-2, **kw, state_layout="replicated")
+    state = ref.init(params)
+    reference = []
+    for g, st in zip(grads, stats):
+        u, state = jax.jit(ref.update)(g, state, params, kfac_stats=st)
+        reference.append(u)
+    ref_counts = [int(c) for c in lo.failure_counts(state)]
+    tx = lo.kfac(1e-2, **kw, state_layout="owner", owner_axes="batch")
+    four = jax.devices()[:4]
+
+    def rep(t):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (4,) + x.shape), t)
+
+    state = jax.pmap(tx.init, axis_name="batch", devices=four)(rep(params))
+    update = jax.pmap(
+        lambda g, s, p, k: tx.update(g, s, p, kfac_stats=k), axis_name="batch", devices=four
+    )
+    outs = []
+    for g, st in zip(grads, stats):
+        u, state = update(rep(g), state, rep(params), rep(st))
+        outs.append(jax.tree.map(lambda x: x[0], u))
+    counts = [int(c) for c in lo.failure_counts(jax.tree.map(lambda x: x[0], state))]
+    return dict(
+        mode="owner_pmap_kfac",
+        max_rel_err=max_rel_err(outs, reference),
+        counts=counts,
+        ref_counts=ref_counts,
+    )
+
+
+def owner_pmap_errors_case():
+    """Bad input of the pmap owner layout: (case, message) pairs."""
+    params = {"w": jnp.ones((6, 4))}
+    grads = {"w": jnp.ones((6, 4))}
+
+    def rep(t, n):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
+
+    def attempt(fn):
+        try:
+            fn()
+            return None
+        except ValueError as e:
+            return str(e)
+
+    owner = lo.shampoo(1e-2, state_layout="owner", owner_axes="batch")
+    bare = lo.shampoo(1e-2, state_layout="owner")
+    other = lo.soap(1e-2, state_layout="owner", owner_axes="model")
+    four = jax.devices()[:4]
+    state = jax.pmap(owner.init, axis_name="batch", devices=four)(rep(params, 4))
+    out = {
+        "no_owner_axes": attempt(
+            lambda: jax.pmap(bare.init, axis_name="batch", devices=four)(rep(params, 4))
+        ),
+        "axis_not_mapped": attempt(
+            lambda: jax.pmap(other.init, axis_name="batch", devices=four)(rep(params, 4))
+        ),
+        "init_outside_pmap": attempt(lambda: owner.init(params)),
+        "update_outside_pmap": attempt(
+            lambda: owner.update(grads, jax.tree.map(lambda x: x[0], state), params)
+        ),
+        "other_device_count": attempt(
+            lambda: jax.pmap(owner.update, axis_name="batch", devices=jax.devices()[:8])(
+                rep(grads, 8), jax.tree.map(lambda x: jnp.concatenate([x, x]), state)
+            )
+        ),
+    }
+    # 'auto' inside pmap: replicated unless owner_axes names the mapped axis.
+    from layerwise_optax import _owner
+
+    for case, tx in (
+        ("auto", lo.shampoo(1e-2)),
+        ("auto_owner_axes", lo.shampoo(1e-2, owner_axes="batch")),
+    ):
+        init = jax.pmap(tx.init, axis_name="batch", devices=four)
+        layout = _owner.layout_of(init(rep(params, 4)))
+        out[case] = None if layout is None else [layout.devices, layout.mapped]
+    return dict(mode="owner_pmap_errors", results=out)
+
+
+def owner_shard_map_case():
+    """The mapped owner layout inside ``jax.shard_map`` (manual 'data' axis, 4 devices).
+
+    The group stacks come out of the shard_map as ``P('data')`` (each device's
+    share), everything else replicated; the updates must equal one device's.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from layerwise_optax import _owner
+
+    shapes = {"w": ((64, 48), None), "v": ((3, 200), None)}
+    params, grads, kw = _owner_problem("shampoo", lo.shampoo, {}, shapes, {"block_size": 16})
+    ref = lo.shampoo(1e-2, **kw, state_layout="replicated")
+    state = ref.init(params)
+    reference = []
+    for g in grads:
+        u, state = jax.jit(ref.update)(g, state, params)
+        reference.append(u)
+    tx = lo.shampoo(1e-2, **kw, state_layout="owner", owner_axes="data")
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+
+    def specs(tree):
+        def one(node):
+            if isinstance(node, _owner.Grouped):
+                return _owner.Grouped(
+                    jax.tree.map(lambda _: P("data"), node.blocks),
+                    jax.tree.map(lambda _: P(), node.leaves),
+                    node.layout,
+                )
+            return jax.tree.map(lambda _: P(), node)
+
+        return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, _owner.Grouped))
+
+    # check_vma=False: the state's arrays are per-device shares by construction.
+    probe = jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    spec = specs(jax.eval_shape(probe, params))
+    init = jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=spec, check_vma=False)
+    update = jax.shard_map(
+        tx.update, mesh=mesh, in_specs=(P(), spec, P()), out_specs=(P(), spec), check_vma=False
+    )
+    state = jax.jit(init)(params)
+    outs = []
+    for g in grads:
+        u, state = jax.jit(update)(g, state, params)
+        outs.append(u)
+    stacks = sorted(
+        {
+            x.shape[0]
+            for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _owner.Grouped))
+            if isinstance(n, _owner.Grouped)
+            for x in jax.tree.leaves(n.blocks)
+        }
+    )
+    return dict(mode="owner_shard_map", max_rel_err=max_rel_err(outs, reference), stacks=stacks)
 
 
 def _shard_map_inputs(jaxpr):
@@ -406,6 +619,22 @@ def main(modes):
     if "owner" in modes:
         for name, factory, kwargs in _layout_aliases():
             print(json.dumps(owner_case(name, factory, kwargs)), flush=True)
+    if "owner_pmap" in modes:
+        # The default tier: Shampoo, many blocks per group (12 and 13, padded to
+        # 16 on 8 devices); owner_pmap_<alias> runs the rest.
+        print(json.dumps(owner_pmap_errors_case()), flush=True)
+        print(json.dumps(owner_shard_map_case()), flush=True)
+        for name, factory, kwargs in _layout_aliases():
+            if name == "shampoo":
+                out = owner_pmap_case(name, factory, kwargs, ("many",), (8,))
+                print(json.dumps(out), flush=True)
+    for name, factory, kwargs in _layout_aliases():
+        # One alias per mode (the slow tier runs them as separate tests).
+        if f"owner_pmap_{name}" in modes:
+            out = owner_pmap_case(name, factory, kwargs, ("plain", "many"), (2, 4, 8))
+            print(json.dumps(out), flush=True)
+            if name == "kfac":
+                print(json.dumps(owner_pmap_kfac_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue
