@@ -316,7 +316,7 @@ def scale_by_kfac(
         of the whole batch. ``None``: the statistics are used as given (already
         global, e.g. under ``jit`` with sharded batches).
       state_layout: Where the per-layer state (factor EMAs, Cholesky factors,
-        pending statistics, moments) lives on a device mesh. ``'auto'``
+        pending statistics) lives on a device mesh. ``'auto'``
         (default): the *owner layout* when ``init`` runs under a mesh of more
         than one device (:func:`jax.set_mesh`, or params sharded over one;
         :func:`layerwise_optax.state_shardings` sets it), else replicated.
@@ -327,8 +327,10 @@ def scale_by_kfac(
         factorizes only its own layers' factors, the layer statistics of
         ``kfac_stats`` and the gradient of a layer go to the device that owns
         it, and the state per device shrinks with the device count; without a
-        mesh the stacks are kept whole. ``'replicated'``: per leaf, every factor
-        on every device (the layout of earlier versions). The updates are the
+        mesh the stacks are kept whole. The moments ``mu`` and ``nu`` stay
+        params-shaped in every layout (sharded like their parameters by
+        :func:`layerwise_optax.state_shardings`). ``'replicated'``: per leaf,
+        every factor on every device (the layout of earlier versions). The updates are the
         same in every layout. Static; checkpoints restore into the layout they
         were saved in.
       owner_axes: Mesh axes the owner layout shards the slice axis over
