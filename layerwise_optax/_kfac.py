@@ -156,12 +156,13 @@ class ScaleByKfacState(NamedTuple):
         layout as ``factors``; zero outside an accumulation.
       pending_count: int32 scalar, the number of mini-steps in ``pending``.
 
-    In the owner layout (``state_layout`` of :func:`scale_by_kfac`) ``mu``,
-    ``nu``, ``factors``, ``inverses`` and ``pending`` are grouped
+    In the owner layout (``state_layout`` of :func:`scale_by_kfac`)
+    ``factors``, ``inverses`` and ``pending`` are grouped
     (``layerwise_optax._owner.Grouped``): per group of kernels with the same
     factor shapes one stack of layer slices (a folded kernel's slice holds its
     bias as the last input row), sharded along the slice axis, and per leaf
-    without factors its entry as above.
+    without factors its entry as above. ``mu`` and ``nu`` stay params trees,
+    sharded like their parameters (:func:`layerwise_optax.state_shardings`).
 
     .. note::
       Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
@@ -315,7 +316,7 @@ def scale_by_kfac(
         of the whole batch. ``None``: the statistics are used as given (already
         global, e.g. under ``jit`` with sharded batches).
       state_layout: Where the per-layer state (factor EMAs, Cholesky factors,
-        pending statistics, moments) lives on a device mesh. ``'auto'``
+        pending statistics) lives on a device mesh. ``'auto'``
         (default): the *owner layout* when ``init`` runs under a mesh of more
         than one device (:func:`jax.set_mesh`, or params sharded over one;
         :func:`layerwise_optax.state_shardings` sets it), else replicated.
@@ -326,8 +327,10 @@ def scale_by_kfac(
         factorizes only its own layers' factors, the layer statistics of
         ``kfac_stats`` and the gradient of a layer go to the device that owns
         it, and the state per device shrinks with the device count; without a
-        mesh the stacks are kept whole. ``'replicated'``: per leaf, every factor
-        on every device (the layout of earlier versions). The updates are the
+        mesh the stacks are kept whole. The moments ``mu`` and ``nu`` stay
+        params-shaped in every layout (sharded like their parameters by
+        :func:`layerwise_optax.state_shardings`). ``'replicated'``: per leaf,
+        every factor on every device (the layout of earlier versions). The updates are the
         same in every layout. Static; checkpoints restore into the layout they
         were saved in.
       owner_axes: Mesh axes the owner layout shards the slice axis over
@@ -395,7 +398,7 @@ def scale_by_kfac(
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
             return _init(params, plans, mu_dtype)
-        return _owned_init(owner, plans, work, mu_dtype)
+        return _owned_init(owner, plans, params, work, mu_dtype)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
@@ -412,14 +415,23 @@ def scale_by_kfac(
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
-            run = functools.partial(
-                _step, hp=hp, frequency=precondition_frequency, static=static, emit=emit
-            )
             owner = _owner.layout_of(state)
             if owner is not None:
                 return _owned_update(
-                    run, owner, layout, updates, grads, stats, state, static.mu_dtype
+                    owner,
+                    layout,
+                    updates,
+                    grads,
+                    stats,
+                    state,
+                    hp=hp,
+                    frequency=precondition_frequency,
+                    static=static,
+                    emit=emit,
                 )
+            run = functools.partial(
+                _step, hp=hp, frequency=precondition_frequency, static=static, emit=emit
+            )
             work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
             new = run(grads, stats, work_state, plans)
             back = functools.partial(_unfold, layout)
@@ -796,7 +808,9 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
 
 # ----------------------------------------------------------------------------- owner layout
 
-_GROUPED_FIELDS = ("mu", "nu", "factors", "inverses", "pending")
+# The per-block fields of the owner layout; the moments ``mu`` and ``nu`` stay
+# shaped and sharded like their parameters (see ``_owned_update``).
+_GROUPED_FIELDS = ("factors", "inverses", "pending")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -808,8 +822,8 @@ class _Partial:
     the diagonal fallback). ``present`` (a bool array, one per block of the
     stack as stored: a device's share inside ``jax.pmap``) marks the blocks that do; the others are treated exactly as a leaf without
     statistics is in the replicated layout: their factors and pending statistics
-    are kept, their Cholesky factors are not refreshed and their direction is
-    the diagonal fallback's.
+    are kept and their Cholesky factors are not refreshed (their direction is
+    the diagonal fallback's, computed params-shaped by :func:`_owned_update`).
     """
 
     def __init__(self, factors: KfacFactors, present: Any):
@@ -831,12 +845,16 @@ def _present(s: Any) -> tuple[Any, Any]:
     return s, None
 
 
-def _owned_init(owner: _owner.Layout, plans: Any, work: Any, mu_dtype: Any) -> ScaleByKfacState:
-    """:func:`_init` on the grouped tree of ``work`` (the params in the working layout).
+def _owned_init(
+    owner: _owner.Layout, plans: Any, params: Any, work: Any, mu_dtype: Any
+) -> ScaleByKfacState:
+    """:func:`_init` with the factor state on the grouped tree of ``work`` (working layout).
 
     The factor EMAs of padded blocks hold the identity
     (:func:`layerwise_optax._owner.pad_identity`), so their factorizations stay
-    finite; every per-block field is laid out along the block axis.
+    finite; every per-block field is laid out along the block axis. The
+    moments are the replicated layout's: shaped (and, under ``state_shardings``,
+    sharded) like ``params``.
     """
     grouped_plans = owner.plans(plans)
     state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype)
@@ -845,7 +863,8 @@ def _owned_init(owner: _owner.Layout, plans: Any, work: Any, mu_dtype: Any) -> S
     ]
     grouped = cast(dict[str, Any], state.factors)  # the grouped tree of _owner.zeros
     factors = {**grouped, "blocks": _owner.pad_identity(owner, grouped["blocks"], eyes)}
-    state = state._replace(factors=factors)
+    moments = _init(params, plans, mu_dtype)
+    state = state._replace(factors=factors, mu=moments.mu, nu=moments.nu)
     return state._replace(
         **{
             name: _owner.grouped(_owner.place_state(owner, getattr(state, name)), owner)
@@ -854,15 +873,20 @@ def _owned_init(owner: _owner.Layout, plans: Any, work: Any, mu_dtype: Any) -> S
     )
 
 
-def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
+def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency, static, emit):
     """One update of an owner-layout state (see ``state_layout`` of :func:`scale_by_kfac`).
 
     Each working leaf's validity (gradient and statistics finite) is decided
     once, per leaf as in the replicated layout; the gradient blocks of the
     leaf go to their owners (NaN where it is not valid) together with the
-    leaf's statistics (:func:`layerwise_optax._owner.to_groups_blocks`), the
-    four phases run on the grouped tree, and the updates come back in the
-    params' layout. Skipped events are counted per leaf.
+    leaf's statistics (:func:`layerwise_optax._owner.to_groups_blocks`).
+    Phases 1 and 2 (statistics, refresh) and the Cholesky solves of phase 3
+    run on the grouped tree where the blocks lie; the solved blocks come back
+    once, in float32 and the params' layout
+    (:func:`layerwise_optax._owner.from_groups`), and the rest of phase 3
+    (diagonal fallback, momentum; elementwise) runs on the params-shaped
+    moments where they lie, so the moments are never stacked or padded.
+    Skipped events are counted per working leaf.
     """
     plans = layout.work_plans
     _owner.check(owner, plans, grads)
@@ -891,18 +915,113 @@ def _owned_update(run, owner, layout, updates, grads, stats, state, mu_dtype):
     grouped_grads = _owner.to_groups(owner, plans, grads, valid=valid)
     grouped_plans = owner.plans(plans)
     inner = state._replace(**{name: getattr(state, name).tree() for name in _GROUPED_FIELDS})
-    new = run(grouped_grads, grouped_stats, inner, grouped_plans)
-    new_state = _new_state(grouped_plans, inner, new, mu_dtype)
-    skipped = _failure.count_invalid([v for v in valid if v is not None])
-    new_state = new_state._replace(
-        failures=_failure.FailureCounts(
-            state.failures.skipped + skipped,
-            _owner.total_failed(owner, state.failures.failed, new_state.failures.failed),
-        ),
-        **{name: _owner.grouped(getattr(new_state, name), owner) for name in _GROUPED_FIELDS},
+    count = _kron.increment(state.count)
+    acc = _accumulate(grouped_grads, grouped_stats, inner, grouped_plans, hp.factor_decay)
+    refresh = _kron.every(state.count, frequency)
+    inverses, failed = _refresh(
+        refresh, acc, inner, grouped_plans, grouped_stats, hp, count, static
     )
-    out = _owner.from_groups(owner, plans, _axes.unzip(new.out, "update"), grads)
-    return _unfold(layout, out, updates), new_state
+    solved = _owned_solves(grouped_grads, grouped_stats, inverses, grouped_plans, static.sides)
+
+    # The solved blocks in float32 (the moments' arithmetic is the replicated
+    # layout's), in the params' layout: folded pairs split like the updates.
+    def wide(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+    solved = _unfold(layout, _owner.from_groups(owner, plans, solved, wide(grads)), wide(updates))
+    mu, nu, out = _owned_moments(layout, updates, state, solved, views, valid, hp, count, static)
+    pending = _axes.map_leaves(
+        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats),
+        grouped_plans,
+        acc,
+    )
+    grouped_new = {
+        "factors": _axes.bare(grouped_plans, _axes.unzip(acc, "factors")),
+        "inverses": _axes.bare(grouped_plans, inverses),
+        "pending": _axes.bare(grouped_plans, pending),
+    }
+    new_state = state._replace(
+        count=count,
+        mu=mu,
+        nu=nu,
+        failures=_failure.add(
+            state.failures,
+            skipped=_failure.count_invalid([v for v in valid if v is not None]),
+            # Inside pmap each device refreshes only its own blocks: summed over them.
+            failed=_owner.total_failed(owner, 0, failed),
+        ),
+        pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
+        **{name: _owner.grouped(x, owner) for name, x in grouped_new.items()},
+    )
+    return out, new_state
+
+
+def _owned_solves(grads, stats, inverses, plans, sides) -> dict[str, tuple[Any, ...]]:
+    """The Cholesky solves of phase 3 on the grouped tree (:func:`_precondition`).
+
+    Per group with statistics its solved stack (each device solves the blocks
+    it owns); ``None`` for a group without (nothing to gather). A leaf without
+    factors that has statistics (a kernel whose dimensions are all of length
+    one) is solved as in the replicated layout; other leaves give ``None``.
+    """
+
+    def solve(g, plan, s, inv):
+        if plan.spec is None or s is None:
+            return None
+        return _precondition(_failure.guard(g, per_block=plan.per_block)[1], inv, plan, sides)
+
+    blocks = tuple(
+        solve(g, plan, s, inv)
+        for g, plan, s, inv in zip(
+            grads["blocks"], plans["blocks"], stats["blocks"], inverses["blocks"]
+        )
+    )
+    leaves = tuple(
+        None if plan.spec is None or s is None else _axes.on_gathered(solve, g, plan, s, inv)
+        for g, plan, s, inv in zip(
+            grads["leaves"], plans["leaves"], stats["leaves"], inverses["leaves"]
+        )
+    )
+    return {"blocks": blocks, "leaves": leaves}
+
+
+def _owned_moments(layout, updates, state, solved, views, valid, hp, count, static):
+    """Phase 3 after the solves, on the params-shaped moments (owner layout).
+
+    Per leaf of ``updates`` (a folded bias with its kernel's working leaf): the
+    solved direction where the working leaf has statistics, else the diagonal
+    fallback ``nu <- b2 nu + (1 - b2) g^2``, ``u = g / (nu_hat + lambda)``; then
+    :func:`_momentum`. The same elementwise arithmetic as the replicated layout's
+    :func:`_direction_leaf`, on arrays laid out like the parameter (no gather).
+
+    Returns:
+      ``(mu, nu, updates)`` trees like ``state.mu``, ``state.nu`` and ``updates``.
+    """
+    flat, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    work = list(range(len(flat)))
+    for k, b in layout.folds:
+        work[b] = k
+    columns = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, solved)]
+    mus, nus, outs = [], [], []
+    for j, (g, mu, nu, u) in enumerate(zip(flat, *columns)):
+        w = work[j]
+        if _axes.is_masked(g) or valid[w] is None:
+            mus.append(mu)
+            nus.append(nu)
+            outs.append(g)
+            continue
+        ok = valid[w]
+        g32 = jnp.where(ok, g.astype(jnp.promote_types(g.dtype, jnp.float32)), 0)
+        if views[w] is None:
+            # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
+            nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
+            u = g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
+        new_mu, d = _momentum(u, mu, hp.momentum, static.nesterov, ok)
+        dtype = static.mu_dtype if static.mu_dtype is not None else mu.dtype
+        mus.append(new_mu.astype(dtype))
+        nus.append(nu)
+        outs.append(_failure.zero_unless(ok, d, g.dtype))
+    return tuple(treedef.unflatten(c) for c in (mus, nus, outs))
 
 
 def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:

@@ -3,7 +3,7 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,owner_pmap``
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,traffic,owner_pmap``
 (any subset; ``owner_pmap_<alias>`` runs one alias's every pmap owner-layout case).
 """
 
@@ -529,6 +529,38 @@ def owner_shard_map_case():
     return dict(mode="owner_shard_map", max_rel_err=max_rel_err(outs, reference), stacks=stacks)
 
 
+def traffic_case():
+    """K-FAC's collective bytes per device of an ordinary and a refresh step (owner layout).
+
+    A 64-128-128-10 MLP (one block per layer: every group has fewer blocks than
+    the 8 devices) with FSDP specs, as ``benchmarks.sharded_state`` measures it
+    (the compiled program's collectives), beside the parameter bytes.
+    """
+    from benchmarks import sharded_state
+    from benchmarks.step_time import make_tree, mlp_shapes
+
+    params = make_tree(mlp_shapes(64, 128, 128, 10), jax.random.key(0))
+    mesh = jax.make_mesh((8,), ("data",))
+    specs = sharded_state._specs(params, 8)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    tx = lo.kfac(1e-3, precondition_frequency=10)
+    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+    stats = sharded_state._kfac_stats(params)
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, shardings)
+        state = jax.jit(tx.init, out_shardings=promised)(p)
+        step = jax.jit(
+            lambda g, s, p: tx.update(g, s, p, kfac_stats=stats),
+            out_shardings=(shardings, promised),
+        )
+        hlo = step.lower(p, state, p).compile().as_text()
+    return dict(
+        mode="traffic",
+        params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
+        collective_bytes=sharded_state.hlo_collective_bytes(hlo),
+    )
+
+
 def _shard_map_inputs(jaxpr):
     """Per ``shard_map`` in a jaxpr (nested ones included), its per-device input shapes."""
     found = []
@@ -614,6 +646,8 @@ def main(modes):
         print(json.dumps(errors_case()), flush=True)
     if "spread" in modes:
         print(json.dumps(spread_case()), flush=True)
+    if "traffic" in modes:
+        print(json.dumps(traffic_case()), flush=True)
     if "pmap" in modes:
         print(json.dumps(pmap_stats_case()), flush=True)
     if "owner" in modes:

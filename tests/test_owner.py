@@ -340,6 +340,17 @@ def test_kfac_owner_layout_gives_the_replicated_updates_and_counts(name):
     # never count, and no factorization fails.
     assert lo.failure_counts(state) == lo.failure_counts(ref_state)
     assert tuple(int(x) for x in lo.failure_counts(state)) == (3, 0)
+    # Only the factor state is grouped: the moments stay params trees (sharded like
+    # their parameters under a mesh, never stacked or padded) and equal the
+    # replicated layout's.
+    kfac_state, ref_kfac_state = state[0], ref_state[0]  # lo.kfac chains scale_by_kfac first
+    assert isinstance(kfac_state.factors, _owner.Grouped)
+    for field in ("mu", "nu"):
+        r, o = getattr(ref_kfac_state, field), getattr(kfac_state, field)
+        assert jax.tree.structure(o) == jax.tree.structure(params), field
+        for x, y in zip(jax.tree.leaves(r), jax.tree.leaves(o)):
+            assert x.dtype == y.dtype and x.shape == y.shape, field
+        assert _max_rel(r, o) < (1e-2 if name.endswith("bf16_mu") else 1e-5), field
 
 
 def test_kfac_owner_layout_under_multi_steps_and_inject_hyperparams():

@@ -64,7 +64,7 @@ def _check_mesh_results(results, mode):
 
 
 def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
-    results = _worker(["errors", "spread", "auto", "explicit", "mix"])
+    results = _worker(["errors", "spread", "traffic", "auto", "explicit", "mix"])
     # The issue's spec mix (w (64, 48) on ('data', 'model'), b (48,) on 'model') with a
     # plainly initialized state, made from sharded and from unsharded params: every
     # select between the state and the sharded gradient is laid out alike.
@@ -98,6 +98,18 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert set(owners) == set(range(7))
     _check_mesh_results(results, "AxisType.Auto")
     _check_mesh_results(results, "AxisType.Explicit")
+    # Issue 15: K-FAC's ordinary step in the owner layout moves each gradient block
+    # to its owner (one all-gather of the gradients) and the solved blocks back
+    # (an all-reduce of the real blocks only: every group of this MLP has one
+    # block, padded to 8; all-gathering the padded stacks moved 9x the params).
+    (traffic,) = [r for r in results if r.get("mode") == "traffic"]
+    params_bytes, steps = traffic["params_bytes"], traffic["collective_bytes"]
+    for kind in ("ordinary", "refresh"):
+        comm = steps[kind]
+        assert set(comm) <= {"all-gather", "all-reduce"}, (kind, comm)
+        assert comm["all-gather"] <= params_bytes, (kind, comm, params_bytes)
+        # Solved blocks plus the per-leaf validity flags (a few scalars).
+        assert comm["all-reduce"] <= params_bytes + 256, (kind, comm, params_bytes)
     (errors,) = [r for r in results if r.get("mode") == "errors"]
     messages = dict(errors["results"])
     assert "['layer']['w']" in messages["missing_axis"]
