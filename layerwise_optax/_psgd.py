@@ -437,8 +437,14 @@ def _fit_blocks(key: tuple[_axes.LeafPlan, Any], lr: jax.Array) -> Callable[...,
     return fit
 
 
-def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) -> _kron.Refreshed:
+def _keep_fit(
+    q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any, salt: jax.Array
+) -> _kron.Refreshed:
     """The failure policy of one leaf's fit: all new factors, or all previous ones.
+
+    The factors, fitted in float32, are stored in ``dtype`` by
+    :func:`layerwise_optax._kron.stochastic_round` (salted with ``salt``, the
+    step count): the fit's small relative steps survive bfloat16 storage.
 
     The new factors are kept when the leaf's gradient was valid and every new
     factor is finite; a valid leaf whose fit was not finite keeps its previous
@@ -461,7 +467,10 @@ def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) ->
         new, finite = fitted
         good = m.ok & jnp.all(finite)
         failed = (m.ok & ~good).astype(jnp.int32)
-    kept = tuple(f.astype(dtype) for f in _failure.keep(good, new, old))
+    kept = tuple(
+        _kron.stochastic_round(f, dtype, salt)
+        for f in _failure.keep(good, new, tuple(o.astype(jnp.float32) for o in old))
+    )
     return _kron.Refreshed(kept, (), failed)
 
 
@@ -473,6 +482,8 @@ def _fit(
     lr: jax.Array,
     s: _Settings,
     agree: Callable[[Any], Any] | None = None,
+    *,
+    salt: jax.Array,
 ) -> tuple[Any, jax.Array]:
     """Phase 2b: fit every leaf's factors on its momentum and probe (see the module docstring).
 
@@ -492,6 +503,7 @@ def _fit(
       s: The settings.
       agree: Applied to the fitted tree before the failure policy (the owner
         layout's per-leaf flags and counts, :func:`_owned_agree`).
+      salt: The step count, for the stochastic rounding of the stored factors.
     """
 
     def prepare(plan, m, q_leaf, probe):
@@ -508,7 +520,7 @@ def _fit(
     fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probes, distribute=s.distribute)
     if agree is not None:
         fitted = agree(fitted)
-    keep = functools.partial(_keep_fit, dtype=s.precond_dtype)
+    keep = functools.partial(_keep_fit, dtype=s.precond_dtype, salt=salt)
     out = _axes.map_leaves(keep, plans, q, mom, fitted)
     return _axes.unzip(out, "factors"), _failure.total(_axes.unzip(out, "failed"))
 
@@ -667,7 +679,9 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
     if layout is None:
         work, work_mom, q = plans, mom, state.q
-        fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
+        fit = functools.partial(
+            _fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s, salt=state.count
+        )
     else:
         _owner.check(layout, plans, updates)
         work, work_mom, valid = _owned_moments(layout, plans, updates, mom)
@@ -676,7 +690,7 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         def fit(q):
             probes = _owned_probes(layout, plans, work_mom, probe_keys)
             agree = functools.partial(_owned_agree, layout, valid)
-            new, failed = _fit(q, work, work_mom, probes, lr, s, agree)
+            new, failed = _fit(q, work, work_mom, probes, lr, s, agree, salt=state.count)
             # Laid out as stored: the fit runs over all the mesh's devices, which
             # with ``owner_axes`` a subset of the axes is another layout.
             return _owner.place_state(layout, new), failed
