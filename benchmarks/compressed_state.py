@@ -22,7 +22,7 @@ Reduced run (stated in benchmarks/README too): 2 seeds (the record used 3) and
 the workloads' full step counts (600 MNIST-1D, 300 character LM); ``--quick``:
 1 seed, 40 steps, MNIST-1D only.
 
-Run: ``python -m benchmarks.compressed_state [--quick] [--seeds N] [--out DIR]``.
+Run: ``python -m benchmarks.compressed_state [--quick] [--seeds N] [--jobs N] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -94,42 +94,63 @@ def memory(quick: bool) -> dict:
     return out
 
 
+def _run(job: tuple) -> dict:
+    """One (workload, alias, dtype) at one learning rate over the seeds (a worker's task)."""
+    wname, alias, dtype, lr, steps, seeds, target = job
+    workload = WORKLOADS[wname]
+    train_data, _, _ = workload.data()
+    train, _, _ = time_to_target.make_train(
+        factory(alias, dtype), alias == "kfac", workload, train_data, steps
+    )
+    train = jax.jit(train)
+    hits, finals = [], []
+    for seed in range(seeds):
+        losses = np.asarray(train(jnp.float32(lr), seed)[0])
+        hits.append(time_to_target._first_hit(losses, target))
+        finals.append(time_to_target._final(losses))
+    row = {
+        "lr": lr,
+        "steps_to_target": statistics.median(hits),
+        "steps_to_target_per_seed": hits,
+        "final_loss": statistics.median(finals),
+        "final_loss_per_seed": finals,
+    }
+    print(wname, alias, dtype, row, flush=True)
+    return row
+
+
 def quality(args) -> dict:
-    """Steps to target and final loss per workload, alias and dtype (median over seeds)."""
+    """Steps to target and final loss per workload, alias and dtype (median over seeds).
+
+    With ``--jobs N`` the runs go to N worker processes (each compiles its own
+    runs; the results do not depend on N).
+    """
     record_path = latest_ttt_record()
     record = json.loads(record_path.read_text())["results"]
-    out = {"record": str(record_path.relative_to(_RESULTS.parent.parent))}
+    out: dict = {"record": str(record_path.relative_to(_RESULTS.parent.parent))}
+    jobs = []
     for wname in args.workloads:
-        workload = WORKLOADS[wname]
         rec = record[wname]
-        train_data, _, _ = workload.data()
         steps = args.steps or rec["steps"]
-        target = rec["target_loss"]
-        rows = {}
+        out[wname] = {"steps": steps, "target_loss": rec["target_loss"], "rows": {}}
         for alias in ALIASES:
             summ = rec["summary"][alias]
             lr = summ["lr_for_target"]
             if not math.isfinite(summ["steps_to_target"]):
                 lr = summ["best_lr_by_final_loss"]
             for dtype in DTYPES:
-                train, _, _ = time_to_target.make_train(
-                    factory(alias, dtype), alias == "kfac", workload, train_data, steps
-                )
-                train = jax.jit(train)
-                hits, finals = [], []
-                for seed in range(args.seeds):
-                    losses = np.asarray(train(jnp.float32(lr), seed)[0])
-                    hits.append(time_to_target._first_hit(losses, target))
-                    finals.append(time_to_target._final(losses))
-                rows[f"{alias}/{dtype}"] = {
-                    "lr": lr,
-                    "steps_to_target": statistics.median(hits),
-                    "steps_to_target_per_seed": hits,
-                    "final_loss": statistics.median(finals),
-                    "final_loss_per_seed": finals,
-                }
-                print(wname, alias, dtype, rows[f"{alias}/{dtype}"], flush=True)
-        out[wname] = {"steps": steps, "target_loss": target, "rows": rows}
+                jobs.append((wname, alias, dtype, lr, steps, args.seeds, rec["target_loss"]))
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            rows = list(pool.map(_run, jobs))
+    else:
+        rows = [_run(job) for job in jobs]
+    for job, row in zip(jobs, rows):
+        out[job[0]]["rows"][f"{job[1]}/{job[2]}"] = row
     return out
 
 
@@ -166,6 +187,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--steps", type=int, default=None, help="default: the record's")
     parser.add_argument("--workloads", nargs="*", default=None, choices=QUALITY_WORKLOADS)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the runs")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 2)
@@ -173,8 +195,8 @@ def main(argv=None) -> dict:
         args.steps = args.steps or 40
         args.workloads = args.workloads or ["mnist1d"]
     args.workloads = args.workloads or list(QUALITY_WORKLOADS)
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--seeds and --steps must be >= 1")
+    if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--seeds, --jobs and --steps must be >= 1")
     results = {"memory": memory(args.quick), "quality": {"workloads": args.workloads}}
     results["quality"].update(quality(args))
     text = table(results)
