@@ -764,6 +764,9 @@ def scale_by_psgd_kron(
       merge_small_dims: Merge small adjacent axes in the default policy.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype (default float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       state_layout: Where the factors ``Q`` live on a device mesh. ``'auto'`` (default): the *owner layout* when ``init`` runs
         under a mesh of more than one device (:func:`jax.set_mesh`, or params
         sharded over one; :func:`layerwise_optax.state_shardings` sets it), else
@@ -882,6 +885,9 @@ def psgd_kron(
       merge_small_dims: Merge small adjacent axes.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype.
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_psgd_kron`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
