@@ -182,7 +182,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, MNIST-1D")
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--steps", type=int, default=None, help="default: the record's")
