@@ -156,13 +156,11 @@ def quality(args) -> dict:
 
 def table(results: dict) -> str:
     """The README table: bytes (library = formula) and steps to target / final loss."""
+    heads = [f"{t} state MB (Kronecker part)" for t in results["memory"]]
+    heads += [f"{w} steps to target (final loss)" for w in results["quality"]["workloads"]]
     lines = [
-        "| alias | dtype | "
-        + " | ".join(f"{t} state MB (Kronecker part)" for t in results["memory"])
-        + " | "
-        + " | ".join(f"{w} steps to target (final loss)" for w in results["quality"]["workloads"])
-        + " |",
-        "|---|---|" + "---|" * (len(results["memory"]) + len(results["quality"]["workloads"])),
+        "| alias | dtype | " + " | ".join(heads) + " |",
+        "|---|---|" + "---|" * len(heads),
     ]
     for alias in ALIASES:
         for dtype in DTYPES:
