@@ -173,8 +173,10 @@ def table(results: dict) -> str:
                     f"{r['state_bytes'] / 1e6:.1f} ({r['kronecker_bytes'] / 1e6:.1f}){same}"
                 )
             for w in results["quality"]["workloads"]:
-                q = results["quality"][w]["rows"][key]
-                cells.append(f"{q['steps_to_target']:g} ({q['final_loss']:.4g})")
+                q = results["quality"][w]["rows"].get(key)  # None: a run that did not finish
+                cells.append(
+                    "–" if q is None else f"{q['steps_to_target']:g} ({q['final_loss']:.4g})"
+                )
             lines.append(f"| {alias} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
