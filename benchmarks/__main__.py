@@ -6,8 +6,9 @@ interleaved timing (``layerwise_step``), K-FAC on a Flax MLP (``kfac_step``),
 Shampoo's refresh FLOPs and state bytes per device on 8 simulated devices
 (``sharded_refresh``), optimizer-state bytes per device on 1, 2, 4, 8 devices and
 the collectives of a step (``sharded_state``), the projection of that state to a 1B and a 7B
-transformer on 64 and 256 devices (``projection``, shapes only), and steps/time to AdamW's loss
-on every workload (``time_to_target``). Each writes
+transformer on 64 and 256 devices (``projection``, shapes only), steps/time to AdamW's loss
+on every workload (``time_to_target``), and float32 vs bfloat16 Kronecker state (bytes, and
+steps to target on MNIST-1D and the character LM: ``compressed_state``). Each writes
 its own record. Without ``--quick`` and with the default ``--out`` it then
 rewrites the generated tables of ``benchmarks/README.md`` (``benchmarks.report``).
 ``--quick`` is the CI smoke run: small shapes, few steps, one seed.
@@ -19,6 +20,7 @@ import argparse
 import time
 
 from benchmarks import (
+    compressed_state,
     kfac_step,
     layerwise_step,
     projection,
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
         # After sharded_state: it checks its formulas against that newest record.
         ("projection", projection.main, quick + out),
         ("time_to_target", time_to_target.main, ttt_argv + out),
+        # After time_to_target: it reads that record's learning rates and targets.
+        ("compressed_state", compressed_state.main, quick + out),
     ]
     timings = {}
     for name, fn, argv_ in suite:

@@ -132,10 +132,18 @@ def kfac_step_table(record: dict) -> str:
     return "\n".join(rows)
 
 
+def compressed_state_table(record: dict) -> str:
+    """The record's own table (``benchmarks.compressed_state.table``) and its run size."""
+    c = record["config"]
+    head = f"{c['seeds']} seed(s), medians; steps: the time_to_target record's unless set ({c['steps']})."
+    return f"{head}\n\n{record['results']['table']}\n"
+
+
 RENDERERS = {
     "step_time": step_time_table,
     "time_to_target": time_to_target_table,
     "kfac_step": kfac_step_table,
+    "compressed_state": compressed_state_table,
 }
 
 

@@ -196,11 +196,15 @@ class Stored(NamedTuple):
 def stored(options: FactoredOptions, plans: Any, acc: Any, state: Any, failed: jax.Array) -> Stored:
     """The first moment in its storage dtype, the factor EMAs stored bare, the counts.
 
+    The EMAs, computed in float32, are stored in the dtype of ``state.stats``
+    (``precond_dtype``) by :func:`layerwise_optax._kron.store`: stochastic
+    rounding to a narrower dtype, salted with the step count.
+
     Args:
       options: The optimizer's options (``mu_dtype``; ``None``: the stored dtype).
       plans: The plans.
       acc: Per leaf the :class:`Accumulated` of this step.
-      state: The previous state (``mu`` and ``failures`` fields).
+      state: The previous state (``count``, ``mu``, ``stats`` and ``failures`` fields).
       failed: This step's failed refreshes (int32).
 
     Returns:
@@ -215,7 +219,7 @@ def stored(options: FactoredOptions, plans: Any, acc: Any, state: Any, failed: j
     skipped = _failure.count_invalid(_axes.unzip(acc, "ok"))
     return Stored(
         mu,
-        _axes.bare(plans, _axes.unzip(acc, "stats")),
+        _kron.store(_axes.bare(plans, _axes.unzip(acc, "stats")), state.stats, state.count),
         _failure.add(state.failures, skipped=skipped, failed=failed),
     )
 

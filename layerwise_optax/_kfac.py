@@ -28,6 +28,7 @@ _STATIC_ARGS = (
     "damping_mode",
     "sides",
     "mu_dtype",
+    "precond_dtype",
     "mask",
     "nesterov",
     "distribute",
@@ -136,7 +137,8 @@ class ScaleByKfacState(NamedTuple):
       mu: Momentum of the preconditioned updates; params tree, ``mu_dtype``.
       nu: EMA of squared gradients, used by leaves that have no statistics
         (diagonal fallback); params tree, float32.
-      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays (``A``
+      factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays, dtype
+        ``precond_dtype`` (``A``
         homogeneous, ``d_in + 1``, for a kernel with a folded bias); per other
         leaf ``(stack, 0)`` placeholders; ``optax.MaskedNode`` at folded biases
         (their factors are their kernel's).
@@ -231,6 +233,7 @@ class _Static:
     distribute: bool
     axis_name: Any
     mu_dtype: Any
+    precond_dtype: Any
 
 
 class _Accumulated(NamedTuple):
@@ -261,6 +264,7 @@ def scale_by_kfac(
     damping_mode: Literal["absolute", "pi"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
     mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
     distribute: bool = True,
@@ -306,6 +310,20 @@ def scale_by_kfac(
         the paper's single-index update and DFW's ``P = I, Q = Sigma``) or
         ``'output'`` (``G B^{-1}``).
       mu_dtype: Storage dtype of the momentum.
+      precond_dtype: Storage dtype of the factor EMAs, the pending statistics
+        of :func:`layerwise_optax.multi_steps` and the Cholesky factors
+        (``None``: float32). Accumulation and factorization always run in
+        float32 (the stored values are cast up on read); a narrower dtype such
+        as ``jnp.bfloat16`` halves those arrays (about half of K-FAC's state:
+        ``d_in^2 + d_out^2`` per layer each for factors, pending statistics
+        and Cholesky factors). The EMAs are stored with stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`): rounded to nearest,
+        an EMA with ``1 - factor_decay`` below bfloat16's resolution would stop
+        moving; stochastically rounded it follows the float32 EMA within
+        ``2^{-9} / sqrt(2 (1 - factor_decay))`` relative noise per entry at
+        most (0.6% at the default 0.95, 4% at 0.999; the project's ``benchmarks.compressed_state``
+        measures the cost in steps to target). A dtype that is not a float
+        raises ``TypeError`` naming the argument.
       nesterov: Nesterov momentum.
       distribute: Under a mesh set with :func:`jax.set_mesh`, batch the
         same-sized factors of all layers and split their inverses over its
@@ -383,7 +401,8 @@ def scale_by_kfac(
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
-    static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype)
+    precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
+    static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype, precond_dtype)
     if dimension_numbers is None:
         dimension_numbers = default_layout
 
@@ -397,8 +416,8 @@ def scale_by_kfac(
         work = _fold(layout, params)
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
-            return _init(params, plans, mu_dtype)
-        return _owned_init(owner, plans, params, work, mu_dtype)
+            return _init(params, plans, mu_dtype, precond_dtype)
+        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
@@ -472,14 +491,17 @@ def _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribut
         )
 
 
-def _init(params: Any, plans: Any, mu_dtype: Any) -> ScaleByKfacState:
-    """Zero moments and factor EMAs, identity inverses (per kernel in the working layout)."""
+def _init(params: Any, plans: Any, mu_dtype: Any, precond_dtype: Any) -> ScaleByKfacState:
+    """Zero moments and factor EMAs, identity inverses (per kernel in the working layout).
+
+    Factor EMAs, pending statistics and inverses are stored in ``precond_dtype``.
+    """
 
     def factors(p, plan):
-        return _kron.init_factors(_kernel_plan(plan), jnp.float32)
+        return _kron.init_factors(_kernel_plan(plan), precond_dtype)
 
     def eyes(p, plan):
-        return _kron.init_factors(_kernel_plan(plan), jnp.float32, identity=True)
+        return _kron.init_factors(_kernel_plan(plan), precond_dtype, identity=True)
 
     return ScaleByKfacState(
         count=jnp.zeros([], jnp.int32),
@@ -557,10 +579,12 @@ def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> An
     gradient not finite) the pending mean is kept as it is.
     """
     w = 1.0 / (count.astype(jnp.float32) + 1.0)
-    return tuple(
-        _failure.keep(ok, p + w * (n - p), p).astype(n.dtype)
-        for n, p in zip(new, _kron.as_factors(pending))
-    )
+    out = []
+    for n, p in zip(new, _kron.as_factors(pending)):
+        c = jnp.promote_types(jnp.promote_types(n.dtype, p.dtype), jnp.float32)
+        p32 = p.astype(c)
+        out.append(_failure.keep(ok, p32 + w * (n.astype(c) - p32), p32))
+    return tuple(out)
 
 
 def _correction(decay: jax.Array, count: jax.Array) -> jax.Array:
@@ -782,11 +806,18 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
 
     The pending statistics of :func:`layerwise_optax.multi_steps` are reset on the
     step that emits (``emit``) and kept on the mini-steps that only accumulate.
+    Factor EMAs and pending statistics, computed in float32, are stored in the
+    dtype of ``state``'s (``precond_dtype``) with stochastic rounding
+    (:func:`layerwise_optax._kron.store`, salted with the step count).
     """
     out, acc, emit = new.out, new.acc, new.emit
     mu = _axes.unzip(out, "mu")
     pending = _axes.map_leaves(
         lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats), plans, acc
+    )
+    pending = _kron.store(_axes.bare(plans, pending), state.pending, state.count)
+    factors = _kron.store(
+        _axes.bare(plans, _axes.unzip(acc, "factors")), state.factors, state.count
     )
     return ScaleByKfacState(
         count=new.count,
@@ -794,14 +825,14 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
         if mu_dtype is not None
         else optax.tree.cast_like(mu, state.mu),
         nu=_axes.unzip(out, "nu"),
-        factors=_axes.bare(plans, _axes.unzip(acc, "factors")),
+        factors=factors,
         inverses=_axes.bare(plans, new.inverses),
         failures=_failure.add(
             state.failures,
             skipped=_failure.count_invalid(_axes.unzip(out, "ok")),
             failed=new.failed,
         ),
-        pending=_axes.bare(plans, pending),
+        pending=pending,
         pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
     )
 
@@ -846,7 +877,12 @@ def _present(s: Any) -> tuple[Any, Any]:
 
 
 def _owned_init(
-    owner: _owner.Layout, plans: Any, params: Any, work: Any, mu_dtype: Any
+    owner: _owner.Layout,
+    plans: Any,
+    params: Any,
+    work: Any,
+    mu_dtype: Any,
+    precond_dtype: Any,
 ) -> ScaleByKfacState:
     """:func:`_init` with the factor state on the grouped tree of ``work`` (working layout).
 
@@ -857,13 +893,13 @@ def _owned_init(
     sharded) like ``params``.
     """
     grouped_plans = owner.plans(plans)
-    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype)
+    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype, precond_dtype)
     eyes = [
-        _kron.init_factors(_kernel_plan(g.plan), jnp.float32, identity=True) for g in owner.groups
+        _kron.init_factors(_kernel_plan(g.plan), precond_dtype, identity=True) for g in owner.groups
     ]
     grouped = cast(dict[str, Any], state.factors)  # the grouped tree of _owner.zeros
     factors = {**grouped, "blocks": _owner.pad_identity(owner, grouped["blocks"], eyes)}
-    moments = _init(params, plans, mu_dtype)
+    moments = _init(params, plans, mu_dtype, precond_dtype)
     state = state._replace(factors=factors, mu=moments.mu, nu=moments.nu)
     return state._replace(
         **{
@@ -935,10 +971,13 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
         grouped_plans,
         acc,
     )
+    # Stored as _new_state stores them (stochastic rounding to precond_dtype).
     grouped_new = {
-        "factors": _axes.bare(grouped_plans, _axes.unzip(acc, "factors")),
+        "factors": _kron.store(
+            _axes.bare(grouped_plans, _axes.unzip(acc, "factors")), inner.factors, state.count
+        ),
         "inverses": _axes.bare(grouped_plans, inverses),
-        "pending": _axes.bare(grouped_plans, pending),
+        "pending": _kron.store(_axes.bare(grouped_plans, pending), inner.pending, state.count),
     }
     new_state = state._replace(
         count=count,
@@ -1452,6 +1491,7 @@ def kfac(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
+    precond_dtype: jax.typing.DTypeLike | None = None,
     *,
     nesterov: bool = False,
     distribute: bool = True,
@@ -1540,6 +1580,9 @@ def kfac(
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask.
       mu_dtype: Storage dtype of the momentum.
+      precond_dtype: Storage dtype of the factor EMAs, pending statistics and
+        Cholesky factors (``None``: float32; computed in float32 either way;
+        see :func:`scale_by_kfac`).
       nesterov: Nesterov momentum.
       distribute: Spread the inverses over the mesh's devices (see
         :func:`scale_by_kfac`).
@@ -1600,6 +1643,7 @@ def kfac(
             damping_mode=damping_mode,
             sides=sides,
             mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
             nesterov=nesterov,
             distribute=distribute,
             axis_name=axis_name,

@@ -242,6 +242,11 @@ def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> F
 
     ``decay == 1`` is the classic Shampoo/AdaGrad running sum. Where ``valid`` is
     false (a non-finite gradient or statistic) ``old`` is returned unchanged.
+
+    The sum is computed in at least float32 from the stored (upcast) ``old`` and
+    the new statistics, and returned in that compute dtype: the caller stores it
+    once, in the storage dtype, with :func:`store`. (Cast to bfloat16 here, an
+    EMA with ``1 - decay`` below bfloat16's resolution would stop moving.)
     """
     decay = jnp.asarray(decay, jnp.float32)
     w = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
@@ -251,10 +256,76 @@ def ema(old: Factors, new: Factors, decay: jax.Array, *, valid: Any = True) -> F
     # differences decide the roots of rank-deficient factors. With the barrier
     # every layout (replicated, owner, any mesh) rounds the EMA alike.
     new = jax.lax.optimization_barrier(tuple(new))
-    return tuple(
-        jnp.where(_failure.fit(valid, o), (decay * o + w * n.astype(o.dtype)).astype(o.dtype), o)
-        for o, n in zip(old, new)
-    )
+    out = []
+    for o, n in zip(old, new):
+        c = jnp.promote_types(o.dtype, jnp.float32)
+        o32 = o.astype(c)
+        out.append(jnp.where(_failure.fit(valid, o), decay * o32 + w * n.astype(c), o32))
+    return tuple(out)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer finalizer (xor-shift-multiply; every output bit depends on every input bit)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stochastic_round(x: jax.Array, dtype: Any, salt: jax.typing.ArrayLike) -> jax.Array:
+    r"""``x`` rounded to a narrower float ``dtype`` up or down at random, unbiased.
+
+    With ``lo <= x <= hi`` the two neighbours of ``x`` in ``dtype``, the result
+    is ``hi`` with probability ``(x - lo) / (hi - lo)`` and ``lo`` otherwise, so
+    ``E[round(x)] = x``. Round to nearest would lose every change smaller than
+    half a unit in the last place: bfloat16 has 8 significant bits, so an EMA
+    ``L <- b L + (1 - b) S`` stored in bfloat16 stops moving once
+    ``(1 - b) |S - L| < 2^{-9} |L|`` (with ``b = 0.999`` after about a hundred
+    steps of a constant ``S``, at a fraction of its limit); with stochastic
+    rounding it follows the float32 EMA within bfloat16's relative resolution
+    (about ``2^{-8}``).
+
+    The random numbers are a hash of the float32 bits of each entry and of
+    ``salt`` (the step count): no key in the state, the same rounding in every
+    state layout and on every mesh (equal values round alike, so a symmetric
+    matrix stays symmetric), and a new draw at every step.
+
+    Args:
+      x: Values in float32 (or wider: cast to float32 first).
+      dtype: The storage dtype. A dtype at least as wide as float32, or a
+        non-float dtype, is a plain cast.
+      salt: An integer scalar, a new one each step.
+
+    Returns:
+      ``x`` in ``dtype``; non-finite entries and entries that ``dtype`` holds
+      exactly are cast as they are.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+        return x.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    near = x32.astype(dtype)
+    near32 = near.astype(jnp.float32)
+    toward = jnp.where(x32 > near32, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(near, toward)
+    gap = jnp.abs(other.astype(jnp.float32) - near32)
+    frac = jnp.abs(x32 - near32) / jnp.where(gap > 0, gap, 1.0)
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    seed = _mix32(jnp.asarray(salt).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+    u = (_mix32(bits ^ seed) >> 8).astype(jnp.float32) * (2.0**-24)
+    up = jnp.isfinite(x32) & jnp.isfinite(other.astype(jnp.float32)) & (u < frac)
+    return jnp.where(up, other, near)
+
+
+def store(new: Any, like: Any, salt: jax.typing.ArrayLike) -> Any:
+    """``new`` (computed in float32) in the dtypes of the stored tree ``like``.
+
+    Per array, :func:`stochastic_round` to ``like``'s dtype: the one cast of an
+    accumulated statistic (an EMA, a fitted PSGD factor) to a narrower storage
+    dtype such as bfloat16; a plain cast otherwise.
+    """
+    return jax.tree.map(lambda n, o: stochastic_round(n, o.dtype, salt), new, like)
 
 
 def _full_root(s, r, root, damping, relative_damping, method):

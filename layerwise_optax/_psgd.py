@@ -529,8 +529,14 @@ def _fit_blocks(
     return fit
 
 
-def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) -> _kron.Refreshed:
+def _keep_fit(
+    q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any, salt: jax.Array
+) -> _kron.Refreshed:
     """The failure policy of one leaf's fit: all new factors, or all previous ones.
+
+    The factors, fitted in float32, are stored in ``dtype`` by
+    :func:`layerwise_optax._kron.stochastic_round` (salted with ``salt``, the
+    step count): the fit's small relative steps survive bfloat16 storage.
 
     The new factors are kept when the leaf's gradient was valid and every new
     factor is finite; a valid leaf whose fit was not finite keeps its previous
@@ -553,7 +559,10 @@ def _keep_fit(q: Any, plan: Any, m: _Moment, done: tuple[Any], *, dtype: Any) ->
         new, finite = fitted
         good = m.ok & jnp.all(finite)
         failed = (m.ok & ~good).astype(jnp.int32)
-    kept = tuple(f.astype(dtype) for f in _failure.keep(good, new, old))
+    kept = tuple(
+        _kron.stochastic_round(f, dtype, salt)
+        for f in _failure.keep(good, new, tuple(o.astype(jnp.float32) for o in old))
+    )
     return _kron.Refreshed(kept, (), failed)
 
 
@@ -565,6 +574,8 @@ def _fit(
     lr: jax.Array,
     s: _Settings,
     agree: Callable[[Any], Any] | None = None,
+    *,
+    salt: jax.Array,
 ) -> tuple[Any, jax.Array]:
     """Phase 2b: fit every leaf's factors on its momentum and probe (see the module docstring).
 
@@ -584,6 +595,7 @@ def _fit(
       s: The settings.
       agree: Applied to the fitted tree before the failure policy (the owner
         layout's per-leaf flags and counts, :func:`_owned_agree`).
+      salt: The step count, for the stochastic rounding of the stored factors.
     """
 
     def prepare(plan, m, q_leaf, probe):
@@ -600,7 +612,7 @@ def _fit(
     fitted = _axes.map_grouped(prepare, batched, plans, mom, q, probes, distribute=s.distribute)
     if agree is not None:
         fitted = agree(fitted)
-    keep = functools.partial(_keep_fit, dtype=s.precond_dtype)
+    keep = functools.partial(_keep_fit, dtype=s.precond_dtype, salt=salt)
     out = _axes.map_leaves(keep, plans, q, mom, fitted)
     return _axes.unzip(out, "factors"), _failure.total(_axes.unzip(out, "failed"))
 
@@ -761,7 +773,9 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     key, do_fit, probe_keys = _draw(state.key, state.count, plans, s.precond_update_prob)
     if layout is None:
         work, work_mom, q = plans, mom, state.q
-        fit = functools.partial(_fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s)
+        fit = functools.partial(
+            _fit, plans=plans, mom=mom, probes=probe_keys, lr=lr, s=s, salt=state.count
+        )
     else:
         _owner.check(layout, plans, updates)
         _owner.check_mapped(layout)
@@ -771,7 +785,7 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         def fit(q):
             probes = _owned_probes(layout, plans, work_mom, probe_keys)
             agree = functools.partial(_owned_agree, layout, valid)
-            new, failed = _fit(q, work, work_mom, probes, lr, s, agree)
+            new, failed = _fit(q, work, work_mom, probes, lr, s, agree, salt=state.count)
             # Laid out as stored: the fit runs over all the mesh's devices, which
             # with ``owner_axes`` a subset of the axes is another layout.
             return _owner.place_state(layout, new), failed
@@ -851,6 +865,9 @@ def scale_by_psgd_kron(
       merge_small_dims: Merge small adjacent axes in the default policy.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype (default float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       state_layout: Where the factors ``Q`` live on a device mesh. ``'auto'`` (default): the *owner layout* when ``init`` runs
         under a mesh of more than one device (:func:`jax.set_mesh`, or params
         sharded over one; :func:`layerwise_optax.state_shardings` sets it), else
@@ -1001,6 +1018,9 @@ def psgd_kron(
       merge_small_dims: Merge small adjacent axes.
       mu_dtype: Momentum storage dtype.
       precond_dtype: Factor storage dtype.
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_psgd_kron`).
       owner_axes: Mesh axes of the owner layout (``None``: all).

@@ -305,6 +305,9 @@ def scale_by_shampoo(
         see :func:`shampoo`). Static.
       mu_dtype: Storage dtype of the first moment (``None``: the param dtype).
       precond_dtype: Storage dtype of statistics and roots (``None``: float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       nesterov: Use Nesterov (NAdam-style) momentum.
       factor_estimation: ``'shampoo'`` (``L_i = EMA(G_(i) G_(i)^T)``) or ``'kl'``
         (KL-Shampoo: ``L_i = EMA(G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i)`` with
@@ -496,6 +499,9 @@ def shampoo(
       mask: Weight-decay mask (tree or callable), as in :func:`optax.adamw`.
       mu_dtype: Storage dtype of the first moment.
       precond_dtype: Storage dtype of statistics and roots (``None``: float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
       nesterov: Nesterov momentum.
       factor_estimation: ``'shampoo'`` or ``'kl'`` (KL-Shampoo; roots default to
         ``L^{-1/2}``).

@@ -233,6 +233,9 @@ def scale_by_soap(
         (vectors and scalars keep the identity basis: plain Adam).
       mu_dtype: Storage dtype of the first moment.
       precond_dtype: Storage dtype of statistics and bases (``None``: float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleBySoapState`.
@@ -342,6 +345,9 @@ def soap(
       mask: Weight-decay mask (tree or callable).
       mu_dtype: Storage dtype of the first moment.
       precond_dtype: Storage dtype of statistics and bases (``None``: float32).
+        Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
+        this state) is written with unbiased stochastic rounding
+        (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.

@@ -231,9 +231,7 @@ def test_projection_formula_equals_the_library_on_8_abstract_devices(block_size,
             for dtype in projection.DTYPES if alias in projection.KRONECKER else ("float32",):
                 kw = dict(block_size=block_size, precond_dtype=dtype)
                 tx = projection.optimizer(alias, max_precond_dim=max_precond_dim, **kw)
-                if tx is None:
-                    assert alias == "kfac" and not projection.has_precond_dtype("kfac")
-                    continue
+                assert tx is not None, (alias, dtype)  # every Kronecker alias has precond_dtype
                 inv = projection.inventory(alias, shapes, max_precond_dim=max_precond_dim, **kw)
                 where = (name, alias, dtype)
                 assert inv.total_bytes() == projection.eval_shape_bytes(tx, shapes), where
@@ -325,3 +323,20 @@ def test_projection_quick_writes_record(tmp_path, capsys):
                     assert row["rel_diff_replicated"] == 0, (key, row)
                     assert f["ideal"]["total"] <= row["library"]["total"], (key, row)
     assert "replicated / owner" in capsys.readouterr().out
+
+
+def test_compressed_state_memory_is_the_formula_and_bfloat16_halves_the_kronecker_state():
+    """compressed_state's byte rows: library == projection formula; bf16 halves the factors."""
+    from benchmarks import compressed_state
+
+    mem = compressed_state.memory(quick=True)
+    for tree in mem.values():
+        rows = tree["rows"]
+        for key, r in rows.items():
+            assert r["state_bytes"] == r["formula_bytes"], key
+        for alias in ("shampoo", "kfac", "psgd_kron"):  # SOAP's rotated nu stays float32
+            f32, bf16 = rows[f"{alias}/float32"], rows[f"{alias}/bfloat16"]
+            assert 2 * bf16["kronecker_bytes"] == f32["kronecker_bytes"] > 0, alias
+        assert rows["soap/bfloat16"]["kronecker_bytes"] < rows["soap/float32"]["kronecker_bytes"]
+    text = compressed_state.table({"memory": mem, "quality": {"workloads": []}})
+    assert text.count("\n") == 1 + len(compressed_state.ALIASES) * 2
