@@ -349,14 +349,19 @@ def _momentum(
 
     A leaf whose gradient is not valid keeps its momentum and is flagged
     (:func:`layerwise_optax._grafting.guarded_momentum`). Returns a tree of
-    :class:`_Moment`.
+    :class:`_Moment`. Elementwise, so it runs where the gradient's shards lie
+    (no gather; a momentum stored in another explicit layout is first laid out
+    like the gradient): the same numbers as on gathered copies.
     """
 
     def one(g, plan, m):
+        spec = _axes._explicit_spec(g)
+        if spec is not None and _axes._explicit_spec(m) not in (None, spec):
+            m = jax.sharding.reshard(m, spec)
         ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, m, b1, count_inc, nesterov)
         return _Moment(ok, mu_new, m_hat)
 
-    return _axes.map_leaves(one, plans, updates, mu)
+    return _axes.map_leaves(one, plans, updates, mu, local=True)
 
 
 def _draw(key_data: jax.Array, count: jax.Array, plans: Any, prob: Any) -> tuple[Any, ...]:
@@ -781,9 +786,14 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
         u = _owner.from_groups(layout, plans, u, like)
         q = _owner.grouped(q, layout)
     ok = _axes.unzip(mom, "ok")
-    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, ok, updates)
+    # The owner layout clips where the update's shards lie (its RMS is one
+    # all-reduce of a scalar per leaf), so the only params-sized collectives
+    # of a step are the momentum's way to the owners and the update's way back.
+    # The replicated layout keeps its gathered clip (its numbers, bit for bit).
+    clipped = functools.partial(_clip, clip=clip)
+    u = _axes.map_leaves(clipped, plans, u, ok, updates, local=layout is not None)
     mu = _axes.map_leaves(
-        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu
+        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu, local=True
     )
     return u, ScaleByPsgdKronState(
         count=count_inc,

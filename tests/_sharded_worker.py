@@ -3,7 +3,7 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner``
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,traffic``
 (any subset).
 """
 
@@ -395,6 +395,41 @@ def spread_case():
     return dict(mode="spread", **out)
 
 
+def psgd_traffic_case():
+    """PSGD-Kron's collective bytes per device of an ordinary and a fitting step (owner layout).
+
+    Two matrices and a vector with FSDP specs on 8 devices (Explicit axes),
+    cut into 32-blocks: 64 matrix blocks and 8 vector blocks, so no group
+    stack is padded and the owners hold exactly the parameters. Measured as
+    ``benchmarks.sharded_state`` does (the compiled program's collectives),
+    beside the parameter bytes.
+    """
+    from benchmarks import sharded_state
+    from layerwise_optax import _owner
+
+    params = {
+        "a": jnp.ones((128, 256)),
+        "b": jnp.full((256, 128), 0.5),
+        "c": jnp.ones((256,)),
+    }
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    specs = sharded_state._specs(params, 8)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    tx = lo.psgd_kron(1e-3, precond_update_prob=0.5, block_size=32)
+    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, shardings)
+        state = jax.jit(tx.init, out_shardings=promised)(p)
+        step = jax.jit(tx.update, out_shardings=(shardings, promised))
+        hlo = step.lower(p, state, p).compile().as_text()
+    return dict(
+        mode="psgd_traffic",
+        owner=_owner.layout_of(state[0]) is not None,
+        params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
+        collective_bytes=sharded_state.hlo_collective_bytes(hlo),
+    )
+
+
 def main(modes):
     assert jax.device_count() == 8, jax.devices()
     if "errors" in modes:
@@ -406,6 +441,8 @@ def main(modes):
     if "owner" in modes:
         for name, factory, kwargs in _layout_aliases():
             print(json.dumps(owner_case(name, factory, kwargs)), flush=True)
+    if "traffic" in modes:
+        print(json.dumps(psgd_traffic_case()), flush=True)
     for name, factory, kwargs in OPTIMIZERS:
         if name in SLOW_VARIANTS:
             continue
