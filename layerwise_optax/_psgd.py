@@ -743,6 +743,12 @@ def _clip(u: jax.Array, plan: Any, ok: Any, g: jax.Array, *, clip: Any) -> jax.A
     return _failure.zero_unless(ok, u, g.dtype)
 
 
+def _laid_out_like(u: jax.Array, plan: Any, g: jax.Array) -> jax.Array:
+    """``u`` with ``g``'s explicit sharding (a local slice of a replicated ``u``)."""
+    spec = _axes._explicit_spec(g)
+    return u if spec is None or _axes._explicit_spec(u) == spec else jax.sharding.reshard(u, spec)
+
+
 def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
     """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip.
 
@@ -781,17 +787,24 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(work, q))
     u = _axes.map_leaves(_precondition, work, work_mom, q)
     q = _axes.bare(work, q)
-    if layout is not None:
-        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
-        u = _owner.from_groups(layout, plans, u, like)
-        q = _owner.grouped(q, layout)
     ok = _axes.unzip(mom, "ok")
-    # The owner layout clips where the update's shards lie (its RMS is one
-    # all-reduce of a scalar per leaf), so the only params-sized collectives
-    # of a step are the momentum's way to the owners and the update's way back.
-    # The replicated layout keeps its gathered clip (its numbers, bit for bit).
     clipped = functools.partial(_clip, clip=clip)
-    u = _axes.map_leaves(clipped, plans, u, ok, updates, local=layout is not None)
+    if layout is None:
+        u = _axes.map_leaves(clipped, plans, u, ok, updates)
+    else:
+        # The blocks come back replicated (``like`` has no sharding: the way
+        # back's one gather), are clipped there (``_clip`` reads only the
+        # gradient's dtype) and then keep the gradient's shards, a local slice:
+        # an ordinary step's only params-sized collectives are the momentum's
+        # way to the owners and this way back.
+        like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+            updates,
+        )
+        u = _owner.from_groups(layout, plans, u, like)
+        u = _axes.map_leaves(clipped, plans, u, ok, updates, local=True)
+        u = _axes.map_leaves(_laid_out_like, plans, u, updates, local=True)
+        q = _owner.grouped(q, layout)
     mu = _axes.map_leaves(
         lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu, local=True
     )

@@ -107,10 +107,11 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert "data" in messages["not_divisible"]
     # Issue 15: PSGD-Kron's step in the owner layout moves each leaf twice, the
     # bias-corrected momentum to the owners of its blocks and the preconditioned
-    # blocks back; the momentum and the clip run where the shards lie (gathering
-    # them for elementwise work moved the gradient, the momentum, m-hat and the
-    # update: 6.0x the parameter bytes, 1579008 of 263168). A fitting step adds
-    # only per-block scalars (the perturbation scale and the fit's flags).
+    # blocks back; the momentum runs where the shards lie and the clip on the
+    # blocks as they come back (gathering the gradient and the momentum for the
+    # elementwise momentum, and the update and the gradient for the clip, moved
+    # 6.0x the parameter bytes, 1579008 of 263168). A fitting step adds only
+    # per-block scalars (the perturbation scale and the fit's flags).
     (psgd,) = [r for r in results if r.get("mode") == "psgd_traffic"]
     assert psgd["owner"]
     params_bytes, steps = psgd["params_bytes"], psgd["collective_bytes"]
