@@ -516,7 +516,9 @@ def resolve(
     return jax.tree_util.tree_unflatten(treedef, plans)
 
 
-def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any:
+def map_leaves(
+    fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any, local: bool = False
+) -> Any:
     """Maps ``fn(x, plan, *r)`` over the leaves that ``plans`` describes.
 
     ``plans`` (from :func:`resolve`) fixes the leaf positions, so ``tree`` and
@@ -524,14 +526,16 @@ def map_leaves(fn: Callable[..., Any], plans: Any, tree: Any, *rest: Any) -> Any
     ``optax.MaskedNode`` positions are passed through. Where ``plans`` has a
     wrapper node around a leaf (e.g. a ``flax.nnx.Variable`` of the params), the
     inputs may hold the wrapped or the bare subtree (state trees stored by
-    :func:`bare`); the output is wrapped like ``plans``.
+    :func:`bare`); the output is wrapped like ``plans``. Each leaf runs
+    :func:`on_gathered` unless ``local``: for an elementwise ``fn`` (and global
+    reductions to scalars), which runs on the shards where they lie.
     """
 
     def apply(p, x, *r):
         if is_masked(p):
             return p
         if isinstance(p, LeafPlan):
-            return fn(x, p, *r) if p.per_block else on_gathered(fn, x, p, *r)
+            return fn(x, p, *r) if p.per_block or local else on_gathered(fn, x, p, *r)
         inner, rewrap = _unwrap(p)
         args = [_unwrap(a)[0] if type(a) is type(p) else a for a in (x, *r)]
         return rewrap(apply(inner, *args))

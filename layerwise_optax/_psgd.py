@@ -349,14 +349,19 @@ def _momentum(
 
     A leaf whose gradient is not valid keeps its momentum and is flagged
     (:func:`layerwise_optax._grafting.guarded_momentum`). Returns a tree of
-    :class:`_Moment`.
+    :class:`_Moment`. Elementwise, so it runs where the gradient's shards lie
+    (no gather; a momentum stored in another explicit layout is first laid out
+    like the gradient): the same numbers as on gathered copies.
     """
 
     def one(g, plan, m):
+        spec = _axes._explicit_spec(g)
+        if spec is not None and _axes._explicit_spec(m) not in (None, spec):
+            m = jax.sharding.reshard(m, spec)
         ok, _, mu_new, m_hat = _grafting.guarded_momentum(g, m, b1, count_inc, nesterov)
         return _Moment(ok, mu_new, m_hat)
 
-    return _axes.map_leaves(one, plans, updates, mu)
+    return _axes.map_leaves(one, plans, updates, mu, local=True)
 
 
 def _draw(key_data: jax.Array, count: jax.Array, plans: Any, prob: Any) -> tuple[Any, ...]:
@@ -752,6 +757,12 @@ def _clip(u: jax.Array, plan: Any, ok: Any, g: jax.Array, *, clip: Any) -> jax.A
     return _failure.zero_unless(ok, u, g.dtype)
 
 
+def _laid_out_like(u: jax.Array, plan: Any, g: jax.Array) -> jax.Array:
+    """``u`` with ``g``'s explicit sharding (a local slice of a replicated ``u``)."""
+    spec = _axes._explicit_spec(g)
+    return u if spec is None or _axes._explicit_spec(u) == spec else jax.sharding.reshard(u, spec)
+
+
 def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -> tuple[Any, Any]:
     """PSGD-Kron's step: momentum, (coin flip) fit on a probe, precondition, clip.
 
@@ -793,14 +804,26 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     q, failed = jax.lax.cond(do_fit, fit, _no_fit, _kron.normalize(work, q))
     u = _axes.map_leaves(_precondition, work, work_mom, q)
     q = _axes.bare(work, q)
-    if layout is not None:
-        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
-        u = _owner.from_groups(layout, plans, u, like)
-        q = _owner.grouped(q, layout)
     ok = _axes.unzip(mom, "ok")
-    u = _axes.map_leaves(functools.partial(_clip, clip=clip), plans, u, ok, updates)
+    clipped = functools.partial(_clip, clip=clip)
+    if layout is None:
+        u = _axes.map_leaves(clipped, plans, u, ok, updates)
+    else:
+        # The blocks come back replicated (``like`` has no sharding: the way
+        # back's one gather), are clipped there (``_clip`` reads only the
+        # gradient's dtype) and then keep the gradient's shards, a local slice:
+        # an ordinary step's only params-sized collectives are the momentum's
+        # way to the owners and this way back.
+        like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+            updates,
+        )
+        u = _owner.from_groups(layout, plans, u, like)
+        u = _axes.map_leaves(clipped, plans, u, ok, updates, local=True)
+        u = _axes.map_leaves(_laid_out_like, plans, u, updates, local=True)
+        q = _owner.grouped(q, layout)
     mu = _axes.map_leaves(
-        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu
+        lambda m, p, old: m.mu.astype(s.mu_dtype or old.dtype), plans, mom, state.mu, local=True
     )
     return u, ScaleByPsgdKronState(
         count=count_inc,

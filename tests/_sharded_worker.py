@@ -640,6 +640,41 @@ def spread_case():
     return dict(mode="spread", **out)
 
 
+def psgd_traffic_case():
+    """PSGD-Kron's collective bytes per device of an ordinary and a fitting step (owner layout).
+
+    Two matrices and a vector with FSDP specs on 8 devices (Explicit axes),
+    cut into 32-blocks: 64 matrix blocks and 8 vector blocks, so no group
+    stack is padded and the owners hold exactly the parameters. Measured as
+    ``benchmarks.sharded_state`` does (the compiled program's collectives),
+    beside the parameter bytes.
+    """
+    from benchmarks import sharded_state
+    from layerwise_optax import _owner
+
+    params = {
+        "a": jnp.ones((128, 256)),
+        "b": jnp.full((256, 128), 0.5),
+        "c": jnp.ones((256,)),
+    }
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    specs = sharded_state._specs(params, 8)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    tx = lo.psgd_kron(1e-3, precond_update_prob=0.5, block_size=32)
+    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, shardings)
+        state = jax.jit(tx.init, out_shardings=promised)(p)
+        step = jax.jit(tx.update, out_shardings=(shardings, promised))
+        hlo = step.lower(p, state, p).compile().as_text()
+    return dict(
+        mode="psgd_traffic",
+        owner=_owner.layout_of(state[0]) is not None,
+        params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
+        collective_bytes=sharded_state.hlo_collective_bytes(hlo),
+    )
+
+
 def main(modes):
     assert jax.device_count() == 8, jax.devices()
     if "errors" in modes:
@@ -648,6 +683,7 @@ def main(modes):
         print(json.dumps(spread_case()), flush=True)
     if "traffic" in modes:
         print(json.dumps(traffic_case()), flush=True)
+        print(json.dumps(psgd_traffic_case()), flush=True)
     if "pmap" in modes:
         print(json.dumps(pmap_stats_case()), flush=True)
     if "owner" in modes:

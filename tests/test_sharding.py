@@ -117,6 +117,22 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     assert "3 entries for 2 axes" in messages["too_many_entries"]
     assert "axis 0 (size 6)" in messages["not_divisible"]
     assert "data" in messages["not_divisible"]
+    # Issue 15: PSGD-Kron's step in the owner layout moves each leaf twice, the
+    # bias-corrected momentum to the owners of its blocks and the preconditioned
+    # blocks back; the momentum runs where the shards lie and the clip on the
+    # blocks as they come back (gathering the gradient and the momentum for the
+    # elementwise momentum, and the update and the gradient for the clip, moved
+    # 6.0x the parameter bytes, 1579008 of 263168). A fitting step adds only
+    # per-block scalars (the perturbation scale and the fit's flags).
+    (psgd,) = [r for r in results if r.get("mode") == "psgd_traffic"]
+    assert psgd["owner"]
+    params_bytes, steps = psgd["params_bytes"], psgd["collective_bytes"]
+    assert set(steps["ordinary"]) <= {"all-gather", "all-reduce"}, steps
+    assert steps["ordinary"]["all-gather"] <= 2 * params_bytes, (steps, params_bytes)
+    assert steps["refresh"]["all-gather"] <= 2 * params_bytes + 1024, (steps, params_bytes)
+    for kind in ("ordinary", "refresh"):
+        # Per-leaf scalars only: validity flags and the clip's sums of squares.
+        assert steps[kind].get("all-reduce", 0) <= 256, (kind, steps)
 
 
 def test_owner_layout_is_the_same_on_1_2_4_8_devices_and_shrinks_the_state():
