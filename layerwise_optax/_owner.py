@@ -395,7 +395,7 @@ def check_mapped(layout: Layout) -> None:
         )
 
 
-def total_failed(layout: Layout, before: jax.Array, after: jax.Array) -> jax.Array:
+def total_failed(layout: Layout, before: jax.typing.ArrayLike, after: jax.Array) -> jax.Array:
     """The failed-refresh count after a step, summed over a mapped layout's devices.
 
     Each device of a mapped layout refreshes only its own blocks, so it counts
