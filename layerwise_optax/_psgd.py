@@ -905,13 +905,9 @@ def scale_by_psgd_kron(
         counts are per leaf in every layout and the updates are the same.
         Static; checkpoints restore into the layout they were saved in.
       owner_axes: Mesh axes the owner layout shards the block axis over
-        (``None``: all of them; a name or a tuple of names). Under ``jax.pmap``
-        (or ``jax.shard_map``) with ``state_layout='owner'`` it names the mapped
-        axis (pmap's ``axis_name``): ``init`` runs inside the pmap and each
-        device's state holds only its ``padded / devices`` blocks of every group;
-        ``update`` runs inside a pmap over the same axis and device count, takes
-        each device's blocks at ``lax.axis_index`` and gathers the preconditioned
-        ones with one ``lax.all_gather`` per group. Static.
+        (``None``: all of them; a name or a tuple of names); under ``jax.pmap``
+        with ``state_layout='owner'``, the pmap's ``axis_name`` (``init`` inside
+        the pmap); see :func:`layerwise_optax.scale_by_shampoo`. Static.
 
     Returns:
       A :class:`optax.GradientTransformation` with state

@@ -234,6 +234,17 @@ def _per_device_bytes(state):
     return max(totals.values())
 
 
+def _replicated_reference(name, factory, kw, params, grads):
+    """The replicated layout's updates and final state on one device (the owner cases' reference)."""
+    tx = build(name, factory, {**kw, "state_layout": "replicated"})
+    state = tx.init(params)
+    reference = []
+    for g in grads:
+        u, state = jax.jit(tx.update)(g, state, params)
+        reference.append(u)
+    return reference, state
+
+
 def _owner_variants(factory):
     """``(variant, shapes, extra kwargs)``: one block per leaf, then many blocks per group.
 
@@ -260,12 +271,7 @@ def owner_case(name, factory, kwargs):
     out = dict(alias=name, mode="owner")
     for variant, shapes, extra in _owner_variants(factory):
         params, grads, kw = _owner_problem(name, factory, kwargs, shapes, extra)
-        ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
-        state = ref_tx.init(params)
-        reference = []
-        for g in grads:
-            u, state = jax.jit(ref_tx.update)(g, state, params)
-            reference.append(u)
+        reference, state = _replicated_reference(name, factory, kw, params, grads)
         out[f"{variant}_ref_counts"] = [int(c) for c in lo.failure_counts(state)]
         out[f"{variant}_ref_bytes"] = _per_device_bytes(state)
         out[f"{variant}_specs"] = {k: str(spec) for k, (_, spec) in shapes.items()}
@@ -335,12 +341,7 @@ def owner_pmap_case(name, factory, kwargs, variants, counts):
         if variant not in variants:
             continue
         params, grads, kw = _owner_problem(name, factory, kwargs, shapes, extra)
-        ref_tx = build(name, factory, {**kw, "state_layout": "replicated"})
-        state = ref_tx.init(params)
-        reference = []
-        for g in grads:
-            u, state = jax.jit(ref_tx.update)(g, state, params)
-            reference.append(u)
+        reference, state = _replicated_reference(name, factory, kw, params, grads)
         out[f"{variant}_ref_counts"] = [int(c) for c in lo.failure_counts(state)]
         out[f"{variant}_ref_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
         tx = build(name, factory, {**kw, "state_layout": "owner", "owner_axes": "batch"})
