@@ -320,15 +320,15 @@ def decide(choice: str, owner_axes: Sequence[str] | None, plans: Any, params: An
             )
         return None if choice == "auto" else build(plans, params, (), 1)
     mesh, names = found
-    if owner_axes is None:
-        axes = names
-    else:
-        axes = (owner_axes,) if isinstance(owner_axes, str) else tuple(owner_axes)
-    missing = [a for a in axes if a not in names]
-    if missing:
-        raise ValueError(
-            f"owner_axes={tuple(owner_axes or ())} names mesh axis {missing[0]!r}, which the "
-            f"mesh does not have; its axes are {names}."
+    axes = names
+    if owner_axes is not None:
+        axes = _named_axes(
+            owner_axes,
+            names,
+            lambda a: (
+                f"owner_axes={tuple(owner_axes or ())} names mesh axis {a!r}, which the "
+                f"mesh does not have; its axes are {names}."
+            ),
         )
     devices = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes)
     if choice == "auto" and devices <= 1:
@@ -358,13 +358,23 @@ def _mapped_axes(owner_axes: Any, manual: tuple[str, ...]) -> tuple[str, ...]:
             f"the mapped axis to split the blocks over (mapped axes here: {manual}), e.g. "
             "owner_axes='batch' for jax.pmap(..., axis_name='batch')."
         )
-    axes = (owner_axes,) if isinstance(owner_axes, str) else tuple(owner_axes)
-    missing = [a for a in axes if a not in manual]
-    if missing:
-        raise ValueError(
-            f"owner_axes={owner_axes!r} names axis {missing[0]!r}, which is not a mapped "
+    return _named_axes(
+        owner_axes,
+        manual,
+        lambda a: (
+            f"owner_axes={owner_axes!r} names axis {a!r}, which is not a mapped "
             f"axis here (jax.pmap's axis_name / shard_map's manual axes: {manual})."
-        )
+        ),
+    )
+
+
+def _named_axes(owner_axes: Any, available: Sequence[str], message: Any) -> tuple[str, ...]:
+    """``owner_axes`` (a name or names) as a tuple; ``ValueError(message(axis))``
+    for the first one not in ``available``."""
+    axes = (owner_axes,) if isinstance(owner_axes, str) else tuple(owner_axes)
+    missing = [a for a in axes if a not in available]
+    if missing:
+        raise ValueError(message(missing[0]))
     return axes
 
 
