@@ -213,6 +213,10 @@ OWNER_SHAPES = {
     "b": ((48,), P("model")),
 }
 OWNER_MESHES = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (4, 2)}
+# Every device count under both axis types (the slow tier's ``owner`` mode), or a
+# cover of both axis types and of one, a few and all devices (``owner_quick_<alias>``).
+OWNER_GRID = tuple((n, t) for n in OWNER_MESHES for t in (AxisType.Auto, AxisType.Explicit))
+OWNER_GRID_QUICK = ((1, AxisType.Auto), (2, AxisType.Explicit), (8, AxisType.Auto))
 
 
 def _layout_aliases():
@@ -264,8 +268,11 @@ def _owner_variants(factory):
         yield "many", {**layers, "b": OWNER_SHAPES["b"]}, {}
 
 
-def owner_case(name, factory, kwargs):
-    """Default layout (owner under a mesh) on 1, 2, 4, 8 devices vs one device, replicated."""
+def owner_case(name, factory, kwargs, grid=OWNER_GRID):
+    """Default layout (owner under a mesh) on the ``grid``'s meshes vs one device, replicated.
+
+    ``grid``: ``(devices, axis type)`` pairs, the mesh of :data:`OWNER_MESHES` each.
+    """
     from layerwise_optax import _owner
 
     out = dict(alias=name, mode="owner")
@@ -276,34 +283,31 @@ def owner_case(name, factory, kwargs):
         out[f"{variant}_ref_bytes"] = _per_device_bytes(state)
         out[f"{variant}_specs"] = {k: str(spec) for k, (_, spec) in shapes.items()}
         tx = build(name, factory, kw)
-        for n, shape in OWNER_MESHES.items():
-            for axis_type in (AxisType.Auto, AxisType.Explicit):
-                mesh = jax.make_mesh(
-                    shape,
-                    ("data", "model"),
-                    axis_types=(axis_type,) * 2,
-                    devices=jax.devices()[:n],
-                )
-                specs = {k: spec for k, (_, spec) in shapes.items()}
-                shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
-                promised = lo.state_shardings(tx, params, specs, mesh=mesh)
-                with jax.set_mesh(mesh):
-                    p = jax.device_put(params, shardings)
-                    state = jax.jit(tx.init, out_shardings=promised)(p)
-                    update = jax.jit(tx.update, out_shardings=(shardings, promised))
-                    outs = []
-                    for g in grads:
-                        u, state = update(jax.device_put(g, shardings), state, p)
-                        outs.append(u)
-                key = f"{variant}_{n}_{axis_type}"
-                layout = _owner.layout_of(state)
-                out[f"layout_{key}"] = (
-                    None if layout is None else [layout.devices, list(layout.axes)]
-                )
-                out[f"err_{key}"] = max_rel_err(outs, reference)
-                out[f"bytes_{key}"] = _per_device_bytes(state)
-                out[f"counts_{key}"] = [int(c) for c in lo.failure_counts(state)]
-                out[f"specs_{key}"] = {k: str(x.sharding.spec) for k, x in outs[-1].items()}
+        for n, axis_type in grid:
+            mesh = jax.make_mesh(
+                OWNER_MESHES[n],
+                ("data", "model"),
+                axis_types=(axis_type,) * 2,
+                devices=jax.devices()[:n],
+            )
+            specs = {k: spec for k, (_, spec) in shapes.items()}
+            shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
+            promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+            with jax.set_mesh(mesh):
+                p = jax.device_put(params, shardings)
+                state = jax.jit(tx.init, out_shardings=promised)(p)
+                update = jax.jit(tx.update, out_shardings=(shardings, promised))
+                outs = []
+                for g in grads:
+                    u, state = update(jax.device_put(g, shardings), state, p)
+                    outs.append(u)
+            key = f"{variant}_{n}_{axis_type}"
+            layout = _owner.layout_of(state)
+            out[f"layout_{key}"] = None if layout is None else [layout.devices, list(layout.axes)]
+            out[f"err_{key}"] = max_rel_err(outs, reference)
+            out[f"bytes_{key}"] = _per_device_bytes(state)
+            out[f"counts_{key}"] = [int(c) for c in lo.failure_counts(state)]
+            out[f"specs_{key}"] = {k: str(x.sharding.spec) for k, x in outs[-1].items()}
     return out
 
 
@@ -687,9 +691,12 @@ def main(modes):
         print(json.dumps(psgd_traffic_case()), flush=True)
     if "pmap" in modes:
         print(json.dumps(pmap_stats_case()), flush=True)
-    if "owner" in modes:
-        for name, factory, kwargs in _layout_aliases():
+    for name, factory, kwargs in _layout_aliases():
+        if "owner" in modes:
             print(json.dumps(owner_case(name, factory, kwargs)), flush=True)
+        elif f"owner_quick_{name}" in modes:
+            out = owner_case(name, factory, kwargs, OWNER_GRID_QUICK)
+            print(json.dumps(out), flush=True)
     if "owner_pmap" in modes:
         # The default tier: Shampoo, many blocks per group (12 and 13, padded to
         # 16 on 8 devices); owner_pmap_<alias> runs the rest.
