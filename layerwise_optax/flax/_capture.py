@@ -9,11 +9,15 @@ that it
   contracted input axes flattened in the kernel's order), and
 * adds a zero *perturbation* ``e`` to its output.
 
-``Einsum`` layers are captured where the axes are clear: every kernel axis is
-either contracted with the input (an input axis of ``A``) or passed to the output
-(an output axis of ``B``). A kernel axis shared by input and output (per-head
-weights, say) or summed away is refused with the layer's path. For layers whose
-kernel is not ``(inputs..., outputs)``, give ``kfac`` the layout with
+``Einsum`` kernel axes are contracted with the input (an input axis of ``A``),
+passed to the output (an output axis of ``B``), or *shared* by input and output
+(per-head weights, ``'bthd,hdk->bthk'``): each slice of the shared axes is its
+own layer, a batch axis of the kernel with its own pair of factors
+(block-diagonal over heads), ``a`` of shape ``(*heads, d_in, d_in)`` and ``g``
+``(*heads, d_out, d_out)`` from the rows of that slice. ``LinearGeneral``'s
+``batch_axis`` is the same. A kernel axis in neither input nor output (summed
+away) is refused with the layer's path. For layers whose kernel is not
+``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
 Differentiating the loss with respect to the parameters and the perturbations at
@@ -43,8 +47,30 @@ Output-gradient modes:
   (``jax.vjp``), as in every K-FAC implementation.
 * ``statistics='gauss_newton'`` (``loss='mse'``): the exact expectation of the
   Fisher mode, ``B = E[J^T J]`` with ``J`` the Jacobian of the outputs with
-  respect to the layer output, from one vectorized backward pass per output unit.
+  respect to the layer output, from one vectorized backward pass per output
+  coordinate of an example (units × positions for a sequence output).
   For a linear network this is exactly the paper's ``P_G = F^T F``.
+
+Sequence statistics (Eschenhagen et al., 2023) for a layer applied at ``T``
+positions with shared weights (``sequence_statistics=``):
+
+* ``'expand'`` (default, the formulas above): every position is a term, as if
+  the ``n T`` rows were examples. Exact (``A ⊗ B`` is the layer's Gauss-Newton
+  block) for a deep linear network whose loss has one term per position, e.g. a
+  language model's per-token loss.
+* ``'reduce'``: each example's inputs are averaged and its output gradients
+  summed over its positions before the outer products,
+
+  .. math::
+    A = \\frac{1}{n} \\sum_n \\bar x_n \\bar x_n^\\top, \\quad
+    \\bar x_n = \\frac{1}{T} \\sum_t x_{n t}, \\qquad
+    B = \\frac{1}{n} \\sum_n \\bar\\delta_n \\bar\\delta_n^\\top, \\quad
+    \\bar\\delta_n = \\sum_t \\delta_{n t}
+
+  (the paper's ``1/(N R^2)`` on the summed inputs; a folded bias's corner is 1).
+  Exact for a deep linear network whose positions are aggregated before the
+  loss (pooling, sequence classification), and cheaper: ``n`` rows instead of
+  ``n T``. Both agree when ``T = 1``. The examples must lead the layer's rows.
 """
 
 from __future__ import annotations
@@ -403,7 +429,11 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
     ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
     first, output last, biases folded); ``nnx.LinearGeneral`` kernels have several
     input and output axes and ``nnx.Einsum`` kernels any order, so pass this to
-    ``kfac`` when a model has them. Paths are matched after dropping a Flax
+    ``kfac`` when a model has them. Per-slice kernels (an ``Einsum`` axis shared by
+    input and output, ``LinearGeneral``'s ``batch_axis``) get those axes as
+    ``batch_axes``: one pair of factors per slice (head). A bias folds when it is a
+    function of each slice's outputs (``(*slices, *outputs)`` in the kernel's
+    order); another ``Einsum`` bias gets no statistics, ``kfac``'s diagonal fallback. Paths are matched after dropping a Flax
     ``Variable``'s ``.value``, so the same layouts come out for an ``nnx.State``
     (what ``nnx.Optimizer`` initializes with), its pure form and a plain dict.
 
@@ -417,7 +447,7 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
-      axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
+      axes), (slice axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
       kfac's default.
 
     Raises:
@@ -602,6 +632,11 @@ def kfac_value_and_grad(
         backward pass per output unit, vectorized; ``loss='mse'`` only). For the
         squared error, ``'fisher'`` is an unbiased one-sample estimate of
         ``'gauss_newton'``.
+      sequence_statistics: ``'expand'`` (default) or ``'reduce'``: how a layer
+        applied at several positions per example turns them into statistics
+        (Eschenhagen et al., 2023; see the module docstring for the formulas and
+        when each is exact). ``'reduce'`` needs each layer's input rows to have
+        the examples on their leading axis.
       fold_biases: ``True`` (default): each layer's bias is folded into its kernel
         in homogeneous coordinates, as in Martens and Grosse (2015) and kfac-jax:
         the kernel's ``a`` is over ``[x; 1]``, ``(d_in + 1) × (d_in + 1)``, and the
@@ -622,8 +657,10 @@ def kfac_value_and_grad(
       ``optimizer.update(model, grads, kfac_stats=stats)``.
 
     Raises:
-      ValueError: For an unknown loss or statistics mode, a mode the loss does not
-        support, or a model layer that cannot be captured (named by its path).
+      ValueError: For an unknown loss, statistics mode or ``sequence_statistics``,
+        a mode the loss does not support, or a model layer that cannot be
+        captured (named by its path; with ``'reduce'``, a layer whose rows do not
+        lead with the examples).
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -645,11 +682,26 @@ def kfac_value_and_grad(
       Pass ``stats`` to :func:`layerwise_optax.kfac`'s update as
       ``kfac_stats=stats`` (the README has a whole training step).
 
+      Per-head weights (``h`` in input, kernel and output) get one block per
+      head, and ``'reduce'`` averages the inputs over the 5 positions first:
+
+      >>> heads = nnx.Einsum('bthd,hdk->bthk', (2, 3, 4), (2, 4), rngs=nnx.Rngs(0))
+      >>> x, y = jnp.ones((8, 5, 2, 3)), jnp.zeros((8, 5, 2, 4))
+      >>> f = lof.kfac_value_and_grad(lambda m, x: m(x), 'mse', sequence_statistics='reduce')
+      >>> stats = f(heads, x, y)[2]
+      >>> stats['kernel'].a.shape, stats['kernel'].g.shape
+      ((2, 4, 4), (2, 4, 4))
+      >>> stats['kernel'].a[0].tolist()[0]
+      [1.0, 1.0, 1.0, 1.0]
+
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
       Grosse and Martens, `A Kronecker-factored Approximate Fisher Matrix for
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
+      Eschenhagen, Immer, Turner, Schneider and Hennig, `Kronecker-Factored
+      Approximate Curvature for Modern Neural Network Architectures
+      <https://arxiv.org/abs/2311.00636>`_, NeurIPS 2023.
     """
     _checks.boolean("fold_biases", fold_biases)
     if sequence_statistics not in _SEQUENCE:
