@@ -173,6 +173,42 @@ def test_heads_as_batch_equal_separate_per_head_layers(kind):
         np.testing.assert_allclose(um["head"]["kernel"], ut["head"]["kernel"], rtol=1e-4, atol=1e-6)
 
 
+def test_separate_bias_blocks_per_head_equal_separate_layers():
+    # fold_biases=False: each head's bias is its own block (a = [[T]], the head's g).
+    model = EinsumHeads(nnx.Rngs(5))
+    twin = SeparateHeads(model)
+    x, y = _seq_data()
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=False)
+    _, gm, sm = f(model, x, y)
+    _, gt, st = f(twin, x, y)
+    um = _head_updates(model, gm, sm, lof.kfac_dimension_numbers(model, fold_biases=False), False)
+    ut = _head_updates(twin, gt, st, lof.kfac_dimension_numbers(twin, fold_biases=False), False)
+    for h in range(H):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_allclose(
+                um["ein"][leaf][h], ut["heads"][h][leaf], rtol=1e-4, atol=1e-6
+            )
+
+
+def test_two_shared_axes_equal_one_merged_axis():
+    # 'g' and 'h' both shared: (G, H) slices, the same blocks as one axis of G * H.
+    w = jax.random.normal(jax.random.key(0), (2, 3, D, K))
+    x = jax.random.normal(jax.random.key(1), (4, 5, 2, 3, D))
+    y = jax.random.normal(jax.random.key(2), (4, 5, 2, 3, K))
+    two = nnx.Einsum("btghd,ghdk->btghk", (2, 3, D, K), (2, 3, K), rngs=nnx.Rngs(0))
+    one = nnx.Einsum("bthd,hdk->bthk", (6, D, K), (6, K), rngs=nnx.Rngs(0))
+    two.kernel[...], one.kernel[...] = w, w.reshape(6, D, K)
+    one.bias[...] = two.bias[...].reshape(6, K)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    s2 = f(two, x, y)[2]["kernel"]
+    s1 = f(one, x.reshape(4, 5, 6, D), y.reshape(4, 5, 6, K))[2]["kernel"]
+    assert s2.a.shape == (2, 3, D + 1, D + 1) and s2.g.shape == (2, 3, K, K)
+    np.testing.assert_allclose(s2.a.reshape(s1.a.shape), s1.a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s2.g.reshape(s1.g.shape), s1.g, rtol=1e-6, atol=1e-7)
+    spec = lof.kfac_dimension_numbers(two)({"kernel": w, "bias": jnp.zeros((2, 3, K))})
+    assert spec["kernel"] == lo.DimensionNumbers(((2,), (3,)), (0, 1))
+
+
 def test_einsum_bias_not_on_the_sliced_outputs_takes_the_diagonal_fallback():
     # 'bthd,hdk->btkh' puts the bias's axes in the output as (k, h): it is not a
     # (heads, outputs) function of each slice's output, so it gets no statistics.
