@@ -175,12 +175,12 @@ def test_linear_general_and_einsum_are_captured_like_their_dense_equivalents():
     "layer, match",
     [
         (
-            lambda rngs: nnx.Einsum("bhd,hdk->bhk", (2, 3, 4), rngs=rngs),
-            r"layer proj: einsum 'bhd,hdk->bhk' cannot be captured: kernel axes \['h'\]",
+            lambda rngs: nnx.Einsum("bhd,shdk->bhk", (2, 2, 3, 4), rngs=rngs),
+            r"layer proj: einsum 'bhd,shdk->bhk' cannot be captured: kernel axes \['s'\]",
         ),
         (
-            lambda rngs: nnx.LinearGeneral(3, 4, batch_axis={0: 2}, rngs=rngs),
-            r"layer proj: LinearGeneral with batch_axis",
+            lambda rngs: nnx.Conv(2, 4, (3,), feature_group_count=2, rngs=rngs),
+            r"layer proj: grouped convolutions are not supported",
         ),
     ],
 )

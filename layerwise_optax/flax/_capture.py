@@ -9,11 +9,15 @@ that it
   contracted input axes flattened in the kernel's order), and
 * adds a zero *perturbation* ``e`` to its output.
 
-``Einsum`` layers are captured where the axes are clear: every kernel axis is
-either contracted with the input (an input axis of ``A``) or passed to the output
-(an output axis of ``B``). A kernel axis shared by input and output (per-head
-weights, say) or summed away is refused with the layer's path. For layers whose
-kernel is not ``(inputs..., outputs)``, give ``kfac`` the layout with
+``Einsum`` kernel axes are contracted with the input (an input axis of ``A``),
+passed to the output (an output axis of ``B``), or *shared* by input and output
+(per-head weights, ``'bthd,hdk->bthk'``): each slice of the shared axes is its
+own layer, a batch axis of the kernel with its own pair of factors
+(block-diagonal over heads), ``a`` of shape ``(*heads, d_in, d_in)`` and ``g``
+``(*heads, d_out, d_out)`` from the rows of that slice. ``LinearGeneral``'s
+``batch_axis`` is the same. A kernel axis in neither input nor output (summed
+away) is refused with the layer's path. For layers whose kernel is not
+``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
 Differentiating the loss with respect to the parameters and the perturbations at
@@ -43,8 +47,30 @@ Output-gradient modes:
   (``jax.vjp``), as in every K-FAC implementation.
 * ``statistics='gauss_newton'`` (``loss='mse'``): the exact expectation of the
   Fisher mode, ``B = E[J^T J]`` with ``J`` the Jacobian of the outputs with
-  respect to the layer output, from one vectorized backward pass per output unit.
+  respect to the layer output, from one vectorized backward pass per output
+  coordinate of an example (units × positions for a sequence output).
   For a linear network this is exactly the paper's ``P_G = F^T F``.
+
+Sequence statistics (Eschenhagen et al., 2023) for a layer applied at ``T``
+positions with shared weights (``sequence_statistics=``):
+
+* ``'expand'`` (default, the formulas above): every position is a term, as if
+  the ``n T`` rows were examples. Exact (``A ⊗ B`` is the layer's Gauss-Newton
+  block) for a deep linear network whose loss has one term per position, e.g. a
+  language model's per-token loss.
+* ``'reduce'``: each example's inputs are averaged and its output gradients
+  summed over its positions before the outer products,
+
+  .. math::
+    A = \\frac{1}{n} \\sum_n \\bar x_n \\bar x_n^\\top, \\quad
+    \\bar x_n = \\frac{1}{T} \\sum_t x_{n t}, \\qquad
+    B = \\frac{1}{n} \\sum_n \\bar\\delta_n \\bar\\delta_n^\\top, \\quad
+    \\bar\\delta_n = \\sum_t \\delta_{n t}
+
+  (the paper's ``1/(N R^2)`` on the summed inputs; a folded bias's corner is 1).
+  Exact for a deep linear network whose positions are aggregated before the
+  loss (pooling, sequence classification), and cheaper: ``n`` rows instead of
+  ``n T``. Both agree when ``T = 1``. The examples must lead the layer's rows.
 """
 
 from __future__ import annotations
@@ -74,6 +100,7 @@ else:
 
 _LOSSES = ("mse", "softmax_cross_entropy")
 _MODES = ("empirical", "fisher", "gauss_newton")
+_SEQUENCE = ("expand", "reduce")
 _CAPTURED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
 
 
@@ -83,10 +110,16 @@ class _Layout(NamedTuple):
     inputs: tuple[int, ...]  # kernel axes contracted with the input (A's axis)
     outputs: tuple[int, ...]  # kernel axes that reach the output (B's axis)
     bias: bool  # whether the bias is a function of the output features only
+    batch: tuple[int, ...] = ()  # kernel axes shared by input and output: one block per slice
 
 
-def _einsum_parts(spec: str, path: str) -> tuple[str, str, str, str, str]:
-    """``(lhs, rhs, out, contracted, produced)`` letters of an ``Einsum`` layer."""
+def _einsum_parts(spec: str, path: str) -> tuple[str, str, str, str, str, str]:
+    """``(lhs, rhs, out, contracted, produced, shared)`` letters of an ``Einsum`` layer.
+
+    Each string lists its kernel letters in the kernel's order. ``shared`` letters
+    are in the input, the kernel and the output (per-head weights): each slice of
+    them is its own layer, a batch axis of the kernel's K-FAC block.
+    """
     spec = spec.replace(" ", "")
     try:
         operands, out = spec.split("->")
@@ -99,35 +132,47 @@ def _einsum_parts(spec: str, path: str) -> tuple[str, str, str, str, str]:
         raise ValueError(f"layer {path}: einsum {spec!r} has an ellipsis in the kernel.")
     contracted = "".join(c for c in rhs if c in lhs and c not in out)
     produced = "".join(c for c in rhs if c in out and c not in lhs)
-    unclear = [c for c in rhs if c not in contracted and c not in produced]
-    if unclear:
+    shared = "".join(c for c in rhs if c in out and c in lhs)
+    summed = [c for c in rhs if c not in lhs and c not in out]
+    if summed:
         raise ValueError(
-            f"layer {path}: einsum {spec!r} cannot be captured: kernel axes {unclear} are "
-            "neither only contracted with the input nor only passed to the output (shared "
-            "per-slice weights or summed axes have no single pair of Kronecker factors)."
+            f"layer {path}: einsum {spec!r} cannot be captured: kernel axes {summed} are "
+            "in neither the input nor the output (the kernel is summed over them, so its "
+            "slices share one gradient and have no Kronecker factors of their own)."
         )
-    return lhs, rhs, out, contracted, produced
+    return lhs, rhs, out, contracted, produced, shared
 
 
 def _layout(module: nnx.Module, path: str, einsum_str: str | None = None) -> _Layout:
+    if isinstance(module, nnx.Conv) and module.feature_group_count != 1:
+        raise ValueError(f"layer {path}: grouped convolutions are not supported.")
     if isinstance(module, nnx.Einsum):
-        _, rhs, out, contracted, produced = _einsum_parts(einsum_str or module.einsum_str, path)
-        bias_ok = out.endswith(produced) and (
+        _, rhs, out, contracted, produced, shared = _einsum_parts(
+            einsum_str or module.einsum_str, path
+        )
+        # Einsum reshapes its bias onto the output axes that the kernel has, in the
+        # output's order: it folds when those are (slices, produced) in the kernel's order.
+        bias_ok = "".join(c for c in out if c in rhs) == shared + produced and (
             module.bias is None
             or tuple(module.bias.shape)
-            == tuple(module.kernel_shape[rhs.index(c)] for c in produced)
+            == tuple(module.kernel_shape[rhs.index(c)] for c in shared + produced)
         )
         return _Layout(
-            tuple(rhs.index(c) for c in contracted), tuple(rhs.index(c) for c in produced), bias_ok
+            tuple(rhs.index(c) for c in contracted),
+            tuple(rhs.index(c) for c in produced),
+            bias_ok,
+            tuple(rhs.index(c) for c in shared),
         )
     if isinstance(module, nnx.LinearGeneral):
-        if module.batch_axis:
-            raise ValueError(
-                f"layer {path}: LinearGeneral with batch_axis (per-slice kernels) cannot be "
-                "captured."
-            )
-        n_in, n_out = len(module.in_features), len(module.out_features)
-        return _Layout(tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), True)
+        # Kernel (*batch, *in, *out), bias (*batch, *out): batch_axis slices the
+        # kernel into per-slice layers (flax requires them to be leading input axes).
+        nb, n_in, n_out = len(module.batch_axis), len(module.in_features), len(module.out_features)
+        return _Layout(
+            tuple(range(nb, nb + n_in)),
+            tuple(range(nb + n_in, nb + n_in + n_out)),
+            True,
+            tuple(range(nb)),
+        )
     ndim = len(module.kernel_shape) if isinstance(module, nnx.Conv) else 2
     return _Layout(tuple(range(ndim - 1)), (ndim - 1,), True)
 
@@ -248,6 +293,8 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     """``(input features (..., d_in), output -> (..., d_out))`` of a captured layer."""
     if isinstance(module, nnx.Conv):
         return _conv_patches(module, x), lambda out: out
+    if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
+        return _sliced_general_features(module, x)
     if isinstance(module, nnx.LinearGeneral):
         axis = tuple(a % x.ndim for a in module.axis)
         rest = tuple(a for a in range(x.ndim) if a not in axis)
@@ -257,18 +304,40 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
         return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
     if isinstance(module, nnx.Einsum):
         spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
-        lhs, _, out_s, contracted, produced = _einsum_parts(spec or module.einsum_str, path)
-        keep_in = "".join(c for c in lhs if c not in contracted)
-        keep_out = "".join(c for c in out_s if c not in produced)
-        feats = jnp.einsum(f"{lhs}->{keep_in}{contracted}", x)
+        lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec or module.einsum_str, path)
+        # Rows first, then the slice axes (kernel order), then the flattened features.
+        keep_in = "".join(c for c in lhs if c not in contracted and c not in shared)
+        keep_out = "".join(c for c in out_s if c not in produced and c not in shared)
+        feats = jnp.einsum(f"{lhs}->{keep_in}{shared}{contracted}", x)
         feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
 
         def rows(out):
-            out = jnp.einsum(f"{out_s}->{keep_out}{produced}", out)
+            out = jnp.einsum(f"{out_s}->{keep_out}{shared}{produced}", out)
             return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
 
         return feats, rows
     return x, lambda out: out
+
+
+def _sliced_general_features(module: nnx.LinearGeneral, x: jax.Array):
+    """``_features`` of a ``LinearGeneral`` with ``batch_axis``: ``(rows, *batch, d)``.
+
+    Its batch axes are the input's leading axes and the output's too
+    (``dot_general`` puts them first: ``(*batch, *rows, *out_features)``).
+    """
+    nb, n_out = len(module.batch_axis), len(module.out_features)
+    batch = tuple(int(a) % x.ndim for a in module.batch_axis)
+    axis = tuple(a % x.ndim for a in module.axis)
+    rest = tuple(a for a in range(x.ndim) if a not in axis and a not in batch)
+    feats = jnp.transpose(x, rest + batch + axis)
+    feats = jnp.reshape(feats, feats.shape[: len(rest) + nb] + (-1,))
+
+    def rows(out):
+        free = tuple(range(nb, out.ndim - n_out))
+        out = jnp.transpose(out, free + tuple(range(nb)) + tuple(range(out.ndim - n_out, out.ndim)))
+        return jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
+
+    return feats, rows
 
 
 class _Recorder:
@@ -360,7 +429,11 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
     ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
     first, output last, biases folded); ``nnx.LinearGeneral`` kernels have several
     input and output axes and ``nnx.Einsum`` kernels any order, so pass this to
-    ``kfac`` when a model has them. Paths are matched after dropping a Flax
+    ``kfac`` when a model has them. Per-slice kernels (an ``Einsum`` axis shared by
+    input and output, ``LinearGeneral``'s ``batch_axis``) get those axes as
+    ``batch_axes``: one pair of factors per slice (head). A bias folds when it is a
+    function of each slice's outputs (``(*slices, *outputs)`` in the kernel's
+    order); another ``Einsum`` bias gets no statistics, ``kfac``'s diagonal fallback. Paths are matched after dropping a Flax
     ``Variable``'s ``.value``, so the same layouts come out for an ``nnx.State``
     (what ``nnx.Optimizer`` initializes with), its pure form and a plain dict.
 
@@ -374,7 +447,7 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
-      axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
+      axes), (slice axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
       kfac's default.
 
     Raises:
@@ -413,18 +486,28 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
         layout = layouts.get(layer)
         if layout is not None and kind == "kernel":
-            return DimensionNumbers((layout.inputs, layout.outputs))
+            return DimensionNumbers((layout.inputs, layout.outputs), layout.batch)
         if layout is not None and kind == "bias":
             if fold_biases and layout.bias:
                 return FoldedBias(f"{layer}/kernel")
-            return DimensionNumbers(((), tuple(range(leaf.ndim))))
+            # A per-slice bias (*slices, *outputs) keeps the kernel's slices as batch axes.
+            nb = len(layout.batch) if layout.bias else 0
+            return DimensionNumbers(((), tuple(range(nb, leaf.ndim))), tuple(range(nb)))
         return default_kernel_dimension_numbers(leaf.shape)
 
     return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_masked)
 
 
 def _stats_tree(
-    inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], biases: dict, fold: bool
+    inputs,
+    deltas,
+    out_rows,
+    n: int,
+    tuples: dict[str, tuple],
+    biases: dict,
+    fold: bool,
+    slices: dict[str, int] | None = None,
+    reduce: bool = False,
 ) -> dict:
     """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params.
 
@@ -432,24 +515,33 @@ def _stats_tree(
     (one for the empirical and Fisher modes, one per output unit for Gauss-Newton).
     ``biases[key]``: ``True`` for a bias that is a function of the output features
     (its statistics are given), ``False`` for another bias (``None``: the diagonal
-    fallback), absent without a bias.
+    fallback), absent without a bias. ``slices[key]``: the number of slice axes
+    (per-head kernels) before the features; such layers, and every layer when
+    ``reduce``, take :func:`_slice_factors`.
     """
+    slices = slices or {}
     tree: dict = {}
     hi = jax.lax.Precision.HIGHEST
     for key_, x in inputs.items():
         path = tuples[key_]
         delta = deltas[key_]
-        x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
-        delta = jax.vmap(out_rows[key_])(delta)
-        d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
-        positions = x2.shape[0] // n
         bias = biases.get(key_)
-        if bias and fold:
-            # Homogeneous coordinates: the constant input 1 of the bias as a last feature,
-            # so a's last row is sum(x) / n (the cross term) and its corner the positions.
-            x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
-        a = jnp.matmul(x2.T, x2, precision=hi) / n
-        b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
+        delta = jax.vmap(out_rows[key_])(delta)
+        if slices.get(key_, 0) or reduce:
+            a, b, positions = _slice_factors(
+                key_, x, delta, n, slices.get(key_, 0), bool(bias and fold), reduce
+            )
+        else:
+            x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
+            d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
+            positions = x2.shape[0] // n
+            if bias and fold:
+                # Homogeneous coordinates: the constant input 1 of the bias as a last
+                # feature, so a's last row is sum(x) / n (the cross term) and its corner
+                # the positions.
+                x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
+            a = jnp.matmul(x2.T, x2, precision=hi) / n
+            b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
         node = tree
         for key in path:
             node = node.setdefault(key, {})
@@ -459,10 +551,63 @@ def _stats_tree(
         elif bias:
             # A separate block: the bias is a kernel whose input is the constant 1 at
             # each of the example's positions, A = (1/n) sum over n * positions rows of 1.
-            node["bias"] = KfacFactors(jnp.full((1, 1), float(positions), jnp.float32), b)
+            corner = jnp.full(a.shape[:-2] + (1, 1), float(positions), jnp.float32)
+            node["bias"] = KfacFactors(corner, b)
         elif bias is not None:
             node["bias"] = None  # not a function of the output features: diagonal fallback
     return tree
+
+
+def _slice_factors(
+    key: str, x: jax.Array, delta: jax.Array, n: int, nslice: int, homogeneous: bool, reduce: bool
+) -> tuple[jax.Array, jax.Array, int]:
+    """``(a (*slices, d_in, d_in), g (*slices, d_out, d_out), bias corner)`` of one layer.
+
+    ``x`` is ``(rows..., *slices, d_in)`` and ``delta`` ``(samples, rows...,
+    *slices, d_out)``, the first row axis the examples. Each slice (head) is its own
+    layer over the same rows. Expand: every row is a term (the KFC convention of
+    :func:`_stats_tree`). Reduce: the rows of one example are first reduced, the
+    inputs averaged and the output gradients summed over its ``T`` positions, then
+    ``a = (1/n) Σ_n x̄_n x̄_n^T`` and ``g = (1/n) Σ_n δ̄_n δ̄_n^T`` (the bias corner is 1).
+    """
+    hi = jax.lax.Precision.HIGHEST
+    heads = x.shape[x.ndim - 1 - nslice : x.ndim - 1]
+    h = 1
+    for s in heads:
+        h *= s
+    if reduce and x.shape[0] != n:
+        raise ValueError(
+            f"layer {key}: sequence_statistics='reduce' needs the examples on the leading "
+            f"axis of the layer's input rows, got {x.shape[0]} rows there for {n} examples."
+        )
+    x3 = jnp.reshape(x, (n, -1, h, x.shape[-1])).astype(jnp.float32)
+    d4 = jnp.reshape(delta, (delta.shape[0], n, -1, h, delta.shape[-1])).astype(jnp.float32)
+    positions = x3.shape[1]
+    if reduce:
+        x3 = jnp.mean(x3, axis=1, keepdims=True)
+        d4 = jnp.sum(d4, axis=2, keepdims=True)
+        scale, corner = n, 1
+    else:
+        scale, corner = n * positions, positions
+    if homogeneous:
+        x3 = jnp.concatenate([x3, jnp.ones(x3.shape[:-1] + (1,), x3.dtype)], axis=-1)
+    a = jnp.einsum("nphi,nphj->hij", x3, x3, precision=hi) / n
+    b = jnp.einsum("snphi,snphj->hij", d4, d4, precision=hi) / scale
+    a = jnp.reshape(a, heads + a.shape[-2:])
+    b = jnp.reshape(b, heads + b.shape[-2:])
+    return a, b, corner
+
+
+def _slice_counts(model: nnx.Module) -> dict[str, int]:
+    """``key -> number of slice axes`` for the captured layers with per-slice kernels."""
+    counts = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, _CAPTURED):
+            key = _key(tuple(path))
+            nb = len(_layout(node, key).batch)
+            if nb:
+                counts[key] = nb
+    return counts
 
 
 def kfac_value_and_grad(
@@ -471,6 +616,7 @@ def kfac_value_and_grad(
     *,
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
     fold_biases: bool = True,
+    sequence_statistics: Literal["expand", "reduce"] = "expand",
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -486,6 +632,11 @@ def kfac_value_and_grad(
         backward pass per output unit, vectorized; ``loss='mse'`` only). For the
         squared error, ``'fisher'`` is an unbiased one-sample estimate of
         ``'gauss_newton'``.
+      sequence_statistics: ``'expand'`` (default) or ``'reduce'``: how a layer
+        applied at several positions per example turns them into statistics
+        (Eschenhagen et al., 2023; see the module docstring for the formulas and
+        when each is exact). ``'reduce'`` needs each layer's input rows to have
+        the examples on their leading axis.
       fold_biases: ``True`` (default): each layer's bias is folded into its kernel
         in homogeneous coordinates, as in Martens and Grosse (2015) and kfac-jax:
         the kernel's ``a`` is over ``[x; 1]``, ``(d_in + 1) × (d_in + 1)``, and the
@@ -506,8 +657,10 @@ def kfac_value_and_grad(
       ``optimizer.update(model, grads, kfac_stats=stats)``.
 
     Raises:
-      ValueError: For an unknown loss or statistics mode, a mode the loss does not
-        support, or a model layer that cannot be captured (named by its path).
+      ValueError: For an unknown loss, statistics mode or ``sequence_statistics``,
+        a mode the loss does not support, or a model layer that cannot be
+        captured (named by its path; with ``'reduce'``, a layer whose rows do not
+        lead with the examples).
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -529,13 +682,32 @@ def kfac_value_and_grad(
       Pass ``stats`` to :func:`layerwise_optax.kfac`'s update as
       ``kfac_stats=stats`` (the README has a whole training step).
 
+      Per-head weights (``h`` in input, kernel and output) get one block per
+      head, and ``'reduce'`` averages the inputs over the 5 positions first:
+
+      >>> heads = nnx.Einsum('bthd,hdk->bthk', (2, 3, 4), (2, 4), rngs=nnx.Rngs(0))
+      >>> x, y = jnp.ones((8, 5, 2, 3)), jnp.zeros((8, 5, 2, 4))
+      >>> f = lof.kfac_value_and_grad(lambda m, x: m(x), 'mse', sequence_statistics='reduce')
+      >>> stats = f(heads, x, y)[2]
+      >>> stats['kernel'].a.shape, stats['kernel'].g.shape
+      ((2, 4, 4), (2, 4, 4))
+      >>> stats['kernel'].a[0].tolist()[0]
+      [1.0, 1.0, 1.0, 1.0]
+
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
       Grosse and Martens, `A Kronecker-factored Approximate Fisher Matrix for
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
+      Eschenhagen, Immer, Turner, Schneider and Hennig, `Kronecker-Factored
+      Approximate Curvature for Modern Neural Network Architectures
+      <https://arxiv.org/abs/2311.00636>`_, NeurIPS 2023.
     """
     _checks.boolean("fold_biases", fold_biases)
+    if sequence_statistics not in _SEQUENCE:
+        raise ValueError(
+            f"sequence_statistics must be one of {list(_SEQUENCE)}, got {sequence_statistics!r}."
+        )
     loss_name, loss_fn = _loss_for(loss, statistics)
 
     def fn(model, inputs, targets, key=None):
@@ -575,7 +747,18 @@ def kfac_value_and_grad(
             )
         else:
             value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
-        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases)
+        stats = _stats_tree(
+            feats,
+            deltas,
+            out_rows,
+            n,
+            tuples,
+            biases,
+            fold_biases,
+            _slice_counts(model),
+            sequence_statistics == "reduce",
+        )
+        return value, grads, stats
 
     return fn
 
@@ -649,13 +832,20 @@ def _fisher(forward, params, zeros, loss_fn, targets, sample, n):
 def _gauss_newton(forward, params, zeros, loss_fn, targets):
     """Exact Gauss-Newton statistics for the squared error: ``B = E[J^T J]``.
 
-    One pullback per output unit ``k`` (vectorized) gives every layer's
-    per-example Jacobian rows ``J_i^T e_k``. Returns ``(loss, grads, layer
+    One pullback per output coordinate ``k`` of an example (vectorized; for a
+    sequence output every (position, unit) pair) gives every layer's per-example
+    Jacobian rows ``J_i^T e_k``. Returns ``(loss, grads, layer
     inputs, Jacobian rows (units, n, ...))``.
     """
     outputs, pullback, feats = jax.vjp(forward, params, zeros, has_aux=True)
     value, d_out = jax.value_and_grad(loss_fn)(outputs, targets)
     grads, _ = pullback(d_out)
-    units = outputs.shape[-1]
-    basis = jnp.broadcast_to(jnp.eye(units, dtype=outputs.dtype)[:, None], (units,) + outputs.shape)
+    # One pullback per output coordinate of an example (units x positions for a
+    # sequence output), the same coordinate in every example at once.
+    per_example = outputs.shape[1:]
+    units = 1
+    for s in per_example:
+        units *= s
+    eye = jnp.reshape(jnp.eye(units, dtype=outputs.dtype), (units, 1) + per_example)
+    basis = jnp.broadcast_to(eye, (units,) + outputs.shape)
     return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(basis)
