@@ -345,14 +345,14 @@ def _conv_padding(
     / ``'CAUSAL'``, which pad the input itself (wrapped around, or zeros before a 1-D
     sequence only) and then slide the window without padding.
     """
-    if padding in ("CIRCULAR", "CAUSAL"):
+    if padding in ("CIRCULAR", "CAUSAL", "REFLECT"):  # REFLECT: flax.linen's Conv only
         spans = [(k - 1) * d for k, d in zip(kernel_size, dilation)]  # dilated window - 1
-        if padding == "CIRCULAR":
+        if padding != "CAUSAL":
             pads = [(s // 2, (s + 1) // 2) for s in spans]
         else:
             pads = [(spans[0], 0)]  # nnx.Conv allows CAUSAL on 1-D convolutions only
         outer = [(0, 0)] * (x.ndim - len(pads) - 1)
-        mode = "wrap" if padding == "CIRCULAR" else "constant"
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}.get(padding, "constant")
         return jnp.pad(x, [*outer, *pads, (0, 0)], mode=mode), "VALID"
     if isinstance(padding, str):
         return x, padding
@@ -363,7 +363,29 @@ def _conv_padding(
 
 def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     """Input patches of a convolution, features ordered like ``kernel.reshape(-1, out)``."""
-    kernel_size = tuple(module.kernel_shape[:-2])
+    return _patches(
+        x,
+        tuple(module.kernel_shape[:-2]),
+        module.strides,
+        module.padding,
+        module.input_dilation,
+        module.kernel_dilation,
+    )
+
+
+def _patches(
+    x: jax.Array,
+    kernel_size: tuple[int, ...],
+    strides: Any,
+    padding: Any,
+    input_dilation: Any,
+    kernel_dilation: Any,
+) -> jax.Array:
+    """Input patches ``(n, *out_spatial, prod(kernel_size) * c_in)`` of a conv (NNX or Linen).
+
+    ``strides``/``input_dilation``/``kernel_dilation``: ``None``, an int or one int
+    per spatial axis; ``padding`` as :func:`_conv_padding` takes it.
+    """
     nd = len(kernel_size)
 
     def per_dim(v, default):
@@ -375,14 +397,14 @@ def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     if spatial is None:  # pragma: no cover - 4-D convolutions are not in nnx
         raise NotImplementedError("convolutions with more than 3 spatial dims")
     lhs = "N" + spatial + "C"
-    dilation = per_dim(module.kernel_dilation, 1)
-    x, padding = _conv_padding(module.padding, x, kernel_size, dilation)
+    dilation = per_dim(kernel_dilation, 1)
+    x, lax_padding = _conv_padding(padding, x, kernel_size, dilation)
     patches = jax.lax.conv_general_dilated_patches(
         x,
         filter_shape=kernel_size,
-        window_strides=per_dim(module.strides, 1),
-        padding=padding,
-        lhs_dilation=per_dim(module.input_dilation, 1),
+        window_strides=per_dim(strides, 1),
+        padding=lax_padding,
+        lhs_dilation=per_dim(input_dilation, 1),
         rhs_dilation=dilation,
         dimension_numbers=(lhs, spatial + "IO", lhs),
     )
@@ -401,12 +423,7 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     if isinstance(module, nnx.Conv):
         return _conv_patches(module, x), lambda out: out
     if isinstance(module, nnx.LinearGeneral):
-        axis = tuple(a % x.ndim for a in module.axis)
-        rest = tuple(a for a in range(x.ndim) if a not in axis)
-        feats = jnp.transpose(x, rest + axis)
-        feats = jnp.reshape(feats, feats.shape[: len(rest)] + (-1,))
-        n_out = len(module.out_features)
-        return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
+        return _general_features(x, module.axis, len(module.out_features))
     if isinstance(module, nnx.Einsum):
         spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
         lhs, _, out_s, contracted, produced = _einsum_parts(spec or module.einsum_str, path)
@@ -421,6 +438,17 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
 
         return feats, rows
     return x, lambda out: out
+
+
+def _general_features(x: jax.Array, axis: tuple[int, ...], n_out: int):
+    """``_features`` of a general dense layer: the contracted ``axis`` of ``x`` last,
+    flattened; ``n_out`` trailing output axes flattened (NNX LinearGeneral, Linen
+    DenseGeneral)."""
+    axis = tuple(a % x.ndim for a in axis)
+    rest = tuple(a for a in range(x.ndim) if a not in axis)
+    feats = jnp.transpose(x, rest + axis)
+    feats = jnp.reshape(feats, feats.shape[: len(rest)] + (-1,))
+    return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
 
 
 class _Recorder:
