@@ -20,6 +20,7 @@ factors per slice). Statistics, modes and losses are those of the NNX capture.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -98,6 +99,7 @@ class _Interceptor:
         if context.method_name != "__call__" or not isinstance(module, _CAPTURED):
             return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)
+        assert module.scope is not None  # a module is bound while it is applied
         path = tuple(module.scope.path)
         key = "/".join(path)
         x = args[0] if args else kwargs["inputs"]
@@ -126,16 +128,7 @@ def _trace(module: Any, params: Any, inputs: Any) -> tuple[_Interceptor, Any]:
                 1
             ]
 
-    try:
-        variables = jax.eval_shape(run, params)
-    except Exception as e:
-        if interceptor.layers and "perturbations" not in str(e) and "intermediates" not in str(e):
-            raise
-        raise ValueError(
-            "K-FAC capture of a flax.linen model failed while tracing it; layers under "
-            "nn.scan / nn.vmap need 'perturbations' and 'intermediates' in variable_axes "
-            f"beside 'params' (here: {type(e).__name__}: {e})"
-        ) from e
+    variables = jax.eval_shape(run, params)
     if not interceptor.layers:
         raise ValueError(
             f"{type(module).__name__} has no nn.Dense, nn.DenseGeneral or nn.Conv layer to "
@@ -149,7 +142,15 @@ def _stack_depth(interceptor: _Interceptor, variables: Any, params: Any) -> dict
     depth = {}
     for key, layer in interceptor.layers.items():
         path = interceptor.paths[key]
-        pert = _get(variables["perturbations"], path)[_OUTPUTS]
+        try:
+            pert = _get(variables["perturbations"], path)[_OUTPUTS]
+            inputs = _get(variables["intermediates"], path)[_INPUTS]
+        except KeyError:
+            raise ValueError(
+                f"layer {key}: its K-FAC variables did not come out of the forward pass; a "
+                "layer under nn.scan / nn.vmap needs 'perturbations' and 'intermediates' in "
+                "the transform's variable_axes beside 'params'."
+            ) from None
         lifted = pert.ndim - layer.out_ndim
         try:
             kernel = _get(params, path)["kernel"]
@@ -162,7 +163,6 @@ def _stack_depth(interceptor: _Interceptor, variables: Any, params: Any) -> dict
                 f"{kernel.ndim - layer.kernel_ndim}; a kernel reused across slices "
                 "(variable_broadcast='params') cannot be captured."
             )
-        inputs = _get(variables["intermediates"], path)[_INPUTS]
         if len(inputs) != 1:
             raise ValueError(
                 f"layer {key} is called {len(inputs)} times per forward pass; K-FAC capture "
@@ -338,7 +338,7 @@ def linen_kfac_value_and_grad(
             )
         elif statistics == "fisher":
             assert loss_name is not None and key is not None  # checked above
-            sample = lambda outputs: _capture._sample_labels(loss_name, outputs, key)  # noqa: E731
+            sample = functools.partial(_capture._sample_labels, loss_name, key=key)
             value, grads, feats, deltas = _capture._fisher(
                 forward, params, zeros, loss_fn, targets, sample, n
             )
