@@ -234,7 +234,7 @@ def linen_kfac_dimension_numbers(
             shift = (tuple(s + a for a in lay.inputs), tuple(s + a for a in lay.outputs))
             return DimensionNumbers(shift, batch_axes=batch)
         if fold_biases:
-            return FoldedBias(f"{layer}/kernel")
+            return FoldedBias("/".join((*names[:-1], "kernel")))
         return DimensionNumbers(((), tuple(range(s, leaf.ndim))), batch_axes=batch)
 
     return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_capture._is_masked)
