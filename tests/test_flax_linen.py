@@ -255,6 +255,12 @@ class Broadcast(nn.Module):
         return blocks(name="blocks")(x, None)[0]
 
 
+class TwoBatchAxes(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(2, (2,), name="conv")(x.reshape(2, 1, 2, 2))
+
+
 class Batched(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -274,6 +280,7 @@ class NoLayers(nn.Module):
         (NoAxes(), "layer blocks/dense: .* needs 'perturbations' and 'intermediates'"),
         (Broadcast(), "layer blocks/dense: .* reused across slices"),
         (Batched(), "layer per_slice: DenseGeneral with batch_dims"),
+        (TwoBatchAxes(), r"layer conv: .* one batch axis \(n, \*spatial, c_in\); got shape "),
         (NoLayers(), "NoLayers has no nn.Dense, nn.DenseGeneral or nn.Conv layer"),
     ],
 )
@@ -301,3 +308,65 @@ def test_bad_arguments():
         lof.linen_kfac_value_and_grad(model, fold_biases=1)  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="fold_biases"):
         lof.linen_kfac_dimension_numbers(model, params, x, fold_biases=None)  # pyright: ignore[reportArgumentType]
+
+
+class RematScanned(nn.Module):
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.remat(Block) if self.remat else Block
+        blocks = nn.scan(block, variable_axes=_SCAN_AXES, split_rngs={"params": True}, length=3)
+        return blocks(name="blocks")(x, None)[0]
+
+
+class Ensemble(nn.Module):
+    """Three Dense heads on the same input, stacked by nn.vmap (axis 0 of the kernels)."""
+
+    @nn.compact
+    def __call__(self, x):
+        heads = nn.vmap(
+            nn.Dense,
+            variable_axes=_SCAN_AXES,
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=1,
+            axis_size=3,
+        )
+        return heads(2, name="heads")(x).reshape(x.shape[0], -1)
+
+
+class Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([nn.Dense(2, name=f"h{i}")(x) for i in range(3)], -1)
+
+
+def test_remat_scan_and_vmap_stacks_are_captured_per_slice():
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    y = jax.random.normal(jax.random.key(1), (5, 4))
+    params = RematScanned(False).init(jax.random.key(2), x)["params"]
+    key = jax.random.key(3)
+    plain = lof.linen_kfac_value_and_grad(RematScanned(False), "mse", statistics="fisher")
+    remat = lof.linen_kfac_value_and_grad(RematScanned(True), "mse", statistics="fisher")
+    _assert_trees_close(remat(params, x, y, key), plain(params, x, y, key), rtol=1e-6)
+    # nn.vmap'd heads: one pair of factors per head, those of separate Dense layers.
+    ens = Ensemble()
+    pe = ens.init(jax.random.key(4), x)["params"]
+    ph = {f"h{i}": jax.tree.map(lambda v: v[i], pe["heads"]) for i in range(3)}
+    ye = jax.random.normal(jax.random.key(5), (5, 6))
+    np.testing.assert_allclose(
+        ens.apply({"params": pe}, x), Heads().apply({"params": ph}, x), rtol=1e-6
+    )
+    _, _, se = lof.linen_kfac_value_and_grad(ens, "mse")(pe, x, ye)
+    _, _, sh = lof.linen_kfac_value_and_grad(Heads(), "mse")(ph, x, ye)
+    for i in range(3):
+        for f in ("a", "g"):
+            np.testing.assert_allclose(
+                getattr(se["heads"]["kernel"], f)[i],
+                getattr(sh[f"h{i}"]["kernel"], f),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    spec = lof.linen_kfac_dimension_numbers(ens, pe, x)(pe)["heads"]["kernel"]
+    assert spec == lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
