@@ -56,7 +56,7 @@ def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
     [
         ("mse", "empirical"),
         ("softmax_cross_entropy", "fisher"),
-        ("sigmoid_cross_entropy", "gauss_newton"),
+        pytest.param("sigmoid_cross_entropy", "gauss_newton", marks=pytest.mark.slow),
     ],
 )
 def test_linen_and_nnx_twins_give_equal_statistics_and_kfac_updates(loss, mode):
@@ -70,7 +70,8 @@ def test_linen_and_nnx_twins_give_equal_statistics_and_kfac_updates(loss, mode):
     else:
         y = jax.random.uniform(jax.random.key(2), (6, 4))
     key = jax.random.key(3) if mode == "fisher" else None
-    lv, lg, ls = lof.linen_kfac_value_and_grad(model, loss, statistics=mode)(params, x, y, key)
+    capture = jax.jit(lof.linen_kfac_value_and_grad(model, loss, statistics=mode))
+    lv, lg, ls = capture(params, x, y, key)
     nv, ng, ns = lof.kfac_value_and_grad(lambda m, x: m(x), loss, statistics=mode)(twin, x, y, key)
     np.testing.assert_allclose(lv, nv, rtol=1e-6)
     ng = nnx.as_pure(ng)
@@ -82,8 +83,8 @@ def test_linen_and_nnx_twins_give_equal_statistics_and_kfac_updates(loss, mode):
     tx_l = lo.kfac(0.5, dimension_numbers=lof.linen_kfac_dimension_numbers(model, params, x))
     tx_n = lo.kfac(0.5, dimension_numbers=lof.kfac_dimension_numbers(twin))
     pn = nnx.as_pure(nnx.state(twin, nnx.Param))
-    ul, _ = tx_l.update(lg, tx_l.init(params), params, kfac_stats=ls)
-    un, _ = tx_n.update(ng, tx_n.init(pn), pn, kfac_stats=ns)
+    ul, _ = jax.jit(tx_l.update)(lg, tx_l.init(params), params, kfac_stats=ls)
+    un, _ = jax.jit(tx_n.update)(ng, tx_n.init(pn), pn, kfac_stats=ns)
     _assert_trees_close(ul, un, rtol=2e-3)
 
 
@@ -126,7 +127,7 @@ def test_dense_statistics_and_kfac_step_match_float64_references():
     p1 = one.init(jax.random.key(3), x)["params"]
     _, g1, s1 = lof.linen_kfac_value_and_grad(one, "mse", statistics="gauss_newton")(p1, x, y)
     tx = lo.kfac(1.0, momentum=0.0, factor_decay=0.0, damping=1e-3, damping_mode="absolute")
-    u: Any = tx.update(g1, tx.init(p1), p1, kfac_stats=s1)[0]
+    u: Any = jax.jit(tx.update)(g1, tx.init(p1), p1, kfac_stats=s1)[0]
     w, b = np.asarray(p1["kernel"], np.float64), np.asarray(p1["bias"], np.float64)
     grad = xh.T @ (xn @ w + b - yn) / 8  # [dW; db], (4, 2)
     # Exact Gauss-Newton kron(A, I) with the factors damped by 1e-3 each.
@@ -170,7 +171,9 @@ def _unroll(params):
     return out
 
 
-@pytest.mark.parametrize("mode", ["empirical", "gauss_newton"])
+@pytest.mark.parametrize(
+    "mode", ["empirical", pytest.param("gauss_newton", marks=pytest.mark.slow)]
+)
 def test_scanned_blocks_give_their_unrolled_twins_statistics_and_updates(mode):
     scanned = Scanned()
     x = jax.random.normal(jax.random.key(0), (7, 2, 3))  # a sequence axis: T = 2 rows each
@@ -197,8 +200,8 @@ def test_scanned_blocks_give_their_unrolled_twins_statistics_and_updates(mode):
     spec = dims(params)["blocks"]["dense"]
     assert spec["kernel"] == lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
     tx_s, tx_u = lo.kfac(0.5, dimension_numbers=dims), lo.kfac(0.5)
-    us, _ = tx_s.update(grads, tx_s.init(params), params, kfac_stats=stats)
-    uu, _ = tx_u.update(fgrads, tx_u.init(flat), flat, kfac_stats=fstats)
+    us, _ = jax.jit(tx_s.update)(grads, tx_s.init(params), params, kfac_stats=stats)
+    uu, _ = jax.jit(tx_u.update)(fgrads, tx_u.init(flat), flat, kfac_stats=fstats)
     _assert_trees_close(_unroll(us), uu, rtol=2e-3)
     # Separate bias blocks carry the layer axis too.
     _, _, sep = lof.linen_kfac_value_and_grad(scanned, "mse", statistics=mode, fold_biases=False)(
