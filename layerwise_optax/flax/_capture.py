@@ -655,6 +655,8 @@ def kfac_value_and_grad(
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
+    For ``flax.linen`` models see :func:`linen_kfac_value_and_grad`.
+
     Args:
       model_fn: ``model_fn(model, inputs) -> outputs`` (often ``lambda m, x: m(x)``).
       loss: ``'mse'`` (:func:`mse`), ``'softmax_cross_entropy'`` (integer labels,
