@@ -398,3 +398,26 @@ def test_scanned_linen_model_trains_with_kfac_under_jit():
         losses.append(float(loss))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+class OwnPerturbation(nn.Module):
+    """A model that perturbs an intermediate itself (Flax's gradient-debugging idiom)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = self.perturb("hidden", jnp.tanh(nn.Dense(3, name="l1")(x)))
+        return nn.Dense(2, name="l2")(h)
+
+
+def test_a_models_own_perturbations_stay_zero():
+    model = OwnPerturbation()
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    y = jax.random.normal(jax.random.key(1), (4, 2))
+    params = model.init(jax.random.key(2), x)["params"]
+    value, grads, stats = lof.linen_kfac_value_and_grad(model, "mse")(params, x, y)
+    want_value, want_grads = jax.value_and_grad(
+        lambda p: lof.mse(model.apply({"params": p}, x), y)
+    )(params)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    _assert_trees_close(grads, want_grads)
+    assert set(stats) == {"l1", "l2"}

@@ -317,8 +317,12 @@ def linen_kfac_value_and_grad(
             for k, s in ((k, _get(variables["perturbations"], paths[k])[_OUTPUTS]) for k in paths)
         }
 
+        # The model's own perturbations (Module.perturb), if any, stay at zero.
+        others = _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables))
+        others = others["perturbations"]
+
         def forward(p, perturbations):
-            nested: dict = {}
+            nested = jax.tree.map(lambda v: v, others)  # a fresh copy of the dicts
             for k, e in perturbations.items():
                 node = nested
                 for name in paths[k]:
@@ -373,6 +377,13 @@ def _layer_stats(key, path, layer, x, delta, depth, n, params, fold):
     for _ in range(depth):
         one = jax.vmap(one, in_axes=(0, 1))
     return one(x, delta)
+
+
+def _to_dict(tree: Any) -> Any:
+    """Nested plain dicts from a (possibly frozen) Flax variables tree."""
+    if hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
 
 
 def _merge(into: dict, tree: dict) -> None:
