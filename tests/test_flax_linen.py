@@ -421,3 +421,27 @@ def test_a_models_own_perturbations_stay_zero():
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     _assert_trees_close(grads, want_grads)
     assert set(stats) == {"l1", "l2"}
+
+
+def test_frozen_dict_params_give_the_plain_dict_results():
+    from flax.core import freeze
+
+    model = Scanned()
+    x = jax.random.normal(jax.random.key(0), (5, 2, 3))
+    y = jax.random.normal(jax.random.key(1), (5, 2, 2))
+    params = model.init(jax.random.key(2), x)["params"]
+    frozen = freeze(params)
+    capture = lof.linen_kfac_value_and_grad(model, "mse")
+    _, grads, stats = capture(params, x, y)
+    _, fgrads, fstats = capture(frozen, x, y)
+    _assert_trees_close(fstats, stats, rtol=0, atol=0)
+    dims = lof.linen_kfac_dimension_numbers(model, frozen, x)
+    assert dims(frozen)["blocks"]["dense"]["kernel"] == dims(params)["blocks"]["dense"]["kernel"]
+    tx = lo.kfac(0.5, dimension_numbers=dims)
+    u = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=stats)[0]
+    fu = jax.jit(tx.update)(fgrads, tx.init(frozen), frozen, kfac_stats=fstats)[0]
+    _assert_trees_close(_to_plain(fu), _to_plain(u), rtol=0, atol=0)
+
+
+def _to_plain(tree):
+    return {k: _to_plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
