@@ -40,16 +40,23 @@ Output-gradient modes:
 
 * ``statistics='empirical'``: ``delta`` from the true labels, one forward and one
   backward pass in total.
-* ``statistics='fisher'`` (``loss='mse'`` or ``'softmax_cross_entropy'``): ``delta``
-  from labels sampled from the model's predictive distribution (Gaussian with
-  unit variance around the outputs, or the softmax's categorical). The forward
+* ``statistics='fisher'`` (a built-in loss): ``delta`` from labels sampled from
+  the model's predictive distribution (Gaussian with unit variance around the
+  outputs for ``'mse'``, the softmax's categorical, independent Bernoullis for
+  ``'sigmoid_cross_entropy'``, ``N(μ, e^s)`` for ``'gaussian_nll'``). The forward
   pass is shared; the sampled-label cotangent takes a second backward pass
   (``jax.vjp``), as in every K-FAC implementation.
-* ``statistics='gauss_newton'`` (``loss='mse'``): the exact expectation of the
-  Fisher mode, ``B = E[J^T J]`` with ``J`` the Jacobian of the outputs with
-  respect to the layer output, from one vectorized backward pass per output
-  coordinate of an example (units × positions for a sequence output).
-  For a linear network this is exactly the paper's ``P_G = F^T F``.
+* ``statistics='gauss_newton'`` (a built-in loss): the exact expectation of the
+  Fisher mode, ``B = E[J^T F_out J]`` with ``J`` the Jacobian of the outputs with
+  respect to the layer output and ``F_out = M M^T`` the predictive
+  distribution's Fisher in the outputs (``I``; ``diag(p) - p p^T``;
+  ``diag(p (1 - p))``; ``diag(e^{-s}, 1/2)``), from one vectorized backward pass
+  per output unit and position with the columns of ``M`` (units × positions
+  pullbacks for a sequence output: each position's column apart, so the
+  cross-position terms of attention are exact too). For the first three (canonical
+  links) ``F_out`` is the loss's Hessian, so this is the generalized
+  Gauss-Newton matrix (Schraudolph 2002); for a linear network with the squared
+  error it is exactly the paper's ``P_G = F^T F``.
 
 Sequence statistics (Eschenhagen et al., 2023) for a layer applied at ``T``
 positions with shared weights (``sequence_statistics=``):
@@ -98,7 +105,7 @@ if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra 
 else:
     nnx = _optional.require("flax.nnx", "layerwise_optax.flax")
 
-_LOSSES = ("mse", "softmax_cross_entropy")
+_LOSSES = ("mse", "softmax_cross_entropy", "sigmoid_cross_entropy", "gaussian_nll")
 _MODES = ("empirical", "fisher", "gauss_newton")
 _SEQUENCE = ("expand", "reduce")
 _CAPTURED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
@@ -221,11 +228,154 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
 
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Sigmoid (Bernoulli) cross-entropy, summed over outputs and averaged over examples.
+
+    Each output unit is an independent Bernoulli variable with success probability
+    ``p = sigmoid(z)`` (multi-label classification):
+    ``ℓ(z, y) = -y log p - (1 - y) log(1 - p) = softplus(z) - y z`` per unit, summed
+    over every axis but the leading (examples) one and averaged over examples, the
+    normalization of :func:`mse`. Its Hessian in the logits is ``diag(p (1 - p))``
+    whatever the labels, so ``statistics='gauss_newton'`` is its exact Fisher.
+
+    Args:
+      logits: ``(n, ...)`` unnormalized log-odds, ``n`` examples on the leading axis.
+      labels: Targets of the same shape in ``[0, 1]`` (hard ``{0, 1}`` labels or soft
+        probabilities).
+
+    Returns:
+      A scalar.
+
+    Examples:
+      Zero logits give ``log 2`` per unit (two units per example here):
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import flax as lof
+      >>> y = jnp.array([[0.0, 1.0], [1.0, 0.5]])
+      >>> round(float(lof.sigmoid_cross_entropy(jnp.zeros((2, 2)), y)), 4)
+      1.3863
+
+    References:
+      Bishop, *Pattern Recognition and Machine Learning*, 2006, section 4.3.2
+      (logistic sigmoid outputs for independent binary targets).
+    """
+    per_unit = jax.nn.softplus(logits) - labels * logits
+    return jnp.mean(jnp.sum(jnp.reshape(per_unit, (logits.shape[0], -1)), -1))
+
+
+def gaussian_nll(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Heteroscedastic Gaussian negative log-likelihood, summed over outputs, mean over examples.
+
+    The model predicts a mean and a log-variance per target dimension, concatenated
+    on the last axis: ``outputs = [μ, s]`` with ``μ, s`` of ``targets``' shape and
+    ``σ² = exp(s)`` (the log-variance keeps the variance positive without a
+    constraint; Nix and Weigend 1994, Kendall and Gal 2017). Per dimension
+
+    .. math::
+      ℓ(μ, s; y) = \\tfrac12 \\left(\\log 2π + s + (y - μ)^2 e^{-s}\\right),
+
+    summed over every axis but the leading (examples) one and averaged over
+    examples, the normalization of :func:`mse`. The Fisher information of
+    ``(μ, s)`` is ``diag(e^{-s}, 1/2)`` (the expected Hessian; the Hessian itself
+    depends on ``y`` and need not be positive semi-definite), which is what
+    ``statistics='gauss_newton'`` uses. For a fixed unit variance use
+    :func:`mse`, whose statistics are those of this loss's mean half.
+
+    Args:
+      outputs: ``(n, ..., 2 d)``: means ``outputs[..., :d]`` and log-variances
+        ``outputs[..., d:]``.
+      targets: ``(n, ..., d)`` real targets.
+
+    Returns:
+      A scalar.
+
+    Raises:
+      ValueError: If ``outputs``' last axis is not twice ``targets``'.
+
+    Examples:
+      Mean 0 and log-variance 0 at target 0: ``½ log 2π ≈ 0.9189`` per dimension.
+
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import flax as lof
+      >>> round(float(lof.gaussian_nll(jnp.zeros((3, 2)), jnp.zeros((3, 1)))), 4)
+      0.9189
+
+    References:
+      Nix and Weigend, `Estimating the mean and variance of the target probability
+      distribution <https://doi.org/10.1109/ICNN.1994.374138>`_, 1994.
+    """
+    mean, log_var = _gaussian_parts(outputs, targets.shape)
+    per_dim = 0.5 * (jnp.log(2 * jnp.pi) + log_var + (targets - mean) ** 2 * jnp.exp(-log_var))
+    return jnp.mean(jnp.sum(jnp.reshape(per_dim, (outputs.shape[0], -1)), -1))
+
+
+def _gaussian_parts(outputs: jax.Array, target_shape: tuple) -> tuple[jax.Array, jax.Array]:
+    """``(mean, log-variance)`` halves of :func:`gaussian_nll`'s outputs, shapes checked."""
+    d = outputs.shape[-1] // 2
+    if outputs.shape[-1] != 2 * d or tuple(outputs.shape[:-1]) + (d,) != tuple(target_shape):
+        raise ValueError(
+            f"gaussian_nll: outputs of shape {tuple(outputs.shape)} must be (..., 2 d) "
+            f"(means, then log-variances) for targets of shape (..., d); got targets "
+            f"{tuple(target_shape)}."
+        )
+    return outputs[..., :d], outputs[..., d:]
+
+
+_LOSS_FNS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "mse": mse,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "sigmoid_cross_entropy": sigmoid_cross_entropy,
+    "gaussian_nll": gaussian_nll,
+}
+
+
 def _sample_labels(kind: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
+    """Labels drawn from the model's predictive distribution (the Fisher mode)."""
     outputs = jax.lax.stop_gradient(outputs)
     if kind == "mse":
         return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+    if kind == "sigmoid_cross_entropy":
+        return jax.random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
+    if kind == "gaussian_nll":
+        d = outputs.shape[-1] // 2
+        mean, log_var = outputs[..., :d], outputs[..., d:]
+        return mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape, mean.dtype)
     return jax.random.categorical(key, outputs, axis=-1)
+
+
+def _fisher_sqrt(kind: str, outputs: jax.Array) -> jax.Array:
+    """Columns ``m_k`` of a square root ``M M^T = F`` of the loss's output Fisher.
+
+    ``F`` is the Fisher information of the predictive distribution in the model's
+    outputs, per example and position (the loss's Hessian for the squared error
+    and the two cross-entropies, whose links are canonical; its expectation for the
+    Gaussian NLL). Returns ``(units, *outputs.shape)``: unit ``k``'s column at every
+    example and position, scaled like the loss's per-example gradient so that
+    ``Σ_k (J^T m_k)(J^T m_k)^T`` is the expectation of the Fisher mode's
+    ``δ δ^T``. Softmax: ``F = diag(p) - p p^T = M M^T`` with the columns
+    ``m_k = √p_k (e_k - p)`` (using ``Σ p = 1``).
+    """
+    outputs = jax.lax.stop_gradient(outputs)
+    units = outputs.shape[-1]
+    eye = jnp.eye(units, dtype=outputs.dtype)
+    if kind == "softmax_cross_entropy":
+        p = jax.nn.softmax(outputs, axis=-1)
+        eye_b = eye.reshape((1,) * (outputs.ndim - 1) + (units, units))
+        cols = jnp.sqrt(p)[..., None] * (eye_b - p[..., None, :])  # (..., k, units): m_k
+        cols = jnp.moveaxis(cols, -2, 0)
+        # The loss averages over every label position, not over examples only.
+        return cols * (outputs.shape[0] * units / outputs.size)
+    if kind == "mse":
+        diag = jnp.ones_like(outputs)
+    elif kind == "sigmoid_cross_entropy":
+        p = jax.nn.sigmoid(outputs)
+        diag = jnp.sqrt(p * (1 - p))
+    else:  # gaussian_nll: (mean, log-variance) units, Fisher diag(exp(-s), 1/2)
+        d = units // 2
+        diag = jnp.concatenate(
+            [jnp.exp(-0.5 * outputs[..., d:]), jnp.full_like(outputs[..., d:], 0.5**0.5)], -1
+        )
+    return eye.reshape((units,) + (1,) * (outputs.ndim - 1) + (units,)) * diag[None]
 
 
 def _conv_padding(
@@ -238,14 +388,14 @@ def _conv_padding(
     / ``'CAUSAL'``, which pad the input itself (wrapped around, or zeros before a 1-D
     sequence only) and then slide the window without padding.
     """
-    if padding in ("CIRCULAR", "CAUSAL"):
+    if padding in ("CIRCULAR", "CAUSAL", "REFLECT"):  # REFLECT: flax.linen's Conv only
         spans = [(k - 1) * d for k, d in zip(kernel_size, dilation)]  # dilated window - 1
-        if padding == "CIRCULAR":
+        if padding != "CAUSAL":
             pads = [(s // 2, (s + 1) // 2) for s in spans]
         else:
             pads = [(spans[0], 0)]  # nnx.Conv allows CAUSAL on 1-D convolutions only
         outer = [(0, 0)] * (x.ndim - len(pads) - 1)
-        mode = "wrap" if padding == "CIRCULAR" else "constant"
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}.get(padding, "constant")
         return jnp.pad(x, [*outer, *pads, (0, 0)], mode=mode), "VALID"
     if isinstance(padding, str):
         return x, padding
@@ -256,7 +406,29 @@ def _conv_padding(
 
 def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     """Input patches of a convolution, features ordered like ``kernel.reshape(-1, out)``."""
-    kernel_size = tuple(module.kernel_shape[:-2])
+    return _patches(
+        x,
+        tuple(module.kernel_shape[:-2]),
+        module.strides,
+        module.padding,
+        module.input_dilation,
+        module.kernel_dilation,
+    )
+
+
+def _patches(
+    x: jax.Array,
+    kernel_size: tuple[int, ...],
+    strides: Any,
+    padding: Any,
+    input_dilation: Any,
+    kernel_dilation: Any,
+) -> jax.Array:
+    """Input patches ``(n, *out_spatial, prod(kernel_size) * c_in)`` of a conv (NNX or Linen).
+
+    ``strides``/``input_dilation``/``kernel_dilation``: ``None``, an int or one int
+    per spatial axis; ``padding`` as :func:`_conv_padding` takes it.
+    """
     nd = len(kernel_size)
 
     def per_dim(v, default):
@@ -268,14 +440,14 @@ def _conv_patches(module: nnx.Conv, x: jax.Array) -> jax.Array:
     if spatial is None:  # pragma: no cover - 4-D convolutions are not in nnx
         raise NotImplementedError("convolutions with more than 3 spatial dims")
     lhs = "N" + spatial + "C"
-    dilation = per_dim(module.kernel_dilation, 1)
-    x, padding = _conv_padding(module.padding, x, kernel_size, dilation)
+    dilation = per_dim(kernel_dilation, 1)
+    x, lax_padding = _conv_padding(padding, x, kernel_size, dilation)
     patches = jax.lax.conv_general_dilated_patches(
         x,
         filter_shape=kernel_size,
-        window_strides=per_dim(module.strides, 1),
-        padding=padding,
-        lhs_dilation=per_dim(module.input_dilation, 1),
+        window_strides=per_dim(strides, 1),
+        padding=lax_padding,
+        lhs_dilation=per_dim(input_dilation, 1),
         rhs_dilation=dilation,
         dimension_numbers=(lhs, spatial + "IO", lhs),
     )
@@ -296,12 +468,7 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
         return _sliced_general_features(module, x)
     if isinstance(module, nnx.LinearGeneral):
-        axis = tuple(a % x.ndim for a in module.axis)
-        rest = tuple(a for a in range(x.ndim) if a not in axis)
-        feats = jnp.transpose(x, rest + axis)
-        feats = jnp.reshape(feats, feats.shape[: len(rest)] + (-1,))
-        n_out = len(module.out_features)
-        return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
+        return _general_features(x, module.axis, len(module.out_features))
     if isinstance(module, nnx.Einsum):
         spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
         lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec or module.einsum_str, path)
@@ -338,6 +505,17 @@ def _sliced_general_features(module: nnx.LinearGeneral, x: jax.Array):
         return jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
 
     return feats, rows
+
+
+def _general_features(x: jax.Array, axis: tuple[int, ...], n_out: int):
+    """``_features`` of a general dense layer: the contracted ``axis`` of ``x`` last,
+    flattened; ``n_out`` trailing output axes flattened (NNX LinearGeneral, Linen
+    DenseGeneral)."""
+    axis = tuple(a % x.ndim for a in axis)
+    rest = tuple(a for a in range(x.ndim) if a not in axis)
+    feats = jnp.transpose(x, rest + axis)
+    feats = jnp.reshape(feats, feats.shape[: len(rest)] + (-1,))
+    return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
 
 
 class _Recorder:
@@ -612,7 +790,8 @@ def _slice_counts(model: nnx.Module) -> dict[str, int]:
 
 def kfac_value_and_grad(
     model_fn: Callable[..., jax.Array],
-    loss: Literal["mse", "softmax_cross_entropy"] | Callable[[jax.Array, Any], jax.Array] = "mse",
+    loss: Literal["mse", "softmax_cross_entropy", "sigmoid_cross_entropy", "gaussian_nll"]
+    | Callable[[jax.Array, Any], jax.Array] = "mse",
     *,
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
     fold_biases: bool = True,
@@ -620,18 +799,22 @@ def kfac_value_and_grad(
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
+    For ``flax.linen`` models see :func:`linen_kfac_value_and_grad`.
+
     Args:
       model_fn: ``model_fn(model, inputs) -> outputs`` (often ``lambda m, x: m(x)``).
-      loss: ``'mse'``, ``'softmax_cross_entropy'`` (integer labels), or a callable
-        ``loss(outputs, targets) -> scalar`` averaged over examples (empirical mode
-        only).
+      loss: ``'mse'`` (:func:`mse`), ``'softmax_cross_entropy'`` (integer labels,
+        :func:`softmax_cross_entropy`), ``'sigmoid_cross_entropy'`` (targets in
+        ``[0, 1]``, :func:`sigmoid_cross_entropy`), ``'gaussian_nll'`` (outputs
+        ``[mean, log-variance]`` on the last axis, :func:`gaussian_nll`), or a
+        callable ``loss(outputs, targets) -> scalar`` averaged over examples
+        (empirical mode only).
       statistics: How the output-gradient factor ``B`` is estimated:
         ``'empirical'`` (true targets), ``'fisher'`` (labels sampled from the
         model's predictive distribution; needs a built-in ``loss`` and a ``key``)
-        or ``'gauss_newton'`` (exact ``E[J^T J]`` of the outputs, one extra
-        backward pass per output unit, vectorized; ``loss='mse'`` only). For the
-        squared error, ``'fisher'`` is an unbiased one-sample estimate of
-        ``'gauss_newton'``.
+        or ``'gauss_newton'`` (exact ``E[J^T F_out J]``, one extra backward pass
+        per output unit and position, vectorized; a built-in ``loss``). ``'fisher'`` is an
+        unbiased one-sample estimate of ``'gauss_newton'``.
       sequence_statistics: ``'expand'`` (default) or ``'reduce'``: how a layer
         applied at several positions per example turns them into statistics
         (Eschenhagen et al., 2023; see the module docstring for the formulas and
@@ -746,7 +929,10 @@ def kfac_value_and_grad(
                 forward, params, zeros, loss_fn, targets, sample, n
             )
         else:
-            value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
+            assert loss_name is not None  # checked by _loss_for
+            value, grads, feats, deltas = _gauss_newton(
+                forward, params, zeros, loss_fn, targets, loss_name
+            )
         stats = _stats_tree(
             feats,
             deltas,
@@ -768,8 +954,7 @@ def _loss_for(loss: Any, statistics: str) -> tuple[str | None, Callable]:
 
     Raises:
       ValueError: An unknown loss or statistics mode, or a mode the loss does not
-        support (``'fisher'`` and ``'gauss_newton'`` need a built-in loss, and
-        ``'gauss_newton'`` the squared error).
+        support (``'fisher'`` and ``'gauss_newton'`` need a built-in loss).
     """
     if statistics not in _MODES:
         raise ValueError(f"Unknown statistics {statistics!r}; expected one of {sorted(_MODES)}.")
@@ -778,17 +963,16 @@ def _loss_for(loss: Any, statistics: str) -> tuple[str | None, Callable]:
             raise ValueError(
                 f"Unknown loss {loss!r}; expected one of {sorted(_LOSSES)} or a callable."
             )
-        loss_name, loss_fn = loss, (mse if loss == "mse" else softmax_cross_entropy)
+        loss_name, loss_fn = loss, _LOSS_FNS[loss]
     elif callable(loss):
         if statistics != "empirical":
             raise ValueError(
-                f"statistics={statistics!r} needs loss='mse' or 'softmax_cross_entropy'."
+                f"statistics={statistics!r} needs a built-in loss, one of {sorted(_LOSSES)} "
+                "(a callable loss has no predictive distribution to sample or expect over)."
             )
         loss_name, loss_fn = None, loss
     else:
         raise ValueError(f"loss must be a name or a callable, got {loss!r}.")
-    if statistics == "gauss_newton" and loss_name != "mse":
-        raise ValueError("statistics='gauss_newton' is implemented for loss='mse' only.")
     return loss_name, loss_fn
 
 
@@ -829,23 +1013,27 @@ def _fisher(forward, params, zeros, loss_fn, targets, sample, n):
     return value, grads, feats, jax.tree.map(lambda d: n * d[None], out_grads)
 
 
-def _gauss_newton(forward, params, zeros, loss_fn, targets):
-    """Exact Gauss-Newton statistics for the squared error: ``B = E[J^T J]``.
+def _gauss_newton(forward, params, zeros, loss_fn, targets, loss_name):
+    """Exact Gauss-Newton statistics: ``B = E[J^T F J]``, the Fisher mode's expectation.
 
-    One pullback per output coordinate ``k`` of an example (vectorized; for a
-    sequence output every (position, unit) pair) gives every layer's per-example
-    Jacobian rows ``J_i^T e_k``. Returns ``(loss, grads, layer
-    inputs, Jacobian rows (units, n, ...))``.
+    ``F = M M^T`` is the output Fisher of the loss (:func:`_fisher_sqrt`); one
+    pullback per output unit ``k`` and output position ``t`` (vectorized) of the
+    column ``m_k`` at position ``t`` (zero elsewhere) gives every layer's
+    per-example rows ``J_i^T m_{k t}``. Each position apart: the expectation of
+    the Fisher mode's ``δ δ^T`` over labels sampled independently per position
+    has no cross-position terms. Returns ``(loss, grads, layer inputs, rows
+    (units × positions, n, ...))``.
     """
     outputs, pullback, feats = jax.vjp(forward, params, zeros, has_aux=True)
     value, d_out = jax.value_and_grad(loss_fn)(outputs, targets)
     grads, _ = pullback(d_out)
-    # One pullback per output coordinate of an example (units x positions for a
-    # sequence output), the same coordinate in every example at once.
-    per_example = outputs.shape[1:]
-    units = 1
-    for s in per_example:
-        units *= s
-    eye = jnp.reshape(jnp.eye(units, dtype=outputs.dtype), (units, 1) + per_example)
-    basis = jnp.broadcast_to(eye, (units,) + outputs.shape)
-    return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(basis)
+    cols = _fisher_sqrt(loss_name, outputs)  # (units, n, *positions, units)
+    positions = outputs.shape[1:-1]
+    count = 1
+    for size in positions:
+        count *= size
+    if count > 1:
+        # Column k at position t alone: (positions, units, n, *positions, units).
+        alone = jnp.reshape(jnp.eye(count, dtype=outputs.dtype), (count, 1, 1) + positions + (1,))
+        cols = jnp.reshape(alone * cols[None], (count * cols.shape[0],) + outputs.shape)
+    return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(cols)
