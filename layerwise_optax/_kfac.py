@@ -35,10 +35,12 @@ _STATIC_ARGS = (
     "axis_name",
     "state_layout",
     "owner_axes",
+    "inverse",
 )
 
 _SIDES = ("both", "input", "output")
-_DAMPING_MODES = ("absolute", "pi")
+_DAMPING_MODES = ("absolute", "pi", "exact")
+_INVERSES = ("cholesky", "eigh")
 
 EMIT_ARG = "kfac_emit"
 
@@ -234,6 +236,7 @@ class _Static:
     axis_name: Any
     mu_dtype: Any
     precond_dtype: Any
+    inverse: str = "cholesky"
 
 
 class _Accumulated(NamedTuple):
@@ -261,7 +264,7 @@ def scale_by_kfac(
     precondition_frequency: jax.typing.ArrayLike = 1,
     max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    damping_mode: Literal["absolute", "pi"] = "pi",
+    damping_mode: Literal["absolute", "pi", "exact"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
@@ -271,6 +274,7 @@ def scale_by_kfac(
     axis_name: str | tuple[str, ...] | None = None,
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
+    inverse: Literal["cholesky", "eigh"] = "cholesky",
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -397,12 +401,15 @@ def scale_by_kfac(
     """
     _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
     _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
+    _validate_inverse(inverse, damping_mode)
     _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
-    static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype, precond_dtype)
+    static = _Static(
+        sides, damping_mode, nesterov, distribute, axis_name, mu_dtype, precond_dtype, inverse
+    )
     if dimension_numbers is None:
         dimension_numbers = default_layout
 
@@ -416,8 +423,8 @@ def scale_by_kfac(
         work = _fold(layout, params)
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
-            return _init(params, plans, mu_dtype, precond_dtype)
-        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype)
+            return _init(params, plans, mu_dtype, precond_dtype, inverse)
+        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype, inverse)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
@@ -491,16 +498,22 @@ def _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribut
         )
 
 
-def _init(params: Any, plans: Any, mu_dtype: Any, precond_dtype: Any) -> ScaleByKfacState:
+def _init(
+    params: Any, plans: Any, mu_dtype: Any, precond_dtype: Any, inverse: str = "cholesky"
+) -> ScaleByKfacState:
     """Zero moments and factor EMAs, identity inverses (per kernel in the working layout).
 
-    Factor EMAs, pending statistics and inverses are stored in ``precond_dtype``.
+    Factor EMAs, pending statistics and inverses are stored in ``precond_dtype``;
+    with ``inverse='eigh'`` the inverses are the packed eigendecompositions of
+    the identity (:func:`_eigh_init`).
     """
 
     def factors(p, plan):
         return _kron.init_factors(_kernel_plan(plan), precond_dtype)
 
     def eyes(p, plan):
+        if inverse == "eigh":
+            return _eigh_init(_kernel_plan(plan), precond_dtype)
         return _kron.init_factors(_kernel_plan(plan), precond_dtype, identity=True)
 
     return ScaleByKfacState(
@@ -613,6 +626,8 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
     devices when ``distribute``). A factorization that fails keeps the previous
     one and is counted. Returns ``(inverses, failed)``.
     """
+    if static.inverse == "eigh":
+        return _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static)
     applied = _applied_plans(plans, stats, static.sides)
     correction = _correction(hp.factor_decay, count)
 
@@ -715,13 +730,11 @@ def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static):
     (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
     statistics not finite) gets a zero update and keeps its moments.
     """
-    leaf = functools.partial(
-        _direction_leaf, hp=hp, count=count, sides=static.sides, nesterov=static.nesterov
-    )
+    leaf = functools.partial(_direction_leaf, hp=hp, count=count, static=static)
     return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses)
 
 
-def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -> _LeafOut:
+def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, static) -> _LeafOut:
     """:func:`_directions` for one leaf (an owner-layout group: per block)."""
     ok, g32 = _failure.guard(g, per_block=plan.per_block)
     ok = ok & a.ok
@@ -735,25 +748,32 @@ def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -
         nu, u = fallback(nu)
     else:
         s, present = _present(s)
-        u = _precondition(g32, inv, plan, sides)
+        u = _precondition(g32, inv, plan, static, hp.damping)
         if present is not None:
             # A group with blocks without statistics: those take the fallback.
             nu_fb, u_fb = fallback(nu)
             u = _failure.keep(present, u, u_fb)
             nu = _failure.keep(present, nu, nu_fb)
-    mu, d = _momentum(u, mu, hp.momentum, nesterov, ok)
+    mu, d = _momentum(u, mu, hp.momentum, static.nesterov, ok)
     return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
 
 
-def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
+def _precondition(
+    g: jax.Array, chols: Any, plan: _axes.LeafPlan, static: _Static, damping: jax.Array
+) -> jax.Array:
     """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves.
 
-    An owner-layout group is solved where its blocks lie: each device solves
-    with the blocks it owns (:func:`layerwise_optax._distribute.local`).
+    With ``inverse='eigh'`` the stored eigendecompositions are applied with the
+    damping of this step instead (:func:`_apply_eigh`). An owner-layout group is
+    solved where its blocks lie: each device solves with the blocks it owns
+    (:func:`layerwise_optax._distribute.local`).
     """
+    sides = static.sides
 
     def solve(blocks, *chols):
         applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
+        if static.inverse == "eigh":
+            return _apply_eigh(blocks, chols, applied, damping, static.damping_mode)
         return _kron.apply_axis_cholesky(blocks, chols, applied)
 
     blocks, chols = plan.to_blocks(g), _kron.as_factors(chols)
@@ -837,6 +857,190 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
     )
 
 
+# ----------------------------------------------------------------------------- eigh inverses
+
+
+def _validate_inverse(inverse: Any, damping_mode: Any) -> None:
+    """``inverse`` is one of :data:`_INVERSES`; ``damping_mode='exact'`` needs ``'eigh'``."""
+    _checks.one_of("inverse", inverse, _INVERSES)
+    if damping_mode == "exact" and inverse != "eigh":
+        raise ValueError(
+            f"damping_mode='exact' (the inverse of the Kronecker sum A ⊗ B + lambda I) "
+            f"needs inverse='eigh' (it is applied in the factors' eigenbases), got "
+            f"inverse={inverse!r}; use damping_mode='pi' or 'absolute' with 'cholesky'."
+        )
+
+
+def _pack_eigh(w: jax.Array, v: jax.Array) -> jax.Array:
+    """``(stack, d + 1, d)``: the eigenvectors ``v`` (columns) with the eigenvalues ``w`` below."""
+    return jnp.concatenate([v, w[:, None, :]], axis=1)
+
+
+def _unpack_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of :func:`_pack_eigh`: ``(eigenvalues (stack, d), eigenvectors (stack, d, d))``."""
+    return m[:, -1, :], m[:, :-1, :]
+
+
+def _eigh_init(plan: _axes.LeafPlan, dtype: Any) -> tuple[jax.Array, ...]:
+    """The eigendecompositions of identity factors in the ``inverse='eigh'`` layout.
+
+    A full factor is stored packed (:func:`_pack_eigh`), ``(stack, d + 1, d)``:
+    eigenvectors ``I``, eigenvalues ones; a diagonal factor as its ``(stack, d)``
+    diagonal (its own eigenvalues, eigenvectors ``I``); placeholders as in
+    :func:`layerwise_optax._kron.init_factors`.
+    """
+    out = []
+    for kind, f in zip(plan.kinds, _kron.init_factors(plan, dtype, identity=True)):
+        if kind == "full":
+            f = _pack_eigh(jnp.ones(f.shape[:2], dtype), f)
+        out.append(f)
+    return tuple(out)
+
+
+def _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static):
+    """Phase 2 with ``inverse='eigh'``: the eigendecompositions of the (undamped) factors.
+
+    Under ``lax.cond(refresh, ...)``: ``c A_bar = U_A diag(s_A) U_A^T`` and
+    ``c B_bar = U_B diag(s_B) U_B^T`` (``c``: :func:`_correction`; eigenvalues
+    clipped at 0, :func:`layerwise_optax._linalg.eigh_psd`), stored packed
+    (:func:`_pack_eigh`) for the factors that ``sides`` applies. No damping
+    enters: :func:`_apply_eigh` adds this step's ``lambda`` to the eigenvalues,
+    so a changed damping needs no new factorization. A decomposition that is
+    not finite keeps the previous one and is counted. Returns ``(inverses,
+    failed)`` like :func:`_refresh`.
+    """
+    applied = _applied_plans(plans, stats, static.sides)
+    correction = _correction(hp.factor_decay, count)
+
+    def decompose(facs, invs):
+        scaled = _axes.map_leaves(
+            lambda f, kplan, s: tuple(
+                x * correction for x in _identity_unless_present(f, kplan, s)
+            ),
+            applied,
+            facs,
+            stats,
+        )
+        new, failed = _eigh_tree(scaled, invs, applied, distribute=static.distribute)
+        new = _axes.map_leaves(
+            lambda n, kplan, old, s: _keep_unless_present(n, old, s), applied, new, invs, stats
+        )
+        return _axes.keep_masked(applied, new, invs), failed
+
+    def keep(facs, invs):
+        return invs, jnp.zeros([], jnp.int32)
+
+    factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
+    return jax.lax.cond(refresh, decompose, keep, factors, inverses)
+
+
+def _eigh_tree(stats: Any, prev: Any, plans: Any, *, distribute: bool) -> tuple[Any, jax.Array]:
+    """Packed eigendecompositions of every applied factor, keeping good previous ones.
+
+    Like :func:`layerwise_optax._kron.inverse_roots_tree`: the full factors of all
+    kernels with the same size are one batched ``eigh`` (one matrix at a time on
+    CPU, :func:`layerwise_optax._linalg.eigh_psd`), spread over the mesh's
+    devices when ``distribute``; a diagonal factor is its own spectrum (clipped
+    at 0); ``'none'`` factors keep ``prev``. A block whose decomposition is not
+    finite keeps its previous one and is counted.
+    """
+
+    def prepare(plan, s, r):
+        return [
+            (("eigh", s.shape[1:], s.dtype, r.dtype), (s, r)) if kind == "full" else None
+            for kind, s, r in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r))
+        ]
+
+    def batched(key):
+        def compute(s, r):
+            new, _, ok = _failure.keep_good(_pack_eigh(*_linalg.eigh_psd(s)), r, matrix=True)
+            return new, ok
+
+        return compute
+
+    full = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
+
+    def combine(s, plan, r, done):
+        out, failed = [], jnp.zeros([], jnp.int32)
+        for kind, s_j, r_j, d in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r), done):
+            if kind == "diag":
+                new, bad, _ = _failure.keep_good(jnp.maximum(s_j, 0.0), r_j, matrix=False)
+            elif kind == "full":
+                new, ok = d
+                bad = jnp.sum(~ok).astype(jnp.int32)
+            else:
+                new, bad = r_j, 0
+            out.append(new)
+            failed = failed + bad
+        return _kron.Refreshed(tuple(out), (), failed)
+
+    out = _axes.map_leaves(combine, plans, stats, prev, full)
+    new = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
+    return new, _failure.total(_axes.unzip(out, "failed"))
+
+
+def _apply_eigh(
+    g: jax.Array, packed: Any, plan: _axes.LeafPlan, damping: jax.Array, mode: str
+) -> jax.Array:
+    r"""The damped inverse curvature on a ``(stack, d_A, d_B)`` block view, in the eigenbases.
+
+    With ``A = U_A diag(s_A) U_A^T`` and ``B = U_B diag(s_B) U_B^T`` (stored by
+    :func:`_refresh_eigh`; a diagonal factor has ``U = I``, a factor that
+    ``sides`` does not apply ``U = I`` and ``s = 1``), ``X = U_A^T G U_B`` and
+
+    .. math::
+      U = U_A \, (X \oslash D) \, U_B^T, \quad D_{ij} = (s_{A,i} + \delta_A)(s_{B,j} +
+      \delta_B) \;\text{('pi', 'absolute')}, \quad D_{ij} = s_{A,i} s_{B,j} + \lambda
+      \;\text{('exact')}
+
+    with :func:`_damped`'s ``delta_A, delta_B`` (``'pi'``: from the means of the
+    eigenvalues, the traces; one side applied: ``lambda`` on it). The first is
+    ``(A + delta_A I)^{-1} G (B + delta_B I)^{-1}``, the second ``(A ⊗ B +
+    lambda I)^{-1} vec(G)`` exactly. ``D`` is floored per block at ``eps *
+    max(D)`` (and the smallest normal number), so an undamped singular factor
+    gives a finite, bounded step.
+    """
+    damping = jnp.asarray(damping, jnp.float32)
+    x = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    spectra, bases = [], []
+    for i, (kind, m) in enumerate(zip(plan.kinds, _kron.as_factors(packed))):
+        if kind == "full":
+            w, v = _unpack_eigh(m.astype(x.dtype))
+        elif kind == "diag":
+            w, v = m.astype(x.dtype), None
+        else:
+            w, v = jnp.ones((x.shape[0], x.shape[i + 1]), x.dtype), None
+        spectra.append(w)
+        bases.append(v)
+    ua, ub = bases
+    sa, sb = spectra
+    hi = _linalg.HIGHEST
+    if ua is not None:
+        x = jnp.einsum("nji,njk->nik", ua, x, precision=hi)
+    if ub is not None:
+        x = jnp.einsum("nij,njk->nik", x, ub, precision=hi)
+    if mode == "exact":
+        den = sa[:, :, None] * sb[:, None, :] + damping
+    else:
+        if mode == "pi" and "none" not in plan.kinds:
+            da, db = _linalg.pi_damping(sa, sb, damping, a_diagonal=True, b_diagonal=True)
+        else:
+            zero = jnp.zeros(x.shape[:1], x.dtype)
+            da, db = (
+                zero if plan.kinds[j] == "none" else jnp.broadcast_to(damping, zero.shape)
+                for j in range(2)
+            )
+        den = (sa + da[:, None])[:, :, None] * (sb + db[:, None])[:, None, :]
+    finfo = jnp.finfo(x.dtype)
+    floor = jnp.maximum(finfo.eps * jnp.max(den, axis=(1, 2), keepdims=True), finfo.tiny)
+    x = x / jnp.maximum(den, floor)
+    if ua is not None:
+        x = jnp.einsum("nij,njk->nik", ua, x, precision=hi)
+    if ub is not None:
+        x = jnp.einsum("nij,nkj->nik", x, ub, precision=hi)
+    return x.astype(g.dtype)
+
+
 # ----------------------------------------------------------------------------- owner layout
 
 # The per-block fields of the owner layout; the moments ``mu`` and ``nu`` stay
@@ -883,6 +1087,7 @@ def _owned_init(
     work: Any,
     mu_dtype: Any,
     precond_dtype: Any,
+    inverse: str = "cholesky",
 ) -> ScaleByKfacState:
     """:func:`_init` with the factor state on the grouped tree of ``work`` (working layout).
 
@@ -893,7 +1098,7 @@ def _owned_init(
     sharded) like ``params``.
     """
     grouped_plans = owner.plans(plans)
-    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype, precond_dtype)
+    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype, precond_dtype, inverse)
     eyes = [
         _kron.init_factors(_kernel_plan(g.plan), precond_dtype, identity=True) for g in owner.groups
     ]
@@ -957,7 +1162,9 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
     inverses, failed = _refresh(
         refresh, acc, inner, grouped_plans, grouped_stats, hp, count, static
     )
-    solved = _owned_solves(grouped_grads, grouped_stats, inverses, grouped_plans, static.sides)
+    solved = _owned_solves(
+        grouped_grads, grouped_stats, inverses, grouped_plans, static, hp.damping
+    )
 
     # The solved blocks in float32 (the moments' arithmetic is the replicated
     # layout's), in the params' layout: folded pairs split like the updates.
@@ -995,7 +1202,7 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
     return out, new_state
 
 
-def _owned_solves(grads, stats, inverses, plans, sides) -> dict[str, tuple[Any, ...]]:
+def _owned_solves(grads, stats, inverses, plans, static, damping) -> dict[str, tuple[Any, ...]]:
     """The Cholesky solves of phase 3 on the grouped tree (:func:`_precondition`).
 
     Per group with statistics its solved stack (each device solves the blocks
@@ -1007,7 +1214,8 @@ def _owned_solves(grads, stats, inverses, plans, sides) -> dict[str, tuple[Any, 
     def solve(g, plan, s, inv):
         if plan.spec is None or s is None:
             return None
-        return _precondition(_failure.guard(g, per_block=plan.per_block)[1], inv, plan, sides)
+        g32 = _failure.guard(g, per_block=plan.per_block)[1]
+        return _precondition(g32, inv, plan, static, damping)
 
     blocks = tuple(
         solve(g, plan, s, inv)
@@ -1486,7 +1694,7 @@ def kfac(
     precondition_frequency: jax.typing.ArrayLike = 1,
     max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    damping_mode: Literal["absolute", "pi"] = "pi",
+    damping_mode: Literal["absolute", "pi", "exact"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
@@ -1498,6 +1706,7 @@ def kfac(
     axis_name: str | tuple[str, ...] | None = None,
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
+    inverse: Literal["cholesky", "eigh"] = "cholesky",
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -1649,6 +1858,7 @@ def kfac(
             axis_name=axis_name,
             state_layout=state_layout,
             owner_axes=owner_axes,
+            inverse=inverse,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
