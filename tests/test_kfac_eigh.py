@@ -234,6 +234,7 @@ def test_eigh_state_layout_and_memory():
     np.testing.assert_array_equal(np.asarray(a[0, 5], np.float32), np.ones(5))
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: two layouts, four jitted steps
 def test_eigh_owner_layout_gives_the_replicated_updates_and_counts():
     params, spec, grads, stats = _kfac_problem(4, nan_at=3, bad_stats_at=1)
 
