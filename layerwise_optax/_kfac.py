@@ -36,6 +36,7 @@ _STATIC_ARGS = (
     "state_layout",
     "owner_axes",
     "inverse",
+    "statistics_frequency",
 )
 
 _SIDES = ("both", "input", "output")
@@ -237,6 +238,7 @@ class _Static:
     mu_dtype: Any
     precond_dtype: Any
     inverse: str = "cholesky"
+    statistics_frequency: int = 1
 
 
 class _Accumulated(NamedTuple):
@@ -275,6 +277,7 @@ def scale_by_kfac(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
+    statistics_frequency: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -402,13 +405,22 @@ def scale_by_kfac(
     _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
     _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
     _validate_inverse(inverse, damping_mode)
+    _checks.positive_int("statistics_frequency", statistics_frequency)
     _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
     static = _Static(
-        sides, damping_mode, nesterov, distribute, axis_name, mu_dtype, precond_dtype, inverse
+        sides,
+        damping_mode,
+        nesterov,
+        distribute,
+        axis_name,
+        mu_dtype,
+        precond_dtype,
+        inverse,
+        statistics_frequency,
     )
     if dimension_numbers is None:
         dimension_numbers = default_layout
@@ -431,13 +443,16 @@ def scale_by_kfac(
         # accumulate statistics (the caller keeps only ``pending`` of that state).
         emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
         del params, extra_args
-        if kfac_stats is None:
+        if kfac_stats is None and statistics_frequency == 1:
             raise ValueError(NO_STATS_MSG)
         with jax.named_scope("layerwise_optax.kfac"):
             hp = _Hyper(*_checks.hyperparameters(momentum, b2, factor_decay, damping))
             layout = plans_for(updates)
             plans = layout.work_plans
-            stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
+            if kfac_stats is None:
+                stats = _no_new_stats(updates, layout, state)
+            else:
+                stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
@@ -575,7 +590,7 @@ def _accumulate_leaf(g, plan, s, fac, pend, *, pending_count, decay) -> _Accumul
     without statistics (:class:`_Partial`) keep their EMAs and pending mean.
     """
     ok, _ = _failure.guard(g, per_block=plan.per_block)
-    if plan.spec is None or s is None:
+    if plan.spec is None or s is None or isinstance(s, _NoNewStats):
         return _Accumulated(ok, fac, pend)
     s, present = _present(s)
     new = _stats_view(s, plan)
@@ -629,7 +644,7 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
     if static.inverse == "eigh":
         return _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static)
     applied = _applied_plans(plans, stats, static.sides)
-    correction = _correction(hp.factor_decay, count)
+    correction = _correction(hp.factor_decay, _statistics_count(count, static))
 
     def factorize(facs, invs):
         damped = _axes.map_leaves(
@@ -910,7 +925,7 @@ def _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static):
     failed)`` like :func:`_refresh`.
     """
     applied = _applied_plans(plans, stats, static.sides)
-    correction = _correction(hp.factor_decay, count)
+    correction = _correction(hp.factor_decay, _statistics_count(count, static))
 
     def decompose(facs, invs):
         scaled = _axes.map_leaves(
@@ -1041,6 +1056,84 @@ def _apply_eigh(
     return x.astype(g.dtype)
 
 
+# ----------------------------------------------------------------------------- steps without statistics
+
+
+@jax.tree_util.register_pytree_node_class
+class _NoNewStats:
+    """A kernel's entry on a step without statistics (``kfac_stats=None``).
+
+    ``present`` (a bool array, one per layer slice) marks the slices whose factor
+    EMA is not zero, those that have had statistics: their factors and inverses are
+    used as they are (:func:`_accumulate_leaf` keeps the EMAs and the pending
+    statistics); the other slices take the diagonal fallback, as they did on the
+    steps with statistics (a layer the capture does not see). ``factors`` is
+    always ``None``.
+    """
+
+    def __init__(self, present: Any):
+        self.factors = None
+        self.present = present
+
+    def tree_flatten(self):
+        return (self.present,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+def _no_new_stats(updates: Any, layout: _Layout, state: ScaleByKfacState) -> Any:
+    """The statistics tree of a step without statistics (``statistics_frequency > 1``).
+
+    A :class:`_NoNewStats` at every kernel with a K-FAC layout, ``None`` elsewhere
+    (masked leaves and folded biases, as :func:`_stats_like` gives them).
+    Supported in the replicated layout only.
+    """
+    if _owner.layout_of(state) is not None:
+        raise ValueError(
+            "kfac_stats=None (a step without statistics, statistics_frequency > 1) is not "
+            "supported with state_layout='owner' yet: pass the statistics every step, or "
+            "use state_layout='replicated'."
+        )
+    factors = _kron.normalize(layout.work_plans, state.factors)
+
+    def entry(x, plan, fac):
+        if plan.spec is None:
+            return None
+        a = _kron.as_factors(fac)[0].astype(jnp.float32)
+        return _NoNewStats(jnp.any(a != 0, axis=tuple(range(1, a.ndim))))
+
+    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    work = treedef.unflatten(
+        [
+            optax.MaskedNode() if _axes.is_masked(p) else x
+            for x, p in zip(flat_updates, layout.flat_work)
+        ]
+    )
+    out = _axes.map_leaves(entry, layout.work_plans, work, factors)
+    return jax.tree.map(
+        lambda x, o: None if _axes.is_masked(x) else o,
+        work,
+        out,
+        is_leaf=lambda x: x is None or _axes.is_masked(x) or isinstance(x, _NoNewStats),
+    )
+
+
+def _statistics_count(count: jax.Array, static: _Static) -> jax.Array:
+    """The number of statistics updates of the factor EMAs after ``count`` steps.
+
+    Statistics arrive on the steps ``0, k, 2k, ...`` (``k``:
+    ``statistics_frequency``), so after ``count >= 1`` steps the EMAs have had
+    ``(count - 1) // k + 1`` updates; :func:`_correction` debiases by that
+    number. With ``k = 1`` it is ``count`` itself.
+    """
+    k = static.statistics_frequency
+    if k == 1:
+        return count
+    return (count - 1) // k + 1
+
+
 # ----------------------------------------------------------------------------- owner layout
 
 # The per-block fields of the owner layout; the moments ``mu`` and ``nu`` stay
@@ -1074,8 +1167,13 @@ class _Partial:
 
 
 def _present(s: Any) -> tuple[Any, Any]:
-    """The factors of a statistics entry and its per-block mask (``None``: every block)."""
-    if isinstance(s, _Partial):
+    """The factors of a statistics entry and its per-block mask (``None``: every block).
+
+    For a step without statistics (:class:`_NoNewStats`) the mask marks the blocks
+    that have had statistics before: they keep being preconditioned by their
+    factors, the others take the diagonal fallback.
+    """
+    if isinstance(s, (_Partial, _NoNewStats)):
         return s.factors, s.present[:, None]
     return s, None
 
@@ -1707,6 +1805,7 @@ def kfac(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
+    statistics_frequency: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -1859,6 +1958,7 @@ def kfac(
             state_layout=state_layout,
             owner_axes=owner_axes,
             inverse=inverse,
+            statistics_frequency=statistics_frequency,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -268,3 +268,102 @@ def test_bad_inverse_configurations_raise_naming_the_arguments(kwargs, match):
         lo.kfac(1e-2, **kwargs)
     with pytest.raises(ValueError, match=match):
         lo.scale_by_kfac(**kwargs)
+
+
+# ----------------------------------------------------------------------------- steps without statistics
+
+
+def _dense_stats(rng, d_in, d_out, rows=10):
+    x = np.concatenate([rng.normal(size=(rows, d_in)), np.ones((rows, 1))], axis=1)
+    return x.T @ x / rows, _cov(rng, d_out, rows)
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "eigh"])
+def test_statistics_frequency_keeps_the_factors_on_steps_without_statistics(inverse):
+    # Statistics on steps 0, 2, 4 and kfac_stats=None on 1, 3: the factors are the EMA
+    # of the three captured ones (debiased by 3 updates, not 5 steps); on a step
+    # without statistics the kernel is preconditioned by them (the float64 dense
+    # reference), an uncaptured leaf keeps its diagonal fallback.
+    rng = np.random.default_rng(7)
+    beta, lam = 0.8, 0.05
+    params = {"l": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}, "s": jnp.zeros(4)}
+    tx = lo.kfac(
+        1.0,
+        momentum=0.0,
+        factor_decay=beta,
+        damping=lam,
+        damping_mode="absolute",
+        statistics_frequency=2,
+        inverse=inverse,
+    )
+    state, update = tx.init(params), jax.jit(tx.update)
+    captured, ema = [], None
+    for t in range(5):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        stats = None
+        if t % 2 == 0:
+            a, b = _dense_stats(rng, 3, 2)
+            captured.append((a, b))
+            stats = {
+                "l": {
+                    "kernel": lo.KfacFactors(
+                        jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+                    ),
+                    "bias": lo.FoldedBias("l/kernel"),
+                }
+            }
+        before = state
+        u, state = update(grads, state, params, kfac_stats=stats)
+        kfac_state = state[0]
+        if stats is None:
+            for x, y in zip(before[0].factors["l"]["kernel"], kfac_state.factors["l"]["kernel"]):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        ema = (
+            [
+                np.zeros_like(captured[0][0]) if ema is None else ema[0],
+                np.zeros_like(captured[0][1]) if ema is None else ema[1],
+            ]
+            if stats is not None
+            else ema
+        )
+        if stats is not None:
+            ema = [beta * e + (1 - beta) * c for e, c in zip(ema, captured[-1])]
+        stored = kfac_state.factors["l"]["kernel"]
+        np.testing.assert_allclose(np.asarray(stored[0][0]), ema[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(stored[1][0]), ema[1], rtol=1e-5, atol=1e-7)
+        c = 1.0 / (1.0 - beta ** len(captured))
+        g = np.concatenate([np.asarray(grads["l"]["kernel"]), np.asarray(grads["l"]["bias"])[None]])
+        want = -_dense(c * ema[0], c * ema[1], g, lam, "absolute")
+        got = np.concatenate([np.asarray(u["l"]["kernel"]), np.asarray(u["l"]["bias"])[None]])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        # The leaf without statistics: the diagonal fallback every step (nu moves).
+        assert not np.array_equal(np.asarray(before[0].nu["s"]), np.asarray(kfac_state.nu["s"]))
+    assert tuple(int(x) for x in lo.failure_counts(state)) == (0, 0)
+
+
+def test_statistics_frequency_one_still_requires_statistics():
+    tx = lo.kfac(1e-2)
+    params = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="needs the layer statistics"):
+        tx.update(params, tx.init(params), params)
+    with pytest.raises(ValueError, match="needs the layer statistics"):
+        tx.update(params, tx.init(params), params, kfac_stats=None)
+
+
+def test_step_without_statistics_before_any_uses_the_diagonal_fallback():
+    # A kernel that never had statistics (all-zero factors) is not preconditioned by
+    # its identity inverses: it takes the diagonal fallback, as an uncaptured layer.
+    params = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
+    grads = {"kernel": jnp.ones((3, 2)), "bias": jnp.full(2, 2.0)}
+    tx = lo.scale_by_kfac(momentum=0.0, damping=0.0, statistics_frequency=3)
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=None)
+    # The damped diagonal empirical Fisher, nu_hat = g^2 after one step: g / g^2 = 1 / g.
+    np.testing.assert_allclose(np.asarray(u["kernel"]), np.ones((3, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["bias"]), np.full(2, 0.5), rtol=1e-6)
+
+
+def test_step_without_statistics_in_the_owner_layout_raises():
+    params = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
+    tx = lo.scale_by_kfac(statistics_frequency=2, state_layout="owner")
+    with pytest.raises(ValueError, match="state_layout='owner'"):
+        tx.update(params, tx.init(params), params, kfac_stats=None)
