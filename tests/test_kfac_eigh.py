@@ -367,3 +367,71 @@ def test_step_without_statistics_in_the_owner_layout_raises():
     tx = lo.scale_by_kfac(statistics_frequency=2, state_layout="owner")
     with pytest.raises(ValueError, match="state_layout='owner'"):
         tx.update(params, tx.init(params), params, kfac_stats=None)
+
+
+# ----------------------------------------------------------------------------- sub-batch statistics
+
+
+def _capture_model():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 5, rngs=rngs)
+            self.conv = nnx.Conv(1, 2, (2,), rngs=rngs)
+            self.l2 = nnx.Linear(5 * 2, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = jnp.tanh(self.l1(x))
+            h = jnp.tanh(self.conv(h[..., None]))
+            return self.l2(jnp.reshape(h, (h.shape[0], -1)))
+
+    return Net(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("statistics", ["empirical", "gauss_newton"])
+def test_statistics_batch_size_gives_the_sub_batch_statistics_and_full_batch_gradients(
+    statistics,
+):
+    lof = pytest.importorskip("layerwise_optax.flax")
+    model = _capture_model()
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(12, 2)), jnp.float32)
+    full = lof.kfac_value_and_grad(lambda m, v: m(v), "mse", statistics=statistics)
+    sub = lof.kfac_value_and_grad(
+        lambda m, v: m(v), "mse", statistics=statistics, statistics_batch_size=5
+    )
+    loss, grads, stats = sub(model, x, y)
+    loss_full, grads_full, stats_full = full(model, x, y)
+    _, _, stats_first = full(model, x[:5], y[:5])
+    # The loss and gradient of the whole batch, bit for bit.
+    assert float(loss) == float(loss_full)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The statistics of the first five examples (their own pass), not the batch's.
+    assert jax.tree.structure(stats) == jax.tree.structure(stats_first)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_first)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Every input factor differs from the whole batch's (an output factor may not:
+    # Gauss-Newton's last layer has B = I on any batch).
+    for name in ("l1", "conv", "l2"):
+        diff = np.asarray(stats[name]["kernel"].a) - np.asarray(stats_full[name]["kernel"].a)
+        assert np.abs(diff).max() > 1e-4, name
+    # The whole batch as the sub-batch: the default's statistics, bit for bit.
+    whole = lof.kfac_value_and_grad(
+        lambda m, v: m(v), "mse", statistics=statistics, statistics_batch_size=12
+    )
+    for a, b in zip(jax.tree.leaves(whole(model, x, y)[2]), jax.tree.leaves(stats_full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_statistics_batch_size_is_checked():
+    lof = pytest.importorskip("layerwise_optax.flax")
+    with pytest.raises(ValueError, match="statistics_batch_size must be >= 1"):
+        lof.kfac_value_and_grad(lambda m, v: m(v), statistics_batch_size=0)
+    with pytest.raises(TypeError, match="statistics_batch_size"):
+        lof.kfac_value_and_grad(lambda m, v: m(v), statistics_batch_size=2.5)
+    fn = lof.kfac_value_and_grad(lambda m, v: m(v), statistics_batch_size=13)
+    with pytest.raises(ValueError, match=r"statistics_batch_size=13 is larger than the batch \(12"):
+        fn(_capture_model(), jnp.zeros((12, 3)), jnp.zeros((12, 2)))
