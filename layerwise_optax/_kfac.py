@@ -150,7 +150,11 @@ class ScaleByKfacState(NamedTuple):
         of ``A + d_A I = L L^T`` (applied by two triangular solves, which keep
         float32 steps accurate at small damping where an explicit inverse does
         not), for a diagonal one the inverse of the damped diagonal; identity for
-        a factor that ``sides`` does not apply.
+        a factor that ``sides`` does not apply. With ``inverse='eigh'`` the
+        undamped factors' eigendecompositions instead: per full factor one
+        ``(batch, d + 1, d)`` array, the eigenvectors ``U`` (columns) in its first
+        ``d`` rows and the eigenvalues (ascending, clipped at 0) in its last; per
+        diagonal factor the diagonal itself.
       failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
         policy's counters). ``skipped``: (leaf, step) pairs whose gradient or statistics
         were not finite and were kept out of the state. ``failed``: (factor, refresh) pairs whose factorization failed
@@ -283,8 +287,9 @@ def scale_by_kfac(
 
     Each update runs four phases, in the order of Martens and Grosse (2015):
     :func:`_accumulate` (the given statistics into the factor EMAs),
-    :func:`_refresh` (the damped factors' Cholesky factors, under ``lax.cond``
-    every ``precondition_frequency`` steps), :func:`_directions` (the
+    :func:`_refresh` (the damped factors' Cholesky factors, or with
+    ``inverse='eigh'`` the factors' eigendecompositions, :func:`_refresh_eigh`,
+    under ``lax.cond`` every ``precondition_frequency`` steps), :func:`_directions` (the
     preconditioned gradient, or the diagonal fallback) with :func:`_momentum`,
     and :func:`_outputs` (the new state, back in the params' layout).
 
@@ -312,7 +317,10 @@ def scale_by_kfac(
         (``sides='input'`` or ``'output'``) both modes damp that factor by
         ``lambda``: the other factor is the identity and ``A ⊗ I + lambda I = (A +
         lambda I) ⊗ I`` exactly; a damping never depends on a factor that is not
-        applied.
+        applied. ``'exact'`` (``inverse='eigh'`` only): the inverse of the
+        Kronecker sum ``A ⊗ B + lambda I`` itself, ``U_A [(U_A^T G U_B) ⊘ (s_A
+        s_B^T + lambda)] U_B^T``, without the factored damping's cross terms
+        ``delta_B A ⊗ I + delta_A I ⊗ B``.
       sides: ``'both'`` (K-FAC), ``'input'`` (``A^{-1} G``: one-sided whitening,
         the paper's single-index update and DFW's ``P = I, Q = Sigma``) or
         ``'output'`` (``G B^{-1}``).
@@ -366,6 +374,35 @@ def scale_by_kfac(
         ``update`` runs inside a pmap over the same axis and device count, takes
         each device's layer slices at ``lax.axis_index`` and gathers the preconditioned
         ones with one ``lax.all_gather`` per group. Static.
+      inverse: How the damped factors are inverted at each refresh. ``'cholesky'``
+        (default): the Cholesky factors of the *damped* factors, applied by
+        triangular solves (cheapest; a changed ``damping`` acts at the next
+        refresh). ``'eigh'``: the eigendecompositions ``A = U_A diag(s_A) U_A^T``
+        of the *undamped* (bias-corrected) factors, with the damping applied at
+        every step in the eigenbases, ``(A + delta_A I)^{-1} = U_A diag(1 / (s_A +
+        delta_A)) U_A^T`` (``pi`` from the eigenvalues' sums, the traces): a
+        ``damping`` changed between refreshes (a schedule, ``inject_hyperparams``,
+        adaptive damping) needs no new factorization, and ``damping_mode='exact'``
+        is available. Equal to ``'cholesky'`` up to float32 round-off at the same
+        damping; an ``eigh`` costs about 10x a Cholesky factorization and stores
+        ``d^2 + d`` floats per factor. Damped eigenvalue products are floored at
+        ``eps * max`` per layer, so undamped singular factors give finite steps.
+        A decomposition that is not finite keeps the previous one and is counted
+        (``failed``). Static.
+      statistics_frequency: Statistics arrive every ``k`` steps (the steps whose
+        count is ``0, k, 2k, ...``); static int ``>= 1``. With ``k > 1``,
+        ``kfac_stats=None`` is a step without statistics (not the diagonal
+        fallback): the factor EMAs and pending statistics are kept, every kernel
+        whose factors have had statistics is preconditioned by its current
+        inverses (refreshed on the ``precondition_frequency`` schedule, so make
+        it a multiple of ``k``: a refresh between statistics recomputes the same
+        factorization), the others take the diagonal fallback; the EMAs are
+        debiased by their number of updates, ``(count - 1) // k + 1``. With
+        ``k = 1`` (default) ``kfac_stats`` is required on every step, as before.
+        Not yet supported in the owner layout (``ValueError`` at the step).
+        The capture cost then falls by about ``k``x (capture with
+        :func:`layerwise_optax.flax.kfac_value_and_grad` only on those steps,
+        a plain ``nnx.value_and_grad`` on the others; a separately jitted step).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -379,6 +416,8 @@ def scale_by_kfac(
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
+        At construction with ``damping_mode='exact'`` and ``inverse='cholesky'``,
+        and at ``update`` with ``kfac_stats=None`` in the owner layout.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -1882,8 +1921,10 @@ def kfac(
       dimension_numbers: Each kernel's (input, output) groups and each folded
         bias's :class:`FoldedBias`; ``None``: Flax layouts with biases folded
         (:func:`default_layout`).
-      damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``; one-sided
-        updates are damped by ``lambda`` in both (see :func:`scale_by_kfac`).
+      damping_mode: ``'pi'`` (factored, pi-adjusted), ``'absolute'`` or
+        ``'exact'`` (``(A ⊗ B + lambda I)^{-1}``, with ``inverse='eigh'`` only);
+        one-sided updates are damped by ``lambda`` in all three (see
+        :func:`scale_by_kfac`).
       sides: ``'both'``, ``'input'`` or ``'output'``.
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask.
@@ -1899,14 +1940,23 @@ def kfac(
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_kfac`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
+      inverse: ``'cholesky'`` (Cholesky factors of the damped factors) or
+        ``'eigh'`` (eigendecompositions of the undamped factors, the damping
+        applied each step; needed for ``damping_mode='exact'``; see
+        :func:`scale_by_kfac`). Static.
+      statistics_frequency: ``k >= 1``: statistics come every ``k`` steps and
+        ``kfac_stats=None`` marks the steps in between, which keep the factors
+        and use the current inverses (see :func:`scale_by_kfac`). Static.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
       update with ``kfac_stats=``.
 
     Raises:
-      ValueError: At construction for bad hyperparameters; at ``init`` for a
-        bad layout; at ``update`` without ``kfac_stats``, or with statistics that
+      ValueError: At construction for bad hyperparameters (and
+        ``damping_mode='exact'`` without ``inverse='eigh'``); at ``init`` for a
+        bad layout; at ``update`` without ``kfac_stats`` (with
+        ``statistics_frequency=1``), or with statistics that
         match no parameter, miss a leaf of a layer they cover, or do not fit
         their kernels (naming the path).
 
@@ -1929,6 +1979,16 @@ def kfac(
       >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
       >>> round(float(updates['w'][0, 0]), 6)
       -0.01
+
+      With ``inverse='eigh'`` the damping is applied in the factors' eigenbases
+      at every step; ``damping_mode='exact'`` inverts ``A ⊗ B + lambda I`` itself
+      (here ``(1 * 1 + 1)^{-1} = 0.5`` per entry):
+
+      >>> tx = lo.kfac(learning_rate=1.0, momentum=0.0, damping=1.0, inverse='eigh',
+      ...              damping_mode='exact')
+      >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+      >>> [round(v, 6) for v in updates['w'][0].tolist()]
+      [-0.5, -0.5]
 
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored

@@ -281,6 +281,8 @@ ENTRIES: tuple[Entry, ...] = (
             "damping_mode": _MODE,
             "sides": _MODE,
             "inverse": _MODE,
+            # Static: it decides whether kfac_stats=None is a step without statistics.
+            "statistics_frequency": ((0, _VE), (1.5, _TE), (True, _TE), (jnp.asarray(2), _TE)),
             "axis_name": ((3, _TE), (["batch"], _TE)),
         },
     ),
