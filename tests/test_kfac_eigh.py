@@ -6,6 +6,8 @@ on rectangular and rank-deficient factors; agreement with the Cholesky path; the
 damping read at preconditioning time; the failure policy; the owner layout.
 """
 
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,7 +155,9 @@ def test_eigh_equals_cholesky_over_steps_with_refreshes(mode):
     # inverses agree to float32 round-off on every step.
     rng = np.random.default_rng(5)
     params = {"kernel": jnp.zeros((5, 3)), "bias": jnp.zeros(3), "conv": jnp.zeros((2, 2, 3, 4))}
-    common = dict(damping=0.01, damping_mode=mode, precondition_frequency=2, factor_decay=0.9)
+    common: dict[str, Any] = dict(
+        damping=0.01, damping_mode=mode, precondition_frequency=2, factor_decay=0.9
+    )
     txc, txe = lo.kfac(0.1, **common), lo.kfac(0.1, inverse="eigh", **common)
     sc, se = txc.init(params), txe.init(params)
     upc, upe = jax.jit(txc.update), jax.jit(txe.update)
@@ -213,11 +217,15 @@ def test_failed_eigh_keeps_the_last_good_decomposition_and_is_counted():
     g = {"w": jnp.asarray(np.arange(6.0).reshape(3, 2), jnp.float32)}
     a1, b1 = np.diag([1.0, 2.0, 4.0]), np.array([[2.0, 0.5], [0.5, 1.0]])
     update = jax.jit(tx.update)
-    _, state = update(g, tx.init(params), params, kfac_stats={"w": lo.KfacFactors(a1, b1)})
+    _, state = update(
+        g, tx.init(params), params, kfac_stats={"w": lo.KfacFactors(*map(jnp.asarray, (a1, b1)))}
+    )
     good = [np.asarray(x) for x in state.inverses["w"]]
     np.testing.assert_allclose(good[0][0, -1], [1.0, 2.0, 4.0], rtol=1e-6)  # eigenvalues
     big = np.full((3, 3), 3e38)
-    u, state = update(g, state, params, kfac_stats={"w": lo.KfacFactors(big, b1)})
+    u, state = update(
+        g, state, params, kfac_stats={"w": lo.KfacFactors(*map(jnp.asarray, (big, b1)))}
+    )
     assert int(state.failures.failed) == 1 and int(state.failures.skipped) == 0
     np.testing.assert_array_equal(np.asarray(state.inverses["w"][0]), good[0])
     np.testing.assert_array_equal(np.asarray(state.inverses["w"][1]), good[1])
@@ -227,7 +235,7 @@ def test_failed_eigh_keeps_the_last_good_decomposition_and_is_counted():
 def test_eigh_state_layout_and_memory():
     # Per full factor the packed (d + 1, d) eigenvectors-and-eigenvalues, in precond_dtype.
     tx = lo.scale_by_kfac(inverse="eigh", precond_dtype=jnp.bfloat16)
-    state = tx.init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)})
+    state = cast(Any, tx.init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}))
     a, b = state.inverses["kernel"]
     assert a.shape == (1, 6, 5) and b.shape == (1, 4, 3) and a.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(a[0, :5], np.float32), np.eye(5))
@@ -297,7 +305,8 @@ def test_statistics_frequency_keeps_the_factors_on_steps_without_statistics(inve
         inverse=inverse,
     )
     state, update = tx.init(params), jax.jit(tx.update)
-    captured, ema = [], None
+    captured: list[Any] = []
+    ema: Any = None
     for t in range(5):
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
         stats = None
@@ -312,9 +321,9 @@ def test_statistics_frequency_keeps_the_factors_on_steps_without_statistics(inve
                     "bias": lo.FoldedBias("l/kernel"),
                 }
             }
-        before = state
+        before = cast(Any, state)
         u, state = update(grads, state, params, kfac_stats=stats)
-        kfac_state = state[0]
+        kfac_state = cast(Any, state)[0]
         if stats is None:
             for x, y in zip(before[0].factors["l"]["kernel"], kfac_state.factors["l"]["kernel"]):
                 np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
