@@ -281,7 +281,7 @@ def scale_by_kfac(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
-    statistics_frequency: int = 1,
+    statistics_frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -398,7 +398,8 @@ def scale_by_kfac(
         it a multiple of ``k``: a refresh between statistics recomputes the same
         factorization), the others take the diagonal fallback; the EMAs are
         debiased by their number of updates, ``(count - 1) // k + 1``. With
-        ``k = 1`` (default) ``kfac_stats`` is required on every step, as before.
+        ``k = 1`` (``None``, the default) ``kfac_stats`` is required on every
+        step, as before.
         Not yet supported in the owner layout (``ValueError`` at the step).
         The capture cost then falls by about ``k``x (capture with
         :func:`layerwise_optax.flax.kfac_value_and_grad` only on those steps,
@@ -444,7 +445,8 @@ def scale_by_kfac(
     _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
     _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
     _validate_inverse(inverse, damping_mode)
-    _checks.positive_int("statistics_frequency", statistics_frequency)
+    _checks.positive_int("statistics_frequency", statistics_frequency, allow_none=True)
+    statistics_frequency = 1 if statistics_frequency is None else statistics_frequency
     _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
@@ -1844,7 +1846,7 @@ def kfac(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
-    statistics_frequency: int = 1,
+    statistics_frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -1944,9 +1946,9 @@ def kfac(
         ``'eigh'`` (eigendecompositions of the undamped factors, the damping
         applied each step; needed for ``damping_mode='exact'``; see
         :func:`scale_by_kfac`). Static.
-      statistics_frequency: ``k >= 1``: statistics come every ``k`` steps and
-        ``kfac_stats=None`` marks the steps in between, which keep the factors
-        and use the current inverses (see :func:`scale_by_kfac`). Static.
+      statistics_frequency: ``k >= 1`` (``None``: 1): statistics come every ``k``
+        steps and ``kfac_stats=None`` marks the steps in between, which keep the
+        factors and use the current inverses (see :func:`scale_by_kfac`). Static.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
