@@ -394,9 +394,11 @@ def scale_by_kfac(
         ``kfac_stats=None`` is a step without statistics (not the diagonal
         fallback): the factor EMAs and pending statistics are kept, every kernel
         whose factors have had statistics is preconditioned by its current
-        inverses (refreshed on the ``precondition_frequency`` schedule, so make
-        it a multiple of ``k``: a refresh between statistics recomputes the same
-        factorization), the others take the diagonal fallback; the EMAs are
+        inverses (refreshed on the ``precondition_frequency`` schedule, except
+        on a step without statistics when the last step with statistics
+        refreshed already: its factors have not changed since; so with
+        ``inverse='cholesky'`` a changed ``damping`` waits for the next
+        refresh), the others take the diagonal fallback; the EMAs are
         debiased by their number of updates, ``(count - 1) // k + 1``. With
         ``k = 1`` (``None``, the default) ``kfac_stats`` is required on every
         step, as before.
@@ -512,7 +514,12 @@ def scale_by_kfac(
                     emit=emit,
                 )
             run = functools.partial(
-                _step, hp=hp, frequency=precondition_frequency, static=static, emit=emit
+                _step,
+                hp=hp,
+                frequency=precondition_frequency,
+                static=static,
+                emit=emit,
+                no_stats=kfac_stats is None,
             )
             work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
             new = run(grads, stats, work_state, plans)
@@ -862,16 +869,18 @@ class _Step(NamedTuple):
     emit: jax.Array
 
 
-def _step(grads, stats, state, plans, *, hp, frequency, static, emit) -> _Step:
+def _step(grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=False) -> _Step:
     """Phases 1 to 3 on a tree in the working layout (folded pairs as one leaf).
 
     ``state`` holds the moments in the same layout as ``grads``; in the owner
     layout every tree is the grouped tree (:mod:`layerwise_optax._owner`) and
-    ``plans`` are its plans.
+    ``plans`` are its plans. ``no_stats``: a step without statistics
+    (:func:`_no_new_stats`), whose refresh is skipped when the last step with
+    statistics refreshed (:func:`_refresh_due`).
     """
     count = _kron.increment(state.count)
     acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
-    refresh = _kron.every(state.count, frequency)
+    refresh = _refresh_due(state.count, frequency, static, no_stats)
     inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
     out = _directions(grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static)
     return _Step(count, out, acc, inverses, failed, emit)
@@ -1159,6 +1168,22 @@ def _no_new_stats(updates: Any, layout: _Layout, state: ScaleByKfacState) -> Any
         out,
         is_leaf=lambda x: x is None or _axes.is_masked(x) or isinstance(x, _NoNewStats),
     )
+
+
+def _refresh_due(count: jax.Array, frequency: Any, static: _Static, no_stats: bool) -> jax.Array:
+    """Whether step ``count`` (before the increment) refreshes the inverses.
+
+    Every ``precondition_frequency`` steps, except on a step without statistics
+    whose factors were already factorized: the last step with statistics,
+    ``count - count % k`` on the schedule of ``statistics_frequency = k``, was a
+    refresh step too, and the factors have not changed since (with
+    ``precondition_frequency=1`` no step without statistics refreshes).
+    """
+    due = _kron.every(count, frequency)
+    if not no_stats:
+        return due
+    last = count - count % static.statistics_frequency
+    return due & ~_kron.every(last, frequency)
 
 
 def _statistics_count(count: jax.Array, static: _Static) -> jax.Array:

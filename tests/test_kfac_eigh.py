@@ -444,3 +444,33 @@ def test_statistics_batch_size_is_checked():
     fn = lof.kfac_value_and_grad(lambda m, v: m(v), statistics_batch_size=13)
     with pytest.raises(ValueError, match=r"statistics_batch_size=13 is larger than the batch \(12"):
         fn(_capture_model(), jnp.zeros((12, 3)), jnp.zeros((12, 2)))
+
+
+def test_steps_without_statistics_refresh_only_what_changed():
+    # A factor that fails to factor (indefinite, undamped) is counted at each refresh
+    # that sees it. statistics_frequency=2, precondition_frequency=1: statistics on
+    # steps 0 and 2 refresh; steps 1 and 3 have nothing new and skip the refresh.
+    # precondition_frequency=3: step 2 brings the bad factor without a refresh, step 3
+    # (no statistics, but the last refresh predates them) refreshes and counts it.
+    params = {"w": jnp.zeros((3, 2))}
+    g = {"w": jnp.ones((3, 2))}
+    good = lo.KfacFactors(jnp.eye(3), jnp.eye(2))
+    bad = lo.KfacFactors(jnp.diag(jnp.asarray([1.0, -1.0, 2.0])), jnp.eye(2))
+
+    def failed_after(frequency, schedule):
+        tx = lo.scale_by_kfac(
+            momentum=0.0,
+            factor_decay=0.0,
+            damping=0.0,
+            damping_mode="absolute",
+            precondition_frequency=frequency,
+            statistics_frequency=2,
+        )
+        state, update, out = tx.init(params), jax.jit(tx.update), []
+        for s in schedule:
+            _, state = update(g, state, params, kfac_stats=None if s is None else {"w": s})
+            out.append(int(cast(Any, state).failures.failed))
+        return out
+
+    assert failed_after(1, [bad, None, bad, None]) == [1, 1, 2, 2]
+    assert failed_after(3, [good, None, bad, None]) == [0, 0, 0, 1]
