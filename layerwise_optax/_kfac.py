@@ -403,6 +403,9 @@ def scale_by_kfac(
         ``k = 1`` (``None``, the default) ``kfac_stats`` is required on every
         step, as before.
         Not yet supported in the owner layout (``ValueError`` at the step).
+        Under :func:`layerwise_optax.multi_steps` give statistics on all
+        mini-steps of an accumulation or on none: the statistics pending from
+        earlier mini-steps enter the factors only with new ones.
         The capture cost then falls by about ``k``x (capture with
         :func:`layerwise_optax.flax.kfac_value_and_grad` only on those steps,
         a plain ``nnx.value_and_grad`` on the others; a separately jitted step).
