@@ -35,10 +35,13 @@ _STATIC_ARGS = (
     "axis_name",
     "state_layout",
     "owner_axes",
+    "inverse",
+    "statistics_frequency",
 )
 
 _SIDES = ("both", "input", "output")
-_DAMPING_MODES = ("absolute", "pi")
+_DAMPING_MODES = ("absolute", "pi", "exact")
+_INVERSES = ("cholesky", "eigh")
 
 EMIT_ARG = "kfac_emit"
 
@@ -147,7 +150,11 @@ class ScaleByKfacState(NamedTuple):
         of ``A + d_A I = L L^T`` (applied by two triangular solves, which keep
         float32 steps accurate at small damping where an explicit inverse does
         not), for a diagonal one the inverse of the damped diagonal; identity for
-        a factor that ``sides`` does not apply.
+        a factor that ``sides`` does not apply. With ``inverse='eigh'`` the
+        undamped factors' eigendecompositions instead: per full factor one
+        ``(batch, d + 1, d)`` array, the eigenvectors ``U`` (columns) in its first
+        ``d`` rows and the eigenvalues (ascending, clipped at 0) in its last; per
+        diagonal factor the diagonal itself.
       failures: :class:`~layerwise_optax._failure.FailureCounts` (the failure
         policy's counters). ``skipped``: (leaf, step) pairs whose gradient or statistics
         were not finite and were kept out of the state. ``failed``: (factor, refresh) pairs whose factorization failed
@@ -234,6 +241,8 @@ class _Static:
     axis_name: Any
     mu_dtype: Any
     precond_dtype: Any
+    inverse: str = "cholesky"
+    statistics_frequency: int = 1
 
 
 class _Accumulated(NamedTuple):
@@ -261,7 +270,7 @@ def scale_by_kfac(
     precondition_frequency: jax.typing.ArrayLike = 1,
     max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    damping_mode: Literal["absolute", "pi"] = "pi",
+    damping_mode: Literal["absolute", "pi", "exact"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
@@ -271,13 +280,16 @@ def scale_by_kfac(
     axis_name: str | tuple[str, ...] | None = None,
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
+    inverse: Literal["cholesky", "eigh"] = "cholesky",
+    statistics_frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
     Each update runs four phases, in the order of Martens and Grosse (2015):
     :func:`_accumulate` (the given statistics into the factor EMAs),
-    :func:`_refresh` (the damped factors' Cholesky factors, under ``lax.cond``
-    every ``precondition_frequency`` steps), :func:`_directions` (the
+    :func:`_refresh` (the damped factors' Cholesky factors, or with
+    ``inverse='eigh'`` the factors' eigendecompositions, :func:`_refresh_eigh`,
+    under ``lax.cond`` every ``precondition_frequency`` steps), :func:`_directions` (the
     preconditioned gradient, or the diagonal fallback) with :func:`_momentum`,
     and :func:`_outputs` (the new state, back in the params' layout).
 
@@ -305,7 +317,10 @@ def scale_by_kfac(
         (``sides='input'`` or ``'output'``) both modes damp that factor by
         ``lambda``: the other factor is the identity and ``A ⊗ I + lambda I = (A +
         lambda I) ⊗ I`` exactly; a damping never depends on a factor that is not
-        applied.
+        applied. ``'exact'`` (``inverse='eigh'`` only): the inverse of the
+        Kronecker sum ``A ⊗ B + lambda I`` itself, ``U_A [(U_A^T G U_B) ⊘ (s_A
+        s_B^T + lambda)] U_B^T``, without the factored damping's cross terms
+        ``delta_B A ⊗ I + delta_A I ⊗ B``.
       sides: ``'both'`` (K-FAC), ``'input'`` (``A^{-1} G``: one-sided whitening,
         the paper's single-index update and DFW's ``P = I, Q = Sigma``) or
         ``'output'`` (``G B^{-1}``).
@@ -359,6 +374,41 @@ def scale_by_kfac(
         ``update`` runs inside a pmap over the same axis and device count, takes
         each device's layer slices at ``lax.axis_index`` and gathers the preconditioned
         ones with one ``lax.all_gather`` per group. Static.
+      inverse: How the damped factors are inverted at each refresh. ``'cholesky'``
+        (default): the Cholesky factors of the *damped* factors, applied by
+        triangular solves (cheapest; a changed ``damping`` acts at the next
+        refresh). ``'eigh'``: the eigendecompositions ``A = U_A diag(s_A) U_A^T``
+        of the *undamped* (bias-corrected) factors, with the damping applied at
+        every step in the eigenbases, ``(A + delta_A I)^{-1} = U_A diag(1 / (s_A +
+        delta_A)) U_A^T`` (``pi`` from the eigenvalues' sums, the traces): a
+        ``damping`` changed between refreshes (a schedule, ``inject_hyperparams``,
+        adaptive damping) needs no new factorization, and ``damping_mode='exact'``
+        is available. Equal to ``'cholesky'`` up to float32 round-off at the same
+        damping; an ``eigh`` costs about 10x a Cholesky factorization and stores
+        ``d^2 + d`` floats per factor. Damped eigenvalue products are floored at
+        ``eps * max`` per layer, so undamped singular factors give finite steps.
+        A decomposition that is not finite keeps the previous one and is counted
+        (``failed``). Static.
+      statistics_frequency: Statistics arrive every ``k`` steps (the steps whose
+        count is ``0, k, 2k, ...``); static int ``>= 1``. With ``k > 1``,
+        ``kfac_stats=None`` is a step without statistics (not the diagonal
+        fallback): the factor EMAs and pending statistics are kept, every kernel
+        whose factors have had statistics is preconditioned by its current
+        inverses (refreshed on the ``precondition_frequency`` schedule, except
+        on a step without statistics when the last step with statistics
+        refreshed already: its factors have not changed since; so with
+        ``inverse='cholesky'`` a changed ``damping`` waits for the next
+        refresh), the others take the diagonal fallback; the EMAs are
+        debiased by their number of updates, ``(count - 1) // k + 1``. With
+        ``k = 1`` (``None``, the default) ``kfac_stats`` is required on every
+        step, as before.
+        Not yet supported in the owner layout (``ValueError`` at the step).
+        Under :func:`layerwise_optax.multi_steps` give statistics on all
+        mini-steps of an accumulation or on none: the statistics pending from
+        earlier mini-steps enter the factors only with new ones.
+        The capture cost then falls by about ``k``x (capture with
+        :func:`layerwise_optax.flax.kfac_value_and_grad` only on those steps,
+        a plain ``nnx.value_and_grad`` on the others; a separately jitted step).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -372,6 +422,8 @@ def scale_by_kfac(
         ``kfac_stats`` is missing, has an entry that matches no parameter, omits a
         leaf of a layer it has statistics for, or a factor's shape does not fit
         its kernel (see :func:`kfac` for the matching rule). Each names the path.
+        At construction with ``damping_mode='exact'`` and ``inverse='cholesky'``,
+        and at ``update`` with ``kfac_stats=None`` in the owner layout.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -397,12 +449,25 @@ def scale_by_kfac(
     """
     _validate(momentum, b2, factor_decay, damping, precondition_frequency, max_precond_dim)
     _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribute, axis_name)
+    _validate_inverse(inverse, damping_mode)
+    _checks.positive_int("statistics_frequency", statistics_frequency, allow_none=True)
+    statistics_frequency = 1 if statistics_frequency is None else statistics_frequency
     _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     precond_dtype = _checks.canonicalize_dtype(precond_dtype, "precond_dtype") or jnp.float32
-    static = _Static(sides, damping_mode, nesterov, distribute, axis_name, mu_dtype, precond_dtype)
+    static = _Static(
+        sides,
+        damping_mode,
+        nesterov,
+        distribute,
+        axis_name,
+        mu_dtype,
+        precond_dtype,
+        inverse,
+        statistics_frequency,
+    )
     if dimension_numbers is None:
         dimension_numbers = default_layout
 
@@ -416,21 +481,24 @@ def scale_by_kfac(
         work = _fold(layout, params)
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
-            return _init(params, plans, mu_dtype, precond_dtype)
-        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype)
+            return _init(params, plans, mu_dtype, precond_dtype, inverse)
+        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype, inverse)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
         # accumulate statistics (the caller keeps only ``pending`` of that state).
         emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
         del params, extra_args
-        if kfac_stats is None:
+        if kfac_stats is None and statistics_frequency == 1:
             raise ValueError(NO_STATS_MSG)
         with jax.named_scope("layerwise_optax.kfac"):
             hp = _Hyper(*_checks.hyperparameters(momentum, b2, factor_decay, damping))
             layout = plans_for(updates)
             plans = layout.work_plans
-            stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
+            if kfac_stats is None:
+                stats = _no_new_stats(updates, layout, state)
+            else:
+                stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
@@ -449,7 +517,12 @@ def scale_by_kfac(
                     emit=emit,
                 )
             run = functools.partial(
-                _step, hp=hp, frequency=precondition_frequency, static=static, emit=emit
+                _step,
+                hp=hp,
+                frequency=precondition_frequency,
+                static=static,
+                emit=emit,
+                no_stats=kfac_stats is None,
             )
             work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
             new = run(grads, stats, work_state, plans)
@@ -491,16 +564,22 @@ def _validate_static(dimension_numbers, damping_mode, sides, nesterov, distribut
         )
 
 
-def _init(params: Any, plans: Any, mu_dtype: Any, precond_dtype: Any) -> ScaleByKfacState:
+def _init(
+    params: Any, plans: Any, mu_dtype: Any, precond_dtype: Any, inverse: str = "cholesky"
+) -> ScaleByKfacState:
     """Zero moments and factor EMAs, identity inverses (per kernel in the working layout).
 
-    Factor EMAs, pending statistics and inverses are stored in ``precond_dtype``.
+    Factor EMAs, pending statistics and inverses are stored in ``precond_dtype``;
+    with ``inverse='eigh'`` the inverses are the packed eigendecompositions of
+    the identity (:func:`_eigh_init`).
     """
 
     def factors(p, plan):
         return _kron.init_factors(_kernel_plan(plan), precond_dtype)
 
     def eyes(p, plan):
+        if inverse == "eigh":
+            return _eigh_init(_kernel_plan(plan), precond_dtype)
         return _kron.init_factors(_kernel_plan(plan), precond_dtype, identity=True)
 
     return ScaleByKfacState(
@@ -562,7 +641,7 @@ def _accumulate_leaf(g, plan, s, fac, pend, *, pending_count, decay) -> _Accumul
     without statistics (:class:`_Partial`) keep their EMAs and pending mean.
     """
     ok, _ = _failure.guard(g, per_block=plan.per_block)
-    if plan.spec is None or s is None:
+    if plan.spec is None or s is None or isinstance(s, _NoNewStats):
         return _Accumulated(ok, fac, pend)
     s, present = _present(s)
     new = _stats_view(s, plan)
@@ -613,8 +692,10 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
     devices when ``distribute``). A factorization that fails keeps the previous
     one and is counted. Returns ``(inverses, failed)``.
     """
+    if static.inverse == "eigh":
+        return _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static)
     applied = _applied_plans(plans, stats, static.sides)
-    correction = _correction(hp.factor_decay, count)
+    correction = _correction(hp.factor_decay, _statistics_count(count, static))
 
     def factorize(facs, invs):
         damped = _axes.map_leaves(
@@ -715,13 +796,11 @@ def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static):
     (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
     statistics not finite) gets a zero update and keeps its moments.
     """
-    leaf = functools.partial(
-        _direction_leaf, hp=hp, count=count, sides=static.sides, nesterov=static.nesterov
-    )
+    leaf = functools.partial(_direction_leaf, hp=hp, count=count, static=static)
     return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses)
 
 
-def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -> _LeafOut:
+def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, static) -> _LeafOut:
     """:func:`_directions` for one leaf (an owner-layout group: per block)."""
     ok, g32 = _failure.guard(g, per_block=plan.per_block)
     ok = ok & a.ok
@@ -735,25 +814,32 @@ def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, sides, nesterov) -
         nu, u = fallback(nu)
     else:
         s, present = _present(s)
-        u = _precondition(g32, inv, plan, sides)
+        u = _precondition(g32, inv, plan, static, hp.damping)
         if present is not None:
             # A group with blocks without statistics: those take the fallback.
             nu_fb, u_fb = fallback(nu)
             u = _failure.keep(present, u, u_fb)
             nu = _failure.keep(present, nu, nu_fb)
-    mu, d = _momentum(u, mu, hp.momentum, nesterov, ok)
+    mu, d = _momentum(u, mu, hp.momentum, static.nesterov, ok)
     return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
 
 
-def _precondition(g: jax.Array, chols: Any, plan: _axes.LeafPlan, sides: str) -> jax.Array:
+def _precondition(
+    g: jax.Array, chols: Any, plan: _axes.LeafPlan, static: _Static, damping: jax.Array
+) -> jax.Array:
     """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves.
 
-    An owner-layout group is solved where its blocks lie: each device solves
-    with the blocks it owns (:func:`layerwise_optax._distribute.local`).
+    With ``inverse='eigh'`` the stored eigendecompositions are applied with the
+    damping of this step instead (:func:`_apply_eigh`). An owner-layout group is
+    solved where its blocks lie: each device solves with the blocks it owns
+    (:func:`layerwise_optax._distribute.local`).
     """
+    sides = static.sides
 
     def solve(blocks, *chols):
         applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
+        if static.inverse == "eigh":
+            return _apply_eigh(blocks, chols, applied, damping, static.damping_mode)
         return _kron.apply_axis_cholesky(blocks, chols, applied)
 
     blocks, chols = plan.to_blocks(g), _kron.as_factors(chols)
@@ -786,16 +872,18 @@ class _Step(NamedTuple):
     emit: jax.Array
 
 
-def _step(grads, stats, state, plans, *, hp, frequency, static, emit) -> _Step:
+def _step(grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=False) -> _Step:
     """Phases 1 to 3 on a tree in the working layout (folded pairs as one leaf).
 
     ``state`` holds the moments in the same layout as ``grads``; in the owner
     layout every tree is the grouped tree (:mod:`layerwise_optax._owner`) and
-    ``plans`` are its plans.
+    ``plans`` are its plans. ``no_stats``: a step without statistics
+    (:func:`_no_new_stats`), whose refresh is skipped when the last step with
+    statistics refreshed (:func:`_refresh_due`).
     """
     count = _kron.increment(state.count)
     acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
-    refresh = _kron.every(state.count, frequency)
+    refresh = _refresh_due(state.count, frequency, static, no_stats)
     inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
     out = _directions(grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static)
     return _Step(count, out, acc, inverses, failed, emit)
@@ -837,6 +925,284 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
     )
 
 
+# ----------------------------------------------------------------------------- eigh inverses
+
+
+def _validate_inverse(inverse: Any, damping_mode: Any) -> None:
+    """``inverse`` is one of :data:`_INVERSES`; ``damping_mode='exact'`` needs ``'eigh'``."""
+    _checks.one_of("inverse", inverse, _INVERSES)
+    if damping_mode == "exact" and inverse != "eigh":
+        raise ValueError(
+            f"damping_mode='exact' (the inverse of the Kronecker sum A ⊗ B + lambda I) "
+            f"needs inverse='eigh' (it is applied in the factors' eigenbases), got "
+            f"inverse={inverse!r}; use damping_mode='pi' or 'absolute' with 'cholesky'."
+        )
+
+
+def _pack_eigh(w: jax.Array, v: jax.Array) -> jax.Array:
+    """``(stack, d + 1, d)``: the eigenvectors ``v`` (columns) with the eigenvalues ``w`` below."""
+    return jnp.concatenate([v, w[:, None, :]], axis=1)
+
+
+def _unpack_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of :func:`_pack_eigh`: ``(eigenvalues (stack, d), eigenvectors (stack, d, d))``."""
+    return m[:, -1, :], m[:, :-1, :]
+
+
+def _eigh_init(plan: _axes.LeafPlan, dtype: Any) -> tuple[jax.Array, ...]:
+    """The eigendecompositions of identity factors in the ``inverse='eigh'`` layout.
+
+    A full factor is stored packed (:func:`_pack_eigh`), ``(stack, d + 1, d)``:
+    eigenvectors ``I``, eigenvalues ones; a diagonal factor as its ``(stack, d)``
+    diagonal (its own eigenvalues, eigenvectors ``I``); placeholders as in
+    :func:`layerwise_optax._kron.init_factors`.
+    """
+    out = []
+    for kind, f in zip(plan.kinds, _kron.init_factors(plan, dtype, identity=True)):
+        if kind == "full":
+            f = _pack_eigh(jnp.ones(f.shape[:2], dtype), f)
+        out.append(f)
+    return tuple(out)
+
+
+def _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static):
+    """Phase 2 with ``inverse='eigh'``: the eigendecompositions of the (undamped) factors.
+
+    Under ``lax.cond(refresh, ...)``: ``c A_bar = U_A diag(s_A) U_A^T`` and
+    ``c B_bar = U_B diag(s_B) U_B^T`` (``c``: :func:`_correction`; eigenvalues
+    clipped at 0, :func:`layerwise_optax._linalg.eigh_psd`), stored packed
+    (:func:`_pack_eigh`) for the factors that ``sides`` applies. No damping
+    enters: :func:`_apply_eigh` adds this step's ``lambda`` to the eigenvalues,
+    so a changed damping needs no new factorization. A decomposition that is
+    not finite keeps the previous one and is counted. Returns ``(inverses,
+    failed)`` like :func:`_refresh`.
+    """
+    applied = _applied_plans(plans, stats, static.sides)
+    correction = _correction(hp.factor_decay, _statistics_count(count, static))
+
+    def decompose(facs, invs):
+        scaled = _axes.map_leaves(
+            lambda f, kplan, s: tuple(
+                x * correction for x in _identity_unless_present(f, kplan, s)
+            ),
+            applied,
+            facs,
+            stats,
+        )
+        new, failed = _eigh_tree(scaled, invs, applied, distribute=static.distribute)
+        new = _axes.map_leaves(
+            lambda n, kplan, old, s: _keep_unless_present(n, old, s), applied, new, invs, stats
+        )
+        return _axes.keep_masked(applied, new, invs), failed
+
+    def keep(facs, invs):
+        return invs, jnp.zeros([], jnp.int32)
+
+    factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
+    return jax.lax.cond(refresh, decompose, keep, factors, inverses)
+
+
+def _eigh_tree(stats: Any, prev: Any, plans: Any, *, distribute: bool) -> tuple[Any, jax.Array]:
+    """Packed eigendecompositions of every applied factor, keeping good previous ones.
+
+    Like :func:`layerwise_optax._kron.inverse_roots_tree`: the full factors of all
+    kernels with the same size are one batched ``eigh`` (one matrix at a time on
+    CPU, :func:`layerwise_optax._linalg.eigh_psd`), spread over the mesh's
+    devices when ``distribute``; a diagonal factor is its own spectrum (clipped
+    at 0); ``'none'`` factors keep ``prev``. A block whose decomposition is not
+    finite keeps its previous one and is counted.
+    """
+
+    def prepare(plan, s, r):
+        return [
+            (("eigh", s.shape[1:], s.dtype, r.dtype), (s, r)) if kind == "full" else None
+            for kind, s, r in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r))
+        ]
+
+    def batched(key):
+        def compute(s, r):
+            new, _, ok = _failure.keep_good(_pack_eigh(*_linalg.eigh_psd(s)), r, matrix=True)
+            return new, ok
+
+        return compute
+
+    full = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
+
+    def combine(s, plan, r, done):
+        out, failed = [], jnp.zeros([], jnp.int32)
+        for kind, s_j, r_j, d in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r), done):
+            if kind == "diag":
+                new, bad, _ = _failure.keep_good(jnp.maximum(s_j, 0.0), r_j, matrix=False)
+            elif kind == "full":
+                new, ok = d
+                bad = jnp.sum(~ok).astype(jnp.int32)
+            else:
+                new, bad = r_j, 0
+            out.append(new)
+            failed = failed + bad
+        return _kron.Refreshed(tuple(out), (), failed)
+
+    out = _axes.map_leaves(combine, plans, stats, prev, full)
+    new = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
+    return new, _failure.total(_axes.unzip(out, "failed"))
+
+
+def _apply_eigh(
+    g: jax.Array, packed: Any, plan: _axes.LeafPlan, damping: jax.Array, mode: str
+) -> jax.Array:
+    r"""The damped inverse curvature on a ``(stack, d_A, d_B)`` block view, in the eigenbases.
+
+    With ``A = U_A diag(s_A) U_A^T`` and ``B = U_B diag(s_B) U_B^T`` (stored by
+    :func:`_refresh_eigh`; a diagonal factor has ``U = I``, a factor that
+    ``sides`` does not apply ``U = I`` and ``s = 1``), ``X = U_A^T G U_B`` and
+
+    .. math::
+      U = U_A \, (X \oslash D) \, U_B^T, \quad D_{ij} = (s_{A,i} + \delta_A)(s_{B,j} +
+      \delta_B) \;\text{('pi', 'absolute')}, \quad D_{ij} = s_{A,i} s_{B,j} + \lambda
+      \;\text{('exact')}
+
+    with :func:`_damped`'s ``delta_A, delta_B`` (``'pi'``: from the means of the
+    eigenvalues, the traces; one side applied: ``lambda`` on it). The first is
+    ``(A + delta_A I)^{-1} G (B + delta_B I)^{-1}``, the second ``(A ⊗ B +
+    lambda I)^{-1} vec(G)`` exactly. ``D`` is floored per block at ``eps *
+    max(D)`` (and the smallest normal number), so an undamped singular factor
+    gives a finite, bounded step.
+    """
+    damping = jnp.asarray(damping, jnp.float32)
+    x = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    spectra, bases = [], []
+    for i, (kind, m) in enumerate(zip(plan.kinds, _kron.as_factors(packed))):
+        if kind == "full":
+            w, v = _unpack_eigh(m.astype(x.dtype))
+        elif kind == "diag":
+            w, v = m.astype(x.dtype), None
+        else:
+            w, v = jnp.ones((x.shape[0], x.shape[i + 1]), x.dtype), None
+        spectra.append(w)
+        bases.append(v)
+    ua, ub = bases
+    sa, sb = spectra
+    hi = _linalg.HIGHEST
+    if ua is not None:
+        x = jnp.einsum("nji,njk->nik", ua, x, precision=hi)
+    if ub is not None:
+        x = jnp.einsum("nij,njk->nik", x, ub, precision=hi)
+    if mode == "exact":
+        den = sa[:, :, None] * sb[:, None, :] + damping
+    else:
+        if mode == "pi" and "none" not in plan.kinds:
+            da, db = _linalg.pi_damping(sa, sb, damping, a_diagonal=True, b_diagonal=True)
+        else:
+            zero = jnp.zeros(x.shape[:1], x.dtype)
+            da, db = (
+                zero if plan.kinds[j] == "none" else jnp.broadcast_to(damping, zero.shape)
+                for j in range(2)
+            )
+        den = (sa + da[:, None])[:, :, None] * (sb + db[:, None])[:, None, :]
+    finfo = jnp.finfo(x.dtype)
+    floor = jnp.maximum(finfo.eps * jnp.max(den, axis=(1, 2), keepdims=True), finfo.tiny)
+    x = x / jnp.maximum(den, floor)
+    if ua is not None:
+        x = jnp.einsum("nij,njk->nik", ua, x, precision=hi)
+    if ub is not None:
+        x = jnp.einsum("nij,nkj->nik", x, ub, precision=hi)
+    return x.astype(g.dtype)
+
+
+# ----------------------------------------------------------------------------- steps without statistics
+
+
+@jax.tree_util.register_pytree_node_class
+class _NoNewStats:
+    """A kernel's entry on a step without statistics (``kfac_stats=None``).
+
+    ``present`` (a bool array, one per layer slice) marks the slices whose factor
+    EMA is not zero, those that have had statistics: their factors and inverses are
+    used as they are (:func:`_accumulate_leaf` keeps the EMAs and the pending
+    statistics); the other slices take the diagonal fallback, as they did on the
+    steps with statistics (a layer the capture does not see). ``factors`` is
+    always ``None``.
+    """
+
+    def __init__(self, present: Any):
+        self.factors = None
+        self.present = present
+
+    def tree_flatten(self):
+        return (self.present,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+def _no_new_stats(updates: Any, layout: _Layout, state: ScaleByKfacState) -> Any:
+    """The statistics tree of a step without statistics (``statistics_frequency > 1``).
+
+    A :class:`_NoNewStats` at every kernel with a K-FAC layout, ``None`` elsewhere
+    (masked leaves and folded biases, as :func:`_stats_like` gives them).
+    Supported in the replicated layout only.
+    """
+    if _owner.layout_of(state) is not None:
+        raise ValueError(
+            "kfac_stats=None (a step without statistics, statistics_frequency > 1) is not "
+            "supported with state_layout='owner' yet: pass the statistics every step, or "
+            "use state_layout='replicated'."
+        )
+    factors = _kron.normalize(layout.work_plans, state.factors)
+
+    def entry(x, plan, fac):
+        if plan.spec is None:
+            return None
+        a = _kron.as_factors(fac)[0].astype(jnp.float32)
+        return _NoNewStats(jnp.any(a != 0, axis=tuple(range(1, a.ndim))))
+
+    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    work = treedef.unflatten(
+        [
+            optax.MaskedNode() if _axes.is_masked(p) else x
+            for x, p in zip(flat_updates, layout.flat_work)
+        ]
+    )
+    out = _axes.map_leaves(entry, layout.work_plans, work, factors)
+    return jax.tree.map(
+        lambda x, o: None if _axes.is_masked(x) else o,
+        work,
+        out,
+        is_leaf=lambda x: x is None or _axes.is_masked(x) or isinstance(x, _NoNewStats),
+    )
+
+
+def _refresh_due(count: jax.Array, frequency: Any, static: _Static, no_stats: bool) -> jax.Array:
+    """Whether step ``count`` (before the increment) refreshes the inverses.
+
+    Every ``precondition_frequency`` steps, except on a step without statistics
+    whose factors were already factorized: the last step with statistics,
+    ``count - count % k`` on the schedule of ``statistics_frequency = k``, was a
+    refresh step too, and the factors have not changed since (with
+    ``precondition_frequency=1`` no step without statistics refreshes).
+    """
+    due = _kron.every(count, frequency)
+    if not no_stats:
+        return due
+    last = count - count % static.statistics_frequency
+    return due & ~_kron.every(last, frequency)
+
+
+def _statistics_count(count: jax.Array, static: _Static) -> jax.Array:
+    """The number of statistics updates of the factor EMAs after ``count`` steps.
+
+    Statistics arrive on the steps ``0, k, 2k, ...`` (``k``:
+    ``statistics_frequency``), so after ``count >= 1`` steps the EMAs have had
+    ``(count - 1) // k + 1`` updates; :func:`_correction` debiases by that
+    number. With ``k = 1`` it is ``count`` itself.
+    """
+    k = static.statistics_frequency
+    if k == 1:
+        return count
+    return (count - 1) // k + 1
+
+
 # ----------------------------------------------------------------------------- owner layout
 
 # The per-block fields of the owner layout; the moments ``mu`` and ``nu`` stay
@@ -870,8 +1236,13 @@ class _Partial:
 
 
 def _present(s: Any) -> tuple[Any, Any]:
-    """The factors of a statistics entry and its per-block mask (``None``: every block)."""
-    if isinstance(s, _Partial):
+    """The factors of a statistics entry and its per-block mask (``None``: every block).
+
+    For a step without statistics (:class:`_NoNewStats`) the mask marks the blocks
+    that have had statistics before: they keep being preconditioned by their
+    factors, the others take the diagonal fallback.
+    """
+    if isinstance(s, (_Partial, _NoNewStats)):
         return s.factors, s.present[:, None]
     return s, None
 
@@ -883,6 +1254,7 @@ def _owned_init(
     work: Any,
     mu_dtype: Any,
     precond_dtype: Any,
+    inverse: str = "cholesky",
 ) -> ScaleByKfacState:
     """:func:`_init` with the factor state on the grouped tree of ``work`` (working layout).
 
@@ -893,7 +1265,7 @@ def _owned_init(
     sharded) like ``params``.
     """
     grouped_plans = owner.plans(plans)
-    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype, precond_dtype)
+    state = _init(_owner.zeros(owner, plans, work), grouped_plans, mu_dtype, precond_dtype, inverse)
     eyes = [
         _kron.init_factors(_kernel_plan(g.plan), precond_dtype, identity=True) for g in owner.groups
     ]
@@ -957,7 +1329,9 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
     inverses, failed = _refresh(
         refresh, acc, inner, grouped_plans, grouped_stats, hp, count, static
     )
-    solved = _owned_solves(grouped_grads, grouped_stats, inverses, grouped_plans, static.sides)
+    solved = _owned_solves(
+        grouped_grads, grouped_stats, inverses, grouped_plans, static, hp.damping
+    )
 
     # The solved blocks in float32 (the moments' arithmetic is the replicated
     # layout's), in the params' layout: folded pairs split like the updates.
@@ -995,7 +1369,7 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
     return out, new_state
 
 
-def _owned_solves(grads, stats, inverses, plans, sides) -> dict[str, tuple[Any, ...]]:
+def _owned_solves(grads, stats, inverses, plans, static, damping) -> dict[str, tuple[Any, ...]]:
     """The Cholesky solves of phase 3 on the grouped tree (:func:`_precondition`).
 
     Per group with statistics its solved stack (each device solves the blocks
@@ -1007,7 +1381,8 @@ def _owned_solves(grads, stats, inverses, plans, sides) -> dict[str, tuple[Any, 
     def solve(g, plan, s, inv):
         if plan.spec is None or s is None:
             return None
-        return _precondition(_failure.guard(g, per_block=plan.per_block)[1], inv, plan, sides)
+        g32 = _failure.guard(g, per_block=plan.per_block)[1]
+        return _precondition(g32, inv, plan, static, damping)
 
     blocks = tuple(
         solve(g, plan, s, inv)
@@ -1486,7 +1861,7 @@ def kfac(
     precondition_frequency: jax.typing.ArrayLike = 1,
     max_precond_dim: int | None = None,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    damping_mode: Literal["absolute", "pi"] = "pi",
+    damping_mode: Literal["absolute", "pi", "exact"] = "pi",
     sides: Literal["both", "input", "output"] = "both",
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: optax.MaskOrFn = None,
@@ -1498,6 +1873,8 @@ def kfac(
     axis_name: str | tuple[str, ...] | None = None,
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
+    inverse: Literal["cholesky", "eigh"] = "cholesky",
+    statistics_frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -1574,8 +1951,10 @@ def kfac(
       dimension_numbers: Each kernel's (input, output) groups and each folded
         bias's :class:`FoldedBias`; ``None``: Flax layouts with biases folded
         (:func:`default_layout`).
-      damping_mode: ``'pi'`` (factored, pi-adjusted) or ``'absolute'``; one-sided
-        updates are damped by ``lambda`` in both (see :func:`scale_by_kfac`).
+      damping_mode: ``'pi'`` (factored, pi-adjusted), ``'absolute'`` or
+        ``'exact'`` (``(A ⊗ B + lambda I)^{-1}``, with ``inverse='eigh'`` only);
+        one-sided updates are damped by ``lambda`` in all three (see
+        :func:`scale_by_kfac`).
       sides: ``'both'``, ``'input'`` or ``'output'``.
       weight_decay: Decoupled weight decay, fixed or a schedule.
       mask: Weight-decay mask.
@@ -1591,14 +1970,23 @@ def kfac(
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_kfac`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
+      inverse: ``'cholesky'`` (Cholesky factors of the damped factors) or
+        ``'eigh'`` (eigendecompositions of the undamped factors, the damping
+        applied each step; needed for ``damping_mode='exact'``; see
+        :func:`scale_by_kfac`). Static.
+      statistics_frequency: ``k >= 1`` (``None``: 1): statistics come every ``k``
+        steps and ``kfac_stats=None`` marks the steps in between, which keep the
+        factors and use the current inverses (see :func:`scale_by_kfac`). Static.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
       update with ``kfac_stats=``.
 
     Raises:
-      ValueError: At construction for bad hyperparameters; at ``init`` for a
-        bad layout; at ``update`` without ``kfac_stats``, or with statistics that
+      ValueError: At construction for bad hyperparameters (and
+        ``damping_mode='exact'`` without ``inverse='eigh'``); at ``init`` for a
+        bad layout; at ``update`` without ``kfac_stats`` (with
+        ``statistics_frequency=1``), or with statistics that
         match no parameter, miss a leaf of a layer they cover, or do not fit
         their kernels (naming the path).
 
@@ -1621,6 +2009,16 @@ def kfac(
       >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
       >>> round(float(updates['w'][0, 0]), 6)
       -0.01
+
+      With ``inverse='eigh'`` the damping is applied in the factors' eigenbases
+      at every step; ``damping_mode='exact'`` inverts ``A ⊗ B + lambda I`` itself
+      (here ``(1 * 1 + 1)^{-1} = 0.5`` per entry):
+
+      >>> tx = lo.kfac(learning_rate=1.0, momentum=0.0, damping=1.0, inverse='eigh',
+      ...              damping_mode='exact')
+      >>> updates, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+      >>> [round(v, 6) for v in updates['w'][0].tolist()]
+      [-0.5, -0.5]
 
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
@@ -1649,6 +2047,8 @@ def kfac(
             axis_name=axis_name,
             state_layout=state_layout,
             owner_axes=owner_axes,
+            inverse=inverse,
+            statistics_frequency=statistics_frequency,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -259,7 +259,18 @@ ENTRIES: tuple[Entry, ...] = (
         static_args=_kfac._STATIC_ARGS,
         algorithm="kfac",
         momentum_arg="momentum",
-        conformance=(Config("kfac", dict(learning_rate=3e-2, precondition_frequency=2)),),
+        conformance=(
+            Config("kfac", dict(learning_rate=3e-2, precondition_frequency=2)),
+            Config(
+                "kfac_eigh_exact",
+                dict(
+                    learning_rate=3e-2,
+                    precondition_frequency=2,
+                    inverse="eigh",
+                    damping_mode="exact",
+                ),
+            ),
+        ),
         # Fed identity factors the contract's steps are heavy-ball SGD: a smaller
         # rate for the Rosenbrock target's curvature ~1000.
         contract=dict(learning_rate=1e-3, precondition_frequency=2),
@@ -269,6 +280,9 @@ ENTRIES: tuple[Entry, ...] = (
             "momentum": _UNIT,
             "damping_mode": _MODE,
             "sides": _MODE,
+            "inverse": _MODE,
+            # Static: it decides whether kfac_stats=None is a step without statistics.
+            "statistics_frequency": ((0, _VE), (1.5, _TE), (True, _TE), (jnp.asarray(2), _TE)),
             "axis_name": ((3, _TE), (["batch"], _TE)),
         },
     ),

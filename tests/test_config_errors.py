@@ -182,6 +182,8 @@ def test_bad_argument_raises_naming_it(factory, required, arg, value, error):
             "root_exponent",
         ),
         (lo.precond_update_prob_schedule, dict(max_prob=0.1, min_prob=0.5), "min_prob"),
+        (lo.kfac, dict(learning_rate=1e-2, damping_mode="exact"), "inverse='eigh'"),
+        (lo.scale_by_kfac, dict(damping_mode="exact", inverse="cholesky"), "damping_mode='exact'"),
         (lo.static_args, dict(factory=lambda: None), "factory"),
     ],
 )

@@ -114,7 +114,7 @@ def _build(name, factory, kwargs):
         # Random leaves are no model: where their sizes happen to chain ambiguously
         # the head search refuses them (a ValueError at init, tested in test_roles).
         kwargs = {**kwargs, "roles": lambda p: lo.layer_roles(p, infer_head=False)}
-    return with_extra_args(factory(**kwargs), _kfac_stats if name == "kfac" else None)
+    return with_extra_args(factory(**kwargs), _kfac_stats if name.startswith("kfac") else None)
 
 
 def _check_case(name, factory, kwargs, case):

@@ -796,6 +796,7 @@ def kfac_value_and_grad(
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
     fold_biases: bool = True,
     sequence_statistics: Literal["expand", "reduce"] = "expand",
+    statistics_batch_size: int | None = None,
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -829,6 +830,15 @@ def kfac_value_and_grad(
         example: the constant input 1 under the same ``1/n`` convention); give
         ``kfac`` ``dimension_numbers=kfac_dimension_numbers(model,
         fold_biases=False)`` then.
+      statistics_batch_size: ``m``: the statistics from the first ``m`` examples
+        of the batch only (a sub-batch), ``a = (1/m) Σ_{r in the first m} x̂_r
+        x̂_r^T`` and ``g`` likewise, while the loss and the gradient stay those
+        of the whole batch. Same pass: the per-example output gradients are
+        ``n dL/dz``, per example the gradient of its own loss, so the sub-batch's
+        rows are its statistics exactly; what it saves is the factor products
+        (``m`` rows instead of ``n``), not the forward or backward pass. A static
+        int in ``1..n`` (``n``: the batch size, checked at the call); ``None``
+        (default): the whole batch.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
@@ -841,10 +851,11 @@ def kfac_value_and_grad(
 
     Raises:
       ValueError: For an unknown loss, statistics mode or ``sequence_statistics``,
-        a mode the loss does not support, or a model layer that cannot be
-        captured (named by its path; with ``'reduce'``, a layer whose rows do not
-        lead with the examples).
-      TypeError: If ``fold_biases`` is not a bool.
+        a mode the loss does not support, a model layer that cannot be captured
+        (named by its path; with ``'reduce'``, a layer whose rows do not lead
+        with the examples), or ``statistics_batch_size`` larger than the batch.
+      TypeError: If ``fold_biases`` is not a bool, or ``statistics_batch_size``
+        not ``None`` or an int.
 
     Examples:
       The input factor of a dense layer with its bias folded is the second moment
@@ -891,6 +902,7 @@ def kfac_value_and_grad(
         raise ValueError(
             f"sequence_statistics must be one of {list(_SEQUENCE)}, got {sequence_statistics!r}."
         )
+    _checks.positive_int("statistics_batch_size", statistics_batch_size, allow_none=True)
     loss_name, loss_fn = _loss_for(loss, statistics)
 
     def fn(model, inputs, targets, key=None):
@@ -933,6 +945,8 @@ def kfac_value_and_grad(
             value, grads, feats, deltas = _gauss_newton(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
+        if statistics_batch_size is not None:
+            feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size)
         stats = _stats_tree(
             feats,
             deltas,
@@ -947,6 +961,29 @@ def kfac_value_and_grad(
         return value, grads, stats
 
     return fn
+
+
+def _sub_batch(feats: dict, deltas: dict, n: int, m: int) -> tuple[dict, dict, int]:
+    """The first ``m`` of the ``n`` examples' layer inputs and output gradients.
+
+    ``feats[k]`` has the examples on its leading axis, ``deltas[k]`` on its
+    second (after the samples axis of :func:`_stats_tree`).
+
+    Raises:
+      ValueError: ``m`` larger than the batch.
+    """
+    if m > n:
+        raise ValueError(
+            f"statistics_batch_size={m} is larger than the batch ({n} examples); it must be "
+            "in 1..n (None: the whole batch)."
+        )
+    if m == n:
+        return feats, deltas, n
+    return (
+        {k: x[:m] for k, x in feats.items()},
+        {k: d[:, :m] for k, d in deltas.items()},
+        m,
+    )
 
 
 def _loss_for(loss: Any, statistics: str) -> tuple[str | None, Callable]:
