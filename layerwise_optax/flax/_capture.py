@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -112,10 +113,14 @@ def _einsum_parts(spec: str, path: str) -> tuple[str, str, str, str, str]:
 def _layout(module: nnx.Module, path: str, einsum_str: str | None = None) -> _Layout:
     if isinstance(module, nnx.Einsum):
         _, rhs, out, contracted, produced = _einsum_parts(einsum_str or module.einsum_str, path)
-        bias_ok = out.endswith(produced) and (
-            module.bias is None
-            or tuple(module.bias.shape)
-            == tuple(module.kernel_shape[rhs.index(c)] for c in produced)
+        bias_ok = (
+            out.endswith(produced)
+            and (
+                module.bias is None
+                # stacked layers (nnx.vmap): the bias has the kernel's leading layer axes too
+                or tuple(module.bias.shape)[module.kernel.ndim - len(module.kernel_shape) :]
+                == tuple(module.kernel_shape[rhs.index(c)] for c in produced)
+            )
         )
         return _Layout(
             tuple(rhs.index(c) for c in contracted), tuple(rhs.index(c) for c in produced), bias_ok
@@ -271,35 +276,76 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     return x, lambda out: out
 
 
-class _Recorder:
-    """Trace-time side channel: layer inputs in, perturbations out."""
+class _KfacPerturbation(nnx.Param):
+    """The zero perturbation ``e`` added to a captured layer's output during capture.
 
-    def __init__(self, paths: dict[int, str], perturbations: dict[str, jax.Array] | None):
-        self.paths = paths  # id(module) -> "a/b/0" (string keys keep pytrees sortable)
-        self.perturbations = perturbations
-        self.inputs: dict[str, jax.Array] = {}
+    A ``Param`` subclass, so that ``nnx.scan``/``nnx.vmap`` (also with an
+    ``nnx.StateAxes`` that routes ``nnx.Param``) split it along the layer axis like
+    the layer's kernel: each stacked slice gets its own perturbation.
+    """
+
+
+class _KfacFeatures(nnx.Param):
+    """The input features a captured layer records during capture (see :class:`_KfacPerturbation`).
+
+    Written in the layer's call; the transform writes each slice's value back,
+    stacked on the layer axis, as for any variable updated inside it.
+    """
+
+
+_PATH_ATTR = "_lo_kfac_path"  # static str: survives the split/merge of every nnx transform
+_E_ATTR = "_lo_kfac_e"  # _KfacPerturbation
+_X_ATTR = "_lo_kfac_x"  # _KfacFeatures
+
+
+class _Slice(NamedTuple):
+    """Shapes one call of a captured layer sees (one slice of a stacked layer)."""
+
+    output: jax.ShapeDtypeStruct
+    features: jax.ShapeDtypeStruct
+
+
+class _Recorder:
+    """Trace-time side channel: which layers were called, with what shapes.
+
+    Layers are recognized by the path attribute :func:`_attach` sets on the
+    merged model's modules (a static attribute, so the copies that ``nnx.scan``,
+    ``nnx.vmap`` and ``nnx.remat`` make inside their bodies keep it); their
+    features go out, and the perturbations come in, through variables on the
+    module, never through Python state, so no tracer of a transform's body leaks.
+    """
+
+    def __init__(self, perturbations: dict[str, jax.Array] | None):
+        self.perturbations = perturbations  # None: the shape pass (nothing attached)
+        self.calls: dict[str, int] = {}
+        self.slices: dict[str, _Slice] = {}
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}
-        self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
 
     def wrap(self, cls: type, original: Callable) -> Callable:
         recorder = self
 
         def call(module, x, *args, **kwargs):
             out = original(module, x, *args, **kwargs)
-            path = recorder.paths.get(id(module))
+            path = getattr(module, _PATH_ATTR, None)
             if path is None:
                 return out
-            if path in recorder.inputs:
+            recorder.calls[path] = recorder.calls.get(path, 0) + 1
+            if recorder.calls[path] > 1:
                 raise ValueError(
                     f"layer {path} is called more than once per forward pass; K-FAC "
-                    "capture supports one call per layer (shared layers are not supported)."
+                    "capture supports one call per layer (shared layers, or a stacked layer "
+                    "applied by a Python loop over its slices, are not supported; apply "
+                    "stacked layers with nnx.scan or nnx.vmap)."
                 )
             feats, rows = _features(module, x, path, args, kwargs)
-            recorder.inputs[path] = feats
             recorder.out_rows[path] = rows
-            recorder.output_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            recorder.slices[path] = _Slice(
+                jax.ShapeDtypeStruct(out.shape, out.dtype),
+                jax.ShapeDtypeStruct(feats.shape, feats.dtype),
+            )
             if recorder.perturbations is not None:
-                out = out + recorder.perturbations[path].astype(out.dtype)
+                getattr(module, _X_ATTR).set_value(feats)
+                out = out + getattr(module, _E_ATTR).get_value().astype(out.dtype)
             return out
 
         return call
@@ -338,12 +384,19 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
-def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
-    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``."""
+def _layer_paths(
+    model: nnx.Module, diagonal: Callable[[str, Any], bool] | None = None
+) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
+    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``.
+
+    Layers for which ``diagonal(key, layer)`` holds are left out (not captured).
+    """
     paths, tuples, biases = {}, {}, {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
+            if diagonal is not None and diagonal(key, node):
+                continue
             if isinstance(node, nnx.Conv) and node.feature_group_count != 1:
                 raise ValueError(f"layer {key}: grouped convolutions are not supported.")
             layout = _layout(node, key)  # raises for layers whose axes are not clear
@@ -354,7 +407,138 @@ def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], d
     return paths, tuples, biases
 
 
-def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Callable[[Any], Any]:
+def _slice_ndim(module: nnx.Module) -> int:
+    """The number of axes of one layer's own kernel (without stacked layer axes)."""
+    if isinstance(module, (nnx.Conv, nnx.Einsum)):
+        return len(module.kernel_shape)
+    if isinstance(module, nnx.LinearGeneral):
+        return len(module.in_features) + len(module.out_features)
+    return 2
+
+
+def _stack_shape(module: nnx.Module, path: str) -> tuple[int, ...]:
+    """The leading layer axes of a stacked layer's kernel (``()`` for an ordinary layer).
+
+    A layer created under ``nnx.vmap`` (say ``L`` blocks) has a kernel
+    ``(L, *kernel)``; its statistics are one pair of factors per slice, the layer
+    axes being batch axes of the kernel.
+    """
+    shape = tuple(module.kernel.shape)
+    s = len(shape) - _slice_ndim(module)
+    if s < 0:
+        raise ValueError(
+            f"layer {path}: kernel shape {shape} has fewer axes than the layer's own kernel."
+        )
+    if isinstance(module, (nnx.Conv, nnx.Einsum)) and shape[s:] != tuple(module.kernel_shape):
+        raise ValueError(
+            f"layer {path}: kernel shape {shape} does not end with the layer's own kernel "
+            f"shape {tuple(module.kernel_shape)}; only leading layer axes (nnx.vmap with "
+            "axis 0) can be captured."
+        )
+    return shape[:s]
+
+
+def _stacked_layout(module: nnx.Module, path: str) -> tuple[_Layout, tuple[int, ...]]:
+    """A captured layer's :class:`_Layout` on its whole (possibly stacked) kernel, and its layer axes."""
+    stack = _stack_shape(module, path)
+    layout = _layout(module, path)
+    s = len(stack)
+    if s:
+        layout = _Layout(
+            tuple(a + s for a in layout.inputs), tuple(a + s for a in layout.outputs), layout.bias
+        )
+    return layout, stack
+
+
+def _diagonal_rule(diagonal: Any) -> Callable[[str, Any], bool]:
+    """A ``diagonal`` argument as a predicate ``(path, layer) -> bool``, checked.
+
+    Raises:
+      ValueError: Neither a callable nor a list/tuple/set of path strings.
+    """
+    if callable(diagonal):
+        return diagonal
+    if isinstance(diagonal, (list, tuple, set, frozenset)) and all(
+        isinstance(p, str) for p in diagonal
+    ):
+        names = frozenset(p.strip("/") for p in diagonal)
+        return lambda path, _: path in names
+    raise ValueError(
+        "diagonal must be a list, tuple or set of layer paths like 'blocks/mlp' or a "
+        f"callable (path, layer) -> bool, got {diagonal!r}."
+    )
+
+
+def _check_diagonal_names(model: nnx.Module, diagonal: Any) -> None:
+    """Every path named in a sequence ``diagonal`` must be a captured layer of ``model``."""
+    if callable(diagonal):
+        return
+    layers = [_key(tuple(p)) for p, node in nnx.iter_graph(model) if isinstance(node, _CAPTURED)]
+    for name in diagonal:
+        if name.strip("/") not in layers:
+            raise ValueError(
+                f"diagonal names {name!r}, which is not a captured layer of the model "
+                f"(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum); its captured "
+                f"layers are {layers}."
+            )
+
+
+def _attach(
+    m: nnx.Module,
+    keys: Any,
+    perturbations: dict[str, jax.Array] | None,
+    features: dict[str, jax.ShapeDtypeStruct],
+) -> dict[str, tuple[Any, jax.Array]]:
+    """Marks the captured layers of the merged model ``m`` for the :class:`_Recorder`.
+
+    Every layer whose path is in ``keys`` gets its path as a static attribute; with
+    ``perturbations``, also its perturbation and a placeholder for its features
+    (``features[key]``: their full shape, stacked layer axes first) as variables.
+    Returns ``key -> (layer, placeholder)``: a placeholder still in place after the
+    forward pass means the features never reached ``m`` (see :func:`_collect`).
+    """
+    attached = {}
+    for path, node in list(nnx.iter_graph(m)):
+        key = _key(tuple(path))
+        if not isinstance(node, _CAPTURED) or key not in keys:
+            continue
+        setattr(node, _PATH_ATTR, key)
+        if perturbations is not None:
+            placeholder = jnp.zeros(features[key].shape, features[key].dtype)
+            setattr(node, _E_ATTR, _KfacPerturbation(perturbations[key]))
+            setattr(node, _X_ATTR, _KfacFeatures(placeholder))
+            attached[key] = (node, placeholder)
+    return attached
+
+
+def _collect(attached: dict[str, tuple[Any, jax.Array]]) -> dict[str, jax.Array]:
+    """Each layer's recorded features, read back from the merged model after the forward pass.
+
+    Raises:
+      ValueError: A layer whose call was seen but whose features did not reach the
+        model: a transform dropped the write (weights broadcast across
+        ``nnx.scan``/``nnx.vmap`` iterations, i.e. one layer used several times; a
+        layer called on a copy of the model).
+    """
+    feats = {}
+    for key, (node, placeholder) in attached.items():
+        value = getattr(node, _X_ATTR).get_value()
+        if value is placeholder:
+            raise ValueError(
+                f"layer {key}: its call was seen, but its statistics did not reach the model: "
+                "it was applied inside a transform that does not write its state back (a "
+                "layer broadcast across nnx.scan or nnx.vmap iterations, i.e. used several "
+                "times, or called on a copy of the model); K-FAC capture needs each layer "
+                "used once, or stacked (created with nnx.vmap) and split along the layer "
+                "axis. Pass diagonal=[path] to give it the diagonal Fisher on purpose."
+            )
+        feats[key] = value
+    return feats
+
+
+def kfac_dimension_numbers(
+    model: nnx.Module, *, fold_biases: bool = True, diagonal: Any = ()
+) -> Callable[[Any], Any]:
     """The kernel layouts of a model's captured layers, for ``kfac(dimension_numbers=...)``.
 
     ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
@@ -400,31 +584,42 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
     _checks.boolean("fold_biases", fold_biases)
+    skip = _diagonal_rule(diagonal)
+    _check_diagonal_names(model, diagonal)
     layouts = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
-            layouts[key] = _layout(node, key)
+            if not skip(key, node):
+                layouts[key] = _stacked_layout(node, key)
 
     def spec(path, leaf):
         if _is_masked(leaf):
             return None
         names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
-        layout = layouts.get(layer)
+        layout, stack = layouts.get(layer, (None, ()))
+        batch = tuple(range(len(stack)))  # stacked layers: the layer axes are batch axes
         if layout is not None and kind == "kernel":
-            return DimensionNumbers((layout.inputs, layout.outputs))
+            return DimensionNumbers((layout.inputs, layout.outputs), batch_axes=batch)
         if layout is not None and kind == "bias":
             if fold_biases and layout.bias:
                 return FoldedBias(f"{layer}/kernel")
-            return DimensionNumbers(((), tuple(range(leaf.ndim))))
+            return DimensionNumbers(((), tuple(range(len(batch), leaf.ndim))), batch_axes=batch)
         return default_kernel_dimension_numbers(leaf.shape)
 
     return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_masked)
 
 
 def _stats_tree(
-    inputs, deltas, out_rows, n: int, tuples: dict[str, tuple], biases: dict, fold: bool
+    inputs,
+    deltas,
+    out_rows,
+    n: int,
+    tuples: dict[str, tuple],
+    biases: dict,
+    fold: bool,
+    stacks: dict[str, tuple[int, ...]] | None = None,
 ) -> dict:
     """Nested dict ``{...: {'kernel': KfacFactors, 'bias': ...}}`` keyed like the params.
 
@@ -432,24 +627,32 @@ def _stats_tree(
     (one for the empirical and Fisher modes, one per output unit for Gauss-Newton).
     ``biases[key]``: ``True`` for a bias that is a function of the output features
     (its statistics are given), ``False`` for another bias (``None``: the diagonal
-    fallback), absent without a bias.
+    fallback), absent without a bias. ``stacks[key]``: the leading layer axes of a
+    stacked layer (``inputs[key]`` and ``deltas[key]`` after the samples axis start
+    with them); its factors are one pair per slice, ``(*stack, d, d)``.
     """
     tree: dict = {}
     hi = jax.lax.Precision.HIGHEST
     for key_, x in inputs.items():
         path = tuples[key_]
-        delta = deltas[key_]
-        x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
-        delta = jax.vmap(out_rows[key_])(delta)
-        d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
-        positions = x2.shape[0] // n
+        stack = (stacks or {}).get(key_, ())
+        rows = out_rows[key_]
+        for _ in range(1 + len(stack)):  # samples axis, then each layer axis
+            rows = jax.vmap(rows)
+        delta = jnp.moveaxis(rows(deltas[key_]), 0, len(stack))  # (*stack, samples, ...)
+        slices = math.prod(stack)
+        x2 = jnp.reshape(x, (slices, -1, x.shape[-1])).astype(jnp.float32)
+        d2 = jnp.reshape(delta, (slices, -1, delta.shape[-1])).astype(jnp.float32)
+        positions = x2.shape[1] // n
         bias = biases.get(key_)
         if bias and fold:
             # Homogeneous coordinates: the constant input 1 of the bias as a last feature,
             # so a's last row is sum(x) / n (the cross term) and its corner the positions.
-            x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
-        a = jnp.matmul(x2.T, x2, precision=hi) / n
-        b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
+            x2 = jnp.concatenate([x2, jnp.ones(x2.shape[:2] + (1,), x2.dtype)], axis=2)
+        a = jnp.einsum("sri,srj->sij", x2, x2, precision=hi) / n
+        b = jnp.einsum("sri,srj->sij", d2, d2, precision=hi) / (n * positions)
+        a = jnp.reshape(a, stack + a.shape[1:])
+        b = jnp.reshape(b, stack + b.shape[1:])
         node = tree
         for key in path:
             node = node.setdefault(key, {})
@@ -459,10 +662,25 @@ def _stats_tree(
         elif bias:
             # A separate block: the bias is a kernel whose input is the constant 1 at
             # each of the example's positions, A = (1/n) sum over n * positions rows of 1.
-            node["bias"] = KfacFactors(jnp.full((1, 1), float(positions), jnp.float32), b)
+            node["bias"] = KfacFactors(jnp.full(stack + (1, 1), float(positions), jnp.float32), b)
         elif bias is not None:
             node["bias"] = None  # not a function of the output features: diagonal fallback
     return tree
+
+
+def _node_at(model: nnx.Module, path: tuple) -> Any:
+    """The graph node of ``model`` at ``path`` (as :func:`nnx.iter_graph` gives it)."""
+    return next(node for p, node in nnx.iter_graph(model) if tuple(p) == path)
+
+
+def _set_diagonal(tree: dict, path: tuple, has_bias: bool) -> None:
+    """``None`` (the diagonal Fisher, on purpose) at a layer's kernel and bias in ``tree``."""
+    node = tree
+    for key in path:
+        node = node.setdefault(key, {})
+    node["kernel"] = None
+    if has_bias:
+        node["bias"] = None
 
 
 def kfac_value_and_grad(
@@ -471,6 +689,7 @@ def kfac_value_and_grad(
     *,
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
     fold_biases: bool = True,
+    diagonal: Any = (),
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -537,32 +756,64 @@ def kfac_value_and_grad(
     """
     _checks.boolean("fold_biases", fold_biases)
     loss_name, loss_fn = _loss_for(loss, statistics)
+    skip = _diagonal_rule(diagonal)
 
     def fn(model, inputs, targets, key=None):
         if statistics == "fisher" and key is None:
             raise ValueError(
                 "statistics='fisher' needs a PRNG key: f(model, inputs, targets, key=key)."
             )
-        _, tuples, biases = _layer_paths(model)  # validates the model's layers up front
+        _check_diagonal_names(model, diagonal)
+        # Validates the captured layers up front (the diagonal ones are left out).
+        _, tuples, biases = _layer_paths(model, skip)
+        stacks, diagonal_layers = {}, {}
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, _CAPTURED):
+                key_ = _key(tuple(path))
+                if key_ in tuples:
+                    stacks[key_] = _stack_shape(node, key_)
+                else:
+                    diagonal_layers[key_] = (tuple(path), getattr(node, "bias", None) is not None)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Per layer, the map from its output to (rows, d_out): Python callables, so they
         # travel beside the traced values rather than through them.
         out_rows: dict[str, Callable] = {}
+        features: dict[str, jax.ShapeDtypeStruct] = {}
 
         def forward(p, perturbations, recorder=None):
-            m = nnx.merge(graphdef, p, rest)
-            # nnx.merge builds new module objects: look their paths up on this copy.
-            rec = recorder or _Recorder({}, perturbations)
-            rec.paths = _layer_paths(m)[0]
+            # copy: Variables of this trace (RNG counts mutate inside nnx.scan bodies).
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            # nnx.merge builds new module objects: mark the captured layers of this copy.
+            rec = recorder or _Recorder(perturbations)
+            attached = _attach(m, tuples, perturbations, features)
             with _patched(rec):
                 outputs = model_fn(m, inputs)
             out_rows.update(rec.out_rows)
-            return outputs, rec.inputs
+            return outputs, _collect(attached)
 
-        # Shapes of every layer output, so the perturbations can be zeros of that shape.
-        shape_pass = _Recorder({}, None)
+        # Shapes of every layer's output and features per slice, so the perturbations
+        # and feature placeholders can be zeros of that shape, stacked layer axes first.
+        shape_pass = _Recorder(None)
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_pass.output_shapes.items()}
+        for key_ in tuples:
+            if key_ not in shape_pass.slices:
+                raise ValueError(
+                    f"layer {key_}: the model has this {type(_node_at(model, tuples[key_])).__name__} "
+                    "but its call was not seen in the forward pass (unused, its kernel used "
+                    "directly, or called on another model than the one model_fn is given), so "
+                    "it would get no statistics. Pass diagonal=[path] to give it the diagonal "
+                    "Fisher on purpose."
+                )
+        slices = shape_pass.slices
+        features.update(
+            {
+                k: jax.ShapeDtypeStruct(stacks[k] + s.features.shape, s.features.dtype)
+                for k, s in slices.items()
+            }
+        )
+        zeros = {
+            k: jnp.zeros(stacks[k] + s.output.shape, s.output.dtype) for k, s in slices.items()
+        }
         n = jax.tree.leaves(inputs)[0].shape[0]
         if statistics == "empirical":
             value, grads, feats, deltas = _empirical(forward, params, zeros, loss_fn, targets, n)
@@ -575,7 +826,10 @@ def kfac_value_and_grad(
             )
         else:
             value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
-        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases)
+        stats = _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases, stacks)
+        for path, has_bias in diagonal_layers.values():
+            _set_diagonal(stats, path, has_bias)
+        return value, grads, stats
 
     return fn
 

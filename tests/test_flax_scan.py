@@ -1,0 +1,384 @@
+"""K-FAC capture for stacked layers (nnx.vmap-created, nnx.scan/nnx.vmap-applied), no silent fallback."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import layerwise_optax as lo  # noqa: E402
+from layerwise_optax import flax as lof  # noqa: E402
+
+LAYERS, D_IN, D, D_OUT, N = 3, 4, 5, 2, 8
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs, dropout=0.0):
+        self.up = nnx.Linear(D, 2 * D, rngs=rngs)
+        self.down = nnx.Linear(2 * D, D, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+
+    def __call__(self, x):
+        h = jnp.tanh(self.up(x))
+        if self.drop is not None:
+            h = self.drop(h)
+        return x + self.down(h)
+
+
+class Scanned(nnx.Module):
+    """``LAYERS`` blocks created with ``nnx.vmap`` (stacked kernels), applied with ``nnx.scan``."""
+
+    def __init__(self, rngs, remat=False, dropout=0.0):
+        self.inp = nnx.Linear(D_IN, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(rngs, dropout)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(D, D_OUT, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, x):
+        def step(h, block):
+            return block(h)
+
+        if self.remat:
+            step = nnx.remat(step)
+        # With dropout, each slice has its own RNG stream (split_rngs at creation), which
+        # the scan splits along the layer axis like the kernels.
+        body = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return self.head(body(self.inp(x), self.blocks))
+
+
+class Unrolled(nnx.Module):
+    """The scanned model's twin: the same weights, each block a separate module."""
+
+    def __init__(self, scanned):
+        rngs = nnx.Rngs(0)
+        self.inp = nnx.Linear(D_IN, D, rngs=rngs)
+        self.blocks = nnx.List([Block(rngs) for _ in range(LAYERS)])
+        self.head = nnx.Linear(D, D_OUT, rngs=rngs)
+        nnx.update(self.inp, nnx.state(scanned.inp))
+        nnx.update(self.head, nnx.state(scanned.head))
+        stacked = nnx.state(scanned.blocks, nnx.Param)
+        for i, block in enumerate(self.blocks):
+            nnx.update(block, jax.tree.map(lambda a, i=i: a[i], stacked))
+
+    def __call__(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _data():
+    x = jax.random.normal(jax.random.key(0), (N, D_IN))
+    y = jax.random.normal(jax.random.key(1), (N, D_OUT))
+    return x, y
+
+
+def _slice_stats(stats, i):
+    """The unrolled-form statistics of block ``i`` out of the scanned model's stacked ones."""
+    return {
+        layer: {
+            "kernel": lo.KfacFactors(*(f[i] for f in stats["blocks"][layer]["kernel"])),
+            "bias": stats["blocks"][layer]["bias"],
+        }
+        for layer in ("up", "down")
+    }
+
+
+def _assert_stats_equal(scanned, unrolled, rtol=2e-5, atol=1e-6):
+    for name in ("inp", "head"):
+        for f, g in zip(scanned[name]["kernel"], unrolled[name]["kernel"]):
+            np.testing.assert_allclose(f, g, rtol=rtol, atol=atol)
+    for i in range(LAYERS):
+        got = _slice_stats(scanned, i)
+        for layer in ("up", "down"):
+            want = unrolled["blocks"][i][layer]
+            for f, g in zip(got[layer]["kernel"], want["kernel"]):
+                np.testing.assert_allclose(f, g, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("statistics", ["empirical", "fisher", "gauss_newton"])
+def test_scanned_stats_equal_the_unrolled_twin(statistics):
+    model = Scanned(nnx.Rngs(0))
+    twin = Unrolled(model)
+    x, y = _data()
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics=statistics)
+    key = jax.random.key(3)
+    value, grads, stats = grad_fn(model, x, y, key=key)
+    want_value, want_grads, want = grad_fn(twin, x, y, key=key)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    up = stats["blocks"]["up"]
+    assert up["kernel"].a.shape == (LAYERS, D + 1, D + 1)  # one pair of factors per slice
+    assert up["kernel"].g.shape == (LAYERS, 2 * D, 2 * D)
+    assert up["bias"] == lo.FoldedBias("blocks/up/kernel")
+    _assert_stats_equal(stats, want)
+    for i in range(LAYERS):
+        np.testing.assert_allclose(
+            grads["blocks"]["down"]["kernel"][...][i],
+            want_grads["blocks"][i]["down"]["kernel"][...],
+            rtol=1e-5,
+            atol=1e-7,
+        )
+
+
+def test_scanned_slice_factors_match_explicit_per_example_sums_float64():
+    """One slice's factors against the explicit sums over examples, in float64 NumPy/JAX."""
+    model = Scanned(nnx.Rngs(1))
+    x, y = _data()
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
+    k = 1  # the middle block's `down` layer
+
+    with jax.enable_x64(True):
+
+        def lin(w, h):
+            return h @ w["kernel"] + w["bias"]
+
+        def per_example_loss(e, xr, yr):
+            """0.5 ||f(x) - y||^2 of one example, with e added to block k's `down` output."""
+            h = lin(p["inp"], xr)
+            feats = None
+            for i in range(LAYERS):
+                w = jax.tree.map(lambda a, i=i: a[i], p["blocks"])
+                u = jnp.tanh(lin(w["up"], h))
+                if i == k:
+                    feats = u
+                h = h + lin(w["down"], u) + (e if i == k else 0.0)
+            return 0.5 * jnp.sum((lin(p["head"], h) - yr) ** 2), feats
+
+        xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        rows = [
+            jax.grad(per_example_loss, has_aux=True)(jnp.zeros(D), xr, yr) for xr, yr in zip(xs, ys)
+        ]
+        deltas = np.stack([np.asarray(d) for d, _ in rows])  # n dL/dz_r = the per-example gradient
+        feats = np.stack([np.append(np.asarray(f), 1.0) for _, f in rows])  # [u; 1]
+    a_ref = sum(np.outer(f, f) for f in feats) / N
+    g_ref = sum(np.outer(d, d) for d in deltas) / N
+    got = stats["blocks"]["down"]["kernel"]
+    np.testing.assert_allclose(got.a[k], a_ref, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got.g[k], g_ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fold_biases", [True, False])
+def test_scanned_kfac_updates_equal_the_unrolled_twin(fold_biases):
+    """Several lo.kfac steps (a refresh every 2) from stacked statistics, on nnx.State."""
+    model = Scanned(nnx.Rngs(2))
+    twin = Unrolled(model)
+    x, y = _data()
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", fold_biases=fold_biases)
+
+    def optimizer(m):
+        specs = lof.kfac_dimension_numbers(m, fold_biases=fold_biases)
+        tx = lo.kfac(0.3, precondition_frequency=2, dimension_numbers=specs)
+        return nnx.Optimizer(m, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(m, opt):
+        loss, grads, stats = grad_fn(m, x, y)
+        opt.update(m, grads, kfac_stats=stats)
+        return loss
+
+    opt, twin_opt = optimizer(model), optimizer(twin)
+    for _ in range(4):
+        loss, twin_loss = train_step(model, opt), train_step(twin, twin_opt)
+        np.testing.assert_allclose(loss, twin_loss, rtol=1e-5)
+    stacked = nnx.state(model.blocks, nnx.Param)
+    for i, block in enumerate(twin.blocks):
+        for got, want in zip(
+            jax.tree.leaves(jax.tree.map(lambda a, i=i: a[i], stacked)),
+            jax.tree.leaves(nnx.state(block, nnx.Param)),
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The updates moved the weights: the comparison is not between two untouched models.
+    assert float(loss) < float(lof.mse(Scanned(nnx.Rngs(2))(x), y))
+
+
+def test_kfac_dimension_numbers_give_stacked_kernels_a_batch_axis():
+    model = Scanned(nnx.Rngs(0))
+    for tree in (nnx.state(model, nnx.Param), nnx.to_pure_dict(nnx.state(model, nnx.Param))):
+        specs = lof.kfac_dimension_numbers(model)(tree)
+        up = specs["blocks"]["up"]
+        kernel = up["kernel"].get_value() if hasattr(up["kernel"], "get_value") else up["kernel"]
+        bias = up["bias"].get_value() if hasattr(up["bias"], "get_value") else up["bias"]
+        assert kernel == lo.DimensionNumbers(((1,), (2,)), batch_axes=(0,))
+        assert bias == lo.FoldedBias("blocks/up/kernel")
+    sep = lof.kfac_dimension_numbers(model, fold_biases=False)(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    )
+    assert sep["blocks"]["down"]["bias"] == lo.DimensionNumbers(((), (1,)), batch_axes=(0,))
+    assert sep["head"]["bias"] == lo.DimensionNumbers(((), (0,)))
+
+
+def test_remat_inside_scan_gives_the_same_statistics():
+    plain, remat = Scanned(nnx.Rngs(4)), Scanned(nnx.Rngs(4), remat=True)
+    x, y = _data()
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    _, grads, stats = grad_fn(plain, x, y)
+    _, remat_grads, remat_stats = grad_fn(remat, x, y)
+    for f, g in zip(jax.tree.leaves(stats), jax.tree.leaves(remat_stats)):
+        np.testing.assert_allclose(f, g, rtol=1e-6, atol=1e-7)
+    for f, g in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(f, g, rtol=1e-6, atol=1e-7)
+
+
+def test_split_rngs_dropout_and_remat_in_a_scan():
+    """Per-layer dropout keys (split_rngs) under remat: the same forward as nnx.value_and_grad."""
+    model = Scanned(nnx.Rngs(5), remat=True, dropout=0.5)
+    x, y = _data()
+    # The capture runs on a copy: the model's RNG counts are untouched, so the plain
+    # pass below draws the same dropout masks.
+    value, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    want_value, want_grads = nnx.value_and_grad(lambda m: lof.mse(m(x), y))(model)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    for f, g in zip(jax.tree.leaves(grads), jax.tree.leaves(nnx.state(want_grads, nnx.Param))):
+        np.testing.assert_allclose(f, g, rtol=1e-5, atol=1e-7)
+    a = np.asarray(stats["blocks"]["down"]["kernel"].a)
+    assert a.shape == (LAYERS, 2 * D + 1, 2 * D + 1)
+    # Dropout with rate 0.5 zeroes about half of each slice's recorded features, each
+    # slice with its own mask: the slices' feature second moments differ.
+    assert not np.allclose(a[0], a[1])
+
+
+class Ensemble(nnx.Module):
+    """``LAYERS`` stacked members applied with ``nnx.vmap`` (same input, mean output)."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(D_IN, D_OUT, rngs=rngs)
+
+        self.members = make(rngs)
+
+    def __call__(self, x):
+        outs = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(0, None))(self.members, x)
+        return jnp.mean(outs, axis=0)
+
+
+def test_vmap_applied_members_equal_separate_layers():
+    model = Ensemble(nnx.Rngs(6))
+    members = nnx.List([nnx.Linear(D_IN, D_OUT, rngs=nnx.Rngs(0)) for _ in range(LAYERS)])
+    stacked = nnx.state(model.members, nnx.Param)
+    for i, member in enumerate(members):
+        nnx.update(member, jax.tree.map(lambda a, i=i: a[i], stacked))
+    x, y = _data()
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    _, _, want = lof.kfac_value_and_grad(
+        lambda ms, x: jnp.mean(jnp.stack([jnp.tanh(m(x)) for m in ms]), axis=0), "mse"
+    )(members, x, y)
+    for i in range(LAYERS):
+        for f, g in zip(stats["members"]["kernel"], want[i]["kernel"]):
+            np.testing.assert_allclose(f[i], g, rtol=2e-5, atol=1e-7)
+
+
+# --- No silent fallback -----------------------------------------------------------------
+
+
+class WithUnused(nnx.Module):
+    def __init__(self, rngs):
+        self.used = nnx.Linear(D_IN, D_OUT, rngs=rngs)
+        self.unused = nnx.Linear(D_IN, D_OUT, rngs=rngs)
+
+    def __call__(self, x):
+        return self.used(x)
+
+
+def test_a_layer_whose_call_is_not_seen_is_named():
+    model = WithUnused(nnx.Rngs(0))
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"layer unused: .*Linear.*not seen.*diagonal="):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+
+
+def test_diagonal_asks_for_the_diagonal_fisher_on_purpose():
+    model = WithUnused(nnx.Rngs(0))
+    x, y = _data()
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", diagonal=["unused"])(
+        model, x, y
+    )
+    assert stats["unused"] == {"kernel": None, "bias": None}
+    assert isinstance(stats["used"]["kernel"], lo.KfacFactors)
+    # The same by predicate; and kfac takes these entries (the diagonal fallback).
+    _, _, by_rule = lof.kfac_value_and_grad(
+        lambda m, x: m(x), "mse", diagonal=lambda path, layer: path.startswith("un")
+    )(model, x, y)
+    assert by_rule["unused"] == {"kernel": None, "bias": None}
+    opt = nnx.Optimizer(model, lo.kfac(0.1), wrt=nnx.Param)
+    opt.update(model, grads, kfac_stats=stats)
+    assert np.all(np.isfinite(model.used.kernel[...]))
+
+
+def test_a_layer_that_cannot_be_captured_can_be_given_the_diagonal():
+    class PerSlice(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D_IN, D_OUT, rngs=rngs)
+            self.odd = nnx.Einsum("bhi,hio->bho", (2, D_IN, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x) + jnp.sum(self.odd(jnp.stack([x, x], 1)), axis=(1, 2))[:, None]
+
+    model = PerSlice(nnx.Rngs(0))
+    x, y = _data()
+    with pytest.raises(ValueError, match="layer odd"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", diagonal=["odd"])(model, x, y)
+    assert stats["odd"] == {"kernel": None}  # nnx.Einsum has no bias here
+    specs = lof.kfac_dimension_numbers(model, diagonal=["odd"])(nnx.state(model, nnx.Param))
+    assert specs["lin"]["bias"].get_value() == lo.FoldedBias("lin/kernel")
+
+
+@pytest.mark.parametrize(
+    "bad", ["unused", [1], {"unused": True}, None], ids=["str", "int", "dict", "none"]
+)
+def test_bad_diagonal_values_are_refused(bad):
+    with pytest.raises(ValueError, match="diagonal must be"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse", diagonal=bad)
+    with pytest.raises(ValueError, match="diagonal must be"):
+        lof.kfac_dimension_numbers(WithUnused(nnx.Rngs(0)), diagonal=bad)
+
+
+def test_diagonal_naming_no_captured_layer_is_refused():
+    model = WithUnused(nnx.Rngs(0))
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"diagonal names 'nope'.*\['unused', 'used'\]"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse", diagonal=["nope"])(model, x, y)
+
+
+def test_a_layer_broadcast_across_scan_iterations_is_refused():
+    class SharedLoop(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            body = nnx.scan(
+                lambda h, m: m(h),
+                in_axes=(nnx.Carry, nnx.StateAxes({...: None})),
+                out_axes=nnx.Carry,
+                length=LAYERS,
+            )
+            return body(x, self.lin)
+
+    x = jax.random.normal(jax.random.key(0), (N, D))
+    with pytest.raises(ValueError, match="layer lin: .*did not reach the model"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(SharedLoop(nnx.Rngs(0)), x, x)
+
+
+def test_a_stacked_layer_looped_over_in_python_is_refused():
+    model = Ensemble(nnx.Rngs(0))
+    x, y = _data()
+
+    def looped(m, x):
+        graphdef, state = nnx.split(m.members)
+        outs = [
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))(x) for i in range(LAYERS)
+        ]
+        return jnp.mean(jnp.stack(outs), axis=0)
+
+    with pytest.raises(ValueError, match="layer members is called more than once"):
+        lof.kfac_value_and_grad(looped, "mse")(model, x, y)
