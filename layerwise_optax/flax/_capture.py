@@ -16,6 +16,35 @@ weights, say) or summed away is refused with the layer's path. For layers whose
 kernel is not ``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
+Layers under Flax NNX transforms: a layer created with ``nnx.vmap`` is *stacked*
+(kernel ``(L, *kernel)``, biases ``(L, *bias)``) and is applied one slice at a time
+by ``nnx.scan`` (also under ``nnx.remat``, with RNG streams split by
+``nnx.split_rngs``) or all slices at once by ``nnx.vmap``. The transforms run
+their bodies on copies of the modules and trace them separately, so the capture
+never keeps a body's values in Python: it marks each captured layer of the model
+copy it builds with its path (a static attribute, which the copies inherit), and
+gives it two variables of a private ``nnx.Param`` subclass, the perturbation
+``(L, *output)`` and a placeholder for the features ``(L, *features)``. The
+transform splits both along the layer axis like the layer's kernel, the layer's
+call adds its slice of the perturbation and writes its features, and the
+transform writes the features back stacked, as it does for any variable updated
+in its body. Each slice is one layer of the model: the statistics of a stacked
+kernel are ``KfacFactors(a=(L, d_in, d_in), g=(L, d_out, d_out))``, one pair per
+slice, and :func:`kfac_dimension_numbers` gives the kernel ``batch_axes=(0,)``
+(``kfac`` preconditions every slice with its own factors). A scanned model gives
+the statistics and ``kfac`` updates of its unrolled twin.
+
+Nothing is left out silently: a captured layer whose call the forward pass does
+not reach, or whose features a transform drops (a layer broadcast across
+``nnx.scan`` iterations, i.e. used several times), raises ``ValueError`` naming
+its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
+entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
+capture cannot handle. Not supported: a stacked layer applied by a Python loop
+over its slices (refused as called more than once), inputs mapped by
+``nnx.vmap`` along an axis other than the examples' (each slice must see the
+``n`` examples of ``inputs``' leading axis), and layer axes other than leading
+ones.
+
 Differentiating the loss with respect to the parameters and the perturbations at
 once gives the parameter gradients and every layer's output gradients
 ``dL/dz`` in the same backward pass. With ``n`` examples and ``T`` positions per
@@ -416,7 +445,7 @@ def _slice_ndim(module: nnx.Module) -> int:
     return 2
 
 
-def _stack_shape(module: nnx.Module, path: str) -> tuple[int, ...]:
+def _stack_shape(module: Any, path: str) -> tuple[int, ...]:
     """The leading layer axes of a stacked layer's kernel (``()`` for an ordinary layer).
 
     A layer created under ``nnx.vmap`` (say ``L`` blocks) has a kernel
@@ -457,7 +486,7 @@ def _diagonal_rule(diagonal: Any) -> Callable[[str, Any], bool]:
       ValueError: Neither a callable nor a list/tuple/set of path strings.
     """
     if callable(diagonal):
-        return diagonal
+        return lambda path, layer: bool(diagonal(path, layer))
     if isinstance(diagonal, (list, tuple, set, frozenset)) and all(
         isinstance(p, str) for p in diagonal
     ):
@@ -554,15 +583,21 @@ def kfac_dimension_numbers(
         (:class:`layerwise_optax.FoldedBias`, homogeneous coordinates); ``False``:
         a separate bias block ``DimensionNumbers(((), (all axes)))``. Must match
         the capture's ``fold_biases``.
+      diagonal: Layers left to the diagonal Fisher, as for
+        :func:`kfac_value_and_grad` (same value): their leaves get kfac's default
+        layout, and are not checked for capture.
 
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
       axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
-      kfac's default.
+      kfac's default. A stacked layer (created with ``nnx.vmap``, ``L`` leading
+      layer axes) gets the same groups shifted past them and
+      ``batch_axes=(0, ..., L - 1)``: one pair of factors per slice.
 
     Raises:
-      ValueError: For a layer that cannot be captured, named by its path.
+      ValueError: For a layer that cannot be captured, named by its path, a bad
+        ``diagonal`` or one that names no captured layer.
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -714,6 +749,13 @@ def kfac_value_and_grad(
         example: the constant input 1 under the same ``1/n`` convention); give
         ``kfac`` ``dimension_numbers=kfac_dimension_numbers(model,
         fold_biases=False)`` then.
+      diagonal: Captured-type layers to leave to ``kfac``'s diagonal Fisher on
+        purpose: a list, tuple or set of layer paths (``'blocks/attn/query'``,
+        as the statistics tree nests them), or a predicate ``(path, layer) ->
+        bool``. Their kernel and bias entries are ``None``; they are not
+        captured, so they may be layers the capture cannot handle or does not
+        see called. Every other captured layer must be called (once; once per
+        slice for stacked layers) or ``f`` raises.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
@@ -726,8 +768,17 @@ def kfac_value_and_grad(
 
     Raises:
       ValueError: For an unknown loss or statistics mode, a mode the loss does not
-        support, or a model layer that cannot be captured (named by its path).
+        support, or a ``diagonal`` that is neither paths nor a callable; from
+        ``f``: a ``diagonal`` path that is no captured layer, and (named by its
+        path) a layer that cannot be captured, whose call the forward pass does
+        not reach, that is called more than once, or whose features a transform
+        drops (a layer broadcast across ``nnx.scan`` iterations).
       TypeError: If ``fold_biases`` is not a bool.
+
+    Layers created with ``nnx.vmap`` and applied with ``nnx.scan`` (also under
+    ``nnx.remat``) or ``nnx.vmap`` get one pair of factors per slice, stacked
+    (module docstring); give ``kfac`` ``dimension_numbers=
+    kfac_dimension_numbers(model)`` for them.
 
     Examples:
       The input factor of a dense layer with its bias folded is the second moment
@@ -744,6 +795,20 @@ def kfac_value_and_grad(
       [[0.5, 0.0, 0.5], [0.0, 2.0, 1.0], [0.5, 1.0, 1.0]]
       >>> stats['bias']
       FoldedBias(kernel='kernel')
+
+      Three layers created with ``nnx.vmap`` and applied with ``nnx.scan`` get
+      one pair of factors per slice:
+
+      >>> import jax
+      >>> @nnx.vmap(in_axes=0, out_axes=0)
+      ... def stacked(key):
+      ...     return nnx.Linear(2, 2, rngs=nnx.Rngs(key))
+      >>> layers = stacked(jax.random.split(jax.random.key(0), 3))
+      >>> scan = nnx.scan(lambda h, l: l(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      >>> grad_fn = lof.kfac_value_and_grad(lambda m, x: scan(x, m), 'mse')
+      >>> _, _, stats = grad_fn(layers, x, jnp.zeros((2, 2)))
+      >>> stats['kernel'].a.shape, stats['kernel'].g.shape
+      ((3, 3, 3), (3, 2, 2))
 
       Pass ``stats`` to :func:`layerwise_optax.kfac`'s update as
       ``kfac_stats=stats`` (the README has a whole training step).
