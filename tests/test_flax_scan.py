@@ -384,3 +384,57 @@ def test_a_stacked_layer_looped_over_in_python_is_refused():
 
     with pytest.raises(ValueError, match="layer members is called more than once"):
         lof.kfac_value_and_grad(looped, "mse")(model, x, y)
+
+
+def test_plain_kfac_refuses_stacked_statistics_and_names_the_layout_to_use():
+    model = Scanned(nnx.Rngs(0))
+    x, y = _data()
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    opt = nnx.Optimizer(model, lo.kfac(0.1), wrt=nnx.Param)  # default layout: no batch axis
+    with pytest.raises(ValueError, match=r"blocks.*kfac_dimension_numbers\(model\)"):
+        opt.update(model, grads, kfac_stats=stats)
+
+
+class GeneralBlock(nnx.Module):
+    """LinearGeneral (several output axes) and Einsum (kernel axes reordered, with a bias)."""
+
+    def __init__(self, rngs):
+        self.proj = nnx.LinearGeneral(D, (2, 3), rngs=rngs)
+        self.mix = nnx.Einsum("bk,ok->bo", (D, 6), (D,), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.mix(jnp.tanh(self.proj(x)).reshape(x.shape[0], 6))
+
+
+def test_stacked_linear_general_and_einsum_equal_their_unrolled_twin():
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return GeneralBlock(rngs)
+
+    stacked = make(nnx.Rngs(7))
+    blocks = nnx.List([GeneralBlock(nnx.Rngs(0)) for _ in range(LAYERS)])
+    state = nnx.state(stacked, nnx.Param)
+    for i, block in enumerate(blocks):
+        nnx.update(block, jax.tree.map(lambda a, i=i: a[i], state))
+    scan = nnx.scan(lambda h, b: b(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+
+    def unrolled(bs, h):
+        for b in bs:
+            h = b(h)
+        return h
+
+    x = jax.random.normal(jax.random.key(0), (N, D))
+    y = jax.random.normal(jax.random.key(1), (N, D))
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: scan(x, m), "mse")(stacked, x, y)
+    _, _, want = lof.kfac_value_and_grad(unrolled, "mse")(blocks, x, y)
+    assert stats["mix"]["bias"] == lo.FoldedBias("mix/kernel")  # the stacked bias folds too
+    assert stats["proj"]["kernel"].a.shape == (LAYERS, D + 1, D + 1)
+    assert stats["proj"]["kernel"].g.shape == (LAYERS, 6, 6)
+    for i in range(LAYERS):
+        for layer in ("proj", "mix"):
+            for f, g in zip(stats[layer]["kernel"], want[i][layer]["kernel"]):
+                np.testing.assert_allclose(f[i], g, rtol=2e-5, atol=1e-6)
+    specs = lof.kfac_dimension_numbers(stacked)(nnx.to_pure_dict(state))
+    assert specs["proj"]["kernel"] == lo.DimensionNumbers(((1,), (2, 3)), batch_axes=(0,))
+    assert specs["mix"]["kernel"] == lo.DimensionNumbers(((2,), (1,)), batch_axes=(0,))
