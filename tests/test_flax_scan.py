@@ -250,21 +250,26 @@ def test_split_rngs_dropout_and_remat_in_a_scan():
 class Ensemble(nnx.Module):
     """``LAYERS`` stacked members applied with ``nnx.vmap`` (same input, mean output)."""
 
-    def __init__(self, rngs):
+    def __init__(self, rngs, axes=0):
         @nnx.split_rngs(splits=LAYERS)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
             return nnx.Linear(D_IN, D_OUT, rngs=rngs)
 
         self.members = make(rngs)
+        self.axes = axes
 
     def __call__(self, x):
-        outs = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(0, None))(self.members, x)
+        outs = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(self.axes, None))(self.members, x)
         return jnp.mean(outs, axis=0)
 
 
-def test_vmap_applied_members_equal_separate_layers():
-    model = Ensemble(nnx.Rngs(6))
+@pytest.mark.parametrize(
+    "axes", [0, nnx.StateAxes({nnx.Param: 0, ...: None})], ids=["all", "params-only"]
+)
+def test_vmap_applied_members_equal_separate_layers(axes):
+    """Also when only nnx.Param is mapped: the capture's variables follow the params."""
+    model = Ensemble(nnx.Rngs(6), axes)
     members = nnx.List([nnx.Linear(D_IN, D_OUT, rngs=nnx.Rngs(0)) for _ in range(LAYERS)])
     stacked = nnx.state(model.members, nnx.Param)
     for i, member in enumerate(members):
