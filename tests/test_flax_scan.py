@@ -443,3 +443,115 @@ def test_stacked_linear_general_and_einsum_equal_their_unrolled_twin():
     specs = lof.kfac_dimension_numbers(stacked)(nnx.to_pure_dict(state))
     assert specs["proj"]["kernel"] == lo.DimensionNumbers(((1,), (2, 3)), batch_axes=(0,))
     assert specs["mix"]["kernel"] == lo.DimensionNumbers(((2,), (1,)), batch_axes=(0,))
+
+
+def test_two_layer_axes_scan_over_vmap_applied_members():
+    """A (4, 2) stack: nnx.scan over 4 stages, each averaging 2 members applied by nnx.vmap."""
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def stages(key):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def members(k):
+            return nnx.Linear(3, 3, rngs=nnx.Rngs(k))
+
+        return members(jax.random.split(key, 2))
+
+    model = stages(jax.random.split(jax.random.key(0), 4))
+
+    def scanned(m, x):
+        def stage(h, layer):
+            return jnp.mean(nnx.vmap(lambda m, h: jnp.tanh(m(h)), in_axes=(0, None))(layer, h), 0)
+
+        return nnx.scan(stage, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, m)
+
+    twin = nnx.List(
+        [nnx.List([nnx.Linear(3, 3, rngs=nnx.Rngs(0)) for _ in range(2)]) for _ in range(4)]
+    )
+    state = nnx.state(model, nnx.Param)
+    for i in range(4):
+        for j in range(2):
+            nnx.update(twin[i][j], jax.tree.map(lambda a, i=i, j=j: a[i, j], state))
+
+    def unrolled(m, h):
+        for stage in m:
+            h = jnp.mean(jnp.stack([jnp.tanh(layer(h)) for layer in stage]), 0)
+        return h
+
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    _, _, stats = lof.kfac_value_and_grad(scanned, "mse")(model, x, x)
+    _, _, want = lof.kfac_value_and_grad(unrolled, "mse")(twin, x, x)
+    assert stats["kernel"].a.shape == (4, 2, 4, 4)
+    for i in range(4):
+        for j in range(2):
+            for f, g in zip(stats["kernel"], want[i][j]["kernel"]):
+                np.testing.assert_allclose(f[i, j], g, rtol=2e-5, atol=1e-7)
+    spec = lof.kfac_dimension_numbers(model)(nnx.to_pure_dict(state))["kernel"]
+    assert spec == lo.DimensionNumbers(((2,), (3,)), batch_axes=(0, 1))
+
+
+class GptBlock(nnx.Module):
+    def __init__(self, rngs, d=16, heads=2):
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class Gpt(nnx.Module):
+    """Tied embedding/head, pre-LayerNorm blocks built by nnx.vmap, scanned under nnx.remat."""
+
+    def __init__(self, rngs, vocab=32, d=16, layers=2):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return GptBlock(rngs, d)
+
+        self.blocks = make(rngs)
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+
+    def __call__(self, tokens):
+        step = nnx.remat(lambda h, block: block(h))
+        h = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+            self.embed(tokens), self.blocks
+        )
+        return self.embed.attend(self.ln(h))
+
+
+@pytest.mark.slow
+def test_scanned_gpt_attention_and_mlp_kernels_are_preconditioned_per_block():
+    model = Gpt(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (8, 9), 0, 32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    grad_fn = lof.kfac_value_and_grad(
+        lambda m, x: m(x), "softmax_cross_entropy", statistics="fisher"
+    )
+    _, _, stats = grad_fn(model, x, y, key=jax.random.key(1))
+    kernels = {
+        path: leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(
+            stats, is_leaf=lambda s: isinstance(s, lo.KfacFactors)
+        )[0]
+        if isinstance(leaf, lo.KfacFactors)
+    }
+    # q, k, v, out projections and the MLP: every block's own factors, stacked.
+    assert len(kernels) == 6
+    assert all(f.a.shape[0] == 2 and f.g.shape[0] == 2 for f in kernels.values())
+    specs = lof.kfac_dimension_numbers(model)
+    optimizer = nnx.Optimizer(model, lo.kfac(0.1, dimension_numbers=specs), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, key):
+        loss, grads, stats = grad_fn(model, x, y, key=key)
+        optimizer.update(model, grads, kfac_stats=stats)
+        return loss
+
+    losses = [float(train_step(model, optimizer, jax.random.key(i))) for i in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
