@@ -555,3 +555,31 @@ def test_scanned_gpt_attention_and_mlp_kernels_are_preconditioned_per_block():
 
     losses = [float(train_step(model, optimizer, jax.random.key(i))) for i in range(8)]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_stacked_convolutions_applied_with_vmap_equal_separate_layers():
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return nnx.Conv(2, 3, kernel_size=(2, 2), padding="SAME", rngs=rngs)
+
+    model = make(nnx.Rngs(8))
+    twin = nnx.List(
+        [nnx.Conv(2, 3, kernel_size=(2, 2), padding="SAME", rngs=nnx.Rngs(0)) for _ in range(2)]
+    )
+    state = nnx.state(model, nnx.Param)
+    for i, conv in enumerate(twin):
+        nnx.update(conv, jax.tree.map(lambda a, i=i: a[i], state))
+    x = jax.random.normal(jax.random.key(2), (4, 3, 3, 2))
+    y = jnp.zeros((4, 3, 3, 3))
+    apply = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(0, None))
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: jnp.sum(apply(m, x), 0), "mse")(model, x, y)
+    _, _, want = lof.kfac_value_and_grad(lambda ms, x: sum(jnp.tanh(m(x)) for m in ms), "mse")(
+        twin, x, y
+    )
+    assert stats["kernel"].a.shape == (2, 2 * 2 * 2 + 1, 2 * 2 * 2 + 1)  # window · c_in, + 1
+    for i in range(2):
+        for f, g in zip(stats["kernel"], want[i]["kernel"]):
+            np.testing.assert_allclose(f[i], g, rtol=2e-5, atol=1e-6)
+    spec = lof.kfac_dimension_numbers(model)(state)["kernel"].get_value()
+    assert spec == lo.DimensionNumbers(((1, 2, 3), (4,)), batch_axes=(0,))

@@ -17,7 +17,8 @@ kernel is not ``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
 Layers under Flax NNX transforms: a layer created with ``nnx.vmap`` is *stacked*
-(kernel ``(L, *kernel)``, biases ``(L, *bias)``) and is applied one slice at a time
+(kernel ``(L, *kernel)``, biases ``(L, *bias)``; nested ``nnx.vmap`` gives several
+leading layer axes) and is applied one slice at a time
 by ``nnx.scan`` (also under ``nnx.remat``, with RNG streams split by
 ``nnx.split_rngs``) or all slices at once by ``nnx.vmap``. The transforms run
 their bodies on copies of the modules and trace them separately, so the capture
@@ -473,8 +474,8 @@ def _stacked_layout(module: nnx.Module, path: str) -> tuple[_Layout, tuple[int, 
     layout = _layout(module, path)
     s = len(stack)
     if s:
-        layout = _Layout(
-            tuple(a + s for a in layout.inputs), tuple(a + s for a in layout.outputs), layout.bias
+        layout = layout._replace(
+            inputs=tuple(a + s for a in layout.inputs), outputs=tuple(a + s for a in layout.outputs)
         )
     return layout, stack
 
