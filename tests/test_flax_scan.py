@@ -574,9 +574,9 @@ def test_stacked_convolutions_applied_with_vmap_equal_separate_layers():
     y = jnp.zeros((4, 3, 3, 3))
     apply = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(0, None))
     _, _, stats = lof.kfac_value_and_grad(lambda m, x: jnp.sum(apply(m, x), 0), "mse")(model, x, y)
-    _, _, want = lof.kfac_value_and_grad(lambda ms, x: sum(jnp.tanh(m(x)) for m in ms), "mse")(
-        twin, x, y
-    )
+    _, _, want = lof.kfac_value_and_grad(
+        lambda ms, x: jnp.sum(jnp.stack([jnp.tanh(m(x)) for m in ms]), 0), "mse"
+    )(twin, x, y)
     assert stats["kernel"].a.shape == (2, 2 * 2 * 2 + 1, 2 * 2 * 2 + 1)  # window · c_in, + 1
     for i in range(2):
         for f, g in zip(stats["kernel"], want[i]["kernel"]):
