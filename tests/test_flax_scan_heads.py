@@ -121,16 +121,29 @@ def test_stacked_per_head_kernels_get_layer_then_head_batch_axes():
     assert separate["blocks"]["q"]["bias"] == lo.DimensionNumbers(((), (1, 2)), (0,))
 
 
-@pytest.mark.parametrize("sequence_statistics", ["expand", "reduce"])
-@pytest.mark.parametrize("kind", ["heads", "attention"])
-def test_scanned_heads_stats_equal_the_unrolled_twin(kind, sequence_statistics):
+@pytest.mark.parametrize(
+    ("kind", "sequence_statistics", "statistics"),
+    [
+        ("heads", "expand", "empirical"),
+        ("heads", "reduce", "empirical"),
+        ("attention", "expand", "empirical"),
+        ("attention", "reduce", "empirical"),
+        ("heads", "expand", "fisher"),
+        pytest.param("heads", "reduce", "gauss_newton", marks=pytest.mark.slow),
+        pytest.param("attention", "expand", "gauss_newton", marks=pytest.mark.slow),
+    ],
+)
+def test_scanned_heads_stats_equal_the_unrolled_twin(kind, sequence_statistics, statistics):
     model = Scanned(BLOCKS[kind], nnx.Rngs(1))
     twin = Unrolled(BLOCKS[kind], model)
     x, y = _data()
     np.testing.assert_allclose(model(x), twin(x), rtol=1e-5, atol=1e-6)
-    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", sequence_statistics=sequence_statistics)
-    value, _, stats = f(model, x, y)
-    want_value, _, want = f(twin, x, y)
+    f = lof.kfac_value_and_grad(
+        lambda m, x: m(x), "mse", statistics=statistics, sequence_statistics=sequence_statistics
+    )
+    key = jax.random.key(5)  # the same sampled labels for both (fisher)
+    value, _, stats = f(model, x, y, key=key)
+    want_value, _, want = f(twin, x, y, key=key)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     got, want = _factor_leaves(stats), _factor_leaves(want)
     assert got["head/kernel"].a.shape == (DM + 1, DM + 1)
