@@ -20,6 +20,38 @@ away) is refused with the layer's path. For layers whose kernel is not
 ``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
+Layers under Flax NNX transforms: a layer created with ``nnx.vmap`` is *stacked*
+(kernel ``(L, *kernel)``, biases ``(L, *bias)``; nested ``nnx.vmap`` gives several
+leading layer axes) and is applied one slice at a time
+by ``nnx.scan`` (also under ``nnx.remat``, with RNG streams split by
+``nnx.split_rngs``) or all slices at once by ``nnx.vmap``. The transforms run
+their bodies on copies of the modules and trace them separately, so the capture
+never keeps a body's values in Python: it marks each captured layer of the model
+copy it builds with its path (a static attribute, which the copies inherit), and
+gives it two variables of a private ``nnx.Param`` subclass, the perturbation
+``(L, *output)`` and a placeholder for the features ``(L, *features)``. The
+transform splits both along the layer axis like the layer's kernel, the layer's
+call adds its slice of the perturbation and writes its features, and the
+transform writes the features back stacked, as it does for any variable updated
+in its body. Each slice is one layer of the model: the statistics of a stacked
+kernel are ``KfacFactors(a=(L, d_in, d_in), g=(L, d_out, d_out))``, one pair per
+slice, and :func:`kfac_dimension_numbers` gives the kernel ``batch_axes=(0,)``
+(``kfac`` preconditions every slice with its own factors). A stacked per-head
+kernel has both: factors ``(L, *heads, d, d)``, batch axes the layer axes, then
+the head axes shifted past them. A scanned model gives the statistics and
+``kfac`` updates of its unrolled twin, also with ``sequence_statistics='reduce'``.
+
+Nothing is left out silently: a captured layer whose call the forward pass does
+not reach, or whose features a transform drops (a layer broadcast across
+``nnx.scan`` iterations, i.e. used several times), raises ``ValueError`` naming
+its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
+entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
+capture cannot handle. Not supported: a stacked layer applied by a Python loop
+over its slices (refused as called more than once), inputs mapped by
+``nnx.vmap`` along an axis other than the examples' (each slice must see the
+``n`` examples of ``inputs``' leading axis), and layer axes other than leading
+ones.
+
 Differentiating the loss with respect to the parameters and the perturbations at
 once gives the parameter gradients and every layer's output gradients
 ``dL/dz`` in the same backward pass. With ``n`` examples and ``T`` positions per
@@ -84,6 +116,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -159,9 +193,10 @@ def _layout(module: nnx.Module, path: str, einsum_str: str | None = None) -> _La
         )
         # Einsum reshapes its bias onto the output axes that the kernel has, in the
         # output's order: it folds when those are (slices, produced) in the kernel's order.
+        # A stacked layer (nnx.vmap) has the kernel's leading layer axes on its bias too.
         bias_ok = "".join(c for c in out if c in rhs) == shared + produced and (
             module.bias is None
-            or tuple(module.bias.shape)
+            or tuple(module.bias.shape)[module.kernel.ndim - len(module.kernel_shape) :]
             == tuple(module.kernel_shape[rhs.index(c)] for c in shared + produced)
         )
         return _Layout(
@@ -518,35 +553,82 @@ def _general_features(x: jax.Array, axis: tuple[int, ...], n_out: int):
     return feats, lambda out: jnp.reshape(out, out.shape[: out.ndim - n_out] + (-1,))
 
 
-class _Recorder:
-    """Trace-time side channel: layer inputs in, perturbations out."""
+class _KfacPerturbation(nnx.Param):
+    """The zero perturbation ``e`` added to a captured layer's output during capture.
 
-    def __init__(self, paths: dict[int, str], perturbations: dict[str, jax.Array] | None):
-        self.paths = paths  # id(module) -> "a/b/0" (string keys keep pytrees sortable)
-        self.perturbations = perturbations
-        self.inputs: dict[str, jax.Array] = {}
+    A ``Param`` subclass, so that ``nnx.scan``/``nnx.vmap`` (also with an
+    ``nnx.StateAxes`` that routes ``nnx.Param``) split it along the layer axis like
+    the layer's kernel: each stacked slice gets its own perturbation.
+    """
+
+
+class _KfacFeatures(nnx.Param):
+    """The input features a captured layer records during capture (see :class:`_KfacPerturbation`).
+
+    Written in the layer's call; the transform writes each slice's value back,
+    stacked on the layer axis, as for any variable updated inside it.
+    """
+
+
+_PATH_ATTR = "_lo_kfac_path"  # static str: survives the split/merge of every nnx transform
+_E_ATTR = "_lo_kfac_e"  # _KfacPerturbation
+_X_ATTR = "_lo_kfac_x"  # _KfacFeatures
+# A static int, new for every forward trace: jax caches the trace of a transform's body
+# (the same nnx.scan function, the same graph and shapes), and a cached body would not
+# run the patched calls that the _Recorder relies on (a second capture with the same
+# nnx.scan object would see no call). A new value makes every capture trace its bodies.
+_TRACE_ATTR = "_lo_kfac_trace"
+_TRACES = itertools.count()
+
+
+class _Slice(NamedTuple):
+    """Shapes one call of a captured layer sees (one slice of a stacked layer)."""
+
+    output: jax.ShapeDtypeStruct
+    features: jax.ShapeDtypeStruct
+
+
+class _Recorder:
+    """Trace-time side channel: which layers were called, with what shapes.
+
+    Layers are recognized by the path attribute :func:`_attach` sets on the
+    merged model's modules (a static attribute, so the copies that ``nnx.scan``,
+    ``nnx.vmap`` and ``nnx.remat`` make inside their bodies keep it); their
+    features go out, and the perturbations come in, through variables on the
+    module, never through Python state, so no tracer of a transform's body leaks.
+    """
+
+    def __init__(self, perturbations: dict[str, jax.Array] | None):
+        self.perturbations = perturbations  # None: the shape pass (nothing attached)
+        self.calls: dict[str, int] = {}
+        self.slices: dict[str, _Slice] = {}
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}
-        self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
 
     def wrap(self, cls: type, original: Callable) -> Callable:
         recorder = self
 
         def call(module, x, *args, **kwargs):
             out = original(module, x, *args, **kwargs)
-            path = recorder.paths.get(id(module))
+            path = getattr(module, _PATH_ATTR, None)
             if path is None:
                 return out
-            if path in recorder.inputs:
+            recorder.calls[path] = recorder.calls.get(path, 0) + 1
+            if recorder.calls[path] > 1:
                 raise ValueError(
                     f"layer {path} is called more than once per forward pass; K-FAC "
-                    "capture supports one call per layer (shared layers are not supported)."
+                    "capture supports one call per layer (shared layers, or a stacked layer "
+                    "applied by a Python loop over its slices, are not supported; apply "
+                    "stacked layers with nnx.scan or nnx.vmap)."
                 )
             feats, rows = _features(module, x, path, args, kwargs)
-            recorder.inputs[path] = feats
             recorder.out_rows[path] = rows
-            recorder.output_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            recorder.slices[path] = _Slice(
+                jax.ShapeDtypeStruct(out.shape, out.dtype),
+                jax.ShapeDtypeStruct(feats.shape, feats.dtype),
+            )
             if recorder.perturbations is not None:
-                out = out + recorder.perturbations[path].astype(out.dtype)
+                getattr(module, _X_ATTR).set_value(feats)
+                out = out + getattr(module, _E_ATTR).get_value().astype(out.dtype)
             return out
 
         return call
@@ -585,12 +667,19 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
-def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
-    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``."""
+def _layer_paths(
+    model: nnx.Module, diagonal: Callable[[str, Any], bool] | None = None
+) -> tuple[dict[int, str], dict[str, tuple], dict[str, bool]]:
+    """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``.
+
+    Layers for which ``diagonal(key, layer)`` holds are left out (not captured).
+    """
     paths, tuples, biases = {}, {}, {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
+            if diagonal is not None and diagonal(key, node):
+                continue
             if isinstance(node, nnx.Conv) and node.feature_group_count != 1:
                 raise ValueError(f"layer {key}: grouped convolutions are not supported.")
             layout = _layout(node, key)  # raises for layers whose axes are not clear
@@ -601,7 +690,147 @@ def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], d
     return paths, tuples, biases
 
 
-def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Callable[[Any], Any]:
+def _slice_ndim(module: nnx.Module) -> int:
+    """The number of axes of one layer's own kernel (without stacked layer axes)."""
+    if isinstance(module, (nnx.Conv, nnx.Einsum)):
+        return len(module.kernel_shape)
+    if isinstance(module, nnx.LinearGeneral):
+        # kernel (*batch_axis slices, *in_features, *out_features)
+        return len(module.batch_axis) + len(module.in_features) + len(module.out_features)
+    return 2
+
+
+def _stack_shape(module: Any, path: str) -> tuple[int, ...]:
+    """The leading layer axes of a stacked layer's kernel (``()`` for an ordinary layer).
+
+    A layer created under ``nnx.vmap`` (say ``L`` blocks) has a kernel
+    ``(L, *kernel)``; its statistics are one pair of factors per slice, the layer
+    axes being batch axes of the kernel.
+    """
+    shape = tuple(module.kernel.shape)
+    s = len(shape) - _slice_ndim(module)
+    if s < 0:
+        raise ValueError(
+            f"layer {path}: kernel shape {shape} has fewer axes than the layer's own kernel."
+        )
+    if isinstance(module, (nnx.Conv, nnx.Einsum)) and shape[s:] != tuple(module.kernel_shape):
+        raise ValueError(
+            f"layer {path}: kernel shape {shape} does not end with the layer's own kernel "
+            f"shape {tuple(module.kernel_shape)}; only leading layer axes (nnx.vmap with "
+            "axis 0) can be captured."
+        )
+    return shape[:s]
+
+
+def _stacked_layout(module: nnx.Module, path: str) -> tuple[_Layout, tuple[int, ...]]:
+    """A captured layer's :class:`_Layout` on its whole (possibly stacked) kernel, and its layer axes.
+
+    Every kernel axis group (inputs, outputs, per-head ``batch``) is shifted past the
+    leading layer axes.
+    """
+    stack = _stack_shape(module, path)
+    layout = _layout(module, path)
+    s = len(stack)
+    if s:
+        layout = layout._replace(
+            inputs=tuple(a + s for a in layout.inputs),
+            outputs=tuple(a + s for a in layout.outputs),
+            batch=tuple(a + s for a in layout.batch),
+        )
+    return layout, stack
+
+
+def _diagonal_rule(diagonal: Any) -> Callable[[str, Any], bool]:
+    """A ``diagonal`` argument as a predicate ``(path, layer) -> bool``, checked.
+
+    Raises:
+      ValueError: Neither a callable nor a list/tuple/set of path strings.
+    """
+    if callable(diagonal):
+        return lambda path, layer: bool(diagonal(path, layer))
+    if isinstance(diagonal, (list, tuple, set, frozenset)) and all(
+        isinstance(p, str) for p in diagonal
+    ):
+        names = frozenset(p.strip("/") for p in diagonal)
+        return lambda path, _: path in names
+    raise ValueError(
+        "diagonal must be a list, tuple or set of layer paths like 'blocks/mlp' or a "
+        f"callable (path, layer) -> bool, got {diagonal!r}."
+    )
+
+
+def _check_diagonal_names(model: nnx.Module, diagonal: Any) -> None:
+    """Every path named in a sequence ``diagonal`` must be a captured layer of ``model``."""
+    if callable(diagonal):
+        return
+    layers = [_key(tuple(p)) for p, node in nnx.iter_graph(model) if isinstance(node, _CAPTURED)]
+    for name in diagonal:
+        if name.strip("/") not in layers:
+            raise ValueError(
+                f"diagonal names {name!r}, which is not a captured layer of the model "
+                f"(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum); its captured "
+                f"layers are {layers}."
+            )
+
+
+def _attach(
+    m: nnx.Module,
+    keys: Any,
+    perturbations: dict[str, jax.Array] | None,
+    features: dict[str, jax.ShapeDtypeStruct],
+) -> dict[str, tuple[Any, jax.Array]]:
+    """Marks the captured layers of the merged model ``m`` for the :class:`_Recorder`.
+
+    Every layer whose path is in ``keys`` gets its path as a static attribute; with
+    ``perturbations``, also its perturbation and a placeholder for its features
+    (``features[key]``: their full shape, stacked layer axes first) as variables.
+    Returns ``key -> (layer, placeholder)``: a placeholder still in place after the
+    forward pass means the features never reached ``m`` (see :func:`_collect`).
+    """
+    attached = {}
+    trace = next(_TRACES)
+    for path, node in list(nnx.iter_graph(m)):
+        key = _key(tuple(path))
+        if not isinstance(node, _CAPTURED) or key not in keys:
+            continue
+        setattr(node, _PATH_ATTR, key)
+        setattr(node, _TRACE_ATTR, trace)
+        if perturbations is not None:
+            placeholder = jnp.zeros(features[key].shape, features[key].dtype)
+            setattr(node, _E_ATTR, _KfacPerturbation(perturbations[key]))
+            setattr(node, _X_ATTR, _KfacFeatures(placeholder))
+            attached[key] = (node, placeholder)
+    return attached
+
+
+def _collect(attached: dict[str, tuple[Any, jax.Array]]) -> dict[str, jax.Array]:
+    """Each layer's recorded features, read back from the merged model after the forward pass.
+
+    Raises:
+      ValueError: A layer whose call was seen but whose features did not reach the
+        model: a transform dropped the write (weights broadcast across
+        ``nnx.scan``/``nnx.vmap`` iterations, i.e. one layer used several times; a
+        layer called on a copy of the model).
+    """
+    feats = {}
+    for key, (node, placeholder) in attached.items():
+        value = getattr(node, _X_ATTR).get_value()
+        if value is placeholder:
+            raise ValueError(
+                f"layer {key}: its call was seen, but its statistics did not reach the model: "
+                "it was applied inside a transform that does not write its state back (a "
+                "layer broadcast across nnx.scan or nnx.vmap iterations, i.e. used several "
+                "times, or called on a copy of the model); K-FAC capture needs each layer "
+                "used once, or stacked (created with nnx.vmap) and split along the layer "
+                "axis. Pass diagonal=[path] to give it the diagonal Fisher on purpose."
+            )
+        feats[key] = value
+    return feats
+
+
+def kfac_dimension_numbers(
+    model: nnx.Module, *, fold_biases: bool = True, diagonal: Any = ()
+) -> Callable[[Any], Any]:
     """The kernel layouts of a model's captured layers, for ``kfac(dimension_numbers=...)``.
 
     ``nnx.Linear`` and ``nnx.Conv`` kernels already match kfac's default (inputs
@@ -611,7 +840,8 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
     input and output, ``LinearGeneral``'s ``batch_axis``) get those axes as
     ``batch_axes``: one pair of factors per slice (head). A bias folds when it is a
     function of each slice's outputs (``(*slices, *outputs)`` in the kernel's
-    order); another ``Einsum`` bias gets no statistics, ``kfac``'s diagonal fallback. Paths are matched after dropping a Flax
+    order); another ``Einsum`` bias gets no statistics, ``kfac``'s diagonal
+    fallback. Paths are matched after dropping a Flax
     ``Variable``'s ``.value``, so the same layouts come out for an ``nnx.State``
     (what ``nnx.Optimizer`` initializes with), its pure form and a plain dict.
 
@@ -621,15 +851,22 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
         (:class:`layerwise_optax.FoldedBias`, homogeneous coordinates); ``False``:
         a separate bias block ``DimensionNumbers(((), (all axes)))``. Must match
         the capture's ``fold_biases``.
+      diagonal: Layers left to the diagonal Fisher, as for
+        :func:`kfac_value_and_grad` (same value): their leaves get kfac's default
+        layout, and are not checked for capture.
 
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
-      axes), (slice axes))``, its bias a ``FoldedBias`` (or its own block), every other leaf
-      kfac's default.
+      axes), (batch axes))``, its bias a ``FoldedBias`` (or its own block), every
+      other leaf kfac's default. The batch axes are the per-head slice axes and,
+      for a stacked layer (created with ``nnx.vmap``, ``L`` leading layer axes),
+      those layer axes first: ``batch_axes=(0, ..., L - 1, *head axes + L)``, all
+      groups shifted past the layer axes; one pair of factors per slice.
 
     Raises:
-      ValueError: For a layer that cannot be captured, named by its path.
+      ValueError: For a layer that cannot be captured, named by its path, a bad
+        ``diagonal`` or one that names no captured layer.
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -651,25 +888,31 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
     _checks.boolean("fold_biases", fold_biases)
+    skip = _diagonal_rule(diagonal)
+    _check_diagonal_names(model, diagonal)
     layouts = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
-            layouts[key] = _layout(node, key)
+            if not skip(key, node):
+                layouts[key] = _stacked_layout(node, key)
 
     def spec(path, leaf):
         if _is_masked(leaf):
             return None
         names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
-        layout = layouts.get(layer)
+        layout, stack = layouts.get(layer, (None, ()))
+        stacked = tuple(range(len(stack)))  # stacked layers: the layer axes are batch axes
         if layout is not None and kind == "kernel":
-            return DimensionNumbers((layout.inputs, layout.outputs), layout.batch)
+            # batch axes: the layer axes, then the per-head slice axes (already shifted)
+            return DimensionNumbers((layout.inputs, layout.outputs), stacked + layout.batch)
         if layout is not None and kind == "bias":
             if fold_biases and layout.bias:
                 return FoldedBias(f"{layer}/kernel")
-            # A per-slice bias (*slices, *outputs) keeps the kernel's slices as batch axes.
-            nb = len(layout.batch) if layout.bias else 0
+            # A per-slice bias (*stack, *slices, *outputs) keeps the kernel's layer and
+            # slice axes as batch axes; another bias only the layer axes.
+            nb = len(stack) + (len(layout.batch) if layout.bias else 0)
             return DimensionNumbers(((), tuple(range(nb, leaf.ndim))), tuple(range(nb)))
         return default_kernel_dimension_numbers(leaf.shape)
 
@@ -684,6 +927,7 @@ def _stats_tree(
     tuples: dict[str, tuple],
     biases: dict,
     fold: bool,
+    stacks: dict[str, tuple[int, ...]] | None = None,
     slices: dict[str, int] | None = None,
     reduce: bool = False,
 ) -> dict:
@@ -693,33 +937,42 @@ def _stats_tree(
     (one for the empirical and Fisher modes, one per output unit for Gauss-Newton).
     ``biases[key]``: ``True`` for a bias that is a function of the output features
     (its statistics are given), ``False`` for another bias (``None``: the diagonal
-    fallback), absent without a bias. ``slices[key]``: the number of slice axes
-    (per-head kernels) before the features; such layers, and every layer when
-    ``reduce``, take :func:`_slice_factors`.
+    fallback), absent without a bias. ``stacks[key]``: the leading layer axes of a
+    stacked layer (``inputs[key]`` and ``deltas[key]`` after the samples axis start
+    with them); its factors are one pair per slice, ``(*stack, d, d)``.
+    ``slices[key]``: the number of slice axes (per-head kernels) before the
+    features; such layers, and every layer when ``reduce``, take
+    :func:`_slice_factors` (factors ``(*stack, *slices, d, d)``).
     """
     slices = slices or {}
     tree: dict = {}
     hi = jax.lax.Precision.HIGHEST
     for key_, x in inputs.items():
         path = tuples[key_]
-        delta = deltas[key_]
+        stack = (stacks or {}).get(key_, ())
+        rows = out_rows[key_]
+        for _ in range(1 + len(stack)):  # samples axis, then each layer axis
+            rows = jax.vmap(rows)
+        delta = jnp.moveaxis(rows(deltas[key_]), 0, len(stack))  # (*stack, samples, ...)
         bias = biases.get(key_)
-        delta = jax.vmap(out_rows[key_])(delta)
         if slices.get(key_, 0) or reduce:
             a, b, positions = _slice_factors(
-                key_, x, delta, n, slices.get(key_, 0), bool(bias and fold), reduce
+                key_, x, delta, n, stack, slices.get(key_, 0), bool(bias and fold), reduce
             )
         else:
-            x2 = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
-            d2 = jnp.reshape(delta, (-1, delta.shape[-1])).astype(jnp.float32)
-            positions = x2.shape[0] // n
+            count = math.prod(stack)
+            x2 = jnp.reshape(x, (count, -1, x.shape[-1])).astype(jnp.float32)
+            d2 = jnp.reshape(delta, (count, -1, delta.shape[-1])).astype(jnp.float32)
+            positions = x2.shape[1] // n
             if bias and fold:
                 # Homogeneous coordinates: the constant input 1 of the bias as a last
                 # feature, so a's last row is sum(x) / n (the cross term) and its corner
                 # the positions.
-                x2 = jnp.concatenate([x2, jnp.ones((x2.shape[0], 1), x2.dtype)], axis=1)
-            a = jnp.matmul(x2.T, x2, precision=hi) / n
-            b = jnp.matmul(d2.T, d2, precision=hi) / (n * positions)
+                x2 = jnp.concatenate([x2, jnp.ones(x2.shape[:2] + (1,), x2.dtype)], axis=2)
+            a = jnp.einsum("sri,srj->sij", x2, x2, precision=hi) / n
+            b = jnp.einsum("sri,srj->sij", d2, d2, precision=hi) / (n * positions)
+            a = jnp.reshape(a, stack + a.shape[1:])
+            b = jnp.reshape(b, stack + b.shape[1:])
         node = tree
         for key in path:
             node = node.setdefault(key, {})
@@ -737,55 +990,68 @@ def _stats_tree(
 
 
 def _slice_factors(
-    key: str, x: jax.Array, delta: jax.Array, n: int, nslice: int, homogeneous: bool, reduce: bool
+    key: str,
+    x: jax.Array,
+    delta: jax.Array,
+    n: int,
+    stack: tuple[int, ...],
+    nslice: int,
+    homogeneous: bool,
+    reduce: bool,
 ) -> tuple[jax.Array, jax.Array, int]:
-    """``(a (*slices, d_in, d_in), g (*slices, d_out, d_out), bias corner)`` of one layer.
+    """``(a (*stack, *slices, d_in, d_in), g (*stack, *slices, d_out, d_out), bias corner)``.
 
-    ``x`` is ``(rows..., *slices, d_in)`` and ``delta`` ``(samples, rows...,
-    *slices, d_out)``, the first row axis the examples. Each slice (head) is its own
-    layer over the same rows. Expand: every row is a term (the KFC convention of
-    :func:`_stats_tree`). Reduce: the rows of one example are first reduced, the
-    inputs averaged and the output gradients summed over its ``T`` positions, then
-    ``a = (1/n) Σ_n x̄_n x̄_n^T`` and ``g = (1/n) Σ_n δ̄_n δ̄_n^T`` (the bias corner is 1).
+    ``x`` is ``(*stack, rows..., *slices, d_in)`` and ``delta`` ``(*stack, samples,
+    rows..., *slices, d_out)``, the first row axis the examples; ``stack`` are the
+    leading layer axes of a stacked layer (``()`` for an ordinary one). Each layer
+    slice and each head slice is its own layer over the same rows. Expand: every
+    row is a term (the KFC convention of :func:`_stats_tree`). Reduce: the rows of
+    one example are first reduced, the inputs averaged and the output gradients
+    summed over its ``T`` positions, then ``a = (1/n) Σ_n x̄_n x̄_n^T`` and
+    ``g = (1/n) Σ_n δ̄_n δ̄_n^T`` (the bias corner is 1).
     """
     hi = jax.lax.Precision.HIGHEST
+    ns = len(stack)
+    count = math.prod(stack)
     heads = x.shape[x.ndim - 1 - nslice : x.ndim - 1]
-    h = 1
-    for s in heads:
-        h *= s
-    if reduce and x.shape[0] != n:
+    h = math.prod(heads)
+    if reduce and x.shape[ns] != n:
         raise ValueError(
             f"layer {key}: sequence_statistics='reduce' needs the examples on the leading "
-            f"axis of the layer's input rows, got {x.shape[0]} rows there for {n} examples."
+            f"axis of the layer's input rows, got {x.shape[ns]} rows there for {n} examples."
         )
-    x3 = jnp.reshape(x, (n, -1, h, x.shape[-1])).astype(jnp.float32)
-    d4 = jnp.reshape(delta, (delta.shape[0], n, -1, h, delta.shape[-1])).astype(jnp.float32)
-    positions = x3.shape[1]
+    x3 = jnp.reshape(x, (count, n, -1, h, x.shape[-1])).astype(jnp.float32)
+    samples = delta.shape[ns]
+    d4 = jnp.reshape(delta, (count, samples, n, -1, h, delta.shape[-1])).astype(jnp.float32)
+    positions = x3.shape[2]
     if reduce:
-        x3 = jnp.mean(x3, axis=1, keepdims=True)
-        d4 = jnp.sum(d4, axis=2, keepdims=True)
+        x3 = jnp.mean(x3, axis=2, keepdims=True)
+        d4 = jnp.sum(d4, axis=3, keepdims=True)
         scale, corner = n, 1
     else:
         scale, corner = n * positions, positions
     if homogeneous:
         x3 = jnp.concatenate([x3, jnp.ones(x3.shape[:-1] + (1,), x3.dtype)], axis=-1)
-    a = jnp.einsum("nphi,nphj->hij", x3, x3, precision=hi) / n
-    b = jnp.einsum("snphi,snphj->hij", d4, d4, precision=hi) / scale
-    a = jnp.reshape(a, heads + a.shape[-2:])
-    b = jnp.reshape(b, heads + b.shape[-2:])
+    a = jnp.einsum("cnphi,cnphj->chij", x3, x3, precision=hi) / n
+    b = jnp.einsum("csnphi,csnphj->chij", d4, d4, precision=hi) / scale
+    a = jnp.reshape(a, stack + heads + a.shape[-2:])
+    b = jnp.reshape(b, stack + heads + b.shape[-2:])
     return a, b, corner
 
 
-def _slice_counts(model: nnx.Module) -> dict[str, int]:
-    """``key -> number of slice axes`` for the captured layers with per-slice kernels."""
-    counts = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, _CAPTURED):
-            key = _key(tuple(path))
-            nb = len(_layout(node, key).batch)
-            if nb:
-                counts[key] = nb
-    return counts
+def _node_at(model: nnx.Module, path: tuple) -> Any:
+    """The graph node of ``model`` at ``path`` (as :func:`nnx.iter_graph` gives it)."""
+    return next(node for p, node in nnx.iter_graph(model) if tuple(p) == path)
+
+
+def _set_diagonal(tree: dict, path: tuple, has_bias: bool) -> None:
+    """``None`` (the diagonal Fisher, on purpose) at a layer's kernel and bias in ``tree``."""
+    node = tree
+    for key in path:
+        node = node.setdefault(key, {})
+    node["kernel"] = None
+    if has_bias:
+        node["bias"] = None
 
 
 def kfac_value_and_grad(
@@ -797,6 +1063,7 @@ def kfac_value_and_grad(
     fold_biases: bool = True,
     sequence_statistics: Literal["expand", "reduce"] = "expand",
     statistics_batch_size: int | None = None,
+    diagonal: Any = (),
 ) -> Callable[..., tuple[jax.Array, nnx.State, dict]]:
     """Builds ``f(model, inputs, targets, key=None) -> (loss, grads, kfac_stats)``.
 
@@ -839,6 +1106,13 @@ def kfac_value_and_grad(
         (``m`` rows instead of ``n``), not the forward or backward pass. A static
         int in ``1..n`` (``n``: the batch size, checked at the call); ``None``
         (default): the whole batch.
+      diagonal: Captured-type layers to leave to ``kfac``'s diagonal Fisher on
+        purpose: a list, tuple or set of layer paths (``'blocks/attn/query'``,
+        as the statistics tree nests them), or a predicate ``(path, layer) ->
+        bool``. Their kernel and bias entries are ``None``; they are not
+        captured, so they may be layers the capture cannot handle or does not
+        see called. Every other captured layer must be called (once; once per
+        slice for stacked layers) or ``f`` raises.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
@@ -851,11 +1125,20 @@ def kfac_value_and_grad(
 
     Raises:
       ValueError: For an unknown loss, statistics mode or ``sequence_statistics``,
-        a mode the loss does not support, a model layer that cannot be captured
-        (named by its path; with ``'reduce'``, a layer whose rows do not lead
-        with the examples), or ``statistics_batch_size`` larger than the batch.
+        a mode the loss does not support, a ``diagonal`` that is neither paths
+        nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
+        ``statistics_batch_size`` larger than the batch, and (named by its path) a
+        layer that cannot be captured, whose call the forward pass does not reach,
+        that is called more than once, whose features a transform drops (a layer
+        broadcast across ``nnx.scan`` iterations), or, with ``'reduce'``, whose rows
+        do not lead with the examples.
       TypeError: If ``fold_biases`` is not a bool, or ``statistics_batch_size``
         not ``None`` or an int.
+
+    Layers created with ``nnx.vmap`` and applied with ``nnx.scan`` (also under
+    ``nnx.remat``) or ``nnx.vmap`` get one pair of factors per slice, stacked
+    (module docstring); give ``kfac`` ``dimension_numbers=
+    kfac_dimension_numbers(model)`` for them.
 
     Examples:
       The input factor of a dense layer with its bias folded is the second moment
@@ -872,6 +1155,20 @@ def kfac_value_and_grad(
       [[0.5, 0.0, 0.5], [0.0, 2.0, 1.0], [0.5, 1.0, 1.0]]
       >>> stats['bias']
       FoldedBias(kernel='kernel')
+
+      Three layers created with ``nnx.vmap`` and applied with ``nnx.scan`` get
+      one pair of factors per slice:
+
+      >>> import jax
+      >>> @nnx.vmap(in_axes=0, out_axes=0)
+      ... def stacked(key):
+      ...     return nnx.Linear(2, 2, rngs=nnx.Rngs(key))
+      >>> layers = stacked(jax.random.split(jax.random.key(0), 3))
+      >>> scan = nnx.scan(lambda h, l: l(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      >>> grad_fn = lof.kfac_value_and_grad(lambda m, x: scan(x, m), 'mse')
+      >>> _, _, stats = grad_fn(layers, x, jnp.zeros((2, 2)))
+      >>> stats['kernel'].a.shape, stats['kernel'].g.shape
+      ((3, 3, 3), (3, 2, 2))
 
       Pass ``stats`` to :func:`layerwise_optax.kfac`'s update as
       ``kfac_stats=stats`` (the README has a whole training step).
@@ -904,32 +1201,65 @@ def kfac_value_and_grad(
         )
     _checks.positive_int("statistics_batch_size", statistics_batch_size, allow_none=True)
     loss_name, loss_fn = _loss_for(loss, statistics)
+    skip = _diagonal_rule(diagonal)
 
     def fn(model, inputs, targets, key=None):
         if statistics == "fisher" and key is None:
             raise ValueError(
                 "statistics='fisher' needs a PRNG key: f(model, inputs, targets, key=key)."
             )
-        _, tuples, biases = _layer_paths(model)  # validates the model's layers up front
+        _check_diagonal_names(model, diagonal)
+        # Validates the captured layers up front (the diagonal ones are left out).
+        _, tuples, biases = _layer_paths(model, skip)
+        stacks, heads, diagonal_layers = {}, {}, {}
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, _CAPTURED):
+                key_ = _key(tuple(path))
+                if key_ in tuples:
+                    stacks[key_] = _stack_shape(node, key_)  # leading layer axes (nnx.vmap)
+                    heads[key_] = len(_layout(node, key_).batch)  # per-head slice axes
+                else:
+                    diagonal_layers[key_] = (tuple(path), getattr(node, "bias", None) is not None)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Per layer, the map from its output to (rows, d_out): Python callables, so they
         # travel beside the traced values rather than through them.
         out_rows: dict[str, Callable] = {}
+        features: dict[str, jax.ShapeDtypeStruct] = {}
 
         def forward(p, perturbations, recorder=None):
-            m = nnx.merge(graphdef, p, rest)
-            # nnx.merge builds new module objects: look their paths up on this copy.
-            rec = recorder or _Recorder({}, perturbations)
-            rec.paths = _layer_paths(m)[0]
+            # copy: Variables of this trace (RNG counts mutate inside nnx.scan bodies).
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            # nnx.merge builds new module objects: mark the captured layers of this copy.
+            rec = recorder or _Recorder(perturbations)
+            attached = _attach(m, tuples, perturbations, features)
             with _patched(rec):
                 outputs = model_fn(m, inputs)
             out_rows.update(rec.out_rows)
-            return outputs, rec.inputs
+            return outputs, _collect(attached)
 
-        # Shapes of every layer output, so the perturbations can be zeros of that shape.
-        shape_pass = _Recorder({}, None)
+        # Shapes of every layer's output and features per slice, so the perturbations
+        # and feature placeholders can be zeros of that shape, stacked layer axes first.
+        shape_pass = _Recorder(None)
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shape_pass.output_shapes.items()}
+        for key_ in tuples:
+            if key_ not in shape_pass.slices:
+                raise ValueError(
+                    f"layer {key_}: the model has this {type(_node_at(model, tuples[key_])).__name__} "
+                    "but its call was not seen in the forward pass (unused, its kernel used "
+                    "directly, or called on another model than the one model_fn is given), so "
+                    "it would get no statistics. Pass diagonal=[path] to give it the diagonal "
+                    "Fisher on purpose."
+                )
+        slices = shape_pass.slices
+        features.update(
+            {
+                k: jax.ShapeDtypeStruct(stacks[k] + s.features.shape, s.features.dtype)
+                for k, s in slices.items()
+            }
+        )
+        zeros = {
+            k: jnp.zeros(stacks[k] + s.output.shape, s.output.dtype) for k, s in slices.items()
+        }
         n = jax.tree.leaves(inputs)[0].shape[0]
         if statistics == "empirical":
             value, grads, feats, deltas = _empirical(forward, params, zeros, loss_fn, targets, n)
@@ -946,7 +1276,7 @@ def kfac_value_and_grad(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
         if statistics_batch_size is not None:
-            feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size)
+            feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size, stacks)
         stats = _stats_tree(
             feats,
             deltas,
@@ -955,22 +1285,29 @@ def kfac_value_and_grad(
             tuples,
             biases,
             fold_biases,
-            _slice_counts(model),
+            stacks,
+            heads,
             sequence_statistics == "reduce",
         )
+        for path, has_bias in diagonal_layers.values():
+            _set_diagonal(stats, path, has_bias)
         return value, grads, stats
 
     return fn
 
 
-def _sub_batch(feats: dict, deltas: dict, n: int, m: int) -> tuple[dict, dict, int]:
+def _sub_batch(
+    feats: dict, deltas: dict, n: int, m: int, stacks: dict[str, tuple[int, ...]]
+) -> tuple[dict, dict, int]:
     """The first ``m`` of the ``n`` examples' layer inputs and output gradients.
 
-    ``feats[k]`` has the examples on its leading axis, ``deltas[k]`` on its
-    second (after the samples axis of :func:`_stats_tree`).
+    ``feats[k]`` has the examples on its first axis after the layer axes
+    ``stacks[k]`` of a stacked layer, ``deltas[k]`` one axis later (after the
+    samples axis of :func:`_stats_tree`).
 
     Raises:
-      ValueError: ``m`` larger than the batch.
+      ValueError: ``m`` larger than the batch, or a layer whose rows do not lead
+        with the examples (named by its path).
     """
     if m > n:
         raise ValueError(
@@ -979,11 +1316,17 @@ def _sub_batch(feats: dict, deltas: dict, n: int, m: int) -> tuple[dict, dict, i
         )
     if m == n:
         return feats, deltas, n
-    return (
-        {k: x[:m] for k, x in feats.items()},
-        {k: d[:, :m] for k, d in deltas.items()},
-        m,
-    )
+    out_feats, out_deltas = {}, {}
+    for k, x in feats.items():
+        axis = len(stacks.get(k, ()))
+        if x.shape[axis] != n:
+            raise ValueError(
+                f"layer {k}: statistics_batch_size needs the examples leading the layer's "
+                f"input rows, got rows of shape {x.shape[axis:-1]} for {n} examples."
+            )
+        out_feats[k] = jax.lax.slice_in_dim(x, 0, m, axis=axis)
+        out_deltas[k] = jax.lax.slice_in_dim(deltas[k], 0, m, axis=axis + 1)
+    return out_feats, out_deltas, m
 
 
 def _loss_for(loss: Any, statistics: str) -> tuple[str | None, Callable]:
