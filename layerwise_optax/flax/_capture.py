@@ -59,8 +59,10 @@ import jax.numpy as jnp
 import optax
 
 from layerwise_optax import (
+    DiagonalFactors,
     DimensionNumbers,
     FoldedBias,
+    KfacDiagonal,
     KfacFactors,
     _checks,
     _optional,
@@ -280,6 +282,7 @@ class _Recorder:
         self.inputs: dict[str, jax.Array] = {}
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}
         self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
+        self.kinds: dict[str, tuple] = {}  # use -> what it records, for non-kernel uses
 
     def wrap(self, cls: type, original: Callable) -> Callable:
         recorder = self
@@ -289,11 +292,7 @@ class _Recorder:
             path = recorder.paths.get(id(module))
             if path is None:
                 return out
-            if path in recorder.inputs:
-                raise ValueError(
-                    f"layer {path} is called more than once per forward pass; K-FAC "
-                    "capture supports one call per layer (shared layers are not supported)."
-                )
+            path = _use_key(recorder.inputs, path)  # a layer called again: its next use
             feats, rows = _features(module, x, path, args, kwargs)
             recorder.inputs[path] = feats
             recorder.out_rows[path] = rows
@@ -308,13 +307,18 @@ class _Recorder:
 @contextlib.contextmanager
 def _patched(recorder: _Recorder):
     originals = {cls: cls.__call__ for cls in _CAPTURED}
+    extras = _extra_originals()
     try:
         for cls, orig in originals.items():
             setattr(cls, "__call__", recorder.wrap(cls, orig))  # noqa: B010
+        for (cls, name), orig in extras.items():
+            setattr(cls, name, _wrap_extra(recorder, name, orig))
         yield recorder
     finally:
         for cls, orig in originals.items():
             setattr(cls, "__call__", orig)  # noqa: B010
+        for (cls, name), orig in extras.items():
+            setattr(cls, name, orig)
 
 
 def _key(path: tuple) -> str:
@@ -342,6 +346,11 @@ def _layer_paths(model: nnx.Module) -> tuple[dict[int, str], dict[str, tuple], d
     """``id(layer) -> key`` for every captured layer, ``key -> graph path``, ``key -> bias stats``."""
     paths, tuples, biases = {}, {}, {}
     for path, node in nnx.iter_graph(model):
+        if isinstance(node, _EXTRA):  # norms and embeddings: their own blocks
+            key = _key(tuple(path))
+            _check_extra(node, key)
+            paths[id(node)] = key
+            tuples[key] = tuple(path)
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
             if isinstance(node, nnx.Conv) and node.feature_group_count != 1:
@@ -400,17 +409,21 @@ def kfac_dimension_numbers(model: nnx.Module, *, fold_biases: bool = True) -> Ca
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
     """
     _checks.boolean("fold_biases", fold_biases)
-    layouts = {}
+    layouts, extras = {}, {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
             layouts[key] = _layout(node, key)
+        elif isinstance(node, _EXTRA):
+            extras[_key(tuple(path))] = node
 
     def spec(path, leaf):
         if _is_masked(leaf):
             return None
         names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
+        if layer in extras:
+            return _extra_spec(extras[layer], kind, leaf)
         layout = layouts.get(layer)
         if layout is not None and kind == "kernel":
             return DimensionNumbers((layout.inputs, layout.outputs))
@@ -548,6 +561,7 @@ def kfac_value_and_grad(
         # Per layer, the map from its output to (rows, d_out): Python callables, so they
         # travel beside the traced values rather than through them.
         out_rows: dict[str, Callable] = {}
+        kinds: dict[str, tuple] = {}  # non-kernel uses (norms, embeddings): what they record
 
         def forward(p, perturbations, recorder=None):
             m = nnx.merge(graphdef, p, rest)
@@ -557,6 +571,7 @@ def kfac_value_and_grad(
             with _patched(rec):
                 outputs = model_fn(m, inputs)
             out_rows.update(rec.out_rows)
+            kinds.update(rec.kinds)
             return outputs, rec.inputs
 
         # Shapes of every layer output, so the perturbations can be zeros of that shape.
@@ -575,7 +590,16 @@ def kfac_value_and_grad(
             )
         else:
             value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
-        return value, grads, _stats_tree(feats, deltas, out_rows, n, tuples, biases, fold_biases)
+        feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n)
+        stats = _stats_tree(feats, deltas, rows, n, tuples, biases, fold_biases)
+        _merge_stats(stats, _extra_stats(extra, kinds, n, tuples))
+        if not jax.tree.leaves(stats, is_leaf=lambda x: x is not None and not isinstance(x, dict)):
+            raise ValueError(
+                "kfac_value_and_grad: no layer of the model produced statistics (none of "
+                "nnx.Linear, Conv, LinearGeneral, Einsum, Embed, LayerNorm, RMSNorm or "
+                "BatchNorm was called by model_fn); K-FAC would precondition nothing."
+            )
+        return value, grads, stats
 
     return fn
 
@@ -659,3 +683,253 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets):
     units = outputs.shape[-1]
     basis = jnp.broadcast_to(jnp.eye(units, dtype=outputs.dtype)[:, None], (units,) + outputs.shape)
     return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(basis)
+
+
+# ----------------------------------------------------------- norms, embeddings, reused layers
+#
+# Normalization layers (``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.BatchNorm``) get the
+# exact diagonal Fisher of their scale and shift (:class:`layerwise_optax.KfacDiagonal`):
+# the wrapped call records the normalized input ``x̂`` (before scale and shift) and
+# perturbs the output, so the per-example gradients ``Σ_t δ_t ⊙ x̂_t`` and ``Σ_t δ_t`` come
+# from the same pass. ``nnx.Embed`` gets ``A = diag(counts) / n`` (the exact covariance
+# of one-hot inputs, kept as a diagonal) and ``B = E[δ δ^T]``; ``Embed.attend`` (the
+# table as the output head, ``x E^T``) is another use of the same table.
+#
+# Reuse rule (a layer called several times per forward pass, a table used by
+# ``__call__`` and ``attend``): the uses are treated as extra positions, as KFC treats
+# the positions of a sequence. In the table's own orientation every use contributes its
+# rows to ``A = (1/n) Σ_rows u u^T`` (input side) and ``B = (1/R) Σ_rows v v^T`` (output
+# side, ``R`` = rows of all uses); for ``attend`` the input side is the logits'
+# gradients and the output side the queries. A layer called on ``x1`` and ``x2`` thus
+# gets exactly the statistics of one call on the rows of both, and ``A ⊗ B`` equals the
+# sum of the uses' own K-FAC blocks ``Σ_u A_u ⊗ B_u`` when their ``B_u`` are equal. A
+# norm layer's diagonal Fisher is exact for any reuse: its per-example gradients are
+# summed over the uses before squaring.
+
+_NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+_EXTRA = (nnx.Embed, *_NORMS)
+
+
+def _use_key(recorded: dict, path: str) -> str:
+    """``path`` for a layer's first use in a pass, ``path#k`` for its ``k``-th reuse."""
+    if path not in recorded:
+        return path
+    k = 1
+    while f"{path}#{k}" in recorded:
+        k += 1
+    return f"{path}#{k}"
+
+
+def _layer_of(use: str) -> str:
+    return use.split("#", 1)[0]
+
+
+def _extra_originals() -> dict[tuple[type, str], Callable]:
+    """The methods of the norm and embedding layers that the capture wraps."""
+    out: dict[tuple[type, str], Callable] = {(cls, "__call__"): cls.__call__ for cls in _EXTRA}
+    out[(nnx.Embed, "attend")] = nnx.Embed.attend
+    return out
+
+
+def _feature_axes(module: nnx.Module, ndim: int) -> tuple[int, ...]:
+    axes = module.axis if isinstance(module, nnx.BatchNorm) else module.feature_axes
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _check_extra(module: nnx.Module, path: str) -> None:
+    """Refuses, by path, norm layers whose parameters are not per-feature over the examples."""
+    if isinstance(module, _NORMS) and getattr(module, "axis_name", None) is not None:
+        raise ValueError(
+            f"layer {path}: a norm layer with axis_name (statistics over devices) cannot "
+            "be captured: its per-example gradients need the whole batch on one device."
+        )
+
+
+def _normalized_input(module: nnx.Module, x: jax.Array, path: str, args, kwargs) -> jax.Array:
+    """``x̂``: a norm layer's input normalized as the layer does, before scale and shift."""
+    from flax.nnx.nn import normalization as norm  # the layer's own statistics code
+
+    feature_axes = _feature_axes(module, x.ndim)
+    if 0 in feature_axes:
+        raise ValueError(
+            f"layer {path}: its features include axis 0, the examples axis, so its scale "
+            "and shift have no per-example gradients."
+        )
+    mask = kwargs.get("mask")
+    (x,) = module.promote_dtype((x,), dtype=module.dtype)
+    if isinstance(module, nnx.BatchNorm):
+        reduction = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        running = args[0] if args else kwargs.get("use_running_average")
+        running = module.use_running_average if running is None else running
+        if running:
+            mean, var = module.mean[...], module.var[...]
+        else:
+            mean, var = norm._compute_stats(
+                x,
+                reduction,
+                dtype=module.dtype,
+                axis_index_groups=module.axis_index_groups,
+                use_fast_variance=module.use_fast_variance,
+                mask=mask,
+            )
+    else:
+        reduction = module.reduction_axes
+        mean, var = norm._compute_stats(
+            x,
+            reduction,
+            module.dtype,
+            None,
+            module.axis_index_groups,
+            use_mean=not isinstance(module, nnx.RMSNorm),
+            use_fast_variance=module.use_fast_variance,
+            mask=mask,
+        )
+    xhat = norm._normalize(
+        x, mean, var, None, None, reduction, feature_axes, module.dtype, module.epsilon
+    )
+    return jax.lax.stop_gradient(xhat)
+
+
+def _wrap_extra(recorder: _Recorder, name: str, original: Callable) -> Callable:
+    """The recording version of a norm layer's or an embedding's ``name`` method."""
+
+    def call(module, x, *args, **kwargs):
+        path = recorder.paths.get(id(module))
+        if path is None:
+            return original(module, x, *args, **kwargs)
+        if isinstance(module, _NORMS):
+            feats = _normalized_input(module, x, path, args, kwargs)
+            scale = getattr(module, "scale", None)
+            bias = getattr(module, "bias", None)
+            kind = (
+                "norm",
+                _feature_axes(module, x.ndim),
+                None if scale is None else tuple(scale.shape),
+                None if bias is None else tuple(bias.shape),
+            )
+        elif name == "attend":
+            feats, kind = x, ("attend", module.num_embeddings)
+        else:
+            feats, kind = x, ("lookup", module.num_embeddings)
+        out = original(module, x, *args, **kwargs)
+        use = _use_key(recorder.inputs, path)
+        recorder.inputs[use] = feats
+        recorder.out_rows[use] = lambda o: o
+        recorder.kinds[use] = kind
+        recorder.output_shapes[use] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+        if recorder.perturbations is not None:
+            out = out + recorder.perturbations[use].astype(out.dtype)
+        return out
+
+    return call
+
+
+def _extra_spec(module: nnx.Module, kind: str, leaf: Any) -> Any:
+    """``kfac_dimension_numbers``' entry for a leaf of a norm layer or an embedding.
+
+    The table of ``nnx.Embed`` is a kernel ``(vocabulary, features)`` whose input
+    factor is kept diagonal; the scale and shift of a norm layer have no factors
+    (their statistics are :class:`layerwise_optax.KfacDiagonal`).
+    """
+    if isinstance(module, nnx.Embed) and kind == "embedding":
+        return DiagonalFactors(DimensionNumbers(((0,), (1,))), (0,))
+    if isinstance(module, _NORMS) and kind in ("scale", "bias"):
+        return None
+    return default_kernel_dimension_numbers(tuple(leaf.shape))
+
+
+def _kernel_uses(feats: dict, deltas: dict, out_rows: dict, kinds: dict, n: int):
+    """Kernel uses combined per layer (the reuse rule), and the other uses.
+
+    A kernel layer used once keeps its entries; one used several times gets its
+    uses' rows concatenated along the positions, ``(n, rows, d)`` features and
+    ``(samples, n, rows, d_out)`` output gradients, with an identity row map.
+    Returns ``(features, output gradients, row maps, other uses)``.
+    """
+    kernel = [u for u in feats if u not in kinds]
+    extra = {u: (feats[u], deltas[u]) for u in feats if u in kinds}
+    by_layer: dict[str, list[str]] = {}
+    for u in kernel:
+        by_layer.setdefault(_layer_of(u), []).append(u)
+    out_f, out_d, rows = {}, {}, {}
+    for layer, uses in by_layer.items():
+        if uses == [layer]:
+            out_f[layer], out_d[layer], rows[layer] = feats[layer], deltas[layer], out_rows[layer]
+            continue
+        xs, ds = [], []
+        for u in uses:
+            x, d = feats[u], jax.vmap(out_rows[u])(deltas[u])
+            xs.append(jnp.reshape(x, (n, -1, x.shape[-1])))
+            ds.append(jnp.reshape(d, (d.shape[0], n, -1, d.shape[-1])))
+        out_f[layer] = jnp.concatenate(xs, axis=1)
+        out_d[layer] = jnp.concatenate(ds, axis=2)
+        rows[layer] = lambda o: o
+    return out_f, out_d, rows, extra
+
+
+def _extra_stats(extra: dict, kinds: dict, n: int, tuples: dict) -> dict:
+    """Statistics of the norm layers and embeddings, keyed like the params.
+
+    ``extra[use] = (features, output gradients (samples, n, ...))``. A norm layer:
+    :class:`layerwise_optax.KfacDiagonal` at its scale and bias, ``(1/n) Σ_i g_i²``
+    with the per-example gradients summed over samples of the output gradient (one
+    sample, or one per output unit for Gauss-Newton) and over the layer's uses. An
+    embedding: :class:`layerwise_optax.KfacFactors` with ``a`` the diagonal
+    ``(vocabulary,)`` and ``g`` the ``(features, features)`` factor, by the reuse rule.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    by_layer: dict[str, list[str]] = {}
+    for u in extra:
+        by_layer.setdefault(_layer_of(u), []).append(u)
+    tree: dict = {}
+    for layer, uses in by_layer.items():
+        node = tree
+        for key in tuples[layer]:
+            node = node.setdefault(key, {})
+        if kinds[uses[0]][0] == "norm":
+            _, _, scale_shape, bias_shape = kinds[uses[0]]
+            g_scale, g_bias = 0.0, 0.0
+            for u in uses:
+                xhat, delta = extra[u]
+                axes = kinds[u][1]
+                reduce = tuple(1 + a for a in range(1, xhat.ndim) if a not in axes)
+                d32 = delta.astype(jnp.float32)
+                x32 = xhat.astype(jnp.float32)[None]
+                g_scale = g_scale + jnp.sum(d32 * x32, axis=reduce)  # (samples, n, *features)
+                g_bias = g_bias + jnp.sum(d32, axis=reduce)
+            if scale_shape is not None:
+                f = jnp.sum(jnp.square(g_scale), axis=(0, 1)) / n
+                node["scale"] = KfacDiagonal(jnp.reshape(f, scale_shape))
+            if bias_shape is not None:
+                f = jnp.sum(jnp.square(g_bias), axis=(0, 1)) / n
+                node["bias"] = KfacDiagonal(jnp.reshape(f, bias_shape))
+            continue
+        vocab = kinds[uses[0]][1]
+        a = jnp.zeros((vocab,), jnp.float32)
+        g_sum, rows = 0.0, 0
+        for u in uses:
+            x, delta = extra[u]
+            d32 = delta.astype(jnp.float32)
+            if kinds[u][0] == "lookup":
+                # One-hot rows: the input side's second moment is the diagonal of counts.
+                a = a + jnp.zeros((vocab,), jnp.float32).at[jnp.ravel(x)].add(1.0, mode="drop")
+                v = jnp.reshape(d32, (-1, d32.shape[-1]))
+                rows += x.size
+            else:
+                # attend: x E^T, so the logits' gradients are the table's input side.
+                a = a + jnp.sum(jnp.reshape(jnp.square(d32), (-1, vocab)), axis=0)
+                v = jnp.reshape(x.astype(jnp.float32), (-1, x.shape[-1]))
+                rows += v.shape[0]
+            g_sum = g_sum + jnp.matmul(v.T, v, precision=hi)
+        node["embedding"] = KfacFactors(a / n, g_sum / rows)
+    return tree
+
+
+def _merge_stats(tree: dict, other: dict) -> None:
+    """Adds the entries of ``other`` (nested dicts) into ``tree`` in place."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_stats(tree[key], value)
+        else:
+            tree[key] = value
