@@ -564,7 +564,8 @@ def kfac_value_and_grad(
         kinds: dict[str, tuple] = {}  # non-kernel uses (norms, embeddings): what they record
 
         def forward(p, perturbations, recorder=None):
-            m = nnx.merge(graphdef, p, rest)
+            # copy=True: fresh Variables of this trace, which a layer may update (BatchNorm).
+            m = nnx.merge(graphdef, p, rest, copy=True)
             # nnx.merge builds new module objects: look their paths up on this copy.
             rec = recorder or _Recorder({}, perturbations)
             rec.paths = _layer_paths(m)[0]
@@ -572,7 +573,9 @@ def kfac_value_and_grad(
                 outputs = model_fn(m, inputs)
             out_rows.update(rec.out_rows)
             kinds.update(rec.kinds)
-            return outputs, rec.inputs
+            # The non-parameter state after the pass (BatchNorm's running averages, RNG
+            # counts) rides with the features to be written back to the model.
+            return outputs, {**rec.inputs, _STATE: nnx.split(m, nnx.Param, ...)[2]}
 
         # Shapes of every layer output, so the perturbations can be zeros of that shape.
         shape_pass = _Recorder({}, None)
@@ -590,6 +593,8 @@ def kfac_value_and_grad(
             )
         else:
             value, grads, feats, deltas = _gauss_newton(forward, params, zeros, loss_fn, targets)
+        nnx.update(model, feats.pop(_STATE))
+        deltas.pop(_STATE, None)
         feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n)
         stats = _stats_tree(feats, deltas, rows, n, tuples, biases, fold_biases)
         _merge_stats(stats, _extra_stats(extra, kinds, n, tuples))
@@ -707,6 +712,7 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets):
 # summed over the uses before squaring.
 
 _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+_STATE = "\x00state"  # key of the model's non-parameter state among a pass's features
 _EXTRA = (nnx.Embed, *_NORMS)
 
 
