@@ -1239,7 +1239,11 @@ def default_layout(tree: Any) -> Any:
     Every leaf gets :func:`default_kernel_dimension_numbers`, except a leaf named
     ``bias`` next to a leaf named ``kernel`` of two or more axes whose last axis has
     the bias's shape (``nnx.Linear``, ``nnx.Conv`` and Linen's ``Dense``/``Conv``):
-    it gets :class:`FoldedBias` naming that kernel. Names are compared on the
+    it gets :class:`FoldedBias` naming that kernel; and a two-axis leaf named
+    ``embedding`` (``nnx.Embed``, Linen's ``Embed``) gets
+    ``DiagonalFactors(DimensionNumbers(((0,), (1,))), (0,))``: a ``(vocabulary,
+    features)`` table whose input factor (token counts) is kept diagonal, never
+    ``vocabulary × vocabulary``. Names are compared on the
     normalized paths (:func:`layerwise_optax._axes.path_keys`), so an ``nnx.State``,
     its pure form and a plain dict get the same layout.
 
@@ -1252,11 +1256,13 @@ def default_layout(tree: Any) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_axes.is_masked)
     keys = [_axes.path_keys(path) for path, _ in flat]
     index = {k: i for i, k in enumerate(keys)}
-    specs = [
+    specs: list[Any] = [
         None if _axes.is_masked(x) else default_kernel_dimension_numbers(tuple(np.shape(x)))
         for _, x in flat
     ]
     for i, (key, (_, x)) in enumerate(zip(keys, flat)):
+        if key and key[-1] == "embedding" and not _axes.is_masked(x) and np.ndim(x) == 2:
+            specs[i] = DiagonalFactors(_axes.DimensionNumbers(((0,), (1,))), (0,))
         if _axes.is_masked(x) or not key or key[-1] != "bias":
             continue
         k = index.get(key[:-1] + ("kernel",))
@@ -1346,7 +1352,9 @@ def _with_diagonal(plan: _axes.LeafPlan, groups: tuple[int, ...]) -> _axes.LeafP
     """``plan`` with the factors of ``groups`` kept diagonal (:class:`DiagonalFactors`)."""
     if not groups or plan.spec is None:
         return plan
-    kinds = tuple("diag" if i in groups else k for i, k in enumerate(plan.kinds))
+    kinds: tuple[_axes.Kind, ...] = tuple(
+        "diag" if i in groups else k for i, k in enumerate(plan.kinds)
+    )
     return plan.with_kinds(kinds)
 
 
@@ -1724,9 +1732,12 @@ def kfac(
 
     Statistics are matched to the params by tree path, with a Flax
     ``Variable``'s trailing ``.value`` dropped (``nnx.State``, ``nnx.as_pure``
-    trees and plain dicts match alike). A ``None`` entry, or no entry for a whole
-    layer (norms, embeddings: layers the capture does not see), makes the leaf
-    use the damped diagonal empirical Fisher, ``g / (nu_hat + damping)``. An
+    trees and plain dicts match alike). A :class:`KfacDiagonal` entry (norm
+    layers' scale and shift) gives the leaf its exact diagonal Fisher block,
+    ``g / (c F̄ + damping)`` with ``F̄`` the EMA of its diagonals. A ``None``
+    entry, or no entry for a whole layer (layers the capture does not see),
+    makes the leaf use the damped diagonal empirical Fisher of the mean gradient,
+    ``g / (nu_hat + damping)``. An
     entry that matches no parameter, a missing entry for one leaf of a layer that
     has statistics, or factors that do not fit the layout raise a ``ValueError``
     naming the path: statistics are never silently ignored. ``sides='input'``

@@ -68,9 +68,14 @@ def test_owner_layout_gives_the_replicated_updates_for_diagonal_blocks():
     m = rng.standard_normal((4, 4))
     stats = {
         "emb": {"embedding": lo.KfacFactors(jnp.array([1.0, 2, 3, 4, 5]), jnp.eye(3) * 2)},
-        "ln": {"scale": lo.KfacDiagonal(jnp.array([1.0, 2, 3])), "bias": lo.KfacDiagonal(jnp.ones(3))},
-        "lin": {"kernel": lo.KfacFactors(jnp.asarray(m @ m.T, jnp.float32), jnp.eye(3)),
-                "bias": lo.FoldedBias("lin/kernel")},
+        "ln": {
+            "scale": lo.KfacDiagonal(jnp.array([1.0, 2, 3])),
+            "bias": lo.KfacDiagonal(jnp.ones(3)),
+        },
+        "lin": {
+            "kernel": lo.KfacFactors(jnp.asarray(m @ m.T, jnp.float32), jnp.eye(3)),
+            "bias": lo.FoldedBias("lin/kernel"),
+        },
     }
     outs = []
     for layout in ("replicated", "owner"):
@@ -89,12 +94,16 @@ def test_diagonal_factors_equal_the_full_factor_when_it_is_diagonal():
     m = np.random.default_rng(1).standard_normal((3, 3))
     g = jnp.asarray(m @ m.T + np.eye(3), jnp.float32)
     grads = {"t": jnp.asarray(np.random.default_rng(2).standard_normal((4, 3)), jnp.float32)}
-    diag = lo.kfac(0.1, dimension_numbers={"t": lo.DiagonalFactors(lo.DimensionNumbers(((0,), (1,))))})
+    diag = lo.kfac(
+        0.1, dimension_numbers={"t": lo.DiagonalFactors(lo.DimensionNumbers(((0,), (1,))))}
+    )
     full = lo.kfac(0.1, dimension_numbers={"t": lo.DimensionNumbers(((0,), (1,)))})
     sd = diag.init(params)
     assert sd[0].factors["t"][0].shape == (1, 4)  # the input factor is stored as a diagonal
     ud, _ = diag.update(grads, sd, params, kfac_stats={"t": lo.KfacFactors(a, g)})
-    uf, _ = full.update(grads, full.init(params), params, kfac_stats={"t": lo.KfacFactors(jnp.diag(a), g)})
+    uf, _ = full.update(
+        grads, full.init(params), params, kfac_stats={"t": lo.KfacFactors(jnp.diag(a), g)}
+    )
     np.testing.assert_allclose(ud["t"], uf["t"], rtol=1e-5)
 
 
@@ -290,8 +299,9 @@ def test_embedding_kfac_update_equals_the_dense_one_hot_kernel_update():
     u, _ = tx.update(grads, tx.init(params), params, kfac_stats=stats)
     # The reference: the same factors given in full (A = diag(counts) / n as a matrix).
     full = jax.tree.map(lambda x: x, stats, is_leaf=lambda x: isinstance(x, lo.KfacFactors))
-    full["emb"]["embedding"] = lo.KfacFactors(jnp.diag(stats["emb"]["embedding"].a),
-                                              stats["emb"]["embedding"].g)
+    full["emb"]["embedding"] = lo.KfacFactors(
+        jnp.diag(stats["emb"]["embedding"].a), stats["emb"]["embedding"].g
+    )
     ref = lo.kfac(0.1)
     ur, _ = ref.update(grads, ref.init(params), params, kfac_stats=full)
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ur)):
@@ -433,8 +443,10 @@ def test_tiny_lm_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
             stats, is_leaf=lambda x: isinstance(x, (lo.KfacFactors, lo.KfacDiagonal, lo.FoldedBias))
         )[0]
     )
-    kinds = {jax.tree_util.keystr(p[:-1] if str(p[-1]) == ".value" else p): type(e).__name__
-             for p, e in entries.items()}
+    kinds = {
+        jax.tree_util.keystr(p[:-1] if str(p[-1]) == ".value" else p): type(e).__name__
+        for p, e in entries.items()
+    }
     assert len(kinds) == len(flat) == 6  # RMSNorm has no bias
     assert kinds["['emb']['embedding']"] == "KfacFactors"
     assert kinds["['ln1']['scale']"] == kinds["['ln2']['scale']"] == "KfacDiagonal"
@@ -481,3 +493,22 @@ def test_norm_with_features_on_the_examples_axis_is_refused_by_path():
     x = jnp.ones((4, 3))
     with pytest.raises(ValueError, match="layer norm: its features include axis 0"):
         lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(Bad(), x, x)
+
+
+def test_kfacs_default_layout_keeps_embedding_tables_diagonal_and_matches_the_model_layout():
+    model = TinyLM()
+    ids = jax.random.randint(jax.random.key(0), (4, 5), 0, 11)
+    _, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")(
+        model, ids, ids
+    )
+    params = nnx.state(model, nnx.Param)
+    default, spelled = (
+        lo.kfac(0.1),
+        lo.kfac(0.1, dimension_numbers=lof.kfac_dimension_numbers(model)),
+    )
+    sd = default.init(params)
+    assert sd[0].factors["emb"]["embedding"][0].shape == (1, 11)
+    ud, _ = default.update(grads, sd, params, kfac_stats=stats)
+    us, _ = spelled.update(grads, spelled.init(params), params, kfac_stats=stats)
+    for a, b in zip(jax.tree.leaves(ud), jax.tree.leaves(us)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)

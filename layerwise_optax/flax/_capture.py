@@ -32,6 +32,15 @@ summed over all rows ``r`` (examples × positions); this is KFC's convention
 error, ``A ⊗ B`` is then exactly the Gauss-Newton matrix when ``B`` comes from
 the Fisher mode.
 
+Norm layers (``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.BatchNorm``) record their
+normalized input ``x̂`` and get :class:`layerwise_optax.KfacDiagonal` blocks, the
+exact diagonal Fisher ``(1/n) Σ_i g_i²`` of the per-example gradients ``Σ_t δ ⊙ x̂``
+(scale) and ``Σ_t δ`` (shift), as kfac-jax's scale-and-shift blocks; ``nnx.Embed``
+gets ``A = diag(counts) / n`` (the exact second moment of one-hot inputs, a
+``(vocabulary,)`` diagonal) and ``B`` as above. A layer used several times (called
+twice, or a table also used by ``Embed.attend`` as the output head) gets one block
+by the reuse rule of the section below (its uses count as extra positions).
+
 Output-gradient modes:
 
 * ``statistics='empirical'``: ``delta`` from the true labels, one forward and one
@@ -515,12 +524,18 @@ def kfac_value_and_grad(
       keyed like the params with a :class:`layerwise_optax.KfacFactors` at each
       captured kernel and a :class:`layerwise_optax.FoldedBias` (or its own
       factors, or ``None`` for a bias that is not a function of the output
-      features only) at its bias, ready for
+      features only) at its bias, a :class:`layerwise_optax.KfacDiagonal` at
+      each norm layer's scale and shift, and ``KfacFactors`` with a
+      ``(vocabulary,)`` diagonal ``a`` at each ``nnx.Embed`` table, ready for
       ``optimizer.update(model, grads, kfac_stats=stats)``.
+
+    The model's non-parameter state after the pass (BatchNorm's running
+    averages) is written back to ``model``, as ``nnx.value_and_grad`` does.
 
     Raises:
       ValueError: For an unknown loss or statistics mode, a mode the loss does not
-        support, or a model layer that cannot be captured (named by its path).
+        support, a model layer that cannot be captured (named by its path), or a
+        model none of whose layers produced statistics.
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -737,7 +752,7 @@ def _extra_originals() -> dict[tuple[type, str], Callable]:
     return out
 
 
-def _feature_axes(module: nnx.Module, ndim: int) -> tuple[int, ...]:
+def _feature_axes(module: Any, ndim: int) -> tuple[int, ...]:
     axes = module.axis if isinstance(module, nnx.BatchNorm) else module.feature_axes
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     return tuple(sorted(a % ndim for a in axes))
@@ -752,7 +767,7 @@ def _check_extra(module: nnx.Module, path: str) -> None:
         )
 
 
-def _normalized_input(module: nnx.Module, x: jax.Array, path: str, args, kwargs) -> jax.Array:
+def _normalized_input(module: Any, x: jax.Array, path: str, args, kwargs) -> jax.Array:
     """``x̂``: a norm layer's input normalized as the layer does, before scale and shift."""
     from flax.nnx.nn import normalization as norm  # the layer's own statistics code
 
@@ -913,7 +928,7 @@ def _extra_stats(extra: dict, kinds: dict, n: int, tuples: dict) -> dict:
             continue
         vocab = kinds[uses[0]][1]
         a = jnp.zeros((vocab,), jnp.float32)
-        g_sum, rows = 0.0, 0
+        g_sum, rows = jnp.zeros((), jnp.float32), 0
         for u in uses:
             x, delta = extra[u]
             d32 = delta.astype(jnp.float32)
