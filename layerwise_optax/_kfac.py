@@ -523,6 +523,7 @@ def scale_by_kfac(
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
         # accumulate statistics (the caller keeps only ``pending`` of that state).
         emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
+        accumulating = EMIT_ARG in extra_args
         del params, extra_args
         if kfac_stats is None:
             raise ValueError(NO_STATS_MSG)
@@ -533,6 +534,8 @@ def scale_by_kfac(
             stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
             # Diagonal blocks (KfacDiagonal) skip the factor phases: only their fisher goes on.
             stats, diagonal = _split_diagonal(stats, updates)
+            if accumulating:
+                _refuse_accumulated_diagonal(diagonal)
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
@@ -1565,6 +1568,23 @@ def _check_diagonal_entry(
             f"has shape {plan.shape} (the diagonal is shaped like its parameter)."
         )
     return s
+
+
+def _refuse_accumulated_diagonal(diagonal: Any) -> None:
+    """Diagonal blocks under :func:`layerwise_optax.multi_steps` are refused, by path.
+
+    The accumulation keeps only the factors' pending statistics between
+    mini-steps; a diagonal block's EMA lives in ``nu`` and would take the emitting
+    mini-step's statistics only, so the others would be silently dropped.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(diagonal)[0]
+    if flat:
+        raise ValueError(
+            f"kfac_stats at {_axes.path_label(flat[0][0])}: KfacDiagonal statistics cannot "
+            "be accumulated by layerwise_optax.multi_steps (only the Kronecker factors' "
+            "statistics are kept between mini-steps); give None there (the diagonal "
+            "fallback) or step without multi_steps."
+        )
 
 
 def _split_diagonal(stats: Any, updates: Any) -> tuple[Any, Any]:

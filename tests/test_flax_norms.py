@@ -512,3 +512,11 @@ def test_kfacs_default_layout_keeps_embedding_tables_diagonal_and_matches_the_mo
     us, _ = spelled.update(grads, spelled.init(params), params, kfac_stats=stats)
     for a, b in zip(jax.tree.leaves(ud), jax.tree.leaves(us)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_diagonal_blocks_under_multi_steps_are_refused_by_path():
+    params = {"ln": {"scale": jnp.ones(2)}}
+    tx = lo.multi_steps(lo.kfac(0.1), 2)
+    stats = {"ln": {"scale": lo.KfacDiagonal(jnp.ones(2))}}
+    with pytest.raises(ValueError, match=r"\['ln'\]\['scale'\]: KfacDiagonal.*multi_steps"):
+        tx.update(params, tx.init(params), params, kfac_stats=stats)
