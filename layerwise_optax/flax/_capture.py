@@ -301,8 +301,8 @@ class _Recorder:
             path = recorder.paths.get(id(module))
             if path is None:
                 return out
-            path = _use_key(recorder.inputs, path)  # a layer called again: its next use
             feats, rows = _features(module, x, path, args, kwargs)
+            path = _use_key(recorder.inputs, path)  # a layer called again: its next use
             recorder.inputs[path] = feats
             recorder.out_rows[path] = rows
             recorder.output_shapes[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
