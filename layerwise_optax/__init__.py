@@ -31,7 +31,9 @@ from layerwise_optax._health import failure_report as failure_report
 from layerwise_optax._health import raise_on_failure as raise_on_failure
 from layerwise_optax._inject import inject_hyperparams as inject_hyperparams
 from layerwise_optax._inject import static_args as static_args
+from layerwise_optax._kfac import DiagonalFactors as DiagonalFactors
 from layerwise_optax._kfac import FoldedBias as FoldedBias
+from layerwise_optax._kfac import KfacDiagonal as KfacDiagonal
 from layerwise_optax._kfac import KfacFactors as KfacFactors
 from layerwise_optax._kfac import ScaleByKfacState as ScaleByKfacState
 from layerwise_optax._kfac import (
@@ -87,7 +89,9 @@ __all__ = (
     "scale_by_steepest_descent",
     "steepest_descent",
     "DimensionNumbers",
+    "DiagonalFactors",
     "FoldedBias",
+    "KfacDiagonal",
     "KfacFactors",
     "HIDDEN_ROLES",
     "ROLES",

@@ -132,6 +132,106 @@ class FoldedBias:
 jax.tree_util.register_static(FoldedBias)
 
 
+class KfacDiagonal(NamedTuple):
+    """One parameter's diagonal Fisher block, as estimated on a batch.
+
+    For parameters whose curvature block is not a Kronecker product of an input
+    and an output factor, e.g. the scale and shift of a normalization layer
+    (kfac-jax's scale-and-shift blocks): with ``n`` examples and per-example
+    gradients ``g_i`` of the parameter (``δ = n dL/dz`` summed over the
+    example's positions, as for :class:`KfacFactors`), ``fisher = (1/n) Σ_i
+    g_i ⊙ g_i``, the exact diagonal of the block ``E[g g^T]``. For a LayerNorm
+    ``y = x̂ ⊙ γ + β``: ``g_γ = Σ_t δ_t ⊙ x̂_t`` and ``g_β = Σ_t δ_t``.
+
+    :func:`kfac` keeps its EMA with the factors' decay and bias correction,
+    ``F̄ <- β F̄ + (1 - β) F_t`` (stored in ``ScaleByKfacState.nu``, which a leaf
+    with a diagonal block does not use for the fallback), and the update is
+    ``U = G / (c F̄ + λ)`` (``c``: the bias correction ``1 / (1 - β^t)``,
+    ``λ = damping`` in both damping modes: one block, nothing to split), applied
+    from the current EMA every step (the inverse of a diagonal is elementwise:
+    nothing to refresh). Non-finite statistics or gradients leave the EMA as it
+    was and give a zero update (counted in ``failures.skipped``).
+
+    Attributes:
+      fisher: The diagonal, shaped like the parameter, non-negative.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> params = {'scale': jnp.ones(2)}
+      >>> tx = lo.kfac(1.0, momentum=0.0, factor_decay=0.0, damping=1.0)
+      >>> stats = {'scale': lo.KfacDiagonal(jnp.array([1.0, 3.0]))}
+      >>> u, _ = tx.update({'scale': jnp.ones(2)}, tx.init(params), params, kfac_stats=stats)
+      >>> u['scale'].tolist()
+      [-0.5, -0.25]
+
+    References:
+      Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
+    """
+
+    fisher: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalFactors:
+    """A K-FAC kernel layout whose factors of some groups keep only their diagonal.
+
+    Used in :func:`kfac`'s ``dimension_numbers`` in place of a
+    :class:`layerwise_optax.DimensionNumbers`: the kernel is laid out by
+    ``dimension_numbers`` and the factor of each group in ``groups`` (``0``: the
+    input group ``A``, ``1``: the output group ``B``) is stored and inverted as
+    a diagonal, ``d`` floats instead of ``d × d``, whatever ``max_precond_dim``.
+    For an embedding table ``(V, d)`` looked up by one-hot ids, the input
+    covariance ``A = diag(counts) / n`` is exactly diagonal, so
+    ``DiagonalFactors(DimensionNumbers(((0,), (1,))), (0,))`` preconditions the
+    table as ``diag(A)^{-1} ⊗ B^{-1}`` without a ``V × V`` matrix (what
+    :func:`layerwise_optax.flax.kfac_dimension_numbers` gives ``nnx.Embed``).
+    The statistics may give such a factor as its diagonal ``(*batch, d)`` or as
+    a full matrix (its diagonal is kept).
+
+    It is static (hashable, no pytree leaves).
+
+    Attributes:
+      dimension_numbers: The kernel's layout, two factor groups.
+      groups: The factor groups kept diagonal, a tuple of ``0`` and/or ``1``.
+
+    Raises:
+      ValueError: If ``groups`` is not a tuple of distinct ``0``/``1``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import layerwise_optax as lo
+      >>> spec = lo.DiagonalFactors(lo.DimensionNumbers(((0,), (1,))), (0,))
+      >>> tx = lo.kfac(1.0, momentum=0.0, damping=0.0, damping_mode='absolute',
+      ...              dimension_numbers={'table': spec})
+      >>> params = {'table': jnp.zeros((3, 2))}
+      >>> stats = {'table': lo.KfacFactors(a=jnp.array([1.0, 2.0, 4.0]), g=jnp.eye(2))}
+      >>> u, _ = tx.update({'table': jnp.ones((3, 2))}, tx.init(params), params,
+      ...                  kfac_stats=stats)
+      >>> u['table'][:, 0].tolist()
+      [-1.0, -0.5, -0.25]
+    """
+
+    dimension_numbers: _axes.DimensionNumbers
+    groups: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        groups = self.groups
+        if (
+            not isinstance(groups, tuple)
+            or len(set(groups)) != len(groups)
+            or any(not isinstance(g, int) or isinstance(g, bool) or g not in (0, 1) for g in groups)
+        ):
+            raise ValueError(
+                f"DiagonalFactors.groups must be a tuple of distinct factor groups 0 (input) "
+                f"and 1 (output), got {groups!r}."
+            )
+
+
+jax.tree_util.register_static(DiagonalFactors)
+
+
 class ScaleByKfacState(NamedTuple):
     """State for :func:`scale_by_kfac`.
 
@@ -488,6 +588,7 @@ def scale_by_kfac(
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
         # accumulate statistics (the caller keeps only ``pending`` of that state).
         emit = jnp.asarray(extra_args.get(EMIT_ARG, True), jnp.bool_)
+        accumulating = EMIT_ARG in extra_args
         del params, extra_args
         if kfac_stats is None and statistics_frequency == 1:
             raise ValueError(NO_STATS_MSG)
@@ -496,9 +597,15 @@ def scale_by_kfac(
             layout = plans_for(updates)
             plans = layout.work_plans
             if kfac_stats is None:
-                stats = _no_new_stats(updates, layout, state)
+                # A step without statistics: no diagonal blocks are known (see
+                # _no_new_stats); leaves without a K-FAC layout take the fallback.
+                stats, diagonal = _no_new_stats(updates, layout, state), None
             else:
                 stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
+                # Diagonal blocks (KfacDiagonal) skip the factor phases: only their fisher goes on.
+                stats, diagonal = _split_diagonal(stats, updates)
+                if accumulating:
+                    _refuse_accumulated_diagonal(diagonal)
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
@@ -511,6 +618,7 @@ def scale_by_kfac(
                     grads,
                     stats,
                     state,
+                    diagonal=diagonal,
                     hp=hp,
                     frequency=precondition_frequency,
                     static=static,
@@ -525,7 +633,7 @@ def scale_by_kfac(
                 no_stats=kfac_stats is None,
             )
             work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
-            new = run(grads, stats, work_state, plans)
+            new = run(grads, stats, work_state, plans, diagonal=diagonal)
             back = functools.partial(_unfold, layout)
             new_state = _new_state(plans, work_state, new, static.mu_dtype)
             new_state = new_state._replace(
@@ -787,23 +895,43 @@ def _damped(fac, kplan, damping, mode, correction):
     )
 
 
-def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static):
+def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static, diagonal=None):
     """Phase 3: per leaf the step direction and the new moments (:class:`_LeafOut`).
 
     A kernel with statistics: ``U = (A + delta_A I)^{-1} G (B + delta_B I)^{-1}``
     by the Cholesky solves of :func:`_precondition`. Any other leaf: the damped
     diagonal empirical Fisher, ``nu <- b2 nu + (1 - b2) g^2`` and ``U = g /
     (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
-    statistics not finite) gets a zero update and keeps its moments.
+    statistics not finite) gets a zero update and keeps its moments. A leaf with
+    a diagonal block (``diagonal``: the :class:`KfacDiagonal` fishers, a tree
+    like ``grads`` with ``None`` elsewhere) takes :func:`_diagonal_direction`.
     """
     leaf = functools.partial(_direction_leaf, hp=hp, count=count, static=static)
-    return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses)
+    if diagonal is None:
+        diagonal = jax.tree.map(lambda _: None, plans, is_leaf=_axes.is_plan_leaf)
+    return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses, diagonal)
 
 
-def _direction_leaf(g, plan, s, a, mu, nu, inv, *, hp, count, static) -> _LeafOut:
+def _diagonal_direction(g32, f, nu, ok, hp, count):
+    """A diagonal block's ``nu <- beta nu + (1 - beta) F`` and ``U = G / (c nu + lambda)``.
+
+    ``beta = factor_decay`` and ``c`` its bias correction (:func:`_correction`), as
+    for the factor EMAs; where ``ok`` is false ``nu`` is kept.
+    """
+    nu = _failure.keep(ok, hp.factor_decay * nu + (1 - hp.factor_decay) * f, nu)
+    return nu, g32 / (_correction(hp.factor_decay, count) * nu + hp.damping)
+
+
+def _direction_leaf(g, plan, s, a, mu, nu, inv, f=None, *, hp, count, static) -> _LeafOut:
     """:func:`_directions` for one leaf (an owner-layout group: per block)."""
     ok, g32 = _failure.guard(g, per_block=plan.per_block)
     ok = ok & a.ok
+    if f is not None:
+        f = jnp.asarray(f, jnp.float32)
+        ok = ok & jnp.all(jnp.isfinite(f))
+        nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count)
+        mu, d = _momentum(u, mu, hp.momentum, static.nesterov, ok)
+        return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
 
     def fallback(nu):
         # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
@@ -872,7 +1000,9 @@ class _Step(NamedTuple):
     emit: jax.Array
 
 
-def _step(grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=False) -> _Step:
+def _step(
+    grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=False, diagonal=None
+) -> _Step:
     """Phases 1 to 3 on a tree in the working layout (folded pairs as one leaf).
 
     ``state`` holds the moments in the same layout as ``grads``; in the owner
@@ -885,7 +1015,9 @@ def _step(grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=F
     acc = _accumulate(grads, stats, state, plans, hp.factor_decay)
     refresh = _refresh_due(state.count, frequency, static, no_stats)
     inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
-    out = _directions(grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static)
+    out = _directions(
+        grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static, diagonal
+    )
     return _Step(count, out, acc, inverses, failed, emit)
 
 
@@ -1281,7 +1413,9 @@ def _owned_init(
     )
 
 
-def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency, static, emit):
+def _owned_update(
+    owner, layout, updates, grads, stats, state, *, hp, frequency, static, emit, diagonal=None
+):
     """One update of an owner-layout state (see ``state_layout`` of :func:`scale_by_kfac`).
 
     Each working leaf's validity (gradient and statistics finite) is decided
@@ -1339,7 +1473,11 @@ def _owned_update(owner, layout, updates, grads, stats, state, *, hp, frequency,
         return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
     solved = _unfold(layout, _owner.from_groups(owner, plans, solved, wide(grads)), wide(updates))
-    mu, nu, out = _owned_moments(layout, updates, state, solved, views, valid, hp, count, static)
+    if diagonal is None:
+        diagonal = jax.tree.map(lambda _: None, updates, is_leaf=_axes.is_masked)
+    mu, nu, out = _owned_moments(
+        layout, updates, state, solved, views, valid, hp, count, static, diagonal
+    )
     pending = _axes.map_leaves(
         lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats),
         grouped_plans,
@@ -1399,7 +1537,7 @@ def _owned_solves(grads, stats, inverses, plans, static, damping) -> dict[str, t
     return {"blocks": blocks, "leaves": leaves}
 
 
-def _owned_moments(layout, updates, state, solved, views, valid, hp, count, static):
+def _owned_moments(layout, updates, state, solved, views, valid, hp, count, static, diagonal):
     """Phase 3 after the solves, on the params-shaped moments (owner layout).
 
     Per leaf of ``updates`` (a folded bias with its kernel's working leaf): the
@@ -1415,9 +1553,9 @@ def _owned_moments(layout, updates, state, solved, views, valid, hp, count, stat
     work = list(range(len(flat)))
     for k, b in layout.folds:
         work[b] = k
-    columns = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, solved)]
+    columns = [treedef.flatten_up_to(t) for t in (state.mu, state.nu, solved, diagonal)]
     mus, nus, outs = [], [], []
-    for j, (g, mu, nu, u) in enumerate(zip(flat, *columns)):
+    for j, (g, mu, nu, u, f) in enumerate(zip(flat, *columns)):
         w = work[j]
         if _axes.is_masked(g) or valid[w] is None:
             mus.append(mu)
@@ -1425,8 +1563,15 @@ def _owned_moments(layout, updates, state, solved, views, valid, hp, count, stat
             outs.append(g)
             continue
         ok = valid[w]
+        if f is not None:
+            # A diagonal block (KfacDiagonal): its own validity, EMA and step.
+            f = jnp.asarray(f, jnp.float32)
+            ok = ok & jnp.all(jnp.isfinite(f))
+            valid[w] = ok
         g32 = jnp.where(ok, g.astype(jnp.promote_types(g.dtype, jnp.float32)), 0)
-        if views[w] is None:
+        if f is not None:
+            nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count)
+        elif views[w] is None:
             # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
             nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
             u = g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
@@ -1476,7 +1621,11 @@ def default_layout(tree: Any) -> Any:
     Every leaf gets :func:`default_kernel_dimension_numbers`, except a leaf named
     ``bias`` next to a leaf named ``kernel`` of two or more axes whose last axis has
     the bias's shape (``nnx.Linear``, ``nnx.Conv`` and Linen's ``Dense``/``Conv``):
-    it gets :class:`FoldedBias` naming that kernel. Names are compared on the
+    it gets :class:`FoldedBias` naming that kernel; and a two-axis leaf named
+    ``embedding`` (``nnx.Embed``, Linen's ``Embed``) gets
+    ``DiagonalFactors(DimensionNumbers(((0,), (1,))), (0,))``: a ``(vocabulary,
+    features)`` table whose input factor (token counts) is kept diagonal, never
+    ``vocabulary × vocabulary``. Names are compared on the
     normalized paths (:func:`layerwise_optax._axes.path_keys`), so an ``nnx.State``,
     its pure form and a plain dict get the same layout.
 
@@ -1489,11 +1638,13 @@ def default_layout(tree: Any) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_axes.is_masked)
     keys = [_axes.path_keys(path) for path, _ in flat]
     index = {k: i for i, k in enumerate(keys)}
-    specs = [
+    specs: list[Any] = [
         None if _axes.is_masked(x) else default_kernel_dimension_numbers(tuple(np.shape(x)))
         for _, x in flat
     ]
     for i, (key, (_, x)) in enumerate(zip(keys, flat)):
+        if key and key[-1] == "embedding" and not _axes.is_masked(x) and np.ndim(x) == 2:
+            specs[i] = DiagonalFactors(_axes.DimensionNumbers(((0,), (1,))), (0,))
         if _axes.is_masked(x) or not key or key[-1] != "bias":
             continue
         k = index.get(key[:-1] + ("kernel",))
@@ -1547,6 +1698,8 @@ def _layout(dimension_numbers: Any, tree: Any, max_precond_dim: int) -> _Layout:
             max_precond_dim=max_precond_dim,
             block_size=None,
         )
+        # A group kept diagonal (DiagonalFactors) stays diagonal in the homogeneous block.
+        work[k] = _with_diagonal(work[k], tuple(i for i, kd in enumerate(kp.kinds) if kd == "diag"))
         work[b] = optax.MaskedNode()
     return _Layout(paths, keys, plans, treedef.unflatten(work), tuple(work), folds)
 
@@ -1562,6 +1715,9 @@ def _leaf_plans(flat: list, specs: list, max_precond_dim: int) -> tuple[tuple, d
         if isinstance(spec, FoldedBias):
             folded[i] = spec
             spec = None
+        diagonal = ()
+        if isinstance(spec, DiagonalFactors):
+            spec, diagonal = spec.dimension_numbers, spec.groups
         shape = tuple(np.shape(x))
         spec = _axes.normalize(spec, shape, where)
         plan = _axes.make_plan(shape, spec, max_precond_dim=max_precond_dim, block_size=None)
@@ -1570,8 +1726,18 @@ def _leaf_plans(flat: list, specs: list, max_precond_dim: int) -> tuple[tuple, d
                 f"param {where} with shape {shape}: kfac needs exactly two factor groups "
                 f"(input, output), got {tuple(spec)}."
             )
-        plans.append(plan)
+        plans.append(_with_diagonal(plan, diagonal))
     return tuple(plans), folded
+
+
+def _with_diagonal(plan: _axes.LeafPlan, groups: tuple[int, ...]) -> _axes.LeafPlan:
+    """``plan`` with the factors of ``groups`` kept diagonal (:class:`DiagonalFactors`)."""
+    if not groups or plan.spec is None:
+        return plan
+    kinds: tuple[_axes.Kind, ...] = tuple(
+        "diag" if i in groups else k for i, k in enumerate(plan.kinds)
+    )
+    return plan.with_kinds(kinds)
 
 
 def _check_folds(folded: dict, paths: tuple, keys: tuple, plans: tuple) -> tuple:
@@ -1616,7 +1782,7 @@ def _check_folds(folded: dict, paths: tuple, keys: tuple, plans: tuple) -> tuple
 
 
 def _is_stats_entry(x: Any) -> bool:
-    return x is None or isinstance(x, (KfacFactors, FoldedBias))
+    return x is None or isinstance(x, (KfacFactors, KfacDiagonal, FoldedBias))
 
 
 def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
@@ -1667,7 +1833,7 @@ def _stats_like(kfac_stats: Any, updates: Any, layout: _Layout) -> Any:
         else:
             out.append(_check_entry(i, s, plan, layout))
     for path, s, work in zip(layout.paths, out, layout.flat_work):
-        if s is not None:
+        if isinstance(s, KfacFactors):
             _check_shapes(path, s, work)
     flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
     return treedef.unflatten([x if _axes.is_masked(x) else s for x, s in zip(flat_updates, out)])
@@ -1686,7 +1852,7 @@ def _index_stats(kfac_stats: Any, layout: _Layout) -> tuple[dict, set]:
         if not _is_stats_entry(s):
             raise ValueError(
                 f"kfac_stats at {_axes.path_label(path)} must be a KfacFactors(a, g), a "
-                f"FoldedBias or None, got {type(s).__name__}."
+                f"KfacDiagonal, a FoldedBias or None, got {type(s).__name__}."
             )
         key = _axes.path_keys(path)
         found[key] = (path, s)
@@ -1713,7 +1879,7 @@ def _check_folded_bias_entry(i: int, k: int, s: Any, found: dict, layout: _Layou
             f"kfac_stats at {where}: FoldedBias({s.kernel!r}), but kfac's layout "
             f"folds this bias into {kernel!r}."
         )
-    if isinstance(s, KfacFactors) or (isinstance(ks, KfacFactors) and s is None):
+    if isinstance(s, (KfacFactors, KfacDiagonal)) or (isinstance(ks, KfacFactors) and s is None):
         raise ValueError(
             f"kfac_stats at {where}: kfac's layout folds this bias into kernel "
             f"{kernel!r} (homogeneous coordinates), so its entry must be "
@@ -1738,6 +1904,8 @@ def _check_entry(i: int, s: Any, plan: _axes.LeafPlan, layout: _Layout) -> Any:
             f"FoldedBias({s.kernel!r}) here, e.g. "
             "layerwise_optax.flax.kfac_dimension_numbers(model))."
         )
+    if isinstance(s, KfacDiagonal):
+        return _check_diagonal_entry(i, s, plan, layout)
     if not isinstance(s, KfacFactors):
         return s
     if plan.spec is None:
@@ -1758,6 +1926,59 @@ def _check_entry(i: int, s: Any, plan: _axes.LeafPlan, layout: _Layout) -> Any:
             "block give kfac DimensionNumbers(((), (0,))) at the bias."
         )
     return s
+
+
+def _check_diagonal_entry(
+    i: int, s: KfacDiagonal, plan: _axes.LeafPlan, layout: _Layout
+) -> KfacDiagonal:
+    """A :class:`KfacDiagonal` entry must be shaped like its parameter, which no bias folds into."""
+    where = _axes.path_label(layout.paths[i])
+    bias = next((b for k, b in layout.folds if k == i), None)
+    if bias is not None:
+        raise ValueError(
+            f"kfac_stats at {where}: a KfacDiagonal block covers one parameter, but kfac's "
+            f"layout folds the bias {'/'.join(layout.keys[bias])!r} into this kernel; give "
+            "that bias DimensionNumbers or None in dimension_numbers (and its own statistics)."
+        )
+    shape = tuple(np.shape(s.fisher))
+    if shape != plan.shape:
+        raise ValueError(
+            f"kfac_stats at {where}: KfacDiagonal.fisher has shape {shape}, but the param "
+            f"has shape {plan.shape} (the diagonal is shaped like its parameter)."
+        )
+    return s
+
+
+def _refuse_accumulated_diagonal(diagonal: Any) -> None:
+    """Diagonal blocks under :func:`layerwise_optax.multi_steps` are refused, by path.
+
+    The accumulation keeps only the factors' pending statistics between
+    mini-steps; a diagonal block's EMA lives in ``nu`` and would take the emitting
+    mini-step's statistics only, so the others would be silently dropped.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(diagonal)[0]
+    if flat:
+        raise ValueError(
+            f"kfac_stats at {_axes.path_label(flat[0][0])}: KfacDiagonal statistics cannot "
+            "be accumulated by layerwise_optax.multi_steps (only the Kronecker factors' "
+            "statistics are kept between mini-steps); give None there (the diagonal "
+            "fallback) or step without multi_steps."
+        )
+
+
+def _split_diagonal(stats: Any, updates: Any) -> tuple[Any, Any]:
+    """The matched statistics without their diagonal blocks, and those blocks' diagonals.
+
+    Returns ``(factors, diagonal)``, both trees like ``updates``: ``factors`` with
+    ``None`` where ``stats`` has a :class:`KfacDiagonal` (no Kronecker factors
+    there: the factor phases skip the leaf), ``diagonal`` with the
+    ``fisher`` array there and ``None`` elsewhere.
+    """
+    flat_updates, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    entries = treedef.flatten_up_to(stats)
+    factors = [None if isinstance(e, KfacDiagonal) else e for e in entries]
+    diagonal = [e.fisher if isinstance(e, KfacDiagonal) else None for e in entries]
+    return treedef.unflatten(factors), treedef.unflatten(diagonal)
 
 
 def _check_shapes(path: Any, s: KfacFactors, plan: _axes.LeafPlan) -> None:
@@ -1912,9 +2133,12 @@ def kfac(
 
     Statistics are matched to the params by tree path, with a Flax
     ``Variable``'s trailing ``.value`` dropped (``nnx.State``, ``nnx.as_pure``
-    trees and plain dicts match alike). A ``None`` entry, or no entry for a whole
-    layer (norms, embeddings: layers the capture does not see), makes the leaf
-    use the damped diagonal empirical Fisher, ``g / (nu_hat + damping)``. An
+    trees and plain dicts match alike). A :class:`KfacDiagonal` entry (norm
+    layers' scale and shift) gives the leaf its exact diagonal Fisher block,
+    ``g / (c F̄ + damping)`` with ``F̄`` the EMA of its diagonals. A ``None``
+    entry, or no entry for a whole layer (layers the capture does not see),
+    makes the leaf use the damped diagonal empirical Fisher of the mean gradient,
+    ``g / (nu_hat + damping)``. An
     entry that matches no parameter, a missing entry for one leaf of a layer that
     has statistics, or factors that do not fit the layout raise a ``ValueError``
     naming the path: statistics are never silently ignored. ``sides='input'``

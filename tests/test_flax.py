@@ -561,9 +561,10 @@ def test_state_pure_and_dict_trees_give_identical_results():
         assert (r, s, t) == (roles, specs, table), name
         for a, b in zip(us + fs, steps + factors):
             np.testing.assert_array_equal(a, b, err_msg=name)
-    # The norm has no statistics: it takes the diagonal fallback g / (g^2 + damping).
+    # The norm has its diagonal Fisher block (issue 16): g / (F + damping), factor_decay 0.
     g = np.asarray(nnx.to_pure_dict(grads)["norm"]["scale"])
-    np.testing.assert_allclose(-np.asarray(u_pure["norm"]["scale"]), g / (g**2 + 1e-4), rtol=1e-5)
+    f = np.asarray(stats["norm"]["scale"].fisher)
+    np.testing.assert_allclose(-np.asarray(u_pure["norm"]["scale"]), g / (f + 1e-4), rtol=1e-5)
 
 
 def _padded_patches_np(x, k, pads, mode):

@@ -233,10 +233,20 @@ def test_split_rngs_dropout_and_remat_in_a_scan():
     """Per-layer dropout keys (split_rngs) under remat: the same forward as nnx.value_and_grad."""
     model = Scanned(nnx.Rngs(5), remat=True, dropout=0.5)
     x, y = _data()
-    # The capture runs on a copy: the model's RNG counts are untouched, so the plain
-    # pass below draws the same dropout masks.
+    # The capture writes the model's non-parameter state back as nnx.value_and_grad
+    # does (RNG counts advance): a twin taken before draws the same dropout masks, and
+    # both models end with the same RNG state.
+    twin = nnx.clone(model)
     value, grads, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
-    want_value, want_grads = nnx.value_and_grad(lambda m: lof.mse(m(x), y))(model)
+    want_value, want_grads = nnx.value_and_grad(lambda m: lof.mse(m(x), y))(twin)
+    for u, v in zip(
+        jax.tree.leaves(nnx.state(model, nnx.RngState)),
+        jax.tree.leaves(nnx.state(twin, nnx.RngState)),
+    ):
+        np.testing.assert_array_equal(
+            jax.random.key_data(u) if jnp.issubdtype(u.dtype, jax.dtypes.prng_key) else u,
+            jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v,
+        )
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     for f, g in zip(jax.tree.leaves(grads), jax.tree.leaves(nnx.state(want_grads, nnx.Param))):
         np.testing.assert_allclose(f, g, rtol=1e-5, atol=1e-7)

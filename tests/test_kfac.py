@@ -319,7 +319,7 @@ BAD_STATS = [
     (
         None,
         {"l": {"kernel": jnp.eye(3), "bias": None}},
-        r"must be a KfacFactors\(a, g\), a FoldedBias or None",
+        r"must be a KfacFactors\(a, g\), a KfacDiagonal, a FoldedBias or None",
     ),
 ]
 

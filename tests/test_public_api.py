@@ -14,7 +14,9 @@ PACKAGE = pathlib.Path(lo.__file__).parent
 
 EXPECTED_ALL = {
     "DimensionNumbers",
+    "DiagonalFactors",
     "FoldedBias",
+    "KfacDiagonal",
     "KfacFactors",
     "ScaleByKfacState",
     "HIDDEN_ROLES",

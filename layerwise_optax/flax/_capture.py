@@ -20,6 +20,17 @@ away) is refused with the layer's path. For layers whose kernel is not
 ``(inputs..., outputs)``, give ``kfac`` the layout with
 :func:`kfac_dimension_numbers`.
 
+Norm layers (``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.BatchNorm``) record their
+normalized input ``x̂`` and get :class:`layerwise_optax.KfacDiagonal` blocks, the
+exact diagonal Fisher ``(1/n) Σ_i g_i²`` of the per-example gradients ``Σ_t δ ⊙ x̂``
+(scale) and ``Σ_t δ`` (shift), as kfac-jax's scale-and-shift blocks; ``nnx.Embed``
+gets ``A = diag(counts) / n`` (the exact second moment of one-hot inputs, a
+``(vocabulary,)`` diagonal) and ``B`` as above. A layer used several times (called
+twice, or a table also used by ``Embed.attend`` as the output head) gets one block
+by the reuse rule of the section below (its uses count as extra positions). Norm
+layers and embeddings created with ``nnx.vmap`` get their blocks per slice, like
+kernels (a stacked LayerNorm's scale ``(L, d)`` gets a ``(L, d)`` diagonal).
+
 Layers under Flax NNX transforms: a layer created with ``nnx.vmap`` is *stacked*
 (kernel ``(L, *kernel)``, biases ``(L, *bias)``; nested ``nnx.vmap`` gives several
 leading layer axes) and is applied one slice at a time
@@ -46,8 +57,9 @@ not reach, or whose features a transform drops (a layer broadcast across
 ``nnx.scan`` iterations, i.e. used several times), raises ``ValueError`` naming
 its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
 entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
-capture cannot handle. Not supported: a stacked layer applied by a Python loop
-over its slices (refused as called more than once), inputs mapped by
+capture cannot handle. Not supported: a stacked layer called more than once per
+forward pass (a Python loop over its slices, or a stacked layer reused inside a
+scanned body; refused as called more than once), inputs mapped by
 ``nnx.vmap`` along an axis other than the examples' (each slice must see the
 ``n`` examples of ``inputs``' leading axis), and layer axes other than leading
 ones.
@@ -126,8 +138,10 @@ import jax.numpy as jnp
 import optax
 
 from layerwise_optax import (
+    DiagonalFactors,
     DimensionNumbers,
     FoldedBias,
+    KfacDiagonal,
     KfacFactors,
     _checks,
     _optional,
@@ -143,6 +157,9 @@ _LOSSES = ("mse", "softmax_cross_entropy", "sigmoid_cross_entropy", "gaussian_nl
 _MODES = ("empirical", "fisher", "gauss_newton")
 _SEQUENCE = ("expand", "reduce")
 _CAPTURED = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+_NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)
+_EXTRA = (nnx.Embed, *_NORMS)  # own blocks: KfacDiagonal, or a diagonal input factor
+_STATE = "\x00state"  # key of the model's non-parameter state among a pass's features
 
 
 class _Layout(NamedTuple):
@@ -596,54 +613,89 @@ class _Recorder:
     ``nnx.vmap`` and ``nnx.remat`` make inside their bodies keep it); their
     features go out, and the perturbations come in, through variables on the
     module, never through Python state, so no tracer of a transform's body leaks.
+    A layer's ``k``-th call in a pass is its use ``k`` (:func:`_use_key`), with its
+    own pair of variables (:func:`_use_attrs`); only unstacked layers may have
+    several uses (``stacked``: the paths of stacked layers).
     """
 
-    def __init__(self, perturbations: dict[str, jax.Array] | None):
+    def __init__(
+        self, perturbations: dict[str, jax.Array] | None, stacked: frozenset[str] = frozenset()
+    ):
         self.perturbations = perturbations  # None: the shape pass (nothing attached)
+        self.stacked = stacked
         self.calls: dict[str, int] = {}
-        self.slices: dict[str, _Slice] = {}
-        self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}
+        self.slices: dict[str, _Slice] = {}  # per use
+        self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}  # per use
+        self.kinds: dict[str, tuple] = {}  # per use of a norm/embedding: what it records
 
-    def wrap(self, cls: type, original: Callable) -> Callable:
+    def wrap(self, cls: type, original: Callable, name: str = "__call__") -> Callable:
         recorder = self
 
         def call(module, x, *args, **kwargs):
-            out = original(module, x, *args, **kwargs)
             path = getattr(module, _PATH_ATTR, None)
             if path is None:
-                return out
-            recorder.calls[path] = recorder.calls.get(path, 0) + 1
-            if recorder.calls[path] > 1:
+                return original(module, x, *args, **kwargs)
+            k = recorder.calls.get(path, 0)
+            recorder.calls[path] = k + 1
+            if k and path in recorder.stacked:
                 raise ValueError(
                     f"layer {path} is called more than once per forward pass; K-FAC "
-                    "capture supports one call per layer (shared layers, or a stacked layer "
-                    "applied by a Python loop over its slices, are not supported; apply "
-                    "stacked layers with nnx.scan or nnx.vmap)."
+                    "capture supports one call per stacked layer (created with nnx.vmap): "
+                    "a stacked layer applied by a Python loop over its slices, or used "
+                    "twice in a scanned body, is not supported; apply stacked layers with "
+                    "nnx.scan or nnx.vmap, once per pass."
                 )
-            feats, rows = _features(module, x, path, args, kwargs)
-            recorder.out_rows[path] = rows
-            recorder.slices[path] = _Slice(
+            use = _use_key(path, k)
+            if isinstance(module, _EXTRA):
+                feats, kind = _extra_features(module, name, x, path, args, kwargs)
+                rows = _identity
+                recorder.kinds[use] = kind
+            else:
+                feats, rows = _features(module, x, path, args, kwargs)
+            out = original(module, x, *args, **kwargs)
+            recorder.out_rows[use] = rows
+            recorder.slices[use] = _Slice(
                 jax.ShapeDtypeStruct(out.shape, out.dtype),
                 jax.ShapeDtypeStruct(feats.shape, feats.dtype),
             )
             if recorder.perturbations is not None:
-                getattr(module, _X_ATTR).set_value(feats)
-                out = out + getattr(module, _E_ATTR).get_value().astype(out.dtype)
+                e_attr, x_attr = _use_attrs(k)
+                getattr(module, x_attr).set_value(feats)
+                out = out + getattr(module, e_attr).get_value().astype(out.dtype)
             return out
 
         return call
 
 
+def _identity(out: jax.Array) -> jax.Array:
+    return out
+
+
+def _use_key(path: str, k: int) -> str:
+    """A layer's ``k``-th use in a pass: ``path`` for the first, ``path#k`` after."""
+    return path if k == 0 else f"{path}#{k}"
+
+
+def _layer_of(use: str) -> str:
+    return use.split("#", 1)[0]
+
+
+def _use_attrs(k: int) -> tuple[str, str]:
+    """The attribute names of use ``k``'s perturbation and features variables."""
+    return (_E_ATTR, _X_ATTR) if k == 0 else (f"{_E_ATTR}_{k}", f"{_X_ATTR}_{k}")
+
+
 @contextlib.contextmanager
 def _patched(recorder: _Recorder):
-    originals = {cls: cls.__call__ for cls in _CAPTURED}
+    originals = {(cls, "__call__"): cls.__call__ for cls in _CAPTURED + _EXTRA}
+    originals[(nnx.Embed, "attend")] = nnx.Embed.attend
     try:
-        for cls, orig in originals.items():
-            setattr(cls, "__call__", recorder.wrap(cls, orig))  # noqa: B010
+        for (cls, name), orig in originals.items():
+            setattr(cls, name, recorder.wrap(cls, orig, name))
         yield recorder
     finally:
-        for cls, orig in originals.items():
-            setattr(cls, "__call__", orig)  # noqa: B010
+        for (cls, name), orig in originals.items():
+            setattr(cls, name, orig)
 
 
 def _key(path: tuple) -> str:
@@ -676,7 +728,14 @@ def _layer_paths(
     """
     paths, tuples, biases = {}, {}, {}
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, _CAPTURED):
+        if isinstance(node, _EXTRA) and _extra_params(node):  # norms, embeddings: own blocks
+            key = _key(tuple(path))
+            if diagonal is not None and diagonal(key, node):
+                continue
+            _check_extra(node, key)
+            paths[id(node)] = key
+            tuples[key] = tuple(path)
+        elif isinstance(node, _CAPTURED):
             key = _key(tuple(path))
             if diagonal is not None and diagonal(key, node):
                 continue
@@ -691,7 +750,15 @@ def _layer_paths(
 
 
 def _slice_ndim(module: nnx.Module) -> int:
-    """The number of axes of one layer's own kernel (without stacked layer axes)."""
+    """The number of axes of one layer's own kernel (without stacked layer axes).
+
+    For an embedding its table ``(vocabulary, features)``, for a norm layer its
+    scale or bias ``(features,)``.
+    """
+    if isinstance(module, nnx.Embed):
+        return 2
+    if isinstance(module, _NORMS):
+        return 1
     if isinstance(module, (nnx.Conv, nnx.Einsum)):
         return len(module.kernel_shape)
     if isinstance(module, nnx.LinearGeneral):
@@ -707,7 +774,10 @@ def _stack_shape(module: Any, path: str) -> tuple[int, ...]:
     ``(L, *kernel)``; its statistics are one pair of factors per slice, the layer
     axes being batch axes of the kernel.
     """
-    shape = tuple(module.kernel.shape)
+    if isinstance(module, _EXTRA):
+        shape = tuple(getattr(module, _extra_params(module)[0]).shape)
+    else:
+        shape = tuple(module.kernel.shape)
     s = len(shape) - _slice_ndim(module)
     if s < 0:
         raise ValueError(
@@ -763,13 +833,17 @@ def _check_diagonal_names(model: nnx.Module, diagonal: Any) -> None:
     """Every path named in a sequence ``diagonal`` must be a captured layer of ``model``."""
     if callable(diagonal):
         return
-    layers = [_key(tuple(p)) for p, node in nnx.iter_graph(model) if isinstance(node, _CAPTURED)]
+    layers = [
+        _key(tuple(p))
+        for p, node in nnx.iter_graph(model)
+        if isinstance(node, _CAPTURED) or (isinstance(node, _EXTRA) and _extra_params(node))
+    ]
     for name in diagonal:
         if name.strip("/") not in layers:
             raise ValueError(
                 f"diagonal names {name!r}, which is not a captured layer of the model "
-                f"(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum); its captured "
-                f"layers are {layers}."
+                f"(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, "
+                f"nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm); its captured layers are {layers}."
             )
 
 
@@ -778,32 +852,37 @@ def _attach(
     keys: Any,
     perturbations: dict[str, jax.Array] | None,
     features: dict[str, jax.ShapeDtypeStruct],
-) -> dict[str, tuple[Any, jax.Array]]:
+    uses: dict[str, int] | None = None,
+) -> dict[str, tuple[Any, jax.Array, str]]:
     """Marks the captured layers of the merged model ``m`` for the :class:`_Recorder`.
 
     Every layer whose path is in ``keys`` gets its path as a static attribute; with
-    ``perturbations``, also its perturbation and a placeholder for its features
-    (``features[key]``: their full shape, stacked layer axes first) as variables.
-    Returns ``key -> (layer, placeholder)``: a placeholder still in place after the
-    forward pass means the features never reached ``m`` (see :func:`_collect`).
+    ``perturbations``, also per use (``uses[key]`` of them, one by default) its
+    perturbation and a placeholder for its features (``features[use]``: their full
+    shape, stacked layer axes first) as variables (:func:`_use_attrs`).
+    Returns ``use -> (layer, placeholder, attribute)``: a placeholder still in
+    place after the forward pass means the features never reached ``m`` (see
+    :func:`_collect`).
     """
     attached = {}
     trace = next(_TRACES)
     for path, node in list(nnx.iter_graph(m)):
         key = _key(tuple(path))
-        if not isinstance(node, _CAPTURED) or key not in keys:
+        if not isinstance(node, _CAPTURED + _EXTRA) or key not in keys:
             continue
         setattr(node, _PATH_ATTR, key)
         setattr(node, _TRACE_ATTR, trace)
         if perturbations is not None:
-            placeholder = jnp.zeros(features[key].shape, features[key].dtype)
-            setattr(node, _E_ATTR, _KfacPerturbation(perturbations[key]))
-            setattr(node, _X_ATTR, _KfacFeatures(placeholder))
-            attached[key] = (node, placeholder)
+            for k in range((uses or {}).get(key, 1)):
+                use, (e_attr, x_attr) = _use_key(key, k), _use_attrs(k)
+                placeholder = jnp.zeros(features[use].shape, features[use].dtype)
+                setattr(node, e_attr, _KfacPerturbation(perturbations[use]))
+                setattr(node, x_attr, _KfacFeatures(placeholder))
+                attached[use] = (node, placeholder, x_attr)
     return attached
 
 
-def _collect(attached: dict[str, tuple[Any, jax.Array]]) -> dict[str, jax.Array]:
+def _collect(attached: dict[str, tuple[Any, jax.Array, str]]) -> dict[str, jax.Array]:
     """Each layer's recorded features, read back from the merged model after the forward pass.
 
     Raises:
@@ -813,11 +892,11 @@ def _collect(attached: dict[str, tuple[Any, jax.Array]]) -> dict[str, jax.Array]
         layer called on a copy of the model).
     """
     feats = {}
-    for key, (node, placeholder) in attached.items():
-        value = getattr(node, _X_ATTR).get_value()
+    for key, (node, placeholder, x_attr) in attached.items():
+        value = getattr(node, x_attr).get_value()
         if value is placeholder:
             raise ValueError(
-                f"layer {key}: its call was seen, but its statistics did not reach the model: "
+                f"layer {_layer_of(key)}: its call was seen, but its statistics did not reach the model: "
                 "it was applied inside a transform that does not write its state back (a "
                 "layer broadcast across nnx.scan or nnx.vmap iterations, i.e. used several "
                 "times, or called on a copy of the model); K-FAC capture needs each layer "
@@ -858,7 +937,10 @@ def kfac_dimension_numbers(
     Returns:
       A callable ``tree -> spec tree`` (kfac calls it with the params or updates
       tree): each captured kernel gets ``DimensionNumbers((input axes), (output
-      axes), (batch axes))``, its bias a ``FoldedBias`` (or its own block), every
+      axes), (batch axes))``, its bias a ``FoldedBias`` (or its own block), an
+      ``nnx.Embed`` table a :class:`layerwise_optax.DiagonalFactors` (its input
+      factor, the token counts, kept diagonal), a norm layer's scale and shift
+      ``None`` (their statistics are :class:`layerwise_optax.KfacDiagonal`), every
       other leaf kfac's default. The batch axes are the per-head slice axes and,
       for a stacked layer (created with ``nnx.vmap``, ``L`` leading layer axes),
       those layer axes first: ``batch_axes=(0, ..., L - 1, *head axes + L)``, all
@@ -890,18 +972,24 @@ def kfac_dimension_numbers(
     _checks.boolean("fold_biases", fold_biases)
     skip = _diagonal_rule(diagonal)
     _check_diagonal_names(model, diagonal)
-    layouts = {}
+    layouts, extras = {}, {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, _CAPTURED):
             key = _key(tuple(path))
             if not skip(key, node):
                 layouts[key] = _stacked_layout(node, key)
+        elif isinstance(node, _EXTRA) and _extra_params(node):
+            key = _key(tuple(path))
+            if not skip(key, node):
+                extras[key] = (node, _stack_shape(node, key))
 
     def spec(path, leaf):
         if _is_masked(leaf):
             return None
         names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
+        if layer in extras:
+            return _extra_spec(*extras[layer], kind, leaf)
         layout, stack = layouts.get(layer, (None, ()))
         stacked = tuple(range(len(stack)))  # stacked layers: the layer axes are batch axes
         if layout is not None and kind == "kernel":
@@ -1044,14 +1132,20 @@ def _node_at(model: nnx.Module, path: tuple) -> Any:
     return next(node for p, node in nnx.iter_graph(model) if tuple(p) == path)
 
 
-def _set_diagonal(tree: dict, path: tuple, has_bias: bool) -> None:
-    """``None`` (the diagonal Fisher, on purpose) at a layer's kernel and bias in ``tree``."""
+def _param_names(node: Any) -> tuple[str, ...]:
+    """The parameter leaves of a captured layer: kernel (and bias), or a norm's/table's."""
+    if isinstance(node, _EXTRA):
+        return _extra_params(node)
+    return ("kernel", "bias") if getattr(node, "bias", None) is not None else ("kernel",)
+
+
+def _set_diagonal(tree: dict, path: tuple, names: tuple[str, ...]) -> None:
+    """``None`` (the diagonal Fisher, on purpose) at a layer's parameter leaves ``names``."""
     node = tree
     for key in path:
         node = node.setdefault(key, {})
-    node["kernel"] = None
-    if has_bias:
-        node["bias"] = None
+    for name in names:
+        node[name] = None
 
 
 def kfac_value_and_grad(
@@ -1213,33 +1307,47 @@ def kfac_value_and_grad(
         _, tuples, biases = _layer_paths(model, skip)
         stacks, heads, diagonal_layers = {}, {}, {}
         for path, node in nnx.iter_graph(model):
-            if isinstance(node, _CAPTURED):
+            if isinstance(node, _CAPTURED + _EXTRA):
                 key_ = _key(tuple(path))
                 if key_ in tuples:
                     stacks[key_] = _stack_shape(node, key_)  # leading layer axes (nnx.vmap)
-                    heads[key_] = len(_layout(node, key_).batch)  # per-head slice axes
-                else:
-                    diagonal_layers[key_] = (tuple(path), getattr(node, "bias", None) is not None)
+                    if isinstance(node, _CAPTURED):
+                        heads[key_] = len(_layout(node, key_).batch)  # per-head slice axes
+                elif isinstance(node, _CAPTURED) or _extra_params(node):
+                    diagonal_layers[key_] = (tuple(path), _param_names(node))
+        if not tuples and not diagonal_layers:
+            raise ValueError(
+                "kfac_value_and_grad: no layer of the model produced statistics (none of "
+                "nnx.Linear, Conv, LinearGeneral, Einsum, Embed, LayerNorm, RMSNorm or "
+                "BatchNorm was called by model_fn); K-FAC would precondition nothing."
+            )
+        stacked = frozenset(k for k, st in stacks.items() if st)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        # Per layer, the map from its output to (rows, d_out): Python callables, so they
-        # travel beside the traced values rather than through them.
+        # Per use of a layer, the map from its output to (rows, d_out), and what a norm or
+        # an embedding records: Python values, so they travel beside the traced values.
         out_rows: dict[str, Callable] = {}
+        kinds: dict[str, tuple] = {}
         features: dict[str, jax.ShapeDtypeStruct] = {}
+        uses: dict[str, int] = {}
 
         def forward(p, perturbations, recorder=None):
-            # copy: Variables of this trace (RNG counts mutate inside nnx.scan bodies).
+            # copy: Variables of this trace (RNG counts mutate inside nnx.scan bodies,
+            # BatchNorm's running averages in train mode).
             m = nnx.merge(graphdef, p, rest, copy=True)
             # nnx.merge builds new module objects: mark the captured layers of this copy.
-            rec = recorder or _Recorder(perturbations)
-            attached = _attach(m, tuples, perturbations, features)
+            rec = recorder or _Recorder(perturbations, stacked)
+            attached = _attach(m, tuples, perturbations, features, uses)
             with _patched(rec):
                 outputs = model_fn(m, inputs)
             out_rows.update(rec.out_rows)
-            return outputs, _collect(attached)
+            kinds.update(rec.kinds)
+            # The non-parameter state after the pass (BatchNorm's running averages, RNG
+            # counts) rides with the features, to be written back to the model.
+            return outputs, {**_collect(attached), _STATE: nnx.split(m, nnx.Param, ...)[2]}
 
-        # Shapes of every layer's output and features per slice, so the perturbations
+        # Shapes of every use's output and features per slice, so the perturbations
         # and feature placeholders can be zeros of that shape, stacked layer axes first.
-        shape_pass = _Recorder(None)
+        shape_pass = _Recorder(None, stacked)
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
         for key_ in tuples:
             if key_ not in shape_pass.slices:
@@ -1250,15 +1358,17 @@ def kfac_value_and_grad(
                     "it would get no statistics. Pass diagonal=[path] to give it the diagonal "
                     "Fisher on purpose."
                 )
+        uses.update(shape_pass.calls)
         slices = shape_pass.slices
         features.update(
             {
-                k: jax.ShapeDtypeStruct(stacks[k] + s.features.shape, s.features.dtype)
-                for k, s in slices.items()
+                u: jax.ShapeDtypeStruct(stacks[_layer_of(u)] + s.features.shape, s.features.dtype)
+                for u, s in slices.items()
             }
         )
         zeros = {
-            k: jnp.zeros(stacks[k] + s.output.shape, s.output.dtype) for k, s in slices.items()
+            u: jnp.zeros(stacks[_layer_of(u)] + s.output.shape, s.output.dtype)
+            for u, s in slices.items()
         }
         n = jax.tree.leaves(inputs)[0].shape[0]
         if statistics == "empirical":
@@ -1275,12 +1385,14 @@ def kfac_value_and_grad(
             value, grads, feats, deltas = _gauss_newton(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
+        nnx.update(model, feats.pop(_STATE))
         if statistics_batch_size is not None:
             feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size, stacks)
+        feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n, heads)
         stats = _stats_tree(
             feats,
             deltas,
-            out_rows,
+            rows,
             n,
             tuples,
             biases,
@@ -1289,8 +1401,9 @@ def kfac_value_and_grad(
             heads,
             sequence_statistics == "reduce",
         )
-        for path, has_bias in diagonal_layers.values():
-            _set_diagonal(stats, path, has_bias)
+        _merge_stats(stats, _extra_stats(extra, kinds, n, tuples, stacks))
+        for path, names in diagonal_layers.values():
+            _set_diagonal(stats, path, names)
         return value, grads, stats
 
     return fn
@@ -1417,3 +1530,272 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets, loss_name):
         alone = jnp.reshape(jnp.eye(count, dtype=outputs.dtype), (count, 1, 1) + positions + (1,))
         cols = jnp.reshape(alone * cols[None], (count * cols.shape[0],) + outputs.shape)
     return value, grads, feats, jax.vmap(lambda ct: pullback(ct)[1])(cols)
+
+
+# ----------------------------------------------------------- norms, embeddings, reused layers
+#
+# Normalization layers (``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.BatchNorm``) get the
+# exact diagonal Fisher of their scale and shift (:class:`layerwise_optax.KfacDiagonal`):
+# the wrapped call records the normalized input ``x̂`` (before scale and shift) and
+# perturbs the output, so the per-example gradients ``Σ_t δ_t ⊙ x̂_t`` and ``Σ_t δ_t`` come
+# from the same pass. ``nnx.Embed`` gets ``A = diag(counts) / n`` (the exact covariance
+# of one-hot inputs, kept as a diagonal) and ``B = E[δ δ^T]``; ``Embed.attend`` (the
+# table as the output head, ``x E^T``) is another use of the same table. Their
+# recorded values and perturbations travel through the same per-use module variables
+# as the kernels' (:func:`_attach`), so stacked norms inside ``nnx.scan`` get one
+# block per slice.
+#
+# Reuse rule (a layer called several times per forward pass, a table used by
+# ``__call__`` and ``attend``): the uses are treated as extra positions, as KFC treats
+# the positions of a sequence. In the table's own orientation every use contributes its
+# rows to ``A = (1/n) Σ_rows u u^T`` (input side) and ``B = (1/R) Σ_rows v v^T`` (output
+# side, ``R`` = rows of all uses); for ``attend`` the input side is the logits'
+# gradients and the output side the queries. A layer called on ``x1`` and ``x2`` thus
+# gets exactly the statistics of one call on the rows of both, and ``A ⊗ B`` equals the
+# sum of the uses' own K-FAC blocks ``Σ_u A_u ⊗ B_u`` when their ``B_u`` are equal. A
+# norm layer's diagonal Fisher is exact for any reuse: its per-example gradients are
+# summed over the uses before squaring. Only unstacked layers may be reused.
+
+
+def _extra_params(module: Any) -> tuple[str, ...]:
+    """The parameter leaves of a norm layer or an embedding that get statistics."""
+    if isinstance(module, nnx.Embed):
+        return ("embedding",)
+    return tuple(n for n in ("scale", "bias") if getattr(module, n, None) is not None)
+
+
+def _feature_axes(module: Any, ndim: int) -> tuple[int, ...]:
+    axes = module.axis if isinstance(module, nnx.BatchNorm) else module.feature_axes
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _check_extra(module: nnx.Module, path: str) -> None:
+    """Refuses, by path, norm layers whose parameters are not per-feature over the examples."""
+    if isinstance(module, _NORMS) and getattr(module, "axis_name", None) is not None:
+        raise ValueError(
+            f"layer {path}: a norm layer with axis_name (statistics over devices) cannot "
+            "be captured: its per-example gradients need the whole batch on one device."
+        )
+
+
+def _normalized_input(module: Any, x: jax.Array, path: str, args, kwargs) -> jax.Array:
+    """``x̂``: a norm layer's input normalized as the layer does, before scale and shift."""
+    from flax.nnx.nn import normalization as norm  # the layer's own statistics code
+
+    feature_axes = _feature_axes(module, x.ndim)
+    if 0 in feature_axes:
+        raise ValueError(
+            f"layer {path}: its features include axis 0, the examples axis, so its scale "
+            "and shift have no per-example gradients."
+        )
+    mask = kwargs.get("mask")
+    (x,) = module.promote_dtype((x,), dtype=module.dtype)
+    if isinstance(module, nnx.BatchNorm):
+        reduction = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        running = args[0] if args else kwargs.get("use_running_average")
+        running = module.use_running_average if running is None else running
+        if running:
+            mean, var = module.mean[...], module.var[...]
+        else:
+            mean, var = norm._compute_stats(
+                x,
+                reduction,
+                dtype=module.dtype,
+                axis_index_groups=module.axis_index_groups,
+                use_fast_variance=module.use_fast_variance,
+                mask=mask,
+            )
+    else:
+        reduction = module.reduction_axes
+        mean, var = norm._compute_stats(
+            x,
+            reduction,
+            module.dtype,
+            None,
+            module.axis_index_groups,
+            use_mean=not isinstance(module, nnx.RMSNorm),
+            use_fast_variance=module.use_fast_variance,
+            mask=mask,
+        )
+    xhat = norm._normalize(
+        x, mean, var, None, None, reduction, feature_axes, module.dtype, module.epsilon
+    )
+    return jax.lax.stop_gradient(xhat)
+
+
+def _extra_features(
+    module: Any, name: str, x: jax.Array, path: str, args, kwargs
+) -> tuple[jax.Array, tuple]:
+    """What a norm layer's or an embedding's call ``name`` records: ``(values, kind)``.
+
+    A norm layer: ``x̂`` and ``('norm', feature axes, scale shape, bias shape)``; a
+    lookup: the ids and ``('lookup', vocabulary)``; ``attend``: the queries and
+    ``('attend', vocabulary)``.
+    """
+    if isinstance(module, _NORMS):
+        scale = getattr(module, "scale", None)
+        bias = getattr(module, "bias", None)
+        kind = (
+            "norm",
+            _feature_axes(module, x.ndim),
+            None if scale is None else tuple(scale.shape),
+            None if bias is None else tuple(bias.shape),
+        )
+        return _normalized_input(module, x, path, args, kwargs), kind
+    if name == "attend":
+        return jax.lax.stop_gradient(x), ("attend", module.num_embeddings)
+    return x, ("lookup", module.num_embeddings)
+
+
+def _extra_spec(module: nnx.Module, stack: tuple[int, ...], kind: str, leaf: Any) -> Any:
+    """``kfac_dimension_numbers``' entry for a leaf of a norm layer or an embedding.
+
+    The table of ``nnx.Embed`` is a kernel ``(*stack, vocabulary, features)`` whose
+    input factor is kept diagonal (the layer axes of a stacked table are batch
+    axes); the scale and shift of a norm layer have no factors (their statistics
+    are :class:`layerwise_optax.KfacDiagonal`).
+    """
+    s = len(stack)
+    if isinstance(module, nnx.Embed) and kind == "embedding":
+        return DiagonalFactors(DimensionNumbers(((s,), (s + 1,)), tuple(range(s))), (0,))
+    if isinstance(module, _NORMS) and kind in ("scale", "bias"):
+        return None
+    return default_kernel_dimension_numbers(tuple(leaf.shape))
+
+
+def _kernel_uses(feats: dict, deltas: dict, out_rows: dict, kinds: dict, n: int, heads: dict):
+    """Kernel uses combined per layer (the reuse rule), and the other uses.
+
+    A kernel layer used once keeps its entries; one used several times (never a
+    stacked layer: the recorder refuses those) gets its uses' rows concatenated
+    along the positions, ``(n, rows, d)`` features and ``(samples, n, rows, d_out)``
+    output gradients, with an identity row map. Returns ``(features, output
+    gradients, row maps, other uses)``.
+
+    Raises:
+      ValueError: A per-head (sliced) kernel used more than once, named by its path.
+    """
+    kernel = [u for u in feats if u not in kinds]
+    extra = {u: (feats[u], deltas[u]) for u in feats if u in kinds}
+    by_layer: dict[str, list[str]] = {}
+    for u in kernel:
+        by_layer.setdefault(_layer_of(u), []).append(u)
+    out_f, out_d, rows = {}, {}, {}
+    for layer, uses in by_layer.items():
+        if uses == [layer]:
+            out_f[layer], out_d[layer], rows[layer] = feats[layer], deltas[layer], out_rows[layer]
+            continue
+        if heads.get(layer, 0):
+            raise ValueError(
+                f"layer {layer} is used {len(uses)} times per forward pass; a per-head "
+                "(sliced) kernel used more than once is not supported. Pass "
+                f"diagonal=[{layer!r}] to give it the diagonal Fisher on purpose."
+            )
+        xs, ds = [], []
+        for u in uses:
+            x, d = feats[u], jax.vmap(out_rows[u])(deltas[u])
+            xs.append(jnp.reshape(x, (n, -1, x.shape[-1])))
+            ds.append(jnp.reshape(d, (d.shape[0], n, -1, d.shape[-1])))
+        out_f[layer] = jnp.concatenate(xs, axis=1)
+        out_d[layer] = jnp.concatenate(ds, axis=2)
+        rows[layer] = _identity
+    return out_f, out_d, rows, extra
+
+
+def _per_slice(x: jax.Array, delta: jax.Array, stack: tuple[int, ...]):
+    """A use's values ``(*stack, ...)`` and output gradients ``(samples, *stack, ...)``
+    with the layer axes flattened in front: ``(slices, ...)``, ``(slices, samples, ...)``."""
+    s = len(stack)
+    count = math.prod(stack)
+    x = jnp.reshape(x, (count,) + x.shape[s:])
+    delta = jnp.moveaxis(delta, 0, s)
+    return x, jnp.reshape(delta, (count,) + delta.shape[s:])
+
+
+def _norm_grads(xhat: jax.Array, delta: jax.Array, axes: tuple[int, ...]):
+    """Per-example gradients of one slice's scale and shift: ``(samples, n, *features)``."""
+    reduce = tuple(1 + a for a in range(1, xhat.ndim) if a not in axes)
+    d32 = delta.astype(jnp.float32)
+    return (
+        jnp.sum(d32 * xhat.astype(jnp.float32)[None], axis=reduce),
+        jnp.sum(d32, axis=reduce),
+    )
+
+
+def _embedding_sums(x, delta, kind: str, vocab: int):
+    """One slice's use of a table: ``(counts side (vocabulary,), features side sum)``."""
+    hi = jax.lax.Precision.HIGHEST
+    d32 = delta.astype(jnp.float32)
+    if kind == "lookup":
+        # One-hot rows: the input side's second moment is the diagonal of counts.
+        a = jnp.zeros((vocab,), jnp.float32).at[jnp.ravel(x)].add(1.0, mode="drop")
+        v = jnp.reshape(d32, (-1, d32.shape[-1]))
+    else:
+        # attend: x E^T, so the logits' gradients are the table's input side.
+        a = jnp.sum(jnp.reshape(jnp.square(d32), (-1, vocab)), axis=0)
+        v = jnp.reshape(x.astype(jnp.float32), (-1, x.shape[-1]))
+    return a, jnp.matmul(v.T, v, precision=hi)
+
+
+def _extra_stats(extra: dict, kinds: dict, n: int, tuples: dict, stacks: dict) -> dict:
+    """Statistics of the norm layers and embeddings, keyed like the params.
+
+    ``extra[use] = (values, output gradients (samples, *stack, n, ...))``. A norm
+    layer: :class:`layerwise_optax.KfacDiagonal` at its scale and bias, ``(1/n) Σ_i
+    g_i²`` with the per-example gradients summed over samples of the output
+    gradient (one sample, or one per output unit for Gauss-Newton) and over the
+    layer's uses. An embedding: :class:`layerwise_optax.KfacFactors` with ``a`` the
+    diagonal ``(vocabulary,)`` and ``g`` the ``(features, features)`` factor, by the
+    reuse rule. A stacked layer (``stacks[layer]``, leading layer axes) gets these
+    per slice, stacked.
+    """
+    by_layer: dict[str, list[str]] = {}
+    for u in extra:
+        by_layer.setdefault(_layer_of(u), []).append(u)
+    tree: dict = {}
+    for layer, uses in by_layer.items():
+        stack = stacks.get(layer, ())
+        node = tree
+        for key in tuples[layer]:
+            node = node.setdefault(key, {})
+        if kinds[uses[0]][0] == "norm":
+            _, _, scale_shape, bias_shape = kinds[uses[0]]
+            g_scale, g_bias = 0.0, 0.0
+            for u in uses:
+                x, d = _per_slice(*extra[u], stack)
+                gs, gb = jax.vmap(functools.partial(_norm_grads, axes=kinds[u][1]))(x, d)
+                g_scale, g_bias = g_scale + gs, g_bias + gb  # (slices, samples, n, *features)
+            for name, shape, g in (("scale", scale_shape, g_scale), ("bias", bias_shape, g_bias)):
+                if shape is not None:
+                    f = jnp.sum(jnp.square(g), axis=(1, 2)) / n
+                    node[name] = KfacDiagonal(jnp.reshape(f, stack + shape))
+            continue
+        vocab = kinds[uses[0]][1]
+        a, g_sum, rows = 0.0, 0.0, 0
+        for u in uses:
+            x, d = _per_slice(*extra[u], stack)
+            sums = functools.partial(_embedding_sums, kind=kinds[u][0], vocab=vocab)
+            au, gu = jax.vmap(sums)(x, d)
+            a, g_sum = a + au, g_sum + gu
+            rows += _embedding_rows(x[0], kinds[u][0])
+        a = jnp.reshape(a / n, stack + (vocab,))
+        g = jnp.reshape(g_sum / rows, stack + g_sum.shape[1:])
+        node["embedding"] = KfacFactors(a, g)
+    return tree
+
+
+def _embedding_rows(x: jax.Array, kind: str) -> int:
+    """The rows one slice's use contributes to the features side (static)."""
+    if kind == "lookup":
+        return x.size
+    return math.prod(x.shape[:-1])
+
+
+def _merge_stats(tree: dict, other: dict) -> None:
+    """Adds the entries of ``other`` (nested dicts) into ``tree`` in place."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_stats(tree[key], value)
+        else:
+            tree[key] = value
