@@ -1,0 +1,269 @@
+"""Issue 16's acceptance test: a GPT-style model trains with ``lo.kfac``, every leaf a K-FAC block.
+
+Tied input embedding and output head (``Embed.attend``), pre-LayerNorm blocks with
+``nnx.MultiHeadAttention`` and an MLP, 4 blocks created with ``nnx.vmap`` and applied
+with ``nnx.scan``; plus the scanned norms' statistics against the unrolled twin and
+``statistics_batch_size`` on a scanned model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import layerwise_optax as lo  # noqa: E402
+from layerwise_optax import flax as lof  # noqa: E402
+
+VOCAB, D, HEADS, LAYERS, N, T = 12, 16, 2, 4, 16, 8
+_ENTRY = (lo.KfacFactors, lo.KfacDiagonal, lo.FoldedBias)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm: ``x + attn(ln1(x))``, then ``x + down(gelu(up(ln2(x))))``."""
+
+    def __init__(self, rngs):
+        self.ln1 = nnx.LayerNorm(D, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=HEADS, in_features=D, qkv_features=D, decode=False, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(D, rngs=rngs)
+        self.up = nnx.Linear(D, 2 * D, rngs=rngs)
+        self.down = nnx.Linear(2 * D, D, rngs=rngs)
+
+    def __call__(self, x, mask):
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class GPT(nnx.Module):
+    def __init__(self, rngs, remat=False):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(rngs)
+
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.blocks = make(rngs)
+        self.ln_f = nnx.LayerNorm(D, rngs=rngs)
+        self.remat = remat
+
+    def __call__(self, ids):
+        mask = nnx.make_causal_mask(ids)
+
+        def body(x, block):
+            return block(x, mask)
+
+        if self.remat:
+            body = nnx.remat(body)
+        scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        x = scan(self.embed(ids), self.blocks)
+        return self.embed.attend(self.ln_f(x))  # tied output head
+
+
+def _tokens(key, n=N):
+    """Sequences of the map ``t -> (5 t + 3) mod V``: inputs and next tokens."""
+    start = jax.random.randint(key, (n, 1), 0, VOCAB)
+    seq = [start]
+    for _ in range(T):
+        seq.append((5 * seq[-1] + 3) % VOCAB)
+    seq = jnp.concatenate(seq, axis=1)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _block_types(stats) -> dict[str, str]:
+    """``path -> block type`` of every entry of a statistics tree (``None`` kept)."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        stats, is_leaf=lambda x: x is None or isinstance(x, _ENTRY)
+    )[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): type(e).__name__ for p, e in flat}
+
+
+def _param_paths(model) -> list[str]:
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    return sorted(jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat)
+
+
+def test_gpt_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
+    model = GPT(nnx.Rngs(0))
+    ids, targets = _tokens(jax.random.key(0))
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
+    stats = nnx.eval_shape(lambda m: grad_fn(m, ids, targets)[2], model)
+    # Which block each param leaf gets: no leaf missing, none None (no fallback).
+    types = _block_types(stats)
+    assert sorted(types) == _param_paths(model)
+    assert "NoneType" not in types.values(), types
+    assert types["embed/embedding"] == "KfacFactors"
+    for name in ("ln1/scale", "ln1/bias", "ln2/scale", "ln_f/scale"):
+        path = name if name.startswith("ln_f") else f"blocks/{name}"
+        assert types[path] == "KfacDiagonal"
+    for name in ("query", "key", "value", "out"):
+        assert types[f"blocks/attn/{name}/kernel"] == "KfacFactors"
+        assert types[f"blocks/attn/{name}/bias"] == "FoldedBias"
+    # Stacked: one block per layer slice (the LayerNorm scale (L, D) a (L, D) diagonal).
+    assert stats["blocks"]["ln1"]["scale"].fisher.shape == (LAYERS, D)
+    assert stats["blocks"]["up"]["kernel"].a.shape == (LAYERS, D + 1, D + 1)
+    assert stats["embed"]["embedding"].a.shape == (VOCAB,)
+
+    dims = lof.kfac_dimension_numbers(model)
+    specs = dims(nnx.state(model, nnx.Param))
+    assert specs["embed"]["embedding"].get_value() == lo.DiagonalFactors(
+        lo.DimensionNumbers(((0,), (1,))), (0,)
+    )
+    assert specs["blocks"]["ln1"]["scale"].get_value() is None
+    opt = nnx.Optimizer(model, lo.kfac(0.1, dimension_numbers=dims), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, grads, stats = grad_fn(model, ids, targets)
+        opt.update(model, grads, kfac_stats=stats)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(20)]
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-1] < 0.3 * losses[0], losses[::4]
+    report = lo.failure_report(opt.opt_state)
+    assert report.skipped == 0 and report.failed == 0
+    # The diagonal fallback never ran: its second moment stays zero at every kernel.
+    nu = opt.opt_state[0].nu
+    np.testing.assert_array_equal(nu["blocks"]["up"]["kernel"][...], 0.0)
+    np.testing.assert_array_equal(nu["embed"]["embedding"][...], 0.0)
+    assert float(jnp.min(nu["blocks"]["ln1"]["scale"][...])) > 0.0
+
+
+class NormBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.ln = nnx.LayerNorm(D, rngs=rngs)
+        self.rms = nnx.RMSNorm(D, rngs=rngs)
+        self.lin = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.rms(jnp.tanh(self.lin(self.ln(x))))
+
+
+class ScannedNorms(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NormBlock(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        return nnx.scan(lambda h, b: b(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+            x, self.blocks
+        )
+
+
+class UnrolledNorms(nnx.Module):
+    def __init__(self, scanned):
+        self.blocks = nnx.List([NormBlock(nnx.Rngs(i)) for i in range(LAYERS)])
+        stacked = nnx.state(scanned.blocks, nnx.Param)
+        for i, b in enumerate(self.blocks):
+            nnx.update(b, jax.tree.map(lambda a, i=i: a[i], stacked))
+
+    def __call__(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _perturbed(model, key):
+    """Norm scales and biases away from 1 and 0, so the slices differ."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    nnx.update(
+        model,
+        treedef.unflatten([p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]),
+    )
+    return model
+
+
+@pytest.mark.parametrize("statistics", ["empirical", "gauss_newton"])
+def test_scanned_norm_statistics_equal_the_unrolled_twin(statistics):
+    model = _perturbed(ScannedNorms(nnx.Rngs(0)), jax.random.key(3))
+    twin = UnrolledNorms(model)
+    x = jax.random.normal(jax.random.key(0), (4, 3, D))
+    y = jax.random.normal(jax.random.key(1), (4, 3, D))
+    np.testing.assert_allclose(model(x), twin(x), rtol=1e-5, atol=1e-6)
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics=statistics)
+    stats, twin_stats = f(model, x, y)[2], f(twin, x, y)[2]
+    for name in ("ln", "rms"):
+        for leaf in ("scale", "bias") if name == "ln" else ("scale",):
+            got = stats["blocks"][name][leaf]
+            assert isinstance(got, lo.KfacDiagonal) and got.fisher.shape == (LAYERS, D)
+            want = np.stack([twin_stats["blocks"][i][name][leaf].fisher for i in range(LAYERS)])
+            np.testing.assert_allclose(got.fisher, want, rtol=2e-5, atol=1e-8)
+            assert not np.allclose(want[0], want[1])  # the slices differ
+    want_a = np.stack([twin_stats["blocks"][i]["lin"]["kernel"].a for i in range(LAYERS)])
+    np.testing.assert_allclose(stats["blocks"]["lin"]["kernel"].a, want_a, rtol=2e-5, atol=1e-6)
+
+
+def test_scanned_norm_statistics_match_a_float64_per_example_reference():
+    """The stacked LayerNorm's diagonal Fisher is (1/n) Σ_i g_i² of each slice's per-example grads."""
+    with jax.enable_x64(True):
+        model = _perturbed(ScannedNorms(nnx.Rngs(0)), jax.random.key(3))
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), params))
+        x = jax.random.normal(jax.random.key(0), (3, 2, D), jnp.float64)
+        y = jax.random.normal(jax.random.key(1), (3, 2, D), jnp.float64)
+        stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)[2]
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def example_loss(p, xi, yi):
+            return lof.mse(nnx.merge(graphdef, p, rest)(xi[None]), yi[None])
+
+        per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, y)
+        g = per_example["blocks"]["ln"]["scale"][...]  # (n, L, D)
+        want = np.mean(np.asarray(g) ** 2, axis=0)
+        # The capture accumulates its statistics in float32.
+        np.testing.assert_allclose(stats["blocks"]["ln"]["scale"].fisher, want, rtol=1e-5)
+        b = np.asarray(per_example["blocks"]["rms"]["scale"][...])
+        np.testing.assert_allclose(
+            stats["blocks"]["rms"]["scale"].fisher, np.mean(b**2, axis=0), rtol=1e-5
+        )
+
+
+def test_statistics_batch_size_on_a_scanned_model_equals_the_first_examples_capture():
+    model = GPT(nnx.Rngs(1))
+    ids, targets = _tokens(jax.random.key(2), n=8)
+    m = 3
+    f = lambda **kw: lof.kfac_value_and_grad(lambda mod, x: mod(x), "softmax_cross_entropy", **kw)  # noqa: E731
+    loss, grads, sub = f(statistics_batch_size=m)(model, ids, targets)
+    full_loss, full_grads, _ = f()(model, ids, targets)
+    # The loss and the gradient stay the whole batch's.
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The first m examples captured alone: the same statistics. Their loss is the mean
+    # over m examples, and the per-example output gradients n dL/dz do not depend on n.
+    want = f()(model, ids[:m], targets[:m])[2]
+    got_leaves = jax.tree_util.tree_flatten_with_path(sub, is_leaf=lambda x: x is None)[0]
+    want_leaves = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: x is None)[0])
+    assert len(got_leaves) == len(want_leaves)
+    for path, leaf in got_leaves:
+        np.testing.assert_allclose(
+            leaf, want_leaves[path], rtol=2e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def test_a_stacked_layer_called_twice_in_a_scanned_body_is_refused_by_path():
+    class Twice(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=LAYERS)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return nnx.LayerNorm(D, rngs=rngs)
+
+            self.norms = make(rngs)
+
+        def __call__(self, x):
+            body = nnx.scan(lambda h, n: n(n(h)), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            return body(x, self.norms)
+
+    x = jnp.ones((2, D))
+    with pytest.raises(ValueError, match="layer norms is called more than once"):
+        lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(Twice(nnx.Rngs(0)), x, x)
