@@ -264,6 +264,10 @@ class ScaleByKfacState(NamedTuple):
         accumulation not yet emitted (:func:`layerwise_optax.multi_steps`), same
         layout as ``factors``; zero outside an accumulation.
       pending_count: int32 scalar, the number of mini-steps in ``pending``.
+      diagonal: Per leaf a bool scalar, whether its last statistics were a
+        :class:`KfacDiagonal` block (params tree): on a step without statistics
+        (``statistics_frequency > 1``) such a leaf steps with its kept EMA in
+        ``nu``, not the fallback.
 
     In the owner layout (``state_layout`` of :func:`scale_by_kfac`)
     ``factors``, ``inverses`` and ``pending`` are grouped
@@ -287,6 +291,7 @@ class ScaleByKfacState(NamedTuple):
     failures: _failure.FailureCounts
     pending: optax.Updates
     pending_count: jax.Array
+    diagonal: Any = None
 
 
 def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionNumbers | None:
@@ -600,18 +605,20 @@ def scale_by_kfac(
                 # A step without statistics: no diagonal blocks are known (see
                 # _no_new_stats); leaves without a K-FAC layout take the fallback.
                 stats, diagonal = _no_new_stats(updates, layout, state), None
+                held = state.diagonal
             else:
                 stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
                 # Diagonal blocks (KfacDiagonal) skip the factor phases: only their fisher goes on.
                 stats, diagonal = _split_diagonal(stats, updates)
                 if accumulating:
                     _refuse_accumulated_diagonal(diagonal)
+                held = None
             # Folded kernel-bias pairs are one homogeneous leaf at the kernel's
             # position (the bias's is masked) until _outputs splits them.
             grads = _fold(layout, updates)
             owner = _owner.layout_of(state)
             if owner is not None:
-                return _owned_update(
+                out, owned = _owned_update(
                     owner,
                     layout,
                     updates,
@@ -624,6 +631,7 @@ def scale_by_kfac(
                     static=static,
                     emit=emit,
                 )
+                return out, owned._replace(diagonal=_diagonal_flags(updates, diagonal, state))
             run = functools.partial(
                 _step,
                 hp=hp,
@@ -633,11 +641,13 @@ def scale_by_kfac(
                 no_stats=kfac_stats is None,
             )
             work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
-            new = run(grads, stats, work_state, plans, diagonal=diagonal)
+            new = run(grads, stats, work_state, plans, diagonal=diagonal, held=held)
             back = functools.partial(_unfold, layout)
             new_state = _new_state(plans, work_state, new, static.mu_dtype)
             new_state = new_state._replace(
-                mu=back(new_state.mu, state.mu), nu=back(new_state.nu, state.nu)
+                mu=back(new_state.mu, state.mu),
+                nu=back(new_state.nu, state.nu),
+                diagonal=_diagonal_flags(updates, diagonal, state),
             )
             return back(_axes.unzip(new.out, "update"), updates), new_state
 
@@ -702,6 +712,7 @@ def _init(
         failures=_failure.zeros(),
         pending=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
         pending_count=jnp.zeros([], jnp.int32),
+        diagonal=jax.tree.map(lambda p: jnp.zeros([], jnp.bool_), params),
     )
 
 
@@ -895,7 +906,9 @@ def _damped(fac, kplan, damping, mode, correction):
     )
 
 
-def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static, diagonal=None):
+def _directions(
+    grads, stats, acc, mu, nu, inverses, plans, hp, count, static, diagonal=None, held=None
+):
     """Phase 3: per leaf the step direction and the new moments (:class:`_LeafOut`).
 
     A kernel with statistics: ``U = (A + delta_A I)^{-1} G (B + delta_B I)^{-1}``
@@ -904,39 +917,58 @@ def _directions(grads, stats, acc, mu, nu, inverses, plans, hp, count, static, d
     (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
     statistics not finite) gets a zero update and keeps its moments. A leaf with
     a diagonal block (``diagonal``: the :class:`KfacDiagonal` fishers, a tree
-    like ``grads`` with ``None`` elsewhere) takes :func:`_diagonal_direction`.
+    like ``grads`` with ``None`` elsewhere) takes :func:`_diagonal_direction`; on a
+    step without statistics ``held`` (bool scalars, :attr:`ScaleByKfacState.diagonal`)
+    marks the leaves that do so with their kept EMA.
     """
     leaf = functools.partial(_direction_leaf, hp=hp, count=count, static=static)
-    if diagonal is None:
-        diagonal = jax.tree.map(lambda _: None, plans, is_leaf=_axes.is_plan_leaf)
-    return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses, diagonal)
+    none = jax.tree.map(lambda _: None, plans, is_leaf=_axes.is_plan_leaf)
+    diagonal = none if diagonal is None else diagonal
+    held = none if held is None else held
+    return _axes.map_leaves(leaf, plans, grads, stats, acc, mu, nu, inverses, diagonal, held)
 
 
-def _diagonal_direction(g32, f, nu, ok, hp, count):
+def _diagonal_direction(g32, f, nu, ok, hp, count, static):
     """A diagonal block's ``nu <- beta nu + (1 - beta) F`` and ``U = G / (c nu + lambda)``.
 
-    ``beta = factor_decay`` and ``c`` its bias correction (:func:`_correction`), as
-    for the factor EMAs; where ``ok`` is false ``nu`` is kept.
+    ``beta = factor_decay`` and ``c`` its bias correction (:func:`_correction`) by
+    the number of statistics updates (:func:`_statistics_count`), as for the factor
+    EMAs; where ``ok`` is false ``nu`` is kept. ``f=None``: a step without
+    statistics, ``nu`` kept and the step taken with it.
     """
-    nu = _failure.keep(ok, hp.factor_decay * nu + (1 - hp.factor_decay) * f, nu)
-    return nu, g32 / (_correction(hp.factor_decay, count) * nu + hp.damping)
+    if f is not None:
+        nu = _failure.keep(ok, hp.factor_decay * nu + (1 - hp.factor_decay) * f, nu)
+    c = _correction(hp.factor_decay, _statistics_count(count, static))
+    return nu, g32 / (c * nu + hp.damping)
 
 
-def _direction_leaf(g, plan, s, a, mu, nu, inv, f=None, *, hp, count, static) -> _LeafOut:
-    """:func:`_directions` for one leaf (an owner-layout group: per block)."""
+def _direction_leaf(
+    g, plan, s, a, mu, nu, inv, f=None, held=None, *, hp, count, static
+) -> _LeafOut:
+    """:func:`_directions` for one leaf (an owner-layout group: per block).
+
+    ``f``: a diagonal block's fisher (:class:`KfacDiagonal`). ``held`` (a step
+    without statistics): a bool scalar, whether the leaf's last statistics were a
+    diagonal block, which then steps with its kept EMA instead of the fallback.
+    """
     ok, g32 = _failure.guard(g, per_block=plan.per_block)
     ok = ok & a.ok
     if f is not None:
         f = jnp.asarray(f, jnp.float32)
         ok = ok & jnp.all(jnp.isfinite(f))
-        nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count)
+        nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count, static)
         mu, d = _momentum(u, mu, hp.momentum, static.nesterov, ok)
         return _LeafOut(_failure.zero_unless(ok, d, g.dtype), mu, nu, ok)
 
     def fallback(nu):
         # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
-        nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
-        return nu, g32 / (optax.tree.bias_correction(nu, hp.b2, count) + hp.damping)
+        nu_fb = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
+        u_fb = g32 / (optax.tree.bias_correction(nu_fb, hp.b2, count) + hp.damping)
+        if held is None:
+            return nu_fb, u_fb
+        # A step without statistics at a diagonal block: its kept EMA, not the fallback.
+        _, u_held = _diagonal_direction(g32, None, nu, ok, hp, count, static)
+        return jnp.where(held, nu, nu_fb), jnp.where(held, u_held, u_fb)
 
     if plan.spec is None or s is None:
         nu, u = fallback(nu)
@@ -1001,7 +1033,18 @@ class _Step(NamedTuple):
 
 
 def _step(
-    grads, stats, state, plans, *, hp, frequency, static, emit, no_stats=False, diagonal=None
+    grads,
+    stats,
+    state,
+    plans,
+    *,
+    hp,
+    frequency,
+    static,
+    emit,
+    no_stats=False,
+    diagonal=None,
+    held=None,
 ) -> _Step:
     """Phases 1 to 3 on a tree in the working layout (folded pairs as one leaf).
 
@@ -1016,7 +1059,7 @@ def _step(
     refresh = _refresh_due(state.count, frequency, static, no_stats)
     inverses, failed = _refresh(refresh, acc, state, plans, stats, hp, count, static)
     out = _directions(
-        grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static, diagonal
+        grads, stats, acc, state.mu, state.nu, inverses, plans, hp, count, static, diagonal, held
     )
     return _Step(count, out, acc, inverses, failed, emit)
 
@@ -1054,6 +1097,7 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
         ),
         pending=pending,
         pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
+        diagonal=state.diagonal,
     )
 
 
@@ -1404,7 +1448,7 @@ def _owned_init(
     grouped = cast(dict[str, Any], state.factors)  # the grouped tree of _owner.zeros
     factors = {**grouped, "blocks": _owner.pad_identity(owner, grouped["blocks"], eyes)}
     moments = _init(params, plans, mu_dtype, precond_dtype)
-    state = state._replace(factors=factors, mu=moments.mu, nu=moments.nu)
+    state = state._replace(factors=factors, mu=moments.mu, nu=moments.nu, diagonal=moments.diagonal)
     return state._replace(
         **{
             name: _owner.grouped(_owner.place_state(owner, getattr(state, name)), owner)
@@ -1570,7 +1614,7 @@ def _owned_moments(layout, updates, state, solved, views, valid, hp, count, stat
             valid[w] = ok
         g32 = jnp.where(ok, g.astype(jnp.promote_types(g.dtype, jnp.float32)), 0)
         if f is not None:
-            nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count)
+            nu, u = _diagonal_direction(g32, jnp.where(ok, f, 0), nu, ok, hp, count, static)
         elif views[w] is None:
             # Diagonal fallback: the inverse of a damped diagonal empirical Fisher.
             nu = _failure.keep(ok, hp.b2 * nu + (1 - hp.b2) * g32**2, nu)
@@ -1964,6 +2008,24 @@ def _refuse_accumulated_diagonal(diagonal: Any) -> None:
             "statistics are kept between mini-steps); give None there (the diagonal "
             "fallback) or step without multi_steps."
         )
+
+
+def _diagonal_flags(updates: Any, diagonal: Any, state: ScaleByKfacState) -> Any:
+    """:attr:`ScaleByKfacState.diagonal` after a step: which leaves had a diagonal block.
+
+    ``diagonal`` (from :func:`_split_diagonal`) is ``None`` on a step without
+    statistics, which keeps the flags.
+    """
+    if diagonal is None:
+        return state.diagonal
+    flat, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)
+    entries = treedef.flatten_up_to(diagonal)
+    return treedef.unflatten(
+        [
+            optax.MaskedNode() if _axes.is_masked(u) else jnp.asarray(f is not None)
+            for u, f in zip(flat, entries)
+        ]
+    )
 
 
 def _split_diagonal(stats: Any, updates: Any) -> tuple[Any, Any]:

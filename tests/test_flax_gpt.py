@@ -267,3 +267,37 @@ def test_a_stacked_layer_called_twice_in_a_scanned_body_is_refused_by_path():
     x = jnp.ones((2, D))
     with pytest.raises(ValueError, match="layer norms is called more than once"):
         lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(Twice(nnx.Rngs(0)), x, x)
+
+
+@pytest.mark.parametrize("layout", ["default", "norm spec None"])
+def test_a_diagonal_block_keeps_its_average_on_a_step_without_statistics(layout):
+    """statistics_frequency=2: the step without statistics divides by the kept EMA, not g²."""
+    f = jnp.array([0.5, 2.0, 8.0])
+    params = {"norm": {"scale": jnp.ones(3)}, "lin": {"kernel": jnp.ones((3, 2))}}
+    stats = {"norm": {"scale": lo.KfacDiagonal(f)}, "lin": {"kernel": None}}
+    damping, lr = 0.1, 1.0
+    dims = None
+    if layout != "default":  # as kfac_dimension_numbers gives norm leaves
+
+        def dims(tree):
+            return {"norm": {"scale": None}, "lin": {"kernel": lo.DimensionNumbers(((0,), (1,)))}}
+
+    tx = lo.kfac(lr, momentum=0.0, damping=damping, statistics_frequency=2, dimension_numbers=dims)
+    state = tx.init(params)
+    g0 = {"norm": {"scale": jnp.array([1.0, 1.0, 1.0])}, "lin": {"kernel": jnp.ones((3, 2))}}
+    u0, state = tx.update(g0, state, params, kfac_stats=stats)
+    # EMA (1 - beta) f after one statistics update, debiased: f itself.
+    np.testing.assert_allclose(
+        u0["norm"]["scale"], -lr * g0["norm"]["scale"] / (f + damping), rtol=1e-6
+    )
+    assert bool(state[0].diagonal["norm"]["scale"]) and not bool(state[0].diagonal["lin"]["kernel"])
+    nu_before = np.asarray(state[0].nu["norm"]["scale"])
+    g1 = {"norm": {"scale": jnp.array([2.0, -1.0, 3.0])}, "lin": {"kernel": jnp.ones((3, 2))}}
+    u1, state = tx.update(g1, state, params, kfac_stats=None)
+    # Still one statistics update: the same f, the new gradient.
+    np.testing.assert_allclose(
+        u1["norm"]["scale"], -lr * g1["norm"]["scale"] / (f + damping), rtol=1e-6
+    )
+    np.testing.assert_array_equal(state[0].nu["norm"]["scale"], nu_before)
+    assert bool(state[0].diagonal["norm"]["scale"])
+    assert int(lo.failure_report(state).skipped) == 0
