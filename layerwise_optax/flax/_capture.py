@@ -687,7 +687,9 @@ def _use_attrs(k: int) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _patched(recorder: _Recorder):
-    originals = {(cls, "__call__"): cls.__call__ for cls in _CAPTURED + _EXTRA}
+    originals: dict[tuple[type, str], Callable] = {
+        (cls, "__call__"): cls.__call__ for cls in _CAPTURED + _EXTRA
+    }
     originals[(nnx.Embed, "attend")] = nnx.Embed.attend
     try:
         for (cls, name), orig in originals.items():
@@ -989,7 +991,8 @@ def kfac_dimension_numbers(
         names = _path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
         if layer in extras:
-            return _extra_spec(*extras[layer], kind, leaf)
+            module, stack = extras[layer]
+            return _extra_spec(module, stack, kind, leaf)
         layout, stack = layouts.get(layer, (None, ()))
         stacked = tuple(range(len(stack)))  # stacked layers: the layer axes are batch axes
         if layout is not None and kind == "kernel":
@@ -1763,7 +1766,7 @@ def _extra_stats(extra: dict, kinds: dict, n: int, tuples: dict, stacks: dict) -
             _, _, scale_shape, bias_shape = kinds[uses[0]]
             g_scale, g_bias = 0.0, 0.0
             for u in uses:
-                x, d = _per_slice(*extra[u], stack)
+                x, d = _per_slice(extra[u][0], extra[u][1], stack)
                 gs, gb = jax.vmap(functools.partial(_norm_grads, axes=kinds[u][1]))(x, d)
                 g_scale, g_bias = g_scale + gs, g_bias + gb  # (slices, samples, n, *features)
             for name, shape, g in (("scale", scale_shape, g_scale), ("bias", bias_shape, g_bias)):
@@ -1772,14 +1775,16 @@ def _extra_stats(extra: dict, kinds: dict, n: int, tuples: dict, stacks: dict) -
                     node[name] = KfacDiagonal(jnp.reshape(f, stack + shape))
             continue
         vocab = kinds[uses[0]][1]
-        a, g_sum, rows = 0.0, 0.0, 0
+        a_parts, g_parts, rows = [], [], 0
         for u in uses:
-            x, d = _per_slice(*extra[u], stack)
+            x, d = _per_slice(extra[u][0], extra[u][1], stack)
             sums = functools.partial(_embedding_sums, kind=kinds[u][0], vocab=vocab)
             au, gu = jax.vmap(sums)(x, d)
-            a, g_sum = a + au, g_sum + gu
+            a_parts.append(au)
+            g_parts.append(gu)
             rows += _embedding_rows(x[0], kinds[u][0])
-        a = jnp.reshape(a / n, stack + (vocab,))
+        g_sum = sum(g_parts[1:], g_parts[0])
+        a = jnp.reshape(sum(a_parts[1:], a_parts[0]) / n, stack + (vocab,))
         g = jnp.reshape(g_sum / rows, stack + g_sum.shape[1:])
         node["embedding"] = KfacFactors(a, g)
     return tree
