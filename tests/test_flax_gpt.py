@@ -301,3 +301,64 @@ def test_a_diagonal_block_keeps_its_average_on_a_step_without_statistics(layout)
     np.testing.assert_array_equal(state[0].nu["norm"]["scale"], nu_before)
     assert bool(state[0].diagonal["norm"]["scale"])
     assert int(lo.failure_report(state).skipped) == 0
+
+
+def test_stacked_embeddings_get_per_slice_statistics_and_layouts():
+    """Tables created with nnx.vmap: per slice the counts diagonal and g, as separate tables."""
+
+    class EmbBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(VOCAB, D, rngs=rngs)
+            self.norm = nnx.LayerNorm(D, rngs=rngs)
+
+        def __call__(self, h, ids):
+            return self.norm(h + self.emb(ids))
+
+    class Stacked(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=LAYERS)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return EmbBlock(rngs)
+
+            self.blocks = make(rngs)
+
+        def __call__(self, ids):
+            body = nnx.scan(lambda h, b: b(h, ids), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            return body(jnp.zeros(ids.shape + (D,)), self.blocks)
+
+    class Unrolled(nnx.Module):
+        def __init__(self, stacked):
+            self.blocks = nnx.List([EmbBlock(nnx.Rngs(i)) for i in range(LAYERS)])
+            state = nnx.state(stacked.blocks, nnx.Param)
+            for i, b in enumerate(self.blocks):
+                nnx.update(b, jax.tree.map(lambda a, i=i: a[i], state))
+
+        def __call__(self, ids):
+            h = jnp.zeros(ids.shape + (D,))
+            for b in self.blocks:
+                h = b(h, ids)
+            return h
+
+    model = Stacked(nnx.Rngs(0))
+    twin = Unrolled(model)
+    ids, _ = _tokens(jax.random.key(4), n=4)
+    y = jax.random.normal(jax.random.key(5), ids.shape + (D,))
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    stats, twin_stats = f(model, ids, y)[2], f(twin, ids, y)[2]
+    got = stats["blocks"]["emb"]["embedding"]
+    assert got.a.shape == (LAYERS, VOCAB) and got.g.shape == (LAYERS, D, D)
+    for i in range(LAYERS):
+        want = twin_stats["blocks"][i]["emb"]["embedding"]
+        np.testing.assert_allclose(got.a[i], want.a, rtol=1e-6)
+        np.testing.assert_allclose(got.g[i], want.g, rtol=2e-5, atol=1e-7)
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=VOCAB) / ids.shape[0]
+    np.testing.assert_allclose(got.a[0], counts, rtol=1e-6)
+    dims = lof.kfac_dimension_numbers(model)
+    spec = dims(nnx.state(model, nnx.Param))["blocks"]["emb"]["embedding"].get_value()
+    assert spec == lo.DiagonalFactors(lo.DimensionNumbers(((1,), (2,)), (0,)), (0,))
+    # kfac takes the stacked layout: one diagonal-counts block per slice.
+    opt = nnx.Optimizer(model, lo.kfac(0.1, dimension_numbers=dims), wrt=nnx.Param)
+    _, grads, stats = f(model, ids, y)
+    opt.update(model, grads, kfac_stats=stats)
+    assert int(lo.failure_report(opt.opt_state).skipped) == 0

@@ -1208,8 +1208,10 @@ def kfac_value_and_grad(
         as the statistics tree nests them), or a predicate ``(path, layer) ->
         bool``. Their kernel and bias entries are ``None``; they are not
         captured, so they may be layers the capture cannot handle or does not
-        see called. Every other captured layer must be called (once; once per
-        slice for stacked layers) or ``f`` raises.
+        see called. Every other captured layer (also norm layers and
+        embeddings) must be called, an unstacked one any number of times (the
+        reuse rule, module docstring), a stacked one once per slice, or ``f``
+        raises.
 
     Returns:
       A function returning the loss on the true targets, the parameter gradients as
@@ -1217,8 +1219,15 @@ def kfac_value_and_grad(
       keyed like the params with a :class:`layerwise_optax.KfacFactors` at each
       captured kernel and a :class:`layerwise_optax.FoldedBias` (or its own
       factors, or ``None`` for a bias that is not a function of the output
-      features only) at its bias, ready for
+      features only) at its bias, a :class:`layerwise_optax.KfacDiagonal` at
+      each norm layer's scale and shift, and ``KfacFactors`` with a
+      ``(vocabulary,)`` diagonal ``a`` at each ``nnx.Embed`` table (per slice,
+      stacked, for layers created with ``nnx.vmap``), ready for
       ``optimizer.update(model, grads, kfac_stats=stats)``.
+
+    The model's non-parameter state after the pass (BatchNorm's running
+    averages, RNG counts) is written back to ``model``, as ``nnx.value_and_grad``
+    does.
 
     Raises:
       ValueError: For an unknown loss, statistics mode or ``sequence_statistics``,
@@ -1226,9 +1235,10 @@ def kfac_value_and_grad(
         nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
         ``statistics_batch_size`` larger than the batch, and (named by its path) a
         layer that cannot be captured, whose call the forward pass does not reach,
-        that is called more than once, whose features a transform drops (a layer
-        broadcast across ``nnx.scan`` iterations), or, with ``'reduce'``, whose rows
-        do not lead with the examples.
+        that is stacked and called more than once (or per-head and used more than
+        once), whose features a transform drops (a layer broadcast across
+        ``nnx.scan`` iterations), or, with ``'reduce'``, whose rows do not lead
+        with the examples; a model with no layer to capture.
       TypeError: If ``fold_biases`` is not a bool, or ``statistics_batch_size``
         not ``None`` or an int.
 
