@@ -228,19 +228,28 @@ def test_scanned_norm_statistics_match_a_float64_per_example_reference():
 
 
 def test_statistics_batch_size_on_a_scanned_model_equals_the_first_examples_capture():
-    model = GPT(nnx.Rngs(1))
-    ids, targets = _tokens(jax.random.key(2), n=8)
+    """Stacked kernels and stacked norms: the sub-batch's statistics, per slice."""
+    model = _perturbed(ScannedNorms(nnx.Rngs(1)), jax.random.key(2))
+    x = jax.random.normal(jax.random.key(0), (8, 3, D))
+    y = jax.random.normal(jax.random.key(1), (8, 3, D))
     m = 3
-    f = lambda **kw: lof.kfac_value_and_grad(lambda mod, x: mod(x), "softmax_cross_entropy", **kw)  # noqa: E731
-    loss, grads, sub = f(statistics_batch_size=m)(model, ids, targets)
-    full_loss, full_grads, _ = f()(model, ids, targets)
+
+    def f(**kw):
+        return lof.kfac_value_and_grad(lambda mod, x: mod(x), "mse", **kw)
+
+    loss, grads, sub = f(statistics_batch_size=m)(model, x, y)
+    full_loss, full_grads, full = f()(model, x, y)
+    assert sub["blocks"]["ln"]["scale"].fisher.shape == (LAYERS, D)
+    assert not np.allclose(
+        sub["blocks"]["ln"]["scale"].fisher, full["blocks"]["ln"]["scale"].fisher
+    )
     # The loss and the gradient stay the whole batch's.
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The first m examples captured alone: the same statistics. Their loss is the mean
     # over m examples, and the per-example output gradients n dL/dz do not depend on n.
-    want = f()(model, ids[:m], targets[:m])[2]
+    want = f()(model, x[:m], y[:m])[2]
     got_leaves = jax.tree_util.tree_flatten_with_path(sub, is_leaf=lambda x: x is None)[0]
     want_leaves = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: x is None)[0])
     assert len(got_leaves) == len(want_leaves)
