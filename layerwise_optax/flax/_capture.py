@@ -57,9 +57,9 @@ not reach, or whose features a transform drops (a layer broadcast across
 ``nnx.scan`` iterations, i.e. used several times), raises ``ValueError`` naming
 its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
 entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
-capture cannot handle. Not supported: a stacked layer called more than once per
-forward pass (a Python loop over its slices, or a stacked layer reused inside a
-scanned body; refused as called more than once), inputs mapped by
+capture cannot handle. Not supported: a stacked layer applied by a Python loop
+over its slices (its features reach copies, not the model: refused as not
+reaching it), inputs mapped by
 ``nnx.vmap`` along an axis other than the examples' (each slice must see the
 ``n`` examples of ``inputs``' leading axis), and layer axes other than leading
 ones.
@@ -614,15 +614,12 @@ class _Recorder:
     features go out, and the perturbations come in, through variables on the
     module, never through Python state, so no tracer of a transform's body leaks.
     A layer's ``k``-th call in a pass is its use ``k`` (:func:`_use_key`), with its
-    own pair of variables (:func:`_use_attrs`); only unstacked layers may have
-    several uses (``stacked``: the paths of stacked layers).
+    own pair of variables (:func:`_use_attrs`), split by the transforms like the
+    first (a stacked layer called twice in a scanned body has two per-slice uses).
     """
 
-    def __init__(
-        self, perturbations: dict[str, jax.Array] | None, stacked: frozenset[str] = frozenset()
-    ):
+    def __init__(self, perturbations: dict[str, jax.Array] | None):
         self.perturbations = perturbations  # None: the shape pass (nothing attached)
-        self.stacked = stacked
         self.calls: dict[str, int] = {}
         self.slices: dict[str, _Slice] = {}  # per use
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}  # per use
@@ -637,14 +634,6 @@ class _Recorder:
                 return original(module, x, *args, **kwargs)
             k = recorder.calls.get(path, 0)
             recorder.calls[path] = k + 1
-            if k and path in recorder.stacked:
-                raise ValueError(
-                    f"layer {path} is called more than once per forward pass; K-FAC "
-                    "capture supports one call per stacked layer (created with nnx.vmap): "
-                    "a stacked layer applied by a Python loop over its slices, or used "
-                    "twice in a scanned body, is not supported; apply stacked layers with "
-                    "nnx.scan or nnx.vmap, once per pass."
-                )
             use = _use_key(path, k)
             if isinstance(module, _EXTRA):
                 feats, kind = _extra_features(module, name, x, path, args, kwargs)
@@ -1209,8 +1198,8 @@ def kfac_value_and_grad(
         bool``. Their kernel and bias entries are ``None``; they are not
         captured, so they may be layers the capture cannot handle or does not
         see called. Every other captured layer (also norm layers and
-        embeddings) must be called, an unstacked one any number of times (the
-        reuse rule, module docstring), a stacked one once per slice, or ``f``
+        embeddings) must be called, any number of times (the reuse rule, module
+        docstring; a stacked layer inside ``nnx.scan``/``nnx.vmap``), or ``f``
         raises.
 
     Returns:
@@ -1235,8 +1224,7 @@ def kfac_value_and_grad(
         nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
         ``statistics_batch_size`` larger than the batch, and (named by its path) a
         layer that cannot be captured, whose call the forward pass does not reach,
-        that is stacked and called more than once (or per-head and used more than
-        once), whose features a transform drops (a layer broadcast across
+        that is per-head and used more than once, whose features a transform drops (a layer broadcast across
         ``nnx.scan`` iterations), or, with ``'reduce'``, whose rows do not lead
         with the examples; a model with no layer to capture.
       TypeError: If ``fold_biases`` is not a bool, or ``statistics_batch_size``
@@ -1334,7 +1322,6 @@ def kfac_value_and_grad(
                 "nnx.Linear, Conv, LinearGeneral, Einsum, Embed, LayerNorm, RMSNorm or "
                 "BatchNorm was called by model_fn); K-FAC would precondition nothing."
             )
-        stacked = frozenset(k for k, st in stacks.items() if st)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         # Per use of a layer, the map from its output to (rows, d_out), and what a norm or
         # an embedding records: Python values, so they travel beside the traced values.
@@ -1348,7 +1335,7 @@ def kfac_value_and_grad(
             # BatchNorm's running averages in train mode).
             m = nnx.merge(graphdef, p, rest, copy=True)
             # nnx.merge builds new module objects: mark the captured layers of this copy.
-            rec = recorder or _Recorder(perturbations, stacked)
+            rec = recorder or _Recorder(perturbations)
             attached = _attach(m, tuples, perturbations, features, uses)
             with _patched(rec):
                 outputs = model_fn(m, inputs)
@@ -1360,7 +1347,7 @@ def kfac_value_and_grad(
 
         # Shapes of every use's output and features per slice, so the perturbations
         # and feature placeholders can be zeros of that shape, stacked layer axes first.
-        shape_pass = _Recorder(None, stacked)
+        shape_pass = _Recorder(None)
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
         for key_ in tuples:
             if key_ not in shape_pass.slices:
@@ -1401,7 +1388,7 @@ def kfac_value_and_grad(
         nnx.update(model, feats.pop(_STATE))
         if statistics_batch_size is not None:
             feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size, stacks)
-        feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n, heads)
+        feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n, heads, stacks)
         stats = _stats_tree(
             feats,
             deltas,
@@ -1567,7 +1554,8 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets, loss_name):
 # gets exactly the statistics of one call on the rows of both, and ``A ⊗ B`` equals the
 # sum of the uses' own K-FAC blocks ``Σ_u A_u ⊗ B_u`` when their ``B_u`` are equal. A
 # norm layer's diagonal Fisher is exact for any reuse: its per-example gradients are
-# summed over the uses before squaring. Only unstacked layers may be reused.
+# summed over the uses before squaring. A stacked layer used twice in a scanned body
+# has two per-slice uses, combined per slice by the same rule.
 
 
 def _extra_params(module: Any) -> tuple[str, ...]:
@@ -1677,14 +1665,16 @@ def _extra_spec(module: nnx.Module, stack: tuple[int, ...], kind: str, leaf: Any
     return default_kernel_dimension_numbers(tuple(leaf.shape))
 
 
-def _kernel_uses(feats: dict, deltas: dict, out_rows: dict, kinds: dict, n: int, heads: dict):
+def _kernel_uses(
+    feats: dict, deltas: dict, out_rows: dict, kinds: dict, n: int, heads: dict, stacks: dict
+):
     """Kernel uses combined per layer (the reuse rule), and the other uses.
 
-    A kernel layer used once keeps its entries; one used several times (never a
-    stacked layer: the recorder refuses those) gets its uses' rows concatenated
-    along the positions, ``(n, rows, d)`` features and ``(samples, n, rows, d_out)``
-    output gradients, with an identity row map. Returns ``(features, output
-    gradients, row maps, other uses)``.
+    A kernel layer used once keeps its entries; one used several times gets its
+    uses' rows concatenated along the positions, ``(*stack, n, rows, d)`` features
+    and ``(samples, *stack, n, rows, d_out)`` output gradients (``stack``: the
+    layer axes of a stacked layer, ``stacks[layer]``), with an identity row map.
+    Returns ``(features, output gradients, row maps, other uses)``.
 
     Raises:
       ValueError: A per-head (sliced) kernel used more than once, named by its path.
@@ -1705,13 +1695,17 @@ def _kernel_uses(feats: dict, deltas: dict, out_rows: dict, kinds: dict, n: int,
                 "(sliced) kernel used more than once is not supported. Pass "
                 f"diagonal=[{layer!r}] to give it the diagonal Fisher on purpose."
             )
+        stack = stacks.get(layer, ())
         xs, ds = [], []
         for u in uses:
-            x, d = feats[u], jax.vmap(out_rows[u])(deltas[u])
-            xs.append(jnp.reshape(x, (n, -1, x.shape[-1])))
-            ds.append(jnp.reshape(d, (d.shape[0], n, -1, d.shape[-1])))
-        out_f[layer] = jnp.concatenate(xs, axis=1)
-        out_d[layer] = jnp.concatenate(ds, axis=2)
+            row_map = out_rows[u]
+            for _ in range(1 + len(stack)):  # samples axis, then each layer axis
+                row_map = jax.vmap(row_map)
+            x, d = feats[u], row_map(deltas[u])
+            xs.append(jnp.reshape(x, stack + (n, -1, x.shape[-1])))
+            ds.append(jnp.reshape(d, (d.shape[0], *stack, n, -1, d.shape[-1])))
+        out_f[layer] = jnp.concatenate(xs, axis=-2)
+        out_d[layer] = jnp.concatenate(ds, axis=-2)
         rows[layer] = _identity
     return out_f, out_d, rows, extra
 
