@@ -1224,9 +1224,10 @@ def kfac_value_and_grad(
         nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
         ``statistics_batch_size`` larger than the batch, and (named by its path) a
         layer that cannot be captured, whose call the forward pass does not reach,
-        that is per-head and used more than once, whose features a transform drops (a layer broadcast across
-        ``nnx.scan`` iterations), or, with ``'reduce'``, whose rows do not lead
-        with the examples; a model with no layer to capture.
+        that is per-head and used more than once, whose features a transform
+        drops (a layer broadcast across ``nnx.scan`` iterations, a stacked layer
+        looped over in Python), or, with ``'reduce'``, whose rows do not lead with
+        the examples; a model with no layer to capture.
       TypeError: If ``fold_biases`` is not a bool, or ``statistics_batch_size``
         not ``None`` or an int.
 
