@@ -621,3 +621,20 @@ def test_causal_conv_input_factor():
     _, _, stats = f(model, jnp.asarray(x), jnp.zeros(out.shape, jnp.float32))
     rows = rows.reshape(-1, rows.shape[-1])
     np.testing.assert_allclose(stats["kernel"].a, rows.T @ rows / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_whose_rows_are_not_a_multiple_of_the_examples_is_named():
+    """The rows of a layer's input are examples × positions; a model that mixes the
+    examples into another axis (here 4 examples of 6 features seen as 6 rows of 4)
+    has no positions per example, and used to be floored to 1 silently."""
+
+    class Mixer(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.reshape(self.dense(jnp.reshape(x, (6, 4))), (4, -1))[:, :1]
+
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    with pytest.raises(ValueError, match=r"layer dense: its input has 6 rows .* 4 examples"):
+        grad_fn(Mixer(nnx.Rngs(0)), jnp.ones((4, 6)), jnp.zeros((4, 1)))

@@ -1043,6 +1043,12 @@ def _stats_tree(
             count = math.prod(stack)
             x2 = jnp.reshape(x, (count, -1, x.shape[-1])).astype(jnp.float32)
             d2 = jnp.reshape(delta, (count, -1, delta.shape[-1])).astype(jnp.float32)
+            if x2.shape[1] % n:
+                raise ValueError(
+                    f"layer {key_}: its input has {x2.shape[1]} rows per slice, not a multiple "
+                    f"of the {n} examples (the statistics need the examples on the leading "
+                    "axis of the layer's input rows)."
+                )
             positions = x2.shape[1] // n
             if bias and fold:
                 # Homogeneous coordinates: the constant input 1 of the bias as a last
