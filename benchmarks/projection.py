@@ -195,6 +195,7 @@ def inventory(
     block_size: int | None = BLOCK_SIZE,
     max_precond_dim: int | None = None,
     precond_dtype: str = "float32",
+    kfac_diagonal_blocks: bool = True,
 ) -> Inventory:
     """The formula: the state arrays of ``alias`` on parameters of ``shapes`` (float32).
 
@@ -205,6 +206,9 @@ def inventory(
       max_precond_dim: ``None``: the alias's entry in :data:`MAX_PRECOND_DIM`.
       precond_dtype: Storage dtype of the per-block state (``"float32"`` or
         ``"bfloat16"``; SOAP's rotated second moment stays float32).
+      kfac_diagonal_blocks: K-FAC's state since its diagonal blocks (per leaf a
+        bool flag; an ``embedding`` table's input factor diagonal). ``False``:
+        the state before them, for records measured earlier.
 
     Returns:
       The :class:`Inventory`.
@@ -244,9 +248,12 @@ def inventory(
         # A (d_in, +1 for a folded bias; 1 for a vector) and an output factor B,
         # each kept three times: the EMA, its inverse (Cholesky factor) and the
         # pending statistics of an accumulation.
+        # Per leaf also a bool flag, whether its last statistics were a diagonal
+        # (KfacDiagonal) block. A 2-axis leaf named 'embedding' keeps its input
+        # factor diagonal (kfac's default layout: DiagonalFactors over the vocab).
         keys = {path for path, _ in flat}
         for path, s in flat:
-            moments += [(s, 4), (s, 4)]
+            moments += [(s, 4), (s, 4)] + ([((), 1)] if kfac_diagonal_blocks else [])
             folded_into = path[:-1] + ("kernel",)
             if path[-1] == "bias" and folded_into in keys:
                 kshape = dict(flat)[folded_into]
@@ -258,9 +265,10 @@ def inventory(
             bias = path[:-1] + ("bias",)
             if path[-1] == "kernel" and len(s) >= 2 and dict(flat).get(bias) == s[-1:]:
                 d_in += 1
-            for d in (d_in, s[-1]):
+            embedding = kfac_diagonal_blocks and path[-1] == "embedding" and len(s) == 2
+            for d, diag in ((d_in, embedding), (s[-1], False)):
                 for field in ("factors", "inverses", "pending"):
-                    blocks.append((field, _factor(d, max_dim), w, 1))
+                    blocks.append((field, (d,) if diag else _factor(d, max_dim), w, 1))
     elif alias == "psgd_kron":
         # mu params-shaped; one factor Q per axis of a matrix, one over a whole
         # vector, triangular (stored square) or diagonal past max_precond_dim.
@@ -550,12 +558,15 @@ def replicated_sharded_state_record(root: pathlib.Path = _RESULTS) -> pathlib.Pa
     return path if path.exists() else None
 
 
-def check_against_record(path: pathlib.Path) -> dict[str, Any]:
+def check_against_record(
+    path: pathlib.Path, *, kfac_diagonal_blocks: bool = True
+) -> dict[str, Any]:
     """The formula on the record's workloads at its device counts against its measurements.
 
     The record's optimizers (``benchmarks.sharded_state``) use the defaults
     modelled here (Shampoo/SOAP ``max_precond_dim`` 1024, K-FAC 4096, PSGD 8192)
-    with the record's block size.
+    with the record's block size. ``kfac_diagonal_blocks``: as :func:`inventory`'s
+    (``False`` for a record measured before K-FAC's diagonal blocks).
     """
     from benchmarks.sharded_state import workloads
 
@@ -567,7 +578,9 @@ def check_against_record(path: pathlib.Path) -> dict[str, Any]:
             shapes, block = trees[wname]
             assert block == record["config"]["workloads"][wname]["block_size"]
             for alias in ALIASES:
-                inv = inventory(alias, shapes, block_size=block)
+                inv = inventory(
+                    alias, shapes, block_size=block, kfac_diagonal_blocks=kfac_diagonal_blocks
+                )
                 measured = per_alias[alias]
                 mine = {layout: per_device(inv, int(n), layout) for layout in LAYOUTS}
                 out.setdefault(wname, {}).setdefault(n, {})[alias] = {
@@ -701,7 +714,8 @@ def main(argv=None) -> dict[str, Any]:
     record = replicated_sharded_state_record()
     if record is not None:
         results["record"] = str(record.relative_to(_RESULTS.parent))
-        results["check_against_record"] = check_against_record(record)
+        # Measured before K-FAC's diagonal blocks (stop 26): compared as of then.
+        results["check_against_record"] = check_against_record(record, kfac_diagonal_blocks=False)
     from benchmarks import harness
 
     config = {

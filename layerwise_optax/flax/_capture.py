@@ -1589,7 +1589,8 @@ def _check_extra(module: nnx.Module, path: str) -> None:
 
 def _normalized_input(module: Any, x: jax.Array, path: str, args, kwargs) -> jax.Array:
     """``x̂``: a norm layer's input normalized as the layer does, before scale and shift."""
-    from flax.nnx.nn import normalization as norm  # the layer's own statistics code
+    # The layer's own statistics code (through _optional, like every flax import).
+    norm = _optional.require("flax.nnx.nn.normalization", "layerwise_optax.flax")
 
     feature_axes = _feature_axes(module, x.ndim)
     if 0 in feature_axes:
