@@ -246,10 +246,11 @@ class ScaleByKfacState(NamedTuple):
         leaf ``(stack, 0)`` placeholders; ``optax.MaskedNode`` at folded biases
         (their factors are their kernel's).
       inverses: Per kernel the damped factors' inverses in factored form, same
-        layout as ``factors``: for a full factor the lower Cholesky factor ``L``
-        of ``A + d_A I = L L^T`` (applied by two triangular solves, which keep
-        float32 steps accurate at small damping where an explicit inverse does
-        not), for a diagonal one the inverse of the damped diagonal; identity for
+        layout as ``factors``: for a full factor the inverse ``(A + d_A I)^{-1}``
+        of the damped factor (by Cholesky,
+        :func:`layerwise_optax.linalg.inv_psd_cholesky`; applied by one matrix
+        product per side, so an ordinary step is matmuls only), for a diagonal
+        one the inverse of the damped diagonal; identity for
         a factor that ``sides`` does not apply. With ``inverse='eigh'`` the
         undamped factors' eigendecompositions instead: per full factor one
         ``(batch, d + 1, d)`` array, the eigenvectors ``U`` (columns) in its first
@@ -279,7 +280,7 @@ class ScaleByKfacState(NamedTuple):
 
     .. note::
       Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
-      floats per layer slice (factors, Cholesky factors, pending statistics),
+      floats per layer slice (factors, inverses, pending statistics),
       plus two params-sized moments.
     """
 
@@ -392,8 +393,8 @@ def scale_by_kfac(
 
     Each update runs four phases, in the order of Martens and Grosse (2015):
     :func:`_accumulate` (the given statistics into the factor EMAs),
-    :func:`_refresh` (the damped factors' Cholesky factors, or with
-    ``inverse='eigh'`` the factors' eigendecompositions, :func:`_refresh_eigh`,
+    :func:`_refresh` (the damped factors' inverses by Cholesky, or with
+    ``inverse='eigh'`` the factors' eigendecompositions, :func:`_eigh_tree`,
     under ``lax.cond`` every ``precondition_frequency`` steps), :func:`_directions` (the
     preconditioned gradient, or the diagonal fallback) with :func:`_momentum`,
     and :func:`_outputs` (the new state, back in the params' layout).
@@ -431,12 +432,12 @@ def scale_by_kfac(
         ``'output'`` (``G B^{-1}``).
       mu_dtype: Storage dtype of the momentum.
       precond_dtype: Storage dtype of the factor EMAs, the pending statistics
-        of :func:`layerwise_optax.multi_steps` and the Cholesky factors
+        of :func:`layerwise_optax.multi_steps` and the inverses
         (``None``: float32). Accumulation and factorization always run in
         float32 (the stored values are cast up on read); a narrower dtype such
         as ``jnp.bfloat16`` halves those arrays (about half of K-FAC's state:
         ``d_in^2 + d_out^2`` per layer each for factors, pending statistics
-        and Cholesky factors). The EMAs are stored with stochastic rounding
+        and inverses). The EMAs are stored with stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`): rounded to nearest,
         an EMA with ``1 - factor_decay`` below bfloat16's resolution would stop
         moving; stochastically rounded it follows the float32 EMA within
@@ -453,7 +454,7 @@ def scale_by_kfac(
         before they enter the factors, so that every device keeps the factors
         of the whole batch. ``None``: the statistics are used as given (already
         global, e.g. under ``jit`` with sharded batches).
-      state_layout: Where the per-layer state (factor EMAs, Cholesky factors,
+      state_layout: Where the per-layer state (factor EMAs, inverses,
         pending statistics) lives on a device mesh. ``'auto'``
         (default): the *owner layout* when ``init`` runs under a mesh of more
         than one device (:func:`jax.set_mesh`, or params sharded over one;
@@ -480,9 +481,9 @@ def scale_by_kfac(
         each device's layer slices at ``lax.axis_index`` and gathers the preconditioned
         ones with one ``lax.all_gather`` per group. Static.
       inverse: How the damped factors are inverted at each refresh. ``'cholesky'``
-        (default): the Cholesky factors of the *damped* factors, applied by
-        triangular solves (cheapest; a changed ``damping`` acts at the next
-        refresh). ``'eigh'``: the eigendecompositions ``A = U_A diag(s_A) U_A^T``
+        (default): the inverses of the *damped* factors by Cholesky, applied by
+        one matrix product per side (cheapest; a changed ``damping`` acts at the
+        next refresh). ``'eigh'``: the eigendecompositions ``A = U_A diag(s_A) U_A^T``
         of the *undamped* (bias-corrected) factors, with the damping applied at
         every step in the eigenbases, ``(A + delta_A I)^{-1} = U_A diag(1 / (s_A +
         delta_A)) U_A^T`` (``pi`` from the eigenvalues' sums, the traces): a
@@ -801,10 +802,11 @@ def _applied_plans(plans: Any, stats: Any, sides: str) -> Any:
 
 
 def _refresh(refresh, acc, state, plans, stats, hp, count, static):
-    """Phase 2, every ``precondition_frequency`` steps: the damped factors' Cholesky factors.
+    """Phase 2, every ``precondition_frequency`` steps: the damped factors' inverses.
 
-    Under ``lax.cond(refresh, ...)``: ``L_A L_A^T = c A_bar + delta_A I`` and
-    ``L_B L_B^T = c B_bar + delta_B I`` (``c``: :func:`_correction`; deltas:
+    Under ``lax.cond(refresh, ...)``: ``(c A_bar + delta_A I)^{-1}`` and
+    ``(c B_bar + delta_B I)^{-1}`` by Cholesky
+    (:func:`layerwise_optax.linalg.inv_psd_cholesky`; ``c``: :func:`_correction`; deltas:
     :func:`_damped`) for every kernel with statistics (the factors that
     ``sides`` applies), same-sized factors of all layers batched
     (:func:`layerwise_optax._kron.inverse_roots_tree`, split over the mesh's
@@ -836,7 +838,7 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
             root=lambda kplan: 1,
             damping=jnp.zeros([], jnp.float32),
             relative_damping=False,
-            method="cholesky_factor",
+            method="cholesky",
             distribute=static.distribute,
         )
         new = _axes.map_leaves(
@@ -868,7 +870,7 @@ def _identity_unless_present(fac: Any, kplan: _axes.LeafPlan, s: Any) -> Any:
 
 
 def _keep_unless_present(new: Any, old: Any, s: Any) -> Any:
-    """The new Cholesky factors in the blocks with statistics, the old ones elsewhere."""
+    """The new inverses in the blocks with statistics, the old ones elsewhere."""
     _, present = _present(s)
     new = _kron.as_factors(new)
     if present is None:
@@ -912,7 +914,7 @@ def _directions(
     """Phase 3: per leaf the step direction and the new moments (:class:`_LeafOut`).
 
     A kernel with statistics: ``U = (A + delta_A I)^{-1} G (B + delta_B I)^{-1}``
-    by the Cholesky solves of :func:`_precondition`. Any other leaf: the damped
+    by the products of :func:`_precondition`. Any other leaf: the damped
     diagonal empirical Fisher, ``nu <- b2 nu + (1 - b2) g^2`` and ``U = g /
     (nu_hat + lambda)``. Then :func:`_momentum`. An invalid leaf (gradient or
     statistics not finite) gets a zero update and keeps its moments. A leaf with
@@ -985,9 +987,16 @@ def _direction_leaf(
 
 
 def _precondition(
-    g: jax.Array, chols: Any, plan: _axes.LeafPlan, static: _Static, damping: jax.Array
+    g: jax.Array, invs: Any, plan: _axes.LeafPlan, static: _Static, damping: jax.Array
 ) -> jax.Array:
-    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by Cholesky solves.
+    """``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` (the applied sides) by the stored inverses.
+
+    One matrix product per applied full side
+    (:func:`layerwise_optax._kron.apply_axis_matrices`), no triangular solve: XLA's
+    CPU triangular solve takes ~3x a product of the same shape, and in float32 the
+    inverse formed by Cholesky and applied by a product is as accurate as two
+    triangular solves with the Cholesky factor (both ``~ eps * kappa``;
+    ``tests/test_kfac_apply.py``).
 
     With ``inverse='eigh'`` the stored eigendecompositions are applied with the
     damping of this step instead (:func:`_apply_eigh`). An owner-layout group is
@@ -996,16 +1005,16 @@ def _precondition(
     """
     sides = static.sides
 
-    def solve(blocks, *chols):
+    def solve(blocks, *invs):
         applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
         if static.inverse == "eigh":
-            return _apply_eigh(blocks, chols, applied, damping, static.damping_mode)
-        return _kron.apply_axis_cholesky(blocks, chols, applied)
+            return _apply_eigh(blocks, invs, applied, damping, static.damping_mode)
+        return _kron.apply_axis_matrices(blocks, invs, applied)
 
-    blocks, chols = plan.to_blocks(g), _kron.as_factors(chols)
+    blocks, invs = plan.to_blocks(g), _kron.as_factors(invs)
     if plan.per_block:
-        return plan.from_blocks(_distribute.local(solve, blocks, *chols))
-    return plan.from_blocks(solve(blocks, *chols))
+        return plan.from_blocks(_distribute.local(solve, blocks, *invs))
+    return plan.from_blocks(solve(blocks, *invs))
 
 
 def _momentum(u, mu, momentum, nesterov, ok):
@@ -1395,7 +1404,7 @@ class _Partial:
     the diagonal fallback). ``present`` (a bool array, one per block of the
     stack as stored: a device's share inside ``jax.pmap``) marks the blocks that do; the others are treated exactly as a leaf without
     statistics is in the replicated layout: their factors and pending statistics
-    are kept and their Cholesky factors are not refreshed (their direction is
+    are kept and their inverses are not refreshed (their direction is
     the diagonal fallback's, computed params-shaped by :func:`_owned_update`).
     """
 
@@ -1466,7 +1475,7 @@ def _owned_update(
     once, per leaf as in the replicated layout; the gradient blocks of the
     leaf go to their owners (NaN where it is not valid) together with the
     leaf's statistics (:func:`layerwise_optax._owner.to_groups_blocks`).
-    Phases 1 and 2 (statistics, refresh) and the Cholesky solves of phase 3
+    Phases 1 and 2 (statistics, refresh) and the products of phase 3
     run on the grouped tree where the blocks lie; the solved blocks come back
     once, in float32 and the params' layout
     (:func:`layerwise_optax._owner.from_groups`), and the rest of phase 3
@@ -1552,7 +1561,7 @@ def _owned_update(
 
 
 def _owned_solves(grads, stats, inverses, plans, static, damping) -> dict[str, tuple[Any, ...]]:
-    """The Cholesky solves of phase 3 on the grouped tree (:func:`_precondition`).
+    """The inverse products of phase 3 on the grouped tree (:func:`_precondition`).
 
     Per group with statistics its solved stack (each device solves the blocks
     it owns); ``None`` for a group without (nothing to gather). A leaf without
@@ -2246,7 +2255,7 @@ def kfac(
       mask: Weight-decay mask.
       mu_dtype: Storage dtype of the momentum.
       precond_dtype: Storage dtype of the factor EMAs, pending statistics and
-        Cholesky factors (``None``: float32; computed in float32 either way;
+        inverses (``None``: float32; computed in float32 either way;
         see :func:`scale_by_kfac`).
       nesterov: Nesterov momentum.
       distribute: Spread the inverses over the mesh's devices (see
@@ -2256,7 +2265,7 @@ def kfac(
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_kfac`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
-      inverse: ``'cholesky'`` (Cholesky factors of the damped factors) or
+      inverse: ``'cholesky'`` (inverses of the damped factors by Cholesky) or
         ``'eigh'`` (eigendecompositions of the undamped factors, the damping
         applied each step; needed for ``damping_mode='exact'``; see
         :func:`scale_by_kfac`). Static.

@@ -186,44 +186,6 @@ def apply_axis_matrices(
     return g
 
 
-def apply_axis_cholesky(g: jax.Array, chols: Factors, plan: _axes.LeafPlan) -> jax.Array:
-    """Applies each axis's inverse factor by Cholesky solves: ``G ×_1 M_1^{-1} ... ×_k M_k^{-1}``.
-
-    A full dimension holds the lower Cholesky factor ``L_i`` of its (damped)
-    factor ``M_i = L_i L_i^T`` and is solved with
-    :func:`layerwise_optax._linalg.cholesky_solve`: as many flops as a product
-    with the explicit inverse, and accurate to ``eps * kappa(M_i)`` where the
-    explicit inverse loses up to ``eps * kappa(M_i)^2``. A diagonal dimension
-    holds the inverse diagonal and scales the axis; ``'none'`` leaves it unchanged.
-
-    Args:
-      g: ``(stack, b_1, ..., b_k)`` block view.
-      chols: Per view dimension: ``(stack, b, b)`` Cholesky factors (``'full'``),
-        ``(stack, b)`` inverse diagonals (``'diag'``) or placeholders.
-      plan: The leaf's plan.
-
-    Returns:
-      The preconditioned block view, same shape and dtype as ``g``.
-    """
-    k = len(plan.kinds)
-    for i, (kind, m) in enumerate(zip(plan.kinds, chols)):
-        if kind == "full":
-            if i == k - 1:
-                # The last axis: a right solve needs no transpose.
-                x = jnp.reshape(g, (g.shape[0], -1, g.shape[-1]))
-                x = _linalg.cholesky_solve(m, x, left=False)
-                g = jnp.reshape(x, g.shape).astype(g.dtype)
-            else:
-                moved = jnp.moveaxis(g, i + 1, 1)
-                x = jnp.reshape(moved, moved.shape[:2] + (-1,))
-                x = _linalg.cholesky_solve(m, x, left=True)
-                g = jnp.moveaxis(jnp.reshape(x, moved.shape), 1, i + 1).astype(g.dtype)
-        elif kind == "diag":
-            shape = (plan.stack,) + tuple(b if j == i else 1 for j, b in enumerate(plan.blocks))
-            g = g * jnp.reshape(m.astype(g.dtype), shape)
-    return g
-
-
 def all_finite(factors: Factors, *, per_block: bool = False) -> jax.Array:
     """Whether every entry of every factor is finite.
 
@@ -330,11 +292,10 @@ def store(new: Any, like: Any, salt: jax.typing.ArrayLike) -> Any:
 
 def _full_root(s, r, root, damping, relative_damping, method):
     """Damped inverse roots of ``(stack, b, b)`` statistics (not yet checked)."""
-    if method in ("cholesky", "cholesky_factor"):
+    if method == "cholesky":
         if root != 1:
             raise ValueError(f"method={method!r} computes inverses (root 1), got {root}.")
-        fn = _linalg.inv_psd_cholesky if method == "cholesky" else _linalg.cholesky_psd
-        return fn(s, damping=damping, relative_damping=relative_damping)
+        return _linalg.inv_psd_cholesky(s, damping=damping, relative_damping=relative_damping)
     if method == "newton":
         new, _ = _linalg.inv_root_newton(
             s, int(root), damping=damping, relative_damping=relative_damping, warm_start=r
@@ -372,10 +333,7 @@ def inverse_roots_tree(
       relative_damping: Whether ``damping`` is relative to each factor's
         largest eigenvalue.
       method: ``'eigh'``, ``'newton'`` (coupled Newton, warm-started),
-        ``'cholesky'`` (``root == 1`` only: inverses by Cholesky, much cheaper)
-        or ``'cholesky_factor'`` (``root == 1`` only: the lower Cholesky factors
-        of the damped full factors instead of their inverses, to be applied by
-        :func:`apply_axis_cholesky`; diagonal factors still get inverses).
+        or ``'cholesky'`` (``root == 1`` only: inverses by Cholesky, much cheaper).
       distribute: Spread the groups over the mesh's devices.
 
     Returns:

@@ -513,10 +513,10 @@ def test_multi_steps_is_optax_multi_steps_for_other_optimizers():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u2)
 
 
-def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted():
-    # Failure policy with stored Cholesky factors: a factor that is not positive
-    # definite after damping (finite, so the statistics are accepted) fails to
-    # factor; the previous factor is kept per block and the failure counted.
+def test_failed_factorization_keeps_the_last_good_inverse_and_is_counted():
+    # Failure policy with stored inverses (by Cholesky): a factor that is not
+    # positive definite after damping (finite, so the statistics are accepted)
+    # fails to factor; the previous inverse is kept per block and the failure counted.
     tx = lo.scale_by_kfac(momentum=0.0, factor_decay=0.0, damping=0.0, damping_mode="absolute")
     params = {"w": jnp.zeros((3, 2))}
     g = {"w": jnp.asarray(np.arange(6.0).reshape(3, 2), jnp.float32)}
@@ -524,7 +524,8 @@ def test_failed_factorization_keeps_the_last_good_cholesky_factor_and_is_counted
     update = jax.jit(tx.update)
     _, state = update(g, tx.init(params), params, kfac_stats={"w": lo.KfacFactors(a1, b1)})
     good = [np.asarray(x) for x in state.inverses["w"]]
-    np.testing.assert_allclose(good[0][0], np.linalg.cholesky(a1), rtol=1e-6)
+    np.testing.assert_allclose(good[0][0], np.linalg.inv(a1), rtol=1e-6)
+    np.testing.assert_allclose(good[1][0], np.linalg.inv(b1), rtol=1e-6)
     bad = {"w": lo.KfacFactors(jnp.diag(jnp.asarray([1.0, -1.0, 2.0])), b1)}
     u, state = update(g, state, params, kfac_stats=bad)
     assert int(state.failures.failed) == 1
