@@ -781,6 +781,9 @@ def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> An
     out = []
     for n, p in zip(new, _kron.as_factors(pending)):
         c = jnp.promote_types(jnp.promote_types(n.dtype, p.dtype), jnp.float32)
+        if p.size == 0 and n.size > 0:
+            out.append(n.astype(c) + 0.0)
+            continue
         p32 = p.astype(c)
         out.append(_failure.keep(ok, p32 + w * (n.astype(c) - p32), p32))
     return tuple(out)
@@ -810,37 +813,30 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
     :func:`_damped`) for every kernel with statistics (the factors that
     ``sides`` applies), same-sized factors of all layers batched
     (:func:`layerwise_optax._kron.inverse_roots_tree`, split over the mesh's
-    devices when ``distribute``). A factorization that fails keeps the previous
-    one and is counted. Returns ``(inverses, failed)``.
+    devices when ``distribute``). With ``inverse='eigh'`` the undamped
+    factors' eigendecompositions instead (:func:`_eigh_tree`). A factorization
+    that fails keeps the previous one and is counted. Returns ``(inverses,
+    failed)``.
     """
-    if static.inverse == "eigh":
-        return _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static)
     applied = _applied_plans(plans, stats, static.sides)
     correction = _correction(hp.factor_decay, _statistics_count(count, static))
+    if static.inverse == "eigh":
+        prepare = functools.partial(_corrected, correction=correction)
+        transform = _eigh_tree
+    else:
+        prepare = functools.partial(
+            _damped, damping=hp.damping, mode=static.damping_mode, correction=correction
+        )
+        transform = _inverses_tree
 
-    def factorize(facs, invs):
-        damped = _axes.map_leaves(
-            lambda f, kplan, s: _damped(
-                _identity_unless_present(f, kplan, s),
-                kplan,
-                hp.damping,
-                static.damping_mode,
-                correction,
-            ),
+    def recompute(facs, invs):
+        ready = _axes.map_leaves(
+            lambda f, kplan, s: prepare(_identity_unless_present(f, kplan, s), kplan),
             applied,
             facs,
             stats,
         )
-        new, failed = _kron.inverse_roots_tree(
-            damped,
-            invs,
-            applied,
-            root=lambda kplan: 1,
-            damping=jnp.zeros([], jnp.float32),
-            relative_damping=False,
-            method="cholesky",
-            distribute=static.distribute,
-        )
+        new, failed = transform(ready, invs, applied, distribute=static.distribute)
         new = _axes.map_leaves(
             lambda n, kplan, old, s: _keep_unless_present(n, old, s), applied, new, invs, stats
         )
@@ -850,13 +846,27 @@ def _refresh(refresh, acc, state, plans, stats, hp, count, static):
         return invs, jnp.zeros([], jnp.int32)
 
     factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
-    return jax.lax.cond(refresh, factorize, keep, factors, inverses)
+    return jax.lax.cond(refresh, recompute, keep, factors, inverses)
+
+
+def _inverses_tree(damped: Any, prev: Any, plans: Any, *, distribute: bool) -> tuple[Any, Any]:
+    """Inverses of the damped factors by Cholesky (diagonals: reciprocals), keeping good ones."""
+    return _kron.inverse_roots_tree(
+        damped,
+        prev,
+        plans,
+        root=lambda kplan: 1,
+        damping=jnp.zeros([], jnp.float32),
+        relative_damping=False,
+        method="cholesky",
+        distribute=distribute,
+    )
 
 
 def _identity_unless_present(fac: Any, kplan: _axes.LeafPlan, s: Any) -> Any:
     """The factors, with the identity in the blocks of a group that have no statistics.
 
-    Those blocks keep their Cholesky factors (:func:`_keep_unless_present`); the
+    Those blocks keep their inverses (:func:`_keep_unless_present`); the
     identity keeps their factorization finite, so it is never counted as failed.
     """
     _, present = _present(s)
@@ -1150,86 +1160,38 @@ def _eigh_init(plan: _axes.LeafPlan, dtype: Any) -> tuple[jax.Array, ...]:
     return tuple(out)
 
 
-def _refresh_eigh(refresh, acc, state, plans, stats, hp, count, static):
-    """Phase 2 with ``inverse='eigh'``: the eigendecompositions of the (undamped) factors.
+def _corrected(fac: Any, kplan: _axes.LeafPlan, correction: jax.Array) -> tuple:
+    """:func:`_refresh`'s preparation with ``inverse='eigh'``: the bias-corrected factors.
 
-    Under ``lax.cond(refresh, ...)``: ``c A_bar = U_A diag(s_A) U_A^T`` and
-    ``c B_bar = U_B diag(s_B) U_B^T`` (``c``: :func:`_correction`; eigenvalues
-    clipped at 0, :func:`layerwise_optax._linalg.eigh_psd`), stored packed
-    (:func:`_pack_eigh`) for the factors that ``sides`` applies. No damping
-    enters: :func:`_apply_eigh` adds this step's ``lambda`` to the eigenvalues,
-    so a changed damping needs no new factorization. A decomposition that is
-    not finite keeps the previous one and is counted. Returns ``(inverses,
-    failed)`` like :func:`_refresh`.
+    The eigendecompositions ``c A_bar = U_A diag(s_A) U_A^T`` and ``c B_bar = U_B
+    diag(s_B) U_B^T`` (``c``: :func:`_correction`; eigenvalues clipped at 0,
+    :func:`layerwise_optax._linalg.eigh_psd`) are of these, stored packed
+    (:func:`_pack_eigh`) for the factors that ``sides`` applies (``kplan``). No
+    damping enters: :func:`_apply_eigh` adds this step's ``lambda`` to the
+    eigenvalues, so a changed damping needs no new factorization.
     """
-    applied = _applied_plans(plans, stats, static.sides)
-    correction = _correction(hp.factor_decay, _statistics_count(count, static))
-
-    def decompose(facs, invs):
-        scaled = _axes.map_leaves(
-            lambda f, kplan, s: tuple(
-                x * correction for x in _identity_unless_present(f, kplan, s)
-            ),
-            applied,
-            facs,
-            stats,
-        )
-        new, failed = _eigh_tree(scaled, invs, applied, distribute=static.distribute)
-        new = _axes.map_leaves(
-            lambda n, kplan, old, s: _keep_unless_present(n, old, s), applied, new, invs, stats
-        )
-        return _axes.keep_masked(applied, new, invs), failed
-
-    def keep(facs, invs):
-        return invs, jnp.zeros([], jnp.int32)
-
-    factors, inverses = _axes.unzip(acc, "factors"), _kron.normalize(plans, state.inverses)
-    return jax.lax.cond(refresh, decompose, keep, factors, inverses)
+    del kplan
+    return tuple(x * correction for x in fac)
 
 
 def _eigh_tree(stats: Any, prev: Any, plans: Any, *, distribute: bool) -> tuple[Any, jax.Array]:
     """Packed eigendecompositions of every applied factor, keeping good previous ones.
 
-    Like :func:`layerwise_optax._kron.inverse_roots_tree`: the full factors of all
-    kernels with the same size are one batched ``eigh`` (one matrix at a time on
-    CPU, :func:`layerwise_optax._linalg.eigh_psd`), spread over the mesh's
-    devices when ``distribute``; a diagonal factor is its own spectrum (clipped
-    at 0); ``'none'`` factors keep ``prev``. A block whose decomposition is not
-    finite keeps its previous one and is counted.
+    :func:`layerwise_optax._kron.refresh_tree` with per full factor its packed
+    (:func:`_pack_eigh`) batched ``eigh`` (one matrix at a time on CPU,
+    :func:`layerwise_optax._linalg.eigh_psd`), spread over the mesh's devices
+    when ``distribute``; a diagonal factor is its own spectrum (clipped at 0);
+    ``'none'`` factors keep ``prev``. A block whose decomposition is not finite
+    keeps its previous one and is counted.
     """
-
-    def prepare(plan, s, r):
-        return [
-            (("eigh", s.shape[1:], s.dtype, r.dtype), (s, r)) if kind == "full" else None
-            for kind, s, r in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r))
-        ]
-
-    def batched(key):
-        def compute(s, r):
-            new, _, ok = _failure.keep_good(_pack_eigh(*_linalg.eigh_psd(s)), r, matrix=True)
-            return new, ok
-
-        return compute
-
-    full = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
-
-    def combine(s, plan, r, done):
-        out, failed = [], jnp.zeros([], jnp.int32)
-        for kind, s_j, r_j, d in zip(plan.kinds, _kron.as_factors(s), _kron.as_factors(r), done):
-            if kind == "diag":
-                new, bad, _ = _failure.keep_good(jnp.maximum(s_j, 0.0), r_j, matrix=False)
-            elif kind == "full":
-                new, ok = d
-                bad = jnp.sum(~ok).astype(jnp.int32)
-            else:
-                new, bad = r_j, 0
-            out.append(new)
-            failed = failed + bad
-        return _kron.Refreshed(tuple(out), (), failed)
-
-    out = _axes.map_leaves(combine, plans, stats, prev, full)
-    new = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
-    return new, _failure.total(_axes.unzip(out, "failed"))
+    return _kron.refresh_tree(
+        stats,
+        prev,
+        plans,
+        full=lambda s, r, _: _pack_eigh(*_linalg.eigh_psd(s)),
+        diag=lambda s, plan: jnp.maximum(s, 0.0),
+        distribute=distribute,
+    )
 
 
 def _apply_eigh(
@@ -1238,7 +1200,7 @@ def _apply_eigh(
     r"""The damped inverse curvature on a ``(stack, d_A, d_B)`` block view, in the eigenbases.
 
     With ``A = U_A diag(s_A) U_A^T`` and ``B = U_B diag(s_B) U_B^T`` (stored by
-    :func:`_refresh_eigh`; a diagonal factor has ``U = I``, a factor that
+    :func:`_refresh` with :func:`_eigh_tree`; a diagonal factor has ``U = I``, a factor that
     ``sides`` does not apply ``U = I`` and ``s = 1``), ``X = U_A^T G U_B`` and
 
     .. math::

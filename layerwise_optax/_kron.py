@@ -341,8 +341,58 @@ def inverse_roots_tree(
       that kept their previous root.
     """
 
+    def full(s, r, p):
+        return _full_root(s, r, p, damping, relative_damping, method)
+
+    def diag(s, plan):
+        return _linalg.inv_root_diag(s, root(plan), damping, relative_damping)
+
+    return refresh_tree(stats, prev, plans, full=full, diag=diag, param=root, distribute=distribute)
+
+
+def refresh_tree(
+    stats: Any,
+    prev: Any,
+    plans: Any,
+    *,
+    full: Callable[[jax.Array, jax.Array, Any], jax.Array],
+    diag: Callable[[jax.Array, _axes.LeafPlan], jax.Array],
+    param: Callable[[_axes.LeafPlan], Any] = lambda plan: None,
+    distribute: bool = True,
+) -> tuple[Any, jax.Array]:
+    """A per-factor refresh of every leaf, keeping good previous results (the shared scaffold).
+
+    The full factors of all leaves with equal block shape, ``param`` and dtypes
+    are one batched ``full(s, r, param)`` call
+    (:func:`layerwise_optax._axes.map_grouped`, split over the devices of the
+    current mesh when ``distribute``); a diagonal factor gets ``diag(s, plan)``;
+    a ``'none'`` factor keeps ``prev``. A block whose new result is not finite
+    keeps its previous one and is counted
+    (:func:`layerwise_optax._failure.keep_good`). :func:`inverse_roots_tree`
+    (inverse roots) and K-FAC's ``inverse='eigh'`` refresh (eigendecompositions)
+    are this loop with their own ``full`` and ``diag``.
+
+    Args:
+      stats: Per-leaf factor tuples.
+      prev: Previous results, same layout as the results (also passed to
+        ``full`` as a warm start).
+      plans: The plans.
+      full: ``full(s, r, param)``: ``(stack, b, b)`` statistics and previous
+        results to ``(stack, ...)`` new results shaped like ``r`` (NaN where
+        they fail).
+      diag: ``diag(s, plan)``: ``(stack, b)`` diagonal statistics to new
+        ``(stack, b)`` results.
+      param: A static parameter of a leaf's full computation (e.g. the root
+        order); part of the batching key.
+      distribute: Spread the groups over the mesh's devices.
+
+    Returns:
+      ``(results, failures)``: the new tree and the int32 count of blocks that
+      kept their previous result.
+    """
+
     def prepare(plan, s, r):
-        p = root(plan)
+        p = param(plan)
         return [
             ((s.shape[1:], p, s.dtype, r.dtype), (s, r)) if kind == "full" else None
             for kind, s, r in zip(plan.kinds, as_factors(s), as_factors(r))
@@ -350,32 +400,30 @@ def inverse_roots_tree(
 
     def batched(key):
         def compute(s, r):
-            new = _full_root(s, r, key[1], damping, relative_damping, method)
-            new, _, ok = _failure.keep_good(new, r, matrix=True)
+            new, _, ok = _failure.keep_good(full(s, r, key[1]), r, matrix=True)
             return new, ok
 
         return compute
 
-    full = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
+    done = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
 
-    def combine(s, plan, r, done):
-        roots, failed = [], jnp.zeros([], jnp.int32)
-        for kind, s_j, r_j, d in zip(plan.kinds, as_factors(s), as_factors(r), done):
+    def combine(s, plan, r, d):
+        out, failed = [], jnp.zeros([], jnp.int32)
+        for kind, s_j, r_j, d_j in zip(plan.kinds, as_factors(s), as_factors(r), d):
             if kind == "diag":
-                new = _linalg.inv_root_diag(s_j, root(plan), damping, relative_damping)
-                new, bad, _ = _failure.keep_good(new, r_j, matrix=False)
+                new, bad, _ = _failure.keep_good(diag(s_j, plan), r_j, matrix=False)
             elif kind == "full":
-                new, ok = d
+                new, ok = d_j
                 bad = jnp.sum(~ok).astype(jnp.int32)
             else:
                 new, bad = r_j, 0
-            roots.append(new)
+            out.append(new)
             failed = failed + bad
-        return Refreshed(tuple(roots), (), failed)
+        return Refreshed(tuple(out), (), failed)
 
-    out = _axes.map_leaves(combine, plans, stats, prev, full)
-    roots = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
-    return roots, _failure.total(_axes.unzip(out, "failed"))
+    out = _axes.map_leaves(combine, plans, stats, prev, done)
+    new = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
+    return new, _failure.total(_axes.unzip(out, "failed"))
 
 
 def _full_basis(s, q, method):
