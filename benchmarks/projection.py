@@ -196,6 +196,7 @@ def inventory(
     max_precond_dim: int | None = None,
     precond_dtype: str = "float32",
     kfac_diagonal_blocks: bool = True,
+    kfac_pending: bool = False,
 ) -> Inventory:
     """The formula: the state arrays of ``alias`` on parameters of ``shapes`` (float32).
 
@@ -209,6 +210,9 @@ def inventory(
       kfac_diagonal_blocks: K-FAC's state since its diagonal blocks (per leaf a
         bool flag; an ``embedding`` table's input factor diagonal). ``False``:
         the state before them, for records measured earlier.
+      kfac_pending: K-FAC's pending statistics (a third copy of the factors),
+        which only :func:`layerwise_optax.multi_steps` allocates now; ``True``
+        for records measured when every K-FAC state held them.
 
     Returns:
       The :class:`Inventory`.
@@ -246,8 +250,9 @@ def inventory(
         # mu and the diagonal fallback's nu params-shaped; per leaf with factors
         # (every leaf of 1 or more axes but a folded bias) an input factor
         # A (d_in, +1 for a folded bias; 1 for a vector) and an output factor B,
-        # each kept three times: the EMA, its inverse (Cholesky factor) and the
-        # pending statistics of an accumulation.
+        # each kept twice: the EMA and its inverse (and the pending statistics
+        # of an accumulation, in records measured before they were multi_steps'
+        # own: kfac_pending).
         # Per leaf also a bool flag, whether its last statistics were a diagonal
         # (KfacDiagonal) block. A 2-axis leaf named 'embedding' keeps its input
         # factor diagonal (kfac's default layout: DiagonalFactors over the vocab).
@@ -267,7 +272,7 @@ def inventory(
                 d_in += 1
             embedding = kfac_diagonal_blocks and path[-1] == "embedding" and len(s) == 2
             for d, diag in ((d_in, embedding), (s[-1], False)):
-                for field in ("factors", "inverses", "pending"):
+                for field in ("factors", "inverses", "pending")[: 3 if kfac_pending else 2]:
                     blocks.append((field, (d,) if diag else _factor(d, max_dim), w, 1))
     elif alias == "psgd_kron":
         # mu params-shaped; one factor Q per axis of a matrix, one over a whole
@@ -559,14 +564,15 @@ def replicated_sharded_state_record(root: pathlib.Path = _RESULTS) -> pathlib.Pa
 
 
 def check_against_record(
-    path: pathlib.Path, *, kfac_diagonal_blocks: bool = True
+    path: pathlib.Path, *, kfac_diagonal_blocks: bool = True, kfac_pending: bool = False
 ) -> dict[str, Any]:
     """The formula on the record's workloads at its device counts against its measurements.
 
     The record's optimizers (``benchmarks.sharded_state``) use the defaults
     modelled here (Shampoo/SOAP ``max_precond_dim`` 1024, K-FAC 4096, PSGD 8192)
-    with the record's block size. ``kfac_diagonal_blocks``: as :func:`inventory`'s
-    (``False`` for a record measured before K-FAC's diagonal blocks).
+    with the record's block size. ``kfac_diagonal_blocks``, ``kfac_pending``: as
+    :func:`inventory`'s (``False``, ``True`` for a record measured before K-FAC's
+    diagonal blocks and before its pending statistics became multi_steps' own).
     """
     from benchmarks.sharded_state import workloads
 
@@ -579,7 +585,11 @@ def check_against_record(
             assert block == record["config"]["workloads"][wname]["block_size"]
             for alias in ALIASES:
                 inv = inventory(
-                    alias, shapes, block_size=block, kfac_diagonal_blocks=kfac_diagonal_blocks
+                    alias,
+                    shapes,
+                    block_size=block,
+                    kfac_diagonal_blocks=kfac_diagonal_blocks,
+                    kfac_pending=kfac_pending,
                 )
                 measured = per_alias[alias]
                 mine = {layout: per_device(inv, int(n), layout) for layout in LAYOUTS}
@@ -714,8 +724,11 @@ def main(argv=None) -> dict[str, Any]:
     record = replicated_sharded_state_record()
     if record is not None:
         results["record"] = str(record.relative_to(_RESULTS.parent))
-        # Measured before K-FAC's diagonal blocks (stop 26): compared as of then.
-        results["check_against_record"] = check_against_record(record, kfac_diagonal_blocks=False)
+        # Measured before K-FAC's diagonal blocks (stop 26) and while every K-FAC
+        # state held pending statistics: compared as of then.
+        results["check_against_record"] = check_against_record(
+            record, kfac_diagonal_blocks=False, kfac_pending=True
+        )
     from benchmarks import harness
 
     config = {

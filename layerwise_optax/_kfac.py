@@ -262,8 +262,9 @@ class ScaleByKfacState(NamedTuple):
         (not positive definite in float32, or not finite), so the previous one
         was kept.
       pending: Per kernel the mean of the statistics of the mini-steps of an
-        accumulation not yet emitted (:func:`layerwise_optax.multi_steps`), same
-        layout as ``factors``; zero outside an accumulation.
+        accumulation not yet emitted, same layout as ``factors``, when the state
+        is wrapped by :func:`layerwise_optax.multi_steps` (which allocates it at
+        ``init``); otherwise ``(stack, 0, ...)`` placeholders (no memory).
       pending_count: int32 scalar, the number of mini-steps in ``pending``.
       diagonal: Per leaf a bool scalar, whether its last statistics were a
         :class:`KfacDiagonal` block (params tree): on a step without statistics
@@ -279,9 +280,10 @@ class ScaleByKfacState(NamedTuple):
     sharded like their parameters (:func:`layerwise_optax.state_shardings`).
 
     .. note::
-      Memory per kernel with ``d_in × d_out`` factors: ``3 (d_in^2 + d_out^2)``
-      floats per layer slice (factors, inverses, pending statistics),
-      plus two params-sized moments.
+      Memory per kernel with ``d_in × d_out`` factors: ``2 (d_in^2 + d_out^2)``
+      floats per layer slice (factors and inverses; ``3 (...)`` under
+      :func:`layerwise_optax.multi_steps`, with the pending statistics), plus
+      two params-sized moments.
     """
 
     count: jax.Array
@@ -436,8 +438,8 @@ def scale_by_kfac(
         (``None``: float32). Accumulation and factorization always run in
         float32 (the stored values are cast up on read); a narrower dtype such
         as ``jnp.bfloat16`` halves those arrays (about half of K-FAC's state:
-        ``d_in^2 + d_out^2`` per layer each for factors, pending statistics
-        and inverses). The EMAs are stored with stochastic rounding
+        ``d_in^2 + d_out^2`` per layer each for factors and inverses, and
+        pending statistics under :func:`layerwise_optax.multi_steps`). The EMAs are stored with stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`): rounded to nearest,
         an EMA with ``1 - factor_decay`` below bfloat16's resolution would stop
         moving; stochastically rounded it follows the float32 EMA within
@@ -711,7 +713,7 @@ def _init(
         factors=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
         inverses=_axes.bare(plans, _axes.map_leaves(eyes, plans, params)),
         failures=_failure.zeros(),
-        pending=_axes.bare(plans, _axes.map_leaves(factors, plans, params)),
+        pending=_no_pending(_axes.bare(plans, _axes.map_leaves(factors, plans, params))),
         pending_count=jnp.zeros([], jnp.int32),
         diagonal=jax.tree.map(lambda p: jnp.zeros([], jnp.bool_), params),
     )
@@ -776,17 +778,61 @@ def _with_pending(new: Any, pending: Any, count: jax.Array, ok: jax.Array) -> An
 
     ``P <- P + (N - P) / (count + 1)``; where ``ok`` is false (statistics or
     gradient not finite) the pending mean is kept as it is.
+    Without accumulation buffers (a placeholder ``pending``, see
+    :func:`_no_pending`) nothing is pending: ``P = 0`` and ``count = 0``, so
+    ``N`` itself, computed by the same expression (bit-identical to a zero buffer).
     """
     w = 1.0 / (count.astype(jnp.float32) + 1.0)
     out = []
     for n, p in zip(new, _kron.as_factors(pending)):
         c = jnp.promote_types(jnp.promote_types(n.dtype, p.dtype), jnp.float32)
         if p.size == 0 and n.size > 0:
-            out.append(n.astype(c) + 0.0)
-            continue
-        p32 = p.astype(c)
+            # No buffer: P = 0, a traced zero (w * 0 is not folded away), so the
+            # expression and its rounding (fused multiply-adds) are the buffer's.
+            p32 = jnp.broadcast_to((w * 0.0).astype(c), n.shape)
+        else:
+            p32 = p.astype(c)
         out.append(_failure.keep(ok, p32 + w * (n.astype(c) - p32), p32))
     return tuple(out)
+
+
+def _no_pending(factors: Any) -> Any:
+    """Placeholders for the pending statistics: per factor a ``(stack, 0, ...)`` array.
+
+    Only an accumulation (:func:`layerwise_optax.multi_steps`) has statistics
+    pending between updates; it allocates the buffers
+    (:func:`with_pending_buffers`). Without it they would be a third copy of
+    the factors that is always zero.
+    """
+    return jax.tree.map(lambda f: jnp.zeros((f.shape[0],) + (0,) * (f.ndim - 1), f.dtype), factors)
+
+
+def _has_pending(pending: Any) -> bool:
+    """Whether the state holds pending-statistics buffers (static: from the shapes)."""
+    return any(x.size > 0 for x in jax.tree.leaves(pending))
+
+
+def with_pending_buffers(state: ScaleByKfacState) -> ScaleByKfacState:
+    """``state`` with zero pending-statistics buffers shaped like its factors.
+
+    Called by :func:`layerwise_optax.multi_steps` at ``init`` on every K-FAC
+    state it wraps: the mean of the statistics of the mini-steps of an
+    accumulation is kept there between updates (:func:`_with_pending`).
+    """
+    return state._replace(pending=jax.tree.map(jnp.zeros_like, state.factors))
+
+
+def _new_pending(plans: Any, acc: Any, pending: Any, emit: jax.Array, count: jax.Array) -> Any:
+    """The new pending statistics: reset where ``emit``, stored like the factors.
+
+    Placeholders (no accumulation, :func:`_no_pending`) stay as they are.
+    """
+    if not _has_pending(pending):
+        return pending
+    new = _axes.map_leaves(
+        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats), plans, acc
+    )
+    return _kron.store(_axes.bare(plans, new), pending, count)
 
 
 def _correction(decay: jax.Array, count: jax.Array) -> jax.Array:
@@ -1094,10 +1140,7 @@ def _new_state(plans, state, new: _Step, mu_dtype) -> ScaleByKfacState:
     """
     out, acc, emit = new.out, new.acc, new.emit
     mu = _axes.unzip(out, "mu")
-    pending = _axes.map_leaves(
-        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats), plans, acc
-    )
-    pending = _kron.store(_axes.bare(plans, pending), state.pending, state.count)
+    pending = _new_pending(plans, acc, state.pending, emit, state.count)
     factors = _kron.store(
         _axes.bare(plans, _axes.unzip(acc, "factors")), state.factors, state.count
     )
@@ -1493,18 +1536,13 @@ def _owned_update(
     mu, nu, out = _owned_moments(
         layout, updates, state, solved, views, valid, hp, count, static, diagonal
     )
-    pending = _axes.map_leaves(
-        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats),
-        grouped_plans,
-        acc,
-    )
     # Stored as _new_state stores them (stochastic rounding to precond_dtype).
     grouped_new = {
         "factors": _kron.store(
             _axes.bare(grouped_plans, _axes.unzip(acc, "factors")), inner.factors, state.count
         ),
         "inverses": _axes.bare(grouped_plans, inverses),
-        "pending": _kron.store(_axes.bare(grouped_plans, pending), inner.pending, state.count),
+        "pending": _new_pending(grouped_plans, acc, inner.pending, emit, state.count),
     }
     new_state = state._replace(
         count=count,

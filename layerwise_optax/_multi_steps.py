@@ -79,7 +79,7 @@ def multi_steps(
         return optax.MultiStepsState(
             mini_step=jnp.zeros([], jnp.int32),
             gradient_step=jnp.zeros([], jnp.int32),
-            inner_opt_state=inner.init(params),
+            inner_opt_state=_with_pending_buffers(inner.init(params)),
             acc_grads=optax.tree.zeros_like(params, dtype=jnp.float32),
             skip_state=(),
         )
@@ -110,6 +110,18 @@ def multi_steps(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_pending_buffers(state: Any) -> Any:
+    """Every K-FAC state in ``state`` with its pending-statistics buffers allocated.
+
+    K-FAC's own ``init`` leaves them as placeholders (nothing is pending outside an
+    accumulation); the mean statistics of the mini-steps are kept there.
+    """
+    is_kfac = lambda x: isinstance(x, _kfac.ScaleByKfacState)  # noqa: E731
+    return jax.tree.map(
+        lambda x: _kfac.with_pending_buffers(x) if is_kfac(x) else x, state, is_leaf=is_kfac
+    )
 
 
 def _keep_on_mid_steps(emit: jax.Array, old: Any, new: Any) -> Any:

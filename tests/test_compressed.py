@@ -224,12 +224,19 @@ def test_kfac_precond_dtype_in_the_owner_layout_and_under_multi_steps():
 def test_kfac_precond_dtype_halves_the_factor_bytes():
     params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
 
-    def nbytes(dtype, field):
-        state = jax.eval_shape(lo.kfac(1e-2, precond_dtype=dtype).init, params)
+    def nbytes(dtype, field, accumulate=False):
+        tx = lo.kfac(1e-2, precond_dtype=dtype)
+        if accumulate:  # the pending statistics are allocated by multi_steps only
+            state = jax.eval_shape(lo.multi_steps(tx, 2).init, params).inner_opt_state
+        else:
+            state = jax.eval_shape(tx.init, params)
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(getattr(state[0], field)))
 
-    for field in ("factors", "inverses", "pending"):
+    for field in ("factors", "inverses"):
         assert nbytes(jnp.bfloat16, field) * 2 == nbytes(None, field) > 0
+    assert nbytes(jnp.bfloat16, "pending", True) * 2 == nbytes(None, "pending", True) > 0
+    assert nbytes(None, "pending", True) == nbytes(None, "factors")
+    assert nbytes(None, "pending") == 0
 
 
 def test_kfac_precond_dtype_is_validated():

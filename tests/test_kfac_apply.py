@@ -149,3 +149,54 @@ def test_kfac_step_equals_the_dense_float64_inverse_product():
         want = np.linalg.solve(a + da * np.eye(d_in), g.astype(np.float64))
         want = np.linalg.solve(b + db * np.eye(d_out), want.T).T
         np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=2e-4, atol=1e-6, err_msg=step)
+
+
+# ----------------------------------------------------------------------------- state size
+
+
+def test_state_holds_factors_and_inverses_only_and_multi_steps_adds_the_pending_buffers():
+    # Issue 17 item 4: per kernel the factor EMAs and their inverses, plus the two
+    # params-sized moments; the pending statistics (a third copy of the factors)
+    # exist only under multi_steps, which keeps statistics between mini-steps.
+    params, _, _ = _problem()
+    tx = lo.scale_by_kfac()
+    state = tx.init(params)
+
+    def nbytes(tree):
+        return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+    # l1: A (6 + 1 folded bias)^2, B 5^2; l2: A 6^2, B 3^2; the vector
+    # 'norm' (no statistics given here, but a layout): A 1^2, B 3^2 (float32).
+    factor_bytes = 4 * (7 * 7 + 5 * 5 + 6 * 6 + 3 * 3 + 1 * 1 + 3 * 3)
+    assert nbytes(state.factors) == nbytes(state.inverses) == factor_bytes
+    assert nbytes(state.pending) == 0
+    moments = 4 * sum(p.size for p in jax.tree.leaves(params))
+    assert nbytes(state.mu) == nbytes(state.nu) == moments
+    flags = len(jax.tree.leaves(params))  # one bool per leaf
+    assert nbytes(state) == 2 * factor_bytes + 2 * moments + flags + 4 * 4  # 4 int32 scalars
+    inner = lo.multi_steps(tx, 2).init(params).inner_opt_state
+    assert nbytes(inner.pending) == factor_bytes
+    for p, f in zip(jax.tree.leaves(inner.pending), jax.tree.leaves(inner.factors)):
+        assert p.shape == f.shape and p.dtype == f.dtype and not np.any(np.asarray(p))
+
+
+@pytest.mark.parametrize("layout", ["replicated", "owner"])
+def test_multi_steps_of_one_matches_the_state_without_pending_buffers(layout):
+    # With every_k = 1 multi_steps emits every step: the state with pending buffers
+    # (multi_steps) and the one without (plain K-FAC) give the same steps (to the
+    # last bits XLA's fusion of the two programs may round differently).
+    params, _, stats = _problem()
+    rng = np.random.default_rng(3)
+    plain = lo.kfac(1e-2, precondition_frequency=2, state_layout=layout)
+    wrapped = lo.multi_steps(plain, 1)
+    sp, sw = plain.init(params), wrapped.init(params)
+    up = jax.jit(lambda g, s: plain.update(g, s, params, kfac_stats=stats))
+    uw = jax.jit(lambda g, s: wrapped.update(g, s, params, kfac_stats=stats))
+    for _ in range(4):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        (a, sp), (b, sw) = up(g, sp), uw(g, sw)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-9)
+    for x, y in zip(jax.tree.leaves(sp[0].factors), jax.tree.leaves(sw.inner_opt_state[0].factors)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-9)
+    assert int(sp[0].pending_count) == int(sw.inner_opt_state[0].pending_count) == 0
