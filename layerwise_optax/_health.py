@@ -38,10 +38,23 @@ def _is_counted(x: Any) -> bool:
     return isinstance(getattr(x, "failures", None), _failure.FailureCounts)
 
 
-def _counted_states(state: Any) -> list[tuple[str, Any]]:
-    """``(path, state)`` for every library state inside an optax state tree."""
+def _counted_states(state: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(path, state)`` for every library state inside an optax state tree.
+
+    A library state that wraps another state (the spike guard's ``inner_state``)
+    is listed before the states inside it.
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_counted)
-    return [(jax.tree_util.keystr(path) or "<root>", s) for path, s in flat if _is_counted(s)]
+    found = []
+    for path, s in flat:
+        if not _is_counted(s):
+            continue
+        where = prefix + jax.tree_util.keystr(path)
+        found.append((where or "<root>", s))
+        for name, child in zip(type(s)._fields, s):
+            if name != "failures" and child is not None:
+                found += _counted_states(child, f"{where}.{name}")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)

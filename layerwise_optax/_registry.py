@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _steepest
+from layerwise_optax import _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _spike, _steepest
 
 BadValues = tuple[tuple[Any, type[Exception]], ...]
 
@@ -373,6 +373,25 @@ ENTRIES: tuple[Entry, ...] = (
         static_args=("mu_dtype", "nesterov"),
         algorithm="adam",
         public=False,
+    ),
+    # The spike guard: a wrapper, not an optimizer (public, but listed with the
+    # wrappers in the tests, so public=False here keeps it out of the optimizer
+    # lists). Registered for its static arguments (lo.inject_hyperparams), its
+    # failure-report name and its own arguments' bad values.
+    Entry(
+        name="skip_step_on_spikes",
+        alias=None,
+        scale_by=_spike.skip_step_on_spikes,
+        state=_spike.SkipStepOnSpikesState,
+        static_args=_spike._STATIC_ARGS,
+        algorithm="spike_guard",
+        public=False,
+        bad_values={
+            "window": ((1, _VE), (0, _VE), (2.5, _TE), (jnp.asarray(8), _TE)),
+            "threshold": _POSITIVE,
+            "warmup": ((1, _VE), (1.5, _TE), ("x", _TE)),
+            "watch": (((), _VE), (("bogus",), _VE), (("loss", "loss"), _VE), ("loss", _TE)),
+        },
     ),
 )
 
