@@ -60,10 +60,10 @@ from layerwise_optax._shampoo import scale_by_shampoo as scale_by_shampoo
 from layerwise_optax._shampoo import shampoo as shampoo
 from layerwise_optax._sharding import state_shardings as state_shardings
 from layerwise_optax._soap import ScaleBySoapState as ScaleBySoapState
-from layerwise_optax._spike import SkipStepOnSpikesState as SkipStepOnSpikesState
-from layerwise_optax._spike import skip_step_on_spikes as skip_step_on_spikes
 from layerwise_optax._soap import scale_by_soap as scale_by_soap
 from layerwise_optax._soap import soap as soap
+from layerwise_optax._spike import SkipStepOnSpikesState as SkipStepOnSpikesState
+from layerwise_optax._spike import skip_step_on_spikes as skip_step_on_spikes
 from layerwise_optax._steepest import DEFAULT_NORMS as DEFAULT_NORMS
 from layerwise_optax._steepest import NORMS as NORMS
 from layerwise_optax._steepest import ScaleBySteepestDescentState as ScaleBySteepestDescentState
