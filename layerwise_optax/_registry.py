@@ -186,6 +186,8 @@ _MUON_BAD_VALUES: dict[str, BadValues] = {
     "adam_mask": _TREE,
     "neuron_b2": ((1.0, _VE), (-0.5, _VE), ("x", _TE)),
     "neuron_eps": _NON_NEGATIVE,
+    "element_b2": ((1.0, _VE), (-0.5, _VE), ("x", _TE)),
+    "element_eps": _NON_NEGATIVE,
     "rms": _NON_NEGATIVE,
     "scaling": _MODE,
 }
@@ -212,6 +214,12 @@ ENTRIES: tuple[Entry, ...] = (
             Config(
                 "shampoo_sgd_graft_nesterov",
                 dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True),
+                slow=True,
+            ),
+            # AdaGrad grafting's steps shrink like 1/sqrt(t): a larger rate.
+            Config(
+                "shampoo_adagrad_graft",
+                dict(learning_rate=0.1, precondition_frequency=2, grafting="adagrad"),
                 slow=True,
             ),
             Config(
@@ -299,6 +307,12 @@ ENTRIES: tuple[Entry, ...] = (
             Config(
                 "muon_rms_dion",
                 dict(learning_rate=3e-2, scaling="rms", ns_coeffs="dion"),
+                slow=True,
+            ),
+            # AdaMuon's element-wise second moment, with its RMS-aligned scaling.
+            Config(
+                "muon_adamuon",
+                dict(learning_rate=3e-2, element_b2=0.95, scaling="rms"),
                 slow=True,
             ),
         ),

@@ -266,11 +266,13 @@ def shampoo_reference(
     invs = [np.eye(d) for d in shape]
     mu = np.zeros(shape)
     nu = np.zeros(shape)
+    nu_sum = np.zeros(shape)  # AdaGrad's running sum
     out = []
     for t, g in enumerate(grads, start=1):
         g = np.asarray(g, np.float64)
         mu = b1 * mu + (1 - b1) * g
         nu = b2 * nu + (1 - b2) * g**2
+        nu_sum = nu_sum + g**2
         w = 1.0 if factor_decay == 1 else 1 - factor_decay
         for i in range(k):
             if kl:
@@ -299,6 +301,8 @@ def shampoo_reference(
         direction = (big @ m_hat.reshape(-1)).reshape(shape)
         if grafting == "adam":
             graft = m_hat / (np.sqrt(nu / (1 - b2**t)) + eps)
+        elif grafting == "adagrad":
+            graft = m_hat / (np.sqrt(nu_sum) + eps)
         elif grafting == "sgd":
             graft = m_hat
         else:
