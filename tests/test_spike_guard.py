@@ -213,3 +213,29 @@ def test_missing_loss_raises_and_grad_norm_only_needs_none():
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.skip_step_on_spikes(optax.sgd(0.1), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["callback", "checkify"])
+def test_raise_on_failure_names_a_skipped_step_as_a_spike(mode):
+    from jax.experimental import checkify
+
+    params = {"w": jnp.ones((3, 2))}
+    guard = lo.skip_step_on_spikes(optax.sgd(0.1), window=3, warmup=2, watch=("loss",))
+    tx = lo.raise_on_failure(guard, mode=mode)
+    step = jax.jit(tx.update if mode == "callback" else checkify.checkify(tx.update))
+    state = tx.init(params)
+    g = {"w": jnp.ones((3, 2))}
+    for loss in (1.0, 1.1, 0.9):
+        out = step(g, state, params, value=loss)
+        if mode == "checkify":
+            out[0].throw()
+            out = out[1]
+        state = out[1]
+    with pytest.raises(Exception) as info:
+        if mode == "callback":
+            jax.block_until_ready(step(g, state, params, value=100.0))
+        else:
+            step(g, state, params, value=100.0)[0].throw()
+    message = str(info.value)
+    assert "step 4" in message and "skipped step" in message and "spike" in message
+    assert "skipped gradient" not in message
