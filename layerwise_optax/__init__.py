@@ -11,7 +11,7 @@ The package is built in layers, each importing only those below it (see
   and ``_dual`` (Muon's and steepest descent's momentum and polar factors);
 * runtime: ``_registry`` (one entry per optimizer; the only runtime module that
   imports the algorithms), ``_inject``, ``_health``, ``_checkpoint``,
-  ``_sharding``, ``_multi_steps``;
+  ``_sharding``, ``_multi_steps``, ``_spike``;
 * this module, the public API;
 * support utilities ``_optional`` and ``_io``; extensions ``flax`` and ``zoo``,
   which use public names only (and the support modules).
@@ -62,6 +62,8 @@ from layerwise_optax._sharding import state_shardings as state_shardings
 from layerwise_optax._soap import ScaleBySoapState as ScaleBySoapState
 from layerwise_optax._soap import scale_by_soap as scale_by_soap
 from layerwise_optax._soap import soap as soap
+from layerwise_optax._spike import SkipStepOnSpikesState as SkipStepOnSpikesState
+from layerwise_optax._spike import skip_step_on_spikes as skip_step_on_spikes
 from layerwise_optax._steepest import DEFAULT_NORMS as DEFAULT_NORMS
 from layerwise_optax._steepest import NORMS as NORMS
 from layerwise_optax._steepest import ScaleBySteepestDescentState as ScaleBySteepestDescentState
@@ -78,6 +80,8 @@ __all__ = (
     "failure_report",
     "raise_on_failure",
     "restore_state",
+    "SkipStepOnSpikesState",
+    "skip_step_on_spikes",
     "state_shardings",
     "ScaleByPsgdKronState",
     "precond_update_prob_schedule",

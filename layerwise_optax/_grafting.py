@@ -11,6 +11,10 @@ asked) and ``nu`` the EMA of squared gradients:
 * ``'adam'``: ``m_hat / (sqrt(nu_hat) + eps)`` (``nu_hat`` bias-corrected), i.e.
   exactly :func:`optax.adam`'s update;
 * ``'rmsprop'``: ``m_hat / (sqrt(nu) + eps)`` (no bias correction of ``nu``);
+* ``'adagrad'``: ``m_hat / (sqrt(nu) + eps)`` with ``nu`` the running *sum* of
+  squared gradients instead of their EMA (AdaGrad, Duchi et al. 2011; the graft
+  of the original Shampoo paper, Gupta et al. 2018, and of Meta's Distributed
+  Shampoo);
 * ``'sgd'``: ``m_hat``;
 * ``'none'``: no grafting; the preconditioned direction is used as is and
   ``m_hat`` is the fallback.
@@ -26,12 +30,12 @@ import optax
 
 from layerwise_optax import _axes, _failure, _kron
 
-GRAFTING = ("adam", "rmsprop", "sgd", "none")
+GRAFTING = ("adam", "rmsprop", "adagrad", "sgd", "none")
 
 
 def needs_second_moment(grafting: str) -> bool:
     """Whether a graft method keeps an EMA of squared gradients."""
-    return grafting in ("adam", "rmsprop")
+    return grafting in ("adam", "rmsprop", "adagrad")
 
 
 def bias_corrected_first_moment(

@@ -38,10 +38,23 @@ def _is_counted(x: Any) -> bool:
     return isinstance(getattr(x, "failures", None), _failure.FailureCounts)
 
 
-def _counted_states(state: Any) -> list[tuple[str, Any]]:
-    """``(path, state)`` for every library state inside an optax state tree."""
+def _counted_states(state: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(path, state)`` for every library state inside an optax state tree.
+
+    A library state that wraps another state (the spike guard's ``inner_state``)
+    is listed before the states inside it.
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_counted)
-    return [(jax.tree_util.keystr(path) or "<root>", s) for path, s in flat if _is_counted(s)]
+    found = []
+    for path, s in flat:
+        if not _is_counted(s):
+            continue
+        where = prefix + jax.tree_util.keystr(path)
+        found.append((where or "<root>", s))
+        for name, child in zip(type(s)._fields, s):
+            if name != "failures" and child is not None:
+                found += _counted_states(child, f"{where}.{name}")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +207,15 @@ def _message(
     skipped: int,
     invalid: list[str],
     failures: list[tuple[str, str, int, list[str]]],
+    spikes: int = 0,
 ) -> str:
     """The error text: step, kind of each event, count and paths."""
     parts = []
+    if spikes:
+        parts.append(
+            f"skipped step: {_plural(spikes, 'step')} whose loss or gradient norm was a spike "
+            "or not finite (skip_step_on_spikes; the wrapped state was kept)"
+        )
     if skipped:
         text = f"skipped gradient: {_plural(skipped, 'leaf')} kept out of every statistic"
         if invalid:
@@ -294,6 +313,7 @@ class _Step:
 
     step: jax.Array
     skipped: jax.Array
+    spikes: jax.Array
     grads: list[tuple[str, jax.Array]]
     invalid: list[jax.Array]
     transforms: list[tuple[str, str, jax.Array, list[tuple[str, jax.Array]]]]
@@ -305,6 +325,11 @@ def _observe(updates: Any, state: Any, new_state: Any) -> _Step:
     olds = dict(_counted_states(state))
     counted = _counted_states(new_state)
     steps = [jnp.max(s.count).astype(jnp.int32) for _, s in counted if s.count is not None]
+    # Steps the spike guard skipped are reported as such, not as skipped leaves.
+    spikes = jnp.zeros([], jnp.int32)
+    for where, s in counted:
+        if where in olds and _registry.algorithm_of(type(s)) == "spike_guard":
+            spikes = spikes + jnp.sum(s.failures.skipped) - jnp.sum(olds[where].failures.skipped)
     transforms = []
     for where, s in counted:
         if where not in olds:
@@ -314,7 +339,8 @@ def _observe(updates: Any, state: Any, new_state: Any) -> _Step:
         transforms.append((where, _registry.algorithm_of(type(s)), n.astype(jnp.int32), arrays))
     return _Step(
         step=functools.reduce(jnp.maximum, steps, jnp.int32(-1)),
-        skipped=failure_counts(new_state)[0] - failure_counts(state)[0],
+        skipped=failure_counts(new_state)[0] - failure_counts(state)[0] - spikes,
+        spikes=spikes,
         grads=grads,
         invalid=[_invalid_gradient(g) for _, g in grads],
         transforms=transforms,
@@ -324,6 +350,12 @@ def _observe(updates: Any, state: Any, new_state: Any) -> _Step:
 def _checkify_checks(obs: _Step) -> None:
     """One ``checkify.check`` per gradient leaf and per transform (its arrays, then itself)."""
     step, skipped = obs.step, obs.skipped
+    checkify.check(
+        obs.spikes == 0,
+        "layerwise_optax: step {step}: skipped step: the loss or gradient norm was a spike or "
+        f"not finite (skip_step_on_spikes; the wrapped state was kept) {_POLICY}.",
+        step=step,
+    )
     for (path, _), bad in zip(obs.grads, obs.invalid):
         checkify.check(
             ~bad | (skipped == 0),
@@ -364,19 +396,22 @@ def _callback_check(obs: _Step) -> None:
         (where, algorithm, [p for p, _ in arrays]) for where, algorithm, _, arrays in obs.transforms
     ]
 
-    def check(step, skipped, invalid, fails, bad_arrays):
+    def check(step, skipped, spikes, invalid, fails, bad_arrays):
         failures = []
         for (where, algorithm, paths), n, bads in zip(layout, fails, bad_arrays):
             if int(n):
                 failures.append((where, algorithm, int(n), [p for p, b in zip(paths, bads) if b]))
-        if int(skipped) or failures:
-            bad_paths = [p for p, b in zip(grad_paths, invalid) if b]
-            raise OptimizerFailureError(_message(int(step), int(skipped), bad_paths, failures))
+        if int(skipped) or int(spikes) or failures:
+            bad_paths = [p for p, b in zip(grad_paths, invalid) if b] if int(skipped) else []
+            raise OptimizerFailureError(
+                _message(int(step), int(skipped), bad_paths, failures, int(spikes))
+            )
 
     jax.debug.callback(
         check,
         obs.step,
         obs.skipped,
+        obs.spikes,
         obs.invalid,
         [n for _, _, n, _ in obs.transforms],
         [[b for _, b in arrays] for _, _, _, arrays in obs.transforms],

@@ -37,6 +37,7 @@ _STATIC_ARGS = (
     "adam_mask",
     "roles",
     "neuron_b2",
+    "element_b2",
     "distribute",
 )
 _SCALINGS = ("width", "rms", "none")
@@ -55,12 +56,14 @@ class ScaleByMuonState(NamedTuple):
         not finite (e.g. overflow with ``ns_dtype=float16``). Muon stores no
         preconditioner to fall back on: such a leaf gets a zero update, and its
         momentum and NorMuon moment are kept.
-      nu: NorMuon only (``neuron_b2`` set), else ``None``: per-neuron second
-        moments of the orthogonalized update, ``(slices, fan_out)`` float32 per
-        matrix leaf (a 0-d placeholder at other leaves).
+      nu: NorMuon (``neuron_b2`` set): per-neuron second moments of the
+        orthogonalized update, ``(slices, fan_out)`` float32 per matrix leaf;
+        AdaMuon (``element_b2`` set): element-wise ones, ``(slices, fan_in,
+        fan_out)`` float32; a 0-d placeholder at other leaves; ``None`` for Muon.
 
     .. note::
-      Memory: one params-sized momentum; NorMuon adds one float per output neuron.
+      Memory: one params-sized momentum; NorMuon adds one float per output neuron,
+      AdaMuon one float32 per matrix entry.
     """
 
     count: jax.Array
@@ -79,6 +82,7 @@ class _Config(NamedTuple):
     mu_dtype: Any
     normuon: bool
     distribute: bool
+    adamuon: bool = False
 
 
 class _Hyper(NamedTuple):
@@ -89,6 +93,9 @@ class _Hyper(NamedTuple):
     rms: jax.Array
     neuron_eps: jax.Array
     neuron_b2: jax.Array | None
+    element_b2: jax.Array | None = None
+    element_eps: jax.Array | None = None
+    element_correction: jax.Array | None = None  # 1 - element_b2**t
 
 
 def _validate(
@@ -107,6 +114,8 @@ def _validate(
     neuron_b2: Any,
     neuron_eps: Any,
     distribute: bool,
+    element_b2: Any = None,
+    element_eps: Any = 1e-8,
 ) -> _Config:
     """Checks :func:`scale_by_muon`'s arguments (``ValueError`` naming one) into a config."""
     if dimension_numbers is not None:
@@ -124,10 +133,20 @@ def _validate(
     if neuron_b2 is not None:
         _checks.in_unit_interval("neuron_b2", neuron_b2)
     _checks.non_negative("neuron_eps", neuron_eps)
+    if element_b2 is not None:
+        _checks.in_unit_interval("element_b2", element_b2)
+        if neuron_b2 is not None:
+            raise ValueError(
+                f"element_b2={element_b2!r} (AdaMuon's element-wise second moment) and "
+                f"neuron_b2={neuron_b2!r} (NorMuon's per-neuron one) exclude each other; "
+                "set one of them."
+            )
+    _checks.non_negative("element_eps", element_eps)
     _checks.boolean("distribute", distribute)
     coeffs = _linalg.ns_coefficients(ns_coeffs, 5 if ns_steps is None else ns_steps)
     normuon = neuron_b2 is not None
-    return _Config(coeffs, nesterov, scaling, ns_dtype, mu_dtype, normuon, distribute)
+    adamuon = element_b2 is not None
+    return _Config(coeffs, nesterov, scaling, ns_dtype, mu_dtype, normuon, distribute, adamuon)
 
 
 def _matrix_plans(dimension_numbers: Any, tree: Any) -> Any:
@@ -160,6 +179,35 @@ def _init_nu(x: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
     return jnp.zeros((plan.stack, plan.dims[1]), jnp.float32)
 
 
+def _init_element_nu(x: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
+    """AdaMuon's element-wise moment: ``(slices, fan_in, fan_out)`` zeros (0-d off the matrices)."""
+    if plan.spec is None:
+        return jnp.zeros([], jnp.float32)
+    return jnp.zeros((plan.stack, plan.dims[0], plan.dims[1]), jnp.float32)
+
+
+def _normalize_elements(
+    o: jax.Array, nu: jax.Array, ok: jax.Array, hp: _Hyper
+) -> tuple[jax.Array, jax.Array]:
+    r"""AdaMuon's element-wise second moment on the polar factor ``O``.
+
+    ``V <- b_2 V + (1 - b_2) O * O``; ``O' = O / (sqrt(V / (1 - b_2^t)) + eps)``,
+    then ``O'`` rescaled per slice to ``O``'s Frobenius norm, so that the update
+    keeps the size Muon's would have (the shape scaling follows as for Muon).
+
+    ``o``: ``(slices, fan_in, fan_out)``; ``nu`` the same shape, kept where ``ok``
+    is false. Returns ``(o', nu)``.
+    """
+    o = o.astype(jnp.float32)
+    b2, eps, correction = hp.element_b2, hp.element_eps, hp.element_correction
+    assert b2 is not None and eps is not None and correction is not None  # AdaMuon only
+    nu = _failure.keep(ok, b2 * nu + (1 - b2) * o * o, nu)
+    adapted = o / (jnp.sqrt(nu / correction) + eps)
+    norm = jnp.sqrt(jnp.sum(adapted * adapted, axis=(1, 2), keepdims=True))
+    target = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
+    return adapted * (target / (norm + 1e-30)), nu
+
+
 def _normalize_neurons(
     o: jax.Array, nu: jax.Array, ok: jax.Array, hp: _Hyper
 ) -> tuple[jax.Array, jax.Array]:
@@ -180,14 +228,15 @@ def _shape_scale(o: jax.Array, plan: _axes.LeafPlan, cfg: _Config, hp: _Hyper) -
 
     ``'width'``: ``s = sqrt(max(1, fan_out / fan_in))`` (optax's); ``'rms'``:
     ``s = rms * sqrt(max(fan_in, fan_out))``, which gives ``U V^T`` RMS ``rms``
-    (Liu et al. 2025), except after NorMuon's per-neuron division, whose result
-    no longer has norm ``sqrt(min(m, n))``: each slice is then rescaled to RMS
-    ``rms`` by its measured norm; ``'none'``: ``s = 1``.
+    (Liu et al. 2025), except after NorMuon's per-neuron or AdaMuon's element-wise
+    division, whose result no longer has norm ``sqrt(min(m, n))``: each slice is
+    then rescaled to RMS ``rms`` by its measured norm (AdaMuon's "RMS-aligned
+    rescaling", ``0.2 sqrt(m n) / ||O'||_F`` at ``rms=0.2``); ``'none'``: ``s = 1``.
     """
     fan_in, fan_out = plan.dims[0], plan.dims[1]
     if cfg.scaling == "width":
         return o * max(1.0, fan_out / fan_in) ** 0.5
-    if cfg.scaling == "rms" and not cfg.normuon:
+    if cfg.scaling == "rms" and not (cfg.normuon or cfg.adamuon):
         return o * (hp.rms * max(fan_in, fan_out) ** 0.5)
     if cfg.scaling == "rms":
         norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
@@ -210,6 +259,9 @@ def _leaf_step(g, plan, prep, polar, mu, nu=None, *, cfg: _Config, hp: _Hyper) -
     if cfg.normuon:
         assert nu is not None  # NorMuon's state holds the per-neuron moments
         o, nu = _normalize_neurons(o, nu, ok, hp)
+    elif cfg.adamuon:
+        assert nu is not None  # AdaMuon's state holds the element-wise moments
+        o, nu = _normalize_elements(o, nu, ok, hp)
     update = plan.from_blocks(_shape_scale(o, plan, cfg, hp).astype(prep.g32.dtype))
     return _dual.step(g, mu, prep, ok, failed, update, cfg.mu_dtype, nu)
 
@@ -230,6 +282,8 @@ def scale_by_muon(
     neuron_b2: jax.typing.ArrayLike | None = None,
     neuron_eps: jax.typing.ArrayLike = 1e-8,
     distribute: bool = True,
+    element_b2: jax.typing.ArrayLike | None = None,
+    element_eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformation:
     """Orthogonalized momentum for matrices; see :func:`muon` and :func:`normuon`.
 
@@ -265,6 +319,15 @@ def scale_by_muon(
         same-shaped matrices of all leaves and split them over its devices, each
         matrix orthogonalized on one device from a gathered copy (no collective
         inside the Newton-Schulz iteration); no effect without a mesh.
+      element_b2: AdaMuon (Si et al. 2025): when set, the EMA decay of an
+        element-wise second moment ``V`` of the orthogonalized update ``O``; the
+        update becomes ``O / (sqrt(V / (1 - element_b2^t)) + element_eps)``
+        rescaled to ``O``'s Frobenius norm (then the shape scaling; with
+        ``scaling='rms'`` to RMS ``rms``, AdaMuon's rescaling). ``None``: off.
+        Excludes ``neuron_b2``. The paper also orthogonalizes the sign of the
+        momentum rather than the momentum; this option keeps Muon's momentum and
+        adds the second moment only.
+      element_eps: Added to the root of AdaMuon's second moment.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByMuonState`.
@@ -298,6 +361,8 @@ def scale_by_muon(
       <https://arxiv.org/abs/2502.16982>`_, 2025 (``scaling='rms'``).
       Li et al., NorMuon: Making Muon more efficient and scalable, 2025 (the
       per-neuron second moment).
+      Si, Zhang and Shen, `AdaMuon: Adaptive Muon Optimizer
+      <https://arxiv.org/abs/2507.11005>`_, 2025 (``element_b2``).
     """
     cfg = _validate(**locals())  # every argument above, checked
     if dimension_numbers is None:
@@ -310,7 +375,13 @@ def scale_by_muon(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=cfg.mu_dtype),
             failures=_failure.zeros(),
-            nu=_axes.map_leaves(_init_nu, plans, params) if cfg.normuon else None,
+            nu=(
+                _axes.map_leaves(_init_nu, plans, params)
+                if cfg.normuon
+                else _axes.map_leaves(_init_element_nu, plans, params)
+                if cfg.adamuon
+                else None
+            ),
         )
 
     def update_fn(updates, state, params=None):
@@ -322,6 +393,10 @@ def scale_by_muon(
                 *_checks.hyperparameters(beta, eps, rms, neuron_eps),
                 neuron_b2=_checks.hyperparameters(neuron_b2)[0] if cfg.normuon else None,
             )
+            if cfg.adamuon:
+                b2_e, eps_e = _checks.hyperparameters(element_b2, element_eps)
+                t = count_inc.astype(jnp.float32)
+                hp = hp._replace(element_b2=b2_e, element_eps=eps_e, element_correction=1 - b2_e**t)
 
             def momentum(g, plan, mu):
                 if plan.spec is None:
@@ -374,6 +449,7 @@ def muon(
     adam_mask: optax.MaskOrFn = None,
     neuron_b2: jax.typing.ArrayLike | None = None,
     distribute: bool = True,
+    element_b2: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
 
@@ -435,6 +511,9 @@ def muon(
         :func:`normuon`.
       distribute: Spread Newton-Schulz over the mesh's devices (see
         :func:`scale_by_muon`).
+      element_b2: AdaMuon's element-wise second-moment decay (``None``: off; e.g.
+        0.95 with ``scaling='rms'``, AdaMuon's setting); ``eps`` is added to its
+        root. See :func:`scale_by_muon`.
 
     Returns:
       An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
@@ -502,6 +581,8 @@ def muon(
         neuron_b2=neuron_b2,
         neuron_eps=eps,
         distribute=distribute,
+        element_b2=element_b2,
+        element_eps=eps,
     )
     specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 

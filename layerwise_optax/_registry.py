@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _steepest
+from layerwise_optax import _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _spike, _steepest
 
 BadValues = tuple[tuple[Any, type[Exception]], ...]
 
@@ -186,6 +186,8 @@ _MUON_BAD_VALUES: dict[str, BadValues] = {
     "adam_mask": _TREE,
     "neuron_b2": ((1.0, _VE), (-0.5, _VE), ("x", _TE)),
     "neuron_eps": _NON_NEGATIVE,
+    "element_b2": ((1.0, _VE), (-0.5, _VE), ("x", _TE)),
+    "element_eps": _NON_NEGATIVE,
     "rms": _NON_NEGATIVE,
     "scaling": _MODE,
 }
@@ -212,6 +214,12 @@ ENTRIES: tuple[Entry, ...] = (
             Config(
                 "shampoo_sgd_graft_nesterov",
                 dict(learning_rate=1e-2, precondition_frequency=3, grafting="sgd", nesterov=True),
+                slow=True,
+            ),
+            # AdaGrad grafting's steps shrink like 1/sqrt(t): a larger rate.
+            Config(
+                "shampoo_adagrad_graft",
+                dict(learning_rate=0.1, precondition_frequency=2, grafting="adagrad"),
                 slow=True,
             ),
             Config(
@@ -301,6 +309,12 @@ ENTRIES: tuple[Entry, ...] = (
                 dict(learning_rate=3e-2, scaling="rms", ns_coeffs="dion"),
                 slow=True,
             ),
+            # AdaMuon's element-wise second moment, with its RMS-aligned scaling.
+            Config(
+                "muon_adamuon",
+                dict(learning_rate=3e-2, element_b2=0.95, scaling="rms"),
+                slow=True,
+            ),
         ),
         contract=dict(learning_rate=2e-2),
         bad_values=_MUON_BAD_VALUES,
@@ -373,6 +387,25 @@ ENTRIES: tuple[Entry, ...] = (
         static_args=("mu_dtype", "nesterov"),
         algorithm="adam",
         public=False,
+    ),
+    # The spike guard: a wrapper, not an optimizer (public, but listed with the
+    # wrappers in the tests, so public=False here keeps it out of the optimizer
+    # lists). Registered for its static arguments (lo.inject_hyperparams), its
+    # failure-report name and its own arguments' bad values.
+    Entry(
+        name="skip_step_on_spikes",
+        alias=None,
+        scale_by=_spike.skip_step_on_spikes,
+        state=_spike.SkipStepOnSpikesState,
+        static_args=_spike._STATIC_ARGS,
+        algorithm="spike_guard",
+        public=False,
+        bad_values={
+            "window": ((1, _VE), (0, _VE), (2.5, _TE), (jnp.asarray(8), _TE)),
+            "threshold": _POSITIVE,
+            "warmup": ((1, _VE), (1.5, _TE), ("x", _TE)),
+            "watch": (((), _VE), (("bogus",), _VE), (("loss", "loss"), _VE), ("loss", _TE)),
+        },
     ),
 )
 

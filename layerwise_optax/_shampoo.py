@@ -48,9 +48,9 @@ class ScaleByShampooState(NamedTuple):
     Attributes:
       count: int32 scalar, number of updates so far.
       mu: First moment, same tree and shapes as the params, dtype ``mu_dtype``.
-      nu: EMA of squared gradients for ``'adam'``/``'rmsprop'`` grafting (same
-        tree as the params, float32 or the param dtype if wider); ``None``
-        otherwise.
+      nu: EMA of squared gradients for ``'adam'``/``'rmsprop'`` grafting, their
+        running sum for ``'adagrad'`` (same tree as the params, float32 or the
+        param dtype if wider); ``None`` otherwise.
       stats: Per leaf, a tuple with one factor statistic per view dimension:
         ``(stack, b, b)`` for full factors, ``(stack, b)`` for diagonal ones,
         ``(stack, 0)`` placeholders otherwise (dtype ``precond_dtype``).
@@ -148,7 +148,7 @@ def _accumulate(o, h, g, plan, mu, nu, stats, roots) -> _factored.Accumulated:
     with ``\hat L_i = G_(i) G_(i)^T``, or KL-Shampoo's
     ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i`` from the last roots
     (:func:`layerwise_optax._kron.kl_axis_stats`); ``\nu`` only for Adam/RMSProp
-    grafting. A valid gradient has finite plain statistics; KL's go through the
+    grafting (AdaGrad grafting sums instead: ``\nu \leftarrow \nu + G^2``). A valid gradient has finite plain statistics; KL's go through the
     roots and can still overflow, and then nothing is accumulated
     (``check_estimates`` of :func:`layerwise_optax._factored.accumulate`). A running
     sum (``factor_decay=1``) that overflows later shows up as failed refreshes,
@@ -163,6 +163,8 @@ def _accumulate(o, h, g, plan, mu, nu, stats, roots) -> _factored.Accumulated:
     a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay, estimate, check_estimates=True)
     if nu is None:
         return a
+    if o.grafting == "adagrad":  # a running sum, no decay
+        return a._replace(nu=_failure.keep(a.ok, nu + a.g32**2, nu))
     return a._replace(nu=_failure.keep(a.ok, h.b2 * nu + (1 - h.b2) * a.g32**2, nu))
 
 
@@ -259,7 +261,7 @@ def scale_by_shampoo(
     block_size: int | None = None,
     merge_small_dims: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    grafting: Literal["adam", "rmsprop", "sgd", "none"] = "adam",
+    grafting: Literal["adam", "rmsprop", "adagrad", "sgd", "none"] = "adam",
     root_exponent: int | None = None,
     root_method: Literal["eigh", "newton"] = "eigh",
     relative_damping: bool = True,
@@ -293,7 +295,8 @@ def scale_by_shampoo(
       merge_small_dims: Let the default policy merge small adjacent axes.
       dimension_numbers: Spec tree or callable (see
         :class:`layerwise_optax.DimensionNumbers`); ``None`` is the default policy.
-      grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
+      grafting: ``'adam'``, ``'rmsprop'``, ``'adagrad'``, ``'sgd'`` or ``'none'``
+        (see :mod:`layerwise_optax._grafting`).
       root_exponent: ``p`` of the inverse root ``L^{-1/p}`` applied to each factor;
         ``None`` uses ``2k`` for a leaf with ``k`` factors (``L^{-1/4} G R^{-1/4}``
         for a matrix).
@@ -395,7 +398,7 @@ def shampoo(
     block_size: int | None = None,
     merge_small_dims: bool = True,
     dimension_numbers: _axes.DimNumsOrFn | None = None,
-    grafting: Literal["adam", "rmsprop", "sgd", "none"] = "adam",
+    grafting: Literal["adam", "rmsprop", "adagrad", "sgd", "none"] = "adam",
     root_exponent: int | None = None,
     root_method: Literal["eigh", "newton"] = "eigh",
     relative_damping: bool = True,
@@ -488,7 +491,8 @@ def shampoo(
       block_size: Block length for long axes, ``None`` for no blocking (static).
       merge_small_dims: Merge small adjacent axes in the default policy.
       dimension_numbers: Per-leaf spec tree or callable; ``None``: default.
-      grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
+      grafting: ``'adam'``, ``'rmsprop'``, ``'adagrad'``, ``'sgd'`` or ``'none'``
+        (see :mod:`layerwise_optax._grafting`).
       root_exponent: Root order ``p`` for every factor; ``None``: ``2k``.
       root_method: ``'eigh'`` or ``'newton'``.
       relative_damping: ``damping`` relative to each factor's largest eigenvalue

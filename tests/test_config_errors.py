@@ -81,6 +81,7 @@ NON_OPTIMIZERS = {
     lo.raise_on_failure: dict(inner=lo.shampoo(1e-2)),
     lo.inject_hyperparams: dict(factory=lo.shampoo),
     lo.multi_steps: dict(opt=lo.kfac(1e-2), every_k_schedule=2),
+    lo.skip_step_on_spikes: dict(inner=lo.shampoo(1e-2)),
 }
 
 
@@ -95,7 +96,11 @@ def _required(factory):
 def factories(*, public_only=True):
     """Factory -> required arguments: every registered optimizer factory (read from
     the registry at call time), then the non-optimizers."""
-    table = {f: _required(f) for _, f in _registry.iter_factories(public_only=public_only)}
+    table = {
+        f: _required(f)
+        for _, f in _registry.iter_factories(public_only=public_only)
+        if f not in NON_OPTIMIZERS  # a registered wrapper (the spike guard): listed below
+    }
     return {**table, **NON_OPTIMIZERS}
 
 

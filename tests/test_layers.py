@@ -55,7 +55,15 @@ LAYERS = {
     # What runs around an optimizer: the registry (the only runtime module that
     # imports the algorithms), static args, failure report, checkpoint checks,
     # state shardings, gradient accumulation.
-    "runtime": {"_registry", "_inject", "_health", "_checkpoint", "_sharding", "_multi_steps"},
+    "runtime": {
+        "_registry",
+        "_inject",
+        "_health",
+        "_checkpoint",
+        "_sharding",
+        "_multi_steps",
+        "_spike",
+    },
     # The public facade: re-exports every layer.
     "facade": {"__init__"},
 }

@@ -60,6 +60,8 @@ EXPECTED_ALL = {
     "failure_report",
     "raise_on_failure",
     "restore_state",
+    "SkipStepOnSpikesState",
+    "skip_step_on_spikes",
     "state_shardings",
 }
 

@@ -221,7 +221,7 @@ INVALID = [
     (dict(max_precond_dim=0), "max_precond_dim must be >= 1"),
     (dict(precondition_frequency=0), "precondition_frequency must be >= 1"),
     (dict(start_preconditioning_step=-1), "start_preconditioning_step must be >= 0"),
-    (dict(grafting="adagrad"), "Unknown grafting 'adagrad'"),
+    (dict(grafting="adafactor"), "Unknown grafting 'adafactor'"),
     (dict(root_method="svd"), "Unknown root_method 'svd'"),
     (dict(root_exponent=0), "root_exponent must be >= 1"),
 ]
