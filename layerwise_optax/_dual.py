@@ -87,7 +87,15 @@ def momentum(
 
 
 def polar_factors(
-    plans: Any, prepared: Any, coeffs: jax.Array, *, eps: Any, ns_dtype: Any, distribute: bool
+    plans: Any,
+    prepared: Any,
+    coeffs: jax.Array,
+    *,
+    eps: Any,
+    ns_dtype: Any,
+    distribute: bool,
+    method: str = "standard",
+    prescale: str = "frobenius",
 ) -> Any:
     """Phase 2: ``NS(\\hat M_t) ~ U V^T`` for every matrix view, batched over all leaves.
 
@@ -105,6 +113,8 @@ def polar_factors(
         :func:`layerwise_optax._linalg.newton_schulz`'s default).
       ns_dtype: Iteration dtype (``None``: float32).
       distribute: Spread the batches over the mesh's devices.
+      method: Newton-Schulz ``method`` (``'standard'``, ``'gram'``, ``'auto'``).
+      prescale: Newton-Schulz ``prescale`` (``'frobenius'``, ``'aol'``).
 
     Returns:
       A tree like ``plans``: per leaf a 1-tuple, ``(None,)`` where the leaf has no
@@ -116,7 +126,12 @@ def polar_factors(
             return [None]
         return [((p.blocks.shape[1:], p.blocks.dtype), (p.blocks,))]
 
-    options = {"compute_dtype": ns_dtype, "check_finite": False}
+    options = {
+        "compute_dtype": ns_dtype,
+        "check_finite": False,
+        "method": method,
+        "prescale": prescale,
+    }
     if eps is not None:
         options["eps"] = eps
 

@@ -38,6 +38,8 @@ _STATIC_ARGS = (
     "roles",
     "neuron_b2",
     "distribute",
+    "ns_method",
+    "ns_prescale",
 )
 _SCALINGS = ("width", "rms", "none")
 _HUGE = 2**62  # Muon never uses diagonal factors or blocking: whole matrices.
@@ -79,6 +81,8 @@ class _Config(NamedTuple):
     mu_dtype: Any
     normuon: bool
     distribute: bool
+    ns_method: str = "auto"
+    ns_prescale: str = "frobenius"
 
 
 class _Hyper(NamedTuple):
@@ -107,6 +111,8 @@ def _validate(
     neuron_b2: Any,
     neuron_eps: Any,
     distribute: bool,
+    ns_method: str = "auto",
+    ns_prescale: str = "frobenius",
 ) -> _Config:
     """Checks :func:`scale_by_muon`'s arguments (``ValueError`` naming one) into a config."""
     if dimension_numbers is not None:
@@ -125,9 +131,15 @@ def _validate(
         _checks.in_unit_interval("neuron_b2", neuron_b2)
     _checks.non_negative("neuron_eps", neuron_eps)
     _checks.boolean("distribute", distribute)
-    coeffs = _linalg.ns_coefficients(ns_coeffs, 5 if ns_steps is None else ns_steps)
+    _checks.one_of("ns_method", ns_method, _linalg.NS_METHODS)
+    _checks.one_of("ns_prescale", ns_prescale, _linalg.NS_PRESCALES)
+    if ns_steps is None:
+        ns_steps = 4 if ns_prescale == "aol" else 5  # AOL saves one step
+    coeffs = _linalg.ns_coefficients(ns_coeffs, ns_steps)
     normuon = neuron_b2 is not None
-    return _Config(coeffs, nesterov, scaling, ns_dtype, mu_dtype, normuon, distribute)
+    return _Config(
+        coeffs, nesterov, scaling, ns_dtype, mu_dtype, normuon, distribute, ns_method, ns_prescale
+    )
 
 
 def _matrix_plans(dimension_numbers: Any, tree: Any) -> Any:
@@ -230,6 +242,8 @@ def scale_by_muon(
     neuron_b2: jax.typing.ArrayLike | None = None,
     neuron_eps: jax.typing.ArrayLike = 1e-8,
     distribute: bool = True,
+    ns_method: Literal["auto", "standard", "gram"] = "auto",
+    ns_prescale: Literal["frobenius", "aol"] = "frobenius",
 ) -> optax.GradientTransformation:
     """Orthogonalized momentum for matrices; see :func:`muon` and :func:`normuon`.
 
@@ -265,6 +279,17 @@ def scale_by_muon(
         same-shaped matrices of all leaves and split them over its devices, each
         matrix orthogonalized on one device from a gathered copy (no collective
         inside the Newton-Schulz iteration); no effect without a mesh.
+      ns_method: ``'gram'`` iterates on the small ``m x m`` Gram side of an
+        ``m x n`` matrix (Gram Newton-Schulz, restarted every third step; the
+        same result to float32 round-off, fewer flops when ``n / m >~ 1.5``);
+        ``'standard'`` the plain iteration; ``'auto'`` (default) picks by flop
+        count per matrix shape (static; see
+        :func:`layerwise_optax.linalg.newton_schulz`).
+      ns_prescale: ``'frobenius'`` (default) divides by the Frobenius norm;
+        ``'aol'`` rescales by AOL (Turbo-Muon), which lets ``ns_steps=None``
+        mean 4 steps instead of 5 (use ``ns_coeffs='aol'``, designed for it;
+        the result approximates the polar factor of the row-rescaled matrix;
+        static).
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByMuonState`.
@@ -336,6 +361,8 @@ def scale_by_muon(
                 eps=hp.eps,
                 ns_dtype=cfg.ns_dtype,
                 distribute=cfg.distribute,
+                method=cfg.ns_method,
+                prescale=cfg.ns_prescale,
             )
             leaf = functools.partial(_leaf_step, cfg=cfg, hp=hp)
             nus = () if state.nu is None else (state.nu,)
@@ -374,6 +401,8 @@ def muon(
     adam_mask: optax.MaskOrFn = None,
     neuron_b2: jax.typing.ArrayLike | None = None,
     distribute: bool = True,
+    ns_method: Literal["auto", "standard", "gram"] = "auto",
+    ns_prescale: Literal["frobenius", "aol"] = "frobenius",
 ) -> optax.GradientTransformation:
     r"""Muon (Jordan et al. 2024): orthogonalized momentum for matrices, AdamW elsewhere.
 
@@ -435,6 +464,9 @@ def muon(
         :func:`normuon`.
       distribute: Spread Newton-Schulz over the mesh's devices (see
         :func:`scale_by_muon`).
+      ns_method: ``'auto'``, ``'standard'`` or ``'gram'`` (Gram Newton-Schulz;
+        see :func:`scale_by_muon`).
+      ns_prescale: ``'frobenius'`` or ``'aol'`` (see :func:`scale_by_muon`).
 
     Returns:
       An :class:`optax.GradientTransformation` (an ``optax.partition`` of the two):
@@ -502,6 +534,8 @@ def muon(
         neuron_b2=neuron_b2,
         neuron_eps=eps,
         distribute=distribute,
+        ns_method=ns_method,
+        ns_prescale=ns_prescale,
     )
     specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 
@@ -557,6 +591,8 @@ def normuon(
     adam_weight_decay: optax.ScalarOrSchedule = 0.0,
     adam_mask: optax.MaskOrFn = None,
     distribute: bool = True,
+    ns_method: Literal["auto", "standard", "gram"] = "auto",
+    ns_prescale: Literal["frobenius", "aol"] = "frobenius",
 ) -> optax.GradientTransformation:
     r"""NorMuon (Li et al. 2025): Muon with a per-neuron second moment, AdamW elsewhere.
 
@@ -596,6 +632,8 @@ def normuon(
       adam_weight_decay: AdamW's weight decay.
       adam_mask: AdamW's weight-decay mask.
       distribute: Spread Newton-Schulz over the mesh's devices.
+      ns_method: ``'auto'``, ``'standard'`` or ``'gram'`` (see :func:`scale_by_muon`).
+      ns_prescale: ``'frobenius'`` or ``'aol'`` (see :func:`scale_by_muon`).
 
     Returns:
       An :class:`optax.GradientTransformation`, laid out as :func:`muon`'s.
@@ -652,4 +690,6 @@ def normuon(
         adam_mask=adam_mask,
         neuron_b2=b2,
         distribute=distribute,
+        ns_method=ns_method,
+        ns_prescale=ns_prescale,
     )
