@@ -831,6 +831,17 @@ NS_PRESETS: dict[str, tuple[tuple[float, float, float], ...]] = {
             )
         )
     ),
+    # For prescale='aol' (Turbo-Muon's one step fewer): 4 greedy minimax-optimal
+    # quintics (Polar Express's construction, computed here by a linear program on
+    # a grid) for singular values in [1e-2, 1] after the AOL scaling, each but the
+    # last divided by the safety factor 1.01; they map [1e-2, 1] into
+    # [0.985, 1.015] (tested). Past 4 steps the last triple repeats.
+    "aol": (
+        (8.013236656453433, -22.925758186906435, 16.59941547779885),
+        (3.6070243614100033, -2.6485981076142697, 0.5119241394307661),
+        (2.6536276308597437, -1.93923293043495, 0.43503912724578),
+        (1.9691433423237754, -1.357350677629386, 0.3906724176728899),
+    ),
     # The cubic Newton-Schulz iteration (a, b, c) = (3/2, -1/2, 0): converges to the
     # exact polar factor, slowly for small singular values.
     "cubic": ((1.5, -0.5, 0.0),),
@@ -908,6 +919,12 @@ def default_gram_restarts(steps: int) -> tuple[int, ...]:
     within round-off of the standard iteration on the tests' inputs (condition
     numbers up to ``1e6``; ``tests/test_gram_ns.py``).
 
+    Args:
+      steps: Number of Newton-Schulz steps.
+
+    Returns:
+      The restart step indices, a tuple of ints in ``[1, steps)``.
+
     Examples:
       >>> from layerwise_optax import linalg
       >>> linalg.default_gram_restarts(5), linalg.default_gram_restarts(8)
@@ -928,12 +945,23 @@ def newton_schulz_flops(
     step of a segment has ``Q = P``, the last needs no ``R``). ``'auto'`` picks the
     cheaper of the two. (The elementwise work of the scalings is not counted.)
 
+    Args:
+      m: Rows.
+      n: Columns.
+      steps: Newton-Schulz steps.
+      method: ``'standard'``, ``'gram'`` or ``'auto'``.
+      restarts: The Gram iteration's restart steps (``None``:
+        :func:`default_gram_restarts`).
+
+    Returns:
+      The flop count (an int).
+
     Examples:
       >>> from layerwise_optax import linalg
       >>> linalg.newton_schulz_flops(512, 2048, 5, 'standard') / 1e9
-      11.811160064
+      12.07959552
       >>> linalg.newton_schulz_flops(512, 2048, 5, 'gram') / 1e9
-      8.053063680
+      8.05306368
 
     Raises:
       ValueError: For an unknown ``method``.
