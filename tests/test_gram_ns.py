@@ -361,3 +361,31 @@ def test_muon_gram_on_an_nnx_state_tree():
         outs.append(upd)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), *outs)
     assert isinstance(outs[1], nnx.State)
+
+
+# ------------------------------------------------------------------- batched matrices
+
+
+def _update_dots(shapes):
+    params = {f"w{i}": jnp.ones(s) for i, s in enumerate(shapes)}
+    grads = {k: jnp.full(p.shape, 0.5) + jnp.eye(*p.shape) for k, p in params.items()}
+    tx = lo.scale_by_muon(roles=lambda p: jax.tree.map(lambda _: "matrix", p))
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
+    return str(jaxpr).count("dot_general"), tx.update(grads, tx.init(params), params)[0]
+
+
+def test_same_shaped_and_transposed_leaves_are_orthogonalized_in_one_batched_call():
+    # The number of matmuls in the traced update does not grow with the number of
+    # same-shaped leaves, and a tall (32, 8) leaf joins the wide (8, 32) batch.
+    one, _ = _update_dots([(8, 32)])
+    many, _ = _update_dots([(8, 32)] * 4)
+    mixed, upd = _update_dots([(8, 32), (32, 8), (8, 32), (32, 8)])
+    assert one == many == mixed > 0, (one, many, mixed)
+    coeffs = linalg.ns_coefficients("standard", 5)
+    for i, shape in enumerate([(8, 32), (32, 8), (8, 32), (32, 8)]):
+        g = jnp.full(shape, 0.5) + jnp.eye(*shape)
+        want = linalg.newton_schulz(g, coeffs, method="auto") * max(1.0, shape[1] / shape[0]) ** 0.5
+        np.testing.assert_allclose(upd[f"w{i}"], want, atol=1e-5)
+    # two distinct shapes: two batches
+    two, _ = _update_dots([(8, 32), (16, 16)])
+    assert two > one
