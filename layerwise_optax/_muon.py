@@ -249,9 +249,11 @@ def scale_by_muon(
 
     Args:
       ns_coeffs: Newton-Schulz coefficients: a preset name (``'standard'``,
-        ``'dion'``, ``'polar_express'``, ``'cubic'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
+        ``'dion'``, ``'polar_express'``, ``'cubic'``, ``'aol'`` for
+        ``ns_prescale='aol'``; see ``linalg.NS_PRESETS``) or an array ``(3,)`` /
         ``(n, 3)`` (static).
-      ns_steps: Newton-Schulz steps (static, ``>= 1``; ``None``: 5).
+      ns_steps: Newton-Schulz steps (static, ``>= 1``; ``None``: 5, or 4 with
+        ``ns_prescale='aol'``).
       beta: Momentum decay, in ``[0, 1)``.
       eps: Added to the Frobenius norm before normalizing.
       mu_dtype: Storage dtype of the momentum.

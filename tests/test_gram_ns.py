@@ -366,9 +366,13 @@ def test_muon_gram_on_an_nnx_state_tree():
 # ------------------------------------------------------------------- batched matrices
 
 
-def _update_dots(shapes):
+def _grad_of(shape):
+    return jnp.full(shape, 0.5) + jnp.eye(shape[0], shape[1])
+
+
+def _update_dots(shapes) -> tuple[int, Any]:
     params = {f"w{i}": jnp.ones(s) for i, s in enumerate(shapes)}
-    grads = {k: jnp.full(p.shape, 0.5) + jnp.eye(*p.shape) for k, p in params.items()}
+    grads = {k: _grad_of(p.shape) for k, p in params.items()}
     tx = lo.scale_by_muon(roles=lambda p: jax.tree.map(lambda _: "matrix", p))
     jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
     return str(jaxpr).count("dot_general"), tx.update(grads, tx.init(params), params)[0]
@@ -383,7 +387,7 @@ def test_same_shaped_and_transposed_leaves_are_orthogonalized_in_one_batched_cal
     assert one == many == mixed > 0, (one, many, mixed)
     coeffs = linalg.ns_coefficients("standard", 5)
     for i, shape in enumerate([(8, 32), (32, 8), (8, 32), (32, 8)]):
-        g = jnp.full(shape, 0.5) + jnp.eye(*shape)
+        g = _grad_of(shape)
         want = linalg.newton_schulz(g, coeffs, method="auto") * max(1.0, shape[1] / shape[0]) ** 0.5
         np.testing.assert_allclose(upd[f"w{i}"], want, atol=1e-5)
     # two distinct shapes: two batches
