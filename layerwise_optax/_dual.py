@@ -10,7 +10,8 @@ to fall back on when that direction is not finite. The phases, in order:
    guarded (:func:`layerwise_optax._grafting.guarded_momentum`), and the matrix
    view of ``\\hat M_t`` of each leaf that needs one;
 2. :func:`polar_factors`: Newton-Schulz on every matrix view, same-shaped stacks
-   of all leaves in one batch each (:func:`layerwise_optax._axes.map_grouped`);
+   of all leaves in one batch each (:func:`layerwise_optax._axes.map_grouped`;
+   a tall ``(n, m)`` stack joins the ``(m, n)`` ones, transposed);
 3. :func:`settle`: the failure policy for a leaf without stored fallback (a
    non-finite direction gives a zero update and keeps the momentum) and the
    leaf's :class:`Step`;
@@ -87,11 +88,20 @@ def momentum(
 
 
 def polar_factors(
-    plans: Any, prepared: Any, coeffs: jax.Array, *, eps: Any, ns_dtype: Any, distribute: bool
+    plans: Any,
+    prepared: Any,
+    coeffs: jax.Array,
+    *,
+    eps: Any,
+    ns_dtype: Any,
+    distribute: bool,
+    method: str = "standard",
+    prescale: str = "frobenius",
 ) -> Any:
     """Phase 2: ``NS(\\hat M_t) ~ U V^T`` for every matrix view, batched over all leaves.
 
-    Same-shaped (and same-dtype) stacks of all leaves are one batch each, spread
+    Same-shaped (and same-dtype) stacks of all leaves are one batch each (a tall
+    ``(n, m)`` stack transposed into the ``(m, n)`` batch), spread
     over the devices of the current mesh when ``distribute``: each matrix is
     orthogonalized on one device (no collective inside the iteration). The
     inputs are finite (a non-valid gradient was zeroed, the momentum holds only
@@ -105,6 +115,8 @@ def polar_factors(
         :func:`layerwise_optax._linalg.newton_schulz`'s default).
       ns_dtype: Iteration dtype (``None``: float32).
       distribute: Spread the batches over the mesh's devices.
+      method: Newton-Schulz ``method`` (``'standard'``, ``'gram'``, ``'auto'``).
+      prescale: Newton-Schulz ``prescale`` (``'frobenius'``, ``'aol'``).
 
     Returns:
       A tree like ``plans``: per leaf a 1-tuple, ``(None,)`` where the leaf has no
@@ -114,9 +126,17 @@ def polar_factors(
     def prepare(plan, p):
         if p is None or p.blocks is None:
             return [None]
-        return [((p.blocks.shape[1:], p.blocks.dtype), (p.blocks,))]
+        # Tall stacks go in transposed (Newton-Schulz works on the wide view of a
+        # tall matrix anyway): a (d, 4d) and a (4d, d) kernel are then one batch.
+        blocks = _wide(p.blocks)
+        return [((blocks.shape[1:], blocks.dtype), (blocks,))]
 
-    options = {"compute_dtype": ns_dtype, "check_finite": False}
+    options = {
+        "compute_dtype": ns_dtype,
+        "check_finite": False,
+        "method": method,
+        "prescale": prescale,
+    }
     if eps is not None:
         options["eps"] = eps
 
@@ -124,7 +144,20 @@ def polar_factors(
         del key
         return lambda x: _linalg.newton_schulz(x, coeffs, **options)
 
-    return _axes.map_grouped(prepare, batched, plans, prepared, distribute=distribute)
+    out = _axes.map_grouped(prepare, batched, plans, prepared, distribute=distribute)
+
+    def restore(polar, plan, p):
+        del plan
+        if p is None or p.blocks is None or p.blocks.shape[-2] <= p.blocks.shape[-1]:
+            return polar
+        return (jnp.swapaxes(polar[0], -1, -2),)
+
+    return _axes.map_leaves(restore, plans, out, prepared, local=True)
+
+
+def _wide(blocks: jax.Array) -> jax.Array:
+    """``(stack, m, n)`` blocks with ``m <= n`` (tall ones transposed)."""
+    return jnp.swapaxes(blocks, -1, -2) if blocks.shape[-2] > blocks.shape[-1] else blocks
 
 
 def settle(direction: jax.Array, prep: Momentum) -> tuple[jax.Array, jax.Array]:

@@ -831,6 +831,17 @@ NS_PRESETS: dict[str, tuple[tuple[float, float, float], ...]] = {
             )
         )
     ),
+    # For prescale='aol' (Turbo-Muon's one step fewer): 4 greedy minimax-optimal
+    # quintics (Polar Express's construction, computed here by a linear program on
+    # a grid) for singular values in [1e-2, 1] after the AOL scaling, each but the
+    # last divided by the safety factor 1.01; they map [1e-2, 1] into
+    # [0.985, 1.015] (tested). Past 4 steps the last triple repeats.
+    "aol": (
+        (8.013236656453433, -22.925758186906435, 16.59941547779885),
+        (3.6070243614100033, -2.6485981076142697, 0.5119241394307661),
+        (2.6536276308597437, -1.93923293043495, 0.43503912724578),
+        (1.9691433423237754, -1.357350677629386, 0.3906724176728899),
+    ),
     # The cubic Newton-Schulz iteration (a, b, c) = (3/2, -1/2, 0): converges to the
     # exact polar factor, slowly for small singular values.
     "cubic": ((1.5, -0.5, 0.0),),
@@ -889,6 +900,107 @@ def ns_coefficients(preset: str | Any, steps: int) -> jax.Array:
     return jnp.concatenate([table, jnp.broadcast_to(table[-1:], (steps - n, 3))])
 
 
+NS_METHODS = ("standard", "gram", "auto")
+NS_PRESCALES = ("frobenius", "aol")
+
+
+def _gram_segments(steps: int, restarts: Sequence[int]) -> list[range]:
+    """The steps ``0..steps-1`` cut before each restart index (indices ``1..steps-1``)."""
+    cuts = sorted({int(r) for r in restarts if 0 < int(r) < steps})
+    bounds = [0, *cuts, steps]
+    return [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def default_gram_restarts(steps: int) -> tuple[int, ...]:
+    """Where :func:`newton_schulz`'s Gram iteration re-forms ``X`` and ``R = X X^T``.
+
+    Every third step (``(3, 6, ...)``; none for ``steps <= 3``): long enough to
+    keep most of the Gram saving, short enough that the float32 recurrence stays
+    within round-off of the standard iteration on the tests' inputs (condition
+    numbers up to ``1e6``; ``tests/test_gram_ns.py``).
+
+    Args:
+      steps: Number of Newton-Schulz steps.
+
+    Returns:
+      The restart step indices, a tuple of ints in ``[1, steps)``.
+
+    Examples:
+      >>> from layerwise_optax import linalg
+      >>> linalg.default_gram_restarts(5), linalg.default_gram_restarts(8)
+      ((3,), (3, 6))
+    """
+    return tuple(range(3, steps, 3))
+
+
+def newton_schulz_flops(
+    m: int, n: int, steps: int, method: str = "standard", restarts: Sequence[int] | None = None
+) -> int:
+    """Matmul flops (2 per multiply-add) of :func:`newton_schulz` on one ``m x n`` matrix.
+
+    With ``k = min(m, n)``, ``l = max(m, n)``: ``'standard'`` costs
+    ``steps * (4 k^2 l + 2 k^3)``; ``'gram'`` costs ``2 k^2 l`` for ``R_0``, per
+    restart ``4 k^2 l`` (re-forming ``X`` and ``R``), ``2 k^2 l`` for the final
+    ``Q X_0`` and per step at most ``8 k^3`` (``R^2``, ``P Q``, ``P R P``; the first
+    step of a segment has ``Q = P``, the last needs no ``R``). ``'auto'`` picks the
+    cheaper of the two. (The elementwise work of the scalings is not counted.)
+
+    Args:
+      m: Rows.
+      n: Columns.
+      steps: Newton-Schulz steps.
+      method: ``'standard'``, ``'gram'`` or ``'auto'``.
+      restarts: The Gram iteration's restart steps (``None``:
+        :func:`default_gram_restarts`).
+
+    Returns:
+      The flop count (an int).
+
+    Examples:
+      >>> from layerwise_optax import linalg
+      >>> linalg.newton_schulz_flops(512, 2048, 5, 'standard') / 1e9
+      12.07959552
+      >>> linalg.newton_schulz_flops(512, 2048, 5, 'gram') / 1e9
+      8.05306368
+
+    Raises:
+      ValueError: For an unknown ``method``.
+    """
+    if method not in NS_METHODS:
+        raise ValueError(f"method must be one of {NS_METHODS}, got {method!r}.")
+    k, ell = min(m, n), max(m, n)
+    standard = steps * (4 * k * k * ell + 2 * k**3)
+    if method == "standard":
+        return standard
+    restarts = default_gram_restarts(steps) if restarts is None else restarts
+    segments = _gram_segments(steps, restarts)
+    gram = 2 * k * k * ell * (1 + 2 * (len(segments) - 1) + 1)
+    for seg in segments:
+        gram += len(seg) * 2 * k**3  # R^2
+        gram += (len(seg) - 1) * 2 * k**3  # P Q (the first step sets Q = P)
+        gram += (len(seg) - 1) * 4 * k**3  # R <- P R P (not after the last step)
+    if method == "gram":
+        return gram
+    return min(standard, gram)
+
+
+def _resolve_method(method: str, m: int, n: int, steps: int, restarts: Sequence[int]) -> str:
+    if method != "auto":
+        return method
+    gram = newton_schulz_flops(m, n, steps, "gram", restarts)
+    return "gram" if gram < newton_schulz_flops(m, n, steps, "standard") else "standard"
+
+
+def _aol_scale(x: jax.Array, gram: jax.Array, eps: Any) -> tuple[jax.Array, jax.Array]:
+    """AOL rescaling ``D X``, ``D G D`` with ``D = diag(1 / sqrt(sum_j |G_ij|))``, ``G = X X^T``.
+
+    Prach and Lampert (2022), Theorem 1: ``||D X||_2 <= 1``. ``eps`` is added to
+    the root (a zero row stays zero).
+    """
+    d = 1.0 / (jnp.sqrt(jnp.sum(jnp.abs(gram), axis=-1)) + eps)
+    return x * d[..., :, None], gram * d[..., :, None] * d[..., None, :]
+
+
 def newton_schulz(
     x: jax.Array,
     coeffs: jax.Array,
@@ -896,16 +1008,53 @@ def newton_schulz(
     eps: float = 1e-8,
     compute_dtype: Any = None,
     check_finite: bool = True,
+    method: str = "standard",
+    prescale: str = "frobenius",
+    gram_restarts: Sequence[int] | None = None,
 ) -> jax.Array:
-    """Approximate polar factor ``U V^T`` of ``(..., m, n)`` matrices by Newton-Schulz.
+    r"""Approximate polar factor ``U V^T`` of ``(..., m, n)`` matrices by Newton-Schulz.
 
-    Each matrix is scaled to unit Frobenius norm (so every singular value is at most
-    1), then each step applies the odd quintic ``X <- a X + (b A + c A^2) X`` with
-    ``A = X X^T`` (on the smaller side). The result is ``U p(S / ||X||_F) V^T`` for
-    the SVD ``X = U S V^T`` and ``p`` the composition of the step polynomials: the
-    singular vectors are exact, the singular values are mapped towards 1. For the
-    ``'standard'`` preset with 5 steps, singular values above ``~1e-3 ||X||_F`` map
-    into ``[0.68, 1.13]``; smaller ones stay small (``p(s) ~ 3.4445^5 s``).
+    Each matrix is scaled so that every singular value is at most 1, then each
+    step applies the odd quintic ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``
+    (on the smaller side). The result is ``U p(S') V^T`` for the SVD
+    ``X' = U S' V^T`` of the scaled matrix and ``p`` the composition of the step
+    polynomials: the singular vectors are exact, the singular values are mapped
+    towards 1. For the ``'standard'`` preset with 5 steps and the Frobenius
+    scaling, singular values above ``~1e-3 ||X||_F`` map into ``[0.68, 1.13]``;
+    smaller ones stay small (``p(s) ~ 3.4445^5 s``).
+
+    Scalings (``prescale``):
+
+    * ``'frobenius'``: ``X' = X / (||X||_F + eps)``.
+    * ``'aol'`` (almost-orthogonal-layer rescaling, Prach and Lampert 2022, as
+      Turbo-Muon uses it, Boissin et al. 2025): ``X' = D X`` with
+      ``D = diag(1 / (sqrt(sum_j |G_ij|) + eps))``, ``G = X X^T`` on the smaller
+      side, which guarantees ``||X'||_2 <= 1`` and is usually much closer to 1
+      than the Frobenius scaling (small singular values start larger: one step
+      fewer reaches the same band). ``G`` is the first step's Gram matrix, so the
+      scaling costs no extra matmul. **``D`` is not a multiple of the identity:
+      the result approximates the polar factor of ``D X``, not of ``X``**; the
+      two agree when the rows (on the smaller side) of ``X`` have balanced
+      absolute Gram sums, as gradients and momenta mostly do, and differ
+      otherwise (``tests/test_gram_ns.py`` measures it).
+
+    Methods (``method``), for ``m <= n`` (a tall matrix is transposed):
+
+    * ``'standard'``: the iteration above, ``steps * (4 m^2 n + 2 m^3)`` flops.
+    * ``'gram'`` (Gram Newton-Schulz; Dao AI Lab 2026): since ``X_{k+1} =
+      h_k(R_k) X_k`` with ``R_k = X_k X_k^T`` and ``h_k(r) = a_k + b_k r + c_k
+      r^2``, the iteration is carried on the ``m x m`` side only,
+      ``Q_{k+1} = h_k(R_k) Q_k`` and ``R_{k+1} = h_k(R_k) R_k h_k(R_k)`` (all
+      polynomials of one symmetric matrix, so they commute), and ``X = Q X_0``
+      is formed once at the end: ``O(m^2 n)`` work three times instead of twice
+      per step. The ``R`` recurrence accumulates round-off relative to the
+      iterate (the small eigenvalues are amplified by ``h^2`` each step), so the
+      iteration *restarts* before the steps in ``gram_restarts``: ``X <- Q X``,
+      ``R <- X X^T``, ``Q <- I`` (:func:`default_gram_restarts`: every third
+      step). In exact arithmetic the result is that of ``'standard'``.
+    * ``'auto'``: ``'gram'`` where it has fewer flops
+      (:func:`newton_schulz_flops`; aspect ratios ``n / m`` above ``~1.5`` at 5
+      steps), else ``'standard'``; decided from the static shape.
 
     Zero matrices give zero; a matrix with a non-finite entry gives zeros (callers
     count it as a failure).
@@ -913,14 +1062,22 @@ def newton_schulz(
     Args:
       x: ``(..., m, n)`` matrices (leading axes are a batch).
       coeffs: ``(steps, 3)`` per-step coefficients (:func:`ns_coefficients`).
-      eps: Added to the norm before dividing.
+      eps: Added to the norm (``'aol'``: to each row's root) before dividing.
       compute_dtype: Iteration dtype (e.g. ``jnp.bfloat16`` for speed); default
         float32 (float64 inputs stay float64). The result has this dtype.
       check_finite: Zero matrices with non-finite entries first (callers whose
         input is already finite may skip the extra pass).
+      method: ``'standard'``, ``'gram'`` or ``'auto'`` (static).
+      prescale: ``'frobenius'`` or ``'aol'`` (static).
+      gram_restarts: Step indices (``1 .. steps - 1``) before which the Gram
+        iteration restarts (static; ``None``: :func:`default_gram_restarts`;
+        ``()``: never). Ignored by ``'standard'``.
 
     Returns:
       ``(..., m, n)`` array.
+
+    Raises:
+      ValueError: For an unknown ``method`` or ``prescale``.
 
     Examples:
       The singular values go to 1, the singular vectors stay:
@@ -932,13 +1089,32 @@ def newton_schulz(
       >>> [[round(v, 4) + 0.0 for v in row] for row in r.tolist()]
       [[1.0, 0.0], [0.0, 1.0]]
 
+      The Gram iteration on a wide matrix gives the standard result to round-off:
+
+      >>> import jax
+      >>> w = jax.random.normal(jax.random.key(0), (8, 32))
+      >>> c = linalg.ns_coefficients('standard', 5)
+      >>> d = linalg.newton_schulz(w, c, method='gram') - linalg.newton_schulz(w, c)
+      >>> bool(jnp.max(jnp.abs(d)) < 1e-4)
+      True
+
     References:
       Jordan et al., `Muon: An optimizer for hidden layers in neural networks
       <https://kellerjordan.github.io/posts/muon/>`_, 2024 (the ``'standard'``
       quintic).
       Amsel et al., The Polar Express: Optimal Matrix Sign Methods and Their
       Application to the Muon Algorithm, 2025 (``'polar_express'``).
+      Dao AI Lab (Amsel, Chen, Dao et al.), `Gram Newton-Schulz
+      <https://tridao.me/blog/2026/gram-newton-schulz/>`_, 2026 (``'gram'``,
+      restarts).
+      Prach and Lampert, `Almost-Orthogonal Layers for Efficient General-Purpose
+      Lipschitz Networks <https://arxiv.org/abs/2208.03160>`_, ECCV 2022; Boissin
+      et al., `Turbo-Muon <https://arxiv.org/abs/2512.04632>`_, 2025 (``'aol'``).
     """
+    if method not in NS_METHODS:
+        raise ValueError(f"method must be one of {NS_METHODS}, got {method!r}.")
+    if prescale not in NS_PRESCALES:
+        raise ValueError(f"prescale must be one of {NS_PRESCALES}, got {prescale!r}.")
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else _compute_dtype(x)
     if check_finite:
         ok = _finite_matrices(x)
@@ -947,21 +1123,65 @@ def newton_schulz(
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:
         x = jnp.swapaxes(x, -1, -2)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-    x = (x / (norm + eps)).astype(dtype)
     coeffs = jnp.asarray(coeffs).astype(dtype)
+    steps = coeffs.shape[0]
+    restarts = default_gram_restarts(steps) if gram_restarts is None else tuple(gram_restarts)
+    method = _resolve_method(method, x.shape[-2], x.shape[-1], steps, restarts)
 
     # Default matmul precision, as optax.contrib.muon: the iteration is itself an
     # approximation and HIGHEST costs ~1.5x on CPU (and forbids TF32 on GPUs).
-    def step(x, abc):
-        a, b, c = abc[0], abc[1], abc[2]
-        gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2))
-        poly = b * gram + c * jnp.matmul(gram, gram)
-        return a * x + jnp.matmul(poly, x), None
+    first_gram = None
+    if prescale == "aol":
+        # The scaling is computed in the (at least float32) input dtype; the first
+        # step's Gram matrix is the scaled one, formed without another matmul.
+        x, first_gram = _aol_scale(x, _gram(x), eps)
+        x, first_gram = x.astype(dtype), first_gram.astype(dtype)
+    else:
+        norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+        x = (x / (norm + eps)).astype(dtype)
 
-    x, _ = jax.lax.scan(step, x, coeffs, unroll=True)
+    if method == "gram":
+        x = _gram_newton_schulz(x, coeffs, restarts, first_gram)
+    else:
+        for k in range(steps):
+            gram = first_gram if k == 0 and first_gram is not None else _gram(x)
+            a, b, c = coeffs[k, 0], coeffs[k, 1], coeffs[k, 2]
+            x = a * x + jnp.matmul(b * gram + c * jnp.matmul(gram, gram), x)
     if not wide:
         x = jnp.swapaxes(x, -1, -2)
+    return x
+
+
+def _gram(x: jax.Array) -> jax.Array:
+    return jnp.matmul(x, jnp.swapaxes(x, -1, -2))
+
+
+def _gram_newton_schulz(
+    x: jax.Array, coeffs: jax.Array, restarts: Sequence[int], first_gram: jax.Array | None
+) -> jax.Array:
+    """Gram Newton-Schulz on wide ``(..., m, n)`` scaled matrices (see :func:`newton_schulz`)."""
+    steps = coeffs.shape[0]
+    segments = _gram_segments(steps, restarts)
+    # The m x m recurrence runs in at least float32: in bfloat16 its round-off
+    # gives R spurious negative eigenvalues, which the odd quintic sends to -inf.
+    small = jnp.promote_types(x.dtype, jnp.float32)
+    coeffs = coeffs.astype(small)
+    for s, seg in enumerate(segments):
+        if s == 0 and first_gram is not None:
+            r = first_gram.astype(small)
+        else:
+            r = jnp.matmul(x, jnp.swapaxes(x, -1, -2), preferred_element_type=small)
+        q = None
+        for k in seg:
+            a, b, c = coeffs[k, 0], coeffs[k, 1], coeffs[k, 2]
+            r2 = jnp.matmul(r, r)
+            p = a * _eye_like(r) + b * r + c * r2  # h_k(R_k), symmetric
+            q = p if q is None else jnp.matmul(p, q)
+            if k != seg[-1]:
+                # R_{k+1} = h R h = h (a R + b R^2 + c R^3); symmetrized against drift.
+                r = symmetrize(jnp.matmul(p, a * r + b * r2 + c * jnp.matmul(r2, r)))
+        assert q is not None  # every segment has a step
+        x = jnp.matmul(q.astype(x.dtype), x)
     return x
 
 

@@ -190,6 +190,8 @@ _MUON_BAD_VALUES: dict[str, BadValues] = {
     "element_eps": _NON_NEGATIVE,
     "rms": _NON_NEGATIVE,
     "scaling": _MODE,
+    "ns_method": _MODE,
+    "ns_prescale": _MODE,
 }
 
 # ----------------------------------------------------------------------------- the entries
@@ -315,6 +317,11 @@ ENTRIES: tuple[Entry, ...] = (
                 dict(learning_rate=3e-2, element_b2=0.95, scaling="rms"),
                 slow=True,
             ),
+            # Gram Newton-Schulz with AOL pre-scaling and its 4-step preset.
+            Config(
+                "muon_gram_aol",
+                dict(learning_rate=2e-2, ns_method="gram", ns_prescale="aol", ns_coeffs="aol"),
+            ),
         ),
         contract=dict(learning_rate=2e-2),
         bad_values=_MUON_BAD_VALUES,
@@ -327,7 +334,14 @@ ENTRIES: tuple[Entry, ...] = (
         static_args=_muon._STATIC_ARGS,
         algorithm="muon",
         momentum_arg="beta",
-        conformance=(Config("normuon", dict(learning_rate=3e-2, ns_coeffs="polar_express")),),
+        conformance=(
+            Config("normuon", dict(learning_rate=3e-2, ns_coeffs="polar_express")),
+            Config(
+                "normuon_gram_aol",
+                dict(learning_rate=3e-2, ns_method="gram", ns_prescale="aol", ns_coeffs="aol"),
+                slow=True,
+            ),
+        ),
         contract=dict(learning_rate=3e-2),
         bad_values=_MUON_BAD_VALUES,
     ),
