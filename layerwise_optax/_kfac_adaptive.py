@@ -84,7 +84,7 @@ class KfacCurvature:
     passed through ``jit``; the functions are static (compared by identity:
     build them once, not per step, if ``update`` is jitted on its own).
 
-    Args:
+    Attributes:
       apply_fn: ``apply_fn(params, data) -> outputs``.
       loss_fn: ``loss_fn(outputs, data) -> scalar``, the training loss.
       data: The batch (any pytree), passed to both.
@@ -201,8 +201,10 @@ class ScaleByKfacAdaptiveState(NamedTuple):
 def kfac_adaptive_values(state: Any) -> dict[str, float]:
     """The current ``λ``, ``α``, ``μ`` and ``ρ`` of the adaptive K-FAC state in ``state``.
 
-    Reads on the host (not under ``jit``); ``state`` may be a chain's or an
-    ``inject_hyperparams`` state holding one :class:`ScaleByKfacAdaptiveState`.
+    Args:
+      state: A state from :func:`kfac_adaptive`, or a chain's or an
+        ``inject_hyperparams`` state holding one :class:`ScaleByKfacAdaptiveState`.
+        Read on the host (not under ``jit``).
 
     Returns:
       ``{'damping', 'learning_rate', 'momentum', 'rho', 'failed'}`` as Python
@@ -472,10 +474,11 @@ def kfac_adaptive(
                 count=optax.safe_increment(state.count),
                 kfac=kstate,
                 mu=jax.tree.map(lambda x, m: x.astype(m.dtype), d, state.mu),
-                damping=new_lam,
-                learning_rate=coef.alpha,
-                momentum=coef.mu,
-                rho=jnp.where(jnp.isfinite(rho), rho, state.rho),
+                # float32 scalars whatever the params' dtype (stable through lax.cond).
+                damping=new_lam.astype(jnp.float32),
+                learning_rate=coef.alpha.astype(jnp.float32),
+                momentum=coef.mu.astype(jnp.float32),
+                rho=jnp.where(jnp.isfinite(rho), rho, state.rho).astype(jnp.float32),
                 # The preconditioner's counts plus the adaptive step's own (failure_report
                 # reads this state's field only).
                 failures=_failure.add(

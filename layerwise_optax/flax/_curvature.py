@@ -96,8 +96,8 @@ def kfac_curvature(
       >>> curv = lof.kfac_curvature(lambda m, x: m(x), 'mse')(model, x, y)
       >>> params = nnx.state(model, nnx.Param)
       >>> v = jax.tree.map(jnp.zeros_like, params)
-      >>> v['kernel'].value = jnp.array([[1.0], [0.0]])
-      >>> curv.matvec(params, v)['kernel'].value.ravel().tolist()
+      >>> v['kernel'][...] = jnp.array([[1.0], [0.0]])
+      >>> curv.matvec(params, v)['kernel'][...].ravel().tolist()
       [1.0, 1.0]
     """
     loss_name, loss_fn = _capture._loss_for(loss, "empirical")
