@@ -28,8 +28,9 @@ the tests that check both against the explicit matrix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -223,7 +224,9 @@ def kfac_adaptive_values(state: Any) -> dict[str, float]:
     """
     kind = ScaleByKfacAdaptiveState
     found = [
-        s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
+        if isinstance(s, kind)
     ]
     if len(found) != 1:
         raise ValueError(
@@ -424,7 +427,8 @@ def kfac_adaptive(
     _checks.boolean("adaptive_momentum", adaptive_momentum)
     mu_dtype = _checks.canonicalize_dtype(mu_dtype, "mu_dtype")
     # The preconditioner's own checks (built once here so they raise at construction).
-    kfac_kwargs = dict(
+    make_kfac = functools.partial(
+        _kfac.scale_by_kfac,
         momentum=0.0,
         b2=b2,
         factor_decay=factor_decay,
@@ -436,13 +440,13 @@ def kfac_adaptive(
         precond_dtype=precond_dtype,
         inverse=inverse,
     )
-    base = _kfac.scale_by_kfac(damping=damping, **kfac_kwargs)
+    base = make_kfac(damping=damping)
 
     def init_fn(params):
         leaf_dtype = lambda p: mu_dtype or p.dtype  # noqa: E731
         return ScaleByKfacAdaptiveState(
             count=jnp.zeros([], jnp.int32),
-            kfac=base.init(params),
+            kfac=cast(_kfac.ScaleByKfacState, base.init(params)),
             mu=jax.tree.map(lambda p: jnp.zeros(p.shape, leaf_dtype(p)), params),
             damping=jnp.asarray(damping, jnp.float32),
             learning_rate=jnp.zeros([], jnp.float32),
@@ -458,8 +462,9 @@ def kfac_adaptive(
             raise ValueError(NO_CURVATURE_MSG)
         with jax.named_scope("layerwise_optax.kfac_adaptive"):
             lam = state.damping
-            inner = _kfac.scale_by_kfac(damping=lam, **kfac_kwargs)
+            inner = make_kfac(damping=lam)
             raw, kstate = inner.update(updates, state.kfac, params, **extra_args)
+            kstate = cast(_kfac.ScaleByKfacState, kstate)
             g = jax.tree.map(lambda x: _failure.guard(x)[1], updates)
             direction = jax.tree.map(lambda x: -x.astype(jnp.float32), raw)
             prev = jax.tree.map(lambda x: x.astype(jnp.float32), state.mu)
@@ -471,7 +476,7 @@ def kfac_adaptive(
             failed = (~coef.ok).astype(jnp.int32) + rho_failed
             out = jax.tree.map(lambda x, u: x.astype(u.dtype), d, updates)
             new_state = ScaleByKfacAdaptiveState(
-                count=optax.safe_increment(state.count),
+                count=jnp.asarray(optax.safe_increment(state.count)),
                 kfac=kstate,
                 mu=jax.tree.map(lambda x, m: x.astype(m.dtype), d, state.mu),
                 # float32 scalars whatever the params' dtype (stable through lax.cond).

@@ -80,7 +80,7 @@ def _curvature_and_params(tree, loss, x, y, dtype):
 def _explicit_curvature(f, params, out_matrix):
     """``J^T H J`` (float64 NumPy) with ``J`` the Jacobian of the flattened outputs."""
     flat, unravel = ravel_pytree(params)
-    jac = np.asarray(jax.jacobian(lambda t: f(unravel(t)).ravel())(flat), np.float64)
+    jac = np.asarray(jax.jit(jax.jacobian(lambda t: f(unravel(t)).ravel()))(flat), np.float64)
     return jac.T @ out_matrix @ jac, flat, unravel
 
 
@@ -97,14 +97,18 @@ def test_curvature_products_match_explicit_gauss_newton(tree, loss):
             h = np.diag(w.ravel())
         else:
             loss_fn = getattr(lof, loss)
-            h = np.asarray(jax.hessian(lambda t: loss_fn(t.reshape(z.shape), y))(z.ravel()))
+            h = jax.jit(jax.hessian(lambda t: loss_fn(t.reshape(z.shape), y)))(z.ravel())
+            h = np.asarray(h)
         c, flat, unravel = _explicit_curvature(f, params, h)
         rng = np.random.default_rng(1)
         vs = [rng.normal(size=flat.shape) for _ in range(2)]
+        matvec = jax.jit(lambda c, p, v: c.matvec(p, v))
         for v in vs:
-            got = ravel_pytree(curv.matvec(params, unravel(jnp.asarray(v))))[0]
+            got = ravel_pytree(matvec(curv, params, unravel(jnp.asarray(v))))[0]
             np.testing.assert_allclose(np.asarray(got), c @ v, rtol=1e-9, atol=1e-12)
-        gram, loss0 = curv.gram(params, [unravel(jnp.asarray(v)) for v in vs])
+        gram, loss0 = jax.jit(lambda c, p, v: c.gram(p, v))(
+            curv, params, [unravel(jnp.asarray(v)) for v in vs]
+        )
         want = np.array([[a @ c @ b for b in vs] for a in vs])
         # The Gram matrix is accumulated in float32 or wider: float64 here.
         np.testing.assert_allclose(np.asarray(gram), want, rtol=1e-6)
@@ -119,7 +123,7 @@ def _solve_reference(m, b, momentum):
     return np.array([-b[0] / m[0, 0], 0.0])
 
 
-@pytest.mark.parametrize("tree", ["dict", "nnx"])
+@pytest.mark.parametrize("tree", [pytest.param("dict", marks=pytest.mark.slow), "nnx"])
 def test_coefficients_match_dense_two_by_two_reference(tree):
     loss = "softmax_cross_entropy"
     lam = 0.3
@@ -135,21 +139,27 @@ def test_coefficients_match_dense_two_by_two_reference(tree):
     for step in range(3):
         g = jax.grad(curv.loss_at)(params)
         stats = jax.tree.map(
-            lambda p: None
-            if p.ndim < 2
-            else lo.KfacFactors(
-                jnp.asarray(np.cov(rng.normal(size=(p.shape[0], 9))) + np.eye(p.shape[0])),
-                jnp.eye(p.shape[1]),
+            lambda p: (
+                None
+                if p.ndim < 2
+                else lo.KfacFactors(
+                    jnp.asarray(np.cov(rng.normal(size=(p.shape[0], 9))) + np.eye(p.shape[0])),
+                    jnp.eye(p.shape[1]),
+                )
             ),
             params,
         )
         # The default layout folds each bias into its kernel: the input factor has d_in + 1 rows.
         stats = jax.tree.map(
-            lambda p, s: s
-            if s is None
-            else lo.KfacFactors(
-                jnp.asarray(np.eye(p.shape[0] + 1) + np.cov(rng.normal(size=(p.shape[0] + 1, 9)))),
-                s.g,
+            lambda p, s: (
+                s
+                if s is None
+                else lo.KfacFactors(
+                    jnp.asarray(
+                        np.eye(p.shape[0] + 1) + np.cov(rng.normal(size=(p.shape[0] + 1, 9)))
+                    ),
+                    s.g,
+                )
             ),
             params,
             stats,
@@ -157,7 +167,7 @@ def test_coefficients_match_dense_two_by_two_reference(tree):
         )
         stats = _fold_bias_entries(stats, tree)
         u, state = jax.jit(tx.update)(g, state, params, kfac_stats=stats, curvature=curv)
-        raw, pstate = plain.update(g, pstate, params, kfac_stats=stats)
+        raw, pstate = jax.jit(plain.update)(g, pstate, params, kfac_stats=stats)
         delta = -np.asarray(ravel_pytree(raw)[0], np.float64)
         with jax.enable_x64(True):
             p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
@@ -170,7 +180,7 @@ def test_coefficients_match_dense_two_by_two_reference(tree):
             else:
                 f64 = lambda p: _dict_mlp(p, x64)  # noqa: E731
             z = f64(p64)
-            h = np.asarray(jax.hessian(h_fn)(z.ravel()))
+            h = np.asarray(jax.jit(jax.hessian(h_fn))(z.ravel()))
             c, _, _ = _explicit_curvature(f64, p64, h)
         gflat = np.asarray(ravel_pytree(g)[0], np.float64)
         vs = [delta] if prev is None else [delta, prev]
@@ -321,14 +331,14 @@ def test_rho_is_one_on_a_quadratic_whose_curvature_is_its_hessian():
 def _fault_problem(n=10, d=4):
     x, y = _lsq(n, d, seed=5)
     data = dict(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.float32))
+    # Defined once: the curvature's functions are its static part (one compilation).
+    apply_fn = lambda p, dd: dd["x"] @ p["w"]  # noqa: E731
+    loss_fn = lambda z, dd: lof.mse(z, dd["y"]) * jnp.where(dd["bad_loss"], jnp.nan, 1.0)  # noqa: E731
+    hvp = lambda z, u, dd: u / n * jnp.where(dd["bad_hvp"], jnp.nan, 1.0)  # noqa: E731
 
     def curv(bad_hvp, bad_loss):
-        return lo.KfacCurvature(
-            lambda p, dd: dd["x"] @ p["w"],
-            lambda z, dd: lof.mse(z, dd["y"]) * jnp.where(dd["bad_loss"], jnp.nan, 1.0),
-            {**data, "bad_hvp": jnp.asarray(bad_hvp), "bad_loss": jnp.asarray(bad_loss)},
-            output_hvp=lambda z, u, dd: u / n * jnp.where(dd["bad_hvp"], jnp.nan, 1.0),
-        )
+        flags = {"bad_hvp": jnp.asarray(bad_hvp, bool), "bad_loss": jnp.asarray(bad_loss, bool)}
+        return lo.KfacCurvature(apply_fn, loss_fn, {**data, **flags}, output_hvp=hvp)
 
     params = {"w": jnp.zeros((d, 1))}
     stats = {"w": lo.KfacFactors(jnp.eye(d), jnp.eye(1))}
@@ -402,16 +412,9 @@ def _nnx_problem(seed=0):
     return model, x, y, vg, curvature
 
 
-def _nnx_steps(tx, model, x, y, vg, curvature, steps, state=None):
+def _nnx_steps(tx, model, x, y, vg, curvature, steps, state=None, step=None):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    @jax.jit
-    def step(params, state):
-        m = nnx.merge(graphdef, params, rest)
-        loss, grads, stats = vg(m, x, y)
-        u, state = tx.update(grads, state, params, kfac_stats=stats, curvature=curvature(m, x, y))
-        return optax.apply_updates(params, u), state, loss
-
+    step = step or _nnx_step(tx, graphdef, rest, x, y, vg, curvature)
     state = tx.init(params) if state is None else state
     losses = []
     for _ in range(steps):
@@ -420,16 +423,32 @@ def _nnx_steps(tx, model, x, y, vg, curvature, steps, state=None):
     return params, state, losses
 
 
+def _nnx_step(tx, graphdef, rest, x, y, vg, curvature):
+    @jax.jit
+    def step(params, state):
+        m = nnx.merge(graphdef, params, rest)
+        loss, grads, stats = vg(m, x, y)
+        u, state = tx.update(grads, state, params, kfac_stats=stats, curvature=curvature(m, x, y))
+        return optax.apply_updates(params, u), state, loss
+
+    return step
+
+
 def test_checkpoint_resume_is_bit_identical_on_nnx_state():
     model, x, y, vg, curvature = _nnx_problem()
     tx = lo.kfac_adaptive(damping_adaptation_interval=2)
-    full, full_state, _ = _nnx_steps(tx, model, x, y, vg, curvature, 5)
-    half, half_state, _ = _nnx_steps(tx, model, x, y, vg, curvature, 3)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    step = _nnx_step(tx, graphdef, rest, x, y, vg, curvature)
+    full, full_state, _ = _nnx_steps(tx, model, x, y, vg, curvature, 5, step=step)
+    half, half_state, _ = _nnx_steps(tx, model, x, y, vg, curvature, 3, step=step)
     saved = jax.tree.map(np.asarray, lo.checkpointable(half_state))
     abstract = jax.eval_shape(tx.init, nnx.state(model, nnx.Param))
     restored = lo.restore_state(abstract, jax.tree.map(jnp.asarray, saved))
     nnx.update(model, half)
-    resumed, resumed_state, _ = _nnx_steps(tx, model, x, y, vg, curvature, 2, state=restored)
+    resumed, resumed_state, _ = _nnx_steps(
+        tx, model, x, y, vg, curvature, 2, state=restored, step=step
+    )
+    assert step._cache_size() == 1
     for a, b in zip(jax.tree.leaves((full, full_state)), jax.tree.leaves((resumed, resumed_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -479,16 +498,14 @@ def test_burnin_steps_use_the_fixed_rate_and_norm_constraint_bounds_the_step():
     c = curv(0, 0)
     g = grad(params)
     tx = lo.kfac_adaptive(damping=1.0, burnin_steps=1, burnin_learning_rate=0.5)
-    u, s = tx.update(g, tx.init(params), params, kfac_stats=stats, curvature=c)
-    raw, _ = lo.scale_by_kfac(momentum=0.0, damping=1.0, inverse="eigh").update(
-        g, lo.scale_by_kfac(momentum=0.0, damping=1.0, inverse="eigh").init(params), params,
-        kfac_stats=stats,
-    )
+    u, s = jax.jit(tx.update)(g, tx.init(params), params, kfac_stats=stats, curvature=c)
+    plain = lo.scale_by_kfac(momentum=0.0, damping=1.0, inverse="eigh")
+    raw, _ = jax.jit(plain.update)(g, plain.init(params), params, kfac_stats=stats)
     np.testing.assert_allclose(np.asarray(u["w"]), -0.5 * np.asarray(raw["w"]), rtol=1e-6)
     assert lo.kfac_adaptive_values(s)["damping"] == 1.0  # not adapted in burn-in
     bound = 1e-4
     tx = lo.kfac_adaptive(damping=1.0, norm_constraint=bound)
-    u, s = tx.update(g, tx.init(params), params, kfac_stats=stats, curvature=c)
+    u, s = jax.jit(tx.update)(g, tx.init(params), params, kfac_stats=stats, curvature=c)
     cu = c.matvec(params, u)
     q = float(lo._kfac_adaptive._vdot(u, cu) + 1.0 * lo._kfac_adaptive._vdot(u, u))
     np.testing.assert_allclose(q, bound, rtol=1e-4)
@@ -504,9 +521,7 @@ def test_adaptive_defaults_train_where_a_bad_fixed_rate_does_not():
     vg = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
     curvature = lof.kfac_curvature(lambda m, x: m(x), "softmax_cross_entropy")
     steps = 40
-    _, state, adaptive = _nnx_steps(
-        lo.kfac_adaptive(), _Mlp(3, 16, 4), x, y, vg, curvature, steps
-    )
+    _, state, adaptive = _nnx_steps(lo.kfac_adaptive(), _Mlp(3, 16, 4), x, y, vg, curvature, steps)
     _, _, fixed = _nnx_steps(lo.kfac(1e-3), _Mlp(3, 16, 4), x, y, vg, curvature, steps)
     assert adaptive[-1] < 0.6 * adaptive[0], adaptive
     assert fixed[-1] > 0.9 * fixed[0], fixed
