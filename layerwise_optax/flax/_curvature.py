@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from layerwise_optax import _kfac_adaptive
+from layerwise_optax import _kfac_adaptive, _optional
 from layerwise_optax.flax import _capture
+
+if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
+    from flax import nnx
+else:
+    nnx = _optional.require("flax.nnx", "layerwise_optax.flax")
 
 
 @dataclasses.dataclass(frozen=True)
