@@ -331,6 +331,8 @@ ENTRIES: tuple[Entry, ...] = (
         state=_kfac_adaptive.ScaleByKfacAdaptiveState,
         static_args=_kfac_adaptive._STATIC_ARGS,
         algorithm="kfac_adaptive",
+        # It has no momentum hyperparameter (μ is solved for each step): the generic
+        # inject_hyperparams test varies the damping rule's decay instead.
         momentum_arg="damping_adaptation_decay",
         conformance=(
             Config(
