@@ -522,11 +522,11 @@ def kfac_adaptive(
         still = (vv[0, 0] == 0) & jnp.all(jnp.isfinite(m)) & jnp.all(jnp.isfinite(b))
         coef, ok = jnp.where(still, 0.0, coef), ok | still
         in_burnin = state.count < burnin
-        kept = jnp.stack([state.learning_rate, state.momentum])
-        coef = jnp.where(ok, coef, kept)
         q = coef @ m @ coef
         scale = jnp.where(q > bound, jnp.sqrt(bound / jnp.where(q > 0, q, 1.0)), 1.0)
         coef = coef * jnp.where(jnp.isfinite(scale), scale, 1.0) * lr
+        # A failed solve reuses the last step's coefficients as they were applied.
+        coef = jnp.where(ok, coef, jnp.stack([state.learning_rate, state.momentum]))
         coef = jnp.where(in_burnin, jnp.stack([burnin_lr, jnp.zeros([], jnp.float32)]), coef)
         # rho's denominator: the undamped model (Martens and Grosse 6.5; kfac-jax's
         # default), so that rho = 1 exactly when C is the loss's Hessian.
