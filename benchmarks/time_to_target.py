@@ -53,10 +53,11 @@ def _grid(lo_exp: float, hi_exp: float, n: int) -> list[float]:
     return [float(v) for v in np.logspace(lo_exp, hi_exp, n)]
 
 
-# name -> (factory(lr) -> optax transform, log10 lr range, uses K-FAC statistics)
+# name -> (factory(lr) -> optax transform, learning rates, uses K-FAC statistics; the
+# string "curvature": also the exact curvature, for adaptive K-FAC)
 def methods(
     n: int,
-) -> dict[str, tuple[Callable[[float], optax.GradientTransformation], list[float], bool]]:
+) -> dict[str, tuple[Callable[[float], optax.GradientTransformation], list[float], bool | str]]:
     adam_like = _grid(-4, -1, n)
     return {
         "adamw": (lambda lr: optax.adamw(lr), adam_like, False),
@@ -67,6 +68,8 @@ def methods(
             _grid(-3, 0, n),
             True,
         ),
+        # No grid: its defaults, the model's own step (learning_rate 1), one run per seed.
+        "kfac_adaptive": (lambda lr: lo.kfac_adaptive(learning_rate=lr), [1.0], "curvature"),
         "muon": (lambda lr: lo.muon(lr, adam_learning_rate=1e-3), _grid(-3, 0, n), False),
         "normuon": (lambda lr: lo.normuon(lr, adam_learning_rate=1e-3), adam_like, False),
         "steepest_descent": (lambda lr: lo.steepest_descent(lr), _grid(-3, 0, n), False),
@@ -93,7 +96,12 @@ def kfac_statistics(workload: Workload, choice: str = "auto") -> str:
 
 
 def make_train(
-    factory, use_stats: bool, workload: Workload, train_data, steps: int, statistics_mode="auto"
+    factory,
+    use_stats: bool | str,
+    workload: Workload,
+    train_data,
+    steps: int,
+    statistics_mode="auto",
 ):
     """``train(lr, seed) -> (losses, params)`` and ``step_fn(lr) -> (step, carry)``."""
     xtr, ytr = train_data
@@ -104,9 +112,19 @@ def make_train(
     capture = lof.kfac_value_and_grad(lambda m, x: m(x), workload.loss, statistics=mode)
     graphdef = nnx.split(workload.model(nnx.Rngs(0)), nnx.Param)[0]
 
+    def apply_pure(params, data):
+        return nnx.merge(graphdef, params)(data[0])
+
     def one_step(tx, params, state, x, y, key):
         model = nnx.merge(graphdef, params)
-        if use_stats:
+        if use_stats == "curvature":
+            loss, grads, stats = capture(model, x, y, key)
+            # The params here are nnx.as_pure trees: the curvature takes the same tree.
+            curv = lo.KfacCurvature(apply_pure, lambda z, d: loss_fn(z, d[1]), (x, y))
+            updates, state = tx.update(
+                nnx.as_pure(grads), state, params, kfac_stats=stats, curvature=curv
+            )
+        elif use_stats:
             loss, grads, stats = capture(model, x, y, key)
             updates, state = tx.update(nnx.as_pure(grads), state, params, kfac_stats=stats)
         else:

@@ -41,6 +41,10 @@ from layerwise_optax._kfac import (
 )
 from layerwise_optax._kfac import kfac as kfac
 from layerwise_optax._kfac import scale_by_kfac as scale_by_kfac
+from layerwise_optax._kfac_adaptive import KfacCurvature as KfacCurvature
+from layerwise_optax._kfac_adaptive import ScaleByKfacAdaptiveState as ScaleByKfacAdaptiveState
+from layerwise_optax._kfac_adaptive import kfac_adaptive as kfac_adaptive
+from layerwise_optax._kfac_adaptive import kfac_adaptive_values as kfac_adaptive_values
 from layerwise_optax._multi_steps import multi_steps as multi_steps
 from layerwise_optax._muon import ScaleByMuonState as ScaleByMuonState
 from layerwise_optax._muon import muon as muon
@@ -108,6 +112,10 @@ __all__ = (
     "format_roles",
     "inject_hyperparams",
     "kfac",
+    "kfac_adaptive",
+    "kfac_adaptive_values",
+    "KfacCurvature",
+    "ScaleByKfacAdaptiveState",
     "multi_steps",
     "layer_roles",
     "matrix_dimension_numbers",

@@ -55,7 +55,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise_optax import _grafting, _kfac, _muon, _psgd, _shampoo, _soap, _spike, _steepest
+from layerwise_optax import (
+    _grafting,
+    _kfac,
+    _kfac_adaptive,
+    _muon,
+    _psgd,
+    _shampoo,
+    _soap,
+    _spike,
+    _steepest,
+)
 
 BadValues = tuple[tuple[Any, type[Exception]], ...]
 
@@ -165,6 +175,35 @@ def _identity_kfac_stats_vectors_as_biases(updates: Any) -> dict[str, Any]:
         return _kfac.KfacFactors(jnp.eye(d_in), jnp.eye(x.shape[-1]))
 
     return {"kfac_stats": jax.tree.map(one, updates)}
+
+
+def _identity_outputs(params: Any, data: Any) -> Any:
+    del data
+    return params
+
+
+def _half_squared_norm(outputs: Any, data: Any) -> jax.Array:
+    del data
+    return 0.5 * sum(
+        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(outputs)),
+        jnp.zeros([], jnp.float32),
+    )
+
+
+def _with_identity_curvature(stats_fn: Callable[[Any], dict[str, Any]]):
+    """``stats_fn``'s K-FAC factors plus an identity curvature (adaptive K-FAC's inputs).
+
+    The generic tests have no model: the curvature is that of ``½ |θ|²`` with the
+    params as outputs, ``C = I`` (module-level functions, so the static part
+    compares equal from step to step). Convergence tests pass each problem's own
+    loss instead (its Hessian as the curvature).
+    """
+
+    def extra(updates: Any) -> dict[str, Any]:
+        curvature = _kfac_adaptive.KfacCurvature(_identity_outputs, _half_squared_norm)
+        return {**stats_fn(updates), "curvature": curvature}
+
+    return extra
 
 
 # ----------------------------------------------------------------------------- bad values
@@ -294,6 +333,38 @@ ENTRIES: tuple[Entry, ...] = (
             # Static: it decides whether kfac_stats=None is a step without statistics.
             "statistics_frequency": ((0, _VE), (1.5, _TE), (True, _TE), (jnp.asarray(2), _TE)),
             "axis_name": ((3, _TE), (["batch"], _TE)),
+        },
+    ),
+    Entry(
+        name="kfac_adaptive",
+        alias=_kfac_adaptive.kfac_adaptive,
+        scale_by=None,
+        state=_kfac_adaptive.ScaleByKfacAdaptiveState,
+        static_args=_kfac_adaptive._STATIC_ARGS,
+        algorithm="kfac_adaptive",
+        # It has no momentum hyperparameter (μ is solved for each step): the generic
+        # inject_hyperparams test varies the damping rule's decay instead.
+        momentum_arg="damping_adaptation_decay",
+        conformance=(
+            Config(
+                "kfac_adaptive",
+                dict(learning_rate=1.0, precondition_frequency=2, damping_adaptation_interval=2),
+            ),
+        ),
+        contract=dict(learning_rate=1.0, precondition_frequency=2),
+        conformance_extra_args=_with_identity_curvature(_identity_kfac_stats),
+        contract_extra_args=_with_identity_curvature(_identity_kfac_stats_vectors_as_biases),
+        bad_values={
+            "min_damping": _NON_NEGATIVE,
+            "max_damping": _NON_NEGATIVE,
+            "damping_adaptation_interval": ((0, _VE), (1.5, _TE), ("x", _TE)),
+            "damping_adaptation_decay": _UNIT,
+            "norm_constraint": _POSITIVE,
+            "burnin_steps": ((-1, _VE), (1.5, _TE), ("x", _TE)),
+            "burnin_learning_rate": _NON_NEGATIVE,
+            "adaptive_momentum": _BOOL,
+            "damping_mode": _MODE,
+            "inverse": _MODE,
         },
     ),
     Entry(

@@ -51,6 +51,7 @@ def optimizer_params():
 PARAM_AND_STATE_HELPERS = frozenset(
     {
         "layer_roles",
+        "kfac_adaptive_values",
         "matrix_dimension_numbers",
         "format_roles",
         "default_dimension_numbers",

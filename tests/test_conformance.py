@@ -38,13 +38,16 @@ def _run_scan(tx, loss, params, steps, extra=None):
     """Runs ``steps`` optimizer steps under one jit; returns final params and losses.
 
     ``extra(params)`` gives extra update arguments (the problem's K-FAC factors);
-    optimizers that do not take them ignore them.
+    optimizers that do not take them ignore them. Every step also gets the
+    problem's exact curvature (``curvature=``: the loss's Hessian, params as the
+    model's outputs), which adaptive K-FAC's quadratic model needs.
     """
+    curvature = lo.KfacCurvature(lambda p, _: p, lambda z, _: loss(z))
 
     def step(carry, _):
         p, s = carry
         value, g = jax.value_and_grad(loss)(p)
-        u, s = tx.update(g, s, p, **(extra(p) if extra else {}))
+        u, s = tx.update(g, s, p, **{"curvature": curvature, **(extra(p) if extra else {})})
         return (optax.apply_updates(p, u), s), value
 
     @jax.jit
