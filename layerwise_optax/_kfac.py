@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import jax
@@ -587,6 +588,8 @@ def scale_by_kfac(
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
             return _init(params, plans, mu_dtype, precond_dtype, inverse)
+        if _per_factor_eligible(owner, plans, static):
+            return _per_factor_init(owner, plans, params, work, mu_dtype, precond_dtype)
         return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype, inverse)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
@@ -618,7 +621,8 @@ def scale_by_kfac(
             grads = _fold(layout, updates)
             owner = _owner.layout_of(state)
             if owner is not None:
-                out, owned = _owned_update(
+                owned_update = _per_factor_update if owner.per_factor else _owned_update
+                out, owned = owned_update(
                     owner,
                     layout,
                     updates,
@@ -1478,22 +1482,7 @@ def _owned_update(
     _owner.check(owner, plans, grads)
     _owner.check_mapped(owner)
     nodes = _owner.plan_nodes(plans)
-    bare = _owner._bare_leaves(plans, grads)
-    flat_stats = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)[1].flatten_up_to(
-        stats
-    )
-    views, valid = [], []
-    for plan, g, s in zip(nodes, bare, flat_stats):
-        if _axes.is_masked(plan):
-            views.append(None)
-            valid.append(None)
-            continue
-        ok = _failure.guard(g)[0]
-        view = None if plan.spec is None or s is None else _stats_view(s, plan)
-        if view is not None:
-            ok = ok & _kron.all_finite(view)
-        views.append(view)
-        valid.append(ok)
+    flat_stats, views, valid = _owned_views(plans, updates, grads, stats)
     grouped_stats = {
         "blocks": _group_stats(owner, nodes, views),
         "leaves": tuple(flat_stats[i] for i in owner.leaves),
@@ -1549,6 +1538,33 @@ def _owned_update(
         **{name: _owner.grouped(x, owner) for name, x in grouped_new.items()},
     )
     return out, new_state
+
+
+def _owned_views(plans, updates, grads, stats) -> tuple[list, list, list]:
+    """Per plan position of the working layout: statistics, checked views, validity.
+
+    The validity of a leaf is decided once, where it lies: its gradient finite
+    and, with statistics, their views (:func:`_stats_view`) finite. Masked
+    positions give ``None`` views and flags.
+    """
+    nodes = _owner.plan_nodes(plans)
+    bare = _owner._bare_leaves(plans, grads)
+    flat_stats = jax.tree_util.tree_flatten(updates, is_leaf=_axes.is_masked)[1].flatten_up_to(
+        stats
+    )
+    views, valid = [], []
+    for plan, g, s in zip(nodes, bare, flat_stats):
+        if _axes.is_masked(plan):
+            views.append(None)
+            valid.append(None)
+            continue
+        ok = _failure.guard(g)[0]
+        view = None if plan.spec is None or s is None else _stats_view(s, plan)
+        if view is not None:
+            ok = ok & _kron.all_finite(view)
+        views.append(view)
+        valid.append(ok)
+    return flat_stats, views, valid
 
 
 def _owned_solves(grads, stats, inverses, plans, static, damping) -> dict[str, tuple[Any, ...]]:
@@ -1657,6 +1673,332 @@ def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:
         else:
             out.append(_Partial(s, _owner.share(owner, g, jnp.asarray(mask))))
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------- per-factor owner layout
+
+
+def _per_factor_eligible(owner: _owner.Layout, plans: Any, static: _Static) -> bool:
+    """Whether the per-factor owner layout (:func:`_per_factor_update`) serves these plans.
+
+    It stores single dense factors: every kernel's two factors must be dense
+    (no diagonal factor above ``max_precond_dim`` or from
+    :class:`DiagonalFactors`), both applied (``sides='both'``) and inverted by
+    Cholesky; the state must be a global array under a mesh (not built inside
+    ``jax.pmap``). Otherwise the owner layout groups whole layers
+    (:func:`_owned_update`).
+    """
+    if owner.mapped or static.inverse != "cholesky" or static.sides != "both":
+        return False
+    for plan in _owner.plan_nodes(plans):
+        if _axes.is_masked(plan) or not plan.is_preconditioned:
+            continue
+        if len(plan.dims) != 2 or plan.blocks != plan.dims:
+            return False
+        if _kernel_plan(plan).kinds != ("full", "full"):
+            return False
+    return True
+
+
+def _per_factor_init(
+    owner: _owner.Layout, plans: Any, params: Any, work: Any, mu_dtype: Any, precond_dtype: Any
+) -> ScaleByKfacState:
+    """:func:`_init` in K-FAC's per-factor owner layout (:func:`_owner.build_per_factor`).
+
+    Per :class:`layerwise_optax._owner.FactorGroup` the factor EMAs and pending
+    statistics are zero stacks and the Cholesky factors identity stacks, laid
+    out along the stack axis over the mesh; leaves without factors keep the
+    replicated layout's per-leaf state and the moments are params-shaped.
+    """
+    layout = _owner.build_per_factor(plans, work, owner.axes, owner.devices)
+    nodes = _owner.plan_nodes(plans)
+    xs = _owner._bare_leaves(plans, work)
+    leaf_plans = {"blocks": (), "leaves": tuple(nodes[i] for i in layout.leaves)}
+    leaf_zeros = {
+        "blocks": (),
+        "leaves": tuple(jnp.zeros(np.shape(xs[i]), xs[i].dtype) for i in layout.leaves),
+    }
+    leaf_state = _init(leaf_zeros, leaf_plans, mu_dtype, precond_dtype)
+
+    def stacks(identity: bool) -> tuple[jax.Array, ...]:
+        out = []
+        for g in layout.groups:
+            shape = (g.padded, g.dim, g.dim)
+            x = (
+                jnp.broadcast_to(jnp.eye(g.dim, dtype=precond_dtype), shape)
+                if identity
+                else jnp.zeros(shape, precond_dtype)
+            )
+            out.append(_owner._constrain(x, layout))
+        return tuple(out)
+
+    fields = {"factors": stacks(False), "inverses": stacks(True), "pending": stacks(False)}
+    state = _init(params, plans, mu_dtype, precond_dtype)
+    return state._replace(
+        **{
+            name: _owner.Grouped(fields[name], getattr(leaf_state, name)["leaves"], layout)
+            for name in _GROUPED_FIELDS
+        }
+    )
+
+
+def _per_factor_damping(
+    owner: _owner.Layout, scaled: Sequence[jax.Array], damping: Any, mode: str
+) -> list[jax.Array]:
+    """Per factor group, per entry the ridge ``delta`` of :func:`_damped`.
+
+    With ``'pi'`` each block's two factors lie apart: each entry's mean
+    eigenvalue ``tr F / d`` (over its corner) is gathered, a small vector, and
+    :func:`layerwise_optax._linalg.pi_split` gives ``delta_A`` to the input
+    factor's entry and ``delta_B`` to the output factor's; otherwise ``lambda``.
+    """
+    damping = jnp.asarray(damping, jnp.float32)
+    if mode != "pi":
+        return [jnp.broadcast_to(damping, (g.padded,)) for g in owner.groups]
+    means, where, offset = [], {}, 0
+    for g, m in zip(owner.groups, scaled):
+        d = jnp.asarray(np.maximum(g.lengths(), 1), jnp.float32)
+        means.append(_owner._replicate(jnp.sum(jnp.diagonal(m, axis1=-2, axis2=-1), -1) / d))
+        k = 0
+        for pos, side, count, _ in g.members:
+            for b in range(count):
+                where[(pos, side, b)] = offset + k
+                k += 1
+        offset += g.padded
+    flat = jnp.concatenate(means)
+    out = []
+    for g in owner.groups:
+        ia, ib, is_a = [], [], []
+        for pos, side, count, _ in g.members:
+            for b in range(count):
+                ia.append(where[(pos, 0, b)])
+                ib.append(where[(pos, 1, b)])
+                is_a.append(side == 0)
+        pad = g.padded - g.size
+        ia, ib, is_a = ia + [0] * pad, ib + [0] * pad, is_a + [True] * pad
+        da, db = _linalg.pi_split(flat[np.asarray(ia)], flat[np.asarray(ib)], damping)
+        out.append(jnp.where(np.asarray(is_a), da, db))
+    return out
+
+
+def _per_factor_operand_plan(template: _axes.LeafPlan, shape: tuple[int, ...]) -> _axes.LeafPlan:
+    """The plan of an operand stack ``(n, s, w)`` solved on its first view dimension only."""
+    n, s, w = shape
+    return dataclasses.replace(
+        template.as_batch(n),
+        shape=shape,
+        perm=(0, 1, 2),
+        dims=(s, w),
+        kinds=("full", "none"),
+        blocks=(s, w),
+        num_blocks=(1, 1),
+    )
+
+
+def _per_factor_solves(owner, nodes, operands, inverses, side, distribute) -> dict[int, jax.Array]:
+    """One side of ``(A + d_A I)^{-1} G (B + d_B I)^{-1}`` where the factors lie.
+
+    ``operands``: per position ``(count, d, w)`` blocks whose axis 1 the
+    ``side`` factor of the position acts on. Per factor group with members of
+    that side the operands go, in the corner of ``(s, w_max)`` entries, to the
+    devices that own their factors, which solve with the stored Cholesky
+    factors (:func:`layerwise_optax._kron.apply_axis_cholesky`); the stack is
+    gathered once and cut back to each operand's shape.
+    """
+    out = {}
+    for g, inv in zip(owner.groups, inverses):
+        mine = [m[0] in operands and m[1] == side for m in g.members]
+        if not any(mine):
+            continue
+        w = max(operands[m[0]].shape[-1] for m, k in zip(g.members, mine) if k)
+        parts = [operands[m[0]] if k else None for m, k in zip(g.members, mine)]
+        x = _owner.stack_factors(owner, g, parts, (g.dim, w), g.dtype)
+        template = nodes[g.members[0][0]]
+
+        def solve(x, chol, template=template):
+            plan = _per_factor_operand_plan(template, x.shape)
+            return _kron.apply_axis_cholesky(x, (chol, jnp.zeros((x.shape[0], 0), x.dtype)), plan)
+
+        y = _distribute.local(solve, x, inv, enabled=distribute)
+        for m, k, part in zip(g.members, mine, _owner.unstack_factors(owner, g, y)):
+            if k:
+                out[m[0]] = part[:, : m[3], : operands[m[0]].shape[-1]]
+    return out
+
+
+def _per_factor_update(
+    owner, layout, updates, grads, stats, state, *, hp, frequency, static, emit, diagonal=None
+):
+    """One update of a state in K-FAC's per-factor owner layout.
+
+    As :func:`_owned_update`, with the factor state in
+    :class:`layerwise_optax._owner.FactorGroup` stacks: per group each
+    device accumulates (EMA, pending mean) and refreshes (Cholesky, keep-last-good)
+    the factors it owns, every factor in the corner of its entry with the
+    identity outside (exact: see :mod:`layerwise_optax._owner`). The step
+    solves each kernel's gradient blocks with their input factors on the input
+    factors' owners, gathers the result, solves it with the output factors on
+    theirs and gathers again; the rest of phase 3 is the params-shaped
+    :func:`_owned_moments`. Leaves without factors run the per-leaf code.
+    """
+    plans = layout.work_plans
+    _owner.check_per_factor(owner, plans, grads)
+    nodes = _owner.plan_nodes(plans)
+    flat_stats, views, valid = _owned_views(plans, updates, grads, stats)
+    bare = _owner._bare_leaves(plans, grads)
+    count = _kron.increment(state.count)
+    refresh = _kron.every(state.count, frequency)
+
+    # Leaves without factors: the replicated layout's per-leaf phases.
+    leaf_plans = {"blocks": (), "leaves": tuple(nodes[i] for i in owner.leaves)}
+    leaf_grads = {"blocks": (), "leaves": tuple(bare[i] for i in owner.leaves)}
+    leaf_stats = {"blocks": (), "leaves": tuple(flat_stats[i] for i in owner.leaves)}
+    leaf_inner = state._replace(
+        **{name: {"blocks": (), "leaves": getattr(state, name).leaves} for name in _GROUPED_FIELDS}
+    )
+    leaf_acc = _accumulate(leaf_grads, leaf_stats, leaf_inner, leaf_plans, hp.factor_decay)
+    leaf_inverses, leaf_failed = _refresh(
+        refresh, leaf_acc, leaf_inner, leaf_plans, leaf_stats, hp, count, static
+    )
+    leaf_solved = _owned_solves(
+        leaf_grads, leaf_stats, leaf_inverses, leaf_plans, static, hp.damping
+    )
+    leaf_pending = _axes.map_leaves(
+        lambda a, plan: tuple(jnp.where(emit, 0, x).astype(x.dtype) for x in a.stats),
+        leaf_plans,
+        leaf_acc,
+    )
+
+    # Phase 1 per factor group: this step's statistics into the owners' EMAs.
+    def flags(g, fn):
+        return _owner.factor_flags(owner, g, [fn(m[0]) for m in g.members])
+
+    facs, news = [], []
+    for g, old, pend in zip(owner.groups, state.factors.blocks, state.pending.blocks):
+        parts = [None if views[i] is None else views[i][side] for i, side, _, _ in g.members]
+        new = _owner.stack_factors(owner, g, parts, (g.dim, g.dim), jnp.float32)
+        use = flags(g, lambda i: jnp.logical_and(valid[i], views[i] is not None))
+        new = _with_pending((new,), (pend,), state.pending_count, use)
+        facs.append(_kron.ema((old,), new, hp.factor_decay, valid=use)[0])
+        news.append(new[0])
+
+    # Phase 2: the damped factors' Cholesky factors, each device its own entries.
+    correction = _correction(hp.factor_decay, _statistics_count(count, static))
+    present = [flags(g, lambda i: views[i] is not None) for g in owner.groups]
+
+    def factorize(facs, invs):
+        scaled = [f * correction for f in facs]
+        deltas = _per_factor_damping(owner, scaled, hp.damping, static.damping_mode)
+        out, failed = [], jnp.zeros([], jnp.int32)
+        for g, m, delta, inv, here in zip(owner.groups, scaled, deltas, invs, present):
+            lengths = _owner._constrain(jnp.asarray(g.lengths()), owner)
+
+            def chol(m, delta, lengths, here, inv):
+                m = _linalg.add_ridge(m, delta)
+                index = jnp.arange(m.shape[-1])
+                corner = (index[None, :, None] < lengths[:, None, None]) & (
+                    index[None, None, :] < lengths[:, None, None]
+                )
+                # The identity outside the corner, and in entries without statistics.
+                corner = corner & here[:, None, None]
+                m = jnp.where(corner, m, jnp.eye(m.shape[-1], dtype=m.dtype))
+                new, _, ok = _failure.keep_good(_linalg.cholesky_psd(m), inv, matrix=True)
+                return jnp.where(here[:, None, None], new, inv), ok
+
+            new, ok = _distribute.local(
+                chol, m, delta, lengths, here, inv, enabled=static.distribute
+            )
+            out.append(new)
+            failed = failed + jnp.sum(~ok).astype(jnp.int32)
+        return tuple(out), failed
+
+    def keep(facs, invs):
+        return tuple(invs), jnp.zeros([], jnp.int32)
+
+    inverses, failed = jax.lax.cond(
+        refresh, factorize, keep, tuple(facs), tuple(state.inverses.blocks)
+    )
+
+    # Phase 3: input-factor solves, then output-factor solves, on the owners.
+    def blocks(i):
+        x = _failure.guard(bare[i])[1]
+        if _axes._explicit_spec(x) is not None:
+            x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+        return nodes[i].to_blocks(x)
+
+    solved_in = _per_factor_solves(
+        owner,
+        nodes,
+        {i: blocks(i) for i, v in enumerate(views) if v is not None and i not in owner.leaves},
+        inverses,
+        0,
+        static.distribute,
+    )
+    solved_out = _per_factor_solves(
+        owner,
+        nodes,
+        {i: jnp.swapaxes(x, 1, 2) for i, x in solved_in.items()},
+        inverses,
+        1,
+        static.distribute,
+    )
+
+    def wide(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+    plan_list, treedef = jax.tree.flatten(plans, is_leaf=_axes._is_plan_node)
+    like = treedef.flatten_up_to(wide(grads))
+    out_nodes = list(like)
+    for i, y in solved_out.items():
+        out_nodes[i] = _owner._like(
+            nodes[i].from_blocks(jnp.swapaxes(y, 1, 2)), like[i], plan_list[i]
+        )
+    for i, y in zip(owner.leaves, leaf_solved["leaves"]):
+        if y is not None:
+            out_nodes[i] = _owner._like(y, like[i], plan_list[i])
+    solved = _unfold(layout, jax.tree.unflatten(treedef, out_nodes), wide(updates))
+    if diagonal is None:
+        diagonal = jax.tree.map(lambda _: None, updates, is_leaf=_axes.is_masked)
+    mu, nu, out = _owned_moments(
+        layout, updates, state, solved, views, valid, hp, count, static, diagonal
+    )
+
+    def stored(new, name, leaves):
+        old = getattr(state, name)
+        return _owner.Grouped(
+            tuple(_kron.store(tuple(new), tuple(old.blocks), state.count)),
+            leaves,
+            owner,
+        )
+
+    leaf_new = {
+        "factors": _kron.store(
+            _axes.bare(leaf_plans, _axes.unzip(leaf_acc, "factors")),
+            leaf_inner.factors,
+            state.count,
+        )["leaves"],
+        "inverses": _axes.bare(leaf_plans, leaf_inverses)["leaves"],
+        "pending": _kron.store(
+            _axes.bare(leaf_plans, leaf_pending), leaf_inner.pending, state.count
+        )["leaves"],
+    }
+    new_state = state._replace(
+        count=count,
+        mu=mu,
+        nu=nu,
+        failures=_failure.add(
+            state.failures,
+            skipped=_failure.count_invalid([v for v in valid if v is not None]),
+            failed=leaf_failed + failed,
+        ),
+        pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
+        factors=stored(facs, "factors", leaf_new["factors"]),
+        pending=stored(
+            [jnp.where(emit, 0, n).astype(n.dtype) for n in news], "pending", leaf_new["pending"]
+        ),
+        inverses=_owner.Grouped(tuple(inverses), leaf_new["inverses"], owner),
+    )
+    return out, new_state
 
 
 def default_layout(tree: Any) -> Any:
