@@ -1681,10 +1681,8 @@ def _group_stats(owner: _owner.Layout, nodes: list, views: list) -> tuple:
 def _per_factor_eligible(owner: _owner.Layout, plans: Any, static: _Static) -> bool:
     """Whether the per-factor owner layout (:func:`_per_factor_update`) serves these plans.
 
-    It stores single dense factors: every kernel's two factors must be dense
-    (no diagonal factor above ``max_precond_dim`` or from
-    :class:`DiagonalFactors`), both applied (``sides='both'``) and inverted by
-    Cholesky; the state must be a global array under a mesh (not built inside
+    It stores single factors: every kernel has two (dense or diagonal), both
+    applied (``sides='both'``) and inverted by Cholesky; the state must be a global array under a mesh (not built inside
     ``jax.pmap``). Otherwise the owner layout groups whole layers
     (:func:`_owned_update`).
     """
@@ -1695,7 +1693,7 @@ def _per_factor_eligible(owner: _owner.Layout, plans: Any, static: _Static) -> b
             continue
         if len(plan.dims) != 2 or plan.blocks != plan.dims:
             return False
-        if _kernel_plan(plan).kinds != ("full", "full"):
+        if any(k not in ("full", "diag") for k in _kernel_plan(plan).kinds):
             return False
     return True
 
@@ -1710,7 +1708,7 @@ def _per_factor_init(
     out along the stack axis over the mesh; leaves without factors keep the
     replicated layout's per-leaf state and the moments are params-shaped.
     """
-    layout = _owner.build_per_factor(plans, work, owner.axes, owner.devices)
+    layout = _owner.build_per_factor(plans, work, owner.axes, owner.devices, _factor_kinds)
     nodes = _owner.plan_nodes(plans)
     xs = _owner._bare_leaves(plans, work)
     leaf_plans = {"blocks": (), "leaves": tuple(nodes[i] for i in layout.leaves)}
@@ -1723,12 +1721,15 @@ def _per_factor_init(
     def stacks(identity: bool) -> tuple[jax.Array, ...]:
         out = []
         for g in layout.groups:
-            shape = (g.padded, g.dim, g.dim)
-            x = (
-                jnp.broadcast_to(jnp.eye(g.dim, dtype=precond_dtype), shape)
-                if identity
-                else jnp.zeros(shape, precond_dtype)
-            )
+            if g.kind == "diag":
+                x = jnp.full((g.padded, g.dim), 1.0 if identity else 0.0, precond_dtype)
+            else:
+                shape = (g.padded, g.dim, g.dim)
+                x = (
+                    jnp.broadcast_to(jnp.eye(g.dim, dtype=precond_dtype), shape)
+                    if identity
+                    else jnp.zeros(shape, precond_dtype)
+                )
             out.append(_owner._constrain(x, layout))
         return tuple(out)
 
@@ -1758,7 +1759,8 @@ def _per_factor_damping(
     means, where, offset = [], {}, 0
     for g, m in zip(owner.groups, scaled):
         d = jnp.asarray(np.maximum(g.lengths(), 1), jnp.float32)
-        means.append(_owner._replicate(jnp.sum(jnp.diagonal(m, axis1=-2, axis2=-1), -1) / d))
+        diag = m if g.kind == "diag" else jnp.diagonal(m, axis1=-2, axis2=-1)
+        means.append(_owner._replicate(jnp.sum(diag, -1) / d))
         k = 0
         for pos, side, count, _ in g.members:
             for b in range(count):
@@ -1781,7 +1783,14 @@ def _per_factor_damping(
     return out
 
 
-def _per_factor_operand_plan(template: _axes.LeafPlan, shape: tuple[int, ...]) -> _axes.LeafPlan:
+def _factor_kinds(plan: _axes.LeafPlan) -> tuple[str, ...]:
+    """A kernel's factor kinds as the per-factor layout stores them (:func:`_kernel_plan`)."""
+    return _kernel_plan(plan).kinds
+
+
+def _per_factor_operand_plan(
+    template: _axes.LeafPlan, shape: tuple[int, ...], kind: str = "full"
+) -> _axes.LeafPlan:
     """The plan of an operand stack ``(n, s, w)`` solved on its first view dimension only."""
     n, s, w = shape
     return dataclasses.replace(
@@ -1789,7 +1798,7 @@ def _per_factor_operand_plan(template: _axes.LeafPlan, shape: tuple[int, ...]) -
         shape=shape,
         perm=(0, 1, 2),
         dims=(s, w),
-        kinds=("full", "none"),
+        kinds=(kind, "none"),
         blocks=(s, w),
         num_blocks=(1, 1),
     )
@@ -1815,8 +1824,8 @@ def _per_factor_solves(owner, nodes, operands, inverses, side, distribute) -> di
         x = _owner.stack_factors(owner, g, parts, (g.dim, w), g.dtype)
         template = nodes[g.members[0][0]]
 
-        def solve(x, chol, template=template):
-            plan = _per_factor_operand_plan(template, x.shape)
+        def solve(x, chol, template=template, kind=g.kind):
+            plan = _per_factor_operand_plan(template, x.shape, kind)
             return _kron.apply_axis_cholesky(x, (chol, jnp.zeros((x.shape[0], 0), x.dtype)), plan)
 
         y = _distribute.local(solve, x, inv, enabled=distribute)
@@ -1842,7 +1851,7 @@ def _per_factor_update(
     :func:`_owned_moments`. Leaves without factors run the per-leaf code.
     """
     plans = layout.work_plans
-    _owner.check_per_factor(owner, plans, grads)
+    _owner.check_per_factor(owner, plans, grads, _factor_kinds)
     nodes = _owner.plan_nodes(plans)
     flat_stats, views, valid = _owned_views(plans, updates, grads, stats)
     bare = _owner._bare_leaves(plans, grads)
@@ -1876,7 +1885,8 @@ def _per_factor_update(
     facs, news = [], []
     for g, old, pend in zip(owner.groups, state.factors.blocks, state.pending.blocks):
         parts = [None if views[i] is None else views[i][side] for i, side, _, _ in g.members]
-        new = _owner.stack_factors(owner, g, parts, (g.dim, g.dim), jnp.float32)
+        shape = (g.dim,) if g.kind == "diag" else (g.dim, g.dim)
+        new = _owner.stack_factors(owner, g, parts, shape, jnp.float32)
         use = flags(g, lambda i: jnp.logical_and(valid[i], views[i] is not None))
         new = _with_pending((new,), (pend,), state.pending_count, use)
         facs.append(_kron.ema((old,), new, hp.factor_decay, valid=use)[0])
@@ -1893,9 +1903,19 @@ def _per_factor_update(
         for g, m, delta, inv, here in zip(owner.groups, scaled, deltas, invs, present):
             lengths = _owner._constrain(jnp.asarray(g.lengths()), owner)
 
-            def chol(m, delta, lengths, here, inv):
-                m = _linalg.add_ridge(m, delta)
+            def chol(m, delta, lengths, here, inv, kind=g.kind):
                 index = jnp.arange(m.shape[-1])
+                if kind == "diag":
+                    m = _linalg.add_ridge(m, delta, diagonal=True)
+                    corner = (index[None, :] < lengths[:, None]) & here[:, None]
+                    # Outside the corner the largest entry of the row, so the
+                    # floor of inv_root_diag (relative to it) stays the row's own.
+                    top = jnp.max(jnp.where(corner, m, -jnp.inf), axis=-1, keepdims=True)
+                    m = jnp.where(corner, m, jnp.where(jnp.isfinite(top), top, 1.0))
+                    new = _linalg.inv_root_diag(m, 1, jnp.zeros([], jnp.float32), False)
+                    new, _, ok = _failure.keep_good(new, inv, matrix=False)
+                    return jnp.where(here[:, None], new, inv), ok
+                m = _linalg.add_ridge(m, delta)
                 corner = (index[None, :, None] < lengths[:, None, None]) & (
                     index[None, None, :] < lengths[:, None, None]
                 )

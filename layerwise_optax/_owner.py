@@ -863,6 +863,8 @@ class FactorGroup:
       dim: The entries' length ``s``; a member factor of length ``d <= s`` is
         stored in the leading ``d x d`` corner.
       dtype: Compute dtype of the members' gradients (at least float32).
+      kind: ``'full'`` (entries ``s x s``) or ``'diag'`` (diagonal factors,
+        entries of length ``s``; the leading ``d`` hold a member's diagonal).
       members: ``(position, side, count, d)`` per member, in stack order: the
         plan position of the kernel (:func:`plan_nodes`), its factor (``0``:
         the input factor, the first view dimension; ``1``: the output factor),
@@ -874,6 +876,7 @@ class FactorGroup:
 
     dim: int
     dtype: str
+    kind: str
     members: tuple[tuple[int, int, int, int], ...]
     padded: int = dataclasses.field(compare=False)
     local: None = dataclasses.field(default=None, compare=False)
@@ -931,17 +934,23 @@ def buckets(counts: dict[int, int], devices: int) -> list[tuple[int, ...]]:
     return out[::-1]
 
 
-def build_per_factor(plans: Any, params: Any, axes: tuple[str, ...], devices: int) -> Layout:
+def build_per_factor(
+    plans: Any, params: Any, axes: tuple[str, ...], devices: int, kinds: Any = None
+) -> Layout:
     """K-FAC's per-factor layout: the factors of every kernel stacked by bucketed length.
 
     Every preconditioned position's plan has two view dimensions (the kernel's
-    input and output) with dense factors. Per dtype the factor lengths are
-    bucketed (:func:`buckets`); a bucket is one :class:`FactorGroup`, its
-    members in leaf order, input factor before output factor.
+    input and output), each with a ``'full'`` or ``'diag'`` factor
+    (``kinds(plan)``; default ``plan.kinds``). Per dtype and kind the factor
+    lengths are bucketed (:func:`buckets`; a diagonal factor counts ``s``, not
+    ``s^2``, which the bucketing's ratios do not depend on); a bucket is one
+    :class:`FactorGroup`, its members in leaf order, input factor before
+    output factor.
     """
+    kinds = (lambda plan: plan.kinds) if kinds is None else kinds
     nodes = plan_nodes(plans)
     arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
-    found: dict[str, list[tuple[int, int, int, int]]] = {}
+    found: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
     leaves = []
     for i, (plan, x) in enumerate(zip(nodes, arrays)):
         if _axes.is_masked(plan):
@@ -950,10 +959,10 @@ def build_per_factor(plans: Any, params: Any, axes: tuple[str, ...], devices: in
             leaves.append(i)
             continue
         dtype = jnp.promote_types(x.dtype, jnp.float32).name
-        for side, d in enumerate(plan.dims):
-            found.setdefault(dtype, []).append((i, side, plan.stack, d))
+        for side, (d, kind) in enumerate(zip(plan.dims, kinds(plan))):
+            found.setdefault((dtype, kind), []).append((i, side, plan.stack, d))
     groups = []
-    for dtype, members in found.items():
+    for (dtype, kind), members in found.items():
         counts: dict[int, int] = {}
         for m in members:
             counts[m[3]] = counts.get(m[3], 0) + m[2]
@@ -961,13 +970,13 @@ def build_per_factor(plans: Any, params: Any, axes: tuple[str, ...], devices: in
             ms = tuple(m for m in members if m[3] in bucket)
             n = sum(m[2] for m in ms)
             padded = -(-n // devices) * devices
-            groups.append(FactorGroup(max(bucket), dtype, ms, padded))
+            groups.append(FactorGroup(max(bucket), dtype, kind, ms, padded))
     return Layout(tuple(groups), tuple(leaves), tuple(axes), devices, per_factor=True)
 
 
-def check_per_factor(layout: Layout, plans: Any, tree: Any) -> None:
+def check_per_factor(layout: Layout, plans: Any, tree: Any, kinds: Any = None) -> None:
     """Raises ``ValueError`` unless ``tree`` has the leaves a per-factor ``layout`` was built for."""
-    expected = build_per_factor(plans, tree, layout.axes, layout.devices)
+    expected = build_per_factor(plans, tree, layout.axes, layout.devices, kinds)
     if expected.groups != layout.groups or expected.leaves != layout.leaves:
         raise ValueError(
             "the updates do not match the params the owner-layout state was initialized "
