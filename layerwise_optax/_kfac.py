@@ -1811,8 +1811,9 @@ def _per_factor_solves(owner, nodes, operands, inverses, side, distribute) -> di
     ``side`` factor of the position acts on. Per factor group with members of
     that side the operands go, in the corner of ``(s, w_max)`` entries, to the
     devices that own their factors, which solve with the stored Cholesky
-    factors (:func:`layerwise_optax._kron.apply_axis_cholesky`); the stack is
-    gathered once and cut back to each operand's shape.
+    factors (:func:`layerwise_optax._kron.apply_axis_cholesky`); the solved
+    operands come back replicated, in their own shapes, by one all-reduce of
+    their sizes (:func:`layerwise_optax._owner.unstack_factors`).
     """
     out = {}
     for g, inv in zip(owner.groups, inverses):
@@ -1829,9 +1830,10 @@ def _per_factor_solves(owner, nodes, operands, inverses, side, distribute) -> di
             return _kron.apply_axis_cholesky(x, (chol, jnp.zeros((x.shape[0], 0), x.dtype)), plan)
 
         y = _distribute.local(solve, x, inv, enabled=distribute)
-        for m, k, part in zip(g.members, mine, _owner.unstack_factors(owner, g, y)):
-            if k:
-                out[m[0]] = part[:, : m[3], : operands[m[0]].shape[-1]]
+        cuts = [(m[3], operands[m[0]].shape[-1]) if k else None for m, k in zip(g.members, mine)]
+        for m, part in zip(g.members, _owner.unstack_factors(owner, g, y, cuts)):
+            if part is not None:
+                out[m[0]] = part
     return out
 
 

@@ -1031,13 +1031,59 @@ def factor_flags(layout: Layout, group: FactorGroup, flags: Sequence[Any]) -> ja
     return _constrain(jnp.concatenate(out), layout)
 
 
-def unstack_factors(layout: Layout, group: FactorGroup, stack: jax.Array) -> list[jax.Array]:
-    """Per member its entries of a :class:`FactorGroup` stack, gathered (inverse of
-    :func:`stack_factors` up to the corner: callers cut the entries)."""
-    del layout
-    whole = _replicate(stack)
-    out, start = [], 0
-    for _, _, count, _ in group.members:
-        out.append(whole[start : start + count])
-        start += count
-    return out
+def unstack_factors(
+    layout: Layout, group: FactorGroup, stack: jax.Array, cuts: Sequence[Any]
+) -> list[Any]:
+    """Per member its entries of a :class:`FactorGroup` stack, cut, replicated.
+
+    The inverse of :func:`stack_factors`: member ``k``'s ``(count, *cuts[k])``
+    leading corners (``None``: not wanted). Under a mesh each device puts the
+    corners of the entries it holds into zero buffers of the wanted members'
+    shapes and the buffers are summed over the layout's axes: one all-reduce
+    of the wanted corners only (no padded entries, no padding around the
+    corners), exact since every entry has one nonzero addend.
+
+    Args:
+      layout: The layout.
+      group: The group.
+      stack: A stack of the group, laid out along axis 0 over the layout's axes.
+      cuts: Per member the shape of the corner to keep, or ``None``.
+
+    Returns:
+      Per member ``(count, *cut)`` replicated, or ``None``.
+    """
+    starts = np.cumsum([0] + [m[2] for m in group.members])
+    mesh = _distribute.current_mesh()
+    sizes = {} if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    devices = math.prod(sizes.get(a, 0) for a in layout.axes) if layout.axes else 0
+
+    def corner(x, cut):
+        return x[(slice(None),) + tuple(slice(0, n) for n in cut)]
+
+    if not devices or any(a not in sizes for a in layout.axes) or group.padded % devices:
+        whole = _replicate(stack)
+        return [
+            None if cut is None else corner(whole[a : a + m[2]], cut)
+            for m, a, cut in zip(group.members, starts, cuts)
+        ]
+    local = group.padded // devices
+    axes = layout.axes if len(layout.axes) != 1 else layout.axes[0]
+
+    def put(part):
+        me = jax.lax.axis_index(axes)
+        out = []
+        for m, a, cut in zip(group.members, starts, cuts):
+            if cut is None:
+                continue
+            rows = []
+            for r in range(a, a + m[2]):
+                held = part[r % local][tuple(slice(0, n) for n in cut)]
+                rows.append(jnp.where(me == r // local, held, jnp.zeros_like(held)))
+            out.append(jnp.stack(rows))
+        return jax.lax.psum(tuple(out), axes)
+
+    stack = _distribute.place(stack, layout.spec(), mesh)
+    got = iter(
+        jax.shard_map(put, mesh=mesh, in_specs=layout.spec(), out_specs=P(), check_vma=False)(stack)
+    )
+    return [None if cut is None else next(got) for cut in cuts]
