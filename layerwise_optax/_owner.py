@@ -897,41 +897,38 @@ class FactorGroup:
         return np.asarray(d + [0] * (self.padded - self.size), np.int32)
 
 
-def buckets(counts: dict[int, int], devices: int) -> list[tuple[int, ...]]:
-    """Factor lengths partitioned into buckets that minimize the per-device state.
+# The largest ratio of lengths one bucket of factors holds: a factor is padded
+# to at most 4/3 of its length, 16/9 of its entries.
+BUCKET_RATIO = 4 / 3
 
-    A bucket of lengths with ``n`` factors in all, padded to the largest length
-    ``s`` and to a multiple of ``devices`` entries, stores ``ceil(n / devices)
-    s^2`` numbers per device. Over the partitions of the sorted lengths into
-    runs of consecutive lengths (dynamic programming, quadratic in the number
-    of distinct lengths) the one with the least per-device total is chosen,
-    ties broken by the least total stored (so on one device no length is
-    padded: every bucket is one length).
+
+def buckets(lengths: Sequence[int], ratio: float = BUCKET_RATIO) -> list[tuple[int, ...]]:
+    """Factor lengths partitioned into runs of nearby lengths.
+
+    From the largest length ``s`` down, a bucket takes every length ``d`` with
+    ``d * ratio >= s``; the next bucket starts at the largest length left.
+    Factors of one bucket are stored padded to its largest length, so a bucket
+    gathers the input and output factors of many layers (785, 1024 and 1025
+    for a 784-1024-1024 MLP with folded biases) into one stack that spreads
+    over the devices. The buckets do not depend on the device count, so a
+    state saved on one count restores onto another with only the padding of
+    each stack changed (:func:`repad`).
 
     Args:
-      counts: Number of factors per length.
-      devices: The device count.
+      lengths: Factor lengths (repeats allowed).
+      ratio: The largest ratio of lengths in a bucket (``>= 1``).
 
     Returns:
-      The buckets, each a tuple of lengths, ascending.
+      The buckets, each a tuple of distinct lengths, descending, largest first.
     """
-    sizes = sorted(counts)
-    best: list[tuple[int, int, int]] = [(0, 0, 0)]  # (per device, total, start of last run)
-    for j in range(1, len(sizes) + 1):
-        options = []
-        for i in range(j):
-            n = sum(counts[s] for s in sizes[i:j])
-            rows = -(-n // devices)
-            s2 = sizes[j - 1] ** 2
-            options.append((best[i][0] + rows * s2, best[i][1] + rows * devices * s2, i))
-        best.append(min(options))
+    rest = sorted(set(lengths), reverse=True)
     out = []
-    j = len(sizes)
-    while j:
-        i = best[j][2]
-        out.append(tuple(sizes[i:j]))
-        j = i
-    return out[::-1]
+    while rest:
+        top = rest[0]
+        bucket = tuple(d for d in rest if d * ratio >= top)
+        out.append(bucket)
+        rest = rest[len(bucket) :]
+    return out
 
 
 def build_per_factor(
@@ -942,10 +939,9 @@ def build_per_factor(
     Every preconditioned position's plan has two view dimensions (the kernel's
     input and output), each with a ``'full'`` or ``'diag'`` factor
     (``kinds(plan)``; default ``plan.kinds``). Per dtype and kind the factor
-    lengths are bucketed (:func:`buckets`; a diagonal factor counts ``s``, not
-    ``s^2``, which the bucketing's ratios do not depend on); a bucket is one
+    lengths are bucketed (:func:`buckets`); a bucket is one
     :class:`FactorGroup`, its members in leaf order, input factor before
-    output factor.
+    output factor, padded to a multiple of ``devices`` entries.
     """
     kinds = (lambda plan: plan.kinds) if kinds is None else kinds
     nodes = plan_nodes(plans)
@@ -963,10 +959,7 @@ def build_per_factor(
             found.setdefault((dtype, kind), []).append((i, side, plan.stack, d))
     groups = []
     for (dtype, kind), members in found.items():
-        counts: dict[int, int] = {}
-        for m in members:
-            counts[m[3]] = counts.get(m[3], 0) + m[2]
-        for bucket in buckets(counts, devices):
+        for bucket in buckets([m[3] for m in members]):
             ms = tuple(m for m in members if m[3] in bucket)
             n = sum(m[2] for m in ms)
             padded = -(-n // devices) * devices
