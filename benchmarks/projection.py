@@ -13,7 +13,10 @@ storage dtype of the Kronecker state (float32 or bfloat16), two layouts:
 * **owner** (issue 15): the per-block arrays of all leaves grouped by field,
   block shape and dtype into stacks, each stack padded to a multiple of ``D``
   and split along its block axis, so a device holds ``ceil(n / D)`` of the ``n``
-  blocks of every group; the params-shaped moments as above.
+  blocks of every group; the params-shaped moments as above. K-FAC's owner
+  layout stores single factors: per field and kind the factors are bucketed by
+  length (lengths within 4/3 share a stack, padded to the largest), each
+  bucket padded to a multiple of ``D`` (the library's rule, matched exactly).
 
 Two independent counts:
 
@@ -768,7 +771,8 @@ def main(argv=None) -> dict[str, Any]:
         "max_precond_dim": MAX_PRECOND_DIM,
         "param_specs": "FSDP: first axis divisible by the device count over 'data'",
         "owner_layout": "per-block arrays grouped by (field, block shape, dtype), padded to a "
-        "multiple of the device count, split along the block axis",
+        "multiple of the device count, split along the block axis; K-FAC: single factors "
+        "bucketed by length (within 4/3, padded to the largest) per field and kind",
         "quick": args.quick,
     }
     path = harness.write_record(args.out, "projection", config, results)
