@@ -24,6 +24,11 @@ batches it:
 A leaf without factors (biases and other vectors under the default policy)
 stays as it is: its state is shaped and sharded like the parameter.
 
+K-FAC stacks single factors instead of blocks (:func:`build_per_factor`,
+:class:`FactorGroup`; see the section "per-factor layout" below): a layer's
+two factors are the only per-block state it has, so grouping whole layers
+left too few entries per group to spread over the devices.
+
 The optimizer runs its ordinary per-leaf code on the *grouped tree*
 ``{'blocks': (stack, ...), 'leaves': (leaf, ...)}``, whose group stacks have
 plans with ``per_block=True`` (each block its own unit for the failure policy:
@@ -200,8 +205,9 @@ def describe(layout: Layout | None) -> str:
     """
     if layout is None:
         return "replicated"
+    kind = "factor" if layout.per_factor else "block"
     text = (
-        f"owner: {len(layout.groups)} block groups over {layout.axes} "
+        f"owner: {len(layout.groups)} {kind} groups over {layout.axes} "
         f"({layout.devices} devices{', mapped (pmap)' if layout.mapped else ''}), "
         f"{layout.padding()} padded blocks"
     )
