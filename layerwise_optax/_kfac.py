@@ -1731,7 +1731,7 @@ def _per_factor_init(
 
     def stacks(identity: bool) -> tuple[jax.Array, ...]:
         out = []
-        for g in layout.groups:
+        for g in layout.factor_groups():
             if g.kind == "diag":
                 x = jnp.full((g.padded, g.dim), 1.0 if identity else 0.0, precond_dtype)
             else:
@@ -1766,9 +1766,9 @@ def _per_factor_damping(
     """
     damping = jnp.asarray(damping, jnp.float32)
     if mode != "pi":
-        return [jnp.broadcast_to(damping, (g.padded,)) for g in owner.groups]
+        return [jnp.broadcast_to(damping, (g.padded,)) for g in owner.factor_groups()]
     means, where, offset = [], {}, 0
-    for g, m in zip(owner.groups, scaled):
+    for g, m in zip(owner.factor_groups(), scaled):
         d = jnp.asarray(np.maximum(g.lengths(), 1), jnp.float32)
         diag = m if g.kind == "diag" else jnp.diagonal(m, axis1=-2, axis2=-1)
         means.append(_owner._replicate(jnp.sum(diag, -1) / d))
@@ -1780,7 +1780,7 @@ def _per_factor_damping(
         offset += g.padded
     flat = jnp.concatenate(means)
     out = []
-    for g in owner.groups:
+    for g in owner.factor_groups():
         ia, ib, is_a = [], [], []
         for pos, side, count, _ in g.members:
             for b in range(count):
@@ -1827,7 +1827,7 @@ def _per_factor_solves(owner, nodes, operands, inverses, side, distribute) -> di
     their sizes (:func:`layerwise_optax._owner.unstack_factors`).
     """
     out = {}
-    for g, inv in zip(owner.groups, inverses):
+    for g, inv in zip(owner.factor_groups(), inverses):
         mine = [m[0] in operands and m[1] == side for m in g.members]
         if not any(mine):
             continue
@@ -1896,7 +1896,7 @@ def _per_factor_update(
         return _owner.factor_flags(owner, g, [fn(m[0]) for m in g.members])
 
     facs, news = [], []
-    for g, old, pend in zip(owner.groups, state.factors.blocks, state.pending.blocks):
+    for g, old, pend in zip(owner.factor_groups(), state.factors.blocks, state.pending.blocks):
         parts = [None if views[i] is None else views[i][side] for i, side, _, _ in g.members]
         shape = (g.dim,) if g.kind == "diag" else (g.dim, g.dim)
         new = _owner.stack_factors(owner, g, parts, shape, jnp.float32)
@@ -1907,13 +1907,13 @@ def _per_factor_update(
 
     # Phase 2: the damped factors' Cholesky factors, each device its own entries.
     correction = _correction(hp.factor_decay, _statistics_count(count, static))
-    present = [flags(g, lambda i: views[i] is not None) for g in owner.groups]
+    present = [flags(g, lambda i: views[i] is not None) for g in owner.factor_groups()]
 
     def factorize(facs, invs):
         scaled = [f * correction for f in facs]
         deltas = _per_factor_damping(owner, scaled, hp.damping, static.damping_mode)
         out, failed = [], jnp.zeros([], jnp.int32)
-        for g, m, delta, inv, here in zip(owner.groups, scaled, deltas, invs, present):
+        for g, m, delta, inv, here in zip(owner.factor_groups(), scaled, deltas, invs, present):
             lengths = _owner._constrain(jnp.asarray(g.lengths()), owner)
 
             def chol(m, delta, lengths, here, inv, kind=g.kind):

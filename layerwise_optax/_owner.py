@@ -59,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +146,12 @@ class Layout:
             "blocks": tuple(g.plan for g in self.groups),
             "leaves": tuple(nodes[i] for i in self.leaves),
         }
+
+    def factor_groups(self) -> tuple[FactorGroup, ...]:
+        """:attr:`groups` of a per-factor layout (:attr:`per_factor`)."""
+        if not self.per_factor:
+            raise ValueError("the layout groups blocks, not single factors.")
+        return cast("tuple[FactorGroup, ...]", self.groups)
 
     def spec(self) -> P:
         """The partition spec of every group stack: axis 0 over :attr:`axes`."""
@@ -970,7 +976,13 @@ def build_per_factor(
             n = sum(m[2] for m in ms)
             padded = -(-n // devices) * devices
             groups.append(FactorGroup(max(bucket), dtype, kind, ms, padded))
-    return Layout(tuple(groups), tuple(leaves), tuple(axes), devices, per_factor=True)
+    return Layout(
+        cast("tuple[Group, ...]", tuple(groups)),
+        tuple(leaves),
+        tuple(axes),
+        devices,
+        per_factor=True,
+    )
 
 
 def check_per_factor(layout: Layout, plans: Any, tree: Any, kinds: Any = None) -> None:
@@ -979,8 +991,8 @@ def check_per_factor(layout: Layout, plans: Any, tree: Any, kinds: Any = None) -
     if expected.groups != layout.groups or expected.leaves != layout.leaves:
         raise ValueError(
             "the updates do not match the params the owner-layout state was initialized "
-            f"with: factor groups {[(g.dim, g.size) for g in expected.groups]} expected "
-            f"{[(g.dim, g.size) for g in layout.groups]}."
+            f"with: factor groups {[(g.dim, g.size) for g in expected.factor_groups()]} expected "
+            f"{[(g.dim, g.size) for g in layout.factor_groups()]}."
         )
 
 
