@@ -13,7 +13,10 @@ storage dtype of the Kronecker state (float32 or bfloat16), two layouts:
 * **owner** (issue 15): the per-block arrays of all leaves grouped by field,
   block shape and dtype into stacks, each stack padded to a multiple of ``D``
   and split along its block axis, so a device holds ``ceil(n / D)`` of the ``n``
-  blocks of every group; the params-shaped moments as above.
+  blocks of every group; the params-shaped moments as above. K-FAC's owner
+  layout stores single factors: per field and kind the factors are bucketed by
+  length (lengths within 4/3 share a stack, padded to the largest), each
+  bucket padded to a multiple of ``D`` (the library's rule, matched exactly).
 
 Two independent counts:
 
@@ -151,11 +154,15 @@ class Inventory:
       blocks: ``(field, block shape, itemsize, count)``: ``count`` blocks of
         that shape, one entry per leaf and factor (the per-block state).
       scalar_bytes: Counters and keys (replicated).
+      per_factor: The owner layout stores each factor on its own (K-FAC).
     """
 
     moments: tuple[tuple[tuple[int, ...], int], ...]
     blocks: tuple[tuple[str, tuple[int, ...], int, int], ...]
     scalar_bytes: int
+    # K-FAC: the owner layout stores single factors, bucketed by length
+    # (:func:`_factor_buckets`), not blocks grouped by shape.
+    per_factor: bool = False
 
     def total_bytes(self) -> int:
         moments = sum(math.prod(s) * w for s, w in self.moments)
@@ -288,7 +295,42 @@ def inventory(
                 blocks.append(("q", _factor(d, max_dim), w, 1))
     else:
         raise ValueError(f"alias must be one of {ALIASES}, got {alias!r}")
-    return Inventory(tuple(moments), tuple(blocks), SCALAR_BYTES[alias])
+    return Inventory(tuple(moments), tuple(blocks), SCALAR_BYTES[alias], alias == "kfac")
+
+
+# K-FAC's owner layout puts factors whose lengths are within this ratio into one
+# stack, padded to the largest (layerwise_optax._owner.BUCKET_RATIO).
+FACTOR_BUCKET_RATIO = 4 / 3
+
+
+def _factor_buckets(lengths: list[int]) -> list[tuple[int, ...]]:
+    """Factor lengths in buckets: from the largest ``s`` down, every ``d`` with ``d * 4/3 >= s``."""
+    rest = sorted(set(lengths), reverse=True)
+    out = []
+    while rest:
+        bucket = tuple(d for d in rest if d * FACTOR_BUCKET_RATIO >= rest[0])
+        out.append(bucket)
+        rest = rest[len(bucket) :]
+    return out
+
+
+def _per_factor_blocks(inv: Inventory, devices: int) -> int:
+    """Block bytes per device of K-FAC's per-factor owner layout.
+
+    Per field and factor kind (square or diagonal) the factors' lengths are
+    bucketed; a bucket of ``n`` factors with largest length ``s`` is a stack
+    padded to a multiple of ``D``: ``ceil(n / D)`` entries of ``s x s`` (or
+    ``s``) per device.
+    """
+    lengths: dict[tuple, list[int]] = collections.defaultdict(list)
+    for field, s, w, n in inv.blocks:
+        lengths[(field, len(s), w)] += [s[0]] * n
+    total = 0
+    for (_, rank, w), ds in lengths.items():
+        for bucket in _factor_buckets(ds):
+            n = sum(1 for d in ds if d in bucket)
+            total += -(-n // devices) * max(bucket) ** rank * w
+    return total
 
 
 def _moment_shard_bytes(shape: tuple[int, ...], itemsize: int, devices: int) -> int:
@@ -306,7 +348,8 @@ def per_device(inv: Inventory, devices: int, layout: str) -> dict[str, int]:
       layout: ``"replicated"`` (per-block arrays whole on every device),
         ``"owner"`` (per-block arrays of all leaves grouped by field, block shape
         and dtype, each group padded to a multiple of ``D``: ``ceil(n / D)``
-        blocks per device), ``"owner_per_leaf"`` (each leaf's stack padded
+        blocks per device; K-FAC's single factors bucketed by length,
+        :func:`_per_factor_blocks`), ``"owner_per_leaf"`` (each leaf's stack padded
         and split on its own) or ``"ideal"`` (every block's bytes divided by
         ``D``: the lower bound of any owner layout, no padding).
 
@@ -316,6 +359,8 @@ def per_device(inv: Inventory, devices: int, layout: str) -> dict[str, int]:
     moments = sum(_moment_shard_bytes(s, w, devices) for s, w in inv.moments)
     if layout == "replicated":
         blocks = sum(math.prod(s) * w * n for _, s, w, n in inv.blocks)
+    elif layout == "owner" and inv.per_factor:
+        blocks = _per_factor_blocks(inv, devices)
     elif layout == "owner":
         groups: dict[tuple, int] = collections.defaultdict(int)
         for field, s, w, n in inv.blocks:
@@ -739,7 +784,8 @@ def main(argv=None) -> dict[str, Any]:
         "max_precond_dim": MAX_PRECOND_DIM,
         "param_specs": "FSDP: first axis divisible by the device count over 'data'",
         "owner_layout": "per-block arrays grouped by (field, block shape, dtype), padded to a "
-        "multiple of the device count, split along the block axis",
+        "multiple of the device count, split along the block axis; K-FAC: single factors "
+        "bucketed by length (within 4/3, padded to the largest) per field and kind",
         "quick": args.quick,
     }
     path = harness.write_record(args.out, "projection", config, results)

@@ -1234,7 +1234,22 @@ def pi_damping(
     def mean_eig(f, diagonal):
         return jnp.mean(f if diagonal else jnp.diagonal(f, axis1=-2, axis2=-1), axis=-1)
 
-    ta, tb = mean_eig(a, a_diagonal), mean_eig(b, b_diagonal)
+    return pi_split(mean_eig(a, a_diagonal), mean_eig(b, b_diagonal), damping)
+
+
+def pi_split(ta: jax.Array, tb: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`pi_damping` from the factors' mean eigenvalues ``tr A / d_A`` and ``tr B / d_B``.
+
+    For factors stored apart (K-FAC's per-factor owner layout) only these
+    scalars travel. ``pi = 1`` where either is not positive.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import _linalg
+      >>> da, db = _linalg.pi_split(jnp.asarray([4.0]), jnp.asarray([1.0]), jnp.asarray(0.01))
+      >>> round(float(da[0]), 6), round(float(db[0]), 6)
+      (0.2, 0.05)
+    """
     pi = jnp.sqrt(jnp.where((ta > 0) & (tb > 0), ta / jnp.where(tb > 0, tb, 1.0), 1.0))
     return pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi
 

@@ -566,6 +566,98 @@ def traffic_case():
     )
 
 
+def _random_kfac_stats(params, step):
+    """Rank-deficient random K-FAC statistics for K-FAC's default layout of ``params``."""
+    from benchmarks import sharded_state
+
+    def cov(key, d):
+        x = jax.random.normal(key, (max(d // 2, 1), d))
+        return x.T @ x / x.shape[0]
+
+    ident = sharded_state._kfac_stats(params)
+    out = []
+    for i, s in enumerate(jax.tree.leaves(ident, is_leaf=lambda x: isinstance(x, lo.KfacFactors))):
+        if isinstance(s, lo.KfacFactors):
+            k = jax.random.split(jax.random.key(1000 * step + i))
+            s = lo.KfacFactors(cov(k[0], s.a.shape[0]), cov(k[1], s.g.shape[0]))
+        out.append(s)
+    treedef = jax.tree.structure(ident, is_leaf=lambda x: isinstance(x, lo.KfacFactors))
+    return jax.tree.unflatten(treedef, out)
+
+
+def kfac_per_factor_case():
+    """K-FAC's per-factor owner layout on a 96-128-128-128-10 MLP with FSDP specs.
+
+    Five steps (refreshes at 0, 2, 4; a NaN gradient at step 3) on 8 devices
+    (Auto axes) and 2 (Explicit) against one device in the replicated layout;
+    the state per device at 1 device (replicated) and 8; and the 8-device state
+    after 3 steps restored onto 3 devices (``restore_state`` repads the stacks
+    from 8 to 9 entries), continued for 2 steps.
+    """
+    from benchmarks import sharded_state
+    from benchmarks.step_time import make_tree, mlp_shapes
+    from layerwise_optax import _owner
+
+    params = make_tree(mlp_shapes(96, 128, 128, 128, 10), jax.random.key(0))
+    grads = [
+        jax.tree.map(lambda x, t=t: jax.random.normal(jax.random.key(t), x.shape), params)
+        for t in range(STEPS)
+    ]
+    grads[3]["layer1"]["kernel"] = grads[3]["layer1"]["kernel"].at[0, 0].set(jnp.nan)
+    stats = [_random_kfac_stats(params, t) for t in range(STEPS)]
+    tx = lo.kfac(1e-2, precondition_frequency=2)
+    ref_tx = lo.kfac(1e-2, precondition_frequency=2, state_layout="replicated")
+    state = ref_tx.init(params)
+    reference = []
+    for g, st in zip(grads, stats):
+        u, state = jax.jit(ref_tx.update)(g, state, params, kfac_stats=st)
+        reference.append(u)
+    out = dict(
+        mode="kfac_per_factor",
+        ref_counts=[int(c) for c in lo.failure_counts(state)],
+        ref_bytes=_per_device_bytes(state),
+    )
+
+    def run(n, axis_type, steps, state=None):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:n])
+        specs = sharded_state._specs(params, n)
+        shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+        promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+        p = jax.device_put(params, shardings)
+        if state is not None:
+            # As from a checkpoint: restored outside the mesh, placed on its target.
+            with jax.set_mesh(mesh):
+                like = jax.eval_shape(tx.init, p)
+            state = lo.restore_state(like, lo.checkpointable(state), promised)
+        with jax.set_mesh(mesh):
+            if state is None:
+                state = jax.jit(tx.init, out_shardings=promised)(p)
+            update = jax.jit(
+                lambda g, s, p, k: tx.update(g, s, p, kfac_stats=k),
+                out_shardings=(shardings, promised),
+            )
+            outs = []
+            for t in steps:
+                u, state = update(jax.device_put(grads[t], shardings), state, p, stats[t])
+                outs.append(u)
+        return outs, state
+
+    for n, axis_type in ((8, AxisType.Auto), (2, AxisType.Explicit)):
+        outs, state = run(n, axis_type, range(STEPS))
+        layout = _owner.layout_of(state)
+        key = f"{n}_{axis_type}"
+        out[f"per_factor_{key}"] = bool(layout is not None and layout.per_factor)
+        out[f"err_{key}"] = max_rel_err(outs, reference)
+        out[f"bytes_{key}"] = _per_device_bytes(state)
+        out[f"counts_{key}"] = [int(c) for c in lo.failure_counts(state)]
+    first, state = run(8, AxisType.Auto, range(3))
+    rest, state = run(3, AxisType.Auto, range(3, STEPS), state)
+    out["resumed_err"] = max_rel_err(first + rest, reference)
+    out["resumed_counts"] = [int(c) for c in lo.failure_counts(state)]
+    out["resumed_padded"] = [g.padded for g in _owner.layout_of(state).groups]
+    return out
+
+
 def _shard_map_inputs(jaxpr):
     """Per ``shard_map`` in a jaxpr (nested ones included), its per-device input shapes."""
     found = []
@@ -691,6 +783,8 @@ def main(modes):
         print(json.dumps(psgd_traffic_case()), flush=True)
     if "pmap" in modes:
         print(json.dumps(pmap_stats_case()), flush=True)
+    if "kfac_per_factor" in modes:
+        print(json.dumps(kfac_per_factor_case()), flush=True)
     for name, factory, kwargs in _layout_aliases():
         if "owner" in modes:
             print(json.dumps(owner_case(name, factory, kwargs)), flush=True)

@@ -252,6 +252,10 @@ def test_projection_formula_equals_the_library_on_8_abstract_devices(block_size,
                 if alias in projection.KRONECKER:
                     assert own["layout"] == "owner", where
                     assert projection.per_device(inv, 8, "ideal")["total"] <= own["total"], where
+                    if alias == "kfac":
+                        # K-FAC's per-factor owner layout: the formula is exact.
+                        formula = projection.per_device(inv, 8, "owner")["total"]
+                        assert formula == own["total"], (where, own, formula)
                 else:
                     assert own["total"] == got, where
                 checked += 1
@@ -278,7 +282,11 @@ def test_projection_formula_reproduces_the_measured_replicated_state():
             for alias, c in per_alias.items():
                 assert c["formula_replicated"] == c["measured_per_device"], (wname, n, alias, c)
                 assert c["formula_replicated_part"] == c["measured_replicated_part"], c
-                assert c["formula_ideal"] <= c["formula_owner"] <= c["formula_replicated"], c
+                assert c["formula_ideal"] <= c["formula_owner"], c
+                # On one device the owner layout is never the default; K-FAC's
+                # stores factors padded to their bucket's length there too.
+                if n != "1":
+                    assert c["formula_owner"] <= c["formula_replicated"], c
     # The numbers: the MLP's Shampoo state 72.6 MB on one device, 52.2 MB per device on 8.
     mlp = check["mlp_784_1024_1024_1024_10"]
     assert round(mlp["1"]["shampoo"]["formula_replicated"] / 1e6, 1) == 72.6

@@ -447,3 +447,155 @@ def test_restore_state_hints_at_a_layout_mismatch():
     like = jax.eval_shape(lo.shampoo(1e-2, state_layout="owner").init, params)
     with pytest.raises(ValueError, match="state_layout='replicated'"):
         lo.restore_state(like, lo.checkpointable(replicated))
+
+
+# ----------------------------------------------------------------------------- K-FAC per factor
+# K-FAC's owner layout stores single factors (issue 15: the layer-grouped
+# layout left one padded layer of every group on every device, 1.75x at 8).
+
+
+def test_factor_buckets_hold_nearby_lengths_once_each():
+    from layerwise_optax._owner import BUCKET_RATIO, buckets
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = [int(x) for x in rng.integers(1, 2000, size=rng.integers(1, 12))]
+        out = buckets(lengths)
+        flat = [d for b in out for d in b]
+        assert sorted(flat) == sorted(set(lengths))  # every length exactly once
+        for b in out:
+            assert max(b) <= min(b) * BUCKET_RATIO
+        # Greedy from the top: the next bucket's largest does not fit the previous one.
+        for prev, nxt in zip(out, out[1:]):
+            assert nxt[0] * BUCKET_RATIO < prev[0]
+    # The benchmark MLP (784-1024-1024-1024-10, folded biases): 785, 1024 and 1025 together.
+    assert buckets([785, 1024, 1025, 1024, 1025, 1024, 1025, 10]) == [(1025, 1024, 785), (10,)]
+
+
+def _kfac_plans(params, spec):
+    from layerwise_optax import _kfac
+
+    layout = _kfac._layout(spec, params, 4096)
+    return layout.work_plans, _kfac._fold(layout, params)
+
+
+@pytest.mark.parametrize("devices", [1, 3, 8])
+def test_per_factor_layout_owns_every_factor_once_and_splits_evenly(devices):
+    from layerwise_optax import _kfac
+
+    params, spec, _, _ = _kfac_problem(1)
+    plans, work = _kfac_plans(params, spec)
+    layout = _owner.build_per_factor(plans, work, (), devices, _kfac._factor_kinds)
+    assert layout.per_factor
+    nodes = _owner.plan_nodes(plans)
+    seen = []
+    for g in layout.groups:
+        assert g.padded % devices == 0 and g.size <= g.padded < g.size + devices
+        # Each device holds padded / devices entries: at most one more than its share.
+        assert g.padded // devices == -(-g.size // devices)
+        lengths = g.lengths()
+        assert lengths.shape == (g.padded,) and (lengths[g.size :] == 0).all()
+        for pos, side, count, d in g.members:
+            assert d <= g.dim and nodes[pos].dims[side] == d and nodes[pos].stack == count
+            seen += [(pos, side, b) for b in range(count)]
+    expected = [
+        (i, side, b)
+        for i, plan in enumerate(nodes)
+        if not _axes_masked(plan) and plan.is_preconditioned
+        for side in (0, 1)
+        for b in range(plan.stack)
+    ]
+    assert sorted(seen) == sorted(expected)  # every factor of every block exactly once
+    # Leaves without factors stay params-shaped.
+    assert all(not nodes[i].is_preconditioned for i in layout.leaves)
+
+
+def _axes_masked(plan):
+    from layerwise_optax import _axes
+
+    return _axes.is_masked(plan)
+
+
+def test_per_factor_corner_padding_is_exact():
+    """A factor in the corner of a larger entry, identity around it: its inverse is
+    ``blockdiag(M^-1, I)`` and applying it to an operand zero outside the corner
+    is the corner's solve (float64 NumPy reference) and zeros; a diagonal factor
+    padded with its row's largest entry keeps inv_root_diag's floor."""
+    from layerwise_optax import _axes, _kron, _linalg
+
+    rng = np.random.default_rng(1)
+    d, s, w, s_w = 5, 9, 3, 7
+    x = rng.normal(size=(d, 2))  # rank-deficient: rank 2 of 5, damped below
+    m = x @ x.T + 0.1 * np.eye(d)
+    padded = np.eye(s)
+    padded[:d, :d] = m
+    inv = _linalg.inv_psd_cholesky(jnp.asarray(padded[None], jnp.float32))[0]
+    np.testing.assert_array_equal(np.asarray(inv)[d:, :d], 0)
+    np.testing.assert_array_equal(np.asarray(inv)[:d, d:], 0)
+    np.testing.assert_array_equal(np.asarray(inv)[d:, d:], np.eye(s - d))
+    np.testing.assert_allclose(np.asarray(inv)[:d, :d], np.linalg.inv(m), rtol=1e-4, atol=1e-5)
+    g = rng.normal(size=(d, w))
+    operand = np.zeros((1, s, s_w))
+    operand[0, :d, :w] = g
+    plan = _axes.LeafPlan(
+        shape=(1, s, s_w),
+        spec=None,
+        perm=(0, 1, 2),
+        batch=1,
+        dims=(s, s_w),
+        kinds=("full", "none"),
+        blocks=(s, s_w),
+        num_blocks=(1, 1),
+    )
+    out = np.asarray(
+        _kron.apply_axis_matrices(
+            jnp.asarray(operand, jnp.float32), (inv[None], jnp.zeros((1, 0))), plan
+        )
+    )[0]
+    np.testing.assert_allclose(out[:d, :w], np.linalg.solve(m, g), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[d:], 0)
+    np.testing.assert_array_equal(out[:, w:], 0)
+    # Diagonal: the row's largest entry outside the corner leaves the corner's roots.
+    diag = np.asarray([1e-9, 2.0, 0.5], np.float32)
+    row = np.concatenate([diag, np.full(4, diag.max(), np.float32)])
+    zero = jnp.zeros([], jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(_linalg.inv_root_diag(jnp.asarray(row[None]), 1, zero, False))[0, :3],
+        np.asarray(_linalg.inv_root_diag(jnp.asarray(diag[None]), 1, zero, False))[0],
+    )
+
+
+@pytest.mark.parametrize("name", ["kfac", "kfac_pi_diag_bf16_mu"])
+def test_kfac_per_factor_layout_padded_for_8_devices_gives_the_replicated_updates(
+    name, monkeypatch
+):
+    """The per-factor layout built for 8 devices (stacks padded to 8, factors in
+    the corners of their buckets' entries), run on one device: the replicated
+    updates, moments and failure counts (a NaN gradient, non-finite statistics, a
+    group of layers partly without statistics, stacked layers, diagonal factors)."""
+
+    params, spec, grads, stats = _kfac_problem(5, nan_at=3, bad_stats_at=1)
+    make = KFAC_CONFIGS[name]
+    ref, ref_state = _run_kfac(
+        make(state_layout="replicated", dimension_numbers=spec), params, grads, stats
+    )
+    monkeypatch.setattr(
+        _owner, "decide", lambda choice, axes, plans, params: _owner.build(plans, params, (), 8)
+    )
+    out, state = _run_kfac(make(state_layout="owner", dimension_numbers=spec), params, grads, stats)
+    layout = _owner.layout_of(state)
+    assert layout is not None and layout.per_factor and layout.devices == 8
+    # Some factor sits in the corner of a larger entry, and stacks are padded.
+    assert any(m[3] < g.dim for g in layout.groups for m in g.members)
+    assert layout.padding() > 0
+    if name.endswith("diag_bf16_mu"):
+        assert any(g.kind == "diag" for g in layout.groups)
+    tol = 1e-2 if name.endswith("bf16_mu") else 1e-5
+    for r, o in zip(ref, out):
+        assert jax.tree.structure(r) == jax.tree.structure(o)
+        assert _max_rel(r, o) < tol, name
+    assert lo.failure_counts(state) == lo.failure_counts(ref_state)
+    kfac_state, ref_kfac_state = state[0], ref_state[0]
+    for field in ("mu", "nu"):
+        assert _max_rel(getattr(ref_kfac_state, field), getattr(kfac_state, field)) < tol
+    assert isinstance(kfac_state.inverses, _owner.Grouped)
