@@ -518,35 +518,44 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     if isinstance(module, nnx.Conv):
         return _conv_patches(module, x), lambda out: out
     if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
-        return _sliced_general_features(module, x)
+        return _sliced_general_features(x, module.batch_axis, module.axis, len(module.out_features))
     if isinstance(module, nnx.LinearGeneral):
         return _general_features(x, module.axis, len(module.out_features))
     if isinstance(module, nnx.Einsum):
         spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
-        lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec or module.einsum_str, path)
-        # Rows first, then the slice axes (kernel order), then the flattened features.
-        keep_in = "".join(c for c in lhs if c not in contracted and c not in shared)
-        keep_out = "".join(c for c in out_s if c not in produced and c not in shared)
-        feats = jnp.einsum(f"{lhs}->{keep_in}{shared}{contracted}", x)
-        feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
-
-        def rows(out):
-            out = jnp.einsum(f"{out_s}->{keep_out}{shared}{produced}", out)
-            return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
-
-        return feats, rows
+        return _einsum_features(x, spec or module.einsum_str, path)
     return x, lambda out: out
 
 
-def _sliced_general_features(module: nnx.LinearGeneral, x: jax.Array):
-    """``_features`` of a ``LinearGeneral`` with ``batch_axis``: ``(rows, *batch, d)``.
+def _einsum_features(x: jax.Array, spec: str, path: str):
+    """``_features`` of an einsum layer (NNX ``Einsum``, Linen ``Einsum``).
 
-    Its batch axes are the input's leading axes and the output's too
+    Rows first, then the slice (shared) axes in the kernel's order, then the
+    contracted input axes flattened; the output likewise with the produced axes.
+    """
+    lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec, path)
+    keep_in = "".join(c for c in lhs if c not in contracted and c not in shared)
+    keep_out = "".join(c for c in out_s if c not in produced and c not in shared)
+    feats = jnp.einsum(f"{lhs}->{keep_in}{shared}{contracted}", x)
+    feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
+
+    def rows(out):
+        out = jnp.einsum(f"{out_s}->{keep_out}{shared}{produced}", out)
+        return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
+
+    return feats, rows
+
+
+def _sliced_general_features(x: jax.Array, batch_axis: Any, axis: Any, n_out: int):
+    """``_features`` of a general dense layer with per-slice kernels: ``(rows, *batch, d)``.
+
+    NNX ``LinearGeneral``'s ``batch_axis``, Linen ``DenseGeneral``'s ``batch_dims``:
+    its batch axes are the input's leading axes and the output's too
     (``dot_general`` puts them first: ``(*batch, *rows, *out_features)``).
     """
-    nb, n_out = len(module.batch_axis), len(module.out_features)
-    batch = tuple(int(a) % x.ndim for a in module.batch_axis)
-    axis = tuple(a % x.ndim for a in module.axis)
+    nb = len(batch_axis)
+    batch = tuple(int(a) % x.ndim for a in batch_axis)
+    axis = tuple(a % x.ndim for a in axis)
     rest = tuple(a for a in range(x.ndim) if a not in axis and a not in batch)
     feats = jnp.transpose(x, rest + batch + axis)
     feats = jnp.reshape(feats, feats.shape[: len(rest) + nb] + (-1,))
