@@ -420,7 +420,8 @@ def test_linen_gpt_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
     report = lo.failure_report(state)
     assert report.skipped == 0 and report.failed == 0
     # The diagonal fallback never ran: its second moment stays zero at every kernel.
-    nu: Any = state[0].nu
+    state_: Any = state
+    nu = state_[0].nu
     np.testing.assert_array_equal(nu["blocks"]["up"]["kernel"], 0.0)
     np.testing.assert_array_equal(nu["embed"]["embedding"], 0.0)
     assert float(jnp.min(nu["blocks"]["ln1"]["scale"])) > 0.0

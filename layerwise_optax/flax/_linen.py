@@ -2,11 +2,16 @@
 
 The Linen twin of :func:`layerwise_optax.flax.kfac_value_and_grad`. While the
 model is applied, :func:`flax.linen.intercept_methods` wraps the ``__call__`` of
-every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` so that it
+every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Einsum``,
+``nn.LayerNorm`` and ``nn.RMSNorm`` and the ``__call__`` and ``attend`` of every
+``nn.Embed`` so that each call
 
-* sows its input features (the rows of ``A``; conv patches ordered like the
-  kernel, a ``DenseGeneral``'s contracted axes flattened in the kernel's order)
-  into the ``'intermediates'`` collection, as ``kfac_inputs``, and
+* sows what its block needs into the ``'intermediates'`` collection, as
+  ``kfac_inputs``: a kernel layer's input features (the rows of ``A``; conv
+  patches ordered like the kernel, a ``DenseGeneral``'s or ``Einsum``'s
+  contracted axes flattened in the kernel's order, per-head slices apart), a
+  norm layer's normalized input ``x̂``, an embedding's token ids or, for
+  ``attend``, its queries, and
 * adds a zero perturbation ``kfac_outputs`` (``Module.perturb``, collection
   ``'perturbations'``) to its output, whose gradient is ``dL/dz``.
 
@@ -15,7 +20,14 @@ under ``nn.scan`` (or ``nn.vmap``) with ``'intermediates'`` and
 ``'perturbations'`` in ``variable_axes`` beside ``'params'``, every layer slice
 gets its own statistics, stacked on the kernel's leading layer axes, which
 :func:`linen_kfac_dimension_numbers` makes batch axes of the kernel (one pair of
-factors per slice). Statistics, modes and losses are those of the NNX capture.
+factors per slice). A layer's ``k``-th call in a pass is its use ``k``, with its
+own perturbation ``kfac_outputs_k``: a layer called several times, or a table
+used by ``Embed.attend`` as the tied output head, gets one block by the NNX
+capture's reuse rule. Statistics, blocks (:class:`layerwise_optax.KfacDiagonal`
+for norms, a diagonal input factor for embeddings, one block per head for an
+einsum axis shared by input and output), modes and losses are those of the NNX
+capture, from the same code. ``nn.MultiHeadDotProductAttention`` is captured
+through its ``DenseGeneral`` projections.
 """
 
 from __future__ import annotations
@@ -55,10 +67,12 @@ class _LinenLayer(NamedTuple):
     params: tuple[str, ...]  # the layer's parameter leaves
 
 
-def _linen_features(module: Any, x: jax.Array, path: str, kwargs: dict):
+def _linen_features(module: Any, x: jax.Array, path: str, args: tuple, kwargs: dict):
     """``(features (..., d_in), output -> (..., d_out), layout)`` of a kernel layer."""
     if isinstance(module, nn.Einsum):
-        spec = kwargs.get("einsum_str") or module.einsum_str
+        spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+        spec = spec or module.einsum_str
+        assert spec is not None  # Linen's Einsum refuses a call without one
         _, rhs, out, contracted, produced, shared = _capture._einsum_parts(spec, path)
         # Linen's Einsum bias has the kernel's output axes in the output's order: it
         # folds when that order is (slices, produced) in the kernel's order.
@@ -208,7 +222,7 @@ class _Interceptor:
                 None, params[0], leaf.ndim, out.ndim, _capture._identity, kind, params
             )
         else:
-            feats, rows, layout = _linen_features(module, x, key, kwargs)
+            feats, rows, layout = _linen_features(module, x, key, args, kwargs)
             has_bias = module.has_variable("params", "bias")
             kernel = module.get_variable("params", "kernel")
             info = _LinenLayer(
@@ -294,10 +308,15 @@ def linen_kfac_dimension_numbers(
 
     The Linen twin of :func:`layerwise_optax.flax.kfac_dimension_numbers`. A
     layer's kernel gets ``DimensionNumbers((input axes), (output axes))``
-    (``nn.Dense`` and ``nn.Conv`` as kfac's default, ``nn.DenseGeneral`` with its
-    several input and output axes), with the leading layer axes of a layer
-    stacked by ``nn.scan`` / ``nn.vmap`` as ``batch_axes`` (one pair of factors per
-    slice, which kfac's default layout cannot know). Paths are the params'
+    (``nn.Dense`` and ``nn.Conv`` as kfac's default, ``nn.DenseGeneral`` and
+    ``nn.Einsum`` with their several input and output axes), with the leading
+    layer axes of a layer stacked by ``nn.scan`` / ``nn.vmap`` as ``batch_axes``
+    (one pair of factors per slice, which kfac's default layout cannot know), then
+    its per-slice axes (``DenseGeneral``'s ``batch_dims``, an einsum axis shared
+    by input and output). An ``nn.Embed`` table gets a
+    :class:`layerwise_optax.DiagonalFactors` (its input factor, the token counts,
+    kept diagonal), a norm layer's scale and bias ``None`` (their statistics are
+    :class:`layerwise_optax.KfacDiagonal`). Paths are the params'
     (``'ScanBlock_0/Dense_0/kernel'``).
 
     Args:
@@ -377,11 +396,18 @@ def linen_kfac_value_and_grad(
     The ``flax.linen`` twin of :func:`layerwise_optax.flax.kfac_value_and_grad`:
     the same statistics (``A = (1/n) Σ_r x_r x_r^T`` over the layer's input rows,
     ``B = (1/(nT)) Σ_r δ_r δ_r^T`` with ``δ = n dL/dz``), losses and modes, from
-    one forward and one backward pass, for ``nn.Dense``, ``nn.DenseGeneral`` and
-    ``nn.Conv`` layers, also inside ``nn.scan`` / ``nn.vmap`` (list
-    ``'perturbations'`` and ``'intermediates'`` in their ``variable_axes`` with
-    ``'params'``; each slice gets its factors, stacked on the leading layer axes).
-    Other layers' params get no statistics (``kfac``'s diagonal fallback).
+    one forward and one backward pass, for ``nn.Dense``, ``nn.DenseGeneral``
+    (also with ``batch_dims``: one block per slice), ``nn.Conv`` and ``nn.Einsum``
+    (an axis shared by input and output: one block per head) kernels,
+    :class:`layerwise_optax.KfacDiagonal` blocks (the exact diagonal Fisher) for
+    ``nn.LayerNorm`` and ``nn.RMSNorm`` scale and bias, and ``nn.Embed`` tables
+    with a ``(vocabulary,)`` diagonal input factor, also inside ``nn.scan`` /
+    ``nn.vmap`` (list ``'perturbations'`` and ``'intermediates'`` in their
+    ``variable_axes`` with ``'params'``; each slice gets its factors, stacked on
+    the leading layer axes). A layer called several times, or a table also used
+    by ``Embed.attend`` (a tied output head), gets its uses combined by the reuse
+    rule of the NNX capture. Other layers' params get no statistics (``kfac``'s
+    diagonal fallback).
     ``module.apply({'params': params, 'perturbations': ...}, inputs)`` is the
     forward pass: models with other collections (``batch_stats``) or more
     arguments are not covered.
@@ -397,9 +423,11 @@ def linen_kfac_value_and_grad(
       ``params``) and the statistics (a nested dict keyed like ``params``:
       :class:`layerwise_optax.KfacFactors` at each captured kernel, with
       ``(*layer_axes, d, d)`` factors for stacked layers, and
-      :class:`layerwise_optax.FoldedBias` or the bias's own factors at its bias).
-      Give ``kfac`` ``dimension_numbers=linen_kfac_dimension_numbers(...)`` for
-      ``DenseGeneral`` or stacked layers.
+      :class:`layerwise_optax.FoldedBias` or the bias's own factors at its bias,
+      :class:`layerwise_optax.KfacDiagonal` at a norm layer's scale and bias,
+      ``KfacFactors`` with a ``(vocabulary,)`` diagonal ``a`` at an embedding
+      table). Give ``kfac`` ``dimension_numbers=linen_kfac_dimension_numbers(...)``
+      for ``DenseGeneral``, ``Einsum``, ``Embed``, norm or stacked layers.
 
     Raises:
       ValueError: For an unknown loss or mode, a mode the loss does not support, a
@@ -419,11 +447,32 @@ def linen_kfac_value_and_grad(
       >>> stats['kernel'].a.tolist()
       [[0.5, 0.0, 0.5], [0.0, 2.0, 1.0], [0.5, 1.0, 1.0]]
 
+      A table used as the input embedding and as the tied output head
+      (``attend``) gets one block with a diagonal input factor, a LayerNorm the
+      diagonal Fisher of its scale and bias:
+
+      >>> class Tied(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, ids):
+      ...         emb = nn.Embed(5, 3, name='embed')
+      ...         return emb.attend(nn.LayerNorm(name='ln')(emb(ids)))
+      >>> ids = jnp.array([[0, 1], [1, 4]])
+      >>> params = Tied().init(jax.random.key(0), ids)['params']
+      >>> f = lof.linen_kfac_value_and_grad(Tied(), 'softmax_cross_entropy')
+      >>> stats = f(params, ids, ids)[2]
+      >>> stats['embed']['embedding'].a.shape, stats['embed']['embedding'].g.shape
+      ((5,), (3, 3))
+      >>> type(stats['ln']['scale']).__name__, stats['ln']['scale'].fisher.shape
+      ('KfacDiagonal', (3,))
+
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
       Grosse and Martens, `A Kronecker-factored Approximate Fisher Matrix for
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
+      Eschenhagen, Immer, Turner, Schneider and Hennig, `Kronecker-Factored
+      Approximate Curvature for Modern Neural Network Architectures
+      <https://arxiv.org/abs/2311.00636>`_, NeurIPS 2023.
     """
     _checks.boolean("fold_biases", fold_biases)
     loss_name, loss_fn = _capture._loss_for(loss, statistics)
