@@ -425,3 +425,71 @@ def test_linen_gpt_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
     np.testing.assert_array_equal(nu["blocks"]["up"]["kernel"], 0.0)
     np.testing.assert_array_equal(nu["embed"]["embedding"], 0.0)
     assert float(jnp.min(nu["blocks"]["ln1"]["scale"])) > 0.0
+
+
+# ------------------------------------------------------------------ kfac's default layout
+
+
+class NormLM(nn.Module):
+    """Embed -> LayerNorm -> Dense -> RMSNorm -> tied head: every leaf has its default."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(V, 16, name="embed")
+        h = nn.Dense(16, name="mid")(nn.LayerNorm(name="ln")(emb(ids)))
+        return emb.attend(nn.RMSNorm(name="rms")(jnp.tanh(h)))
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
+
+
+_NORM_LEAVES = (("ln", "scale"), ("ln", "bias"), ("rms", "scale"))
+
+
+def _norm_lm():
+    model = NormLM()
+    ids, targets = _ids(jax.random.key(0), 6)
+    params = _perturbed(model.init(jax.random.key(1), ids)["params"], jax.random.key(2))
+    dims = lof.linen_kfac_dimension_numbers(model, params, ids)
+    # The layout kfac had before norm leaves defaulted to None: an output factor each.
+    old = jax.tree.map(lambda s: s, dims(params), is_leaf=lambda s: s is None)
+    for name, leaf in _NORM_LEAVES:
+        old[name][leaf] = lo.default_kernel_dimension_numbers(params[name][leaf].shape)
+    return model, ids, targets, params, dims, old
+
+
+def test_default_layout_allocates_no_factors_for_norm_leaves():
+    _, _, _, params, dims, old = _norm_lm()
+    assert lo._kfac.default_layout(params) == dims(params)
+    sd = lo.kfac(0.1).init(params)
+    ss = lo.kfac(0.1, dimension_numbers=dims).init(params)
+    for name, leaf in _NORM_LEAVES:
+        for part in (sd[0].factors, sd[0].inverses, sd[0].pending):
+            assert _nbytes(part[name][leaf]) == 0
+    assert _nbytes(sd) == _nbytes(ss)
+    # What the old default allocated on top: factors, inverses and pending statistics,
+    # 3 (d^2 + 1) floats per leaf (d x d output factor, 1 x 1 empty input group).
+    so = lo.kfac(0.1, dimension_numbers=old).init(params)
+    big = [_nbytes((t[0].factors, t[0].inverses, t[0].pending)) for t in (so, sd)]
+    assert big[0] - big[1] == 3 * 3 * (16 * 16 + 1) * 4  # float32
+    assert _nbytes(so) - _nbytes(sd) >= big[0] - big[1]
+
+
+@pytest.mark.slow
+def test_default_layout_updates_of_norm_leaves_are_the_spelled_layouts():
+    model, ids, targets, params, dims, old = _norm_lm()
+    _, grads, stats = jax.jit(lof.linen_kfac_value_and_grad(model, "softmax_cross_entropy"))(
+        params, ids, targets
+    )
+    default, spelled = lo.kfac(0.1), lo.kfac(0.1, dimension_numbers=dims)
+    ud, _ = jax.jit(default.update)(grads, default.init(params), params, kfac_stats=stats)
+    us, _ = jax.jit(spelled.update)(grads, spelled.init(params), params, kfac_stats=stats)
+    _assert_trees_close(ud, us, rtol=0, atol=0)
+    # Without statistics for them, norm leaves take the diagonal fallback as before.
+    no_norm = {k: v for k, v in stats.items() if k not in ("ln", "rms")}
+    no_norm.update({"ln": {"scale": None, "bias": None}, "rms": {"scale": None}})
+    before = lo.kfac(0.1, dimension_numbers=old)
+    un, _ = jax.jit(default.update)(grads, default.init(params), params, kfac_stats=no_norm)
+    uo, _ = jax.jit(before.update)(grads, before.init(params), params, kfac_stats=no_norm)
+    _assert_trees_close(un, uo, rtol=1e-6, atol=1e-8)
