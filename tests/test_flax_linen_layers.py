@@ -461,16 +461,18 @@ def _norm_lm():
 
 def test_default_layout_allocates_no_factors_for_norm_leaves():
     _, _, _, params, dims, old = _norm_lm()
-    assert lo._kfac.default_layout(params) == dims(params)
-    sd = lo.kfac(0.1).init(params)
-    ss = lo.kfac(0.1, dimension_numbers=dims).init(params)
+    from layerwise_optax._kfac import default_layout
+
+    assert default_layout(params) == dims(params)
+    sd: Any = lo.kfac(0.1).init(params)
+    ss: Any = lo.kfac(0.1, dimension_numbers=dims).init(params)
     for name, leaf in _NORM_LEAVES:
         for part in (sd[0].factors, sd[0].inverses, sd[0].pending):
             assert _nbytes(part[name][leaf]) == 0
     assert _nbytes(sd) == _nbytes(ss)
     # What the old default allocated on top: factors, inverses and pending statistics,
     # 3 (d^2 + 1) floats per leaf (d x d output factor, 1 x 1 empty input group).
-    so = lo.kfac(0.1, dimension_numbers=old).init(params)
+    so: Any = lo.kfac(0.1, dimension_numbers=old).init(params)
     big = [_nbytes((t[0].factors, t[0].inverses, t[0].pending)) for t in (so, sd)]
     assert big[0] - big[1] == 3 * 3 * (16 * 16 + 1) * 4  # float32
     assert _nbytes(so) - _nbytes(sd) >= big[0] - big[1]
@@ -493,3 +495,80 @@ def test_default_layout_updates_of_norm_leaves_are_the_spelled_layouts():
     un, _ = jax.jit(default.update)(grads, default.init(params), params, kfac_stats=no_norm)
     uo, _ = jax.jit(before.update)(grads, before.init(params), params, kfac_stats=no_norm)
     _assert_trees_close(un, uo, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------ examples mapped away by vmap
+
+
+def _stacked_linears(count, d=3):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(d, d, rngs=nnx.Rngs(key))
+
+    return make(jax.random.split(jax.random.key(0), count))
+
+
+class StackedModel(nnx.Module):
+    def __init__(self, count, per_example):
+        self.blocks = _stacked_linears(count)
+        self.per_example = per_example
+
+    def __call__(self, x):  # x: (n, T, 3)
+        if self.per_example:  # slice i of the stack applied to example i only
+            return nnx.vmap(lambda m, x: m(x), in_axes=(0, 0))(self.blocks, x)
+        # every slice sees the n examples (copies of x stacked on a layer axis of size n)
+        copies = jnp.broadcast_to(x, (x.shape[0],) + x.shape)
+        return jnp.sum(nnx.vmap(lambda m, x: m(x), in_axes=(0, 0))(self.blocks, copies), 0)
+
+
+class PerExampleModel(nnx.Module):
+    def __init__(self):
+        self.lin = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(self.lin, x)
+
+
+def test_a_vmap_that_maps_the_examples_away_is_refused_by_path():
+    """Each slice seeing one example's rows counted them as the batch's (``B`` off by n)."""
+    x = jax.random.normal(jax.random.key(1), (2, 4, 3))  # n = 2 examples, T = 4
+    grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    with pytest.raises(ValueError, match=r"layer blocks: .* maps axis 0 .* examples were mapped"):
+        grad_fn(StackedModel(2, per_example=True), x, x)
+    with pytest.raises(ValueError, match=r"layer lin: .* maps axis 0 .* examples were mapped"):
+        grad_fn(PerExampleModel(), x, x)
+
+
+def test_a_layer_axis_of_the_batch_size_whose_slices_see_the_examples_is_captured():
+    model = StackedModel(2, per_example=False)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    y = jax.random.normal(jax.random.key(2), (2, 4, 3))
+    _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
+    state = nnx.state(model.blocks, nnx.Param)
+    twins = [nnx.Linear(3, 3, rngs=nnx.Rngs(0)) for _ in range(2)]
+    for i, twin in enumerate(twins):
+        nnx.update(twin, jax.tree.map(lambda a, i=i: a[i], state))
+    _, _, want = lof.kfac_value_and_grad(lambda ms, x: ms[0](x) + ms[1](x), "mse")(
+        nnx.List(twins), x, y
+    )
+    for i in range(2):
+        for f, g in zip(stats["blocks"]["kernel"], want[i]["kernel"]):
+            np.testing.assert_allclose(f[i], g, rtol=1e-5, atol=1e-6)
+
+
+class LinenPerExample(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.vmap(
+            nn.Dense,
+            variable_axes={"params": None, "perturbations": 0, "intermediates": 0},
+            split_rngs={"params": False},
+        )
+        return dense(3, name="dense")(x)
+
+
+def test_a_linen_vmap_over_the_examples_is_refused_by_path():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    params = LinenPerExample().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"layer dense: .* examples were mapped away"):
+        lof.linen_kfac_value_and_grad(LinenPerExample(), "mse")(params, x, x)

@@ -59,10 +59,11 @@ its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
 entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
 capture cannot handle. Not supported: a stacked layer applied by a Python loop
 over its slices (its features reach copies, not the model: refused as not
-reaching it), inputs mapped by
-``nnx.vmap`` along an axis other than the examples' (each slice must see the
-``n`` examples of ``inputs``' leading axis), and layer axes other than leading
-ones.
+reaching it), a ``vmap`` that maps the examples away (a stacked layer applied
+one slice per example, a per-example ``vmap`` of the model: each slice must see
+the ``n`` examples of ``inputs``' leading axis; refused by path when a layer's
+call is mapped over an axis of the examples' size and its slice does not lead
+with ``n`` rows), and layer axes other than leading ones.
 
 Differentiating the loss with respect to the parameters and the perturbations at
 once gives the parameter gradients and every layer's output gradients
@@ -627,8 +628,9 @@ class _Recorder:
     first (a stacked layer called twice in a scanned body has two per-slice uses).
     """
 
-    def __init__(self, perturbations: dict[str, jax.Array] | None):
+    def __init__(self, perturbations: dict[str, jax.Array] | None, examples: int | None = None):
         self.perturbations = perturbations  # None: the shape pass (nothing attached)
+        self.examples = examples  # n: checks that no transform maps the examples away
         self.calls: dict[str, int] = {}
         self.slices: dict[str, _Slice] = {}  # per use
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}  # per use
@@ -641,6 +643,8 @@ class _Recorder:
             path = getattr(module, _PATH_ATTR, None)
             if path is None:
                 return original(module, x, *args, **kwargs)
+            if recorder.examples is not None:
+                _check_examples_not_mapped(path, x, recorder.examples)
             k = recorder.calls.get(path, 0)
             recorder.calls[path] = k + 1
             use = _use_key(path, k)
@@ -667,6 +671,34 @@ class _Recorder:
 
 def _identity(out: jax.Array) -> jax.Array:
     return out
+
+
+def _check_examples_not_mapped(path: str, x: Any, n: int) -> None:
+    """Refuses a layer whose call sees one example (or a few) per slice of a ``vmap``.
+
+    Inside ``nnx.vmap``/``jax.vmap`` (Linen's ``nn.vmap``) a layer's input is a
+    batching tracer: the mapped array and the axis mapped. When that axis has the
+    ``n`` examples' size while the slice the layer sees does not lead with ``n``
+    rows, the transform has mapped the examples away (a stacked layer applied one
+    slice per example, or a per-example ``vmap`` of the model): each slice would
+    count its own example's rows as those of the whole batch, and the statistics
+    would be silently wrong (``B`` too large by ``n``). A layer axis of the same
+    size as the batch whose slices still see the ``n`` examples is left alone.
+    """
+    axis, full = getattr(x, "batch_dim", None), getattr(x, "val", None)
+    if not isinstance(axis, int) or not hasattr(full, "shape"):
+        return
+    shape = tuple(getattr(full, "shape", ()))
+    if axis < len(shape) and shape[axis] == n and (x.ndim == 0 or x.shape[0] != n):
+        raise ValueError(
+            f"layer {path}: it is applied inside a vmap that maps axis {axis} of its input, "
+            f"of the examples' size {n}, and each slice sees input {tuple(x.shape)} without "
+            f"the {n} examples leading: the examples were mapped away (a stacked layer "
+            "applied one slice per example, or a per-example vmap), so its statistics would "
+            "count one example's rows as the batch's. Map the stacked layer over its own "
+            "axis (in_axes=None for inputs every slice sees), keep the examples on the "
+            "leading axis of every layer's input, or pass diagonal=[path]."
+        )
 
 
 def _use_key(path: str, k: int) -> str:
@@ -1363,7 +1395,7 @@ def kfac_value_and_grad(
 
         # Shapes of every use's output and features per slice, so the perturbations
         # and feature placeholders can be zeros of that shape, stacked layer axes first.
-        shape_pass = _Recorder(None)
+        shape_pass = _Recorder(None, jax.tree.leaves(inputs)[0].shape[0])
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
         for key_ in tuples:
             if key_ not in shape_pass.slices:

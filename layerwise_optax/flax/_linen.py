@@ -184,7 +184,8 @@ class _Interceptor:
     reuse rule of :mod:`layerwise_optax.flax._capture`.
     """
 
-    def __init__(self):
+    def __init__(self, examples: int | None = None):
+        self.examples = examples  # n: checks that no nn.vmap maps the examples away
         self.uses: dict[str, _LinenLayer] = {}
         self.paths: dict[str, tuple[str, ...]] = {}
 
@@ -202,6 +203,8 @@ class _Interceptor:
         path = tuple(module.scope.path)
         key = "/".join(path)
         x = args[0] if args else next(iter(kwargs.values()))
+        if self.examples is not None:
+            _capture._check_examples_not_mapped(key, x, self.examples)
         if isinstance(module, _EXTRA):
             params = _extra_params(module)
             leaf = module.get_variable("params", params[0])
@@ -250,7 +253,7 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
 
 def _trace(module: Any, params: Any, inputs: Any) -> tuple[_Interceptor, Any]:
     """The layers of one abstract forward pass and the shapes of their perturbations."""
-    interceptor = _Interceptor()
+    interceptor = _Interceptor(jax.tree.leaves(inputs)[0].shape[0])
 
     def run(p):
         with nn.intercept_methods(interceptor):
