@@ -18,11 +18,11 @@ nnx = pytest.importorskip("flax.nnx")
 
 import layerwise_optax as lo  # noqa: E402
 from layerwise_optax import flax as lof  # noqa: E402
+from tests._helpers import block_types, next_token_data, unstack_into  # noqa: E402
 
 F64 = jnp.float64
 V, D, H, T = 7, 4, 2, 3
 DH = D // H
-_ENTRY = (lo.KfacFactors, lo.KfacDiagonal, lo.FoldedBias)
 
 
 def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
@@ -33,14 +33,6 @@ def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
     ]
     for (path, a), (_, b) in zip(flat_g, flat_w):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
-
-
-def _block_types(stats) -> dict[str, str]:
-    """``path -> block type`` of every entry of a statistics tree (``None`` kept)."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        stats, is_leaf=lambda x: x is None or isinstance(x, _ENTRY)
-    )[0]
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): type(e).__name__ for p, e in flat}
 
 
 def _paths(tree) -> list[str]:
@@ -131,7 +123,7 @@ def test_linen_layers_give_the_nnx_twins_statistics_and_kfac_updates(mode):
     np.testing.assert_allclose(lv, nv, rtol=1e-6)
     _assert_trees_close(lg, nnx.to_pure_dict(ng), rtol=1e-4, atol=1e-6)
     _assert_trees_close(ls, ns, rtol=1e-4, atol=1e-6)
-    types = _block_types(ls)
+    types = block_types(ls)
     assert sorted(types) == _paths(params) and "NoneType" not in types.values(), types
     assert types["embed/embedding"] == "KfacFactors" and ls["embed"]["embedding"].a.shape == (V,)
     assert types["ln/scale"] == types["ln/bias"] == types["rms/scale"] == "KfacDiagonal"
@@ -367,24 +359,15 @@ class LinenGPT(nn.Module):
         return emb.attend(nn.LayerNorm(name="ln_f")(x))  # tied output head
 
 
-def _tokens(key, n=N, t=6, vocab=12):
-    """Sequences of the map ``t -> (5 t + 3) mod V``: inputs and next tokens."""
-    seq = [jax.random.randint(key, (n, 1), 0, vocab)]
-    for _ in range(t):
-        seq.append((5 * seq[-1] + 3) % vocab)
-    seq = jnp.concatenate(seq, axis=1)
-    return seq[:, :-1], seq[:, 1:]
-
-
 def test_linen_gpt_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
     import optax
 
     model = LinenGPT()
-    ids, targets = _tokens(jax.random.key(0))
+    ids, targets = next_token_data(jax.random.key(0), N, 6, 12)
     params = model.init(jax.random.key(1), ids)["params"]
     capture = lof.linen_kfac_value_and_grad(model, "softmax_cross_entropy")
     stats = jax.eval_shape(lambda p: capture(p, ids, targets)[2], params)
-    types = _block_types(stats)
+    types = block_types(stats)
     assert sorted(types) == _paths(params)
     assert "NoneType" not in types.values(), types
     assert types["embed/embedding"] == "KfacFactors"
@@ -544,10 +527,8 @@ def test_a_layer_axis_of_the_batch_size_whose_slices_see_the_examples_is_capture
     x = jax.random.normal(jax.random.key(1), (2, 4, 3))
     y = jax.random.normal(jax.random.key(2), (2, 4, 3))
     _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
-    state = nnx.state(model.blocks, nnx.Param)
     twins = [nnx.Linear(3, 3, rngs=nnx.Rngs(0)) for _ in range(2)]
-    for i, twin in enumerate(twins):
-        nnx.update(twin, jax.tree.map(lambda a, i=i: a[i], state))
+    unstack_into(model.blocks, twins)
     _, _, want = lof.kfac_value_and_grad(lambda ms, x: ms[0](x) + ms[1](x), "mse")(
         nnx.List(twins), x, y
     )
