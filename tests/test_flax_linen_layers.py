@@ -553,3 +553,62 @@ def test_a_linen_vmap_over_the_examples_is_refused_by_path():
     params = LinenPerExample().init(jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match=r"layer dense: .* examples were mapped away"):
         lof.linen_kfac_value_and_grad(LinenPerExample(), "mse")(params, x, x)
+
+
+# ------------------------------------------------------------------ a per-head kernel used twice
+
+
+class HeadsTwice(nnx.Module):
+    def __init__(self, dtype=F64):
+        self.e = nnx.Einsum(
+            "bthd,hdk->bthk", (H, DH, DH), (H, DH), param_dtype=dtype, rngs=nnx.Rngs(0)
+        )
+        self.e.kernel[...] = jax.random.normal(jax.random.key(5), (H, DH, DH), dtype)
+        self.e.bias[...] = 0.3 * jax.random.normal(jax.random.key(6), (H, DH), dtype)
+
+    def __call__(self, x):
+        return self.e(jnp.tanh(self.e(x)))
+
+
+class LinenHeadsTwice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        e = nn.Einsum((H, DH, DH), "bthd,hdk->bthk", name="e")
+        return e(jnp.tanh(e(x)))
+
+
+def test_a_per_head_kernel_used_twice_gets_the_reuse_rule_per_head():
+    """Per head: ``a = (1/n) Σ over both uses' rows of [x; 1][x; 1]^T``, ``g = Σ δ δ^T / (2 n T)``."""
+    n = 4
+    with jax.enable_x64(True):
+        model = HeadsTwice()
+        x = jax.random.normal(jax.random.key(0), (n, T, H, DH), F64)
+        y = jax.random.normal(jax.random.key(1), (n, T, H, DH), F64)
+        _, _, stats = nnx.jit(lof.kfac_value_and_grad(lambda m, x: m(x), "mse"))(model, x, y)
+        w, b = model.e.kernel[...], model.e.bias[...]
+
+        def use(h):
+            return jnp.einsum("bthd,hdk->bthk", h, w) + b[None, None]
+
+        def loss(e1, e2):  # the output of each use perturbed on its own
+            h = jnp.tanh(use(x) + e1)
+            return lof.mse(use(h) + e2, y)
+
+        z = jnp.zeros((n, T, H, DH), F64)
+        d1, d2 = (n * np.asarray(d) for d in jax.grad(loss, argnums=(0, 1))(z, z))
+        inputs = (np.asarray(x), np.asarray(jnp.tanh(use(x))))
+        s = stats["e"]["kernel"]
+        assert s.a.shape == (H, DH + 1, DH + 1)
+        for h in range(H):
+            xs = np.concatenate([u[:, :, h].reshape(-1, DH) for u in inputs])
+            xs = np.concatenate([xs, np.ones((xs.shape[0], 1))], 1)
+            ds = np.concatenate([d[:, :, h].reshape(-1, DH) for d in (d1, d2)])
+            np.testing.assert_allclose(s.a[h], xs.T @ xs / n, rtol=2e-6, atol=1e-9)
+            np.testing.assert_allclose(s.g[h], ds.T @ ds / (2 * n * T), rtol=2e-6, atol=1e-9)
+    # The Linen capture applies the same rule.
+    twin = HeadsTwice(jnp.float32)
+    params = {"e": {"kernel": twin.e.kernel[...], "bias": twin.e.bias[...]}}
+    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    _, _, ls = lof.linen_kfac_value_and_grad(LinenHeadsTwice(), "mse")(params, x32, y32)
+    _, _, ns = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(twin, x32, y32)
+    _assert_trees_close(ls, ns, rtol=1e-5)

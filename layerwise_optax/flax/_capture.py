@@ -1271,7 +1271,7 @@ def kfac_value_and_grad(
         nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
         ``statistics_batch_size`` larger than the batch, and (named by its path) a
         layer that cannot be captured, whose call the forward pass does not reach,
-        that is per-head and used more than once, whose features a transform
+        whose features a transform
         drops (a layer broadcast across ``nnx.scan`` iterations, a stacked layer
         looped over in Python), or, with ``'reduce'``, whose rows do not lead with
         the examples; a model with no layer to capture.
@@ -1722,11 +1722,10 @@ def _kernel_uses(
     A kernel layer used once keeps its entries; one used several times gets its
     uses' rows concatenated along the positions, ``(*stack, n, rows, d)`` features
     and ``(samples, *stack, n, rows, d_out)`` output gradients (``stack``: the
-    layer axes of a stacked layer, ``stacks[layer]``), with an identity row map.
+    layer axes of a stacked layer, ``stacks[layer]``), with an identity row map;
+    a per-head kernel keeps its ``heads[layer]`` slice axes after the rows
+    (``(*stack, n, rows, *heads, d)``), each head combined over the uses alike.
     Returns ``(features, output gradients, row maps, other uses)``.
-
-    Raises:
-      ValueError: A per-head (sliced) kernel used more than once, named by its path.
     """
     kernel = [u for u in feats if u not in kinds]
     extra = {u: (feats[u], deltas[u]) for u in feats if u in kinds}
@@ -1738,23 +1737,19 @@ def _kernel_uses(
         if uses == [layer]:
             out_f[layer], out_d[layer], rows[layer] = feats[layer], deltas[layer], out_rows[layer]
             continue
-        if heads.get(layer, 0):
-            raise ValueError(
-                f"layer {layer} is used {len(uses)} times per forward pass; a per-head "
-                "(sliced) kernel used more than once is not supported. Pass "
-                f"diagonal=[{layer!r}] to give it the diagonal Fisher on purpose."
-            )
         stack = stacks.get(layer, ())
+        nh = heads.get(layer, 0)  # per-head slice axes, between the rows and the features
         xs, ds = [], []
         for u in uses:
             row_map = out_rows[u]
             for _ in range(1 + len(stack)):  # samples axis, then each layer axis
                 row_map = jax.vmap(row_map)
             x, d = feats[u], row_map(deltas[u])
-            xs.append(jnp.reshape(x, stack + (n, -1, x.shape[-1])))
-            ds.append(jnp.reshape(d, (d.shape[0], *stack, n, -1, d.shape[-1])))
-        out_f[layer] = jnp.concatenate(xs, axis=-2)
-        out_d[layer] = jnp.concatenate(ds, axis=-2)
+            hs = x.shape[x.ndim - 1 - nh : x.ndim - 1]
+            xs.append(jnp.reshape(x, stack + (n, -1) + hs + x.shape[-1:]))
+            ds.append(jnp.reshape(d, (d.shape[0], *stack, n, -1) + hs + d.shape[-1:]))
+        out_f[layer] = jnp.concatenate(xs, axis=-2 - nh)
+        out_d[layer] = jnp.concatenate(ds, axis=-2 - nh)
         rows[layer] = _identity
     return out_f, out_d, rows, extra
 
