@@ -1603,7 +1603,8 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets, loss_name):
 # sum of the uses' own K-FAC blocks ``Σ_u A_u ⊗ B_u`` when their ``B_u`` are equal. A
 # norm layer's diagonal Fisher is exact for any reuse: its per-example gradients are
 # summed over the uses before squaring. A stacked layer used twice in a scanned body
-# has two per-slice uses, combined per slice by the same rule.
+# has two per-slice uses, combined per slice by the same rule; a per-head kernel used
+# twice combines its uses per head.
 
 
 def _extra_params(module: Any) -> tuple[str, ...]:
