@@ -312,7 +312,9 @@ def default_kernel_dimension_numbers(shape: tuple[int, ...]) -> _axes.DimensionN
     *separate* bias block); scalars have no factors. Stacked layers need
     ``batch_axes`` given explicitly. On a whole tree, :func:`kfac`'s default
     layout also folds every leaf named ``bias`` into a sibling leaf named
-    ``kernel`` (:class:`FoldedBias`) when the bias has the kernel's output shape.
+    ``kernel`` (:class:`FoldedBias`) when the bias has the kernel's output shape,
+    and gives a norm layer's ``scale`` and ``bias`` (siblings without a kernel)
+    no factors (``None``).
 
     Args:
       shape: The leaf's shape.
@@ -422,7 +424,9 @@ def scale_by_kfac(
       dimension_numbers: Spec tree or callable giving each kernel's
         ``(input group, output group)``, and :class:`FoldedBias` at each bias
         folded into its kernel; ``None``: :func:`default_layout` (Flax layouts,
-        ``bias`` folded into its sibling ``kernel``).
+        ``bias`` folded into its sibling ``kernel``, an ``embedding`` table's
+        input factor kept diagonal, no factors for a norm layer's ``scale`` and
+        ``bias``).
       damping_mode: ``'pi'`` (Martens and Grosse's factored damping: ``A + pi
         sqrt(lambda) I`` and ``B + sqrt(lambda) / pi I`` with
         ``pi = sqrt((tr A / d_A) / (tr B / d_B))``) or ``'absolute'``
@@ -2060,7 +2064,13 @@ def default_layout(tree: Any) -> Any:
     ``embedding`` (``nnx.Embed``, Linen's ``Embed``) gets
     ``DiagonalFactors(DimensionNumbers(((0,), (1,))), (0,))``: a ``(vocabulary,
     features)`` table whose input factor (token counts) is kept diagonal, never
-    ``vocabulary × vocabulary``. Names are compared on the
+    ``vocabulary × vocabulary``; and the leaves of a norm layer, a node whose
+    parameters are ``scale`` alone or ``scale`` and ``bias`` (Flax's ``LayerNorm``,
+    ``RMSNorm``, ``BatchNorm``, ``GroupNorm``, NNX and Linen, also stacked), get
+    ``None``: no factors, nothing allocated for them beyond the two params-sized
+    moments. Their statistics are :class:`KfacDiagonal` blocks (the capture's) or,
+    without statistics, the diagonal fallback; a ``d × d`` factor per leaf (with
+    its inverse and pending copy) would never be used. Names are compared on the
     normalized paths (:func:`layerwise_optax._axes.path_keys`), so an ``nnx.State``,
     its pure form and a plain dict get the same layout.
 
@@ -2068,7 +2078,8 @@ def default_layout(tree: Any) -> Any:
       tree: Params or updates (``optax.MaskedNode`` leaves get ``None``).
 
     Returns:
-      A tree like ``tree`` of ``DimensionNumbers``, ``FoldedBias`` or ``None``.
+      A tree like ``tree`` of ``DimensionNumbers``, ``FoldedBias``,
+      ``DiagonalFactors`` or ``None``.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_axes.is_masked)
     keys = [_axes.path_keys(path) for path, _ in flat]
@@ -2077,7 +2088,17 @@ def default_layout(tree: Any) -> Any:
         None if _axes.is_masked(x) else default_kernel_dimension_numbers(tuple(np.shape(x)))
         for _, x in flat
     ]
+    siblings: dict[tuple[str, ...], set[str]] = {}
+    for key in keys:
+        if key:
+            siblings.setdefault(key[:-1], set()).add(key[-1])
+    for i, key in enumerate(keys):
+        names = siblings.get(key[:-1], set()) if key else set()
+        if "scale" in names and names <= {"scale", "bias"}:
+            specs[i] = None  # a norm layer: KfacDiagonal statistics or the fallback
     for i, (key, (_, x)) in enumerate(zip(keys, flat)):
+        if specs[i] is None:
+            continue
         if key and key[-1] == "embedding" and not _axes.is_masked(x) and np.ndim(x) == 2:
             specs[i] = DiagonalFactors(_axes.DimensionNumbers(((0,), (1,))), (0,))
         if _axes.is_masked(x) or not key or key[-1] != "bias":

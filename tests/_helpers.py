@@ -361,3 +361,44 @@ def mixed_tree(key):
     }
     keys = jax.random.split(key, len(shapes))
     return {n: 0.1 * jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys)}
+
+
+# ------------------------------------------------------------------ K-FAC capture tests (flax)
+
+_STAT_ENTRIES = (lo.KfacFactors, lo.KfacDiagonal, lo.FoldedBias)
+
+
+def stat_entries(stats) -> dict:
+    """``'a/b/kernel' -> entry`` of a K-FAC statistics tree (``None`` entries kept)."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        stats, is_leaf=lambda x: x is None or isinstance(x, _STAT_ENTRIES)
+    )[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): e for p, e in flat}
+
+
+def block_types(stats) -> dict[str, str]:
+    """``path -> block type`` of every entry of a statistics tree (``'NoneType'`` kept)."""
+    return {path: type(e).__name__ for path, e in stat_entries(stats).items()}
+
+
+def kernel_factors(stats) -> dict:
+    """``path -> KfacFactors`` of every kernel (and embedding) in a statistics tree."""
+    return {p: e for p, e in stat_entries(stats).items() if isinstance(e, lo.KfacFactors)}
+
+
+def unstack_into(stacked, modules) -> None:
+    """Copies slice ``i`` of a stacked (``nnx.vmap``-created) module's params into ``modules[i]``."""
+    from flax import nnx
+
+    state = nnx.state(stacked, nnx.Param)
+    for i, module in enumerate(modules):
+        nnx.update(module, jax.tree.map(lambda a, i=i: a[i], state))
+
+
+def next_token_data(key, n: int, t: int, vocab: int):
+    """Sequences of the map ``t -> (5 t + 3) mod vocab``: ``(inputs, next tokens)``, ``(n, t)``."""
+    seq = [jax.random.randint(key, (n, 1), 0, vocab)]
+    for _ in range(t):
+        seq.append((5 * seq[-1] + 3) % vocab)
+    seq = jax.numpy.concatenate(seq, axis=1)
+    return seq[:, :-1], seq[:, 1:]

@@ -15,9 +15,9 @@ nnx = pytest.importorskip("flax.nnx")
 
 import layerwise_optax as lo  # noqa: E402
 from layerwise_optax import flax as lof  # noqa: E402
+from tests._helpers import block_types, next_token_data, unstack_into  # noqa: E402
 
 VOCAB, D, HEADS, LAYERS, N, T = 12, 16, 2, 4, 16, 8
-_ENTRY = (lo.KfacFactors, lo.KfacDiagonal, lo.FoldedBias)
 
 
 class Block(nnx.Module):
@@ -64,20 +64,7 @@ class GPT(nnx.Module):
 
 def _tokens(key, n=N):
     """Sequences of the map ``t -> (5 t + 3) mod V``: inputs and next tokens."""
-    start = jax.random.randint(key, (n, 1), 0, VOCAB)
-    seq = [start]
-    for _ in range(T):
-        seq.append((5 * seq[-1] + 3) % VOCAB)
-    seq = jnp.concatenate(seq, axis=1)
-    return seq[:, :-1], seq[:, 1:]
-
-
-def _block_types(stats) -> dict[str, str]:
-    """``path -> block type`` of every entry of a statistics tree (``None`` kept)."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        stats, is_leaf=lambda x: x is None or isinstance(x, _ENTRY)
-    )[0]
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): type(e).__name__ for p, e in flat}
+    return next_token_data(key, n, T, VOCAB)
 
 
 def _param_paths(model) -> list[str]:
@@ -91,7 +78,7 @@ def test_gpt_trains_with_kfac_under_jit_with_every_leaf_preconditioned():
     grad_fn = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
     stats = nnx.eval_shape(lambda m: grad_fn(m, ids, targets)[2], model)
     # Which block each param leaf gets: no leaf missing, none None (no fallback).
-    types = _block_types(stats)
+    types = block_types(stats)
     assert sorted(types) == _param_paths(model)
     assert "NoneType" not in types.values(), types
     assert types["embed/embedding"] == "KfacFactors"
@@ -160,9 +147,7 @@ class ScannedNorms(nnx.Module):
 class UnrolledNorms(nnx.Module):
     def __init__(self, scanned):
         self.blocks = nnx.List([NormBlock(nnx.Rngs(i)) for i in range(LAYERS)])
-        stacked = nnx.state(scanned.blocks, nnx.Param)
-        for i, b in enumerate(self.blocks):
-            nnx.update(b, jax.tree.map(lambda a, i=i: a[i], stacked))
+        unstack_into(scanned.blocks, self.blocks)
 
     def __call__(self, x):
         for b in self.blocks:
@@ -288,9 +273,7 @@ def test_a_stacked_layer_used_twice_in_a_scanned_body_equals_the_unrolled_twin()
     class Unrolled(nnx.Module):
         def __init__(self, scanned):
             self.blocks = nnx.List([TwiceBlock(nnx.Rngs(i)) for i in range(LAYERS)])
-            state = nnx.state(scanned.blocks, nnx.Param)
-            for i, b in enumerate(self.blocks):
-                nnx.update(b, jax.tree.map(lambda a, i=i: a[i], state))
+            unstack_into(scanned.blocks, self.blocks)
 
         def __call__(self, x):
             for b in self.blocks:
@@ -403,9 +386,7 @@ def test_stacked_embeddings_get_per_slice_statistics_and_layouts():
     class Unrolled(nnx.Module):
         def __init__(self, stacked):
             self.blocks = nnx.List([EmbBlock(nnx.Rngs(i)) for i in range(LAYERS)])
-            state = nnx.state(stacked.blocks, nnx.Param)
-            for i, b in enumerate(self.blocks):
-                nnx.update(b, jax.tree.map(lambda a, i=i: a[i], state))
+            unstack_into(stacked.blocks, self.blocks)
 
         def __call__(self, ids):
             h = jnp.zeros(ids.shape + (D,))

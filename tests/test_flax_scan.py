@@ -9,6 +9,7 @@ nnx = pytest.importorskip("flax.nnx")
 
 import layerwise_optax as lo  # noqa: E402
 from layerwise_optax import flax as lof  # noqa: E402
+from tests._helpers import kernel_factors, unstack_into  # noqa: E402
 
 LAYERS, D_IN, D, D_OUT, N = 3, 4, 5, 2, 8
 
@@ -63,9 +64,7 @@ class Unrolled(nnx.Module):
         self.head = nnx.Linear(D, D_OUT, rngs=rngs)
         nnx.update(self.inp, nnx.state(scanned.inp))
         nnx.update(self.head, nnx.state(scanned.head))
-        stacked = nnx.state(scanned.blocks, nnx.Param)
-        for i, block in enumerate(self.blocks):
-            nnx.update(block, jax.tree.map(lambda a, i=i: a[i], stacked))
+        unstack_into(scanned.blocks, self.blocks)
 
     def __call__(self, x):
         h = self.inp(x)
@@ -281,9 +280,7 @@ def test_vmap_applied_members_equal_separate_layers(axes):
     """Also when only nnx.Param is mapped: the capture's variables follow the params."""
     model = Ensemble(nnx.Rngs(6), axes)
     members = nnx.List([nnx.Linear(D_IN, D_OUT, rngs=nnx.Rngs(0)) for _ in range(LAYERS)])
-    stacked = nnx.state(model.members, nnx.Param)
-    for i, member in enumerate(members):
-        nnx.update(member, jax.tree.map(lambda a, i=i: a[i], stacked))
+    unstack_into(model.members, members)
     x, y = _data()
     _, _, stats = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(model, x, y)
     _, _, want = lof.kfac_value_and_grad(
@@ -431,8 +428,7 @@ def test_stacked_linear_general_and_einsum_equal_their_unrolled_twin():
     stacked = make(nnx.Rngs(7))
     blocks = nnx.List([GeneralBlock(nnx.Rngs(0)) for _ in range(LAYERS)])
     state = nnx.state(stacked, nnx.Param)
-    for i, block in enumerate(blocks):
-        nnx.update(block, jax.tree.map(lambda a, i=i: a[i], state))
+    unstack_into(stacked, blocks)
     scan = nnx.scan(lambda h, b: b(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
 
     def unrolled(bs, h):
@@ -545,13 +541,7 @@ def test_scanned_gpt_attention_and_mlp_kernels_are_preconditioned_per_block():
         lambda m, x: m(x), "softmax_cross_entropy", statistics="fisher"
     )
     _, _, stats = grad_fn(model, x, y, key=jax.random.key(1))
-    kernels = {
-        path: leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(
-            stats, is_leaf=lambda s: isinstance(s, lo.KfacFactors)
-        )[0]
-        if isinstance(leaf, lo.KfacFactors)
-    }
+    kernels = kernel_factors(stats)
     # q, k, v, out projections and the MLP: every block's own factors, stacked.
     assert len(kernels) == 6
     assert all(f.a.shape[0] == 2 and f.g.shape[0] == 2 for f in kernels.values())
@@ -579,8 +569,7 @@ def test_stacked_convolutions_applied_with_vmap_equal_separate_layers():
         [nnx.Conv(2, 3, kernel_size=(2, 2), padding="SAME", rngs=nnx.Rngs(0)) for _ in range(2)]
     )
     state = nnx.state(model, nnx.Param)
-    for i, conv in enumerate(twin):
-        nnx.update(conv, jax.tree.map(lambda a, i=i: a[i], state))
+    unstack_into(model, twin)
     x = jax.random.normal(jax.random.key(2), (4, 3, 3, 2))
     y = jnp.zeros((4, 3, 3, 3))
     apply = nnx.vmap(lambda m, x: jnp.tanh(m(x)), in_axes=(0, None))

@@ -15,6 +15,7 @@ nnx = pytest.importorskip("flax.nnx")
 
 import layerwise_optax as lo  # noqa: E402
 from layerwise_optax import flax as lof  # noqa: E402
+from tests._helpers import kernel_factors, unstack_into  # noqa: E402
 
 LAYERS, N, T, DM, H, DH, DK, D_OUT = 2, 4, 3, 6, 2, 3, 4, 2
 
@@ -69,9 +70,7 @@ class Unrolled(nnx.Module):
         self.blocks = nnx.List([block(nnx.Rngs(i)) for i in range(LAYERS)])
         self.head = nnx.Linear(DM, D_OUT, rngs=nnx.Rngs(0))
         nnx.update(self.head, nnx.state(scanned.head))
-        stacked = nnx.state(scanned.blocks, nnx.Param)
-        for i, b in enumerate(self.blocks):
-            nnx.update(b, jax.tree.map(lambda a, i=i: a[i], stacked))
+        unstack_into(scanned.blocks, self.blocks)
 
     def __call__(self, x):
         for b in self.blocks:
@@ -83,18 +82,6 @@ def _data():
     x = jax.random.normal(jax.random.key(0), (N, T, DM))
     y = jax.random.normal(jax.random.key(1), (N, T, D_OUT))
     return x, y
-
-
-def _factor_leaves(stats):
-    """``path -> KfacFactors`` of every kernel in a statistics tree."""
-    flat = jax.tree_util.tree_leaves_with_path(
-        stats, is_leaf=lambda s: isinstance(s, (lo.KfacFactors, lo.FoldedBias))
-    )
-    return {
-        jax.tree_util.keystr(p, simple=True, separator="/"): s
-        for p, s in flat
-        if isinstance(s, lo.KfacFactors)
-    }
 
 
 def test_stacked_per_head_kernels_get_layer_then_head_batch_axes():
@@ -145,7 +132,7 @@ def test_scanned_heads_stats_equal_the_unrolled_twin(kind, sequence_statistics, 
     value, _, stats = f(model, x, y, key=key)
     want_value, _, want = f(twin, x, y, key=key)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    got, want = _factor_leaves(stats), _factor_leaves(want)
+    got, want = kernel_factors(stats), kernel_factors(want)
     assert got["head/kernel"].a.shape == (DM + 1, DM + 1)
     for path, factors in got.items():
         if not path.startswith("blocks/"):

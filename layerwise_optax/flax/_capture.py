@@ -59,10 +59,11 @@ its path. ``diagonal=`` names layers (paths, or a predicate) that get ``None``
 entries instead, ``kfac``'s diagonal Fisher on purpose, also for layers the
 capture cannot handle. Not supported: a stacked layer applied by a Python loop
 over its slices (its features reach copies, not the model: refused as not
-reaching it), inputs mapped by
-``nnx.vmap`` along an axis other than the examples' (each slice must see the
-``n`` examples of ``inputs``' leading axis), and layer axes other than leading
-ones.
+reaching it), a ``vmap`` that maps the examples away (a stacked layer applied
+one slice per example, a per-example ``vmap`` of the model: each slice must see
+the ``n`` examples of ``inputs``' leading axis; refused by path when a layer's
+call is mapped over an axis of the examples' size and its slice does not lead
+with ``n`` rows), and layer axes other than leading ones.
 
 Differentiating the loss with respect to the parameters and the perturbations at
 once gives the parameter gradients and every layer's output gradients
@@ -518,35 +519,44 @@ def _features(module: nnx.Module, x: jax.Array, path: str, call_args, call_kwarg
     if isinstance(module, nnx.Conv):
         return _conv_patches(module, x), lambda out: out
     if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
-        return _sliced_general_features(module, x)
+        return _sliced_general_features(x, module.batch_axis, module.axis, len(module.out_features))
     if isinstance(module, nnx.LinearGeneral):
         return _general_features(x, module.axis, len(module.out_features))
     if isinstance(module, nnx.Einsum):
         spec = call_kwargs.get("einsum_str") or (call_args[0] if call_args else None)
-        lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec or module.einsum_str, path)
-        # Rows first, then the slice axes (kernel order), then the flattened features.
-        keep_in = "".join(c for c in lhs if c not in contracted and c not in shared)
-        keep_out = "".join(c for c in out_s if c not in produced and c not in shared)
-        feats = jnp.einsum(f"{lhs}->{keep_in}{shared}{contracted}", x)
-        feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
-
-        def rows(out):
-            out = jnp.einsum(f"{out_s}->{keep_out}{shared}{produced}", out)
-            return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
-
-        return feats, rows
+        return _einsum_features(x, spec or module.einsum_str, path)
     return x, lambda out: out
 
 
-def _sliced_general_features(module: nnx.LinearGeneral, x: jax.Array):
-    """``_features`` of a ``LinearGeneral`` with ``batch_axis``: ``(rows, *batch, d)``.
+def _einsum_features(x: jax.Array, spec: str, path: str):
+    """``_features`` of an einsum layer (NNX ``Einsum``, Linen ``Einsum``).
 
-    Its batch axes are the input's leading axes and the output's too
+    Rows first, then the slice (shared) axes in the kernel's order, then the
+    contracted input axes flattened; the output likewise with the produced axes.
+    """
+    lhs, _, out_s, contracted, produced, shared = _einsum_parts(spec, path)
+    keep_in = "".join(c for c in lhs if c not in contracted and c not in shared)
+    keep_out = "".join(c for c in out_s if c not in produced and c not in shared)
+    feats = jnp.einsum(f"{lhs}->{keep_in}{shared}{contracted}", x)
+    feats = jnp.reshape(feats, feats.shape[: feats.ndim - len(contracted)] + (-1,))
+
+    def rows(out):
+        out = jnp.einsum(f"{out_s}->{keep_out}{shared}{produced}", out)
+        return jnp.reshape(out, out.shape[: out.ndim - len(produced)] + (-1,))
+
+    return feats, rows
+
+
+def _sliced_general_features(x: jax.Array, batch_axis: Any, axis: Any, n_out: int):
+    """``_features`` of a general dense layer with per-slice kernels: ``(rows, *batch, d)``.
+
+    NNX ``LinearGeneral``'s ``batch_axis``, Linen ``DenseGeneral``'s ``batch_dims``:
+    its batch axes are the input's leading axes and the output's too
     (``dot_general`` puts them first: ``(*batch, *rows, *out_features)``).
     """
-    nb, n_out = len(module.batch_axis), len(module.out_features)
-    batch = tuple(int(a) % x.ndim for a in module.batch_axis)
-    axis = tuple(a % x.ndim for a in module.axis)
+    nb = len(batch_axis)
+    batch = tuple(int(a) % x.ndim for a in batch_axis)
+    axis = tuple(a % x.ndim for a in axis)
     rest = tuple(a for a in range(x.ndim) if a not in axis and a not in batch)
     feats = jnp.transpose(x, rest + batch + axis)
     feats = jnp.reshape(feats, feats.shape[: len(rest) + nb] + (-1,))
@@ -618,8 +628,9 @@ class _Recorder:
     first (a stacked layer called twice in a scanned body has two per-slice uses).
     """
 
-    def __init__(self, perturbations: dict[str, jax.Array] | None):
+    def __init__(self, perturbations: dict[str, jax.Array] | None, examples: int | None = None):
         self.perturbations = perturbations  # None: the shape pass (nothing attached)
+        self.examples = examples  # n: checks that no transform maps the examples away
         self.calls: dict[str, int] = {}
         self.slices: dict[str, _Slice] = {}  # per use
         self.out_rows: dict[str, Callable[[jax.Array], jax.Array]] = {}  # per use
@@ -632,6 +643,8 @@ class _Recorder:
             path = getattr(module, _PATH_ATTR, None)
             if path is None:
                 return original(module, x, *args, **kwargs)
+            if recorder.examples is not None:
+                _check_examples_not_mapped(path, x, recorder.examples)
             k = recorder.calls.get(path, 0)
             recorder.calls[path] = k + 1
             use = _use_key(path, k)
@@ -658,6 +671,34 @@ class _Recorder:
 
 def _identity(out: jax.Array) -> jax.Array:
     return out
+
+
+def _check_examples_not_mapped(path: str, x: Any, n: int) -> None:
+    """Refuses a layer whose call sees one example (or a few) per slice of a ``vmap``.
+
+    Inside ``nnx.vmap``/``jax.vmap`` (Linen's ``nn.vmap``) a layer's input is a
+    batching tracer: the mapped array and the axis mapped. When that axis has the
+    ``n`` examples' size while the slice the layer sees does not lead with ``n``
+    rows, the transform has mapped the examples away (a stacked layer applied one
+    slice per example, or a per-example ``vmap`` of the model): each slice would
+    count its own example's rows as those of the whole batch, and the statistics
+    would be silently wrong (``B`` too large by ``n``). A layer axis of the same
+    size as the batch whose slices still see the ``n`` examples is left alone.
+    """
+    axis, full = getattr(x, "batch_dim", None), getattr(x, "val", None)
+    if not isinstance(axis, int) or not hasattr(full, "shape"):
+        return
+    shape = tuple(getattr(full, "shape", ()))
+    if axis < len(shape) and shape[axis] == n and (x.ndim == 0 or x.shape[0] != n):
+        raise ValueError(
+            f"layer {path}: it is applied inside a vmap that maps axis {axis} of its input, "
+            f"of the examples' size {n}, and each slice sees input {tuple(x.shape)} without "
+            f"the {n} examples leading: the examples were mapped away (a stacked layer "
+            "applied one slice per example, or a per-example vmap), so its statistics would "
+            "count one example's rows as the batch's. Map the stacked layer over its own "
+            "axis (in_axes=None for inputs every slice sees), keep the examples on the "
+            "leading axis of every layer's input, or pass diagonal=[path]."
+        )
 
 
 def _use_key(path: str, k: int) -> str:
@@ -1230,7 +1271,7 @@ def kfac_value_and_grad(
         nor a callable; from ``f``: a ``diagonal`` path that is no captured layer,
         ``statistics_batch_size`` larger than the batch, and (named by its path) a
         layer that cannot be captured, whose call the forward pass does not reach,
-        that is per-head and used more than once, whose features a transform
+        whose features a transform
         drops (a layer broadcast across ``nnx.scan`` iterations, a stacked layer
         looped over in Python), or, with ``'reduce'``, whose rows do not lead with
         the examples; a model with no layer to capture.
@@ -1354,7 +1395,7 @@ def kfac_value_and_grad(
 
         # Shapes of every use's output and features per slice, so the perturbations
         # and feature placeholders can be zeros of that shape, stacked layer axes first.
-        shape_pass = _Recorder(None)
+        shape_pass = _Recorder(None, jax.tree.leaves(inputs)[0].shape[0])
         jax.eval_shape(lambda p: forward(p, None, shape_pass)[0], params)
         for key_ in tuples:
             if key_ not in shape_pass.slices:
@@ -1562,7 +1603,8 @@ def _gauss_newton(forward, params, zeros, loss_fn, targets, loss_name):
 # sum of the uses' own K-FAC blocks ``Σ_u A_u ⊗ B_u`` when their ``B_u`` are equal. A
 # norm layer's diagonal Fisher is exact for any reuse: its per-example gradients are
 # summed over the uses before squaring. A stacked layer used twice in a scanned body
-# has two per-slice uses, combined per slice by the same rule.
+# has two per-slice uses, combined per slice by the same rule; a per-head kernel used
+# twice combines its uses per head.
 
 
 def _extra_params(module: Any) -> tuple[str, ...]:
@@ -1681,11 +1723,10 @@ def _kernel_uses(
     A kernel layer used once keeps its entries; one used several times gets its
     uses' rows concatenated along the positions, ``(*stack, n, rows, d)`` features
     and ``(samples, *stack, n, rows, d_out)`` output gradients (``stack``: the
-    layer axes of a stacked layer, ``stacks[layer]``), with an identity row map.
+    layer axes of a stacked layer, ``stacks[layer]``), with an identity row map;
+    a per-head kernel keeps its ``heads[layer]`` slice axes after the rows
+    (``(*stack, n, rows, *heads, d)``), each head combined over the uses alike.
     Returns ``(features, output gradients, row maps, other uses)``.
-
-    Raises:
-      ValueError: A per-head (sliced) kernel used more than once, named by its path.
     """
     kernel = [u for u in feats if u not in kinds]
     extra = {u: (feats[u], deltas[u]) for u in feats if u in kinds}
@@ -1697,23 +1738,19 @@ def _kernel_uses(
         if uses == [layer]:
             out_f[layer], out_d[layer], rows[layer] = feats[layer], deltas[layer], out_rows[layer]
             continue
-        if heads.get(layer, 0):
-            raise ValueError(
-                f"layer {layer} is used {len(uses)} times per forward pass; a per-head "
-                "(sliced) kernel used more than once is not supported. Pass "
-                f"diagonal=[{layer!r}] to give it the diagonal Fisher on purpose."
-            )
         stack = stacks.get(layer, ())
+        nh = heads.get(layer, 0)  # per-head slice axes, between the rows and the features
         xs, ds = [], []
         for u in uses:
             row_map = out_rows[u]
             for _ in range(1 + len(stack)):  # samples axis, then each layer axis
                 row_map = jax.vmap(row_map)
             x, d = feats[u], row_map(deltas[u])
-            xs.append(jnp.reshape(x, stack + (n, -1, x.shape[-1])))
-            ds.append(jnp.reshape(d, (d.shape[0], *stack, n, -1, d.shape[-1])))
-        out_f[layer] = jnp.concatenate(xs, axis=-2)
-        out_d[layer] = jnp.concatenate(ds, axis=-2)
+            hs = x.shape[x.ndim - 1 - nh : x.ndim - 1]
+            xs.append(jnp.reshape(x, stack + (n, -1) + hs + x.shape[-1:]))
+            ds.append(jnp.reshape(d, (d.shape[0], *stack, n, -1) + hs + d.shape[-1:]))
+        out_f[layer] = jnp.concatenate(xs, axis=-2 - nh)
+        out_d[layer] = jnp.concatenate(ds, axis=-2 - nh)
         rows[layer] = _identity
     return out_f, out_d, rows, extra
 

@@ -2,11 +2,16 @@
 
 The Linen twin of :func:`layerwise_optax.flax.kfac_value_and_grad`. While the
 model is applied, :func:`flax.linen.intercept_methods` wraps the ``__call__`` of
-every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` so that it
+every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Einsum``,
+``nn.LayerNorm`` and ``nn.RMSNorm`` and the ``__call__`` and ``attend`` of every
+``nn.Embed`` so that each call
 
-* sows its input features (the rows of ``A``; conv patches ordered like the
-  kernel, a ``DenseGeneral``'s contracted axes flattened in the kernel's order)
-  into the ``'intermediates'`` collection, as ``kfac_inputs``, and
+* sows what its block needs into the ``'intermediates'`` collection, as
+  ``kfac_inputs``: a kernel layer's input features (the rows of ``A``; conv
+  patches ordered like the kernel, a ``DenseGeneral``'s or ``Einsum``'s
+  contracted axes flattened in the kernel's order, per-head slices apart), a
+  norm layer's normalized input ``x̂``, an embedding's token ids or, for
+  ``attend``, its queries, and
 * adds a zero perturbation ``kfac_outputs`` (``Module.perturb``, collection
   ``'perturbations'``) to its output, whose gradient is ``dL/dz``.
 
@@ -15,7 +20,14 @@ under ``nn.scan`` (or ``nn.vmap``) with ``'intermediates'`` and
 ``'perturbations'`` in ``variable_axes`` beside ``'params'``, every layer slice
 gets its own statistics, stacked on the kernel's leading layer axes, which
 :func:`linen_kfac_dimension_numbers` makes batch axes of the kernel (one pair of
-factors per slice). Statistics, modes and losses are those of the NNX capture.
+factors per slice). A layer's ``k``-th call in a pass is its use ``k``, with its
+own perturbation ``kfac_outputs_k``: a layer called several times, or a table
+used by ``Embed.attend`` as the tied output head, gets one block by the NNX
+capture's reuse rule. Statistics, blocks (:class:`layerwise_optax.KfacDiagonal`
+for norms, a diagonal input factor for embeddings, one block per head for an
+einsum axis shared by input and output), modes and losses are those of the NNX
+capture, from the same code. ``nn.MultiHeadDotProductAttention`` is captured
+through its ``DenseGeneral`` projections.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from layerwise_optax import DimensionNumbers, FoldedBias, _checks, _optional
+from layerwise_optax import DiagonalFactors, DimensionNumbers, FoldedBias, _checks, _optional
 from layerwise_optax import default_kernel_dimension_numbers as _default_dims
 from layerwise_optax.flax import _capture
 
@@ -37,33 +49,58 @@ else:
     nn = _optional.require("flax.linen", "layerwise_optax.flax")
 
 _INPUTS, _OUTPUTS = "kfac_inputs", "kfac_outputs"
-_CAPTURED = (nn.Dense, nn.DenseGeneral, nn.Conv)
+_CAPTURED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_EXTRA = (nn.Embed, *_NORMS)  # own blocks: KfacDiagonal, or a diagonal input factor
+_NAMES = "nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed, nn.LayerNorm or nn.RMSNorm"
 
 
 class _LinenLayer(NamedTuple):
-    """What the capture learned about one Linen layer while tracing it."""
+    """What the capture learned about one use (call) of a Linen layer while tracing it."""
 
-    layout: _capture._Layout  # the kernel's own axes (no lifted layer axes)
-    kernel_ndim: int  # the kernel's own rank
+    layout: _capture._Layout | None  # a kernel's own axes (no lifted layer axes); None: extra
+    param: str  # the leaf whose leading axes beyond ``param_ndim`` are lifted layer axes
+    param_ndim: int  # that leaf's own rank
     out_ndim: int  # rank of one call's output (inside any lifted transform)
     rows: Callable[[jax.Array], jax.Array]  # output -> (..., d_out)
+    kind: tuple | None  # a norm's or an embedding's record (``_capture._extra_stats``)
+    params: tuple[str, ...]  # the layer's parameter leaves
 
 
-def _linen_features(module: Any, x: jax.Array, path: str):
-    """``(features (..., d_in), output -> (..., d_out), layout, kernel rank)`` of a layer."""
+def _linen_features(module: Any, x: jax.Array, path: str, args: tuple, kwargs: dict):
+    """``(features (..., d_in), output -> (..., d_out), layout)`` of a kernel layer."""
+    if isinstance(module, nn.Einsum):
+        spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+        spec = spec or module.einsum_str
+        assert spec is not None  # Linen's Einsum refuses a call without one
+        _, rhs, out, contracted, produced, shared = _capture._einsum_parts(spec, path)
+        # Linen's Einsum bias has the kernel's output axes in the output's order: it
+        # folds when that order is (slices, produced) in the kernel's order.
+        bias_ok = "".join(c for c in out if c in rhs) == shared + produced
+        layout = _capture._Layout(
+            tuple(rhs.index(c) for c in contracted),
+            tuple(rhs.index(c) for c in produced),
+            bias_ok,
+            tuple(rhs.index(c) for c in shared),
+        )
+        feats, rows = _capture._einsum_features(x, spec, path)
+        return feats, rows, layout
     if isinstance(module, nn.DenseGeneral):
-        if module.batch_dims:
-            raise ValueError(
-                f"layer {path}: DenseGeneral with batch_dims (per-slice kernels) cannot be "
-                "captured."
-            )
         axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
         n_out = 1 if isinstance(module.features, int) else len(module.features)
-        feats, rows = _capture._general_features(x, axis, n_out)
+        nb = len((module.batch_dims,) if isinstance(module.batch_dims, int) else module.batch_dims)
         layout = _capture._Layout(
-            tuple(range(len(axis))), tuple(range(len(axis), len(axis) + n_out)), True
+            tuple(range(nb, nb + len(axis))),
+            tuple(range(nb + len(axis), nb + len(axis) + n_out)),
+            True,
+            tuple(range(nb)),
         )
-        return feats, rows, layout, len(axis) + n_out
+        if nb:
+            # Kernel (*batch, *in, *out), bias (*batch, *out): one layer per slice.
+            feats, rows = _capture._sliced_general_features(x, tuple(range(nb)), axis, n_out)
+        else:
+            feats, rows = _capture._general_features(x, axis, n_out)
+        return feats, rows, layout
     if isinstance(module, nn.Conv):
         size = module.kernel_size
         kernel_size = (size,) if isinstance(size, int) else tuple(size)
@@ -83,33 +120,129 @@ def _linen_features(module: Any, x: jax.Array, path: str):
             module.input_dilation,
             module.kernel_dilation,
         )
-        return feats, lambda out: out, _capture._Layout(tuple(range(nd + 1)), (nd + 1,), True), nd
-    return x, lambda out: out, _capture._Layout((0,), (1,), True), 2
+        return feats, _capture._identity, _capture._Layout(tuple(range(nd + 1)), (nd + 1,), True)
+    return x, _capture._identity, _capture._Layout((0,), (1,), True)
+
+
+def _canonical_axes(axes: Any, ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _normalized_input(module: Any, x: jax.Array, path: str, mask: Any) -> jax.Array:
+    """``x̂``: a Linen norm layer's input normalized as the layer does, before scale and shift."""
+    # The layer's own statistics code (through _optional, like every flax import).
+    norm = _optional.require("flax.linen.normalization", "layerwise_optax.flax")
+
+    if module.axis_name is not None:
+        raise ValueError(
+            f"layer {path}: a norm layer with axis_name (statistics over devices) cannot "
+            "be captured: its per-example gradients need the whole batch on one device."
+        )
+    if 0 in _canonical_axes(module.feature_axes, x.ndim):
+        raise ValueError(
+            f"layer {path}: its features include axis 0, the examples axis, so its scale "
+            "and shift have no per-example gradients."
+        )
+    mean, var = norm._compute_stats(
+        x,
+        module.reduction_axes,
+        module.dtype,
+        None,
+        module.axis_index_groups,
+        use_mean=not isinstance(module, nn.RMSNorm),
+        use_fast_variance=module.use_fast_variance,
+        mask=mask,
+        force_float32_reductions=module.force_float32_reductions,
+    )
+    reduction = _canonical_axes(module.reduction_axes, x.ndim)
+    mean, var = jnp.expand_dims(mean, reduction), jnp.expand_dims(var, reduction)
+    xhat = (x.astype(var.dtype) - mean) * jax.lax.rsqrt(var + module.epsilon)
+    return jax.lax.stop_gradient(xhat)
+
+
+def _extra_params(module: Any) -> tuple[str, ...]:
+    """The parameter leaves of a Linen norm layer or embedding that get statistics."""
+    if isinstance(module, nn.Embed):
+        return ("embedding",)
+    if isinstance(module, nn.RMSNorm):
+        return ("scale",) if module.use_scale else ()
+    return tuple(n for n, on in (("scale", module.use_scale), ("bias", module.use_bias)) if on)
+
+
+def _use_names(k: int) -> str:
+    """The perturbation variable of a layer's use ``k`` (its features are sown, in order)."""
+    return _OUTPUTS if k == 0 else f"{_OUTPUTS}_{k}"
 
 
 class _Interceptor:
-    """Sows each captured layer's features and perturbs its output; notes its layout."""
+    """Sows each captured layer's features and perturbs its output; notes each use.
 
-    def __init__(self):
-        self.layers: dict[str, _LinenLayer] = {}
+    A layer's ``k``-th call in a pass (``k`` counted by the features it has sown) is
+    its use ``k``, with its own perturbation variable (:func:`_use_names`): a layer
+    called twice, or a table used by ``Embed.attend`` as the output head, gets the
+    reuse rule of :mod:`layerwise_optax.flax._capture`.
+    """
+
+    def __init__(self, examples: int | None = None):
+        self.examples = examples  # n: checks that no nn.vmap maps the examples away
+        self.uses: dict[str, _LinenLayer] = {}
         self.paths: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, _CAPTURED):
+        name = context.method_name
+        if isinstance(module, nn.Embed):
+            captured = name in ("__call__", "attend")
+        else:
+            captured = name == "__call__" and isinstance(module, _CAPTURED + _NORMS)
+        if not captured or (isinstance(module, _NORMS) and not _extra_params(module)):
             return next_fun(*args, **kwargs)
         out = next_fun(*args, **kwargs)
         assert module.scope is not None  # a module is bound while it is applied
         path = tuple(module.scope.path)
         key = "/".join(path)
-        x = args[0] if args else kwargs["inputs"]
-        feats, rows, layout, kernel_ndim = _linen_features(module, x, key)
-        if isinstance(module, nn.Conv):
-            kernel_ndim += 2
-        self.layers[key] = _LinenLayer(layout, kernel_ndim, out.ndim, rows)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if self.examples is not None:
+            _capture._check_examples_not_mapped(key, x, self.examples)
+        if isinstance(module, _EXTRA):
+            params = _extra_params(module)
+            leaf = module.get_variable("params", params[0])
+            if isinstance(module, nn.Embed):
+                kind = ("attend" if name == "attend" else "lookup", module.num_embeddings)
+                feats = jax.lax.stop_gradient(x) if name == "attend" else x
+            else:
+                scale = module.get_variable("params", "scale") if "scale" in params else None
+                bias = module.get_variable("params", "bias") if "bias" in params else None
+                kind = (
+                    "norm",
+                    _canonical_axes(module.feature_axes, x.ndim),
+                    None if scale is None else tuple(scale.shape),
+                    None if bias is None else tuple(bias.shape),
+                )
+                feats = _normalized_input(module, x, key, kwargs.get("mask"))
+            info = _LinenLayer(
+                None, params[0], leaf.ndim, out.ndim, _capture._identity, kind, params
+            )
+        else:
+            feats, rows, layout = _linen_features(module, x, key, args, kwargs)
+            has_bias = module.has_variable("params", "bias")
+            kernel = module.get_variable("params", "kernel")
+            info = _LinenLayer(
+                layout,
+                "kernel",
+                kernel.ndim,
+                out.ndim,
+                rows,
+                None,
+                ("kernel", "bias") if has_bias else ("kernel",),
+            )
+        sown = module.get_variable("intermediates", _INPUTS) or ()
+        k = len(sown)
+        self.uses[_capture._use_key(key, k)] = info
         self.paths[key] = path
         module.sow("intermediates", _INPUTS, feats)
-        return module.perturb(_OUTPUTS, out)
+        return module.perturb(_use_names(k), out)
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -120,7 +253,7 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
 
 def _trace(module: Any, params: Any, inputs: Any) -> tuple[_Interceptor, Any]:
     """The layers of one abstract forward pass and the shapes of their perturbations."""
-    interceptor = _Interceptor()
+    interceptor = _Interceptor(jax.tree.leaves(inputs)[0].shape[0])
 
     def run(p):
         with nn.intercept_methods(interceptor):
@@ -129,47 +262,46 @@ def _trace(module: Any, params: Any, inputs: Any) -> tuple[_Interceptor, Any]:
             ]
 
     variables = jax.eval_shape(run, params)
-    if not interceptor.layers:
+    if not interceptor.uses:
         raise ValueError(
-            f"{type(module).__name__} has no nn.Dense, nn.DenseGeneral or nn.Conv layer to "
-            "capture: no K-FAC statistics would come out."
+            f"{type(module).__name__} has no {_NAMES} layer to capture: no K-FAC statistics "
+            "would come out."
         )
     return interceptor, variables
 
 
-def _stack_depth(interceptor: _Interceptor, variables: Any, params: Any) -> dict[str, int]:
-    """Each layer's number of lifted (layer) axes, checked against its kernel's."""
-    depth = {}
-    for key, layer in interceptor.layers.items():
+def _stacks(interceptor: _Interceptor, variables: Any, params: Any) -> dict[str, tuple[int, ...]]:
+    """Each layer's lifted (layer) axes, the leading axes of its parameters, checked."""
+    stacks: dict[str, tuple[int, ...]] = {}
+    for use, info in interceptor.uses.items():
+        key = _capture._layer_of(use)
         path = interceptor.paths[key]
+        k = 0 if use == key else int(use.rsplit("#", 1)[1])
         try:
-            pert = _get(variables["perturbations"], path)[_OUTPUTS]
-            inputs = _get(variables["intermediates"], path)[_INPUTS]
+            pert = _get(variables["perturbations"], path)[_use_names(k)]
+            _get(variables["intermediates"], path)[_INPUTS]
         except KeyError:
             raise ValueError(
                 f"layer {key}: its K-FAC variables did not come out of the forward pass; a "
                 "layer under nn.scan / nn.vmap needs 'perturbations' and 'intermediates' in "
                 "the transform's variable_axes beside 'params'."
             ) from None
-        lifted = pert.ndim - layer.out_ndim
+        lifted = pert.ndim - info.out_ndim
         try:
-            kernel = _get(params, path)["kernel"]
+            leaf = _get(params, path)[info.param]
         except (KeyError, TypeError):
-            raise ValueError(f"layer {key}: no 'kernel' at this path of the params.") from None
-        if kernel.ndim - layer.kernel_ndim != lifted:
+            raise ValueError(
+                f"layer {key}: no {info.param!r} at this path of the params."
+            ) from None
+        if leaf.ndim - info.param_ndim != lifted:
             raise ValueError(
                 f"layer {key}: it is applied under a lifted transform with {lifted} mapped "
-                f"axes but its kernel {tuple(kernel.shape)} has "
-                f"{kernel.ndim - layer.kernel_ndim}; a kernel reused across slices "
+                f"axes but its {info.param} {tuple(leaf.shape)} has "
+                f"{leaf.ndim - info.param_ndim}; a kernel reused across slices "
                 "(variable_broadcast='params') cannot be captured."
             )
-        if len(inputs) != 1:
-            raise ValueError(
-                f"layer {key} is called {len(inputs)} times per forward pass; K-FAC capture "
-                "supports one call per layer (shared layers are not supported)."
-            )
-        depth[key] = lifted
-    return depth
+        stacks[key] = tuple(leaf.shape[:lifted])
+    return stacks
 
 
 def linen_kfac_dimension_numbers(
@@ -179,10 +311,15 @@ def linen_kfac_dimension_numbers(
 
     The Linen twin of :func:`layerwise_optax.flax.kfac_dimension_numbers`. A
     layer's kernel gets ``DimensionNumbers((input axes), (output axes))``
-    (``nn.Dense`` and ``nn.Conv`` as kfac's default, ``nn.DenseGeneral`` with its
-    several input and output axes), with the leading layer axes of a layer
-    stacked by ``nn.scan`` / ``nn.vmap`` as ``batch_axes`` (one pair of factors per
-    slice, which kfac's default layout cannot know). Paths are the params'
+    (``nn.Dense`` and ``nn.Conv`` as kfac's default, ``nn.DenseGeneral`` and
+    ``nn.Einsum`` with their several input and output axes), with the leading
+    layer axes of a layer stacked by ``nn.scan`` / ``nn.vmap`` as ``batch_axes``
+    (one pair of factors per slice, which kfac's default layout cannot know), then
+    its per-slice axes (``DenseGeneral``'s ``batch_dims``, an einsum axis shared
+    by input and output). An ``nn.Embed`` table gets a
+    :class:`layerwise_optax.DiagonalFactors` (its input factor, the token counts,
+    kept diagonal), a norm layer's scale and bias ``None`` (their statistics are
+    :class:`layerwise_optax.KfacDiagonal`). Paths are the params'
     (``'ScanBlock_0/Dense_0/kernel'``).
 
     Args:
@@ -217,25 +354,34 @@ def linen_kfac_dimension_numbers(
     """
     _checks.boolean("fold_biases", fold_biases)
     interceptor, variables = _trace(module, params, inputs)
-    depth = _stack_depth(interceptor, variables, params)
+    stacks = _stacks(interceptor, variables, params)
+    layers = {_capture._layer_of(u): info for u, info in interceptor.uses.items()}
 
     def spec(path, leaf):
         if _capture._is_masked(leaf):
             return None
         names = _capture._path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
-        info = interceptor.layers.get(layer)
-        if info is None or kind not in ("kernel", "bias"):
+        info = layers.get(layer)
+        if info is None or kind not in info.params:
             return _default_dims(leaf.shape)
-        s = depth[layer]
-        batch = tuple(range(s))
+        s = len(stacks[layer])
+        stacked = tuple(range(s))
+        if info.kind is not None and info.kind[0] == "norm":
+            return None  # KfacDiagonal statistics: no factors
+        if info.kind is not None:  # an embedding table: the token counts kept diagonal
+            return DiagonalFactors(DimensionNumbers(((s,), (s + 1,)), stacked), (0,))
+        lay = info.layout
+        assert lay is not None  # a kernel layer
         if kind == "kernel":
-            lay = info.layout
-            shift = (tuple(s + a for a in lay.inputs), tuple(s + a for a in lay.outputs))
-            return DimensionNumbers(shift, batch_axes=batch)
-        if fold_biases:
+            groups = (tuple(s + a for a in lay.inputs), tuple(s + a for a in lay.outputs))
+            return DimensionNumbers(groups, stacked + tuple(s + a for a in lay.batch))
+        if fold_biases and lay.bias:
             return FoldedBias("/".join((*names[:-1], "kernel")))
-        return DimensionNumbers(((), tuple(range(s, leaf.ndim))), batch_axes=batch)
+        # A per-slice bias (*stack, *slices, *outputs) keeps the kernel's layer and
+        # slice axes as batch axes; another bias only the layer axes.
+        nb = s + (len(lay.batch) if lay.bias else 0)
+        return DimensionNumbers(((), tuple(range(nb, leaf.ndim))), tuple(range(nb)))
 
     return lambda tree: jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_capture._is_masked)
 
@@ -253,11 +399,18 @@ def linen_kfac_value_and_grad(
     The ``flax.linen`` twin of :func:`layerwise_optax.flax.kfac_value_and_grad`:
     the same statistics (``A = (1/n) Σ_r x_r x_r^T`` over the layer's input rows,
     ``B = (1/(nT)) Σ_r δ_r δ_r^T`` with ``δ = n dL/dz``), losses and modes, from
-    one forward and one backward pass, for ``nn.Dense``, ``nn.DenseGeneral`` and
-    ``nn.Conv`` layers, also inside ``nn.scan`` / ``nn.vmap`` (list
-    ``'perturbations'`` and ``'intermediates'`` in their ``variable_axes`` with
-    ``'params'``; each slice gets its factors, stacked on the leading layer axes).
-    Other layers' params get no statistics (``kfac``'s diagonal fallback).
+    one forward and one backward pass, for ``nn.Dense``, ``nn.DenseGeneral``
+    (also with ``batch_dims``: one block per slice), ``nn.Conv`` and ``nn.Einsum``
+    (an axis shared by input and output: one block per head) kernels,
+    :class:`layerwise_optax.KfacDiagonal` blocks (the exact diagonal Fisher) for
+    ``nn.LayerNorm`` and ``nn.RMSNorm`` scale and bias, and ``nn.Embed`` tables
+    with a ``(vocabulary,)`` diagonal input factor, also inside ``nn.scan`` /
+    ``nn.vmap`` (list ``'perturbations'`` and ``'intermediates'`` in their
+    ``variable_axes`` with ``'params'``; each slice gets its factors, stacked on
+    the leading layer axes). A layer called several times, or a table also used
+    by ``Embed.attend`` (a tied output head), gets its uses combined by the reuse
+    rule of the NNX capture. Other layers' params get no statistics (``kfac``'s
+    diagonal fallback).
     ``module.apply({'params': params, 'perturbations': ...}, inputs)`` is the
     forward pass: models with other collections (``batch_stats``) or more
     arguments are not covered.
@@ -273,9 +426,11 @@ def linen_kfac_value_and_grad(
       ``params``) and the statistics (a nested dict keyed like ``params``:
       :class:`layerwise_optax.KfacFactors` at each captured kernel, with
       ``(*layer_axes, d, d)`` factors for stacked layers, and
-      :class:`layerwise_optax.FoldedBias` or the bias's own factors at its bias).
-      Give ``kfac`` ``dimension_numbers=linen_kfac_dimension_numbers(...)`` for
-      ``DenseGeneral`` or stacked layers.
+      :class:`layerwise_optax.FoldedBias` or the bias's own factors at its bias,
+      :class:`layerwise_optax.KfacDiagonal` at a norm layer's scale and bias,
+      ``KfacFactors`` with a ``(vocabulary,)`` diagonal ``a`` at an embedding
+      table). Give ``kfac`` ``dimension_numbers=linen_kfac_dimension_numbers(...)``
+      for ``DenseGeneral``, ``Einsum``, ``Embed``, norm or stacked layers.
 
     Raises:
       ValueError: For an unknown loss or mode, a mode the loss does not support, a
@@ -295,11 +450,32 @@ def linen_kfac_value_and_grad(
       >>> stats['kernel'].a.tolist()
       [[0.5, 0.0, 0.5], [0.0, 2.0, 1.0], [0.5, 1.0, 1.0]]
 
+      A table used as the input embedding and as the tied output head
+      (``attend``) gets one block with a diagonal input factor, a LayerNorm the
+      diagonal Fisher of its scale and bias:
+
+      >>> class Tied(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, ids):
+      ...         emb = nn.Embed(5, 3, name='embed')
+      ...         return emb.attend(nn.LayerNorm(name='ln')(emb(ids)))
+      >>> ids = jnp.array([[0, 1], [1, 4]])
+      >>> params = Tied().init(jax.random.key(0), ids)['params']
+      >>> f = lof.linen_kfac_value_and_grad(Tied(), 'softmax_cross_entropy')
+      >>> stats = f(params, ids, ids)[2]
+      >>> stats['embed']['embedding'].a.shape, stats['embed']['embedding'].g.shape
+      ((5,), (3, 3))
+      >>> type(stats['ln']['scale']).__name__, stats['ln']['scale'].fisher.shape
+      ('KfacDiagonal', (3,))
+
     References:
       Martens and Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
       Grosse and Martens, `A Kronecker-factored Approximate Fisher Matrix for
       Convolution Layers <https://arxiv.org/abs/1602.01407>`_, 2016.
+      Eschenhagen, Immer, Turner, Schneider and Hennig, `Kronecker-Factored
+      Approximate Curvature for Modern Neural Network Architectures
+      <https://arxiv.org/abs/2311.00636>`_, NeurIPS 2023.
     """
     _checks.boolean("fold_biases", fold_biases)
     loss_name, loss_fn = _capture._loss_for(loss, statistics)
@@ -310,12 +486,16 @@ def linen_kfac_value_and_grad(
                 "statistics='fisher' needs a PRNG key: f(params, inputs, targets, key=key)."
             )
         interceptor, variables = _trace(module, params, inputs)
-        depth = _stack_depth(interceptor, variables, params)
+        stacks = _stacks(interceptor, variables, params)
         paths = interceptor.paths
-        zeros = {
-            k: jnp.zeros(s.shape, s.dtype)
-            for k, s in ((k, _get(variables["perturbations"], paths[k])[_OUTPUTS]) for k in paths)
-        }
+        uses = interceptor.uses
+
+        def pert_of(use):
+            layer = _capture._layer_of(use)
+            k = 0 if use == layer else int(use.rsplit("#", 1)[1])
+            return _get(variables["perturbations"], paths[layer])[_use_names(k)]
+
+        zeros = {u: jnp.zeros(pert_of(u).shape, pert_of(u).dtype) for u in uses}
 
         # The model's own perturbations (Module.perturb), if any, stay at zero.
         others = _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables))
@@ -323,16 +503,22 @@ def linen_kfac_value_and_grad(
 
         def forward(p, perturbations):
             nested = jax.tree.map(lambda v: v, others)  # a fresh copy of the dicts
-            for k, e in perturbations.items():
+            for u, e in perturbations.items():
+                layer = _capture._layer_of(u)
+                k = 0 if u == layer else int(u.rsplit("#", 1)[1])
                 node = nested
-                for name in paths[k]:
+                for name in paths[layer]:
                     node = node.setdefault(name, {})
-                node[_OUTPUTS] = e
+                node[_use_names(k)] = e
             with nn.intercept_methods(_Interceptor()):
                 outputs, state = module.apply(
                     {"params": p, "perturbations": nested}, inputs, mutable=["intermediates"]
                 )
-            feats = {k: _get(state["intermediates"], paths[k])[_INPUTS][0] for k in paths}
+            feats = {}
+            for u in perturbations:
+                layer = _capture._layer_of(u)
+                k = 0 if u == layer else int(u.rsplit("#", 1)[1])
+                feats[u] = _get(state["intermediates"], paths[layer])[_INPUTS][k]
             return outputs, feats
 
         n = jax.tree.leaves(inputs)[0].shape[0]
@@ -351,32 +537,27 @@ def linen_kfac_value_and_grad(
             value, grads, feats, deltas = _capture._gauss_newton(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
-        stats: dict = {}
-        for k, layer in interceptor.layers.items():
-            _merge(
-                stats,
-                _layer_stats(
-                    k, paths[k], layer, feats[k], deltas[k], depth[k], n, params, fold_biases
-                ),
-            )
+        # The NNX capture's pipeline from here: the reuse rule, then the blocks.
+        out_rows = {u: info.rows for u, info in uses.items()}
+        kinds = {u: info.kind for u, info in uses.items() if info.kind is not None}
+        heads, biases = {}, {}
+        for u, info in uses.items():
+            layer = _capture._layer_of(u)
+            if info.layout is not None:
+                heads[layer] = len(info.layout.batch)
+                if "bias" in info.params:
+                    biases[layer] = info.layout.bias
+        tuples = {layer: paths[layer] for layer in paths}
+        feats, deltas, rows, extra = _capture._kernel_uses(
+            feats, deltas, out_rows, kinds, n, heads, stacks
+        )
+        stats = _capture._stats_tree(
+            feats, deltas, rows, n, tuples, biases, fold_biases, stacks, heads
+        )
+        _capture._merge_stats(stats, _capture._extra_stats(extra, kinds, n, tuples, stacks))
         return value, grads, stats
 
     return fn
-
-
-def _layer_stats(key, path, layer, x, delta, depth, n, params, fold):
-    """One layer's statistics subtree, mapped over its ``depth`` leading layer axes."""
-    has_bias = "bias" in _get(params, path)
-    biases = {key: layer.layout.bias} if has_bias else {}
-
-    def one(x, delta):
-        return _capture._stats_tree(
-            {key: x}, {key: delta}, {key: layer.rows}, n, {key: path}, biases, fold
-        )
-
-    for _ in range(depth):
-        one = jax.vmap(one, in_axes=(0, 1))
-    return one(x, delta)
 
 
 def _to_dict(tree: Any) -> Any:
@@ -384,11 +565,3 @@ def _to_dict(tree: Any) -> Any:
     if hasattr(tree, "items"):
         return {k: _to_dict(v) for k, v in tree.items()}
     return tree
-
-
-def _merge(into: dict, tree: dict) -> None:
-    for k, v in tree.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
