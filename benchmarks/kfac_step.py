@@ -5,6 +5,10 @@ Measures, in one process and on the same batch:
 * the K-FAC statistics capture (``layerwise_optax.flax.kfac_value_and_grad``)
   against a plain ``nnx.value_and_grad`` of the same loss, for each statistics
   mode (empirical: same forward/backward; Fisher: one extra backward);
+* the same capture on the character transformer of ``time_to_target``'s
+  ``charlm`` workload (token embedding, LayerNorms, attention projections, MLP
+  and head all captured; statistics per position, K-FAC-expand), against its
+  ``nnx.value_and_grad``;
 * a whole training step with ``kfac`` (capture + update; ordinary and refresh
   steps apart) against one with ``optax.adamw`` and one with kfac-jax's
   ``Optimizer`` at matched settings (same MLP and batch, empirical Fisher,
@@ -76,6 +80,8 @@ def run(args) -> dict:
             "vs_value_and_grad": med / results["value_and_grad"]["median_s"],
         }
 
+    results.update(_transformer_capture(args, reps))
+
     # Whole training steps: the optimizer state is threaded through; refresh steps apart.
     freq = args.frequency
     capture = lof.kfac_value_and_grad(lambda m, x: m(x), "softmax_cross_entropy")
@@ -109,6 +115,43 @@ def run(args) -> dict:
             results["step_kfac"].amortized_s / results["step_kfac_jax"].amortized_s
         )
     return results
+
+
+def _transformer_capture(args, reps: int) -> dict:
+    """Capture overhead on ``charlm``'s transformer (random tokens, same shapes)."""
+    from benchmarks.workloads import CHAR_CONTEXT, CHAR_VOCAB, CharTransformer
+
+    vocab, context, width, depth, heads, batch = (
+        (32, 16, 32, 1, 2, 8) if args.quick else (CHAR_VOCAB, CHAR_CONTEXT, 64, 2, 4, 16)
+    )
+    model = CharTransformer(vocab, context, width, depth, heads, nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(4), (batch, context), 0, vocab)
+    targets = jax.random.randint(jax.random.key(5), (batch, context), 0, vocab)
+    graphdef, params = nnx.split(model)
+
+    def plain(params):
+        m = nnx.merge(graphdef, params)
+        return nnx.value_and_grad(lambda m: lof.softmax_cross_entropy(m(tokens), targets))(m)
+
+    base = _median_time(jax.jit(plain), params, reps=reps)
+    out: dict = {
+        "transformer": dict(vocab=vocab, context=context, width=width, depth=depth, batch=batch),
+        "transformer_value_and_grad": {"median_s": base[0], "min_s": base[1]},
+    }
+    for mode in ("empirical", "fisher"):
+        capture = lof.kfac_value_and_grad(
+            lambda m, x: m(x), "softmax_cross_entropy", statistics=mode
+        )
+        fn = jax.jit(
+            lambda params, key: capture(nnx.merge(graphdef, params), tokens, targets, key=key)
+        )
+        med, mn = _median_time(fn, params, jax.random.key(6), reps=reps)
+        out[f"transformer_capture_{mode}"] = {
+            "median_s": med,
+            "min_s": mn,
+            "vs_value_and_grad": med / base[0],
+        }
+    return out
 
 
 def _kfac_jax_step(model, x, y, freq, args) -> dict:
@@ -173,6 +216,14 @@ def main(argv=None):
     print(f"value_and_grad           {1e3 * r['value_and_grad']['median_s']:8.2f} ms")
     for mode in ("empirical", "fisher"):
         c = r[f"capture_{mode}"]
+        print(
+            f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  {c['vs_value_and_grad']:.2f}x"
+        )
+    t = r["transformer"]
+    print(f"charlm transformer {t}")
+    print(f"value_and_grad           {1e3 * r['transformer_value_and_grad']['median_s']:8.2f} ms")
+    for mode in ("empirical", "fisher"):
+        c = r[f"transformer_capture_{mode}"]
         print(
             f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  {c['vs_value_and_grad']:.2f}x"
         )

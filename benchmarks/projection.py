@@ -204,6 +204,7 @@ def inventory(
     precond_dtype: str = "float32",
     kfac_diagonal_blocks: bool = True,
     kfac_pending: bool = False,
+    kfac_norm_leaves: bool = True,
 ) -> Inventory:
     """The formula: the state arrays of ``alias`` on parameters of ``shapes`` (float32).
 
@@ -220,6 +221,10 @@ def inventory(
       kfac_pending: K-FAC's pending statistics (a third copy of the factors),
         which only :func:`layerwise_optax.multi_steps` allocates now; ``True``
         for records measured when every K-FAC state held them.
+      kfac_norm_leaves: K-FAC's default layout gives the leaves of a norm layer
+        (a node of just ``scale``, or ``scale`` and ``bias``) no factors (their
+        statistics are :class:`layerwise_optax.KfacDiagonal`); ``False``: the
+        layout before (a factor pair each), for records measured earlier.
 
     Returns:
       The :class:`Inventory`.
@@ -264,8 +269,14 @@ def inventory(
         # (KfacDiagonal) block. A 2-axis leaf named 'embedding' keeps its input
         # factor diagonal (kfac's default layout: DiagonalFactors over the vocab).
         keys = {path for path, _ in flat}
+        children: dict[tuple, set] = {}
+        for path in keys:
+            children.setdefault(path[:-1], set()).add(path[-1])
+        norm = ({"scale"}, {"scale", "bias"})
         for path, s in flat:
             moments += [(s, 4), (s, 4)] + ([((), 1)] if kfac_diagonal_blocks else [])
+            if kfac_norm_leaves and children[path[:-1]] in norm:
+                continue  # a norm layer's scale and bias: diagonal statistics only
             folded_into = path[:-1] + ("kernel",)
             if path[-1] == "bias" and folded_into in keys:
                 kshape = dict(flat)[folded_into]
@@ -609,7 +620,11 @@ def replicated_sharded_state_record(root: pathlib.Path = _RESULTS) -> pathlib.Pa
 
 
 def check_against_record(
-    path: pathlib.Path, *, kfac_diagonal_blocks: bool = True, kfac_pending: bool = False
+    path: pathlib.Path,
+    *,
+    kfac_diagonal_blocks: bool = True,
+    kfac_pending: bool = False,
+    kfac_norm_leaves: bool = True,
 ) -> dict[str, Any]:
     """The formula on the record's workloads at its device counts against its measurements.
 
@@ -635,6 +650,7 @@ def check_against_record(
                     block_size=block,
                     kfac_diagonal_blocks=kfac_diagonal_blocks,
                     kfac_pending=kfac_pending,
+                    kfac_norm_leaves=kfac_norm_leaves,
                 )
                 measured = per_alias[alias]
                 mine = {layout: per_device(inv, int(n), layout) for layout in LAYOUTS}
@@ -772,7 +788,7 @@ def main(argv=None) -> dict[str, Any]:
         # Measured before K-FAC's diagonal blocks (stop 26) and while every K-FAC
         # state held pending statistics: compared as of then.
         results["check_against_record"] = check_against_record(
-            record, kfac_diagonal_blocks=False, kfac_pending=True
+            record, kfac_diagonal_blocks=False, kfac_pending=True, kfac_norm_leaves=False
         )
     from benchmarks import harness
 

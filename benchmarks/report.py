@@ -115,6 +115,15 @@ def kfac_step_table(record: dict) -> str:
     rows.append(f"| `nnx.value_and_grad` | {_ms(r['value_and_grad']['median_s'])} | | | 1.00× | |")
     for k in ("capture_empirical", "capture_fisher"):
         rows.append(f"| {k} | {_ms(r[k]['median_s'])} | | | {_x(r[k]['vs_value_and_grad'])} | |")
+    if "transformer_value_and_grad" in r:  # records since 2026-12-01
+        base = r["transformer_value_and_grad"]["median_s"]
+        rows.append(f"| charlm transformer: `nnx.value_and_grad` | {_ms(base)} | | | 1.00× | |")
+        for mode in ("empirical", "fisher"):
+            c = r[f"transformer_capture_{mode}"]
+            rows.append(
+                f"| charlm transformer: capture_{mode} | {_ms(c['median_s'])} | | "
+                f"| {_x(c['vs_value_and_grad'])} | |"
+            )
     for k, ratio in (
         ("step_adamw", None),
         ("step_kfac_jax", None),

@@ -118,7 +118,7 @@ class CharTransformer(nnx.Module):
 
     def __call__(self, tokens):
         b, t = tokens.shape
-        x = (self.embed(tokens) + self.pos_embed[...][:t]).reshape(b * t, -1)
+        x = (self.embed(tokens) + self.pos_embed[...][None, :t]).reshape(b * t, -1)
         for block in self.blocks:
             x = block(x, (b, t))
         return self.lm_head(self.ln_f(x)).reshape(b, t, -1)

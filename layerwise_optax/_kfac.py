@@ -1080,16 +1080,20 @@ def _precondition(
     """
     sides = static.sides
 
-    def solve(blocks, *invs):
+    def solve(blocks, damp, *invs):
         applied = _applied_plan(plan.as_batch(blocks.shape[0]) if plan.per_block else plan, sides)
         if static.inverse == "eigh":
-            return _apply_eigh(blocks, invs, applied, damping, static.damping_mode)
+            return _apply_eigh(blocks, invs, applied, damp, static.damping_mode)
         return _kron.apply_axis_matrices(blocks, invs, applied)
 
     blocks, invs = plan.to_blocks(g), _kron.as_factors(invs)
     if plan.per_block:
-        return plan.from_blocks(_distribute.local(solve, blocks, *invs))
-    return plan.from_blocks(solve(blocks, *invs))
+        # The damping goes in per block, as an argument: shard_map cannot close
+        # over a traced scalar sharded on Explicit axes (kfac_adaptive's damping).
+        damp = jnp.broadcast_to(jnp.asarray(damping, jnp.float32), (blocks.shape[0],))
+        local = _distribute.local(lambda b, d, *i: solve(b, d[0], *i), blocks, damp, *invs)
+        return plan.from_blocks(local)
+    return plan.from_blocks(solve(blocks, damping, *invs))
 
 
 def _momentum(u, mu, momentum, nesterov, ok):

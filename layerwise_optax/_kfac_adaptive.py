@@ -46,6 +46,9 @@ _STATIC_ARGS = (
     "precond_dtype",
     "inverse",
     "adaptive_momentum",
+    "distribute",
+    "state_layout",
+    "owner_axes",
 )
 
 NO_CURVATURE_MSG = (
@@ -177,11 +180,13 @@ class ScaleByKfacAdaptiveState(NamedTuple):
       learning_rate: float32 scalar, the coefficient ``α`` of the last step.
       momentum: float32 scalar, the coefficient ``μ`` of the last step.
       rho: float32 scalar, the last reduction ratio ``ρ`` (0 before the first).
-      failures: :class:`~layerwise_optax._failure.FailureCounts`: the
-        preconditioner's counts (also in ``kfac.failures``) plus, in ``failed``,
-        the steps whose quadratic model was not usable (non-finite or not
-        positive curvature products: the previous ``α, μ`` were used) and the
-        adaptations whose ``ρ`` was not finite (``λ`` kept).
+      failures: :class:`~layerwise_optax._failure.FailureCounts`: the adaptive
+        step's own counts only, in ``failed``: the steps whose quadratic model
+        was not usable (non-finite or not positive curvature products: the
+        previous ``α, μ`` were used) and the adaptations whose ``ρ`` was not
+        finite (``λ`` kept). The preconditioner's skipped leaves and failed
+        refreshes are in ``kfac.failures``; :func:`failure_report` and
+        :func:`failure_counts` read both states and add them.
     """
 
     count: jax.Array
@@ -239,7 +244,7 @@ def kfac_adaptive_values(state: Any) -> dict[str, float]:
         "learning_rate": float(s.learning_rate),
         "momentum": float(s.momentum),
         "rho": float(s.rho),
-        "failed": int(s.failures.failed) - int(s.kfac.failures.failed),
+        "failed": int(s.failures.failed),
     }
 
 
@@ -305,6 +310,9 @@ def kfac_adaptive(
     *,
     inverse: Literal["cholesky", "eigh"] = "eigh",
     adaptive_momentum: bool = True,
+    distribute: bool = True,
+    state_layout: Literal["auto", "owner", "replicated"] = "auto",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC with automatic learning rate and momentum and adaptive damping.
 
@@ -377,6 +385,13 @@ def kfac_adaptive(
         about a tenth of the step time).
       mu_dtype: Storage dtype of the previous update (``None``: the params').
       adaptive_momentum: Solve for ``μ`` (static); ``False``: ``μ = 0``.
+      distribute: Spread the refresh over the mesh's devices (static; see
+        :func:`scale_by_kfac`).
+      state_layout: ``'auto'``, ``'owner'`` or ``'replicated'``: where the
+        preconditioner's per-layer state lies under a mesh (static; see
+        :func:`scale_by_kfac`). The adaptive scalars are replicated.
+      owner_axes: The mesh axes the owner layout spreads over (static; see
+        :func:`scale_by_kfac`).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -444,6 +459,9 @@ def kfac_adaptive(
         mu_dtype=mu_dtype,
         precond_dtype=precond_dtype,
         inverse=inverse,
+        distribute=distribute,
+        state_layout=state_layout,
+        owner_axes=owner_axes,
     )
     base = make_kfac(damping=damping)
 
@@ -470,9 +488,14 @@ def kfac_adaptive(
             inner = make_kfac(damping=lam)
             raw, kstate = inner.update(updates, state.kfac, params, **extra_args)
             kstate = cast(_kfac.ScaleByKfacState, kstate)
+            valid = jax.tree.map(lambda x: _failure.guard(x)[0], updates)
             g = jax.tree.map(lambda x: _failure.guard(x)[1], updates)
             direction = jax.tree.map(lambda x: -x.astype(jnp.float32), raw)
-            prev = jax.tree.map(lambda x: x.astype(jnp.float32), state.mu)
+            # A leaf whose gradient is not finite takes no step at all (Δ is zero
+            # there): its previous update is left out of d and kept for later.
+            prev = jax.tree.map(
+                lambda x, ok: jnp.where(ok, x.astype(jnp.float32), 0.0), state.mu, valid
+            )
             coef, loss0 = _coefficients(
                 g, direction, prev, state, curvature, params, lam, hp=_hyper(state.count)
             )
@@ -483,19 +506,17 @@ def kfac_adaptive(
             new_state = ScaleByKfacAdaptiveState(
                 count=jnp.asarray(optax.safe_increment(state.count)),
                 kfac=kstate,
-                mu=jax.tree.map(lambda x, m: x.astype(m.dtype), d, state.mu),
+                mu=jax.tree.map(
+                    lambda ok, x, m: _failure.keep(ok, x.astype(m.dtype), m), valid, d, state.mu
+                ),
                 # float32 scalars whatever the params' dtype (stable through lax.cond).
                 damping=new_lam.astype(jnp.float32),
                 learning_rate=coef.alpha.astype(jnp.float32),
                 momentum=coef.mu.astype(jnp.float32),
                 rho=jnp.where(jnp.isfinite(rho), rho, state.rho).astype(jnp.float32),
-                # The preconditioner's counts plus the adaptive step's own (failure_report
-                # reads this state's field only).
-                failures=_failure.add(
-                    state.failures,
-                    skipped=kstate.failures.skipped - state.kfac.failures.skipped,
-                    failed=failed + kstate.failures.failed - state.kfac.failures.failed,
-                ),
+                # The adaptive step's own counts: the preconditioner's stay in
+                # kfac.failures, which failure_report reads as a nested state.
+                failures=_failure.add(state.failures, failed=failed),
             )
             return out, new_state
 

@@ -365,6 +365,8 @@ ENTRIES: tuple[Entry, ...] = (
             "adaptive_momentum": _BOOL,
             "damping_mode": _MODE,
             "inverse": _MODE,
+            "distribute": _BOOL,
+            "state_layout": _MODE,
         },
     ),
     Entry(

@@ -272,7 +272,10 @@ def test_projection_formula_reproduces_the_measured_replicated_state():
     # blocks (its per-leaf flags and diagonal embedding input factors, stop 26)
     # and while every K-FAC state held pending statistics (now multi_steps' own).
     check = projection.check_against_record(
-        pathlib.Path(_REPLICATED_RECORD), kfac_diagonal_blocks=False, kfac_pending=True
+        pathlib.Path(_REPLICATED_RECORD),
+        kfac_diagonal_blocks=False,
+        kfac_pending=True,
+        kfac_norm_leaves=False,
     )
     assert set(check) == {"mlp_784_1024_1024_1024_10", "transformer_w256_d4"}
     for wname, per_n in check.items():

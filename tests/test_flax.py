@@ -246,13 +246,15 @@ def test_nnx_optimizer_state_round_trips_and_compiles_once(name, factory, kwargs
     opt = nnx.Optimizer(model, factory(**kwargs), wrt=nnx.Param)
     before = jax.tree.structure(nnx.as_pure(opt.opt_state))
     capture = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    curvature = lof.kfac_curvature(lambda m, x: m(x), "mse")
     traces = []
 
     @nnx.jit
     def step(model, opt, x, y):
         traces.append(None)
         value, grads, stats = capture(model, x, y)
-        opt.update(model, grads, kfac_stats=stats)
+        # kfac_adaptive's quadratic model needs the curvature; the others ignore it.
+        opt.update(model, grads, kfac_stats=stats, curvature=curvature(model, x, y))
         return value
 
     for _ in range(3):

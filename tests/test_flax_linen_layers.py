@@ -453,11 +453,12 @@ def test_default_layout_allocates_no_factors_for_norm_leaves():
         for part in (sd[0].factors, sd[0].inverses, sd[0].pending):
             assert _nbytes(part[name][leaf]) == 0
     assert _nbytes(sd) == _nbytes(ss)
-    # What the old default allocated on top: factors, inverses and pending statistics,
-    # 3 (d^2 + 1) floats per leaf (d x d output factor, 1 x 1 empty input group).
+    # What the old default allocated on top: factors and inverses (pending statistics
+    # are placeholders unless lo.multi_steps allocates them), 2 (d^2 + 1) floats per
+    # leaf (d x d output factor, 1 x 1 empty input group), for 3 leaves.
     so: Any = lo.kfac(0.1, dimension_numbers=old).init(params)
     big = [_nbytes((t[0].factors, t[0].inverses, t[0].pending)) for t in (so, sd)]
-    assert big[0] - big[1] == 3 * 3 * (16 * 16 + 1) * 4  # float32
+    assert big[0] - big[1] == 3 * 2 * (16 * 16 + 1) * 4  # float32
     assert _nbytes(so) - _nbytes(sd) >= big[0] - big[1]
 
 

@@ -51,6 +51,7 @@ LAYERS = {
         "_muon",
         "_steepest",
         "_psgd",
+        "_kfac_adaptive",
     },
     # What runs around an optimizer: the registry (the only runtime module that
     # imports the algorithms), static args, failure report, checkpoint checks,
@@ -76,6 +77,11 @@ SHARED_ALGORITHM_MODULES = {"_grafting", "_factored", "_dual"}
 
 # (importer, imported) -> why the layering allows it.
 EXCEPTIONS = {
+    ("_kfac_adaptive", "_kfac"): (
+        "adaptive K-FAC (Martens and Grosse 2015, section 7) is K-FAC's direction with "
+        "the learning rate, momentum and damping chosen from the quadratic model: it "
+        "wraps scale_by_kfac at the current damping and reads its state"
+    ),
     ("_multi_steps", "_kfac"): (
         "multi_steps accumulates K-FAC's statistics over micro-batches: it passes K-FAC's "
         "emit argument and recognizes its state, which is K-FAC's own protocol, not a "

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import layerwise_optax as lo
+from layerwise_optax import _registry
 from tests._helpers import OPTIMIZERS, SLOW_VARIANTS, identity_kfac_stats, with_extra_args
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -114,7 +115,11 @@ def _build(name, factory, kwargs):
         # Random leaves are no model: where their sizes happen to chain ambiguously
         # the head search refuses them (a ValueError at init, tested in test_roles).
         kwargs = {**kwargs, "roles": lambda p: lo.layer_roles(p, infer_head=False)}
-    return with_extra_args(factory(**kwargs), _kfac_stats if name.startswith("kfac") else None)
+    extra = _kfac_stats if name.startswith("kfac") else None
+    if name == "kfac_adaptive":
+        # Its quadratic model also needs a curvature: C = I, as in the registry.
+        extra = _registry._with_identity_curvature(_kfac_stats)
+    return with_extra_args(factory(**kwargs), extra)
 
 
 def _check_case(name, factory, kwargs, case):

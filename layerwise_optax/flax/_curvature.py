@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import jax
 import jax.numpy as jnp
 
-from layerwise_optax import _kfac_adaptive, _optional
+import layerwise_optax
+from layerwise_optax import _optional
 from layerwise_optax.flax import _capture
 
 if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
@@ -65,7 +66,7 @@ def kfac_curvature(
     model_fn: Callable[..., jax.Array],
     loss: Literal["mse", "softmax_cross_entropy", "sigmoid_cross_entropy", "gaussian_nll"]
     | Callable[[jax.Array, Any], jax.Array] = "mse",
-) -> Callable[[nnx.Module, Any, Any], _kfac_adaptive.KfacCurvature]:
+) -> Callable[[nnx.Module, Any, Any], layerwise_optax.KfacCurvature]:
     """Builds ``f(model, inputs, targets) -> KfacCurvature`` for :func:`~layerwise_optax.kfac_adaptive`.
 
     The curvature ``C = J^T H J`` of the loss at the model's current ``nnx.Param``
@@ -108,10 +109,10 @@ def kfac_curvature(
     output_hvp = _gaussian_fisher if loss_name == "gaussian_nll" else None
     wrapped = _Loss(loss_fn)
 
-    def build(model: nnx.Module, inputs: Any, targets: Any) -> _kfac_adaptive.KfacCurvature:
+    def build(model: nnx.Module, inputs: Any, targets: Any) -> layerwise_optax.KfacCurvature:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         del params
-        return _kfac_adaptive.KfacCurvature(
+        return layerwise_optax.KfacCurvature(
             _Apply(graphdef, model_fn), wrapped, (rest, inputs, targets), output_hvp
         )
 
