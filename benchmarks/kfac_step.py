@@ -212,21 +212,18 @@ def main(argv=None):
     if args.frequency < 1:
         parser.error("--frequency must be >= 1")
     r = run(args)
-    print(f"MLP {r['sizes']}, batch {r['batch']}")
-    print(f"value_and_grad           {1e3 * r['value_and_grad']['median_s']:8.2f} ms")
-    for mode in ("empirical", "fisher"):
-        c = r[f"capture_{mode}"]
-        print(
-            f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  {c['vs_value_and_grad']:.2f}x"
-        )
-    t = r["transformer"]
-    print(f"charlm transformer {t}")
-    print(f"value_and_grad           {1e3 * r['transformer_value_and_grad']['median_s']:8.2f} ms")
-    for mode in ("empirical", "fisher"):
-        c = r[f"transformer_capture_{mode}"]
-        print(
-            f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  {c['vs_value_and_grad']:.2f}x"
-        )
+    for title, prefix in (
+        (f"MLP {r['sizes']}, batch {r['batch']}", ""),
+        (f"charlm transformer {r['transformer']}", "transformer_"),
+    ):
+        print(title)
+        print(f"value_and_grad           {1e3 * r[prefix + 'value_and_grad']['median_s']:8.2f} ms")
+        for mode in ("empirical", "fisher"):
+            c = r[f"{prefix}capture_{mode}"]
+            print(
+                f"capture ({mode:9s})     {1e3 * c['median_s']:8.2f} ms  "
+                f"{c['vs_value_and_grad']:.2f}x"
+            )
     for name in ("adamw", "kfac"):
         t = r[f"step_{name}"]
         refresh = f"{1e3 * t.refresh_median_s:.2f}" if t.refresh_median_s else "-"

@@ -258,6 +258,24 @@ def layout_of(state: Any) -> Layout | None:
     return None
 
 
+def _split_leaves(plans: Any, params: Any) -> tuple[list[int], list[tuple[int, Any, str]]]:
+    """The leaves (flat indices) kept per leaf, and ``(index, plan, dtype)`` of the rest.
+
+    Masked leaves are left out; a leaf without factors is kept per leaf; every
+    preconditioned leaf comes with its compute dtype's name (at least float32).
+    """
+    arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
+    leaves, preconditioned = [], []
+    for i, (plan, x) in enumerate(zip(plan_nodes(plans), arrays)):
+        if _axes.is_masked(plan):
+            continue
+        if not plan.is_preconditioned:
+            leaves.append(i)
+            continue
+        preconditioned.append((i, plan, jnp.promote_types(x.dtype, jnp.float32).name))
+    return leaves, preconditioned
+
+
 def plan_nodes(plans: Any) -> list[Any]:
     """The plan nodes of a plans tree, unwrapped: a LeafPlan or a mask per position."""
     nodes = jax.tree.flatten(plans, is_leaf=_axes._is_plan_node)[0]
@@ -470,17 +488,9 @@ def build(
     ``mapped``: the state is built per device inside ``jax.pmap`` (each group's
     ``local`` length is ``padded / devices``).
     """
-    nodes = plan_nodes(plans)
-    arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
     members: dict[tuple[Any, str], list[tuple[int, int]]] = {}
-    leaves = []
-    for i, (plan, x) in enumerate(zip(nodes, arrays)):
-        if _axes.is_masked(plan):
-            continue
-        if not plan.is_preconditioned:
-            leaves.append(i)
-            continue
-        dtype = jnp.promote_types(x.dtype, jnp.float32).name
+    leaves, preconditioned = _split_leaves(plans, params)
+    for i, plan, dtype in preconditioned:
         members.setdefault((plan.as_batch(1), dtype), []).append((i, plan.stack))
     groups = []
     for (key, dtype), m in members.items():
@@ -956,17 +966,9 @@ def build_per_factor(
     output factor, padded to a multiple of ``devices`` entries.
     """
     kinds = (lambda plan: plan.kinds) if kinds is None else kinds
-    nodes = plan_nodes(plans)
-    arrays = jax.tree.flatten(params, is_leaf=_axes.is_masked)[0]
     found: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
-    leaves = []
-    for i, (plan, x) in enumerate(zip(nodes, arrays)):
-        if _axes.is_masked(plan):
-            continue
-        if not plan.is_preconditioned:
-            leaves.append(i)
-            continue
-        dtype = jnp.promote_types(x.dtype, jnp.float32).name
+    leaves, preconditioned = _split_leaves(plans, params)
+    for i, plan, dtype in preconditioned:
         for side, (d, kind) in enumerate(zip(plan.dims, kinds(plan))):
             found.setdefault((dtype, kind), []).append((i, side, plan.stack, d))
     groups = []
