@@ -365,8 +365,6 @@ ENTRIES: tuple[Entry, ...] = (
             "adaptive_momentum": _BOOL,
             "damping_mode": _MODE,
             "inverse": _MODE,
-            "distribute": _BOOL,
-            "state_layout": _MODE,
         },
     ),
     Entry(
