@@ -375,14 +375,19 @@ def kfac_adaptive(
       burnin_steps: Steps of fixed-rate updates before adaptation, an int ``>= 0``
         (may be traced).
       burnin_learning_rate: The burn-in's rate, ``>= 0``.
-      factor_decay, b2, precondition_frequency, max_precond_dim,
-        dimension_numbers, damping_mode, precond_dtype, inverse: As in
-        :func:`scale_by_kfac`; ``precondition_frequency`` defaults to 5 here
+      factor_decay: As in :func:`scale_by_kfac`.
+      b2: As in :func:`scale_by_kfac`.
+      precondition_frequency: As in :func:`scale_by_kfac`, but 5 by default
         (kfac-jax's ``inverse_update_period``): with ``inverse='eigh'`` the
         eigendecompositions are refreshed every 5 steps while the adapted damping
-        still acts at every step (on the digits MLP of ``benchmarks.time_to_target
-        --quick`` the same 42 steps to AdamW's loss as refreshing every step, at
-        about a tenth of the step time).
+        still acts at every step (on the digits MLP of ``time_to_target`` in
+        quick mode, the same 42 steps to AdamW's loss as refreshing every step,
+        at about a tenth of the step time).
+      max_precond_dim: As in :func:`scale_by_kfac`.
+      dimension_numbers: As in :func:`scale_by_kfac`.
+      damping_mode: As in :func:`scale_by_kfac`.
+      precond_dtype: As in :func:`scale_by_kfac`.
+      inverse: As in :func:`scale_by_kfac`; ``'eigh'`` by default here.
       mu_dtype: Storage dtype of the previous update (``None``: the params').
       adaptive_momentum: Solve for ``μ`` (static); ``False``: ``μ = 0``.
       distribute: Spread the refresh over the mesh's devices (static; see
