@@ -1552,20 +1552,38 @@ def _owned_update(
         "inverses": _axes.bare(grouped_plans, inverses),
         "pending": _new_pending(grouped_plans, acc, inner.pending, emit, state.count),
     }
-    new_state = state._replace(
+    new_state = _owned_new_state(
+        state,
+        count,
+        mu,
+        nu,
+        valid,
+        # Inside pmap each device refreshes only its own blocks: summed over them.
+        _owner.total_failed(owner, 0, failed),
+        emit,
+        **{name: _owner.grouped(x, owner) for name, x in grouped_new.items()},
+    )
+    return out, new_state
+
+
+def _owned_new_state(state, count, mu, nu, valid, failed, emit, **fields) -> ScaleByKfacState:
+    """The next owner-layout state: step count, moments, counters, and ``fields``.
+
+    Shared by the layer-grouped and the per-factor owner layouts; ``fields`` are
+    their factors, inverses and pending statistics, already laid out.
+    """
+    return state._replace(
         count=count,
         mu=mu,
         nu=nu,
         failures=_failure.add(
             state.failures,
             skipped=_failure.count_invalid([v for v in valid if v is not None]),
-            # Inside pmap each device refreshes only its own blocks: summed over them.
-            failed=_owner.total_failed(owner, 0, failed),
+            failed=failed,
         ),
         pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
-        **{name: _owner.grouped(x, owner) for name, x in grouped_new.items()},
+        **fields,
     )
-    return out, new_state
 
 
 def _owned_views(plans, updates, grads, stats) -> tuple[list, list, list]:
@@ -2033,16 +2051,14 @@ def _per_factor_update(
             "leaves"
         ],
     }
-    new_state = state._replace(
-        count=count,
-        mu=mu,
-        nu=nu,
-        failures=_failure.add(
-            state.failures,
-            skipped=_failure.count_invalid([v for v in valid if v is not None]),
-            failed=leaf_failed + failed,
-        ),
-        pending_count=jnp.where(emit, 0, optax.safe_increment(state.pending_count)),
+    new_state = _owned_new_state(
+        state,
+        count,
+        mu,
+        nu,
+        valid,
+        leaf_failed + failed,
+        emit,
         factors=stored(facs, "factors", leaf_new["factors"]),
         pending=(
             stored(
