@@ -51,19 +51,67 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
-def _one_at_a_time_on_cpu(fn, *args: jax.Array):
-    """Applies a batched matrix ``fn`` over the leading axes; sequentially on CPU."""
+def one_at_a_time_on_cpu(fn, *args: jax.Array):
+    """Applies a matrix ``fn`` over the leading axes, one matrix per call on CPU.
+
+    ``fn`` maps ``(k, n, n)``-shaped arrays (one LAPACK call on CPU: Cholesky,
+    triangular solve, eigh, QR) and must treat the ``k`` matrices apart. On
+    other platforms it is called once on all the matrices.
+
+    Why one at a time: jaxlib's CPU LAPACK kernels split a batch of matrices
+    over XLA's intra-op thread pool and block a pool thread until the parts are
+    done. When as many batched calls run at once as the pool has threads (two on
+    a 2-core machine, the usual Colab and CI size), every thread waits for work
+    that no thread is free to run, and the program hangs with the CPU idle
+    (jaxlib 0.10.2; reproduced by six independent batched Cholesky factors in a
+    loop). A call on a single matrix never waits on the pool. Batches come from
+    leading axes (stacked blocks, layer-stacked parameters) and from ``jax.vmap``
+    over the optimizer (a learning-rate grid, seeds), so both are mapped here:
+    the leading axes by ``lax.map``, and ``vmap`` by a batching rule
+    (``jax.custom_batching.custom_vmap``) that folds the mapped axis into the
+    leading ones.
+    """
     batch = args[0].shape[:-2]
     flat = [x.reshape((-1,) + x.shape[-2:]) for x in args]
-
-    def sequential(*xs):
-        return jax.lax.map(lambda ys: fn(*ys), xs)
-
-    if flat[0].shape[0] <= 1:
-        out = fn(*flat)
-    else:
-        out = jax.lax.platform_dependent(*flat, cpu=sequential, default=fn)
+    out = _sequential_on_cpu(fn)(*flat)
     return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
+
+
+def _sequential_on_cpu(fn):
+    """``fn`` on ``(k, ...)`` arrays, run by ``lax.map`` on CPU, also under ``vmap``."""
+
+    def direct(*flat):
+        if flat[0].shape[0] == 1:
+            return jax.tree.map(lambda y: y[None], fn(*(x[0] for x in flat)))
+        if flat[0].shape[0] == 0:
+            return fn(*flat)
+
+        def sequential(*xs):
+            return jax.lax.map(lambda ys: fn(*ys), xs)
+
+        return jax.lax.platform_dependent(*flat, cpu=sequential, default=fn)
+
+    mapped = jax.custom_batching.custom_vmap(direct)
+
+    @mapped.def_vmap
+    def _rule(axis_size, in_batched, *flat):
+        # Batched inputs carry the vmapped axis first; unbatched ones are shared.
+        k = max(x.shape[1] if b else x.shape[0] for x, b in zip(flat, in_batched))
+        merged = [
+            (x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)).reshape(
+                (axis_size * k,) + x.shape[(2 if b else 1) :]
+            )
+            for x, b in zip(flat, in_batched)
+        ]
+        out = mapped(*merged)
+        out = jax.tree.map(lambda y: y.reshape((axis_size, k) + y.shape[1:]), out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    # custom_vmap has no reverse mode; derivatives are those of ``direct`` (whose
+    # own batching under vmap of a derivative is LAPACK's batched one).
+    differentiable = jax.custom_jvp(mapped)
+    differentiable.defjvp(lambda primals, tangents: jax.jvp(direct, primals, tangents))
+    return differentiable
 
 
 def symmetrize(a: jax.Array) -> jax.Array:
@@ -109,7 +157,7 @@ def eigh_psd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = symmetrize(a.astype(_compute_dtype(a)))
     ok = _finite_matrices(a)
     safe = jnp.where(ok[..., None, None], a, _eye_like(a))
-    w, v = _one_at_a_time_on_cpu(jnp.linalg.eigh, safe)
+    w, v = one_at_a_time_on_cpu(jnp.linalg.eigh, safe)
     w = jnp.maximum(w, 0.0)
     nan = jnp.asarray(jnp.nan, w.dtype)
     return jnp.where(ok[..., None], w, nan), jnp.where(ok[..., None, None], v, nan)
@@ -232,7 +280,7 @@ def inv_psd_cholesky(
     def solve(m):
         return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(m), True), _eye_like(m))
 
-    inv = symmetrize(_one_at_a_time_on_cpu(solve, damped))
+    inv = symmetrize(one_at_a_time_on_cpu(solve, damped))
     good = ok & _finite_matrices(inv)
     return jnp.where(good[..., None, None], inv, jnp.asarray(jnp.nan, inv.dtype))
 
@@ -272,7 +320,7 @@ def cholesky_psd(
     if relative_damping:
         delta = delta * max_eigenvalue(a)
     damped = a + delta[..., None, None] * _eye_like(a) if delta.ndim else a + delta * _eye_like(a)
-    chol = jnp.tril(_one_at_a_time_on_cpu(jnp.linalg.cholesky, damped))
+    chol = jnp.tril(one_at_a_time_on_cpu(jnp.linalg.cholesky, damped))
     good = ok & _finite_matrices(chol)
     return jnp.where(good[..., None, None], chol, jnp.asarray(jnp.nan, chol.dtype))
 
@@ -304,7 +352,7 @@ def cholesky_solve(chol: jax.Array, b: jax.Array, *, left: bool = True) -> jax.A
         y = solve(low, x, left_side=False, lower=True, transpose_a=True)  # Y L^T = B
         return solve(low, y, left_side=False, lower=True)  # X L = Y
 
-    return _one_at_a_time_on_cpu(both, chol, b)
+    return one_at_a_time_on_cpu(both, chol, b)
 
 
 def max_eigenvalue(a: jax.Array, num_iters: int = 30) -> jax.Array:
@@ -408,9 +456,11 @@ def solve_upper_transposed(u: jax.Array, b: jax.Array) -> jax.Array:
       result, see :mod:`layerwise_optax._failure`).
     """
     dtype = jnp.promote_types(_compute_dtype(u), _compute_dtype(b))
-    return jax.scipy.linalg.solve_triangular(
-        u.astype(dtype), b.astype(dtype), trans="T", lower=False
-    )
+
+    def solve(uu, bb):
+        return jax.scipy.linalg.solve_triangular(uu, bb, trans="T", lower=False)
+
+    return one_at_a_time_on_cpu(solve, u.astype(dtype), b.astype(dtype))
 
 
 def psgd_step_triangular(q: jax.Array, aa: jax.Array, bb: jax.Array, lr: Any) -> jax.Array:
@@ -789,7 +839,7 @@ def refresh_eigenbasis(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array
     est = jnp.einsum("...ji,...jk,...ki->...i", q, a, q, precision=HIGHEST)
     perm = jnp.argsort(-est, axis=-1, stable=True).astype(jnp.int32)
     q = jnp.take_along_axis(q, perm[..., None, :], axis=-1)
-    q_new, r = _one_at_a_time_on_cpu(jnp.linalg.qr, _mm(a, q))
+    q_new, r = one_at_a_time_on_cpu(jnp.linalg.qr, _mm(a, q))
     # Fix QR's sign ambiguity so that columns keep the orientation of ``q``.
     sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(dtype)
     q_new = q_new * sign[..., None, :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import jax
@@ -402,3 +403,27 @@ def next_token_data(key, n: int, t: int, vocab: int):
         seq.append((5 * seq[-1] + 3) % vocab)
     seq = jax.numpy.concatenate(seq, axis=1)
     return seq[:, :-1], seq[:, 1:]
+
+
+# ------------------------------------------------------------------ LAPACK calls on CPU
+
+_LAPACK_CALL = re.compile(r'custom_call_target="lapack_(\w+)_ffi"[^\n]*?num_batch_dims="(\d+)"')
+
+
+def lapack_calls(fn, *args):
+    """``[(routine, num_batch_dims)]`` of every LAPACK call in ``jit(fn)(*args)`` on CPU.
+
+    The library keeps each call to one matrix (``_linalg.one_at_a_time_on_cpu``):
+    batched calls can hang a process on a 2-core machine (jaxlib splits the batch
+    over the intra-op pool and blocks pool threads on the parts).
+    """
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [(m.group(1), int(m.group(2))) for m in _LAPACK_CALL.finditer(text)]
+
+
+def assert_lapack_unbatched(fn, *args, expect_calls=True):
+    calls = lapack_calls(fn, *args)
+    if expect_calls:
+        assert calls, "no LAPACK call compiled: the check would pass vacuously"
+    batched = [c for c in calls if c[1] != 0]
+    assert not batched, f"batched LAPACK calls: {batched}"

@@ -20,6 +20,7 @@ from tests._helpers import (
     PARAM_AND_STATE_HELPERS,
     SLOW_VARIANTS,
     WRAPPERS_AND_SCHEDULES,
+    assert_lapack_unbatched,
     assert_recovers,
     assert_tree_finite,
     assert_trees_close,
@@ -366,6 +367,9 @@ def test_vmap_over_independent_states(name, factory, kwargs):
         for s in range(seeds):
             u, singles[s] = tx.update(gs[s], singles[s], params)
             assert_trees_close(jax.tree.map(lambda x: x[s], bu), u, rtol=1e-4, atol=1e-6)
+    # Under vmap every LAPACK call still factors one matrix (a batched call can
+    # hang a 2-core CPU: _linalg.one_at_a_time_on_cpu).
+    assert_lapack_unbatched(jax.vmap(tx.update), bg, states, batched_params, expect_calls=False)
 
 
 # ----------------------------------------------------------------------------- dtypes and shapes
