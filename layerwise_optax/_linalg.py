@@ -52,24 +52,45 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def one_at_a_time_on_cpu(fn, *args: jax.Array):
-    """Applies a matrix ``fn`` over the leading axes, one matrix per call on CPU.
+    """Applies a matrix function ``fn`` over leading axes, one matrix per call on CPU.
 
-    ``fn`` maps ``(k, n, n)``-shaped arrays (one LAPACK call on CPU: Cholesky,
-    triangular solve, eigh, QR) and must treat the ``k`` matrices apart. On
-    other platforms it is called once on all the matrices.
+    ``fn`` maps ``(k, m_i, n_i)`` arrays to a tree of ``(k, ...)`` arrays and
+    treats the ``k`` matrices apart (a Cholesky factor, a triangular solve, an
+    eigendecomposition, a QR or an LU solve). ``args`` are ``(..., m_i, n_i)``
+    arrays with the same leading axes ``...``; the result has them too. On CPU the
+    matrices are fed to ``fn`` one at a time (``lax.map``), also under
+    ``jax.vmap``; on other platforms ``fn`` is called once on all of them.
 
-    Why one at a time: jaxlib's CPU LAPACK kernels split a batch of matrices
-    over XLA's intra-op thread pool and block a pool thread until the parts are
-    done. When as many batched calls run at once as the pool has threads (two on
-    a 2-core machine, the usual Colab and CI size), every thread waits for work
-    that no thread is free to run, and the program hangs with the CPU idle
-    (jaxlib 0.10.2; reproduced by six independent batched Cholesky factors in a
-    loop). A call on a single matrix never waits on the pool. Batches come from
+    Why: jaxlib's CPU LAPACK kernels split a batch of matrices over XLA's
+    intra-op thread pool and block a pool thread until the parts are done. When
+    as many batched calls run at once as the pool has threads (two on a 2-core
+    machine, the usual Colab and CI size), every thread waits for work that no
+    thread is free to run and the program hangs with the CPU idle (jaxlib
+    0.10.2; six independent batched Cholesky factors in a loop hang within
+    seconds). A call on one matrix never waits on the pool. Batches come from
     leading axes (stacked blocks, layer-stacked parameters) and from ``jax.vmap``
-    over the optimizer (a learning-rate grid, seeds), so both are mapped here:
-    the leading axes by ``lax.map``, and ``vmap`` by a batching rule
-    (``jax.custom_batching.custom_vmap``) that folds the mapped axis into the
-    leading ones.
+    over a training step (a learning-rate grid, seeds); the latter is caught by a
+    batching rule (``jax.custom_batching.custom_vmap``) that folds the mapped
+    axis into the leading ones. Every matrix function of this module that calls
+    LAPACK goes through here.
+
+    Derivatives are those of ``fn`` (``jax.custom_jvp``); under ``vmap`` of a
+    derivative the LAPACK calls are batched again.
+
+    Args:
+      fn: The batched matrix function.
+      *args: ``(..., m_i, n_i)`` arrays with common leading axes.
+
+    Returns:
+      ``fn``'s outputs with the leading axes ``...`` of ``args``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from layerwise_optax import linalg
+      >>> a = jnp.stack([4.0 * jnp.eye(2), 9.0 * jnp.eye(2)])
+      >>> chol = jax.vmap(lambda m: linalg.one_at_a_time_on_cpu(jnp.linalg.cholesky, m))
+      >>> chol(a)[:, 0, 0].tolist()
+      [2.0, 3.0]
     """
     batch = args[0].shape[:-2]
     flat = [x.reshape((-1,) + x.shape[-2:]) for x in args]

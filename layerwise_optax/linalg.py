@@ -13,6 +13,7 @@ from layerwise_optax._linalg import max_eigenvalue as max_eigenvalue
 from layerwise_optax._linalg import newton_schulz as newton_schulz
 from layerwise_optax._linalg import newton_schulz_flops as newton_schulz_flops
 from layerwise_optax._linalg import ns_coefficients as ns_coefficients
+from layerwise_optax._linalg import one_at_a_time_on_cpu as one_at_a_time_on_cpu
 from layerwise_optax._linalg import refresh_eigenbasis as refresh_eigenbasis
 from layerwise_optax._linalg import spectral_norm_lower_bound as spectral_norm_lower_bound
 from layerwise_optax._linalg import symmetrize as symmetrize
@@ -31,6 +32,7 @@ __all__ = (
     "newton_schulz",
     "newton_schulz_flops",
     "ns_coefficients",
+    "one_at_a_time_on_cpu",
     "refresh_eigenbasis",
     "spectral_norm_lower_bound",
     "symmetrize",

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeGuard
 import jax
 import jax.numpy as jnp
 
-from layerwise_optax import _linalg, _optional
+from layerwise_optax import _optional, linalg
 
 if TYPE_CHECKING:  # the checker reads flax itself; at run time a missing extra is named
     from flax import nnx
@@ -226,11 +226,11 @@ def subspace_distance(g: jax.Array, g_star: jax.Array) -> jax.Array:
     """
     # U: orthonormal basis of row(G) by QR (stable for ill-conditioned G, unlike a
     # Gram-matrix inverse root in float32).
-    # LAPACK calls go one matrix at a time on CPU (see _linalg.one_at_a_time_on_cpu):
+    # LAPACK calls go one matrix at a time on CPU (see linalg.one_at_a_time_on_cpu):
     # this metric runs under vmap over seeds and learning rates.
-    u, _ = _linalg.one_at_a_time_on_cpu(jnp.linalg.qr, g.astype(jnp.float32).T)
+    u, _ = linalg.one_at_a_time_on_cpu(jnp.linalg.qr, g.astype(jnp.float32).T)
     resid = u - _mm(g_star.T, _mm(g_star, u))  # (I - P_star) U
-    top = _linalg.one_at_a_time_on_cpu(lambda r: jnp.linalg.svd(r, compute_uv=False), resid)[0]
+    top = linalg.one_at_a_time_on_cpu(lambda r: jnp.linalg.svd(r, compute_uv=False), resid)[0]
     return jnp.clip(top, 0.0, 1.0)
 
 
@@ -255,7 +255,7 @@ def least_squares_head(z: jax.Array, y: jax.Array, ridge: float = 1e-6) -> jax.A
     gram = _mm(z.T, z)
     scale = jnp.trace(gram) / gram.shape[0]
     reg = gram + ridge * (scale + 1e-12) * jnp.eye(gram.shape[0], dtype=gram.dtype)
-    return _linalg.one_at_a_time_on_cpu(jnp.linalg.solve, reg, _mm(z.T, y)).T
+    return linalg.one_at_a_time_on_cpu(jnp.linalg.solve, reg, _mm(z.T, y)).T
 
 
 def train_loss(problem: LinearRepProblem, f: jax.Array, g: jax.Array) -> jax.Array:

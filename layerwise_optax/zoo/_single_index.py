@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerwise_optax import _linalg, _optional
+from layerwise_optax import _optional, linalg
 from layerwise_optax.zoo._linear_rep import (
     _mm,
     check_condition_number,
@@ -159,7 +159,7 @@ def ridge_fit(features: jax.Array, y: jax.Array, ridge: jax.typing.ArrayLike) ->
     """``argmin_a (1/n)||y - features a||^2 + ridge ||a||^2``."""
     n, p = features.shape
     gram = _mm(features.T, features) / n + ridge * jnp.eye(p, dtype=features.dtype)
-    return _linalg.one_at_a_time_on_cpu(jnp.linalg.solve, gram, _mm(features.T, y[:, None]) / n)[
+    return linalg.one_at_a_time_on_cpu(jnp.linalg.solve, gram, _mm(features.T, y[:, None]) / n)[
         :, 0
     ]
 

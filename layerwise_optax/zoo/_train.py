@@ -32,7 +32,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import layerwise_optax as lo
-from layerwise_optax import _linalg, _optional
+from layerwise_optax import _optional, linalg
 from layerwise_optax import flax as lof
 from layerwise_optax.zoo import _linear_rep as lr_
 from layerwise_optax.zoo import _single_index as si_
@@ -74,9 +74,7 @@ def full_gauss_newton(
             raise ValueError("full_gauss_newton needs update(..., gauss_newton=matrix).")
         flat, unravel = ravel_pytree(updates)
         m = gauss_newton + damping * jnp.eye(flat.shape[0], dtype=gauss_newton.dtype)
-        step = _linalg.one_at_a_time_on_cpu(jnp.linalg.solve, m, flat.astype(m.dtype)[:, None])[
-            :, 0
-        ]
+        step = linalg.one_at_a_time_on_cpu(jnp.linalg.solve, m, flat.astype(m.dtype)[:, None])[:, 0]
         return unravel((-(step * learning_rate)).astype(flat.dtype)), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
