@@ -86,6 +86,14 @@ def _configs(frequency: int) -> dict[str, tuple[str, dict]]:
         "muon": ("muon", dict(learning_rate=1e-3)),
         "steepest_descent": ("steepest_descent", dict(learning_rate=1e-3)),
         "psgd_kron": ("psgd_kron", dict(learning_rate=1e-3, precond_update_prob=1.0 / frequency)),
+        # Blocked: each fit solves a stack of triangular systems per factor, one
+        # matrix at a time on CPU (linalg.one_at_a_time_on_cpu). Revisions before
+        # 2026-12-01 batched them and hang here on a 2-core CPU: leave this alias
+        # out (--only) when comparing against one of those.
+        "psgd_kron_blocked": (
+            "psgd_kron",
+            dict(learning_rate=1e-3, block_size=128, precond_update_prob=1.0 / frequency),
+        ),
     }
 
 
