@@ -54,9 +54,11 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
 def one_at_a_time_on_cpu(fn, *args: jax.Array):
     """Applies a matrix function ``fn`` over leading axes, one matrix per call on CPU.
 
-    ``fn`` maps ``(k, m_i, n_i)`` arrays to a tree of ``(k, ...)`` arrays and
-    treats the ``k`` matrices apart (a Cholesky factor, a triangular solve, an
-    eigendecomposition, a QR or an LU solve). ``args`` are ``(..., m_i, n_i)``
+    ``fn`` takes one matrix per argument (``(m_i, n_i)``, as on CPU) or stacks of
+    them (``(k, m_i, n_i)``, as elsewhere), returns a tree of arrays with the
+    same leading axis, and treats the matrices apart (a Cholesky factor, a
+    triangular solve, an eigendecomposition, a QR or an LU solve): the
+    ``jax.numpy`` linear-algebra functions do. ``args`` are ``(..., m_i, n_i)``
     arrays with the same leading axes ``...``; the result has them too. On CPU the
     matrices are fed to ``fn`` one at a time (``lax.map``), also under
     ``jax.vmap``; on other platforms ``fn`` is called once on all of them.
@@ -78,7 +80,7 @@ def one_at_a_time_on_cpu(fn, *args: jax.Array):
     derivative the LAPACK calls are batched again.
 
     Args:
-      fn: The batched matrix function.
+      fn: The matrix function (see above).
       *args: ``(..., m_i, n_i)`` arrays with common leading axes.
 
     Returns:

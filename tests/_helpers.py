@@ -413,7 +413,7 @@ _LAPACK_CALL = re.compile(r'custom_call_target="lapack_(\w+)_ffi"[^\n]*?num_batc
 def lapack_calls(fn, *args):
     """``[(routine, num_batch_dims)]`` of every LAPACK call in ``jit(fn)(*args)`` on CPU.
 
-    The library keeps each call to one matrix (``_linalg.one_at_a_time_on_cpu``):
+    The library keeps each call to one matrix (``linalg.one_at_a_time_on_cpu``):
     batched calls can hang a process on a 2-core machine (jaxlib splits the batch
     over the intra-op pool and blocks pool threads on the parts).
     """

@@ -368,7 +368,7 @@ def test_vmap_over_independent_states(name, factory, kwargs):
             u, singles[s] = tx.update(gs[s], singles[s], params)
             assert_trees_close(jax.tree.map(lambda x: x[s], bu), u, rtol=1e-4, atol=1e-6)
     # Under vmap every LAPACK call still factors one matrix (a batched call can
-    # hang a 2-core CPU: _linalg.one_at_a_time_on_cpu).
+    # hang a 2-core CPU: linalg.one_at_a_time_on_cpu).
     assert_lapack_unbatched(jax.vmap(tx.update), bg, states, batched_params, expect_calls=False)
 
 

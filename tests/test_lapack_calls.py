@@ -4,7 +4,7 @@ jaxlib's CPU LAPACK kernels split a batch of matrices over XLA's intra-op thread
 pool and block the calling pool thread until the parts finish. Two batched calls
 running at once on a 2-core machine (Colab, this project's CI) then wait on each
 other forever with the CPU idle: a K-FAC learning-rate grid under ``jax.vmap``
-hung CI this way. ``_linalg.one_at_a_time_on_cpu`` maps leading axes with
+hung CI this way. ``linalg.one_at_a_time_on_cpu`` maps leading axes with
 ``lax.map`` and gives ``vmap`` a batching rule that does the same; these tests
 read the compiled HLO (``num_batch_dims`` of each LAPACK custom call) for the
 matrix functions, the optimizers and the zoo, and check values and derivatives
