@@ -256,7 +256,10 @@ class TwiceBlock(nnx.Module):
         return x + self.ln(h)
 
 
-def test_a_stacked_layer_used_twice_in_a_scanned_body_equals_the_unrolled_twin():
+# statistics_batch_size=2: each use's rows sliced on the examples (a second use of a stacked
+# layer once had its layer axis sliced instead).
+@pytest.mark.parametrize("sub_batch", [None, 2])
+def test_a_stacked_layer_used_twice_in_a_scanned_body_equals_the_unrolled_twin(sub_batch):
     @nnx.split_rngs(splits=LAYERS)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
@@ -284,8 +287,17 @@ def test_a_stacked_layer_used_twice_in_a_scanned_body_equals_the_unrolled_twin()
     twin = Unrolled(model)
     x = jax.random.normal(jax.random.key(0), (4, 3, D))
     y = jax.random.normal(jax.random.key(1), (4, 3, D))
-    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")
+    f = lof.kfac_value_and_grad(lambda m, x: m(x), "mse", statistics_batch_size=sub_batch)
     stats, twin_stats = f(model, x, y)[2], f(twin, x, y)[2]
+    if sub_batch is not None:  # the statistics are those of the first examples alone
+        alone = lof.kfac_value_and_grad(lambda m, x: m(x), "mse")(twin, x[:2], y[:2])[2]
+        for name in ("a", "g"):
+            np.testing.assert_allclose(
+                getattr(twin_stats["blocks"][0]["lin"]["kernel"], name),
+                getattr(alone["blocks"][0]["lin"]["kernel"], name),
+                rtol=2e-5,
+                atol=1e-5,
+            )
     for i in range(LAYERS):
         want = twin_stats["blocks"][i]
         # The reuse rule per slice: uses as extra positions (a, g over 2 * positions rows).

@@ -1479,7 +1479,7 @@ def _sub_batch(
         return feats, deltas, n
     out_feats, out_deltas = {}, {}
     for k, x in feats.items():
-        axis = len(stacks.get(k, ()))
+        axis = len(stacks.get(_layer_of(k), ()))  # k is a use of the layer
         if x.shape[axis] != n:
             raise ValueError(
                 f"layer {k}: statistics_batch_size needs the examples leading the layer's "

@@ -33,7 +33,7 @@ through its ``DenseGeneral`` projections.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
@@ -50,9 +50,12 @@ else:
 
 _INPUTS, _OUTPUTS = "kfac_inputs", "kfac_outputs"
 _CAPTURED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm)
 _EXTRA = (nn.Embed, *_NORMS)  # own blocks: KfacDiagonal, or a diagonal input factor
-_NAMES = "nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed, nn.LayerNorm or nn.RMSNorm"
+_NAMES = (
+    "nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed, nn.LayerNorm, nn.RMSNorm "
+    "or nn.BatchNorm"
+)
 
 
 class _LinenLayer(NamedTuple):
@@ -129,8 +132,19 @@ def _canonical_axes(axes: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
-def _normalized_input(module: Any, x: jax.Array, path: str, mask: Any) -> jax.Array:
-    """``x̂``: a Linen norm layer's input normalized as the layer does, before scale and shift."""
+def _feature_axes(module: Any, ndim: int) -> tuple[int, ...]:
+    """A Linen norm layer's feature axes (``BatchNorm``'s ``axis``), canonical."""
+    axes = module.axis if isinstance(module, nn.BatchNorm) else module.feature_axes
+    return _canonical_axes(axes, ndim)
+
+
+def _normalized_input(module: Any, x: jax.Array, path: str, args: tuple, kwargs: dict) -> jax.Array:
+    """``x̂``: a Linen norm layer's input normalized as the layer does, before scale and shift.
+
+    ``nn.BatchNorm`` normalizes by the batch's statistics in training mode and by
+    its running averages with ``use_running_average`` (the call's argument, else
+    the attribute), as the layer itself does.
+    """
     # The layer's own statistics code (through _optional, like every flax import).
     norm = _optional.require("flax.linen.normalization", "layerwise_optax.flax")
 
@@ -139,24 +153,51 @@ def _normalized_input(module: Any, x: jax.Array, path: str, mask: Any) -> jax.Ar
             f"layer {path}: a norm layer with axis_name (statistics over devices) cannot "
             "be captured: its per-example gradients need the whole batch on one device."
         )
-    if 0 in _canonical_axes(module.feature_axes, x.ndim):
+    feature_axes = _feature_axes(module, x.ndim)
+    if 0 in feature_axes:
         raise ValueError(
             f"layer {path}: its features include axis 0, the examples axis, so its scale "
             "and shift have no per-example gradients."
         )
-    mean, var = norm._compute_stats(
-        x,
-        module.reduction_axes,
-        module.dtype,
-        None,
-        module.axis_index_groups,
-        use_mean=not isinstance(module, nn.RMSNorm),
-        use_fast_variance=module.use_fast_variance,
-        mask=mask,
-        force_float32_reductions=module.force_float32_reductions,
-    )
-    reduction = _canonical_axes(module.reduction_axes, x.ndim)
-    mean, var = jnp.expand_dims(mean, reduction), jnp.expand_dims(var, reduction)
+    mask = kwargs.get("mask")
+    if isinstance(module, nn.BatchNorm):
+        reduction = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        running = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+        running = nn.merge_param("use_running_average", module.use_running_average, running)
+        if running:
+            # Read after the call, which leaves the averages unchanged in this mode.
+            mean = module.get_variable("batch_stats", "mean")
+            var = module.get_variable("batch_stats", "var")
+            shape = [1] * x.ndim
+            for a in feature_axes:
+                shape[a] = x.shape[a]
+            mean, var = mean.reshape(shape), var.reshape(shape)
+        else:
+            mean, var = norm._compute_stats(
+                x,
+                reduction,
+                module.dtype,
+                None,
+                module.axis_index_groups,
+                use_fast_variance=module.use_fast_variance,
+                mask=mask,
+                force_float32_reductions=module.force_float32_reductions,
+            )
+            mean, var = jnp.expand_dims(mean, reduction), jnp.expand_dims(var, reduction)
+    else:
+        mean, var = norm._compute_stats(
+            x,
+            module.reduction_axes,
+            module.dtype,
+            None,
+            module.axis_index_groups,
+            use_mean=not isinstance(module, nn.RMSNorm),
+            use_fast_variance=module.use_fast_variance,
+            mask=mask,
+            force_float32_reductions=module.force_float32_reductions,
+        )
+        reduction = _canonical_axes(module.reduction_axes, x.ndim)
+        mean, var = jnp.expand_dims(mean, reduction), jnp.expand_dims(var, reduction)
     xhat = (x.astype(var.dtype) - mean) * jax.lax.rsqrt(var + module.epsilon)
     return jax.lax.stop_gradient(xhat)
 
@@ -184,10 +225,17 @@ class _Interceptor:
     reuse rule of :mod:`layerwise_optax.flax._capture`.
     """
 
-    def __init__(self, examples: int | None = None):
+    def __init__(
+        self,
+        examples: int | None = None,
+        skip: Callable[[str, Any], bool] | None = None,
+    ):
         self.examples = examples  # n: checks that no nn.vmap maps the examples away
+        self.skip = skip  # (path, layer) -> bool: left to the diagonal Fisher
         self.uses: dict[str, _LinenLayer] = {}
         self.paths: dict[str, tuple[str, ...]] = {}
+        # Layers left to the diagonal Fisher on purpose: key -> (path, param leaves).
+        self.diagonal: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
@@ -202,6 +250,13 @@ class _Interceptor:
         assert module.scope is not None  # a module is bound while it is applied
         path = tuple(module.scope.path)
         key = "/".join(path)
+        if self.skip is not None and self.skip(key, module):
+            if isinstance(module, _EXTRA):
+                names = _extra_params(module)
+            else:
+                names = ("kernel", "bias") if module.has_variable("params", "bias") else ("kernel",)
+            self.diagonal[key] = (path, names)
+            return out
         x = args[0] if args else next(iter(kwargs.values()))
         if self.examples is not None:
             _capture._check_examples_not_mapped(key, x, self.examples)
@@ -216,11 +271,11 @@ class _Interceptor:
                 bias = module.get_variable("params", "bias") if "bias" in params else None
                 kind = (
                     "norm",
-                    _canonical_axes(module.feature_axes, x.ndim),
+                    _feature_axes(module, x.ndim),
                     None if scale is None else tuple(scale.shape),
                     None if bias is None else tuple(bias.shape),
                 )
-                feats = _normalized_input(module, x, key, kwargs.get("mask"))
+                feats = _normalized_input(module, x, key, args, kwargs)
             info = _LinenLayer(
                 None, params[0], leaf.ndim, out.ndim, _capture._identity, kind, params
             )
@@ -251,18 +306,51 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _trace(module: Any, params: Any, inputs: Any) -> tuple[_Interceptor, Any]:
-    """The layers of one abstract forward pass and the shapes of their perturbations."""
-    interceptor = _Interceptor(jax.tree.leaves(inputs)[0].shape[0])
+class _Apply(NamedTuple):
+    """How the model is applied: ``module.apply(variables, inputs, rngs=..., method=..., **kwargs)``."""
+
+    variables: Any  # the collections besides 'params' ({'batch_stats': ...}), or None
+    rngs: Any  # PRNG keys by stream name ({'dropout': key}), or None
+    method: Any  # the module method applied, or None (__call__)
+    kwargs: dict  # further keyword arguments of the call (train=True, ...)
+
+    def __call__(self, module, params, extra, inputs, mutable):
+        variables = {**_to_dict(self.variables or {}), **extra, "params": params}
+        return module.apply(
+            variables, inputs, rngs=self.rngs, method=self.method, mutable=mutable, **self.kwargs
+        )
+
+
+def _trace(
+    module: Any,
+    params: Any,
+    inputs: Any,
+    apply: _Apply,
+    skip: Callable[[str, Any], bool] | None = None,
+    diagonal: Any = (),
+) -> tuple[_Interceptor, Any]:
+    """The layers of one abstract forward pass and the shapes of their perturbations.
+
+    Raises:
+      ValueError: A model without captured layers, or a ``diagonal`` path (a
+        sequence) that names no layer of a captured type seen in the pass.
+    """
+    interceptor = _Interceptor(jax.tree.leaves(inputs)[0].shape[0], skip)
 
     def run(p):
         with nn.intercept_methods(interceptor):
-            return module.apply({"params": p}, inputs, mutable=["perturbations", "intermediates"])[
-                1
-            ]
+            return apply(module, p, {}, inputs, True)[1]
 
     variables = jax.eval_shape(run, params)
-    if not interceptor.uses:
+    if not callable(diagonal):
+        seen = sorted({_capture._layer_of(u) for u in interceptor.uses} | set(interceptor.diagonal))
+        for name in diagonal:
+            if name.strip("/") not in seen:
+                raise ValueError(
+                    f"diagonal names {name!r}, which is not a captured layer of the model "
+                    f"({_NAMES} called in the forward pass); its captured layers are {seen}."
+                )
+    if not interceptor.uses and not interceptor.diagonal:
         raise ValueError(
             f"{type(module).__name__} has no {_NAMES} layer to capture: no K-FAC statistics "
             "would come out."
@@ -305,7 +393,16 @@ def _stacks(interceptor: _Interceptor, variables: Any, params: Any) -> dict[str,
 
 
 def linen_kfac_dimension_numbers(
-    module: Any, params: Any, inputs: Any, *, fold_biases: bool = True
+    module: Any,
+    params: Any,
+    inputs: Any,
+    *,
+    fold_biases: bool = True,
+    diagonal: Any = (),
+    method: Any = None,
+    variables: Any = None,
+    rngs: Any = None,
+    **kwargs: Any,
 ) -> Callable[[Any], Any]:
     """The kernel layouts of a Linen model's captured layers, for ``kfac(dimension_numbers=...)``.
 
@@ -329,13 +426,20 @@ def linen_kfac_dimension_numbers(
       fold_biases: ``True``: each captured bias is folded into its kernel
         (:class:`layerwise_optax.FoldedBias`); ``False``: its own block. Must match
         the capture's ``fold_biases``.
+      diagonal: Layers left to the diagonal Fisher, as given to
+        :func:`linen_kfac_value_and_grad`: their params get ``None`` (no factors).
+      method: The module method the pass applies (as ``module.apply``'s).
+      variables: The model's collections besides ``'params'`` (``{'batch_stats': ...}``).
+      rngs: PRNG keys by stream (``{'dropout': key}``), for models that draw them.
+      **kwargs: Further keyword arguments of the model's call (``train=True``).
 
     Returns:
       A callable ``tree -> spec tree`` for ``kfac``'s ``dimension_numbers``.
 
     Raises:
-      ValueError: For a layer that cannot be captured (named by its path), or a
-        model with no captured layer.
+      ValueError: For a layer that cannot be captured (named by its path), a
+        ``diagonal`` path that names no captured layer, or a model with no
+        captured layer.
       TypeError: If ``fold_biases`` is not a bool.
 
     Examples:
@@ -353,8 +457,10 @@ def linen_kfac_dimension_numbers(
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
     """
     _checks.boolean("fold_biases", fold_biases)
-    interceptor, variables = _trace(module, params, inputs)
-    stacks = _stacks(interceptor, variables, params)
+    skip = _capture._diagonal_rule(diagonal)
+    apply = _Apply(variables, rngs, method, kwargs)
+    interceptor, traced = _trace(module, params, inputs, apply, skip, diagonal)
+    stacks = _stacks(interceptor, traced, params)
     layers = {_capture._layer_of(u): info for u, info in interceptor.uses.items()}
 
     def spec(path, leaf):
@@ -362,6 +468,8 @@ def linen_kfac_dimension_numbers(
             return None
         names = _capture._path_keys(path)
         layer, kind = "/".join(names[:-1]), names[-1] if names else ""
+        if layer in interceptor.diagonal and kind in interceptor.diagonal[layer][1]:
+            return None  # the diagonal Fisher, on purpose: no factors
         info = layers.get(layer)
         if info is None or kind not in info.params:
             return _default_dims(leaf.shape)
@@ -393,7 +501,12 @@ def linen_kfac_value_and_grad(
     *,
     statistics: Literal["empirical", "fisher", "gauss_newton"] = "empirical",
     fold_biases: bool = True,
-) -> Callable[..., tuple[jax.Array, Any, dict]]:
+    sequence_statistics: Literal["expand", "reduce"] = "expand",
+    statistics_batch_size: int | None = None,
+    diagonal: Any = (),
+    method: Any = None,
+    mutable: Sequence[str] = (),
+) -> Callable[..., tuple]:
     """Builds ``f(params, inputs, targets, key=None) -> (loss, grads, kfac_stats)`` for Linen.
 
     The ``flax.linen`` twin of :func:`layerwise_optax.flax.kfac_value_and_grad`:
@@ -403,40 +516,68 @@ def linen_kfac_value_and_grad(
     (also with ``batch_dims``: one block per slice), ``nn.Conv`` and ``nn.Einsum``
     (an axis shared by input and output: one block per head) kernels,
     :class:`layerwise_optax.KfacDiagonal` blocks (the exact diagonal Fisher) for
-    ``nn.LayerNorm`` and ``nn.RMSNorm`` scale and bias, and ``nn.Embed`` tables
+    ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.BatchNorm`` scale and bias (batch
+    statistics in training mode, the running averages with
+    ``use_running_average``), and ``nn.Embed`` tables
     with a ``(vocabulary,)`` diagonal input factor, also inside ``nn.scan`` /
     ``nn.vmap`` (list ``'perturbations'`` and ``'intermediates'`` in their
     ``variable_axes`` with ``'params'``; each slice gets its factors, stacked on
     the leading layer axes). A layer called several times, or a table also used
     by ``Embed.attend`` (a tied output head), gets its uses combined by the reuse
-    rule of the NNX capture. Other layers' params get no statistics (``kfac``'s
-    diagonal fallback).
-    ``module.apply({'params': params, 'perturbations': ...}, inputs)`` is the
-    forward pass: models with other collections (``batch_stats``) or more
-    arguments are not covered.
+    rule of the NNX capture. Params of other modules get no statistics
+    (``kfac``'s diagonal fallback); ``diagonal`` leaves layers of the captured
+    types to it on purpose (their entries are ``None``).
+
+    The forward pass is ``module.apply({'params': params, **variables}, inputs,
+    rngs=rngs, method=method, mutable=[...], **kwargs)`` with the arguments of
+    ``f(params, inputs, targets, key=None, *, variables=None, rngs=None, **kwargs)``:
+    ``variables`` the model's other collections (``{'batch_stats': ...}``),
+    ``rngs`` its PRNG streams (``{'dropout': key}``; every pass of one call
+    draws the same masks), ``kwargs`` its call's keyword arguments
+    (``train=True``). With ``mutable`` (``['batch_stats']``), ``f`` also returns
+    those collections as the pass updated them.
 
     Args:
       module: The ``flax.linen`` module, applied as ``module.apply(variables, inputs)``.
       loss: As in :func:`layerwise_optax.flax.kfac_value_and_grad`.
       statistics: ``'empirical'``, ``'fisher'`` (needs ``key``) or ``'gauss_newton'``.
       fold_biases: Fold each bias into its kernel (homogeneous coordinates).
+      sequence_statistics: ``'expand'`` or ``'reduce'`` (K-FAC-expand or
+        K-FAC-reduce for layers applied over positions), as in
+        :func:`layerwise_optax.flax.kfac_value_and_grad`.
+      statistics_batch_size: ``m`` in ``1..n``: the statistics from the first
+        ``m`` examples of the batch, the loss and gradients from all ``n``, in
+        the same pass. ``None``: the whole batch.
+      diagonal: Layers (of the captured types) left to ``kfac``'s diagonal Fisher
+        on purpose: a list of paths (``'Block_0/Dense_1'``, as in the params) or
+        a callable ``(path, module) -> bool``.
+      method: The module method to apply (a name or function, as
+        ``module.apply``'s); ``None``: ``__call__``.
+      mutable: Collections the pass updates (``['batch_stats']`` for
+        ``nn.BatchNorm`` in training mode); then ``f`` returns them too.
 
     Returns:
       A function returning the loss, the gradients of ``params`` (a tree like
-      ``params``) and the statistics (a nested dict keyed like ``params``:
+      ``params``), the statistics (a nested dict keyed like ``params``:
       :class:`layerwise_optax.KfacFactors` at each captured kernel, with
       ``(*layer_axes, d, d)`` factors for stacked layers, and
       :class:`layerwise_optax.FoldedBias` or the bias's own factors at its bias,
       :class:`layerwise_optax.KfacDiagonal` at a norm layer's scale and bias,
       ``KfacFactors`` with a ``(vocabulary,)`` diagonal ``a`` at an embedding
-      table). Give ``kfac`` ``dimension_numbers=linen_kfac_dimension_numbers(...)``
-      for ``DenseGeneral``, ``Einsum``, ``Embed``, norm or stacked layers.
+      table, ``None`` at the ``diagonal`` layers' params) and, with ``mutable``,
+      the updated collections (a dict by collection name). Give ``kfac``
+      ``dimension_numbers=linen_kfac_dimension_numbers(...)`` for
+      ``DenseGeneral``, ``Einsum``, ``Embed``, norm or stacked layers.
 
     Raises:
-      ValueError: For an unknown loss or mode, a mode the loss does not support, a
-        layer that cannot be captured (named by its path), a model without
-        captured layers, or ``statistics='fisher'`` without a ``key``.
-      TypeError: If ``fold_biases`` is not a bool.
+      ValueError: For an unknown loss, mode or ``sequence_statistics``, a mode the
+        loss does not support, a ``diagonal`` that is neither paths nor a
+        callable; from ``f``: a layer that cannot be captured (named by its
+        path), a ``diagonal`` path that names no captured layer,
+        ``statistics_batch_size`` larger than the batch, a model without captured
+        layers, or ``statistics='fisher'`` without a ``key``.
+      TypeError: If ``fold_biases`` is not a bool, ``statistics_batch_size`` not
+        an int, or ``mutable`` not a sequence of collection names.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -478,27 +619,45 @@ def linen_kfac_value_and_grad(
       <https://arxiv.org/abs/2311.00636>`_, NeurIPS 2023.
     """
     _checks.boolean("fold_biases", fold_biases)
+    if sequence_statistics not in _capture._SEQUENCE:
+        raise ValueError(
+            f"sequence_statistics must be one of {list(_capture._SEQUENCE)}, "
+            f"got {sequence_statistics!r}."
+        )
+    _checks.positive_int("statistics_batch_size", statistics_batch_size, allow_none=True)
+    if isinstance(mutable, str) or not all(isinstance(c, str) for c in mutable):
+        raise TypeError(
+            f"mutable must be a sequence of collection names like ['batch_stats'], got {mutable!r}."
+        )
+    mutable = tuple(mutable)
+    if {"params", "perturbations", "intermediates"} & set(mutable):
+        raise ValueError(
+            f"mutable={list(mutable)}: 'params', 'perturbations' and 'intermediates' are the "
+            "capture's own collections; name the model's others (['batch_stats'])."
+        )
     loss_name, loss_fn = _capture._loss_for(loss, statistics)
+    skip = _capture._diagonal_rule(diagonal)
 
-    def fn(params, inputs, targets, key=None):
+    def fn(params, inputs, targets, key=None, *, variables=None, rngs=None, **kwargs):
         if statistics == "fisher" and key is None:
             raise ValueError(
                 "statistics='fisher' needs a PRNG key: f(params, inputs, targets, key=key)."
             )
-        interceptor, variables = _trace(module, params, inputs)
-        stacks = _stacks(interceptor, variables, params)
+        apply = _Apply(variables, rngs, method, kwargs)
+        interceptor, traced = _trace(module, params, inputs, apply, skip, diagonal)
+        stacks = _stacks(interceptor, traced, params)
         paths = interceptor.paths
         uses = interceptor.uses
 
         def pert_of(use):
             layer = _capture._layer_of(use)
             k = 0 if use == layer else int(use.rsplit("#", 1)[1])
-            return _get(variables["perturbations"], paths[layer])[_use_names(k)]
+            return _get(traced["perturbations"], paths[layer])[_use_names(k)]
 
         zeros = {u: jnp.zeros(pert_of(u).shape, pert_of(u).dtype) for u in uses}
 
         # The model's own perturbations (Module.perturb), if any, stay at zero.
-        others = _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables))
+        others = _to_dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), traced))
         others = others["perturbations"]
 
         def forward(p, perturbations):
@@ -510,16 +669,17 @@ def linen_kfac_value_and_grad(
                 for name in paths[layer]:
                     node = node.setdefault(name, {})
                 node[_use_names(k)] = e
-            with nn.intercept_methods(_Interceptor()):
-                outputs, state = module.apply(
-                    {"params": p, "perturbations": nested}, inputs, mutable=["intermediates"]
+            with nn.intercept_methods(_Interceptor(skip=skip)):
+                outputs, state = apply(
+                    module, p, {"perturbations": nested}, inputs, ["intermediates", *mutable]
                 )
             feats = {}
             for u in perturbations:
                 layer = _capture._layer_of(u)
                 k = 0 if u == layer else int(u.rsplit("#", 1)[1])
                 feats[u] = _get(state["intermediates"], paths[layer])[_INPUTS][k]
-            return outputs, feats
+            # The updated collections ride with the features, out of the pass.
+            return outputs, {**feats, _capture._STATE: {c: state.get(c, {}) for c in mutable}}
 
         n = jax.tree.leaves(inputs)[0].shape[0]
         if statistics == "empirical":
@@ -537,6 +697,9 @@ def linen_kfac_value_and_grad(
             value, grads, feats, deltas = _capture._gauss_newton(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
+        updated = feats.pop(_capture._STATE)
+        if statistics_batch_size is not None:
+            feats, deltas, n = _capture._sub_batch(feats, deltas, n, statistics_batch_size, stacks)
         # The NNX capture's pipeline from here: the reuse rule, then the blocks.
         out_rows = {u: info.rows for u, info in uses.items()}
         kinds = {u: info.kind for u, info in uses.items() if info.kind is not None}
@@ -552,9 +715,22 @@ def linen_kfac_value_and_grad(
             feats, deltas, out_rows, kinds, n, heads, stacks
         )
         stats = _capture._stats_tree(
-            feats, deltas, rows, n, tuples, biases, fold_biases, stacks, heads
+            feats,
+            deltas,
+            rows,
+            n,
+            tuples,
+            biases,
+            fold_biases,
+            stacks,
+            heads,
+            sequence_statistics == "reduce",
         )
         _capture._merge_stats(stats, _capture._extra_stats(extra, kinds, n, tuples, stacks))
+        for path, names in interceptor.diagonal.values():
+            _capture._set_diagonal(stats, path, names)
+        if mutable:
+            return value, grads, stats, updated
         return value, grads, stats
 
     return fn
