@@ -53,6 +53,30 @@ def in_unit_interval(name: str, value: Any, *, right_closed: bool = False) -> No
             raise ValueError(f"{name} must be in [0, 1{bracket}, got {value!r}.")
 
 
+def tolerance(name: str, value: Any) -> None:
+    """Checks an optional relative tolerance: ``None``, or a real number in ``[0, 1]``.
+
+    Arrays and tracers (``inject_hyperparams``) pass unchecked when scalar. Raises
+    ``ValueError`` naming the argument for anything else (a string, a bool, NaN,
+    a value outside ``[0, 1]``, a non-scalar array).
+    """
+    if value is None:
+        return
+    if isinstance(value, (jax.Array, np.ndarray, np.floating)) and not isinstance(value, bool):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be None or a scalar, got shape {np.shape(value)}.")
+        if isinstance(value, np.floating):
+            value = float(value)
+        else:
+            return
+    if not _is_number(value):
+        raise ValueError(
+            f"{name} must be None or a float in [0, 1], got {type(value).__name__} {value!r}."
+        )
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be None or in [0, 1], got {value!r}.")
+
+
 def non_negative(name: str, value: Any) -> None:
     """Checks ``value >= 0`` (plain numbers only)."""
     numeric(name, value)

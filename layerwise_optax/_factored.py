@@ -118,6 +118,8 @@ class FactoredOptions:
     # Set on the copy of the options that runs on an owner layout's grouped tree
     # (:func:`owned_update`): the grouped tree's plans.
     grouped_plans: Any = dataclasses.field(default=None, kw_only=True)
+    # ... and its layout (:class:`layerwise_optax._owner.Layout`: which blocks are padding).
+    grouped_layout: Any = dataclasses.field(default=None, kw_only=True)
 
     def resolve(self, tree: Any) -> Any:
         """The plans of ``tree`` (:func:`layerwise_optax._axes.resolve`)."""
@@ -263,6 +265,8 @@ def owned_update(
     updates: Any,
     state: Any,
     params: Any = None,
+    *,
+    counters: Sequence[str] = (),
 ) -> tuple[Any, Any]:
     """``update(options, updates, state)`` on the grouped tree of an owner-layout state.
 
@@ -273,7 +277,8 @@ def owned_update(
     back in the parameters' shapes (:func:`layerwise_optax._owner.from_groups`).
     Skipped events are counted per leaf, as in the replicated layout; inside
     ``jax.pmap`` (a mapped layout) each device refreshes only its own blocks,
-    and the failed refreshes are summed over the devices.
+    and the failed refreshes are summed over the devices, as are the int32 state
+    fields named in ``counters`` (where not ``None``; SOAP's ``refresh_skips``).
     """
     del params  # Shampoo and SOAP do not read them.
     layout = _owner.layout_of(state)
@@ -288,7 +293,7 @@ def owned_update(
         None if _axes.is_masked(plan) else _failure.guard(x)[0] for plan, x in zip(nodes, bare)
     ]
     grouped_updates = _owner.to_groups(layout, plans, updates, valid=valid)
-    inner = dataclasses.replace(options, grouped_plans=layout.plans(plans))
+    inner = dataclasses.replace(options, grouped_plans=layout.plans(plans), grouped_layout=layout)
     fields = {
         name: (value.tree() if isinstance(value, _owner.Grouped) else value)
         for name, value in zip(state._fields, state)
@@ -308,4 +313,7 @@ def owned_update(
         for name in state._fields
     }
     out["failures"] = failures
+    for name in counters:
+        if getattr(new_state, name) is not None:
+            out[name] = _owner.total_failed(layout, getattr(state, name), getattr(new_state, name))
     return _owner.from_groups(layout, plans, new_grouped, updates), type(state)(**out)

@@ -40,6 +40,7 @@ class Refreshed(NamedTuple):
     factors: Factors
     perms: tuple[Any, ...]
     failed: jax.Array
+    kept: tuple[Any, ...] = ()  # per factor: blocks an adaptive criterion kept (or None)
 
 
 def as_factors(x: Any) -> Factors:
@@ -444,15 +445,70 @@ def _full_basis(s, q, method):
     return new, perm, ok
 
 
+def needs_refresh(s: jax.Array, q: jax.Array, tolerance: jax.Array) -> jax.Array:
+    r"""The adaptive refresh criterion: which ``(stack, b, b)`` blocks need a new basis.
+
+    A block needs one unless its basis still diagonalizes its statistic within
+    ``tolerance``: with ``B = Q^T L Q`` (:func:`layerwise_optax._linalg.basis_off_diagonal`),
+
+    .. math::
+      \text{refresh} \iff \lVert B - \operatorname{diag} B \rVert_F
+      > \text{tol} \cdot \lVert B \rVert_F .
+
+    A non-finite statistic or basis needs a refresh (so a failure is counted as
+    before), and so does every block when ``tolerance <= 0`` (a traced 0 means
+    "always", like ``None``). A zero statistic is diagonal in any basis and keeps it.
+
+    Returns:
+      ``(stack,)`` bool.
+    """
+    off, total = _linalg.basis_off_diagonal(s, q)
+    return ~(off <= tolerance * total) | (tolerance <= 0)
+
+
+def _adaptive_basis(s, q, method, tolerance):
+    """:func:`_full_basis` where :func:`needs_refresh`, the kept basis elsewhere.
+
+    Returns ``(bases, perm, ok, kept)``; ``kept`` marks the blocks whose basis the
+    criterion kept (never counted as failed). When no block of the batch needs a
+    refresh the decomposition is skipped altogether (``lax.cond``; under
+    ``jax.vmap`` both branches run).
+    """
+    need = needs_refresh(s, q, tolerance)
+    ident = (
+        None
+        if method == "eigh"
+        else jnp.broadcast_to(jnp.arange(q.shape[-1], dtype=jnp.int32), q.shape[:-1])
+    )
+
+    def skip():
+        return q, ident, jnp.ones(need.shape, bool)
+
+    new, perm, ok = jax.lax.cond(jnp.any(need), lambda: _full_basis(s, q, method), skip)
+    new = jnp.where(need[:, None, None], new, q)
+    if perm is not None:
+        perm = jnp.where(need[:, None], perm, ident)
+    return new, perm, ok | ~need, ~need
+
+
 def eigenbases_tree(
-    stats: Any, prev: Any, plans: Any, *, method: str, distribute: bool = True
-) -> tuple[Any, Any, jax.Array]:
+    stats: Any,
+    prev: Any,
+    plans: Any,
+    *,
+    method: str,
+    distribute: bool = True,
+    tolerance: jax.Array | None = None,
+) -> tuple[Any, Any, jax.Array, Any]:
     """Eigenbases of the full factors of every leaf (SOAP); other factors keep ``prev``.
 
     Like :func:`inverse_roots_tree`: each group of same-sized full factors of all
     leaves is one batched computation, spread over the mesh's devices when there
     is one; a block whose new basis is not finite keeps its previous one and is
-    counted.
+    counted. With ``tolerance`` (SOAP's ``refresh_tolerance``) a block whose
+    previous basis still diagonalizes its statistic (:func:`needs_refresh`)
+    keeps it, and a batch (the part on one device) none of whose blocks needs a
+    refresh skips its decomposition.
 
     Args:
       stats: Per-leaf factor tuples.
@@ -461,12 +517,16 @@ def eigenbases_tree(
       method: ``'eigh'`` (exact) or ``'qr'`` (one power step plus QR from
         ``prev``, see :func:`layerwise_optax._linalg.refresh_eigenbasis`).
       distribute: Spread the groups over the mesh's devices.
+      tolerance: ``None`` (refresh every block) or the criterion's float32 scalar.
 
     Returns:
-      ``(bases, perms, failures)``: the bases tree; per leaf the tuple of
+      ``(bases, perms, failures, kept)``: the bases tree; per leaf the tuple of
       ``(stack, b)`` column permutations applied to each basis (``None`` where
       there is none: non-full factors, and every factor with ``'eigh'``); the
-      int32 count of blocks that kept their previous basis.
+      int32 count of blocks that kept their previous basis because the new one
+      was not finite; per leaf the tuple of ``(stack,)`` bool masks of the blocks
+      the criterion kept (``None`` for non-full factors and without
+      ``tolerance``).
     """
 
     def prepare(plan, s, q):
@@ -476,24 +536,27 @@ def eigenbases_tree(
         ]
 
     def batched(key):
-        return lambda s, q: _full_basis(s, q, method)
+        if tolerance is None:
+            return lambda s, q: (*_full_basis(s, q, method), None)
+        return lambda s, q: _adaptive_basis(s, q, method, tolerance)
 
     done = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
 
     def combine(q, plan, d):
-        bases, perms, failed = [], [], jnp.zeros([], jnp.int32)
+        bases, perms, kept, failed = [], [], [], jnp.zeros([], jnp.int32)
         for q_j, d_j in zip(as_factors(q), d):
-            new, perm, ok = (q_j, None, True) if d_j is None else d_j
+            new, perm, ok, k = (q_j, None, True, None) if d_j is None else d_j
             bases.append(new)
             perms.append(perm)
+            kept.append(k)
             failed = failed + jnp.sum(~jnp.asarray(ok)).astype(jnp.int32)
-        return Refreshed(tuple(bases), tuple(perms), failed)
+        return Refreshed(tuple(bases), tuple(perms), failed, tuple(kept))
 
     out = _axes.map_leaves(combine, plans, prev, done)
     failed = _failure.total(_axes.unzip(out, "failed"))
     bases = _axes.keep_masked(plans, _axes.unzip(out, "factors"), prev)
     perms = _axes.keep_masked(plans, _axes.unzip(out, "perms"), prev)
-    return bases, perms, failed
+    return bases, perms, failed, _axes.unzip(out, "kept")
 
 
 def permute_axes(

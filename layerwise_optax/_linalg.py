@@ -822,6 +822,45 @@ def eigenbasis(a: jax.Array) -> jax.Array:
     return v[..., ::-1]
 
 
+def basis_off_diagonal(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""How far a basis is from diagonalizing a matrix: ``(||B - diag B||_F, ||B||_F)``.
+
+    With ``B = Q^T A Q`` (``A`` symmetrized, computed in at least float32 at the
+    highest matmul precision) the first norm is also ``||A - Q diag(B) Q^T||_F``
+    for orthogonal ``Q``, the error of keeping ``Q`` as ``A``'s eigenbasis, and
+    the second is ``||A||_F``. The adaptive refresh criterion of SOAP's
+    ``refresh_tolerance`` compares the two (as Meta's Distributed Shampoo does
+    with its eigendecomposition ``tolerance``). Matrix products only, no LAPACK.
+
+    Args:
+      a: ``(..., n, n)`` symmetric matrices.
+      q: ``(..., n, n)`` orthogonal bases.
+
+    Returns:
+      ``(off, total)``, two ``(...,)`` arrays (NaN where an input is not finite).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from layerwise_optax import _linalg
+      >>> off, total = _linalg.basis_off_diagonal(jnp.array([[2.0, 1.0], [1.0, 2.0]]), jnp.eye(2))
+      >>> round(float(off) ** 2, 4), round(float(total) ** 2, 4)
+      (2.0, 10.0)
+
+    References:
+      Shi et al., `A Distributed Data-Parallel PyTorch Implementation of the
+      Distributed Shampoo Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023;
+      the criterion is its implementation's ``EigendecompositionConfig.tolerance``
+      (Eschenhagen et al., "Purifying Shampoo", 2025, motivate it).
+    """
+    dtype = _compute_dtype(a)
+    a = symmetrize(a.astype(dtype))
+    q = q.astype(dtype)
+    b = _mm(_mm(jnp.swapaxes(q, -1, -2), a), q)
+    off_diag = b * (1.0 - _eye_like(b))
+    off = jnp.sqrt(jnp.sum(jnp.square(off_diag), axis=(-2, -1)))
+    return off, jnp.sqrt(jnp.sum(jnp.square(b), axis=(-2, -1)))
+
+
 def refresh_eigenbasis(a: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One power-iteration step plus QR towards the eigenbasis of ``a`` (SOAP).
 

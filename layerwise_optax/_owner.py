@@ -685,6 +685,21 @@ def place_state(layout: Layout, tree: Any) -> Any:
     }
 
 
+def real_blocks(layout: Layout) -> tuple[jax.Array, ...]:
+    """Per group, the ``(length,)`` bool mask of the real (not padded) blocks this state holds.
+
+    A mapped layout's state holds one device's share of each stack, found by
+    ``lax.axis_index``; the padding is at the end of every whole stack.
+    """
+    out = []
+    for g in layout.groups:
+        index = jnp.arange(g.length)
+        if layout.mapped:
+            index = index + _device_index(layout) * g.length
+        out.append(index < g.size)
+    return tuple(out)
+
+
 def pad_identity(layout: Layout, factors: Sequence[Any], identity: Sequence[Any]) -> Any:
     """Per group, factor statistics whose padded blocks hold the identity.
 
@@ -693,11 +708,7 @@ def pad_identity(layout: Layout, factors: Sequence[Any], identity: Sequence[Any]
     basis finite at every refresh, so padding is never counted as a failure.
     """
     out = []
-    for g, fs, eyes in zip(layout.groups, factors, identity):
-        index = jnp.arange(g.length)
-        if layout.mapped:
-            index = index + _device_index(layout) * g.length
-        real = index < g.size
+    for g, real, fs, eyes in zip(layout.groups, real_blocks(layout), factors, identity):
         out.append(
             tuple(
                 jnp.where(jnp.reshape(real, (g.length,) + (1,) * (f.ndim - 1)), f, e)

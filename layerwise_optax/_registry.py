@@ -297,8 +297,22 @@ ENTRIES: tuple[Entry, ...] = (
                 dict(learning_rate=3e-2, precondition_frequency=2, block_size=3),
                 slow=True,
             ),
+            Config(
+                "soap_refresh_tolerance",
+                dict(learning_rate=3e-2, precondition_frequency=2, refresh_tolerance=0.05),
+                slow=True,
+            ),
         ),
         contract=dict(learning_rate=3e-2, precondition_frequency=2),
+        bad_values={
+            "refresh_tolerance": (
+                (-0.1, _VE),
+                (1.5, _VE),
+                (float("nan"), _VE),
+                ("0.1", _VE),
+                (True, _VE),
+            ),
+        },
     ),
     Entry(
         name="kfac",

@@ -29,6 +29,7 @@ bases for the next step); the parts Shampoo writes the same way live in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Literal, NamedTuple
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kron
+from layerwise_optax import _axes, _checks, _factored, _failure, _grafting, _kron, _owner
 
 _DEFAULT_MAX_PRECOND_DIM = 1024
 
@@ -70,6 +71,9 @@ class ScaleBySoapState(NamedTuple):
         policy's counters). ``skipped``: (leaf, step) pairs whose non-finite gradient was
         kept out of the moments and statistics. ``failed``: (block, refresh) pairs whose new basis was not
         finite, so the previous basis was kept.
+      refresh_skips: With ``refresh_tolerance``, an int32 scalar: (block, refresh)
+        pairs whose basis the adaptive criterion kept (real blocks only, summed
+        over devices); ``None`` without it.
 
     .. note::
       Memory per leaf: ``mu`` and ``nu`` (params-sized; ``nu`` padded to whole
@@ -82,6 +86,25 @@ class ScaleBySoapState(NamedTuple):
     stats: optax.Updates
     bases: optax.Updates
     failures: _failure.FailureCounts
+    refresh_skips: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options(_factored.FactoredOptions):
+    """The arguments of :func:`scale_by_soap`, validated (:func:`_options`)."""
+
+    refresh_tolerance: Any  # None (refresh every block) or a float in [0, 1]
+
+
+def _options(args: dict[str, Any]) -> _Options:
+    """Checks the factory's arguments (``ValueError`` naming argument, value, range)."""
+    tol = args["refresh_tolerance"]
+    _checks.tolerance("refresh_tolerance", tol)
+    if isinstance(tol, (int, float)) and tol == 0:
+        tol = None  # 0: every block is refreshed, exactly as without the criterion
+    return _factored.factored_options(
+        _Options, {**args, "refresh_tolerance": tol}, _DEFAULT_MAX_PRECOND_DIM
+    )
 
 
 class _Hyper(NamedTuple):
@@ -93,14 +116,17 @@ class _Hyper(NamedTuple):
     decay: jax.Array
 
 
-def _init(o: _factored.FactoredOptions, params: optax.Params) -> ScaleBySoapState:
+def _init(o: _Options, params: optax.Params) -> ScaleBySoapState:
     """Zero moments and statistics, identity bases; ``nu`` in the block view."""
     start = _factored.init_factored(o, params)
     nu = _axes.map_leaves(
         lambda p, plan: jnp.zeros(plan.block_shape, _grafting.moment_dtype(p)), start.plans, params
     )
     zero = jnp.zeros([], jnp.int32)
-    return ScaleBySoapState(zero, start.mu, nu, start.stats, start.identity, _failure.zeros())
+    skips = None if o.refresh_tolerance is None else zero
+    return ScaleBySoapState(
+        zero, start.mu, nu, start.stats, start.identity, _failure.zeros(), skips
+    )
 
 
 def _accumulate(h, g, plan, mu, nu, stats, bases) -> _factored.Accumulated:
@@ -138,23 +164,42 @@ def _precondition(h, count_inc, g, plan, a, bases) -> jax.Array:
     return _failure.zero_unless(a.ok, plan.from_blocks(u), g.dtype)
 
 
-def _refresh(o, plans, method, stats, bases, nu) -> tuple[Any, jax.Array]:
+def _refresh(o, plans, method, tol, stats, bases, nu) -> tuple[Any, jax.Array]:
     """Refresh: new eigenbases ``Q_i`` of every full factor, ``nu`` reordered with them.
 
     ``'eigh'``: exact eigenvectors; ``'qr'``: one power step ``L_i Q_i`` plus QR,
     whose columns are sorted by the estimated eigenvalues, and ``nu``'s entries
     follow that permutation (:func:`layerwise_optax._kron.eigenbases_tree`). Same-sized
     blocks of all leaves are one batch each, split over the mesh's devices; a block
-    whose basis is not finite keeps its previous one and is counted.
+    whose basis is not finite keeps its previous one and is counted. With
+    ``refresh_tolerance`` (``tol``) a block whose basis still diagonalizes its
+    statistic keeps it (:func:`layerwise_optax._kron.needs_refresh`), and the
+    value has a third part, the number of (real) blocks kept so.
     """
-    bases, perms, failed = _kron.eigenbases_tree(
-        stats, bases, plans, method=method, distribute=o.distribute
+    bases, perms, failed, kept = _kron.eigenbases_tree(
+        stats, bases, plans, method=method, distribute=o.distribute, tolerance=tol
     )
     nu = _axes.map_leaves(lambda v, plan, perm: _kron.permute_axes(v, perm, plan), plans, nu, perms)
-    return (bases, nu), failed
+    if tol is None:
+        return (bases, nu), failed
+    return (bases, nu, _count_kept(o, plans, kept)), failed
 
 
-def _update(o: _factored.FactoredOptions, updates, state, params=None):
+def _count_kept(o: _Options, plans: Any, kept: Any) -> jax.Array:
+    """The real blocks the refresh criterion kept (int32; an owner layout's padding excluded)."""
+    if o.grouped_layout is None:
+        return _failure.count_invalid(jax.tree.map(jnp.logical_not, kept))
+    real = _owner.real_blocks(o.grouped_layout)
+    per_group = [
+        jnp.sum(k & r).astype(jnp.int32)
+        for ks, r in zip(kept["blocks"], real)
+        for k in ks
+        if k is not None
+    ]
+    return _failure.total(per_group)
+
+
+def _update(o: _Options, updates, state, params=None):
     """One SOAP step: accumulate, precondition, refresh the bases for the next step."""
     del params
     h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay))
@@ -169,19 +214,28 @@ def _update(o: _factored.FactoredOptions, updates, state, params=None):
         # The bases for the next step: exact after the first step, then one
         # power step + QR every `precondition_frequency` steps.
         every = _kron.every(count_inc, o.precondition_frequency)
-        (bases, nu), failed = _kron.on_schedule(
+        tol = (
+            None if o.refresh_tolerance is None else _checks.hyperparameters(o.refresh_tolerance)[0]
+        )
+        if tol is None:
+            kept_basis = lambda s, q, v: (q, v)  # noqa: E731
+        else:
+            kept_basis = lambda s, q, v: (q, v, jnp.zeros([], jnp.int32))  # noqa: E731
+        refreshed, failed = _kron.on_schedule(
             jnp.where(state.count == 0, 2, jnp.where(every, 1, 0)),
-            [functools.partial(_refresh, o, plans, m) for m in ("qr", "eigh")],
-            lambda s, q, v: (q, v),
+            [functools.partial(_refresh, o, plans, m, tol) for m in ("qr", "eigh")],
+            kept_basis,
             _axes.unzip(acc, "stats"),
             bases,
             _axes.unzip(acc, "nu"),
         )
+        bases, nu = refreshed[0], refreshed[1]
+        skips = None if tol is None else state.refresh_skips + refreshed[2]
         nu = optax.tree.cast_like(nu, state.nu)
         kept = _factored.stored(o, plans, acc, state, failed)
         bases = _axes.bare(plans, bases)
         return new_updates, ScaleBySoapState(
-            count_inc, kept.mu, nu, kept.stats, bases, kept.failures
+            count_inc, kept.mu, nu, kept.stats, bases, kept.failures, skips
         )
 
 
@@ -200,6 +254,7 @@ def scale_by_soap(
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    refresh_tolerance: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
     """Scales updates by Adam run in Shampoo's eigenbasis; see :func:`soap`.
 
@@ -232,13 +287,20 @@ def scale_by_soap(
         Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
         this state) is written with unbiased stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
+      refresh_tolerance: Adaptive refresh criterion (Meta's Distributed Shampoo
+        ``tolerance``): ``None`` or ``0`` refreshes every block at every refresh
+        (the default); a float in ``[0, 1]`` (may be traced) refreshes a block only
+        when ``||B - diag B||_F > refresh_tolerance * ||B||_F`` for its statistic
+        in the current basis, ``B = Q^T L Q``, and keeps its basis otherwise
+        (counted in the state's ``refresh_skips``). See :func:`soap`.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleBySoapState`.
 
     Raises:
-      ValueError: At construction for out-of-range hyperparameters; at ``init`` if
-        ``dimension_numbers`` do not fit a parameter.
+      ValueError: At construction for out-of-range hyperparameters (also a
+        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``); at
+        ``init`` if ``dimension_numbers`` do not fit a parameter.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -262,10 +324,10 @@ def scale_by_soap(
       <https://arxiv.org/abs/2409.11321>`_, 2024.
     """
     args = dict(locals())  # every argument above
-    options = _factored.factored_options(_factored.FactoredOptions, args, _DEFAULT_MAX_PRECOND_DIM)
+    options = _options(args)
     return optax.GradientTransformation(
         functools.partial(_factored.owned_init, options, init=_init, factors=("stats",)),
-        functools.partial(_factored.owned_update, options, _update),
+        functools.partial(_factored.owned_update, options, _update, counters=("refresh_skips",)),
     )
 
 
@@ -287,6 +349,7 @@ def soap(
     mask: optax.MaskOrFn = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    refresh_tolerance: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's factors (Vyas et al., 2024).
 
@@ -319,6 +382,22 @@ def soap(
     see ``notebooks/00_quickstart``); lower ``max_precond_dim`` or set
     ``block_size`` to bound memory (``b^2`` per factor) and refresh cost.
 
+    Adaptive refresh (``refresh_tolerance``, Meta's Distributed Shampoo
+    ``tolerance``): at each scheduled refresh a block keeps its basis when the
+    basis still (nearly) diagonalizes its statistic,
+
+    .. math::
+      B = Q^\top L Q, \qquad \text{refresh only if }
+      \lVert B - \operatorname{diag} B \rVert_F > \text{tol} \cdot \lVert B \rVert_F ,
+
+    the relative error of ``L ≈ Q diag(B) Q^T``. Kept blocks are counted in the
+    state's ``refresh_skips``. The check costs two ``b × b`` matrix products per
+    block; a batch of same-sized blocks (the part on one device) none of whose
+    blocks needs a refresh skips its QR or ``eigh`` altogether, otherwise the
+    whole batch is decomposed and the kept blocks' results discarded (under
+    ``jax.vmap`` every batch is decomposed). Values around ``0.01..0.1`` skip
+    refreshes once the statistics settle; ``None`` (or 0) is plain SOAP.
+
     Args:
       learning_rate: A global scaling factor, fixed or a schedule.
       b1: First-moment decay, in ``[0, 1)``.
@@ -344,13 +423,16 @@ def soap(
         Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
         this state) is written with unbiased stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
+      refresh_tolerance: ``None``/``0`` (refresh every block) or the adaptive
+        criterion's tolerance in ``[0, 1]`` (see above; may be traced).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-      ValueError: At construction if a hyperparameter is out of range; at ``init``
-        if ``dimension_numbers`` do not fit a parameter.
+      ValueError: At construction if a hyperparameter is out of range (also a
+        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``); at
+        ``init`` if ``dimension_numbers`` do not fit a parameter.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -362,9 +444,23 @@ def soap(
       >>> jax.tree.map(jnp.shape, updates)
       {'w': (4, 3)}
 
+      With the adaptive criterion, a statistic that stays diagonal in its basis
+      keeps it; here both factors of a diagonal gradient are diagonal from the start:
+
+      >>> tx = lo.soap(learning_rate=3e-3, precondition_frequency=1, refresh_tolerance=0.01)
+      >>> state = tx.init(params)
+      >>> g = {'w': jnp.eye(4, 3)}
+      >>> for _ in range(3):
+      ...     _, state = tx.update(g, state, params)
+      >>> int(state[0].refresh_skips)  # 2 factors x 3 refreshes
+      6
+
     References:
       Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-      <https://arxiv.org/abs/2409.11321>`_, 2024.
+      <https://arxiv.org/abs/2409.11321>`_, 2024. The refresh criterion: Shi et
+      al., `A Distributed Data-Parallel PyTorch Implementation of the Distributed
+      Shampoo Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023 (its
+      implementation's ``EigendecompositionConfig.tolerance``).
 
     .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_soap`
     """
@@ -385,6 +481,7 @@ def soap(
             dimension_numbers=dimension_numbers,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
+            refresh_tolerance=refresh_tolerance,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -315,8 +315,23 @@ def shampoo_reference(
     return out
 
 
-def soap_reference(grads, *, b1, b2, eps, factor_decay, freq):
-    """Naive dense SOAP on a matrix in float64 (numpy eigh / QR)."""
+def soap_reference(grads, *, b1, b2, eps, factor_decay, freq, tolerance=None, ratios=None):
+    """Naive dense SOAP on a matrix in float64 (numpy eigh / QR).
+
+    With ``tolerance`` a factor is refreshed only when its statistic in the current
+    basis, ``B = Q^T L Q``, has ``||B - diag B||_F > tolerance ||B||_F``; each
+    refresh's ``(t, axis, ||B - diag B||_F / ||B||_F)`` is appended to ``ratios``.
+    """
+
+    def needed(t, axis, s, q):
+        if tolerance is None:
+            return True
+        b = q.T @ s @ q
+        off, total = np.linalg.norm(b - np.diag(np.diag(b))), np.linalg.norm(b)
+        if ratios is not None:
+            ratios.append((t, axis, off / total if total > 0 else 0.0))
+        return not off <= tolerance * total
+
     m, n = grads[0].shape
     stats = [np.zeros((m, m)), np.zeros((n, n))]
     qs = [np.eye(m), np.eye(n)]
@@ -335,10 +350,16 @@ def soap_reference(grads, *, b1, b2, eps, factor_decay, freq):
         stats[0] = factor_decay * stats[0] + (1 - factor_decay) * g @ g.T
         stats[1] = factor_decay * stats[1] + (1 - factor_decay) * g.T @ g
         if t == 1:
-            qs = [np.linalg.eigh(s)[1][:, ::-1] for s in stats]
+            qs = [
+                np.linalg.eigh(s)[1][:, ::-1] if needed(t, axis, s, q) else q
+                for axis, (s, q) in enumerate(zip(stats, qs))
+            ]
         elif t % freq == 0:
             new = []
             for axis, (s, q) in enumerate(zip(stats, qs)):
+                if not needed(t, axis, s, q):
+                    new.append(q)
+                    continue
                 est = np.diag(q.T @ s @ q)
                 perm = np.argsort(-est, kind="stable")
                 q = q[:, perm]

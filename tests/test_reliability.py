@@ -242,7 +242,7 @@ def test_soap_eigenbases_orthonormal_on_hard_statistics(method):
     stack = len(mats)
     plan = _stack_plan(stack)
     prev = (jnp.broadcast_to(jnp.eye(N), (stack, N, N)),)
-    bases, _, failures = jax.jit(
+    bases, _, failures, _ = jax.jit(
         lambda s, q: _kron.eigenbases_tree({"w": s}, {"w": q}, {"w": plan}, method=method)
     )((jnp.asarray(mats),), prev)
     assert int(failures) == 0
