@@ -486,7 +486,7 @@ def _adaptive_basis(s, q, method, tolerance):
 
     new, perm, ok = jax.lax.cond(jnp.any(need), lambda: _full_basis(s, q, method), skip)
     new = jnp.where(need[:, None, None], new, q)
-    if perm is not None:
+    if perm is not None and ident is not None:
         perm = jnp.where(need[:, None], perm, ident)
     return new, perm, ok | ~need, ~need
 
