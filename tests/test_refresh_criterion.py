@@ -6,6 +6,12 @@ with ``B = Q^T L Q`` (Meta's Distributed Shampoo ``tolerance``). The kept
 (block, refresh) pairs are counted in ``ScaleBySoapState.refresh_skips``.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,6 +268,31 @@ def test_counter_with_nnx_state_and_the_owner_layout():
     assert int(ref[0].refresh_skips) == int(out[0].refresh_skips) > 0
     for a, b in zip(ref_updates, out_updates):
         assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_owner_layout_on_four_devices_counts_real_blocks_only():
+    # 4 devices: each group is padded to a multiple of 4 blocks; padded blocks
+    # (identity statistics, always diagonal) must not count, under a mesh and pmap.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._refresh_criterion_worker"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["padding"] > 0
+    assert r["replicated"] > 0
+    assert r["owner"] == r["replicated"]
+    assert r["pmap"] == [r["replicated"]] * 4
+    assert r["max_diff"] < 1e-5
 
 
 def test_injected_tolerance_matches_the_plain_one_and_vmaps():
