@@ -25,6 +25,11 @@ One update is three phases: :func:`_accumulate` (moments and factor EMAs),
 :func:`_precondition` (Adam in the current eigenbasis) and :func:`_refresh` (the
 bases for the next step); the parts Shampoo writes the same way live in
 :mod:`layerwise_optax._factored`.
+
+``refresh_tolerance`` adds Meta's Distributed Shampoo refresh criterion to
+:func:`_refresh`: a block keeps its basis while its statistic stays diagonal in
+it (:func:`layerwise_optax._kron.needs_refresh`), counted in ``refresh_skips``.
+Shampoo has no such option: it stores inverse roots, not an eigenbasis.
 """
 
 from __future__ import annotations
@@ -188,7 +193,7 @@ def _refresh(o, plans, method, tol, stats, bases, nu) -> tuple[Any, jax.Array]:
 def _count_kept(o: _Options, plans: Any, kept: Any) -> jax.Array:
     """The real blocks the refresh criterion kept (int32; an owner layout's padding excluded)."""
     if o.grouped_layout is None:
-        return _failure.count_invalid(jax.tree.map(jnp.logical_not, kept))
+        return _failure.total(jax.tree.map(lambda k: jnp.sum(k).astype(jnp.int32), kept))
     real = _owner.real_blocks(o.grouped_layout)
     per_group = [
         jnp.sum(k & r).astype(jnp.int32)
