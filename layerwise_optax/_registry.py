@@ -310,6 +310,13 @@ ENTRIES: tuple[Entry, ...] = (
         momentum_arg="momentum",
         conformance=(
             Config("kfac", dict(learning_rate=3e-2, precondition_frequency=2)),
+            # Without the fallback moment: the generic cases give every kernel
+            # factors (identity statistics), vectors have no K-FAC layout.
+            Config(
+                "kfac_no_fallback",
+                dict(learning_rate=3e-2, precondition_frequency=2, diagonal_fallback=False),
+                slow=True,
+            ),
             Config(
                 "kfac_eigh_exact",
                 dict(
@@ -333,6 +340,7 @@ ENTRIES: tuple[Entry, ...] = (
             # Static: it decides whether kfac_stats=None is a step without statistics.
             "statistics_frequency": ((0, _VE), (1.5, _TE), (True, _TE), (jnp.asarray(2), _TE)),
             "axis_name": ((3, _TE), (["batch"], _TE)),
+            "diagonal_fallback": _BOOL,
         },
     ),
     Entry(
