@@ -30,14 +30,17 @@ basis ``Q_j``: ``Q_j diag(λ_j + δ_j)^{-1} Q_j^T`` with ``λ_j = diag(Q_j^T L_j
 (:func:`layerwise_optax._kron.eigen_inverse_halves`), so the state is SOAP's. The
 authors' reference code (``KLOpt(using_klsoap=True)``) also keeps the basis from
 the last QR refresh and updates eigenvalue estimates every step; it stores them
-as their own EMA of ``diag(Q_j^T S_j Q_j)`` of the new statistic ``S_j``, started at 0.1 and carried
-across refreshes, inverts them undamped (zero eigenvalues give zero, large
-inverse roots are clamped), keeps its first moment in the eigenbasis and skips
-the first update. Here the estimates are recomputed from the factor, which is the
-same EMA when the basis does not change, a zero factor counts as the identity (as
-KL-Shampoo's initial roots; the reference's first statistics are the same
-``G_(i) G_(i)^T / n_i``), the damping is relative (``damping * max λ_j``, as
-KL-Shampoo's) and the Adam part is this module's SOAP unchanged.
+as their own EMA of ``diag(Q_j^T S_j Q_j)`` (``S_j`` the new statistic), started
+at 0.1 and carried across refreshes, inverts them undamped (zero eigenvalues give
+zero, large inverse roots are clamped), keeps its first moment in the eigenbasis
+and skips the first update. Here the estimates are recomputed from the factor
+(the same EMA while the basis does not change: no extra state), a zero factor
+counts as the identity (as KL-Shampoo's initial roots; the reference's first
+statistics are the same ``G_(i) G_(i)^T / n_i``), the damping is relative
+(``damping * max λ_j``, as KL-Shampoo's default) and the Adam part is this
+module's SOAP unchanged. Eigenvalue estimates read in a stale basis are the
+diagonal of ``Q^T L Q`` only; its off-diagonal part, which the basis refresh
+removes, is ignored in between (as in the reference).
 
 One update is three phases: :func:`_accumulate` (moments and factor EMAs),
 :func:`_precondition` (Adam in the current eigenbasis) and :func:`_refresh` (the

@@ -263,7 +263,7 @@ def test_recovers_the_kronecker_covariance():
         state = run(tx.init({"w": jnp.zeros((5, 4))}))
         fl, fr = (np.asarray(f[0], np.float64) for f in state.stats["w"])
         errs[fe] = np.linalg.norm(np.kron(fl, fr) - target) / np.linalg.norm(target)
-    assert errs["kl"] < 0.2 and errs["shampoo"] > 10, errs
+    assert errs["kl"] < 0.2 and errs["shampoo"] > 10, errs  # measured 0.057 and ~970
 
 
 def test_non_finite_gradient_keeps_the_state():
@@ -310,3 +310,20 @@ def test_inject_hyperparams_damping():
         up, sp = plain.update(g, sp, params)
         ui, si = inj.update(g, si, params)
     np.testing.assert_array_equal(np.asarray(up["w"]), np.asarray(ui["w"]))
+
+
+def test_owner_layout_gives_the_replicated_updates():
+    # Without a mesh the owner layout keeps each group's stack whole: same-shaped
+    # blocks of several leaves (and padding) in one batch, so the eigen-form
+    # inverses and their damping must stay per block.
+    params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((4, 3)), "c": jnp.zeros((6, 5))}
+    kw = dict(precondition_frequency=2, factor_estimation="kl", damping=1e-3)
+    rep, own = lo.soap(1e-2, **kw), lo.soap(1e-2, **kw, state_layout="owner")
+    sr, so = rep.init(params), own.init(params)
+    step_r, step_o = jax.jit(rep.update), jax.jit(own.update)
+    for i in range(5):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        g["b"] = 3.0 * g["b"]
+        ur, sr = step_r(g, sr, params)
+        uo, so = step_o(g, so, params)
+        assert_trees_close(ur, uo, rtol=1e-5, atol=1e-6)
