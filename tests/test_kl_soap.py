@@ -14,6 +14,7 @@ diagonalize its own float64 factors, and computes everything else itself.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import layerwise_optax as lo
@@ -327,3 +328,18 @@ def test_owner_layout_gives_the_replicated_updates():
         ur, sr = step_r(g, sr, params)
         uo, so = step_o(g, so, params)
         assert_trees_close(ur, uo, rtol=1e-5, atol=1e-6)
+
+
+def test_without_full_factors_it_is_adam():
+    # Every axis longer than max_precond_dim: identity bases, so whatever the
+    # (diagonal, KL-estimated) statistics, the update is Adam's.
+    params = {"w": jnp.zeros((6, 5)), "conv": jnp.zeros((3, 3, 2, 4)), "b": jnp.zeros(5)}
+    ours = lo.soap(1e-2, b1=0.9, b2=0.99, factor_estimation="kl", max_precond_dim=1)
+    ref = optax.adam(1e-2, b1=0.9, b2=0.99)
+    s1, s2 = ours.init(params), ref.init(params)
+    for i in range(4):
+        g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        u1, s1 = ours.update(g, s1, params)
+        u2, s2 = ref.update(g, s2, params)
+        assert_trees_close(u1, u2, rtol=1e-6, atol=1e-7)
+    assert int(s1[0].failures.skipped) == 0
