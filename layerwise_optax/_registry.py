@@ -297,8 +297,19 @@ ENTRIES: tuple[Entry, ...] = (
                 dict(learning_rate=3e-2, precondition_frequency=2, block_size=3),
                 slow=True,
             ),
+            Config(
+                "soap_kl",
+                dict(
+                    learning_rate=3e-2,
+                    precondition_frequency=2,
+                    factor_estimation="kl",
+                    damping=1e-3,
+                ),
+                slow=True,
+            ),
         ),
         contract=dict(learning_rate=3e-2, precondition_frequency=2),
+        bad_values={"factor_estimation": _MODE},
     ),
     Entry(
         name="kfac",
