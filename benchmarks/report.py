@@ -138,6 +138,11 @@ def kfac_step_table(record: dict) -> str:
                 f"| {_ms(t['amortized_s'])} | {_x(ratio) + ' vs kfac-jax' if ratio else ''} "
                 f"| {mib} |"
             )
+    if "state_bytes_kfac_with_fallback" in r:  # records since diagonal_fallback=False
+        mib = r["state_bytes_kfac_with_fallback"] / 2**20
+        rows.append(
+            f"| kfac state with the diagonal-fallback moment (default) | | | | | {mib:.2f} |"
+        )
     return "\n".join(rows)
 
 

@@ -38,6 +38,7 @@ _STATIC_ARGS = (
     "owner_axes",
     "inverse",
     "statistics_frequency",
+    "diagonal_fallback",
 )
 
 _SIDES = ("both", "input", "output")
@@ -240,7 +241,9 @@ class ScaleByKfacState(NamedTuple):
       count: int32 scalar, number of updates so far.
       mu: Momentum of the preconditioned updates; params tree, ``mu_dtype``.
       nu: EMA of squared gradients, used by leaves that have no statistics
-        (diagonal fallback); params tree, float32.
+        (diagonal fallback); params tree, float32. With
+        ``diagonal_fallback=False`` an empty ``(0, ..., 0)`` array of the leaf's
+        rank at every leaf with a K-FAC layout (and each bias folded into one).
       factors: Per kernel the EMAs ``(A, B)`` as ``(batch, d, d)`` arrays, dtype
         ``precond_dtype`` (``A``
         homogeneous, ``d_in + 1``, for a kernel with a folded bias); per other
@@ -358,6 +361,7 @@ class _Static:
     precond_dtype: Any
     inverse: str = "cholesky"
     statistics_frequency: int = 1
+    diagonal_fallback: bool = True
 
 
 class _Accumulated(NamedTuple):
@@ -397,6 +401,7 @@ def scale_by_kfac(
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
     statistics_frequency: int | None = None,
+    diagonal_fallback: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions kernels by ``A^{-1} G B^{-1}`` from layer statistics; see :func:`kfac`.
 
@@ -533,6 +538,18 @@ def scale_by_kfac(
         The capture cost then falls by about ``k``x (capture with
         :func:`layerwise_optax.flax.kfac_value_and_grad` only on those steps,
         a plain ``nnx.value_and_grad`` on the others; a separately jitted step).
+      diagonal_fallback: ``True`` (default): every leaf keeps the params-shaped
+        second moment ``nu`` of the diagonal fallback, so a kernel may be given
+        ``None`` statistics (or none) on any step. ``False``: ``nu`` is
+        allocated only for the leaves without a K-FAC layout (norms, vectors,
+        leaves whose ``dimension_numbers`` entry is ``None``), which saves one
+        float per kernel (and folded bias) parameter, as kfac-jax keeps no such
+        moment: then every leaf with a K-FAC layout needs its
+        :class:`KfacFactors` on every step with statistics (``ValueError`` at
+        the step, naming the leaf, otherwise), and on a step without
+        statistics (``statistics_frequency``) a kernel that has never had
+        statistics is preconditioned by its initial (identity) inverses.
+        Static bool.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` with state
@@ -576,6 +593,7 @@ def scale_by_kfac(
     _validate_inverse(inverse, damping_mode)
     _checks.positive_int("statistics_frequency", statistics_frequency, allow_none=True)
     statistics_frequency = 1 if statistics_frequency is None else statistics_frequency
+    _checks.boolean("diagonal_fallback", diagonal_fallback)
     _checks.one_of("state_layout", state_layout, _owner.LAYOUTS)
     _checks.axis_names("owner_axes", owner_axes)
     max_precond_dim = 4096 if max_precond_dim is None else max_precond_dim
@@ -591,6 +609,7 @@ def scale_by_kfac(
         precond_dtype,
         inverse,
         statistics_frequency,
+        diagonal_fallback,
     )
     if dimension_numbers is None:
         dimension_numbers = default_layout
@@ -605,10 +624,14 @@ def scale_by_kfac(
         work = _fold(layout, params)
         owner = _owner.decide(state_layout, owner_axes, plans, work)
         if owner is None:
-            return _init(params, plans, mu_dtype, precond_dtype, inverse)
-        if _per_factor_eligible(owner, plans, static):
-            return _per_factor_init(owner, plans, params, work, mu_dtype, precond_dtype)
-        return _owned_init(owner, plans, params, work, mu_dtype, precond_dtype, inverse)
+            state = _init(params, plans, mu_dtype, precond_dtype, inverse)
+        elif _per_factor_eligible(owner, plans, static):
+            state = _per_factor_init(owner, plans, params, work, mu_dtype, precond_dtype)
+        else:
+            state = _owned_init(owner, plans, params, work, mu_dtype, precond_dtype, inverse)
+        if diagonal_fallback:
+            return state
+        return state._replace(nu=_without_fallback_moment(layout, state.nu))
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         # Set by layerwise_optax.multi_steps: False on the mini-steps that only
@@ -629,6 +652,8 @@ def scale_by_kfac(
                 held = state.diagonal
             else:
                 stats = _match_stats(kfac_stats, updates, layout, static.axis_name)
+                if not diagonal_fallback:
+                    _require_factors(layout, stats)
                 # Diagonal blocks (KfacDiagonal) skip the factor phases: only their fisher goes on.
                 stats, diagonal = _split_diagonal(stats, updates)
                 if accumulating:
@@ -662,13 +687,14 @@ def scale_by_kfac(
                 emit=emit,
                 no_stats=kfac_stats is None,
             )
-            work_state = state._replace(mu=_fold(layout, state.mu), nu=_fold(layout, state.nu))
+            nu = _fold(layout, state.nu, skip_placeholders=not diagonal_fallback)
+            work_state = state._replace(mu=_fold(layout, state.mu), nu=nu)
             new = run(grads, stats, work_state, plans, diagonal=diagonal, held=held)
             back = functools.partial(_unfold, layout)
             new_state = _new_state(plans, work_state, new, static.mu_dtype)
             new_state = new_state._replace(
                 mu=back(new_state.mu, state.mu),
-                nu=back(new_state.nu, state.nu),
+                nu=_unfold(layout, new_state.nu, state.nu, skip_placeholders=not diagonal_fallback),
                 diagonal=_diagonal_flags(updates, diagonal, state),
             )
             return back(_axes.unzip(new.out, "update"), updates), new_state
@@ -1052,8 +1078,9 @@ def _direction_leaf(
     else:
         s, present = _present(s)
         u = _precondition(g32, inv, plan, static, hp.damping)
-        if present is not None:
-            # A group with blocks without statistics: those take the fallback.
+        if present is not None and static.diagonal_fallback:
+            # A group with blocks without statistics: those take the fallback (without
+            # it, they are preconditioned by their current, initially identity, inverses).
             nu_fb, u_fb = fallback(nu)
             u = _failure.keep(present, u, u_fb)
             nu = _failure.keep(present, nu, nu_fb)
@@ -2543,28 +2570,92 @@ def _split(h: jax.Array, plan: _axes.LeafPlan, k: jax.Array, b: jax.Array):
     return kernel, jnp.reshape(h[:, d_in], np.shape(b)).astype(b.dtype)
 
 
-def _fold(layout: _Layout, tree: Any) -> Any:
-    """A params-like tree in the working layout: folded pairs as one homogeneous leaf."""
+def _fold(layout: _Layout, tree: Any, *, skip_placeholders: bool = False) -> Any:
+    """A params-like tree in the working layout: folded pairs as one homogeneous leaf.
+
+    ``skip_placeholders``: a pair whose kernel entry is a ``nu`` placeholder
+    (:func:`_without_fallback_moment`) keeps it, and its bias becomes masked.
+    """
     if not layout.folds:
         return tree
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)
     for k, b in layout.folds:
-        leaves[k] = _axes.on_gathered(_homogeneous, leaves[k], layout.plans[k], leaves[b])
+        if not (skip_placeholders and _is_placeholder(leaves[k])):
+            leaves[k] = _axes.on_gathered(_homogeneous, leaves[k], layout.plans[k], leaves[b])
         leaves[b] = optax.MaskedNode()
     return treedef.unflatten(leaves)
 
 
-def _unfold(layout: _Layout, tree: Any, like: Any) -> Any:
-    """Back from the working layout to the layout of ``like`` (the kernel and bias split)."""
+def _unfold(layout: _Layout, tree: Any, like: Any, *, skip_placeholders: bool = False) -> Any:
+    """Back from the working layout to the layout of ``like`` (the kernel and bias split).
+
+    ``skip_placeholders``: a pair whose entry in ``like`` is a ``nu`` placeholder
+    gets ``like``'s placeholders back.
+    """
     if not layout.folds:
         return tree
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=_axes.is_masked)[0]
     like_leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=_axes.is_masked)
     for k, b in layout.folds:
+        if skip_placeholders and _is_placeholder(like_leaves[k]):
+            leaves[k], leaves[b] = like_leaves[k], like_leaves[b]
+            continue
         leaves[k], leaves[b] = _axes.on_gathered(
             _split, leaves[k], layout.plans[k], like_leaves[k], like_leaves[b]
         )
     return treedef.unflatten(leaves)
+
+
+def _is_placeholder(x: Any) -> bool:
+    """Whether ``x`` is a ``nu`` placeholder: an empty array of rank >= 1 (all axes 0)."""
+    return hasattr(x, "shape") and len(x.shape) >= 1 and all(n == 0 for n in x.shape)
+
+
+def _without_fallback_moment(layout: _Layout, nu: Any) -> Any:
+    """``nu`` with an empty placeholder at every leaf that has a K-FAC layout.
+
+    A kernel with factors (and a bias folded into one) never takes the diagonal
+    fallback with ``diagonal_fallback=False`` (:func:`_require_factors`), so its
+    params-shaped second moment is replaced by a ``(0, ..., 0)`` array of the
+    leaf's rank: the tree keeps its structure and ranks (shardings like the
+    parameter's still apply), without the memory.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(nu, is_leaf=_axes.is_masked)
+    with_factors = {i for i, plan in enumerate(layout.plans) if _has_factors(plan)}
+    with_factors |= {b for k, b in layout.folds if k in with_factors}
+    out = [
+        jnp.zeros((0,) * x.ndim, x.dtype) if i in with_factors and x.ndim >= 1 else x
+        for i, x in enumerate(leaves)
+    ]
+    return treedef.unflatten(out)
+
+
+def _has_factors(plan: Any) -> bool:
+    return not _axes.is_masked(plan) and plan is not None and plan.spec is not None
+
+
+def _require_factors(layout: _Layout, stats: Any) -> None:
+    """With ``diagonal_fallback=False``: every kernel with a K-FAC layout has its factors.
+
+    Raises:
+      ValueError: Naming the first param with a K-FAC layout whose entry is not
+        :class:`KfacFactors` (``None``, absent, or :class:`KfacDiagonal`).
+    """
+    entries = jax.tree_util.tree_flatten(
+        stats, is_leaf=lambda x: _is_stats_entry(x) or _axes.is_masked(x)
+    )[0]
+    folded = {b for _, b in layout.folds}
+    for i, (plan, entry) in enumerate(zip(layout.plans, entries)):
+        if i in folded or not _has_factors(plan) or isinstance(entry, KfacFactors):
+            continue
+        got = "no statistics" if entry is None else f"a {type(entry).__name__}"
+        raise ValueError(
+            f"kfac_stats gives param {_axes.path_label(layout.paths[i])} {got}, but with "
+            "diagonal_fallback=False every leaf with a K-FAC layout needs its KfacFactors "
+            "on every step with statistics (it keeps no diagonal-fallback moment). Give "
+            "its factors, make its dimension_numbers entry None (the diagonal fallback), "
+            "or use diagonal_fallback=True."
+        )
 
 
 def kfac(
@@ -2590,6 +2681,7 @@ def kfac(
     owner_axes: str | tuple[str, ...] | None = None,
     inverse: Literal["cholesky", "eigh"] = "cholesky",
     statistics_frequency: int | None = None,
+    diagonal_fallback: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC: Kronecker-factored natural gradient (Martens and Grosse, 2015).
 
@@ -2695,6 +2787,10 @@ def kfac(
       statistics_frequency: ``k >= 1`` (``None``: 1): statistics come every ``k``
         steps and ``kfac_stats=None`` marks the steps in between, which keep the
         factors and use the current inverses (see :func:`scale_by_kfac`). Static.
+      diagonal_fallback: ``False``: no params-shaped second moment for the leaves
+        with a K-FAC layout (the state of kfac-jax's size; each such leaf then
+        needs its factors on every step with statistics); see
+        :func:`scale_by_kfac`. Static bool.
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`; call its
@@ -2767,6 +2863,7 @@ def kfac(
             owner_axes=owner_axes,
             inverse=inverse,
             statistics_frequency=statistics_frequency,
+            diagonal_fallback=diagonal_fallback,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

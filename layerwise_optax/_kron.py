@@ -628,12 +628,11 @@ def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int)
 
     The other factors' inverses come from the stored roots ``L_j^{-1/root}``:
     ``L_j^{-1/2}`` is the root raised to ``root / 2`` (``root`` even,
-    :func:`factor_powers`), applied to every axis but ``i`` before the usual
-    contraction (:func:`axis_stats`); ``n_i`` is the product of the other block
-    lengths. This is the fixed-point (flip-flop) update of the Kronecker-factored
-    Gaussian that is closest in KL divergence to the gradient's second moment
-    (Lin et al. 2025): for gradients ``A^{1/2} Z B^{1/2}`` with white ``Z`` it
-    settles at ``L_1 ⊗ L_2 = A ⊗ B``.
+    :func:`factor_powers`), and :func:`kl_stats_from_halves` does the rest. This
+    is the fixed-point (flip-flop) update of the Kronecker-factored Gaussian that
+    is closest in KL divergence to the gradient's second moment (Lin et al.
+    2025): for gradients ``A^{1/2} Z B^{1/2}`` with white ``Z`` it settles at
+    ``L_1 ⊗ L_2 = A ⊗ B``.
 
     Args:
       g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
@@ -644,7 +643,29 @@ def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int)
     Returns:
       A factor tuple in the layout of :func:`init_factors`.
     """
-    halves = factor_powers(roots, plan, root // 2, g.dtype)
+    return kl_stats_from_halves(g, factor_powers(roots, plan, root // 2, g.dtype), plan)
+
+
+def kl_stats_from_halves(g: jax.Array, halves: Factors, plan: _axes.LeafPlan) -> Factors:
+    """``G_(i) (⊗_{j≠i} M_j^T M_j) G_(i)^T / n_i`` per axis, from factors ``M_j``.
+
+    The KL statistics of :func:`kl_axis_stats` for any per-axis ``M_j`` with
+    ``M_j^T M_j = L_j^{-1}``: KL-Shampoo's symmetric ``L_j^{-1/2}``, or KL-SOAP's
+    eigen-form ``D_j^{-1/2} Q_j^T`` (:func:`eigen_inverse_halves`). Each ``M_j``
+    is applied to its axis (:func:`apply_axis_matrices`; a diagonal ``M_j``
+    scales it), every axis but ``i``, before the usual contraction
+    (:func:`axis_stats`); ``n_i`` is the product of the other block lengths.
+    ``'none'`` dimensions get their empty placeholder.
+
+    Args:
+      g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
+      halves: Factor tuple of the ``M_j`` (matrices ``(stack, b, b)`` for full
+        dimensions, vectors ``(stack, b)`` for diagonal ones).
+      plan: The leaf's plan.
+
+    Returns:
+      A factor tuple in the layout of :func:`init_factors`.
+    """
     out = []
     for i, kind in enumerate(plan.kinds):
         if kind == "none":
@@ -653,6 +674,55 @@ def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int)
         x = apply_axis_matrices(g, halves, plan, skip=i)
         n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])
         out.append(axis_stats(x, plan)[i] / n_other)
+    return tuple(out)
+
+
+def eigen_inverse_halves(
+    stats: Factors, bases: Factors, plan: _axes.LeafPlan, damping: jax.Array, dtype: Any
+) -> Factors:
+    r"""Eigen-form halves ``M_j = D_j^{-1/2} Q_j^T`` of damped factor inverses (KL-SOAP).
+
+    With the eigenvalue estimates ``λ_j = diag(Q_j^T L_j Q_j)`` of a factor in
+    its (possibly stale) basis ``Q_j``,
+
+    .. math::
+      L_j^{-1} pprox Q_j\, \mathrm{diag}(λ_j + δ_j)^{-1} Q_j^	op = M_j^	op M_j,
+      \qquad δ_j = \mathrm{damping} \cdot \max λ_j
+
+    (exact, up to the damping, when ``Q_j`` diagonalizes ``L_j``; the damped
+    values are floored as in :func:`layerwise_optax._linalg.inv_root_diag`). A
+    diagonal factor (identity basis) has ``λ_j = L_j``. A factor that is still
+    all zero (before its first statistics) counts as the identity, ``M_j = I``:
+    the convention of KL-Shampoo, whose roots start as the identity.
+
+    Args:
+      stats: The leaf's factor statistics ``L_j`` (factor tuple).
+      bases: Its bases ``Q_j`` (``(stack, b, b)`` for full dimensions).
+      plan: The leaf's plan.
+      damping: Relative ridge ``>= 0`` (float32 scalar).
+      dtype: The dtype of the halves (the gradient's compute dtype).
+
+    Returns:
+      A factor tuple for :func:`kl_stats_from_halves` (``'none'`` placeholders
+      pass unchanged).
+    """
+    out = []
+    for kind, s, q in zip(plan.kinds, stats, bases):
+        if kind == "none":
+            out.append(s)
+            continue
+        s32 = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+        if kind == "full":
+            q32 = q.astype(s32.dtype)
+            lam = jnp.einsum("nza,nzy,nya->na", q32, s32, q32, precision=HIGHEST)
+        else:
+            lam = s32
+        w = _linalg.inv_root_diag(lam, 2, damping, relative_damping=True)
+        w = jnp.where(jnp.max(jnp.abs(lam), axis=-1, keepdims=True) > 0, w, 1.0)
+        if kind == "full":
+            out.append((w[:, :, None] * jnp.swapaxes(q32, -1, -2)).astype(dtype))
+        else:
+            out.append(w.astype(dtype))
     return tuple(out)
 
 

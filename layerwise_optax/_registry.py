@@ -302,9 +302,20 @@ ENTRIES: tuple[Entry, ...] = (
                 dict(learning_rate=3e-2, precondition_frequency=2, refresh_tolerance=0.05),
                 slow=True,
             ),
+            Config(
+                "soap_kl",
+                dict(
+                    learning_rate=3e-2,
+                    precondition_frequency=2,
+                    factor_estimation="kl",
+                    damping=1e-3,
+                ),
+                slow=True,
+            ),
         ),
         contract=dict(learning_rate=3e-2, precondition_frequency=2),
         bad_values={
+            "factor_estimation": _MODE,
             "refresh_tolerance": (
                 (-0.1, _VE),
                 (1.5, _VE),
@@ -324,6 +335,13 @@ ENTRIES: tuple[Entry, ...] = (
         momentum_arg="momentum",
         conformance=(
             Config("kfac", dict(learning_rate=3e-2, precondition_frequency=2)),
+            # Without the fallback moment: the generic cases give every kernel
+            # factors (identity statistics), vectors have no K-FAC layout.
+            Config(
+                "kfac_no_fallback",
+                dict(learning_rate=3e-2, precondition_frequency=2, diagonal_fallback=False),
+                slow=True,
+            ),
             Config(
                 "kfac_eigh_exact",
                 dict(
@@ -347,6 +365,7 @@ ENTRIES: tuple[Entry, ...] = (
             # Static: it decides whether kfac_stats=None is a step without statistics.
             "statistics_frequency": ((0, _VE), (1.5, _TE), (True, _TE), (jnp.asarray(2), _TE)),
             "axis_name": ((3, _TE), (["batch"], _TE)),
+            "diagonal_fallback": _BOOL,
         },
     ),
     Entry(

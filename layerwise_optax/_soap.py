@@ -21,6 +21,27 @@ As in the reference, the first moment is kept in the original coordinates and
 rotated each step (so it survives basis changes), the second moment lives in the
 rotated coordinates, and a QR refresh reorders its entries with the basis.
 
+KL-SOAP (``factor_estimation='kl'``, Lin et al. 2025) changes only the factor
+statistics (:func:`_accumulate`): each is KL-Shampoo's
+``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i`` through
+:func:`layerwise_optax._kron.kl_stats_from_halves`, the code KL-Shampoo uses. The
+inverses are formed from what SOAP already stores, the factor ``L_j`` and its
+basis ``Q_j``: ``Q_j diag(λ_j + δ_j)^{-1} Q_j^T`` with ``λ_j = diag(Q_j^T L_j Q_j)``
+(:func:`layerwise_optax._kron.eigen_inverse_halves`), so the state is SOAP's. The
+authors' reference code (``KLOpt(using_klsoap=True)``) also keeps the basis from
+the last QR refresh and updates eigenvalue estimates every step; it stores them
+as their own EMA of ``diag(Q_j^T S_j Q_j)`` (``S_j`` the new statistic), started
+at 0.1 and carried across refreshes, inverts them undamped (zero eigenvalues give
+zero, large inverse roots are clamped), keeps its first moment in the eigenbasis
+and skips the first update. Here the estimates are recomputed from the factor
+(the same EMA while the basis does not change: no extra state), a zero factor
+counts as the identity (as KL-Shampoo's initial roots; the reference's first
+statistics are the same ``G_(i) G_(i)^T / n_i``), the damping is relative
+(``damping * max λ_j``, as KL-Shampoo's default) and the Adam part is this
+module's SOAP unchanged. Eigenvalue estimates read in a stale basis are the
+diagonal of ``Q^T L Q`` only; its off-diagonal part, which the basis refresh
+removes, is ignored in between (as in the reference).
+
 One update is three phases: :func:`_accumulate` (moments and factor EMAs),
 :func:`_precondition` (Adam in the current eigenbasis) and :func:`_refresh` (the
 bases for the next step); the parts Shampoo writes the same way live in
@@ -29,7 +50,10 @@ bases for the next step); the parts Shampoo writes the same way live in
 ``refresh_tolerance`` adds Meta's Distributed Shampoo refresh criterion to
 :func:`_refresh`: a block keeps its basis while its statistic stays diagonal in
 it (:func:`layerwise_optax._kron.needs_refresh`), counted in ``refresh_skips``.
-Shampoo has no such option: it stores inverse roots, not an eigenbasis.
+Shampoo has no such option: it stores inverse roots, not an eigenbasis. The
+criterion reads the accumulated statistics whichever ``factor_estimation`` made
+them, so it applies to KL-SOAP unchanged; a kept basis is then also the one its
+eigen-form inverses use, within the same relative error.
 """
 
 from __future__ import annotations
@@ -57,6 +81,7 @@ _STATIC_ARGS = (
     "mu_dtype",
     "precond_dtype",
     "mask",
+    "factor_estimation",
 )
 
 
@@ -98,11 +123,15 @@ class ScaleBySoapState(NamedTuple):
 class _Options(_factored.FactoredOptions):
     """The arguments of :func:`scale_by_soap`, validated (:func:`_options`)."""
 
+    factor_estimation: str  # 'shampoo' (SOAP) or 'kl' (KL-SOAP); static
+    damping: Any  # KL-SOAP's relative ridge, >= 0
     refresh_tolerance: Any  # None (refresh every block) or a float in [0, 1]
 
 
 def _options(args: dict[str, Any]) -> _Options:
     """Checks the factory's arguments (``ValueError`` naming argument, value, range)."""
+    _checks.one_of("factor_estimation", args["factor_estimation"], ("shampoo", "kl"))
+    _checks.non_negative("damping", args["damping"])
     tol = args["refresh_tolerance"]
     _checks.tolerance("refresh_tolerance", tol)
     if isinstance(tol, (int, float)) and tol == 0:
@@ -119,6 +148,7 @@ class _Hyper(NamedTuple):
     b2: jax.Array
     eps: jax.Array
     decay: jax.Array
+    damping: jax.Array
 
 
 def _init(o: _Options, params: optax.Params) -> ScaleBySoapState:
@@ -134,20 +164,33 @@ def _init(o: _Options, params: optax.Params) -> ScaleBySoapState:
     )
 
 
-def _accumulate(h, g, plan, mu, nu, stats, bases) -> _factored.Accumulated:
+def _accumulate(o, h, g, plan, mu, nu, stats, bases) -> _factored.Accumulated:
     r"""Accumulate: the guarded moments and factor EMAs of one leaf.
 
     .. math::
       m \leftarrow b_1 m + (1-b_1) G, \quad
       \nu \leftarrow b_2 \nu + (1-b_2) \tilde G^2, \quad
-      L_i \leftarrow \beta L_i + (1-\beta) G_{(i)} G_{(i)}^\top
+      L_i \leftarrow \beta L_i + (1-\beta) \hat L_i
 
     with ``\tilde G = G \times_1 Q_1^\top \cdots \times_k Q_k^\top`` rotated by the
     current bases (built from earlier gradients only); ``m`` stays in the original
-    coordinates. An invalid gradient leaf changes nothing
-    (:func:`layerwise_optax._factored.accumulate`).
+    coordinates. ``\hat L_i = G_{(i)} G_{(i)}^\top``, or with
+    ``factor_estimation='kl'`` KL-SOAP's ``G_{(i)} (⊗_{j≠i} L_j^{-1}) G_{(i)}^\top
+    / n_i`` with the inverses in eigen-form from the stored factors and bases
+    (:func:`layerwise_optax._kron.eigen_inverse_halves`). An invalid gradient
+    leaf changes nothing (:func:`layerwise_optax._factored.accumulate`); KL
+    statistics go through the inverses and can overflow, and then nothing is
+    accumulated either (``check_estimates``).
     """
-    a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay)
+    if o.factor_estimation == "kl":
+
+        def estimate(blocks):
+            halves = _kron.eigen_inverse_halves(stats, bases, plan, h.damping, blocks.dtype)
+            return _kron.kl_stats_from_halves(blocks, halves, plan)
+
+        a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay, estimate, check_estimates=True)
+    else:
+        a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay)
     rot = _kron.apply_axis_matrices(a.blocks, bases, plan, transpose=True)
     return a._replace(nu=_failure.keep(a.ok, h.b2 * nu + (1 - h.b2) * jnp.square(rot), nu))
 
@@ -207,12 +250,12 @@ def _count_kept(o: _Options, plans: Any, kept: Any) -> jax.Array:
 def _update(o: _Options, updates, state, params=None):
     """One SOAP step: accumulate, precondition, refresh the bases for the next step."""
     del params
-    h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay))
+    h = _Hyper(*_checks.hyperparameters(o.b1, o.b2, o.eps, o.factor_decay, o.damping))
     with jax.named_scope("layerwise_optax.soap"):
         plans = o.resolve(updates)
         count_inc = _kron.increment(state.count)
         stats, bases = _kron.normalize(plans, state.stats), _kron.normalize(plans, state.bases)
-        accumulate = functools.partial(_accumulate, h)
+        accumulate = functools.partial(_accumulate, o, h)
         acc = _axes.map_leaves(accumulate, plans, updates, state.mu, state.nu, stats, bases)
         precondition = functools.partial(_precondition, h, count_inc)
         new_updates = _axes.map_leaves(precondition, plans, updates, acc, bases)
@@ -259,6 +302,9 @@ def scale_by_soap(
     dimension_numbers: _axes.DimNumsOrFn | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    factor_estimation: Literal["shampoo", "kl"] = "shampoo",
+    damping: jax.typing.ArrayLike = 1e-4,
     refresh_tolerance: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
     """Scales updates by Adam run in Shampoo's eigenbasis; see :func:`soap`.
@@ -292,20 +338,29 @@ def scale_by_soap(
         Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
         this state) is written with unbiased stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
+      factor_estimation: ``'shampoo'`` (``L_i = EMA(G_(i) G_(i)^T)``, SOAP) or
+        ``'kl'`` (KL-SOAP: ``L_i = EMA(G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i)``,
+        ``n_i`` the product of the other dimensions, each inverse
+        ``Q_j diag(diag(Q_j^T L_j Q_j) + δ_j)^{-1} Q_j^T`` from the stored
+        factor and basis; see :func:`soap`). Static.
+      damping: With ``'kl'``, the ridge ``δ_j = damping * max eigenvalue
+        estimate`` of each inverse, ``>= 0`` (unused with ``'shampoo'``).
       refresh_tolerance: Adaptive refresh criterion (Meta's Distributed Shampoo
         ``tolerance``): ``None`` or ``0`` refreshes every block at every refresh
         (the default); a float in ``[0, 1]`` (may be traced) refreshes a block only
         when ``||B - diag B||_F > refresh_tolerance * ||B||_F`` for its statistic
         in the current basis, ``B = Q^T L Q``, and keeps its basis otherwise
-        (counted in the state's ``refresh_skips``). See :func:`soap`.
+        (counted in the state's ``refresh_skips``). Works with either
+        ``factor_estimation``. See :func:`soap`.
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleBySoapState`.
 
     Raises:
       ValueError: At construction for out-of-range hyperparameters (also a
-        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``); at
-        ``init`` if ``dimension_numbers`` do not fit a parameter.
+        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``) or an
+        unknown ``factor_estimation``; at ``init`` if ``dimension_numbers`` do
+        not fit a parameter.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -327,9 +382,11 @@ def scale_by_soap(
     References:
       Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
       <https://arxiv.org/abs/2409.11321>`_, 2024.
+      Lin et al., `Understanding and Improving Shampoo and SOAP via
+      Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025
+      (``factor_estimation='kl'``).
     """
-    args = dict(locals())  # every argument above
-    options = _options(args)
+    options = _options(dict(locals()))  # every argument above, checked
     return optax.GradientTransformation(
         functools.partial(_factored.owned_init, options, init=_init, factors=("stats",)),
         functools.partial(_factored.owned_update, options, _update, counters=("refresh_skips",)),
@@ -354,6 +411,9 @@ def soap(
     mask: optax.MaskOrFn = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
     precond_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    factor_estimation: Literal["shampoo", "kl"] = "shampoo",
+    damping: jax.typing.ArrayLike = 1e-4,
     refresh_tolerance: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SOAP: Adam in the eigenbasis of Shampoo's factors (Vyas et al., 2024).
@@ -374,6 +434,35 @@ def soap(
     each step. Dimensions without a full factor (longer than
     ``max_precond_dim``, vectors and scalars by default) keep the identity
     basis, so with no factors at all SOAP is exactly Adam.
+
+    **KL-SOAP** (``factor_estimation='kl'``, Lin et al. 2025) keeps all of the
+    above but estimates each factor the KL-Shampoo way (see
+    :func:`layerwise_optax.shampoo`), with the other factors' inverses:
+
+    .. math::
+      L_i \leftarrow \beta L_i + (1-\beta)\, \frac{1}{n_i}
+          G_{(i)} \Big(\bigotimes_{j \ne i} L_j^{-1}\Big) G_{(i)}^\top,
+      \qquad L_j^{-1} \approx Q_j\, \mathrm{diag}(λ_j + δ_j)^{-1} Q_j^\top
+
+    with ``n_i`` the product of the other dimensions, ``λ_j = diag(Q_j^T L_j
+    Q_j)`` the eigenvalue estimates of the stored factor in its stored basis
+    (recomputed every step, the basis only at refreshes; exact right after an
+    ``eigh``) and ``δ_j = damping * max λ_j``. Before the first statistics (the
+    first step, identity bases) a factor is all zero and its inverse counts as
+    the identity, as KL-Shampoo's roots start as the identity, so the first
+    statistics are ``G_{(i)} G_{(i)}^\top / n_i``. This is the Kronecker-factored
+    second moment closest in KL divergence to the gradients' (for gradients
+    ``A^{1/2} Z B^{1/2}`` it tends to ``A ⊗ B`` itself, where Shampoo's factors
+    are only proportional to ``A`` and ``B``); the bases follow it, and Adam's
+    second moment still sets the step size, so the learning rate is SOAP's.
+    Dimensions with a diagonal factor (longer than ``max_precond_dim``) use its
+    diagonal as the eigenvalues (identity basis); dimensions without a factor
+    are not in the product. ``damping`` (relative, default 1e-4; 1e-4 to 1e-3)
+    bounds the inverses of rank-deficient factors: float32 round-off in their
+    null space is amplified by up to ``1/damping``. The paper found KL-Shampoo
+    the stronger of its two methods (:func:`layerwise_optax.shampoo` with
+    ``factor_estimation='kl'``); KL-SOAP is the choice when Adam's second moment
+    in the eigenbasis is wanted.
 
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
@@ -401,7 +490,10 @@ def soap(
     blocks needs a refresh skips its QR or ``eigh`` altogether, otherwise the
     whole batch is decomposed and the kept blocks' results discarded (under
     ``jax.vmap`` every batch is decomposed). Values around ``0.01..0.1`` skip
-    refreshes once the statistics settle; ``None`` (or 0) is plain SOAP.
+    refreshes once the statistics settle; ``None`` (or 0) is plain SOAP. It
+    combines with KL-SOAP: there the criterion also bounds the error of the
+    eigen-form inverses, which read ``λ_j = diag B`` in the kept basis and drop
+    ``B``'s off-diagonal part.
 
     Args:
       learning_rate: A global scaling factor, fixed or a schedule.
@@ -428,16 +520,22 @@ def soap(
         Computed in float32; a narrower dtype (``jnp.bfloat16`` halves
         this state) is written with unbiased stochastic rounding
         (:func:`layerwise_optax._kron.stochastic_round`), so EMAs keep moving.
+      factor_estimation: ``'shampoo'`` (SOAP's factors, the default) or
+        ``'kl'`` (KL-SOAP, see above). Static.
+      damping: With ``'kl'``, the relative ridge of each factor inverse,
+        ``>= 0`` (default 1e-4; unused with ``'shampoo'``).
       refresh_tolerance: ``None``/``0`` (refresh every block) or the adaptive
-        criterion's tolerance in ``[0, 1]`` (see above; may be traced).
+        criterion's tolerance in ``[0, 1]`` (see above; may be traced; with
+        either ``factor_estimation``).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: At construction if a hyperparameter is out of range (also a
-        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``); at
-        ``init`` if ``dimension_numbers`` do not fit a parameter.
+        ``refresh_tolerance`` that is not ``None`` or a float in ``[0, 1]``) or
+        ``factor_estimation`` is not ``'shampoo'`` or ``'kl'``; at ``init`` if
+        ``dimension_numbers`` do not fit a parameter.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -460,12 +558,24 @@ def soap(
       >>> int(state[0].refresh_skips)  # 2 factors x 3 refreshes
       6
 
+      KL-SOAP: the first statistics are ``G G^T / n`` (identity inverses):
+
+      >>> tx = lo.scale_by_soap(factor_estimation='kl', factor_decay=0.5)
+      >>> g = {'w': jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+      >>> _, state = tx.update(g, tx.init({'w': jnp.zeros((2, 2))}))
+      >>> state.stats['w'][0][0].tolist()
+      [[1.0, 0.0], [0.0, 0.25]]
+
     References:
       Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
-      <https://arxiv.org/abs/2409.11321>`_, 2024. The refresh criterion: Shi et
-      al., `A Distributed Data-Parallel PyTorch Implementation of the Distributed
-      Shampoo Optimizer <https://arxiv.org/abs/2309.06497>`_, 2023 (its
-      implementation's ``EigendecompositionConfig.tolerance``).
+      <https://arxiv.org/abs/2409.11321>`_, 2024.
+      Lin et al., `Understanding and Improving Shampoo and SOAP via
+      Kullback-Leibler Minimization <https://arxiv.org/abs/2509.03378>`_, 2025
+      (KL-SOAP).
+      The refresh criterion: Shi et al., `A Distributed Data-Parallel PyTorch
+      Implementation of the Distributed Shampoo Optimizer
+      <https://arxiv.org/abs/2309.06497>`_, 2023 (its implementation's
+      ``EigendecompositionConfig.tolerance``).
 
     .. seealso:: :func:`layerwise_optax.shampoo`, :func:`layerwise_optax.scale_by_soap`
     """
@@ -486,6 +596,8 @@ def soap(
             dimension_numbers=dimension_numbers,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
+            factor_estimation=factor_estimation,
+            damping=damping,
             refresh_tolerance=refresh_tolerance,
         ),
         optax.add_decayed_weights(weight_decay, mask),

@@ -1434,27 +1434,57 @@ def kfac_value_and_grad(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
         nnx.update(model, feats.pop(_STATE))
-        if statistics_batch_size is not None:
-            feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size, stacks)
-        feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n, heads, stacks)
-        stats = _stats_tree(
+        stats = _blocks(
             feats,
             deltas,
-            rows,
             n,
-            tuples,
-            biases,
-            fold_biases,
-            stacks,
-            heads,
-            sequence_statistics == "reduce",
+            out_rows=out_rows,
+            kinds=kinds,
+            heads=heads,
+            stacks=stacks,
+            tuples=tuples,
+            biases=biases,
+            fold_biases=fold_biases,
+            reduce=sequence_statistics == "reduce",
+            statistics_batch_size=statistics_batch_size,
+            diagonal_layers=diagonal_layers.values(),
         )
-        _merge_stats(stats, _extra_stats(extra, kinds, n, tuples, stacks))
-        for path, names in diagonal_layers.values():
-            _set_diagonal(stats, path, names)
         return value, grads, stats
 
     return fn
+
+
+def _blocks(
+    feats,
+    deltas,
+    n,
+    *,
+    out_rows,
+    kinds,
+    heads,
+    stacks,
+    tuples,
+    biases,
+    fold_biases,
+    reduce,
+    statistics_batch_size,
+    diagonal_layers,
+) -> dict:
+    """The statistics tree from one pass's features and output gradients (NNX and Linen).
+
+    The sub-batch (``statistics_batch_size``), the reuse rule (:func:`_kernel_uses`),
+    the kernel blocks (:func:`_stats_tree`, K-FAC-expand or ``reduce``), the norm and
+    embedding blocks (:func:`_extra_stats`), then ``None`` at the params of the
+    ``diagonal_layers`` (``(path, param names)`` pairs).
+    """
+    if statistics_batch_size is not None:
+        feats, deltas, n = _sub_batch(feats, deltas, n, statistics_batch_size, stacks)
+    feats, deltas, rows, extra = _kernel_uses(feats, deltas, out_rows, kinds, n, heads, stacks)
+    stats = _stats_tree(feats, deltas, rows, n, tuples, biases, fold_biases, stacks, heads, reduce)
+    _merge_stats(stats, _extra_stats(extra, kinds, n, tuples, stacks))
+    for path, names in diagonal_layers:
+        _set_diagonal(stats, path, names)
+    return stats
 
 
 def _sub_batch(

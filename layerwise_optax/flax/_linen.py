@@ -698,8 +698,6 @@ def linen_kfac_value_and_grad(
                 forward, params, zeros, loss_fn, targets, loss_name
             )
         updated = feats.pop(_capture._STATE)
-        if statistics_batch_size is not None:
-            feats, deltas, n = _capture._sub_batch(feats, deltas, n, statistics_batch_size, stacks)
         # The NNX capture's pipeline from here: the reuse rule, then the blocks.
         out_rows = {u: info.rows for u, info in uses.items()}
         kinds = {u: info.kind for u, info in uses.items() if info.kind is not None}
@@ -710,25 +708,21 @@ def linen_kfac_value_and_grad(
                 heads[layer] = len(info.layout.batch)
                 if "bias" in info.params:
                     biases[layer] = info.layout.bias
-        tuples = {layer: paths[layer] for layer in paths}
-        feats, deltas, rows, extra = _capture._kernel_uses(
-            feats, deltas, out_rows, kinds, n, heads, stacks
-        )
-        stats = _capture._stats_tree(
+        stats = _capture._blocks(
             feats,
             deltas,
-            rows,
             n,
-            tuples,
-            biases,
-            fold_biases,
-            stacks,
-            heads,
-            sequence_statistics == "reduce",
+            out_rows=out_rows,
+            kinds=kinds,
+            heads=heads,
+            stacks=stacks,
+            tuples=dict(paths),
+            biases=biases,
+            fold_biases=fold_biases,
+            reduce=sequence_statistics == "reduce",
+            statistics_batch_size=statistics_batch_size,
+            diagonal_layers=interceptor.diagonal.values(),
         )
-        _capture._merge_stats(stats, _capture._extra_stats(extra, kinds, n, tuples, stacks))
-        for path, names in interceptor.diagonal.values():
-            _capture._set_diagonal(stats, path, names)
         if mutable:
             return value, grads, stats, updated
         return value, grads, stats
