@@ -326,6 +326,88 @@ def test_injected_tolerance_matches_the_plain_one_and_vmaps():
     assert counts == [0, int(alone[0].refresh_skips), 2 * len(gw)]
 
 
+# ------------------------------------------------------------------ with KL-SOAP
+
+
+def test_kl_soap_with_tolerance_zero_is_kl_soap_bit_for_bit():
+    # Python 0 takes the plain path; a traced 0 goes through the criterion and
+    # refreshes every block: both are KL-SOAP without it, updates and state.
+    params = _params()
+    grads = _random_grads(params, 5, seed=2)
+    kl = dict(precondition_frequency=2, factor_estimation="kl", damping=1e-3)
+    ref, ref_state = run_steps(lo.soap(1e-2, **kl), params, grads)
+    zero, zero_state = run_steps(lo.soap(1e-2, **kl, refresh_tolerance=0.0), params, grads)
+    injected = lo.inject_hyperparams(lo.soap)(learning_rate=1e-2, **kl, refresh_tolerance=0.0)
+    traced, traced_state = run_steps(injected, params, grads)
+    inner = traced_state.inner_state[0]
+    assert int(inner.refresh_skips) == 0
+    for a, b in ((ref, zero), (ref, traced), (ref_state, zero_state)):
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    for field in ("stats", "bases", "nu"):
+        jax.tree.map(
+            lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+            getattr(ref_state[0], field),
+            getattr(inner, field),
+        )
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 5)])
+def test_kl_soap_with_tolerance_one_keeps_every_basis_against_float64(shape):
+    # ||B - diag B|| <= ||B|| always: no refresh, not even the first; the bases stay
+    # the identity, so the updates are Adam's, and the KL statistics use the
+    # inverses diag(diag L_j + δ_j)^{-1} (identity while L_j is all zero).
+    hp = dict(b1=0.9, b2=0.95, eps=1e-8, factor_decay=0.9, damping=1e-3)
+    grads = _structured_grads(shape, seed=3)[:6]
+    tx = lo.scale_by_soap(
+        **hp, precondition_frequency=1, factor_estimation="kl", refresh_tolerance=1.0
+    )
+    params = {"w": jnp.zeros(shape)}
+    ours, state = run_steps(tx, params, [{"w": jnp.asarray(g)} for g in grads])
+    adam = optax.scale_by_adam(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
+    ref, _ = run_steps(adam, params, [{"w": jnp.asarray(g)} for g in grads])
+    for a, b in zip(ours, ref):
+        assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+    assert int(state.refresh_skips) == 2 * len(grads)  # 2 factors x 6 refreshes
+    assert int(state.failures.failed) == 0 and int(state.failures.skipped) == 0
+    for q, n in zip(state.bases["w"], shape):
+        np.testing.assert_array_equal(np.asarray(q[0]), np.eye(n))
+
+    def inverse(s):
+        if not np.any(s):
+            return np.eye(len(s))
+        lam = np.maximum(np.diag(s), 0.0)
+        return np.diag(1.0 / (lam + hp["damping"] * lam.max()))
+
+    stats = [np.zeros((n, n)) for n in shape]
+    for g in grads:
+        g = np.asarray(g, np.float64)
+        left, right = inverse(stats[0]), inverse(stats[1])
+        new = [g @ right @ g.T / shape[1], g.T @ left @ g / shape[0]]
+        stats = [hp["factor_decay"] * s + (1 - hp["factor_decay"]) * x for s, x in zip(stats, new)]
+    for got, want in zip(state.stats["w"], stats):
+        np.testing.assert_allclose(
+            np.asarray(got[0]), want, rtol=2e-4, atol=1e-6 * np.abs(want).max()
+        )
+
+
+def test_kl_soap_with_a_tolerance_runs_and_counts():
+    params = _params()
+    grads = _random_grads(params, 6, seed=4)
+    kl = dict(precondition_frequency=1, factor_estimation="kl")
+    ref, _ = run_steps(lo.soap(1e-2, **kl), params, grads)
+    ours, state = run_steps(lo.soap(1e-2, **kl, refresh_tolerance=0.1), params, grads)
+    assert lo.failure_report(state).ok
+    assert 0 < int(state[0].refresh_skips) < 6 * _full_blocks(state[0].bases)
+    for u in ours:
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    # Kept bases change the steps (else the criterion would be a no-op here).
+    assert any(
+        not np.allclose(np.asarray(x), np.asarray(y))
+        for a, b in zip(ours, ref)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
 # ------------------------------------------------------------------ configuration errors
 
 
