@@ -19,7 +19,9 @@ batches it:
    the group stacks where they lie: the gradient of a block is sent to its
    owner (:func:`to_groups`), the owner computes, and the preconditioned blocks
    are gathered once and put back into the parameters' shapes
-   (:func:`from_groups`).
+   (:func:`from_groups`). Where the parameters are sharded (FSDP) with whole
+   blocks per shard, only the blocks each device's shard needs travel, both
+   ways (see the section "routes" below).
 
 A leaf without factors (biases and other vectors under the default policy)
 stays as it is: its state is shaped and sharded like the parameter.
@@ -594,6 +596,10 @@ def to_groups(
     xs = _bare_leaves(plans, tree)
     blocks = []
     for g in layout.groups:
+        route = _route(layout, g, nodes, xs)
+        if route is not None:
+            blocks.append(_routed_stack(route, layout, g, nodes, xs, valid))
+            continue
         parts = []
         for i, _ in g.members:
             x = xs[i]
@@ -624,8 +630,23 @@ def from_groups(layout: Layout, plans: Any, grouped_tree: Any, like: Any) -> Any
     plan_leaves = plan_nodes(plans)
     like_nodes = treedef.flatten_up_to(like)
     out: list[Any] = list(like_nodes)
+    likes = _bare_leaves(plans, like)
     for g, stack in zip(layout.groups, grouped_tree["blocks"]):
         if stack is None:
+            continue
+        route = _route(layout, g, plan_leaves, likes)
+        if route is not None:
+            # Only the blocks each device's shards need travel (see "routes").
+            mine, rest = _routed_leaves(route, layout, g, stack)
+            for (_, i, *_), y in zip(route.aligned, mine):
+                out[i] = _like(y, like_nodes[i], nodes[i])
+            start = 0
+            for k in route.gathered:
+                i, n = g.members[k]
+                out[i] = _like(
+                    plan_leaves[i].from_blocks(rest[start : start + n]), like_nodes[i], nodes[i]
+                )
+                start += n
             continue
         stack = _whole(stack, layout) if layout.mapped else _gather_blocks(stack, g, layout)
         start = 0
@@ -870,6 +891,392 @@ def per_block(layout: Layout, group: Group, values: jax.Array, fill: Any) -> jax
     """
     values = jnp.concatenate([values, jnp.full((1,), fill, values.dtype)])
     return share(layout, group, values[_member_ids(group)])
+
+
+# ----------------------------------------------------------------------------- routes
+#
+# With FSDP specs each device already holds a slice of every sharded leaf. The
+# plain way to a group stack gathers every leaf whole (one all-gather of the
+# parameters) and the way back gathers the stack whole again (a second one),
+# although each device needs only ``1 / devices`` of either (issue 15). A
+# *route* moves only what must move, in units of whole blocks:
+#
+# * a member leaf is *aligned* when it is sharded (``Explicit`` axes) on one
+#   dimension over exactly the layout's axes, that dimension leads its block
+#   view (the leading batch axis, or the leading axis of the first view
+#   dimension of an unbatched leaf) and every shard holds whole blocks: then
+#   device ``t``'s shard is exactly the leaf's blocks ``[t c, (t + 1) c)``
+#   (``c = blocks / devices``), cut out locally by a plan of the shard's shape
+#   (:func:`_shard_plan`);
+# * the stack position of every block and its owner are static, so per device
+#   pair the blocks to send are known at trace time. The (holder, owner) pairs
+#   are split into rounds in which each device sends to at most one device and
+#   receives from at most one (:func:`_rounds`); each round is one
+#   ``lax.ppermute`` of the blocks of its pairs, padded to its largest pair;
+#   then a static table per device picks each stack entry from the device's
+#   own blocks, the received ones, the gathered members (leaves that are not
+#   aligned, gathered whole as before) or a NaN padding block. A group of one
+#   aligned leaf moves nothing: its stack is split exactly as the leaf is;
+# * the way back is the mirror image: the owners send each holder its blocks,
+#   and the blocks of the members that are not aligned are gathered from their
+#   owners (an all-gather, or an all-reduce of a zero buffer each owner writes
+#   its blocks into when few devices own them).
+#
+# Leaves on Auto axes (their sharding is not known while tracing) and leaves
+# sharded over only some of the layout's axes keep the plain way. The numbers
+# are moved, never combined, so a route gives the same stacks bit for bit; the
+# updates may differ at float32 round-off where the compiler fuses the rest of
+# the step differently (SOAP: below 1e-6 relative in the tests).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """How one group's blocks travel between leaf shards and the stack (static).
+
+    Attributes:
+      aligned: Per aligned member ``(member index, position, shard plan, spec,
+        blocks per device)``.
+      gathered: Member indices (into ``group.members``) of the other members.
+      offsets: Stack offset of every member.
+      devices: The device count.
+      axes: The mesh axes (a name or a tuple, as collectives take them).
+    """
+
+    aligned: tuple[tuple[int, int, _axes.LeafPlan, P, int], ...]
+    gathered: tuple[int, ...]
+    offsets: tuple[int, ...]
+    devices: int
+    axes: Any
+
+    @property
+    def held(self) -> int:
+        """Blocks of aligned members each device holds."""
+        return sum(c for *_, c in self.aligned)
+
+    def sources(self, group: Group) -> list[tuple[str, int, int]]:
+        """Per stack position ``(kind, device, index)``.
+
+        ``kind`` is ``'held'`` (block ``index`` of the holder ``device``'s held
+        blocks), ``'gathered'`` (block ``index`` of the gathered members'
+        blocks) or ``'pad'``.
+        """
+        out: list[tuple[str, int, int]] = [("pad", 0, 0)] * group.padded
+        start = 0
+        for m, c in zip(self.aligned, np.cumsum([0] + [a[4] for a in self.aligned])):
+            k, _, _, _, per = m
+            base = self.offsets[k]
+            for j in range(group.members[k][1]):
+                out[base + j] = ("held", j // per, int(c) + j % per)
+        for k in self.gathered:
+            base, n = self.offsets[k], group.members[k][1]
+            for j in range(n):
+                out[base + j] = ("gathered", 0, start + j)
+            start += n
+        return out
+
+
+def _shard_plan(plan: _axes.LeafPlan, dim: int, devices: int) -> _axes.LeafPlan | None:
+    """The plan of one shard of a leaf split evenly on ``dim``, if it cuts whole blocks.
+
+    ``None`` unless ``dim`` is the leaf's leading axis in block-view order and
+    a shard's blocks are a contiguous run of the leaf's stack: ``dim`` is the
+    leading batch axis, or the leaf is unbatched and ``dim`` leads the first
+    view dimension, which is not padded and whose shard is a whole number of
+    blocks.
+    """
+    size = plan.shape[dim]
+    if not plan.perm or plan.perm[0] != dim or size % devices or size < devices:
+        return None
+    shape = tuple(s // devices if i == dim else s for i, s in enumerate(plan.shape))
+    if plan.batch > 1:
+        # Batch axes lead the view, and a size > 1 leading axis belongs to them.
+        if plan.batch % size:
+            return None
+        return dataclasses.replace(plan, shape=shape, batch=plan.batch // devices)
+    if not plan.dims or plan.dims[0] % size or plan.dims[0] != plan.num_blocks[0] * plan.blocks[0]:
+        return None
+    local = plan.dims[0] // devices
+    if local % plan.blocks[0]:
+        return None
+    return dataclasses.replace(
+        plan,
+        shape=shape,
+        dims=(local,) + plan.dims[1:],
+        num_blocks=(plan.num_blocks[0] // devices,) + plan.num_blocks[1:],
+    )
+
+
+def _route(layout: Layout, group: Group, nodes: Sequence[Any], xs: Sequence[Any]) -> _Route | None:
+    """The route of a group for leaves ``xs`` (per plan position), or ``None``."""
+    mesh = _distribute.current_mesh()
+    if (
+        layout.mapped
+        or mesh is None
+        or not layout.axes
+        or any(a not in mesh.axis_names for a in layout.axes)
+    ):
+        return None
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    devices = math.prod(sizes[a] for a in layout.axes)
+    if devices <= 1 or group.padded % devices:
+        return None
+    aligned, gathered, offsets, start = [], [], [], 0
+    for k, (i, n) in enumerate(group.members):
+        offsets.append(start)
+        start += n
+        spec = _axes._explicit_spec(xs[i]) if xs[i] is not None else None
+        plan = None
+        if spec is not None:
+            used = [(d, e) for d, e in enumerate(spec) if e is not None]
+            if len(used) == 1:
+                d, entry = used[0]
+                if (entry if isinstance(entry, tuple) else (entry,)) == tuple(layout.axes):
+                    plan = _shard_plan(nodes[i], d, devices)
+        if plan is None:
+            gathered.append(k)
+        else:
+            aligned.append((k, i, plan, P(*spec), n // devices))
+    if not aligned:
+        return None
+    axes = layout.axes if len(layout.axes) != 1 else layout.axes[0]
+    return _Route(tuple(aligned), tuple(gathered), tuple(offsets), devices, axes)
+
+
+def _rounds(
+    route: _Route, pairs: Sequence[tuple[int, int, int, int]]
+) -> list[tuple[tuple[tuple[int, int], ...], np.ndarray, dict[tuple[int, int], int]]]:
+    """The moving blocks as rounds of ``lax.ppermute``, with their tables.
+
+    The (sender, receiver) edges are split into rounds in which every device
+    sends to at most one device and receives from at most one (heaviest edges
+    first, so each round's buffer, padded to its heaviest edge, wastes little).
+
+    Args:
+      route: The route.
+      pairs: ``(sender, receiver, sender index, receiver key)`` per block that
+        moves between two devices.
+
+    Returns:
+      Per round ``(edges, table, slots)``: the ``(sender, receiver)`` pairs,
+      ``table[t]`` the sender indices device ``t`` sends (padded with 0) and
+      ``slots[(receiver, key)]`` the entry's position in what the receiver gets.
+    """
+    edges: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+    for t, u, index, key in pairs:
+        edges.setdefault((t, u), []).append((index, key))
+    order = sorted(edges, key=lambda e: (-len(edges[e]), e))
+    out = []
+    while order:
+        senders, receivers, chosen, rest = set(), set(), [], []
+        for t, u in order:
+            if t in senders or u in receivers:
+                rest.append((t, u))
+                continue
+            senders.add(t)
+            receivers.add(u)
+            chosen.append((t, u))
+        order = rest
+        width = max(len(edges[e]) for e in chosen)
+        table = np.zeros((route.devices, width), np.int32)
+        slots = {}
+        for t, u in chosen:
+            for k, (index, key) in enumerate(edges[(t, u)]):
+                table[t, k] = index
+                slots[(u, key)] = k
+        out.append((tuple(chosen), table, slots))
+    return out
+
+
+def _send(x: jax.Array, route: _Route, edges: Sequence[tuple[int, int]]) -> jax.Array:
+    """``x`` of every sender of ``edges`` sent to its receiver (a ``ppermute``)."""
+    return jax.lax.ppermute(x, route.axes, list(edges))
+
+
+def _member_blocks(
+    group: Group, nodes: Sequence[Any], xs: Sequence[Any], valid: Sequence[Any] | None, k: int
+) -> jax.Array:
+    """Member ``k``'s block view, whole on every device, NaN where its leaf is not valid."""
+    i = group.members[k][0]
+    x = xs[i]
+    if _axes._explicit_spec(x) is not None:
+        x = jax.sharding.reshard(x, P())
+    b = nodes[i].to_blocks(x.astype(group.dtype))
+    if valid is not None and valid[i] is not None:
+        b = jnp.where(valid[i], b, jnp.nan)
+    return b
+
+
+def _routed_stack(
+    route: _Route,
+    layout: Layout,
+    group: Group,
+    nodes: Sequence[Any],
+    xs: Sequence[Any],
+    valid: Sequence[Any] | None,
+) -> jax.Array:
+    """The group stack of a route, laid out along axis 0 (way in, see above)."""
+    mesh = _distribute.current_mesh()
+    d, length = route.devices, group.padded // route.devices
+    sources = route.sources(group)
+    held_pairs, table = [], np.zeros((d, length), np.int64)
+    # Pool of device u: held blocks, gathered blocks, then one buffer per shift, then NaN.
+    for u in range(d):
+        for slot in range(length):
+            kind, t, index = sources[u * length + slot]
+            if kind == "held" and t != u:
+                held_pairs.append((t, u, index, slot))
+    rounds = _rounds(route, held_pairs)
+    gathered_n = sum(group.members[k][1] for k in route.gathered)
+    base = route.held + gathered_n
+    nan = base + sum(t.shape[1] for _, t, _ in rounds)
+    for u in range(d):
+        for slot in range(length):
+            kind, t, index = sources[u * length + slot]
+            if kind == "pad":
+                table[u, slot] = nan
+            elif kind == "gathered":
+                table[u, slot] = route.held + index
+            elif t == u:
+                table[u, slot] = index
+            else:
+                offset = base
+                for _, tab, slots in rounds:
+                    if (u, slot) in slots:
+                        table[u, slot] = offset + slots[(u, slot)]
+                        break
+                    offset += tab.shape[1]
+    flags = tuple(
+        jnp.asarray(True) if valid is None or valid[i] is None else jnp.asarray(valid[i])
+        for _, i, *_ in route.aligned
+    )
+    parts = [_member_blocks(group, nodes, xs, valid, k) for k in route.gathered]
+    gathered = (
+        jnp.concatenate(parts)
+        if len(parts) > 1
+        else parts[0]
+        if parts
+        else jnp.zeros((0,) + group.key.blocks, group.dtype)
+    )
+    send = tuple(jnp.asarray(t) for _, t, _ in rounds)
+    index = jnp.asarray(table.astype(np.int32))
+
+    def local(leaves, flags, gathered, send, index):
+        me = jax.lax.axis_index(route.axes)
+        held = [
+            jnp.where(f, plan.to_blocks(x.astype(group.dtype)), jnp.nan)
+            for (_, _, plan, _, _), x, f in zip(route.aligned, leaves, flags)
+        ]
+        held = jnp.concatenate(held) if len(held) > 1 else held[0]
+        pool = [held, gathered]
+        for (edges, _, _), tab in zip(rounds, send):
+            pool.append(_send(jnp.take(held, tab[me], axis=0), route, edges))
+        pool.append(jnp.full((1,) + group.key.blocks, jnp.nan, group.dtype))
+        return jnp.take(jnp.concatenate(pool), index[me], axis=0)
+
+    leaves = tuple(xs[i] for _, i, *_ in route.aligned)
+    specs = tuple(spec for *_, spec, _ in route.aligned)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(specs, P(), P(), P(), P()),
+        out_specs=layout.spec(),
+        check_vma=False,
+    )(leaves, flags, gathered, send, index)
+
+
+def _routed_leaves(
+    route: _Route, layout: Layout, group: Group, stack: jax.Array
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """The way back of a route: the aligned members' leaves and the others' blocks.
+
+    Returns:
+      The aligned members' leaves (in the group's dtype, laid out as their
+      specs), and the gathered members' blocks concatenated, whole on every
+      device.
+    """
+    mesh = _distribute.current_mesh()
+    d, length = route.devices, group.padded // route.devices
+    sources = route.sources(group)
+    owner = {}
+    for p, (kind, t, index) in enumerate(sources):
+        if kind != "pad":
+            owner[(kind, t, index)] = divmod(p, length)
+    held_pairs, back = [], np.zeros((d, route.held), np.int64)
+    for t in range(d):
+        for h in range(route.held):
+            u, slot = owner[("held", t, h)]
+            if u != t:
+                held_pairs.append((u, t, slot, h))
+    rounds = _rounds(route, held_pairs)
+    for t in range(d):
+        for h in range(route.held):
+            u, slot = owner[("held", t, h)]
+            if u == t:
+                back[t, h] = slot
+                continue
+            offset = length
+            for _, tab, slots in rounds:
+                if (t, h) in slots:
+                    back[t, h] = offset + slots[(t, h)]
+                    break
+                offset += tab.shape[1]
+    gathered_n = sum(group.members[k][1] for k in route.gathered)
+    owned: list[list[int]] = [[] for _ in range(d)]
+    where = np.zeros((gathered_n,), np.int64)
+    for g in range(gathered_n):
+        u, slot = owner[("gathered", 0, g)]
+        owned[u].append(slot)
+    width = max((len(o) for o in owned), default=0)
+    picks = np.zeros((d, width), np.int64)
+    for u, o in enumerate(owned):
+        picks[u, : len(o)] = o
+    positions = np.full((d, width), gathered_n, np.int64)  # gathered_n: dropped
+    for g in range(gathered_n):
+        u, slot = owner[("gathered", 0, g)]
+        k = owned[u].index(slot)
+        where[g] = u * width + k
+        positions[u, k] = g
+    # A ring all-gather moves ``devices * width`` blocks, an all-reduce about twice its length.
+    summed = d * width > 2 * gathered_n
+    put = jnp.asarray(positions.astype(np.int32))
+    send = tuple(jnp.asarray(t) for _, t, _ in rounds)
+    index = jnp.asarray(back.astype(np.int32))
+    pick = jnp.asarray(picks.astype(np.int32))
+
+    def local(seg, send, index, pick):
+        me = jax.lax.axis_index(route.axes)
+        pool = [seg]
+        for (edges, _, _), tab in zip(rounds, send):
+            pool.append(_send(jnp.take(seg, tab[me], axis=0), route, edges))
+        held = jnp.take(jnp.concatenate(pool) if len(pool) > 1 else seg, index[me], axis=0)
+        leaves, start = [], 0
+        for _, _, plan, _, per in route.aligned:
+            leaves.append(plan.from_blocks(held[start : start + per]))
+            start += per
+        if gathered_n and summed:
+            # Few owners hold these blocks: each device writes its own into a
+            # zero buffer of them all and the buffers are summed (one addend
+            # per slot, so the sum is exact), cheaper than a padded all-gather.
+            mine = jnp.take(seg, pick[me], axis=0)
+            buffer = jnp.zeros((gathered_n,) + group.key.blocks, seg.dtype)
+            gathered = jax.lax.psum(buffer.at[put[me]].set(mine, mode="drop"), route.axes)
+        elif gathered_n:
+            mine = jnp.take(seg, pick[me], axis=0)
+            every = jax.lax.all_gather(mine, route.axes, tiled=True)
+            gathered = jnp.take(every, jnp.asarray(where.astype(np.int32)), axis=0)
+        else:
+            gathered = jnp.zeros((0,) + group.key.blocks, seg.dtype)
+        return tuple(leaves), gathered
+
+    stack = _distribute.place(stack, layout.spec(), mesh)
+    specs = tuple(spec for *_, spec, _ in route.aligned)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(layout.spec(), P(), P(), P()),
+        out_specs=(specs, P()),
+        check_vma=False,
+    )(stack, send, index, pick)
 
 
 # ----------------------------------------------------------------------------- per-factor layout

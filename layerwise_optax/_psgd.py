@@ -809,15 +809,12 @@ def _update(updates: optax.Updates, state: ScaleByPsgdKronState, s: _Settings) -
     if layout is None:
         u = _axes.map_leaves(clipped, plans, u, ok, updates)
     else:
-        # The blocks come back replicated (``like`` has no sharding: the way
-        # back's one gather), are clipped there (``_clip`` reads only the
-        # gradient's dtype) and then keep the gradient's shards, a local slice:
-        # an ordinary step's only params-sized collectives are the momentum's
-        # way to the owners and this way back.
-        like = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-            updates,
-        )
+        # The blocks come back in float32 laid out like the gradient: a leaf
+        # whose shards hold whole blocks receives only its own blocks (the
+        # owner layout's routes), any other is gathered whole and keeps its
+        # shards by a local slice (``_laid_out_like``). The clip reads the
+        # update where it lies (its mean is one scalar reduction).
+        like = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), updates)
         u = _owner.from_groups(layout, plans, u, like)
         u = _axes.map_leaves(clipped, plans, u, ok, updates, local=True)
         u = _axes.map_leaves(_laid_out_like, plans, u, updates, local=True)

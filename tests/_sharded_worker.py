@@ -3,7 +3,7 @@
 Started by ``tests/test_sharding.py`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the device count is fixed
 when JAX starts, so it cannot run inside the pytest process).
-Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,traffic,owner_pmap``
+Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,owner,traffic,routes,owner_pmap``
 (any subset; ``owner_pmap_<alias>`` runs one alias's every pmap owner-layout case).
 """
 
@@ -772,8 +772,116 @@ def psgd_traffic_case():
     )
 
 
+# Leaves for the owner layout's routes (issue 15): sharded on their leading block
+# axis with whole blocks per shard (routed), shards cutting blocks (gathered),
+# a leading batch axis sharded, another dimension sharded, replicated.
+ROUTE_SHAPES = {
+    "aligned": ((64, 48), P("data")),
+    "cuts_blocks": ((48, 64), P("data")),
+    "stacked": ((8, 16, 24), P("data")),
+    "head": ((64, 10), P("data")),
+    "columns": ((16, 64), P(None, "data")),
+    "bias": ((48,), P()),
+}
+
+
+def routes_case():
+    """Every owner-layout alias with and without routes on 8 devices (Explicit axes).
+
+    Five steps (a NaN gradient in one leaf at step 2): the routed updates must
+    equal the gathered ones bit for bit (routes move numbers, never combine
+    them) and the single-device run within round-off; and the collective bytes
+    of Shampoo's ordinary step on an FSDP MLP whose layers' shards hold
+    whole blocks, beside the parameter bytes.
+    """
+    from benchmarks import sharded_state
+    from benchmarks.step_time import make_tree, mlp_shapes
+    from layerwise_optax import _owner
+
+    keys = jax.random.split(jax.random.key(3), len(ROUTE_SHAPES))
+    params = {n: jax.random.normal(k, s) for (n, (s, _)), k in zip(ROUTE_SHAPES.items(), keys)}
+
+    def grads(t):
+        ks = jax.random.split(jax.random.key(50 + t), len(params))
+        g = {n: jax.random.normal(k, p.shape) for (n, p), k in zip(params.items(), ks)}
+        if t == 2:
+            g["aligned"] = g["aligned"].at[0, 0].set(jnp.nan)
+        return g
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    shardings = {n: NamedSharding(mesh, spec) for n, (_, spec) in ROUTE_SHAPES.items()}
+    original = _owner._route
+    counted = []
+
+    def counting(*args):
+        route = original(*args)
+        if route is not None:
+            counted.append(len(route.aligned))
+        return route
+
+    aliases = {
+        "shampoo": lambda: lo.shampoo(1e-2, block_size=8, precondition_frequency=2),
+        "soap": lambda: lo.soap(1e-2, block_size=8, precondition_frequency=2),
+        "psgd_kron": lambda: lo.psgd_kron(1e-2, block_size=8, precond_update_prob=1.0),
+    }
+    out = {}
+    for name, make in aliases.items():
+        reference = []
+        tx = make()
+        state = tx.init(params)
+        for t in range(STEPS):
+            u, state = jax.jit(tx.update)(grads(t), state, params)
+            reference.append(u)
+        runs = {}
+        for routed in (True, False):
+            _owner._route = counting if routed else (lambda *a: None)
+            counted.clear()
+            try:
+                tx = make()
+                with jax.set_mesh(mesh):
+                    p = jax.device_put(params, shardings)
+                    state = jax.jit(tx.init)(p)
+                    ups = []
+                    for t in range(STEPS):
+                        u, state = jax.jit(tx.update)(jax.device_put(grads(t), shardings), state, p)
+                        ups.append(u)
+            finally:
+                _owner._route = original
+            runs[routed] = (ups, list(counted))
+        (on, routes), (off, _) = runs[True], runs[False]
+        out[name] = dict(
+            identical=all(
+                bool(jnp.array_equal(x, y, equal_nan=True))
+                for x, y in zip(jax.tree.leaves(on), jax.tree.leaves(off))
+            ),
+            routed_vs_gathered=max_rel_err(on, off),
+            max_rel_err=max_rel_err(on, reference),
+            routes=routes,
+            specs={n: str(x.sharding.spec) for n, x in on[-1].items()},
+        )
+    mlp = make_tree(mlp_shapes(256, 256, 256, 10), jax.random.key(0))
+    mlp_mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    specs = sharded_state._specs(mlp, 8)
+    mlp_sh = jax.tree.map(lambda spec: NamedSharding(mlp_mesh, spec), specs)
+    tx = lo.shampoo(1e-3, block_size=32, precondition_frequency=10)
+    promised = lo.state_shardings(tx, mlp, specs, mesh=mlp_mesh)
+    with jax.set_mesh(mlp_mesh):
+        p = jax.device_put(mlp, mlp_sh)
+        state = jax.jit(tx.init, out_shardings=promised)(p)
+        step = jax.jit(tx.update, out_shardings=(mlp_sh, promised))
+        hlo = step.lower(p, state, p).compile().as_text()
+    return dict(
+        mode="routes",
+        aliases=out,
+        params_bytes=sum(x.nbytes for x in jax.tree.leaves(mlp)),
+        collective_bytes=sharded_state.hlo_collective_bytes(hlo)["ordinary"],
+    )
+
+
 def main(modes):
     assert jax.device_count() == 8, jax.devices()
+    if "routes" in modes:
+        print(json.dumps(routes_case()), flush=True)
     if "errors" in modes:
         print(json.dumps(errors_case()), flush=True)
     if "spread" in modes:

@@ -138,12 +138,48 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     (psgd,) = [r for r in results if r.get("mode") == "psgd_traffic"]
     assert psgd["owner"]
     params_bytes, steps = psgd["params_bytes"], psgd["collective_bytes"]
-    assert set(steps["ordinary"]) <= {"all-gather", "all-reduce"}, steps
-    assert steps["ordinary"]["all-gather"] <= 2 * params_bytes, (steps, params_bytes)
-    assert steps["refresh"]["all-gather"] <= 2 * params_bytes + 1024, (steps, params_bytes)
+    # Since the routes, the blocks of a leaf whose shards hold whole blocks
+    # travel by collective-permute to their owners (and back by all-gather),
+    # so the two moves together come to 1.74x, not 2x (458752 of 263168).
+    for kind, slack in (("ordinary", 0), ("refresh", 1024)):
+        comm = steps[kind]
+        assert set(comm) <= {"all-gather", "all-reduce", "collective-permute"}, steps
+        moved = comm["all-gather"] + comm.get("collective-permute", 0)
+        assert moved <= 1.75 * params_bytes + slack, (kind, steps, params_bytes)
     for kind in ("ordinary", "refresh"):
         # Per-leaf scalars only: validity flags and the clip's sums of squares.
         assert steps[kind].get("all-reduce", 0) <= 256, (kind, steps)
+
+
+def test_owner_layout_routes_move_only_the_blocks_each_shard_needs():
+    """Issue 15: with FSDP shards holding whole blocks, an ordinary step moves < 1x the params.
+
+    Routed and gathered ways agree (Shampoo and PSGD bit for bit; SOAP to
+    float32 round-off, its compiled arithmetic differs), both equal one device,
+    the updates keep the params' shardings, and Shampoo's ordinary step on an
+    FSDP MLP moves less than one all-gather of the parameters in all (the plain
+    way gathered them twice).
+    """
+    (r,) = _worker(["routes"])
+    for name, a in r["aliases"].items():
+        # Every group with a routed leaf, both ways: 'aligned', 'stacked', 'head'
+        # (PSGD's head is one block, in a group of its own).
+        assert a["routes"] and all(n >= 2 for n in a["routes"]), (name, a["routes"])
+        assert a["routed_vs_gathered"] < 1e-6, (name, a["routed_vs_gathered"])
+        if name != "soap":
+            assert a["identical"], name
+        assert a["max_rel_err"] < 1e-5, (name, a["max_rel_err"])
+        assert a["specs"] == {
+            "aligned": "P('data', None)",
+            "bias": "P(None,)",
+            "columns": "P(None, 'data')",
+            "cuts_blocks": "P('data', None)",
+            "head": "P('data', None)",
+            "stacked": "P('data', None, None)",
+        }, name
+    total = sum(r["collective_bytes"].values())
+    assert total < r["params_bytes"], (r["collective_bytes"], r["params_bytes"])
+    assert r["collective_bytes"].get("collective-permute", 0) > 0, r["collective_bytes"]
 
 
 def test_kfac_per_factor_owner_layout_matches_one_device_and_shrinks_6x_at_8():
