@@ -899,22 +899,27 @@ def per_block(layout: Layout, group: Group, values: jax.Array, fill: Any) -> jax
 # plain way to a group stack gathers every leaf whole (one all-gather of the
 # parameters) and the way back gathers the stack whole again (a second one),
 # although each device needs only ``1 / devices`` of either (issue 15). A
-# *route* moves only what must move, in units of whole blocks:
+# *route* moves only what must move, in units of whole blocks or of equal
+# slices of their rows:
 #
 # * a member leaf is *aligned* when it is sharded (``Explicit`` axes) on one
 #   dimension over exactly the layout's axes, that dimension leads its block
 #   view (the leading batch axis, or the leading axis of the first view
-#   dimension of an unbatched leaf) and every shard holds whole blocks: then
-#   device ``t``'s shard is exactly the leaf's blocks ``[t c, (t + 1) c)``
-#   (``c = blocks / devices``), cut out locally by a plan of the shard's shape
-#   (:func:`_shard_plan`);
+#   dimension of an unbatched leaf) and every shard holds whole blocks or a
+#   whole fraction ``1 / q`` of a row of blocks: then device ``t``'s shard is
+#   exactly the leaf's blocks ``[t c, (t + 1) c)`` (``c = blocks / devices``),
+#   or the ``t mod q``-th slice of the rows of every block of block row
+#   ``t div q`` (the usual case at scale: a 4096-wide layer over 256 devices
+#   leaves 16 rows per shard, far fewer than a block), cut out locally by a
+#   plan of the shard's shape (:func:`_shard_plan`); the blocks travel in
+#   *units* of ``1 / lcm(q)`` of their rows (:class:`_Route`);
 # * the stack position of every block and its owner are static, so per device
 #   pair the blocks to send are known at trace time. The (holder, owner) pairs
 #   are split into rounds in which each device sends to at most one device and
 #   receives from at most one (:func:`_rounds`); each round is one
-#   ``lax.ppermute`` of the blocks of its pairs, padded to its largest pair;
-#   then a static table per device picks each stack entry from the device's
-#   own blocks, the received ones, the gathered members (leaves that are not
+#   ``lax.ppermute`` of the units of its pairs, padded to its largest pair;
+#   then a static table per device picks each stack unit from the device's
+#   own units, the received ones, the gathered members (leaves that are not
 #   aligned, gathered whole as before) or a NaN padding block. A group of one
 #   aligned leaf moves nothing: its stack is split exactly as the leaf is;
 # * the way back is the mirror image: the owners send each holder its blocks,
@@ -933,56 +938,87 @@ def per_block(layout: Layout, group: Group, values: jax.Array, fill: Any) -> jax
 class _Route:
     """How one group's blocks travel between leaf shards and the stack (static).
 
+    Blocks travel in *units*: each block split into ``units`` equal slices
+    along its first axis (consecutive rows). A shard that holds whole blocks
+    sends them as ``units`` units each; a shard that holds ``1 / q`` of a row of
+    blocks (its rows are a slice of the blocks' first axis) sends its *pieces*,
+    each ``units / q`` units, and the owner puts the ``q`` pieces of a block
+    together by stacking their rows. ``units`` is the least common multiple of
+    the members' ``q`` (it divides the block length, as every ``q`` does).
+
     Attributes:
       aligned: Per aligned member ``(member index, position, shard plan, spec,
-        blocks per device)``.
+        blocks or pieces per device, q)``; ``q == 1``: the shard holds whole
+        blocks, ``q > 1``: it holds pieces, ``q`` per block.
       gathered: Member indices (into ``group.members``) of the other members.
       offsets: Stack offset of every member.
       devices: The device count.
       axes: The mesh axes (a name or a tuple, as collectives take them).
+      units: Units per block.
     """
 
-    aligned: tuple[tuple[int, int, _axes.LeafPlan, P, int], ...]
+    aligned: tuple[tuple[int, int, _axes.LeafPlan, P, int, int], ...]
     gathered: tuple[int, ...]
     offsets: tuple[int, ...]
     devices: int
     axes: Any
+    units: int = 1
+
+    def held_units(self, member: tuple[int, int, _axes.LeafPlan, P, int, int]) -> int:
+        """Units of one aligned member each device holds."""
+        *_, per, q = member
+        return per * (self.units // q)
 
     @property
     def held(self) -> int:
-        """Blocks of aligned members each device holds."""
-        return sum(c for *_, c in self.aligned)
+        """Units of aligned members each device holds."""
+        return sum(self.held_units(m) for m in self.aligned)
+
+    def unit_shape(self, group: Group) -> tuple[int, ...]:
+        """The shape of one unit: a block with ``1 / units`` of its first axis."""
+        b = group.key.blocks
+        return (b[0] // self.units,) + tuple(b[1:])
 
     def sources(self, group: Group) -> list[tuple[str, int, int]]:
-        """Per stack position ``(kind, device, index)``.
+        """Per unit of the stack (``padded * units`` of them) ``(kind, device, index)``.
 
-        ``kind`` is ``'held'`` (block ``index`` of the holder ``device``'s held
-        blocks), ``'gathered'`` (block ``index`` of the gathered members'
-        blocks) or ``'pad'``.
+        ``kind`` is ``'held'`` (unit ``index`` of the holder ``device``'s held
+        units), ``'gathered'`` (unit ``index`` of the gathered members' blocks,
+        split into units) or ``'pad'``.
         """
-        out: list[tuple[str, int, int]] = [("pad", 0, 0)] * group.padded
+        units = self.units
+        out: list[tuple[str, int, int]] = [("pad", 0, 0)] * (group.padded * units)
         start = 0
-        for m, c in zip(self.aligned, np.cumsum([0] + [a[4] for a in self.aligned])):
-            k, _, _, _, per = m
+        for m in self.aligned:
+            k, *_, per, q = m
+            r = units // q
             base = self.offsets[k]
-            for j in range(group.members[k][1]):
-                out[base + j] = ("held", j // per, int(c) + j % per)
+            for b in range(group.members[k][1]):
+                i, j = divmod(b, per)
+                for u in range(units):
+                    p, s = divmod(u, r)
+                    out[(base + b) * units + u] = ("held", q * i + p, start + j * r + s)
+            start += self.held_units(m)
+        start = 0
         for k in self.gathered:
             base, n = self.offsets[k], group.members[k][1]
-            for j in range(n):
-                out[base + j] = ("gathered", 0, start + j)
-            start += n
+            for j in range(n * units):
+                out[base * units + j] = ("gathered", 0, start + j)
+            start += n * units
         return out
 
 
-def _shard_plan(plan: _axes.LeafPlan, dim: int, devices: int) -> _axes.LeafPlan | None:
-    """The plan of one shard of a leaf split evenly on ``dim``, if it cuts whole blocks.
+def _shard_plan(plan: _axes.LeafPlan, dim: int, devices: int) -> tuple[_axes.LeafPlan, int] | None:
+    """The plan of one shard of a leaf split evenly on ``dim``, and its ``q``, if it fits.
 
     ``None`` unless ``dim`` is the leaf's leading axis in block-view order and
     a shard's blocks are a contiguous run of the leaf's stack: ``dim`` is the
     leading batch axis, or the leaf is unbatched and ``dim`` leads the first
     view dimension, which is not padded and whose shard is a whole number of
-    blocks.
+    blocks (``q == 1``) or a whole fraction ``1 / q`` of the block length: the
+    shard then holds the ``q``-th parts (*pieces*) of one row of blocks, and
+    the returned plan cuts them (a block length of the shard's rows, one block
+    on the first dimension).
     """
     size = plan.shape[dim]
     if not plan.perm or plan.perm[0] != dim or size % devices or size < devices:
@@ -992,18 +1028,26 @@ def _shard_plan(plan: _axes.LeafPlan, dim: int, devices: int) -> _axes.LeafPlan 
         # Batch axes lead the view, and a size > 1 leading axis belongs to them.
         if plan.batch % size:
             return None
-        return dataclasses.replace(plan, shape=shape, batch=plan.batch // devices)
+        return dataclasses.replace(plan, shape=shape, batch=plan.batch // devices), 1
     if not plan.dims or plan.dims[0] % size or plan.dims[0] != plan.num_blocks[0] * plan.blocks[0]:
         return None
     local = plan.dims[0] // devices
-    if local % plan.blocks[0]:
+    if local % plan.blocks[0] == 0:
+        return dataclasses.replace(
+            plan,
+            shape=shape,
+            dims=(local,) + plan.dims[1:],
+            num_blocks=(plan.num_blocks[0] // devices,) + plan.num_blocks[1:],
+        ), 1
+    if plan.blocks[0] % local:
         return None
     return dataclasses.replace(
         plan,
         shape=shape,
         dims=(local,) + plan.dims[1:],
-        num_blocks=(plan.num_blocks[0] // devices,) + plan.num_blocks[1:],
-    )
+        blocks=(local,) + plan.blocks[1:],
+        num_blocks=(1,) + plan.num_blocks[1:],
+    ), plan.blocks[0] // local
 
 
 def _route(layout: Layout, group: Group, nodes: Sequence[Any], xs: Sequence[Any]) -> _Route | None:
@@ -1025,21 +1069,24 @@ def _route(layout: Layout, group: Group, nodes: Sequence[Any], xs: Sequence[Any]
         offsets.append(start)
         start += n
         spec = _axes._explicit_spec(xs[i]) if xs[i] is not None else None
-        plan = None
+        cut = None
         if spec is not None:
             used = [(d, e) for d, e in enumerate(spec) if e is not None]
             if len(used) == 1:
                 d, entry = used[0]
                 if (entry if isinstance(entry, tuple) else (entry,)) == tuple(layout.axes):
-                    plan = _shard_plan(nodes[i], d, devices)
-        if plan is None:
+                    cut = _shard_plan(nodes[i], d, devices)
+        if cut is None:
             gathered.append(k)
         else:
-            aligned.append((k, i, plan, P(*spec), n // devices))
+            plan, q = cut
+            per = n // devices if q == 1 else math.prod(plan.num_blocks) * plan.batch
+            aligned.append((k, i, plan, P(*spec), per, q))
     if not aligned:
         return None
     axes = layout.axes if len(layout.axes) != 1 else layout.axes[0]
-    return _Route(tuple(aligned), tuple(gathered), tuple(offsets), devices, axes)
+    units = math.lcm(*(q for *_, q in aligned))
+    return _Route(tuple(aligned), tuple(gathered), tuple(offsets), devices, axes, units)
 
 
 def _rounds(
@@ -1116,17 +1163,19 @@ def _routed_stack(
 ) -> jax.Array:
     """The group stack of a route, laid out along axis 0 (way in, see above)."""
     mesh = _distribute.current_mesh()
-    d, length = route.devices, group.padded // route.devices
+    d, units = route.devices, route.units
+    length = group.padded // d * units  # units per device
+    unit = route.unit_shape(group)
     sources = route.sources(group)
     held_pairs, table = [], np.zeros((d, length), np.int64)
-    # Pool of device u: held blocks, gathered blocks, then one buffer per shift, then NaN.
+    # Pool of device u: held units, gathered units, then one buffer per round, then NaN.
     for u in range(d):
         for slot in range(length):
             kind, t, index = sources[u * length + slot]
             if kind == "held" and t != u:
                 held_pairs.append((t, u, index, slot))
     rounds = _rounds(route, held_pairs)
-    gathered_n = sum(group.members[k][1] for k in route.gathered)
+    gathered_n = sum(group.members[k][1] for k in route.gathered) * units
     base = route.held + gathered_n
     nan = base + sum(t.shape[1] for _, t, _ in rounds)
     for u in range(d):
@@ -1157,24 +1206,27 @@ def _routed_stack(
         if parts
         else jnp.zeros((0,) + group.key.blocks, group.dtype)
     )
+    gathered = gathered.reshape((-1,) + unit)
     send = tuple(jnp.asarray(t) for _, t, _ in rounds)
     index = jnp.asarray(table.astype(np.int32))
 
     def local(leaves, flags, gathered, send, index):
         me = jax.lax.axis_index(route.axes)
         held = [
-            jnp.where(f, plan.to_blocks(x.astype(group.dtype)), jnp.nan)
-            for (_, _, plan, _, _), x, f in zip(route.aligned, leaves, flags)
+            jnp.where(f, plan.to_blocks(x.astype(group.dtype)), jnp.nan).reshape((-1,) + unit)
+            for (_, _, plan, *_), x, f in zip(route.aligned, leaves, flags)
         ]
         held = jnp.concatenate(held) if len(held) > 1 else held[0]
         pool = [held, gathered]
         for (edges, _, _), tab in zip(rounds, send):
             pool.append(_send(jnp.take(held, tab[me], axis=0), route, edges))
-        pool.append(jnp.full((1,) + group.key.blocks, jnp.nan, group.dtype))
-        return jnp.take(jnp.concatenate(pool), index[me], axis=0)
+        pool.append(jnp.full((1,) + unit, jnp.nan, group.dtype))
+        out = jnp.take(jnp.concatenate(pool), index[me], axis=0)
+        # A block's units are its consecutive rows: stacking them is a reshape.
+        return out.reshape((length // units,) + group.key.blocks)
 
     leaves = tuple(xs[i] for _, i, *_ in route.aligned)
-    specs = tuple(spec for *_, spec, _ in route.aligned)
+    specs = tuple(m[3] for m in route.aligned)
     return jax.shard_map(
         local,
         mesh=mesh,
@@ -1195,26 +1247,30 @@ def _routed_leaves(
       device.
     """
     mesh = _distribute.current_mesh()
-    d, length = route.devices, group.padded // route.devices
+    d, units = route.devices, route.units
+    length = group.padded // d  # blocks per device
+    unit = route.unit_shape(group)
     sources = route.sources(group)
-    owner = {}
+    owner, gathered_at = {}, {}
     for p, (kind, t, index) in enumerate(sources):
-        if kind != "pad":
-            owner[(kind, t, index)] = divmod(p, length)
+        if kind == "held":
+            owner[(t, index)] = divmod(p, length * units)
+        elif kind == "gathered" and index % units == 0:
+            gathered_at[index // units] = divmod(p // units, length)
     held_pairs, back = [], np.zeros((d, route.held), np.int64)
     for t in range(d):
         for h in range(route.held):
-            u, slot = owner[("held", t, h)]
+            u, slot = owner[(t, h)]
             if u != t:
                 held_pairs.append((u, t, slot, h))
     rounds = _rounds(route, held_pairs)
     for t in range(d):
         for h in range(route.held):
-            u, slot = owner[("held", t, h)]
+            u, slot = owner[(t, h)]
             if u == t:
                 back[t, h] = slot
                 continue
-            offset = length
+            offset = length * units
             for _, tab, slots in rounds:
                 if (t, h) in slots:
                     back[t, h] = offset + slots[(t, h)]
@@ -1224,7 +1280,7 @@ def _routed_leaves(
     owned: list[list[int]] = [[] for _ in range(d)]
     where = np.zeros((gathered_n,), np.int64)
     for g in range(gathered_n):
-        u, slot = owner[("gathered", 0, g)]
+        u, slot = gathered_at[g]
         owned[u].append(slot)
     width = max((len(o) for o in owned), default=0)
     picks = np.zeros((d, width), np.int64)
@@ -1232,7 +1288,7 @@ def _routed_leaves(
         picks[u, : len(o)] = o
     positions = np.full((d, width), gathered_n, np.int64)  # gathered_n: dropped
     for g in range(gathered_n):
-        u, slot = owner[("gathered", 0, g)]
+        u, slot = gathered_at[g]
         k = owned[u].index(slot)
         where[g] = u * width + k
         positions[u, k] = g
@@ -1245,14 +1301,17 @@ def _routed_leaves(
 
     def local(seg, send, index, pick):
         me = jax.lax.axis_index(route.axes)
-        pool = [seg]
+        cut = seg.reshape((-1,) + unit)
+        pool = [cut]
         for (edges, _, _), tab in zip(rounds, send):
-            pool.append(_send(jnp.take(seg, tab[me], axis=0), route, edges))
-        held = jnp.take(jnp.concatenate(pool) if len(pool) > 1 else seg, index[me], axis=0)
+            pool.append(_send(jnp.take(cut, tab[me], axis=0), route, edges))
+        held = jnp.take(jnp.concatenate(pool) if len(pool) > 1 else cut, index[me], axis=0)
         leaves, start = [], 0
-        for _, _, plan, _, per in route.aligned:
-            leaves.append(plan.from_blocks(held[start : start + per]))
-            start += per
+        for m in route.aligned:
+            plan, n = m[2], route.held_units(m)
+            blocks = held[start : start + n].reshape(plan.block_shape)
+            leaves.append(plan.from_blocks(blocks))
+            start += n
         if gathered_n and summed:
             # Few owners hold these blocks: each device writes its own into a
             # zero buffer of them all and the buffers are summed (one addend
@@ -1269,7 +1328,7 @@ def _routed_leaves(
         return tuple(leaves), gathered
 
     stack = _distribute.place(stack, layout.spec(), mesh)
-    specs = tuple(spec for *_, spec, _ in route.aligned)
+    specs = tuple(m[3] for m in route.aligned)
     return jax.shard_map(
         local,
         mesh=mesh,

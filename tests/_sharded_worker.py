@@ -778,6 +778,8 @@ def psgd_traffic_case():
 ROUTE_SHAPES = {
     "aligned": ((64, 48), P("data")),
     "cuts_blocks": ((48, 64), P("data")),
+    "halves": ((32, 24), P("data")),
+    "quarters": ((16, 40), P("data")),
     "stacked": ((8, 16, 24), P("data")),
     "head": ((64, 10), P("data")),
     "columns": ((16, 64), P(None, "data")),
