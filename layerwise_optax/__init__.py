@@ -78,6 +78,9 @@ from layerwise_optax._steepest import scale_by_steepest_descent as scale_by_stee
 from layerwise_optax._steepest import steepest_descent as steepest_descent
 
 __all__ = (
+    "ScaleByDionState",
+    "dion",
+    "scale_by_dion",
     "FailureCounts",
     "FailureReport",
     "OptimizerFailureError",

@@ -43,7 +43,6 @@ The alias :func:`dion` routes leaves that are not matrices to AdamW, as
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -128,9 +127,12 @@ class _Step(NamedTuple):
     failed: Any
 
 
-def _init_q(x: jax.Array, plan: _axes.LeafPlan, *, key: jax.Array, index: Any, rank_of) -> Any:
+def _init_q(
+    x: jax.Array, plan: _axes.LeafPlan, *, key: jax.Array, index: list[int], rank_of
+) -> Any:
     """``Q_0``: Gaussian ``(slices, fan_out, r)``, columns normalized (0-d off the matrices)."""
-    i = next(index)
+    i = len(index)  # the leaf's position in tree order (map_leaves visits them in order)
+    index.append(i)
     if plan.spec is None:
         return jnp.zeros([], jnp.float32)
     m, n = plan.dims[0], plan.dims[1]
@@ -247,9 +249,7 @@ def scale_by_dion(
 
     def init_fn(params):
         plans = plans_for(params)  # validates the specs, naming paths
-        init_q = functools.partial(
-            _init_q, key=jax.random.key(seed), index=itertools.count(), rank_of=rank_of
-        )
+        init_q = functools.partial(_init_q, key=jax.random.key(seed), index=[], rank_of=rank_of)
         return ScaleByDionState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
