@@ -1417,8 +1417,13 @@ def cholesky_qr(x: jax.Array, *, passes: int = 2, shift: float = CHOLESKY_QR_SHI
     the shift dominates the small directions, and their columns come out shrunk
     instead of unit. Every pass is a contraction (``C \preceq C + delta I``), so the
     singular values of the result lie in ``[0, 1]`` up to round-off whatever the
-    input: a rank-deficient or zero ``X`` gives a finite result whose columns along
-    the missing directions are (near) zero. A non-finite input gives NaN.
+    input. Rank deficiency: the first pass measures each column's norm after the
+    shifted factorization (``||x_j||^2 = 1 - delta ||(L^{-1})_{j,:}||^2``, near 0
+    for a column whose residual energy after the previous columns is below
+    ``delta``); columns below ``1/2`` are set to exactly zero and the pass is
+    factored again. A rank-``k`` or zero ``X`` thus gives ``k`` orthonormal
+    columns and zero ones, deterministically (not round-off amplified). A
+    non-finite input gives NaN.
 
     Args:
       x: ``(..., m, r)`` matrices (usually ``m >= r``).
@@ -1452,11 +1457,22 @@ def cholesky_qr(x: jax.Array, *, passes: int = 2, shift: float = CHOLESKY_QR_SHI
             low, _eye_like(low), left_side=True, lower=True
         )  # L^{-1}
 
-    for _ in range(passes):
+    def apply(x, inv):
+        return jnp.einsum("...mj,...ij->...mi", x, inv, precision=HIGHEST)  # X L^{-T}
+
+    for k in range(passes):
         c = symmetrize(jnp.einsum("...mi,...mj->...ij", x, x, precision=HIGHEST))
         delta = shift * info.eps * jnp.trace(c, axis1=-2, axis2=-1) + info.tiny
         inv = one_at_a_time_on_cpu(inverse_factor, add_ridge(c, delta))
-        x = jnp.einsum("...mj,...ij->...mi", x, inv, precision=HIGHEST)  # X L^{-T}
+        if k == 0:
+            # Columns that the shift shrank below norm 1/2 add no direction of
+            # energy above delta: drop them (zero) and factor again, so that they
+            # are exactly zero rather than round-off amplified.
+            keep = jnp.sum(jnp.square(apply(x, inv)), axis=-2) > 0.5  # (..., r)
+            x = x * keep[..., None, :]
+            c = c * (keep[..., :, None] & keep[..., None, :])
+            inv = one_at_a_time_on_cpu(inverse_factor, add_ridge(c, delta))
+        x = apply(x, inv)
     return x
 
 
