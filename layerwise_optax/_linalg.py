@@ -1412,8 +1412,8 @@ def cholesky_qr(x: jax.Array, *, passes: int = 2, shift: float = CHOLESKY_QR_SHI
 
     Accuracy (measured by ``tests/test_linalg.py``): in float64, for condition
     numbers ``kappa(X)`` up to ``1e6``, ``||Q^T Q - I|| < 1e-12`` and ``Q`` equals
-    Householder QR's factor up to column signs to ``~1e-16 kappa``. In float32 the
-    same holds to ``~1e-5`` for ``kappa <~ 1e3``; beyond it (``kappa^2 eps >~ 1``)
+    Householder QR's factor up to column signs to ``~1e-16 kappa``. In float32 both
+    hold to a few ``1e-5`` (Frobenius norm) for ``kappa <~ 1e3``; beyond it (``kappa^2 eps >~ 1``)
     the shift dominates the small directions, and their columns come out shrunk
     instead of unit. Every pass is a contraction (``C \preceq C + delta I``), so the
     singular values of the result lie in ``[0, 1]`` up to round-off whatever the
