@@ -1468,7 +1468,9 @@ def cholesky_qr(x: jax.Array, *, passes: int = 2, shift: float = CHOLESKY_QR_SHI
             # Columns that the shift shrank below norm 1/2 add no direction of
             # energy above delta: drop them (zero) and factor again, so that they
             # are exactly zero rather than round-off amplified.
-            keep = jnp.sum(jnp.square(apply(x, inv)), axis=-2) > 0.5  # (..., r)
+            # ||(X L^{-T})_j||^2 = (L^{-1} C L^{-T})_jj: r x r work, no reduction over m.
+            gram = jnp.einsum("...ik,...kl,...jl->...ij", inv, c, inv, precision=HIGHEST)
+            keep = jnp.diagonal(gram, axis1=-2, axis2=-1) > 0.5  # (..., r)
             x = x * keep[..., None, :]
             c = c * (keep[..., :, None] & keep[..., None, :])
             inv = one_at_a_time_on_cpu(inverse_factor, add_ridge(c, delta))

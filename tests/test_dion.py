@@ -36,7 +36,7 @@ def np_cholesky_qr(x, passes=2, shift=10.0):
         delta = shift * F32.eps * np.trace(c) + F32.tiny
         inv = inv_factor(c, delta)
         if k == 0:
-            keep = np.sum((x @ inv.T) ** 2, axis=0) > 0.5
+            keep = np.diag(inv @ c @ inv.T) > 0.5  # the column norms of x @ inv.T
             x = x * keep
             inv = inv_factor(c * np.outer(keep, keep), delta)
         x = x @ inv.T
@@ -132,8 +132,7 @@ def test_rank_one_gradient(shape, rank):
 def test_full_rank_converges_to_the_polar_factor(shape):
     # mu = 0 at full rank leaves M = B - P P^T B = 0, so B = G every step and Dion
     # is a subspace iteration on G: P Q^T -> U V^T. Singular values 3, 1.5, 0.75
-    # (ratio 1/2: error ~ 4^-30 after 30 steps). Muon's Newton-Schulz is only an
-    # approximation of U V^T (~1e-3), so the oracle is the SVD.
+    # (ratio 1/2: error ~ 4^-30 after 30 steps). The oracle is the SVD.
     rng = np.random.default_rng(5)
     k = min(shape)
     a, _ = np.linalg.qr(rng.standard_normal((shape[0], k)))
@@ -147,6 +146,13 @@ def test_full_rank_converges_to_the_polar_factor(shape):
         u, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
     assert _rel(u["w"], u_svd @ vt_svd) < 1e-5, _rel(u["w"], u_svd @ vt_svd)
     assert float(jnp.max(jnp.abs(state.mu["w"]))) < 1e-5 * np.abs(g).max()
+    # Muon with the cubic Newton-Schulz iteration run to convergence (40 steps) on
+    # the first, bias-corrected momentum (= G) computes U V^T too.
+    muon = lo.scale_by_muon(
+        ns_coeffs="cubic", ns_steps=40, nesterov=False, scaling="none", dimension_numbers=SPEC
+    )
+    m_u, _ = muon.update({"w": jnp.asarray(g, jnp.float32)}, muon.init(params), params)
+    assert _rel(u["w"], m_u["w"]) < 1e-5, _rel(u["w"], m_u["w"])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
