@@ -218,7 +218,7 @@ def scale_by_dion(
       >>> import jax, jax.numpy as jnp
       >>> import layerwise_optax as lo
       >>> params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
-      >>> g = jnp.eye(8, 4) * jnp.array([4.0, 2.0, 1.0, 0.5])  # U V^T = eye(8, 4)
+      >>> g = jnp.eye(8, 4) * jnp.array([[4.0, 2.0, 1.0, 0.5]])  # U V^T = eye(8, 4)
       >>> grads = {'w': g, 'b': jnp.ones(4)}
       >>> tx = lo.scale_by_dion(mu=0.0, scaling='none')
       >>> state = tx.init(params)
