@@ -6,7 +6,7 @@ The package is built in layers, each importing only those below it (see
 * core per-axis maths: ``_checks``, ``_linalg`` (public subset: :mod:`.linalg`),
   ``_distribute``, ``_axes``, ``_failure``, ``_kron``, ``_roles``;
 * algorithms, one module per paper: ``_shampoo``, ``_soap``, ``_kfac``,
-  ``_muon``, ``_steepest``, ``_psgd``, and the pieces they share: ``_grafting``
+  ``_muon``, ``_dion``, ``_steepest``, ``_psgd``, and the pieces they share: ``_grafting``
   (grafting, guarded Adam), ``_factored`` (Shampoo's and SOAP's common phases)
   and ``_dual`` (Muon's and steepest descent's momentum and polar factors);
 * runtime: ``_registry`` (one entry per optimizer; the only runtime module that
@@ -23,6 +23,9 @@ from layerwise_optax._axes import default_dimension_numbers as default_dimension
 from layerwise_optax._checkpoint import check_state as check_state
 from layerwise_optax._checkpoint import checkpointable as checkpointable
 from layerwise_optax._checkpoint import restore_state as restore_state
+from layerwise_optax._dion import ScaleByDionState as ScaleByDionState
+from layerwise_optax._dion import dion as dion
+from layerwise_optax._dion import scale_by_dion as scale_by_dion
 from layerwise_optax._failure import FailureCounts as FailureCounts
 from layerwise_optax._health import FailureReport as FailureReport
 from layerwise_optax._health import OptimizerFailureError as OptimizerFailureError
@@ -75,6 +78,9 @@ from layerwise_optax._steepest import scale_by_steepest_descent as scale_by_stee
 from layerwise_optax._steepest import steepest_descent as steepest_descent
 
 __all__ = (
+    "ScaleByDionState",
+    "dion",
+    "scale_by_dion",
     "FailureCounts",
     "FailureReport",
     "OptimizerFailureError",

@@ -16,6 +16,10 @@ to fall back on when that direction is not finite. The phases, in order:
    non-finite direction gives a zero update and keeps the momentum) and the
    leaf's :class:`Step`;
 4. :func:`collect`: the updates, the momentum tree and the counters.
+
+It also holds what Muon and Dion share around those phases: the matrix plans
+(:func:`matrix_plans`), the shape scaling (:func:`shape_scale`) and the alias's
+split into matrix leaves and AdamW (:func:`matrices_and_adam`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from layerwise_optax import _axes, _failure, _grafting, _linalg
+from layerwise_optax import _axes, _failure, _grafting, _linalg, _roles
+
+_WHOLE = 2**62  # matrix views are never blocked nor diagonal: whole matrices
 
 
 class Momentum(NamedTuple):
@@ -205,4 +212,101 @@ def collect(out: Any, failures: _failure.FailureCounts) -> tuple[Any, Any, _fail
             skipped=_failure.total(_axes.unzip(out, "skipped")),
             failed=_failure.total(_axes.unzip(out, "failed")),
         ),
+    )
+
+
+def matrix_plans(dimension_numbers: Any, tree: Any, name: str) -> Any:
+    """The leaves' plans, each spec checked to be one matrix view (fan-in, fan-out).
+
+    Whole matrices: no blocking, no diagonal factors, no merged dimensions.
+    ``name`` is the optimizer the error names (Muon's and Dion's plans).
+
+    Raises:
+      ValueError: For a spec without exactly two factor groups, naming the path.
+    """
+
+    def check(path, plan):
+        if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
+            if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
+                raise ValueError(
+                    f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: {name} "
+                    f"needs exactly two factor groups (fan-in, fan-out), got "
+                    f"{tuple(plan.spec)}."
+                )
+        return plan
+
+    plans = _axes.resolve(
+        dimension_numbers, tree, max_precond_dim=_WHOLE, block_size=None, merge_small_dims=False
+    )
+    return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_axes.is_plan_leaf)
+
+
+def shape_scale(
+    o: jax.Array, plan: _axes.LeafPlan, scaling: str, rms: jax.Array, *, measured: bool
+) -> jax.Array:
+    """``s(W) O`` for ``(slices, fan_in, fan_out)`` directions (Muon's and Dion's shape scaling).
+
+    ``'width'``: ``s = sqrt(max(1, fan_out / fan_in))`` (optax's); ``'rms'``:
+    ``s = rms * sqrt(max(fan_in, fan_out))``, which gives a polar factor RMS
+    ``rms`` (Liu et al. 2025); ``'none'``: ``s = 1``.
+
+    ``measured``: with ``scaling='rms'``, rescale each slice to RMS ``rms`` by its
+    measured Frobenius norm instead of assuming ``||O||_F = sqrt(min(m, n))`` (a
+    polar factor's). Shared with :mod:`layerwise_optax._dion`, whose low-rank
+    directions have norm ``sqrt(rank)``.
+    """
+    fan_in, fan_out = plan.dims[0], plan.dims[1]
+    if scaling == "width":
+        return o * max(1.0, fan_out / fan_in) ** 0.5
+    if scaling == "rms" and not measured:
+        return o * (rms * max(fan_in, fan_out) ** 0.5)
+    if scaling == "rms":
+        norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
+        return o * (rms * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
+    return o
+
+
+def matrices_and_adam(
+    label: str,
+    matrix_tx: optax.GradientTransformation,
+    *,
+    dimension_numbers: Any,
+    roles: Any,
+    adam_learning_rate: optax.ScalarOrSchedule,
+    adam_b1: Any,
+    adam_b2: Any,
+    eps: Any,
+    adam_weight_decay: Any,
+    adam_mask: Any,
+    mu_dtype: Any,
+    nesterov: bool,
+) -> optax.GradientTransformation:
+    """``optax.partition``: matrix leaves to ``matrix_tx`` (as ``label``), the rest to AdamW.
+
+    The matrix leaves are those with a spec (``dimension_numbers``, else the
+    hidden ``roles``); shared by :func:`muon` and :func:`layerwise_optax.dion`.
+    """
+    specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
+
+    def labels(params):
+        specs = specs_of(params) if callable(specs_of) else specs_of
+        _, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
+        flat = treedef.flatten_up_to(specs)
+        return treedef.unflatten([label if s is not None else "adam" for s in flat])
+
+    return optax.partition(
+        {
+            label: matrix_tx,
+            # optax.adamw's own moments would keep a NaN forever (and underflow eps
+            # with float16 params); the guarded Adam skips and counts per leaf, as
+            # every other transform here does, and equals optax.adam otherwise.
+            "adam": optax.chain(
+                _grafting.scale_by_guarded_adam(
+                    b1=adam_b1, b2=adam_b2, eps=eps, mu_dtype=mu_dtype, nesterov=nesterov
+                ),
+                optax.add_decayed_weights(adam_weight_decay, adam_mask),
+                optax.scale_by_learning_rate(adam_learning_rate),
+            ),
+        },
+        labels,
     )

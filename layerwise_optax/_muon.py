@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise_optax import _axes, _checks, _dual, _failure, _grafting, _kron, _linalg, _roles
+from layerwise_optax import _axes, _checks, _dual, _failure, _kron, _linalg, _roles
 
 _STATIC_ARGS = (
     "ns_steps",
@@ -43,7 +43,6 @@ _STATIC_ARGS = (
     "ns_prescale",
 )
 _SCALINGS = ("width", "rms", "none")
-_HUGE = 2**62  # Muon never uses diagonal factors or blocking: whole matrices.
 
 
 class ScaleByMuonState(NamedTuple):
@@ -171,26 +170,8 @@ def _validate(
 
 
 def _matrix_plans(dimension_numbers: Any, tree: Any) -> Any:
-    """The leaves' plans, each spec checked to be one matrix view (fan-in, fan-out).
-
-    Raises:
-      ValueError: For a spec without exactly two factor groups, naming the path.
-    """
-
-    def check(path, plan):
-        if isinstance(plan, _axes.LeafPlan) and plan.spec is not None:
-            if len(plan.spec.factor_axes) != 2 or plan.spec.identity_axes:
-                raise ValueError(
-                    f"param {jax.tree_util.keystr(path)} with shape {plan.shape}: muon "
-                    f"needs exactly two factor groups (fan-in, fan-out), got "
-                    f"{tuple(plan.spec)}."
-                )
-        return plan
-
-    plans = _axes.resolve(
-        dimension_numbers, tree, max_precond_dim=_HUGE, block_size=None, merge_small_dims=False
-    )
-    return jax.tree_util.tree_map_with_path(check, plans, is_leaf=_axes.is_plan_leaf)
+    """The leaves' plans, each spec one matrix view (:func:`layerwise_optax._dual.matrix_plans`)."""
+    return _dual.matrix_plans(dimension_numbers, tree, "muon")
 
 
 def _init_nu(x: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
@@ -254,15 +235,7 @@ def _shape_scale(o: jax.Array, plan: _axes.LeafPlan, cfg: _Config, hp: _Hyper) -
     then rescaled to RMS ``rms`` by its measured norm (AdaMuon's "RMS-aligned
     rescaling", ``0.2 sqrt(m n) / ||O'||_F`` at ``rms=0.2``); ``'none'``: ``s = 1``.
     """
-    fan_in, fan_out = plan.dims[0], plan.dims[1]
-    if cfg.scaling == "width":
-        return o * max(1.0, fan_out / fan_in) ** 0.5
-    if cfg.scaling == "rms" and not (cfg.normuon or cfg.adamuon):
-        return o * (hp.rms * max(fan_in, fan_out) ** 0.5)
-    if cfg.scaling == "rms":
-        norm = jnp.sqrt(jnp.sum(o * o, axis=(1, 2), keepdims=True))
-        return o * (hp.rms * (fan_in * fan_out) ** 0.5 / (norm + 1e-30))
-    return o
+    return _dual.shape_scale(o, plan, cfg.scaling, hp.rms, measured=cfg.normuon or cfg.adamuon)
 
 
 def _leaf_step(g, plan, prep, polar, mu, nu=None, *, cfg: _Config, hp: _Hyper) -> _dual.Step:
@@ -629,35 +602,23 @@ def muon(
         ns_method=ns_method,
         ns_prescale=ns_prescale,
     )
-    specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
-
-    def labels(params):
-        specs = specs_of(params) if callable(specs_of) else specs_of
-        _, treedef = jax.tree_util.tree_flatten(params, is_leaf=_axes.is_masked)
-        flat = treedef.flatten_up_to(specs)
-        return treedef.unflatten(["muon" if s is not None else "adam" for s in flat])
-
-    return optax.partition(
-        {
-            "muon": optax.chain(
-                inner,
-                optax.add_decayed_weights(weight_decay, mask),
-                optax.scale_by_learning_rate(learning_rate),
-            ),
-            # optax.adamw's own moments would keep a NaN forever (and underflow eps
-            # with float16 params); the guarded Adam skips and counts per leaf, as
-            # every other transform here does, and equals optax.adam otherwise.
-            "adam": optax.chain(
-                _grafting.scale_by_guarded_adam(
-                    b1=adam_b1, b2=adam_b2, eps=eps, mu_dtype=mu_dtype, nesterov=nesterov
-                ),
-                optax.add_decayed_weights(adam_weight_decay, adam_mask),
-                optax.scale_by_learning_rate(
-                    learning_rate if adam_learning_rate is None else adam_learning_rate
-                ),
-            ),
-        },
-        labels,
+    return _dual.matrices_and_adam(
+        "muon",
+        optax.chain(
+            inner,
+            optax.add_decayed_weights(weight_decay, mask),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
+        dimension_numbers=dimension_numbers,
+        roles=roles,
+        adam_learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        eps=eps,
+        adam_weight_decay=adam_weight_decay,
+        adam_mask=adam_mask,
+        mu_dtype=mu_dtype,
+        nesterov=nesterov,
     )
 
 

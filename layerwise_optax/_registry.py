@@ -56,6 +56,7 @@ import numpy as np
 import optax
 
 from layerwise_optax import (
+    _dion,
     _grafting,
     _kfac,
     _kfac_adaptive,
@@ -448,6 +449,33 @@ ENTRIES: tuple[Entry, ...] = (
         ),
         contract=dict(learning_rate=3e-2),
         bad_values=_MUON_BAD_VALUES,
+    ),
+    Entry(
+        name="dion",
+        alias=_dion.dion,
+        scale_by=_dion.scale_by_dion,
+        state=_dion.ScaleByDionState,
+        static_args=_dion._STATIC_ARGS,
+        algorithm="dion",
+        momentum_arg="mu",
+        conformance=(
+            Config("dion", dict(learning_rate=2e-2)),
+            # Half the rank: the error feedback carries what the step leaves out.
+            Config("dion_half_rank", dict(learning_rate=2e-2, rank_fraction=0.5), slow=True),
+        ),
+        contract=dict(learning_rate=2e-2),
+        bad_values={
+            "rank": ((0, _VE), (-2, _VE), (1.5, _TE), ("x", _TE), (True, _TE)),
+            "rank_fraction": ((0.0, _VE), (1.5, _VE), (-0.5, _VE), (float("nan"), _VE), ("x", _TE)),
+            "mu": _UNIT,
+            "adam_learning_rate": _NON_NEGATIVE,
+            "adam_weight_decay": _NON_NEGATIVE,
+            "adam_b1": _UNIT,
+            "adam_b2": _UNIT,
+            "adam_mask": _TREE,
+            "rms": _NON_NEGATIVE,
+            "scaling": _MODE,
+        },
     ),
     Entry(
         name="steepest_descent",

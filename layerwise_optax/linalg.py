@@ -3,6 +3,7 @@
 from layerwise_optax._linalg import NS_METHODS as NS_METHODS
 from layerwise_optax._linalg import NS_PRESCALES as NS_PRESCALES
 from layerwise_optax._linalg import NS_PRESETS as NS_PRESETS
+from layerwise_optax._linalg import cholesky_qr as cholesky_qr
 from layerwise_optax._linalg import default_gram_restarts as default_gram_restarts
 from layerwise_optax._linalg import eigenbasis as eigenbasis
 from layerwise_optax._linalg import eigh_psd as eigh_psd
@@ -22,6 +23,7 @@ __all__ = (
     "NS_METHODS",
     "NS_PRESCALES",
     "NS_PRESETS",
+    "cholesky_qr",
     "default_gram_restarts",
     "eigenbasis",
     "eigh_psd",

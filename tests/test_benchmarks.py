@@ -356,3 +356,16 @@ def test_compressed_state_memory_is_the_formula_and_bfloat16_halves_the_kronecke
         assert rows["soap/bfloat16"]["kronecker_bytes"] < rows["soap/float32"]["kronecker_bytes"]
     text = compressed_state.table({"memory": mem, "quality": {"workloads": []}})
     assert text.count("\n") == 1 + len(compressed_state.ALIASES) * 2
+
+
+def test_dion_state_quick_counts_bytes_without_timing(tmp_path):
+    from benchmarks import dion_state
+
+    r = dion_state.main(["--quick", "--no-timing", "--out", str(tmp_path)])
+    assert "step_time" not in r and list(tmp_path.glob("*_dion_state/*.json"))
+    # fc1 kernel (64, 256): Muon's momentum is 64 * 256 floats; Dion adds Q (256, r).
+    row = r["per_leaf"]["['blocks']['0']['fc1']['kernel']"]
+    assert row["muon"] == 4 * 64 * 256
+    assert [row[f"dion_{f}"] - row["muon"] for f in ("1", "1/4", "1/16")] == [
+        4 * 256 * r for r in (64, 16, 4)
+    ]

@@ -111,6 +111,12 @@ OPTIMIZERS = {
     # Before the fix, a blocked PSGD step hung a 2-core CPU without any vmap (two
     # leaves' batched triangular solves at once).
     "psgd_kron_blocked": (lo.psgd_kron, {"block_size": 3, "precond_update_prob": 1.0}, False),
+    # Dion's Cholesky QR: two Cholesky factors and triangular inverses per pass.
+    "dion": (
+        lo.dion,
+        {"rank": 2, "dimension_numbers": {"w": lo.DimensionNumbers(((0,), (1,))), "b": None}},
+        False,
+    ),
 }
 
 

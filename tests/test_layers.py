@@ -49,6 +49,7 @@ LAYERS = {
         "_soap",
         "_kfac",
         "_muon",
+        "_dion",
         "_steepest",
         "_psgd",
         "_kfac_adaptive",

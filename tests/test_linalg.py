@@ -608,3 +608,60 @@ def test_add_ridge_shifts_the_spectrum_float64(cond):
         np.testing.assert_allclose(
             np.linalg.eigvalsh(got[i]), np.linalg.eigvalsh(a[i]) + delta[i], atol=1e-14
         )
+
+
+def _matrix_with_condition(rng, m, r, cond):
+    u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((r, r)))
+    return u @ np.diag(np.geomspace(1.0, 1.0 / cond, r)) @ v.T
+
+
+def _qr_positive(x):
+    q, r = np.linalg.qr(x)
+    return q * np.sign(np.diag(r))
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e6], ids=lambda c: f"cond{c:g}")
+@pytest.mark.parametrize("shape", [(12, 5), (7, 7), (30, 3)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cholesky_qr_float64_matches_householder_qr(cond, shape):
+    rng = np.random.default_rng(int(cond) % 79 + shape[0])
+    x = _matrix_with_condition(rng, *shape, cond) * 3.0
+    with jax.enable_x64(True):
+        q = np.asarray(linalg.cholesky_qr(jnp.asarray(x)))
+    want = _qr_positive(x)  # Cholesky's R has a positive diagonal: no sign freedom
+    assert np.linalg.norm(q.T @ q - np.eye(shape[1])) < 1e-12
+    assert np.linalg.norm(q - want) < 1e-15 * cond + 1e-13, np.linalg.norm(q - want)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e3], ids=lambda c: f"cond{c:g}")
+def test_cholesky_qr_float32_band(cond):
+    # The documented float32 band: orthonormal and Householder's factor to a few
+    # 1e-5 (Frobenius norm; measured 2e-5 for 40 x 6) up to kappa ~ 1e3.
+    rng = np.random.default_rng(4)
+    x = _matrix_with_condition(rng, 40, 6, cond)
+    q = np.asarray(linalg.cholesky_qr(jnp.asarray(x, jnp.float32)), np.float64)
+    assert np.linalg.norm(q.T @ q - np.eye(6)) < 5e-5
+    assert np.linalg.norm(q - _qr_positive(x)) < 5e-5 * max(1.0, cond / 10)
+
+
+def test_cholesky_qr_rank_deficient_and_zero_are_finite_contractions():
+    rng = np.random.default_rng(8)
+    rank2 = rng.standard_normal((9, 2)) @ rng.standard_normal((2, 4))  # rank 2 of 4
+    for x, k in [(rank2, 2), (np.zeros((9, 4)), 0), (np.outer(np.ones(9), np.ones(4)), 1)]:
+        q = np.asarray(linalg.cholesky_qr(jnp.asarray(x, jnp.float32)), np.float64)
+        assert np.all(np.isfinite(q))
+        s = np.linalg.svd(q, compute_uv=False)
+        np.testing.assert_allclose(s[:k], 1.0, atol=1e-5)
+        np.testing.assert_array_equal(s[k:] < 1e-6, True)  # dropped columns are zero
+    # Ill-conditioned beyond the float32 band: still a contraction, never NaN.
+    x = _matrix_with_condition(rng, 20, 5, 1e6)
+    s = np.linalg.svd(np.asarray(linalg.cholesky_qr(jnp.asarray(x, jnp.float32))), compute_uv=False)
+    assert np.all(np.isfinite(s)) and s.max() < 1 + 1e-5
+    assert np.all(np.isnan(np.asarray(linalg.cholesky_qr(jnp.full((4, 2), jnp.nan)))))
+
+
+def test_normalize_columns_with_fallback():
+    x = jnp.asarray([[3.0, 0.0, 1e-3], [4.0, 0.0, 0.0]])
+    got = np.asarray(_linalg.normalize_columns(x, 1e-8, jnp.full((2, 3), 7.0)))
+    np.testing.assert_allclose(got, [[0.6, 7.0, 1e-3 / (1e-3 + 1e-8)], [0.8, 7.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(_linalg.normalize_columns(x, 1.0))[:, 0], [0.5, 2 / 3])

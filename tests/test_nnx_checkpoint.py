@@ -26,6 +26,7 @@ ALIASES = {
     "kfac": lambda: lo.kfac(3e-2, precondition_frequency=2),
     "muon": lambda: lo.muon(2e-2),
     "normuon": lambda: lo.normuon(3e-2),
+    "dion": lambda: lo.dion(2e-2, rank_fraction=0.5),
     "steepest_descent": lambda: lo.steepest_descent(2e-2),
     "psgd_kron": lambda: lo.psgd_kron(3e-2, precond_update_prob=1.0),
 }
