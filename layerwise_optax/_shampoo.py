@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -39,7 +40,12 @@ _STATIC_ARGS = (
     "nesterov",
     "factor_estimation",
     "distribute",
+    "factor_exponents",
+    "trace_normalize",
 )
+
+# ``factor_exponents``: a preset name or ``dims -> one root order (or None) per factor``.
+FactorExponents = Literal["one_sided"] | Callable[[tuple[int, ...]], Sequence[int | None]]
 
 
 class ScaleByShampooState(NamedTuple):
@@ -89,11 +95,75 @@ class _Options(_factored.FactoredOptions):
     nesterov: bool
     factor_estimation: str
     factor_bias_correction: bool
+    factor_exponents: Any
+    trace_normalize: bool
 
-    def root(self, plan: _axes.LeafPlan) -> int:
-        """The root order ``p`` of a leaf's factors: ``root_exponent``, else ``2k`` (KL: 2)."""
+    def root(self, plan: _axes.LeafPlan) -> int | tuple[int, ...]:
+        """The root order of a leaf's factors.
+
+        The per-dimension orders of ``factor_exponents`` where it set them
+        (:meth:`resolve`), else ``root_exponent``, else ``2k`` (KL: 2).
+        """
+        if plan.exponents:
+            return plan.exponents
         default = 2 if self.factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
         return self.root_exponent or default
+
+    def resolve(self, tree: Any) -> Any:
+        """The plans of ``tree``, with ``factor_exponents`` applied (:func:`_with_exponents`)."""
+        plans = super().resolve(tree)
+        if self.grouped_plans is not None or self.factor_exponents is None:
+            return plans
+        return jax.tree_util.tree_map_with_path(
+            functools.partial(_with_exponents, self), plans, is_leaf=_axes.is_plan_leaf
+        )
+
+
+def _one_sided(root: int, dims: tuple[int, ...]) -> tuple[int | None, ...]:
+    """``factor_exponents='one_sided'``: a root for the shortest factor dimension only.
+
+    Unit dimensions (no factor) are skipped; ties go to the first.
+    """
+    real = [i for i, d in enumerate(dims) if d > 1]
+    keep = min(real, key=lambda i: dims[i]) if real else None
+    return tuple(root if i == keep else None for i in range(len(dims)))
+
+
+def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
+    """A leaf's plan with the root orders of ``factor_exponents`` (unchanged without factors).
+
+    Raises ``ValueError`` naming the leaf if the callable's answer does not fit.
+    """
+    if not isinstance(plan, _axes.LeafPlan) or plan.spec is None:
+        return plan
+    k = len(plan.spec.factor_axes)
+    dims = tuple(plan.dims[:k])
+    if o.factor_exponents == "one_sided":
+        got: Any = _one_sided(o.root_exponent or 2, dims)
+    else:
+        got = o.factor_exponents(dims)
+    where = f"param {_axes.path_label(path)} with shape {plan.shape}"
+    try:
+        got = tuple(got)
+    except TypeError:
+        got = None
+    ok = got is not None and len(got) == k and all(
+        e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: factor_exponents{dims} must give None or an int >= 1 for each of "
+            f"its {k} factor dimensions, got {got!r}."
+        )
+    if o.factor_estimation == "kl" and any(
+        e is not None and e % 2 and kind != "none" for e, kind in zip(got, plan.kinds)
+    ):
+        raise ValueError(
+            f"{where}: factor_exponents{dims} gave {got}; with factor_estimation='kl' "
+            "every root order must be even (the statistics use L^(-1/2) = root^(p/2))."
+        )
+    extra = (None,) * (len(plan.kinds) - k)  # the identity group, never a factor
+    return plan.with_exponents(got + extra)
 
 
 class _Hyper(NamedTuple):
@@ -118,6 +188,24 @@ def _options(args: dict[str, Any]) -> _Options:
     for name in ("relative_damping", "factor_bias_correction", "nesterov"):
         _checks.boolean(name, args[name])
     _checks.one_of("factor_estimation", args["factor_estimation"], ("shampoo", "kl"))
+    _checks.boolean("trace_normalize", args["trace_normalize"])
+    exponents = args["factor_exponents"]
+    if exponents is not None and exponents != "one_sided" and not callable(exponents):
+        raise ValueError(
+            f"factor_exponents must be None, 'one_sided' or a callable "
+            f"dims -> tuple of root orders (None: no factor), got {exponents!r}."
+        )
+    if callable(exponents) and args["root_exponent"] is not None:
+        raise ValueError(
+            f"root_exponent={args['root_exponent']!r} and a callable factor_exponents both "
+            "set the root orders: give the orders in factor_exponents only."
+        )
+    if args["trace_normalize"] and args["factor_estimation"] == "kl":
+        raise ValueError(
+            "trace_normalize=True with factor_estimation='kl': KL-Shampoo's factors carry "
+            "the preconditioner's overall scale (that is why it needs no grafting), and "
+            "dividing each by its trace would discard it; use one or the other."
+        )
     root_exponent = args["root_exponent"]
     if args["factor_estimation"] == "kl" and root_exponent is not None and root_exponent % 2:
         raise ValueError(
@@ -157,7 +245,7 @@ def _accumulate(o, h, g, plan, mu, nu, stats, roots) -> _factored.Accumulated:
     estimate = None
     if o.factor_estimation == "kl":
         estimate = functools.partial(
-            _kron.kl_axis_stats, roots=roots, plan=plan, root=o.root_exponent or 2
+            _kron.kl_axis_stats, roots=roots, plan=plan, root=plan.exponents or o.root_exponent or 2
         )
     # Shampoo checks the plain statistics too: one path for both estimates.
     a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay, estimate, check_estimates=True)
@@ -181,6 +269,8 @@ def _refresh(o, h, plans, count_inc, stats, roots) -> tuple[Any, jax.Array]:
     if o.factor_bias_correction:
         corr = _kron.ema_debias(h.decay, count_inc)
         stats = jax.tree.map(lambda s: s * corr.astype(s.dtype), stats)
+    if o.trace_normalize:
+        stats = _axes.map_leaves(lambda s, plan: _kron.trace_normalized(s, plan), plans, stats)
     return _kron.inverse_roots_tree(
         stats,
         roots,
@@ -274,6 +364,8 @@ def scale_by_shampoo(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
+    factor_exponents: FactorExponents | None = None,
+    trace_normalize: bool = False,
 ) -> optax.GradientTransformation:
     """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
 
@@ -413,6 +505,8 @@ def shampoo(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
+    factor_exponents: FactorExponents | None = None,
+    trace_normalize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
 
@@ -565,6 +659,8 @@ def shampoo(
             owner_axes=owner_axes,
             relative_damping=relative_damping,
             factor_bias_correction=factor_bias_correction,
+            factor_exponents=factor_exponents,
+            trace_normalize=trace_normalize,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
             nesterov=nesterov,
