@@ -454,7 +454,7 @@ class LeafPlan:
         kinds: tuple[Kind, ...] = tuple(
             "none" if e is None else k for k, e in zip(self.kinds, exponents)
         )
-        kept = tuple(0 if k == "none" else int(e) for k, e in zip(kinds, exponents))  # type: ignore[arg-type]
+        kept = tuple(0 if k == "none" or e is None else int(e) for k, e in zip(kinds, exponents))
         return dataclasses.replace(self.with_kinds(kinds), exponents=kept)
 
 

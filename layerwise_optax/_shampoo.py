@@ -147,8 +147,12 @@ def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
         got = tuple(got)
     except TypeError:
         got = None
-    ok = got is not None and len(got) == k and all(
-        e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got
+    ok = (
+        got is not None
+        and len(got) == k
+        and all(
+            e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got
+        )
     )
     if not ok:
         raise ValueError(
@@ -436,14 +440,32 @@ def scale_by_shampoo(
         ``update`` runs inside a pmap over the same axis and device count, takes
         each device's blocks at ``lax.axis_index`` and gathers the preconditioned
         ones with one ``lax.all_gather`` per group. Static.
+      factor_exponents: Root orders per factor instead of one for all (static;
+        see :func:`shampoo`). ``None`` (default): ``root_exponent`` for every
+        factor. ``'one_sided'``: only the shortest factor dimension of each leaf
+        gets a factor, with ``p = root_exponent`` or 2 (``(G G^T)^{-1/2} G`` for
+        a wide matrix). A callable ``dims -> orders``: called for each leaf with
+        factors at ``init`` and ``update`` with the tuple of its factor
+        dimensions (the merged sizes ``d_1..d_k`` of its factor groups, before
+        blocking), it returns one entry per dimension: an int ``p >= 1`` (the
+        factor's inverse root ``L^{-1/p}``) or ``None`` (no factor: identity,
+        nothing stored). Entries for unit dimensions are not used. With a
+        callable, ``root_exponent`` must be ``None``.
+      trace_normalize: Take the roots of ``L / (tr(L) / b)`` instead of ``L``,
+        per block of length ``b`` (static; default ``False``; see
+        :func:`shampoo`). Not with ``factor_estimation='kl'``.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
       :class:`ScaleByShampooState`.
 
     Raises:
-      ValueError: At construction for out-of-range hyperparameters; at ``init`` if
-        ``dimension_numbers`` do not fit a parameter (naming its path).
+      ValueError: At construction for out-of-range hyperparameters, an unknown
+        ``factor_exponents``, a callable ``factor_exponents`` with
+        ``root_exponent``, or ``trace_normalize`` with KL-Shampoo; at ``init`` if
+        ``dimension_numbers`` do not fit a parameter, or ``factor_exponents``
+        returns something other than one ``None`` or int ``>= 1`` per factor
+        dimension (odd orders with KL-Shampoo), naming its path.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -559,6 +581,40 @@ def shampoo(
     using absolute damping. The default stays ``False`` so that existing
     configurations keep their updates.
 
+    **Per-factor root orders** (``factor_exponents``). The update becomes
+    ``U = \hat m \times_1 R_1 \cdots \times_k R_k`` with
+    ``R_i = (L^{(i)} + δI)^{-1/p_i}`` where an order ``p_i`` is given, and
+    ``R_i = I`` where it is ``None``: that factor is not kept at all (its
+    statistic and root are empty ``(stack, 0)`` placeholders, so a one-sided
+    ``m × n`` leaf with ``m < n`` stores ``2 m^2`` floats instead of
+    ``2 (m^2 + n^2)``), and its axis is still contracted in the other factors'
+    statistics. ``'one_sided'`` keeps only the shortest side of each leaf, with
+    ``p = 2``: ``(G G^T)^{-1/2} G``, the cheapest full-matrix Shampoo, which
+    whitens the shorter side. With ``block_size`` the orders hold per block
+    (each block is one-sided on its own); grafting and
+    ``start_preconditioning_step`` work as before, and a leaf with no factor
+    left takes the graft update. This is the per-dimension exponent override of
+    Meta's Distributed Shampoo (``inverse_exponent_override``: an exponent per
+    tensor order and dimension index, 0 for none); here the rule sees the
+    dimension sizes, so it can pick a side by size. For a per-leaf choice use
+    ``dimension_numbers`` with ``identity_axes``. With KL-Shampoo a dropped
+    factor counts as ``L^{(j)} = I`` in the other factors' statistics: the
+    KL-closest Kronecker-factored second moment with that factor held at the
+    identity (for gradients ``A^{1/2} Z`` the kept factor is ``A``); the orders
+    must be even there.
+
+    **Trace normalization** (``trace_normalize=True``). Each factor (per block)
+    is divided by its mean eigenvalue before damping and the root,
+    ``R_i = (L^{(i)} / τ_i + δI)^{-1/p}`` with ``τ_i = tr(L^{(i)}) / b_i``, so the
+    roots no longer depend on the gradients' scale: without grafting the update
+    scales like the first moment (plain Shampoo's ``L^{-1/4} G R^{-1/4}`` is
+    scale-free instead), and an absolute ``damping`` is relative to the mean
+    eigenvalue. With grafting and the default relative damping it changes
+    nothing but round-off (each root is scaled by a positive number per block,
+    which grafting divides out); it matters with ``grafting='none'`` or
+    ``relative_damping=False``. Not available with KL-Shampoo, whose factors
+    carry the preconditioner's overall scale.
+
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
 
@@ -567,7 +623,9 @@ def shampoo(
     inputs, deep nets). Start from your AdamW learning rate (Adam grafting keeps
     the update size), then tune ``precondition_frequency`` (cost vs freshness),
     ``block_size`` (memory and refresh cost grow as ``b^2`` and ``b^3``) and
-    ``damping``.
+    ``damping``. When the long side's factor dominates memory or refresh time
+    (very wide or embedding-like matrices), ``factor_exponents='one_sided'``
+    keeps only the short side.
 
     Args:
       learning_rate: A global scaling factor, fixed or a schedule.
@@ -608,13 +666,18 @@ def shampoo(
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_shampoo`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
+      factor_exponents: ``None``, ``'one_sided'`` or a callable
+        ``dims -> orders`` (one int ``>= 1`` or ``None`` per factor dimension;
+        see above and :func:`scale_by_shampoo`). Static.
+      trace_normalize: Roots of trace-normalized factors (static; see above).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-      ValueError: At construction if a hyperparameter is out of range; at ``init``
-        if ``dimension_numbers`` do not fit a parameter.
+      ValueError: At construction if a hyperparameter is out of range or two
+        options conflict; at ``init`` if ``dimension_numbers`` or the orders of
+        ``factor_exponents`` do not fit a parameter.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -633,6 +696,9 @@ def shampoo(
       <https://arxiv.org/abs/2002.09018>`_, 2020.
       Lin et al., Understanding and Improving Shampoo and SOAP via
       Kullback-Leibler Minimization, 2025 (KL-Shampoo).
+      Meta's Distributed Shampoo, `facebookresearch/optimizers
+      <https://github.com/facebookresearch/optimizers>`_
+      (``inverse_exponent_override``: per-dimension root orders).
 
     .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
     """
