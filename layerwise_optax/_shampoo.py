@@ -139,25 +139,16 @@ def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
     k = len(plan.spec.factor_axes)
     dims = tuple(plan.dims[:k])
     if o.factor_exponents == "one_sided":
-        got: Any = _one_sided(o.root_exponent or 2, dims)
+        raw: Any = _one_sided(o.root_exponent or 2, dims)
     else:
-        got = o.factor_exponents(dims)
+        raw = o.factor_exponents(dims)
     where = f"param {_axes.path_label(path)} with shape {plan.shape}"
-    try:
-        got = tuple(got)
-    except TypeError:
-        got = None
-    ok = (
-        got is not None
-        and len(got) == k
-        and all(
-            e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got
-        )
-    )
-    if not ok:
+    got: tuple[Any, ...] = tuple(raw) if isinstance(raw, (tuple, list)) else ()
+    valid = [e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got]
+    if len(got) != k or not all(valid):
         raise ValueError(
-            f"{where}: factor_exponents{dims} must give None or an int >= 1 for each of "
-            f"its {k} factor dimensions, got {got!r}."
+            f"{where}: factor_exponents{dims} must give a tuple with None or an int >= 1 "
+            f"for each of its {k} factor dimensions, got {raw!r}."
         )
     if o.factor_estimation == "kl" and any(
         e is not None and e % 2 and kind != "none" for e, kind in zip(got, plan.kinds)
