@@ -119,6 +119,16 @@ def init_factor_tree(plans: Any, params: Any, dtype: Any, *, identity: bool = Fa
     )
 
 
+def placeholder(g: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
+    """The empty ``(stack, 0)`` factor of a ``'none'`` dimension, laid out like ``g``'s stack.
+
+    Sliced from the block view rather than built as new zeros, so that in the owner
+    layout under ``Explicit`` mesh axes it is sharded along the stack like the
+    other factors it is stacked or selected with.
+    """
+    return jnp.reshape(g, (plan.stack, -1))[:, :0]
+
+
 def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) -> Factors:
     """Per-axis second moments ``G_(i) G_(i)^T`` (or their diagonals) of a block view.
 
@@ -140,7 +150,7 @@ def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) 
         elif kind == "diag":
             out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=precision))
         else:
-            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            out.append(placeholder(g, plan))
     return tuple(out)
 
 
@@ -702,7 +712,7 @@ def kl_stats_from_halves(g: jax.Array, halves: Factors, plan: _axes.LeafPlan) ->
     out = []
     for i, kind in enumerate(plan.kinds):
         if kind == "none":
-            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            out.append(placeholder(g, plan))
             continue
         x = apply_axis_matrices(g, halves, plan, skip=i)
         n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])

@@ -192,9 +192,17 @@ def test_default_orders_given_explicitly_are_bit_identical(kw):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("exponents", ["one_sided", _order_3], ids=["one_sided", "callable"])
-def test_owner_and_replicated_layouts_agree(exponents):
-    kw = dict(precondition_frequency=2, factor_exponents=exponents, merge_small_dims=False)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(factor_exponents="one_sided"),
+        dict(factor_exponents=_order_3, block_size=3),
+        dict(trace_normalize=True, grafting="none"),
+    ],
+    ids=["one_sided", "callable_blocked", "trace_normalize"],
+)
+def test_owner_and_replicated_layouts_agree(options):
+    kw = dict(precondition_frequency=2, merge_small_dims=False, **options)
     rep, _ = _steps(lo.shampoo(1e-2, state_layout="replicated", **kw))
     own, state = _steps(lo.shampoo(1e-2, state_layout="owner", **kw))
     for a, b in zip(rep, own):
