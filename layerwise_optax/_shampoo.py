@@ -680,6 +680,13 @@ def shampoo(
       >>> jax.tree.map(jnp.shape, updates)
       {'b': (3,), 'w': (4, 3)}
 
+      One-sided Shampoo keeps only the shorter side's factor of a ``64 x 16``
+      kernel (the other is an empty placeholder):
+
+      >>> tx = lo.shampoo(1e-2, factor_exponents='one_sided')
+      >>> [s.shape for s in tx.init({'w': jnp.ones((64, 16))})[0].stats['w']]
+      [(1, 0), (1, 16, 16)]
+
     References:
       Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
       Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
