@@ -258,6 +258,11 @@ class LeafPlan:
         the work on it stays on the devices that own its blocks
         (:func:`map_leaves` does not gather it, :func:`map_grouped` computes it
         where it lies), and its stack is never concatenated with another.
+      exponents: Per view dimension, the root order ``p`` an optimizer applies
+        to that dimension's factor (``0`` where the kind is ``'none'``), set by
+        :meth:`with_exponents`; empty (the default): the optimizer's own rule.
+        Part of the plan's identity, so owner-layout groups
+        (:mod:`layerwise_optax._owner`) never mix exponents.
     """
 
     shape: tuple[int, ...]
@@ -269,6 +274,7 @@ class LeafPlan:
     blocks: tuple[int, ...]
     num_blocks: tuple[int, ...]
     per_block: bool = False
+    exponents: tuple[int, ...] = ()
 
     @property
     def stack(self) -> int:
@@ -371,6 +377,7 @@ class LeafPlan:
             kinds=self.kinds,
             blocks=self.blocks,
             num_blocks=(1,) * len(self.blocks),
+            exponents=self.exponents,
         )
 
     def state_floats(self) -> int:
@@ -414,6 +421,41 @@ class LeafPlan:
         if self.spec is not None and self.spec.identity_axes and kinds[-1] != "none":
             raise ValueError("the identity group (last view dimension) must stay 'none'.")
         return dataclasses.replace(self, kinds=kinds)
+
+    def with_exponents(self, exponents: Sequence[int | None]) -> LeafPlan:
+        """The same block view with a root order (or no factor) per view dimension.
+
+        A positive int ``p`` keeps the dimension's factor and records ``p`` in
+        :attr:`exponents`; ``None`` drops the factor: the dimension becomes
+        ``'none'`` (identity, an empty ``(stack, 0)`` placeholder in the state;
+        the dimension is still contracted in the other factors' statistics and
+        keeps its blocking). Entries of dimensions that are already ``'none'``
+        are recorded as ``0`` whatever they say.
+
+        Args:
+          exponents: One entry per view dimension, each ``None`` or an int ``>= 1``.
+
+        Returns:
+          A :class:`LeafPlan` equal to this one except for ``kinds`` and ``exponents``.
+
+        Raises:
+          ValueError: If the length or an entry is not allowed.
+        """
+        exponents = tuple(exponents)
+        ok = len(exponents) == len(self.kinds) and all(
+            e is None or (isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e >= 1)
+            for e in exponents
+        )
+        if not ok:
+            raise ValueError(
+                f"exponents must be None or an int >= 1 per view dimension "
+                f"({len(self.kinds)} here), got {exponents}."
+            )
+        kinds: tuple[Kind, ...] = tuple(
+            "none" if e is None else k for k, e in zip(self.kinds, exponents)
+        )
+        kept = tuple(0 if k == "none" or e is None else int(e) for k, e in zip(kinds, exponents))
+        return dataclasses.replace(self.with_kinds(kinds), exponents=kept)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1282,7 +1282,7 @@ def _eigh_tree(stats: Any, prev: Any, plans: Any, *, distribute: bool) -> tuple[
         prev,
         plans,
         full=lambda s, r, _: _pack_eigh(*_linalg.eigh_psd(s)),
-        diag=lambda s, plan: jnp.maximum(s, 0.0),
+        diag=lambda s, plan, _: jnp.maximum(s, 0.0),
         distribute=distribute,
     )
 

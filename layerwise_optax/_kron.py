@@ -119,6 +119,16 @@ def init_factor_tree(plans: Any, params: Any, dtype: Any, *, identity: bool = Fa
     )
 
 
+def placeholder(g: jax.Array, plan: _axes.LeafPlan) -> jax.Array:
+    """The empty ``(stack, 0)`` factor of a ``'none'`` dimension, laid out like ``g``'s stack.
+
+    Sliced from the block view rather than built as new zeros, so that in the owner
+    layout under ``Explicit`` mesh axes it is sharded along the stack like the
+    other factors it is stacked or selected with.
+    """
+    return jnp.reshape(g, (plan.stack, -1))[:, :0]
+
+
 def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) -> Factors:
     """Per-axis second moments ``G_(i) G_(i)^T`` (or their diagonals) of a block view.
 
@@ -140,7 +150,7 @@ def axis_stats(g: jax.Array, plan: _axes.LeafPlan, *, precision: Any = HIGHEST) 
         elif kind == "diag":
             out.append(jnp.einsum(f"n{idx},n{idx}->n{idx[i]}", g, g, precision=precision))
         else:
-            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            out.append(placeholder(g, plan))
     return tuple(out)
 
 
@@ -310,7 +320,7 @@ def inverse_roots_tree(
     prev: Any,
     plans: Any,
     *,
-    root: Callable[[_axes.LeafPlan], float],
+    root: Callable[[_axes.LeafPlan], int | tuple[int, ...]],
     damping: jax.Array,
     relative_damping: bool,
     method: str = "eigh",
@@ -329,7 +339,9 @@ def inverse_roots_tree(
       stats: Per-leaf factor tuples.
       prev: Previous roots, same layout (also the Newton warm start).
       plans: The plans (from :func:`layerwise_optax._axes.resolve`).
-      root: The root order ``p`` of a leaf's factors, from its plan.
+      root: The root order ``p`` of a leaf's factors, from its plan: one int for
+        all of them, or a tuple with one per view dimension (Shampoo's
+        ``factor_exponents``; entries of ``'none'`` dimensions are not used).
       damping: Ridge (see :mod:`layerwise_optax._linalg`).
       relative_damping: Whether ``damping`` is relative to each factor's
         largest eigenvalue.
@@ -345,8 +357,8 @@ def inverse_roots_tree(
     def full(s, r, p):
         return _full_root(s, r, p, damping, relative_damping, method)
 
-    def diag(s, plan):
-        return _linalg.inv_root_diag(s, root(plan), damping, relative_damping)
+    def diag(s, plan, p):
+        return _linalg.inv_root_diag(s, p, damping, relative_damping)
 
     return refresh_tree(stats, prev, plans, full=full, diag=diag, param=root, distribute=distribute)
 
@@ -357,7 +369,7 @@ def refresh_tree(
     plans: Any,
     *,
     full: Callable[[jax.Array, jax.Array, Any], jax.Array],
-    diag: Callable[[jax.Array, _axes.LeafPlan], jax.Array],
+    diag: Callable[[jax.Array, _axes.LeafPlan, Any], jax.Array],
     param: Callable[[_axes.LeafPlan], Any] = lambda plan: None,
     distribute: bool = True,
 ) -> tuple[Any, jax.Array]:
@@ -366,7 +378,7 @@ def refresh_tree(
     The full factors of all leaves with equal block shape, ``param`` and dtypes
     are one batched ``full(s, r, param)`` call
     (:func:`layerwise_optax._axes.map_grouped`, split over the devices of the
-    current mesh when ``distribute``); a diagonal factor gets ``diag(s, plan)``;
+    current mesh when ``distribute``); a diagonal factor gets ``diag(s, plan, param)``;
     a ``'none'`` factor keeps ``prev``. A block whose new result is not finite
     keeps its previous one and is counted
     (:func:`layerwise_optax._failure.keep_good`). :func:`inverse_roots_tree`
@@ -381,10 +393,11 @@ def refresh_tree(
       full: ``full(s, r, param)``: ``(stack, b, b)`` statistics and previous
         results to ``(stack, ...)`` new results shaped like ``r`` (NaN where
         they fail).
-      diag: ``diag(s, plan)``: ``(stack, b)`` diagonal statistics to new
+      diag: ``diag(s, plan, param)``: ``(stack, b)`` diagonal statistics to new
         ``(stack, b)`` results.
-      param: A static parameter of a leaf's full computation (e.g. the root
-        order); part of the batching key.
+      param: A static parameter of a leaf's computations (e.g. the root
+        order), or a tuple with one per view dimension (each factor gets its
+        own); part of the batching key.
       distribute: Spread the groups over the mesh's devices.
 
     Returns:
@@ -393,10 +406,9 @@ def refresh_tree(
     """
 
     def prepare(plan, s, r):
-        p = param(plan)
         return [
             ((s.shape[1:], p, s.dtype, r.dtype), (s, r)) if kind == "full" else None
-            for kind, s, r in zip(plan.kinds, as_factors(s), as_factors(r))
+            for kind, s, r, p in zip(plan.kinds, as_factors(s), as_factors(r), per_dim(plan))
         ]
 
     def batched(key):
@@ -406,13 +418,18 @@ def refresh_tree(
 
         return compute
 
+    def per_dim(plan):
+        p = param(plan)
+        return p if isinstance(p, tuple) else (p,) * len(plan.kinds)
+
     done = _axes.map_grouped(prepare, batched, plans, stats, prev, distribute=distribute)
 
     def combine(s, plan, r, d):
         out, failed = [], jnp.zeros([], jnp.int32)
-        for kind, s_j, r_j, d_j in zip(plan.kinds, as_factors(s), as_factors(r), d):
+        parts = zip(plan.kinds, as_factors(s), as_factors(r), d, per_dim(plan))
+        for kind, s_j, r_j, d_j, p_j in parts:
             if kind == "diag":
-                new, bad, _ = _failure.keep_good(diag(s_j, plan), r_j, matrix=False)
+                new, bad, _ = _failure.keep_good(diag(s_j, plan, p_j), r_j, matrix=False)
             elif kind == "full":
                 new, ok = d_j
                 bad = jnp.sum(~ok).astype(jnp.int32)
@@ -606,14 +623,35 @@ def ema_debias(decay: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(decay == 1.0, 1.0, -1.0 / jnp.expm1(t * jnp.log(decay)))
 
 
-def factor_powers(factors: Factors, plan: _axes.LeafPlan, k: int, dtype: Any) -> Factors:
-    """Each factor to the integer power ``k``, cast to ``dtype``.
+def trace_normalized(factors: Factors, plan: _axes.LeafPlan) -> Factors:
+    r"""Each factor divided by its mean eigenvalue: ``L / (tr(L) / b)`` per block.
+
+    Full factors by :func:`layerwise_optax._linalg.trace_normalize`; a diagonal
+    factor is divided by its mean entry; ``'none'`` placeholders pass unchanged.
+    A block with zero trace (no statistics yet) is left as it is.
+    """
+    out = []
+    for kind, f in zip(plan.kinds, factors):
+        if kind == "full":
+            out.append(_linalg.trace_normalize(f))
+        elif kind == "diag":
+            out.append(_linalg.trace_normalize(f, diagonal=True))
+        else:
+            out.append(f)
+    return tuple(out)
+
+
+def factor_powers(
+    factors: Factors, plan: _axes.LeafPlan, k: int | tuple[int, ...], dtype: Any
+) -> Factors:
+    """Each factor to the integer power ``k`` (or ``k[i]`` for view dimension ``i``), in ``dtype``.
 
     Full factors by :func:`layerwise_optax._linalg.matrix_power`, diagonal ones
     entrywise; ``'none'`` placeholders pass unchanged.
     """
+    ks = k if isinstance(k, tuple) else (k,) * len(plan.kinds)
     out = []
-    for kind, f in zip(plan.kinds, factors):
+    for kind, f, k in zip(plan.kinds, factors, ks):
         if kind == "full":
             out.append(_linalg.matrix_power(f, k).astype(dtype))
         elif kind == "diag":
@@ -623,12 +661,15 @@ def factor_powers(factors: Factors, plan: _axes.LeafPlan, k: int, dtype: Any) ->
     return tuple(out)
 
 
-def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int) -> Factors:
+def kl_axis_stats(
+    g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int | tuple[int, ...]
+) -> Factors:
     """KL-Shampoo's per-axis statistics ``G_(i) (⊗_{j≠i} L_j^{-1}) G_(i)^T / n_i``.
 
     The other factors' inverses come from the stored roots ``L_j^{-1/root}``:
     ``L_j^{-1/2}`` is the root raised to ``root / 2`` (``root`` even,
-    :func:`factor_powers`), and :func:`kl_stats_from_halves` does the rest. This
+    :func:`factor_powers`), and :func:`kl_stats_from_halves` does the rest; a
+    ``'none'`` dimension (no factor) counts as ``L_j = I``. This
     is the fixed-point (flip-flop) update of the Kronecker-factored Gaussian that
     is closest in KL divergence to the gradient's second moment (Lin et al.
     2025): for gradients ``A^{1/2} Z B^{1/2}`` with white ``Z`` it settles at
@@ -638,12 +679,14 @@ def kl_axis_stats(g: jax.Array, roots: Factors, plan: _axes.LeafPlan, root: int)
       g: ``(stack, b_1, ..., b_k)`` block view, float32 or wider.
       roots: The leaf's stored roots ``L_j^{-1/root}`` (factor tuple).
       plan: The leaf's plan.
-      root: The even root order ``p`` of ``roots``.
+      root: The even root order ``p`` of ``roots``, or one per view dimension
+        (even where the dimension has a factor).
 
     Returns:
       A factor tuple in the layout of :func:`init_factors`.
     """
-    return kl_stats_from_halves(g, factor_powers(roots, plan, root // 2, g.dtype), plan)
+    half = tuple(p // 2 for p in root) if isinstance(root, tuple) else root // 2
+    return kl_stats_from_halves(g, factor_powers(roots, plan, half, g.dtype), plan)
 
 
 def kl_stats_from_halves(g: jax.Array, halves: Factors, plan: _axes.LeafPlan) -> Factors:
@@ -669,7 +712,7 @@ def kl_stats_from_halves(g: jax.Array, halves: Factors, plan: _axes.LeafPlan) ->
     out = []
     for i, kind in enumerate(plan.kinds):
         if kind == "none":
-            out.append(jnp.zeros((plan.stack, 0), g.dtype))
+            out.append(placeholder(g, plan))
             continue
         x = apply_axis_matrices(g, halves, plan, skip=i)
         n_other = max(1, math.prod(plan.blocks) // plan.blocks[i])

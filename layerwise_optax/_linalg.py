@@ -580,6 +580,28 @@ def balance_factors(
     )
 
 
+def trace_normalize(s: jax.Array, *, diagonal: bool = False) -> jax.Array:
+    r"""PSD matrices divided by their mean eigenvalue, ``L / (tr(L) / n)``.
+
+    The result has trace ``n`` (mean eigenvalue 1) whatever the scale of ``L``,
+    so a root ``(L / (tr L / n))^{-1/p}`` is independent of that scale
+    (Shampoo's ``trace_normalize``). A matrix with zero trace (all zero) is
+    returned unchanged, so an empty statistic stays zero instead of NaN.
+
+    Args:
+      s: ``(..., n, n)`` PSD matrices, or with ``diagonal`` their ``(..., n)``
+        diagonals (any float dtype; the result keeps it).
+      diagonal: ``s`` holds diagonals (the mean entry is divided out).
+
+    Returns:
+      An array like ``s``.
+    """
+    n = s.shape[-1]
+    tr = jnp.sum(s, axis=-1) if diagonal else jnp.trace(s, axis1=-2, axis2=-1)
+    scale = jnp.where(tr > 0, n / jnp.where(tr > 0, tr, 1.0), 1.0).astype(s.dtype)
+    return s * (scale[..., None] if diagonal else scale[..., None, None])
+
+
 def matrix_power(m: jax.Array, p: int) -> jax.Array:
     """``m^p`` for a static integer ``p >= 1``, by repeated squaring.
 

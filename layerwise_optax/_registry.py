@@ -274,6 +274,23 @@ ENTRIES: tuple[Entry, ...] = (
                 ),
                 slow=True,
             ),
+            # Only the shorter side of each leaf, with L^{-1/2}.
+            Config(
+                "shampoo_one_sided",
+                dict(learning_rate=3e-2, precondition_frequency=2, factor_exponents="one_sided"),
+                slow=True,
+            ),
+            # Without grafting, where the normalization changes the update.
+            Config(
+                "shampoo_trace_normalized",
+                dict(
+                    learning_rate=1e-2,
+                    precondition_frequency=2,
+                    trace_normalize=True,
+                    grafting="none",
+                ),
+                slow=True,
+            ),
         ),
         contract=dict(learning_rate=3e-2, precondition_frequency=2),
         bad_values={
@@ -282,6 +299,8 @@ ENTRIES: tuple[Entry, ...] = (
             "factor_estimation": _MODE,
             "relative_damping": _BOOL,
             "factor_bias_correction": _BOOL,
+            "factor_exponents": _MODE + (((2, None), _VE),),
+            "trace_normalize": _BOOL,
         },
     ),
     Entry(

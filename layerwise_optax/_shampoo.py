@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -39,7 +40,12 @@ _STATIC_ARGS = (
     "nesterov",
     "factor_estimation",
     "distribute",
+    "factor_exponents",
+    "trace_normalize",
 )
+
+# ``factor_exponents``: a preset name or ``dims -> one root order (or None) per factor``.
+FactorExponents = Literal["one_sided"] | Callable[[tuple[int, ...]], Sequence[int | None]]
 
 
 class ScaleByShampooState(NamedTuple):
@@ -89,11 +95,70 @@ class _Options(_factored.FactoredOptions):
     nesterov: bool
     factor_estimation: str
     factor_bias_correction: bool
+    factor_exponents: Any
+    trace_normalize: bool
 
-    def root(self, plan: _axes.LeafPlan) -> int:
-        """The root order ``p`` of a leaf's factors: ``root_exponent``, else ``2k`` (KL: 2)."""
+    def root(self, plan: _axes.LeafPlan) -> int | tuple[int, ...]:
+        """The root order of a leaf's factors.
+
+        The per-dimension orders of ``factor_exponents`` where it set them
+        (:meth:`resolve`), else ``root_exponent``, else ``2k`` (KL: 2).
+        """
+        if plan.exponents:
+            return plan.exponents
         default = 2 if self.factor_estimation == "kl" else 2 * max(plan.num_factors, 1)
         return self.root_exponent or default
+
+    def resolve(self, tree: Any) -> Any:
+        """The plans of ``tree``, with ``factor_exponents`` applied (:func:`_with_exponents`)."""
+        plans = super().resolve(tree)
+        if self.grouped_plans is not None or self.factor_exponents is None:
+            return plans
+        return jax.tree_util.tree_map_with_path(
+            functools.partial(_with_exponents, self), plans, is_leaf=_axes.is_plan_leaf
+        )
+
+
+def _one_sided(root: int, dims: tuple[int, ...]) -> tuple[int | None, ...]:
+    """``factor_exponents='one_sided'``: a root for the shortest factor dimension only.
+
+    Unit dimensions (no factor) are skipped; ties go to the first.
+    """
+    real = [i for i, d in enumerate(dims) if d > 1]
+    keep = min(real, key=lambda i: dims[i]) if real else None
+    return tuple(root if i == keep else None for i in range(len(dims)))
+
+
+def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
+    """A leaf's plan with the root orders of ``factor_exponents`` (unchanged without factors).
+
+    Raises ``ValueError`` naming the leaf if the callable's answer does not fit.
+    """
+    if not isinstance(plan, _axes.LeafPlan) or plan.spec is None:
+        return plan
+    k = len(plan.spec.factor_axes)
+    dims = tuple(plan.dims[:k])
+    if o.factor_exponents == "one_sided":
+        raw: Any = _one_sided(o.root_exponent or 2, dims)
+    else:
+        raw = o.factor_exponents(dims)
+    where = f"param {_axes.path_label(path)} with shape {plan.shape}"
+    got: tuple[Any, ...] = tuple(raw) if isinstance(raw, (tuple, list)) else ()
+    valid = [e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got]
+    if len(got) != k or not all(valid):
+        raise ValueError(
+            f"{where}: factor_exponents{dims} must give a tuple with None or an int >= 1 "
+            f"for each of its {k} factor dimensions, got {raw!r}."
+        )
+    if o.factor_estimation == "kl" and any(
+        e is not None and e % 2 and kind != "none" for e, kind in zip(got, plan.kinds)
+    ):
+        raise ValueError(
+            f"{where}: factor_exponents{dims} gave {got}; with factor_estimation='kl' "
+            "every root order must be even (the statistics use L^(-1/2) = root^(p/2))."
+        )
+    extra = (None,) * (len(plan.kinds) - k)  # the identity group, never a factor
+    return plan.with_exponents(got + extra)
 
 
 class _Hyper(NamedTuple):
@@ -118,6 +183,24 @@ def _options(args: dict[str, Any]) -> _Options:
     for name in ("relative_damping", "factor_bias_correction", "nesterov"):
         _checks.boolean(name, args[name])
     _checks.one_of("factor_estimation", args["factor_estimation"], ("shampoo", "kl"))
+    _checks.boolean("trace_normalize", args["trace_normalize"])
+    exponents = args["factor_exponents"]
+    if exponents is not None and exponents != "one_sided" and not callable(exponents):
+        raise ValueError(
+            f"factor_exponents must be None, 'one_sided' or a callable "
+            f"dims -> tuple of root orders (None: no factor), got {exponents!r}."
+        )
+    if callable(exponents) and args["root_exponent"] is not None:
+        raise ValueError(
+            f"root_exponent={args['root_exponent']!r} and a callable factor_exponents both "
+            "set the root orders: give the orders in factor_exponents only."
+        )
+    if args["trace_normalize"] and args["factor_estimation"] == "kl":
+        raise ValueError(
+            "trace_normalize=True with factor_estimation='kl': KL-Shampoo's factors carry "
+            "the preconditioner's overall scale (that is why it needs no grafting), and "
+            "dividing each by its trace would discard it; use one or the other."
+        )
     root_exponent = args["root_exponent"]
     if args["factor_estimation"] == "kl" and root_exponent is not None and root_exponent % 2:
         raise ValueError(
@@ -157,7 +240,7 @@ def _accumulate(o, h, g, plan, mu, nu, stats, roots) -> _factored.Accumulated:
     estimate = None
     if o.factor_estimation == "kl":
         estimate = functools.partial(
-            _kron.kl_axis_stats, roots=roots, plan=plan, root=o.root_exponent or 2
+            _kron.kl_axis_stats, roots=roots, plan=plan, root=plan.exponents or o.root_exponent or 2
         )
     # Shampoo checks the plain statistics too: one path for both estimates.
     a = _factored.accumulate(g, plan, mu, stats, h.b1, h.decay, estimate, check_estimates=True)
@@ -181,6 +264,8 @@ def _refresh(o, h, plans, count_inc, stats, roots) -> tuple[Any, jax.Array]:
     if o.factor_bias_correction:
         corr = _kron.ema_debias(h.decay, count_inc)
         stats = jax.tree.map(lambda s: s * corr.astype(s.dtype), stats)
+    if o.trace_normalize:
+        stats = _axes.map_leaves(lambda s, plan: _kron.trace_normalized(s, plan), plans, stats)
     return _kron.inverse_roots_tree(
         stats,
         roots,
@@ -274,6 +359,8 @@ def scale_by_shampoo(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
+    factor_exponents: FactorExponents | None = None,
+    trace_normalize: bool = False,
 ) -> optax.GradientTransformation:
     """Scales updates by Shampoo's per-axis inverse roots; see :func:`shampoo`.
 
@@ -344,14 +431,32 @@ def scale_by_shampoo(
         ``update`` runs inside a pmap over the same axis and device count, takes
         each device's blocks at ``lax.axis_index`` and gathers the preconditioned
         ones with one ``lax.all_gather`` per group. Static.
+      factor_exponents: Root orders per factor instead of one for all (static;
+        see :func:`shampoo`). ``None`` (default): ``root_exponent`` for every
+        factor. ``'one_sided'``: only the shortest factor dimension of each leaf
+        gets a factor, with ``p = root_exponent`` or 2 (``(G G^T)^{-1/2} G`` for
+        a wide matrix). A callable ``dims -> orders``: called for each leaf with
+        factors at ``init`` and ``update`` with the tuple of its factor
+        dimensions (the merged sizes ``d_1..d_k`` of its factor groups, before
+        blocking), it returns one entry per dimension: an int ``p >= 1`` (the
+        factor's inverse root ``L^{-1/p}``) or ``None`` (no factor: identity,
+        nothing stored). Entries for unit dimensions are not used. With a
+        callable, ``root_exponent`` must be ``None``.
+      trace_normalize: Take the roots of ``L / (tr(L) / b)`` instead of ``L``,
+        per block of length ``b`` (static; default ``False``; see
+        :func:`shampoo`). Not with ``factor_estimation='kl'``.
 
     Returns:
       A :class:`optax.GradientTransformation` with state
       :class:`ScaleByShampooState`.
 
     Raises:
-      ValueError: At construction for out-of-range hyperparameters; at ``init`` if
-        ``dimension_numbers`` do not fit a parameter (naming its path).
+      ValueError: At construction for out-of-range hyperparameters, an unknown
+        ``factor_exponents``, a callable ``factor_exponents`` with
+        ``root_exponent``, or ``trace_normalize`` with KL-Shampoo; at ``init`` if
+        ``dimension_numbers`` do not fit a parameter, or ``factor_exponents``
+        returns something other than one ``None`` or int ``>= 1`` per factor
+        dimension (odd orders with KL-Shampoo), naming its path.
         Also at ``init`` with ``state_layout='owner'`` inside ``jax.pmap``
         without ``owner_axes`` or with one that is not mapped there, or outside
         any mesh and pmap with ``owner_axes``; at ``update`` of a state built
@@ -413,6 +518,8 @@ def shampoo(
     state_layout: Literal["auto", "owner", "replicated"] = "auto",
     owner_axes: str | tuple[str, ...] | None = None,
     factor_bias_correction: bool = False,
+    factor_exponents: FactorExponents | None = None,
+    trace_normalize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo: per-axis Kronecker-factored preconditioning (Gupta et al., 2018).
 
@@ -465,6 +572,40 @@ def shampoo(
     using absolute damping. The default stays ``False`` so that existing
     configurations keep their updates.
 
+    **Per-factor root orders** (``factor_exponents``). The update becomes
+    ``U = \hat m \times_1 R_1 \cdots \times_k R_k`` with
+    ``R_i = (L^{(i)} + δI)^{-1/p_i}`` where an order ``p_i`` is given, and
+    ``R_i = I`` where it is ``None``: that factor is not kept at all (its
+    statistic and root are empty ``(stack, 0)`` placeholders, so a one-sided
+    ``m × n`` leaf with ``m < n`` stores ``2 m^2`` floats instead of
+    ``2 (m^2 + n^2)``), and its axis is still contracted in the other factors'
+    statistics. ``'one_sided'`` keeps only the shortest side of each leaf, with
+    ``p = 2``: ``(G G^T)^{-1/2} G``, the cheapest full-matrix Shampoo, which
+    whitens the shorter side. With ``block_size`` the orders hold per block
+    (each block is one-sided on its own); grafting and
+    ``start_preconditioning_step`` work as before, and a leaf with no factor
+    left takes the graft update. This is the per-dimension exponent override of
+    Meta's Distributed Shampoo (``inverse_exponent_override``: an exponent per
+    tensor order and dimension index, 0 for none); here the rule sees the
+    dimension sizes, so it can pick a side by size. For a per-leaf choice use
+    ``dimension_numbers`` with ``identity_axes``. With KL-Shampoo a dropped
+    factor counts as ``L^{(j)} = I`` in the other factors' statistics: the
+    KL-closest Kronecker-factored second moment with that factor held at the
+    identity (for gradients ``A^{1/2} Z`` the kept factor is ``A``); the orders
+    must be even there.
+
+    **Trace normalization** (``trace_normalize=True``). Each factor (per block)
+    is divided by its mean eigenvalue before damping and the root,
+    ``R_i = (L^{(i)} / τ_i + δI)^{-1/p}`` with ``τ_i = tr(L^{(i)}) / b_i``, so the
+    roots no longer depend on the gradients' scale: without grafting the update
+    scales like the first moment (plain Shampoo's ``L^{-1/4} G R^{-1/4}`` is
+    scale-free instead), and an absolute ``damping`` is relative to the mean
+    eigenvalue. With grafting and the default relative damping it changes
+    nothing but round-off (each root is scaled by a positive number per block,
+    which grafting divides out); it matters with ``grafting='none'`` or
+    ``relative_damping=False``. Not available with KL-Shampoo, whose factors
+    carry the preconditioner's overall scale.
+
     Weight decay is decoupled and multiplied by the learning rate, as in
     :func:`optax.adamw`.
 
@@ -473,7 +614,9 @@ def shampoo(
     inputs, deep nets). Start from your AdamW learning rate (Adam grafting keeps
     the update size), then tune ``precondition_frequency`` (cost vs freshness),
     ``block_size`` (memory and refresh cost grow as ``b^2`` and ``b^3``) and
-    ``damping``.
+    ``damping``. When the long side's factor dominates memory or refresh time
+    (very wide or embedding-like matrices), ``factor_exponents='one_sided'``
+    keeps only the short side.
 
     Args:
       learning_rate: A global scaling factor, fixed or a schedule.
@@ -514,13 +657,18 @@ def shampoo(
       state_layout: ``'auto'``, ``'owner'`` or ``'replicated'`` (see
         :func:`layerwise_optax.scale_by_shampoo`).
       owner_axes: Mesh axes of the owner layout (``None``: all).
+      factor_exponents: ``None``, ``'one_sided'`` or a callable
+        ``dims -> orders`` (one int ``>= 1`` or ``None`` per factor dimension;
+        see above and :func:`scale_by_shampoo`). Static.
+      trace_normalize: Roots of trace-normalized factors (static; see above).
 
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-      ValueError: At construction if a hyperparameter is out of range; at ``init``
-        if ``dimension_numbers`` do not fit a parameter.
+      ValueError: At construction if a hyperparameter is out of range or two
+        options conflict; at ``init`` if ``dimension_numbers`` or the orders of
+        ``factor_exponents`` do not fit a parameter.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -532,6 +680,13 @@ def shampoo(
       >>> jax.tree.map(jnp.shape, updates)
       {'b': (3,), 'w': (4, 3)}
 
+      One-sided Shampoo keeps only the shorter side's factor of a ``64 x 16``
+      kernel (the other is an empty placeholder):
+
+      >>> tx = lo.shampoo(1e-2, factor_exponents='one_sided')
+      >>> [s.shape for s in tx.init({'w': jnp.ones((64, 16))})[0].stats['w']]
+      [(1, 0), (1, 16, 16)]
+
     References:
       Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
       Optimization <https://arxiv.org/abs/1802.09568>`_, 2018.
@@ -539,6 +694,9 @@ def shampoo(
       <https://arxiv.org/abs/2002.09018>`_, 2020.
       Lin et al., Understanding and Improving Shampoo and SOAP via
       Kullback-Leibler Minimization, 2025 (KL-Shampoo).
+      Meta's Distributed Shampoo, `facebookresearch/optimizers
+      <https://github.com/facebookresearch/optimizers>`_
+      (``inverse_exponent_override``: per-dimension root orders).
 
     .. seealso:: :func:`layerwise_optax.soap`, :func:`layerwise_optax.scale_by_shampoo`
     """
@@ -565,6 +723,8 @@ def shampoo(
             owner_axes=owner_axes,
             relative_damping=relative_damping,
             factor_bias_correction=factor_bias_correction,
+            factor_exponents=factor_exponents,
+            trace_normalize=trace_normalize,
             mu_dtype=mu_dtype,
             precond_dtype=precond_dtype,
             nesterov=nesterov,

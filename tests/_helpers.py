@@ -250,19 +250,27 @@ def shampoo_reference(
     root=None,
     factored=None,
     kl=False,
+    roots=None,
+    trace_normalize=False,
 ):
     """Naive dense Shampoo on one tensor: Kronecker product of fractional powers.
 
     ``kl``: KL-Shampoo's statistics, ``G_(i) kron_{j != i} (L_j + damping I)^{-1}
     G_(i)^T / n_i`` with explicit inverses of the factors of the last refresh.
+    ``roots``: one root order per axis, ``None`` for an axis without a factor
+    (identity; with ``kl`` its inverse is the identity too).
+    ``trace_normalize``: roots of ``L_i / (tr(L_i) / d_i)``.
 
     The preconditioner is built explicitly as kron(P_1, ..., P_k) acting on the
     row-major vectorization, in float64 (absolute damping, no merging, no blocks).
     """
     shape = grads[0].shape
     k = len(shape)
+    if roots is not None:
+        factored = [i for i, r in enumerate(roots) if r is not None]
     factored = list(range(k)) if factored is None else factored
     p = root or (2 if kl else 2 * len(factored))
+    orders = list(roots) if roots is not None else [p] * k
     stats = [np.zeros((d, d)) for d in shape]
     roots = [np.eye(d) for d in shape]
     invs = [np.eye(d) for d in shape]
@@ -288,11 +296,18 @@ def shampoo_reference(
                 cov = unfold_cov(g, i)
             stats[i] = factor_decay * stats[i] + w * cov
         if (t - 1) % freq == 0:
+            scaled = [
+                s / (np.trace(s) / len(s)) if trace_normalize and np.trace(s) > 0 else s
+                for s in stats
+            ]
             roots = [
-                np_inv_root(s, p, damping) if i in factored else np.eye(len(s))
+                np_inv_root(s, orders[i], damping) if i in factored else np.eye(len(s))
+                for i, s in enumerate(scaled)
+            ]
+            invs = [
+                np.linalg.inv(s + damping * np.eye(len(s))) if i in factored else np.eye(len(s))
                 for i, s in enumerate(stats)
             ]
-            invs = [np.linalg.inv(s + damping * np.eye(len(s))) for s in stats]
         if nesterov:
             m_hat = b1 * mu / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
         else:

@@ -901,6 +901,14 @@ def main(modes):
         elif f"owner_quick_{name}" in modes:
             out = owner_case(name, factory, kwargs, OWNER_GRID_QUICK)
             print(json.dumps(out), flush=True)
+    if "owner_one_sided" in modes:
+        # Shampoo's factor_exponents='one_sided' (groups keyed by their orders) on 8
+        # devices, Auto axes, and 2, Explicit.
+        grid = ((2, AxisType.Explicit), (8, AxisType.Auto))
+        for name, factory, kwargs in _layout_aliases():
+            if name == "shampoo":
+                kwargs = {**kwargs, "factor_exponents": "one_sided"}
+                print(json.dumps(owner_case(name, factory, kwargs, grid)), flush=True)
     if "owner_pmap" in modes:
         # The default tier: Shampoo, many blocks per group (12 and 13, padded to
         # 16 on 8 devices); owner_pmap_<alias> runs the rest.

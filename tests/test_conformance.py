@@ -425,6 +425,10 @@ def test_mixed_tree_shapes_and_policy(name, factory, kwargs):
     if name.startswith("kfac"):
         assert stats["long"][0].shape == (1, 5000)  # inputs: diagonal above 4096
         assert stats["conv"][0].shape == (1, 36, 36)  # (kh, kw, c_in) patches
+    elif kwargs.get("factor_exponents") == "one_sided":
+        # Only the shorter side keeps a factor: the 5000 axis none at all.
+        assert [x.shape for x in stats["long"]] == [(1, 0), (1, 3, 3)]
+        assert [x.shape for x in stats["conv"]] == [(1, 0), (1, 8, 8)]
     elif block is None:
         assert stats["long"][0].shape == (1, 5000)  # diagonal
         assert stats["conv"][0].shape == (1, 36, 36)  # (3, 3, 4) merged

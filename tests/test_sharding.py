@@ -256,6 +256,20 @@ def test_owner_layout_is_the_same_on_every_mesh_and_shrinks_the_state():
         _check_owner_results(r, grid)
 
 
+def test_owner_layout_with_one_sided_shampoo_matches_one_device():
+    """Issue 19 item 5: ``factor_exponents='one_sided'`` in the owner layout (its groups
+    carry the root orders) gives the single-device replicated updates on 2 and 8
+    devices, one block per leaf and many, with the same failure counts."""
+    (r,) = [r for r in _worker(["owner_one_sided"]) if r.get("mode") == "owner"]
+    for variant in ("plain", "many"):
+        for n, axis in ((2, "AxisType.Explicit"), (8, "AxisType.Auto")):
+            key = f"{variant}_{n}_{axis}"
+            assert r[f"layout_{key}"] == [n, ["data", "model"]], key
+            assert r[f"err_{key}"] < 1e-5, (key, r[f"err_{key}"])
+            assert r[f"counts_{key}"] == r[f"{variant}_ref_counts"], key
+            assert r[f"specs_{key}"] == r[f"{variant}_specs"], key
+
+
 # Smallest whole-state shrink per device under pmap, 2 and 8 devices, "many" variant.
 MIN_PMAP_SHRINK = {
     "shampoo": (1.9, 5.5),
