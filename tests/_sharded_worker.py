@@ -718,6 +718,14 @@ def spread_case():
             continue
         if "state_layout" in inspect.signature(factory).parameters:
             kwargs = {**kwargs, "state_layout": "replicated"}
+        if "distribute" not in inspect.signature(factory).parameters:
+            # Dion has nothing to spread: its power iteration runs on the
+            # sharded matrices as they lie (no shard_map at all).
+            tx = build(name, factory, kwargs)
+            with jax.set_mesh(mesh):
+                jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
+            counts[f"{name}_native"] = len(_shard_map_inputs(jaxpr.jaxpr))
+            continue
         for distribute in (False, True):
             tx = build(name, factory, {**kwargs, "distribute": distribute})
             with jax.set_mesh(mesh):

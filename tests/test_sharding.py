@@ -98,6 +98,7 @@ def test_every_alias_on_a_mesh_with_auto_and_explicit_axes():
     for name in ("shampoo", "soap", "kfac", "muon", "normuon", "psgd_kron"):
         assert spread["shard_maps"][f"{name}_False"] == 0, name
         assert spread["shard_maps"][f"{name}_True"] >= 1, name
+    assert spread["shard_maps"]["dion_native"] == 0
     # 13 blocks on 8 devices: each block has exactly one owner, at most 2 per device.
     owners = spread["owners"]
     assert len(owners) == 13 and max(owners.count(d) for d in range(8)) == 2
