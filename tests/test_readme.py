@@ -160,9 +160,15 @@ def _expected_costs():
     for m, tx in [("normuon", lo.normuon(0.02)), ("steepest_descent", lo.steepest_descent(0.02))]:
         state[m] = _state_bytes(tx, params) / adamw
     cells = {m: f"step {step[m][0]:.1f}–{step[m][1]:.1f}×, state {state[m]:.1f}×" for m in state}
-    # Dion is not in the time-to-target record yet: its cell says so, and gives its
-    # state from its shapes on the same MLP (full rank; rank_fraction shrinks Q).
-    cells["dion"] = f"not yet timed; state {_state_bytes(lo.dion(0.02), params) / adamw:.1f}×"
+    # Dion is not in the time-to-target record yet: its step time is the dion_state
+    # record's, against Muon's on the transformer tree from rank 1/16 to full, and
+    # its state from its shapes on the same MLP (full rank; rank_fraction shrinks Q).
+    dion = load("dion_state")["step_time"]
+    ratios = [v["median_s"] / dion["muon"]["median_s"] for k, v in dion.items() if k != "muon"]
+    cells["dion"] = (
+        f"step {min(ratios):.1f}–{max(ratios):.1f}× Muon's (rank 1/16 to full), "
+        f"state {_state_bytes(lo.dion(0.02), params) / adamw:.1f}×"
+    )
     return cells
 
 
