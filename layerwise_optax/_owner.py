@@ -1069,8 +1069,9 @@ def _route(layout: Layout, group: Group, nodes: Sequence[Any], xs: Sequence[Any]
         offsets.append(start)
         start += n
         spec = _axes._explicit_spec(xs[i]) if xs[i] is not None else None
-        cut = None
+        cut, where = None, P()
         if spec is not None:
+            where = P(*spec)
             used = [(d, e) for d, e in enumerate(spec) if e is not None]
             if len(used) == 1:
                 d, entry = used[0]
@@ -1081,7 +1082,7 @@ def _route(layout: Layout, group: Group, nodes: Sequence[Any], xs: Sequence[Any]
         else:
             plan, q = cut
             per = n // devices if q == 1 else math.prod(plan.num_blocks) * plan.batch
-            aligned.append((k, i, plan, P(*spec), per, q))
+            aligned.append((k, i, plan, where, per, q))
     if not aligned:
         return None
     axes = layout.axes if len(layout.axes) != 1 else layout.axes[0]
