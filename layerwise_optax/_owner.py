@@ -600,15 +600,7 @@ def to_groups(
         if route is not None:
             blocks.append(_routed_stack(route, layout, g, nodes, xs, valid))
             continue
-        parts = []
-        for i, _ in g.members:
-            x = xs[i]
-            if _axes._explicit_spec(x) is not None:
-                x = jax.sharding.reshard(x, P())
-            b = nodes[i].to_blocks(x.astype(g.dtype))
-            if valid is not None and valid[i] is not None:
-                b = jnp.where(valid[i], b, jnp.nan)
-            parts.append(b)
+        parts = [_member_blocks(g, nodes, xs, valid, k) for k in range(len(g.members))]
         pad = g.padded - g.size
         if pad:
             parts.append(jnp.full((pad,) + g.key.blocks, jnp.nan, g.dtype))
