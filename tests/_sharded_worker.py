@@ -869,6 +869,40 @@ def routes_case():
             routes=routes,
             specs={n: str(x.sharding.spec) for n, x in on[-1].items()},
         )
+    # Two mesh axes, leaves sharded over both (the layout's default axes): the
+    # linear device index of the shards, the collectives and the owners agree.
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    both = {
+        n: NamedSharding(mesh2, P(("data", "model")) if spec != P() else P())
+        for n, (_, spec) in ROUTE_SHAPES.items()
+        if n in ("aligned", "halves", "quarters", "bias")
+    }
+    _owner._route = counting
+    counted.clear()
+    try:
+        tx = aliases["shampoo"]()
+        with jax.set_mesh(mesh2):
+            p = jax.device_put({n: params[n] for n in both}, both)
+            state = jax.jit(tx.init)(p)
+            ups = []
+            for t in range(STEPS):
+                g = jax.device_put({n: grads(t)[n] for n in both}, both)
+                u, state = jax.jit(tx.update)(g, state, p)
+                ups.append(u)
+    finally:
+        _owner._route = original
+    tx = aliases["shampoo"]()
+    plain = {n: params[n] for n in both}
+    state = tx.init(plain)
+    reference = []
+    for t in range(STEPS):
+        u, state = jax.jit(tx.update)({n: grads(t)[n] for n in both}, state, plain)
+        reference.append(u)
+    out["shampoo_two_axes"] = dict(
+        routes=list(counted),
+        max_rel_err=max_rel_err(ups, reference),
+        specs={n: str(x.sharding.spec) for n, x in ups[-1].items()},
+    )
     mlp = make_tree(mlp_shapes(256, 256, 256, 10), jax.random.key(0))
     mlp_mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
     specs = sharded_state._specs(mlp, 8)

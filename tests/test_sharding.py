@@ -164,6 +164,12 @@ def test_owner_layout_routes_move_only_the_blocks_each_shard_needs():
     way gathered them twice).
     """
     (r,) = _worker(["routes"])
+    two = r["aliases"].pop("shampoo_two_axes")
+    # Over a (4, 2) mesh, leaves sharded over both axes: whole blocks, halves and
+    # quarters of block rows route in one group (units of a quarter block).
+    assert two["routes"] and set(two["routes"]) == {3}, two["routes"]
+    assert two["max_rel_err"] < 1e-5, two["max_rel_err"]
+    assert two["specs"]["halves"] == "P(('data', 'model'), None)", two["specs"]
     for name, a in r["aliases"].items():
         # Every group with a routed leaf, both ways. Routed: 'aligned' and
         # 'stacked' (whole blocks per shard), 'halves' and 'quarters' (half and
