@@ -24,7 +24,7 @@ small ``r x r`` Gram matrix ``P^T P``; with the products ``B Q`` and ``B^T P``
 (an ``n x r`` reduction), the whole step runs on a ``B`` sharded by rows
 without gathering it (under ``Auto`` mesh axes XLA's partitioner places it so:
 ``tests/test_dion.py`` checks the compiled step has no all-gather of the leaf;
-under ``Explicit`` axes the leaf is gathered, as everywhere in the library,
+under ``Explicit`` axes the leaf is gathered, as Muon does,
 :func:`layerwise_optax._axes.on_gathered`).
 
 Failure policy (:mod:`layerwise_optax._failure`): a non-finite gradient is kept
@@ -109,7 +109,9 @@ def _validate_rank(rank: Any, rank_fraction: Any) -> None:
         if not isinstance(rank_fraction, (int, float)) or isinstance(rank_fraction, bool):
             raise TypeError(
                 "rank_fraction fixes the factors' shapes, so it must be a Python float in "
-                f"(0, 1], got {type(rank_fraction).__name__} {rank_fraction!r}."
+                f"(0, 1], got {type(rank_fraction).__name__} {rank_fraction!r}; with "
+                "optax.inject_hyperparams pass static_args=('rank_fraction',), or use "
+                "layerwise_optax.inject_hyperparams."
             )
         if not 0 < rank_fraction <= 1:
             raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction!r}.")

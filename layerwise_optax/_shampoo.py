@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -119,6 +120,14 @@ class _Options(_factored.FactoredOptions):
         )
 
 
+def _as_int(e: Any) -> Any:
+    """``e`` as a Python int if it is an integer scalar (``operator.index``), else ``e``."""
+    try:
+        return operator.index(e)
+    except TypeError:
+        return e
+
+
 def _one_sided(root: int, dims: tuple[int, ...]) -> tuple[int | None, ...]:
     """``factor_exponents='one_sided'``: a root for the shortest factor dimension only.
 
@@ -144,10 +153,13 @@ def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
         raw = o.factor_exponents(dims)
     where = f"param {_axes.path_label(path)} with shape {plan.shape}"
     got: tuple[Any, ...] = tuple(raw) if isinstance(raw, (tuple, list)) else ()
+    # NumPy and JAX integer scalars count as ints (operator.index); bools do not.
+    got = tuple(e if e is None or isinstance(e, bool) else _as_int(e) for e in got)
     valid = [e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got]
     if len(got) != k or not all(valid):
         raise ValueError(
-            f"{where}: factor_exponents{dims} must give a tuple with None or an int >= 1 "
+            f"{where}: factor_exponents{dims} must give a tuple (or list) with None or an "
+            "int >= 1 (a Python or NumPy integer) "
             f"for each of its {k} factor dimensions, got {raw!r}."
         )
     if o.factor_estimation == "kl" and any(
@@ -600,10 +612,13 @@ def shampoo(
     roots no longer depend on the gradients' scale: without grafting the update
     scales like the first moment (plain Shampoo's ``L^{-1/4} G R^{-1/4}`` is
     scale-free instead), and an absolute ``damping`` is relative to the mean
-    eigenvalue. With grafting and the default relative damping it changes
-    nothing but round-off (each root is scaled by a positive number per block,
-    which grafting divides out); it matters with ``grafting='none'`` or
-    ``relative_damping=False``. Not available with KL-Shampoo, whose factors
+    eigenvalue. With grafting and the default relative damping it changes the
+    update only through float32 round-off (each root is scaled by a positive
+    number per block, which grafting divides out), but an ill-conditioned or
+    rank-deficient factor amplifies that round-off in its eigendecomposition:
+    up to ~2e-2 relative on a 64 x 16 leaf's rank-16 64 x 64 factor with
+    ``damping=1e-6``, below 1e-4 with ``damping=1e-3``. It is meant for
+    ``grafting='none'`` or ``relative_damping=False``. Not available with KL-Shampoo, whose factors
     carry the preconditioner's overall scale.
 
     Weight decay is decoupled and multiplied by the learning rate, as in

@@ -348,3 +348,17 @@ def test_bad_orders_raise_at_init_naming_the_leaf(exponents, kl, match):
     with pytest.raises(ValueError, match=r"param \['w'\] with shape \(4, 3\)") as e:
         tx.init({"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)})
     assert e.match(match)
+
+
+def test_numpy_integer_orders_are_python_ints():
+    """A callable may return NumPy integers (a user's ``np.where``/``np.full``)."""
+    plain, _ = _steps(lo.shampoo(1e-2, precondition_frequency=2, factor_exponents=_defaults))
+    numpy, _ = _steps(
+        lo.shampoo(
+            1e-2,
+            precondition_frequency=2,
+            factor_exponents=lambda dims: tuple(np.int64(e) for e in _defaults(dims)),
+        )
+    )
+    for a, b in zip(plain, numpy):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
