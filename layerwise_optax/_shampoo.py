@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -121,10 +120,13 @@ class _Options(_factored.FactoredOptions):
 
 
 def _as_int(e: Any) -> Any:
-    """``e`` as a Python int if it is an integer scalar (``operator.index``), else ``e``."""
+    """``e`` as a Python int if it is an integer scalar (has ``__index__``), else ``e``."""
+    index = getattr(type(e), "__index__", None)
+    if index is None:
+        return e
     try:
-        return operator.index(e)
-    except TypeError:
+        return index(e)
+    except TypeError:  # a float array's __index__
         return e
 
 
@@ -153,7 +155,7 @@ def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
         raw = o.factor_exponents(dims)
     where = f"param {_axes.path_label(path)} with shape {plan.shape}"
     got: tuple[Any, ...] = tuple(raw) if isinstance(raw, (tuple, list)) else ()
-    # NumPy and JAX integer scalars count as ints (operator.index); bools do not.
+    # NumPy and JAX integer scalars count as ints (``__index__``); bools do not.
     got = tuple(e if e is None or isinstance(e, bool) else _as_int(e) for e in got)
     valid = [e is None or (isinstance(e, int) and not isinstance(e, bool) and e >= 1) for e in got]
     if len(got) != k or not all(valid):
