@@ -407,14 +407,13 @@ def dion(
     )
     return _dual.matrices_and_adam(
         "dion",
-        optax.chain(
-            inner,
-            optax.add_decayed_weights(weight_decay, mask),
-            optax.scale_by_learning_rate(learning_rate),
-        ),
+        inner,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
         dimension_numbers=dimension_numbers,
         roles=roles,
-        adam_learning_rate=learning_rate if adam_learning_rate is None else adam_learning_rate,
+        adam_learning_rate=adam_learning_rate,
         adam_b1=adam_b1,
         adam_b2=adam_b2,
         eps=eps,

@@ -268,11 +268,14 @@ def shape_scale(
 
 def matrices_and_adam(
     label: str,
-    matrix_tx: optax.GradientTransformation,
+    scale_by: optax.GradientTransformation,
     *,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Any,
+    mask: Any,
     dimension_numbers: Any,
     roles: Any,
-    adam_learning_rate: optax.ScalarOrSchedule,
+    adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: Any,
     adam_b2: Any,
     eps: Any,
@@ -281,10 +284,14 @@ def matrices_and_adam(
     mu_dtype: Any,
     nesterov: bool,
 ) -> optax.GradientTransformation:
-    """``optax.partition``: matrix leaves to ``matrix_tx`` (as ``label``), the rest to AdamW.
+    """``optax.partition``: matrix leaves to ``scale_by`` (as ``label``), the rest to AdamW.
 
     The matrix leaves are those with a spec (``dimension_numbers``, else the
-    hidden ``roles``); shared by :func:`muon` and :func:`layerwise_optax.dion`.
+    hidden ``roles``) and take the alias chain ``scale_by``, decoupled weight
+    decay (``weight_decay``, ``mask``), ``learning_rate``; the rest take the
+    guarded Adam with ``adam_weight_decay`` and ``adam_learning_rate``
+    (``None``: ``learning_rate``). Shared by :func:`muon` and
+    :func:`layerwise_optax.dion`.
     """
     specs_of = dimension_numbers or _roles.dimension_numbers_for(roles, _roles.HIDDEN_ROLES)
 
@@ -294,9 +301,15 @@ def matrices_and_adam(
         flat = treedef.flatten_up_to(specs)
         return treedef.unflatten([label if s is not None else "adam" for s in flat])
 
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
     return optax.partition(
         {
-            label: matrix_tx,
+            label: optax.chain(
+                scale_by,
+                optax.add_decayed_weights(weight_decay, mask),
+                optax.scale_by_learning_rate(learning_rate),
+            ),
             # optax.adamw's own moments would keep a NaN forever (and underflow eps
             # with float16 params); the guarded Adam skips and counts per leaf, as
             # every other transform here does, and equals optax.adam otherwise.
