@@ -7,6 +7,7 @@ Usage: ``python -m tests._sharded_worker auto,explicit,mix,pmap,errors,spread,ow
 (any subset; ``owner_pmap_<alias>`` runs one alias's every pmap owner-layout case).
 """
 
+import contextlib
 import json
 import sys
 
@@ -546,23 +547,13 @@ def traffic_case():
 
     params = make_tree(mlp_shapes(64, 128, 128, 10), jax.random.key(0))
     mesh = jax.make_mesh((8,), ("data",))
-    specs = sharded_state._specs(params, 8)
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     tx = lo.kfac(1e-3, precondition_frequency=10)
-    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
     stats = sharded_state._kfac_stats(params)
-    with jax.set_mesh(mesh):
-        p = jax.device_put(params, shardings)
-        state = jax.jit(tx.init, out_shardings=promised)(p)
-        step = jax.jit(
-            lambda g, s, p: tx.update(g, s, p, kfac_stats=stats),
-            out_shardings=(shardings, promised),
-        )
-        hlo = step.lower(p, state, p).compile().as_text()
+    _, collective_bytes = _step_collectives(tx, params, mesh, kfac_stats=stats)
     return dict(
         mode="traffic",
         params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
-        collective_bytes=sharded_state.hlo_collective_bytes(hlo),
+        collective_bytes=collective_bytes,
     )
 
 
@@ -754,7 +745,6 @@ def psgd_traffic_case():
     ``benchmarks.sharded_state`` does (the compiled program's collectives),
     beside the parameter bytes.
     """
-    from benchmarks import sharded_state
     from layerwise_optax import _owner
 
     params = {
@@ -763,21 +753,36 @@ def psgd_traffic_case():
         "c": jnp.ones((256,)),
     }
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
-    specs = sharded_state._specs(params, 8)
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     tx = lo.psgd_kron(1e-3, precond_update_prob=0.5, block_size=32)
-    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
-    with jax.set_mesh(mesh):
-        p = jax.device_put(params, shardings)
-        state = jax.jit(tx.init, out_shardings=promised)(p)
-        step = jax.jit(tx.update, out_shardings=(shardings, promised))
-        hlo = step.lower(p, state, p).compile().as_text()
+    state, collective_bytes = _step_collectives(tx, params, mesh)
     return dict(
         mode="psgd_traffic",
         owner=_owner.layout_of(state[0]) is not None,
         params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
-        collective_bytes=sharded_state.hlo_collective_bytes(hlo),
+        collective_bytes=collective_bytes,
     )
+
+
+def _step_collectives(tx, params, mesh, **extra):
+    """One update of ``tx`` with FSDP specs on ``mesh`` compiled: ``(state, collective bytes)``.
+
+    The state is placed as :func:`layerwise_optax.state_shardings` promises;
+    the bytes are ``benchmarks.sharded_state.hlo_collective_bytes`` of the
+    compiled program; ``extra`` goes to every update (K-FAC's statistics).
+    """
+    from benchmarks import sharded_state
+
+    specs = sharded_state._specs(params, mesh.size)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    promised = lo.state_shardings(tx, params, specs, mesh=mesh)
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, shardings)
+        state = jax.jit(tx.init, out_shardings=promised)(p)
+        step = jax.jit(
+            lambda g, s, p: tx.update(g, s, p, **extra), out_shardings=(shardings, promised)
+        )
+        hlo = step.lower(p, state, p).compile().as_text()
+    return state, sharded_state.hlo_collective_bytes(hlo)
 
 
 # Leaves for the owner layout's routes (issue 15): sharded on their leading block
@@ -804,7 +809,6 @@ def routes_case():
     of Shampoo's ordinary step on an FSDP MLP whose layers' shards hold
     whole blocks, beside the parameter bytes.
     """
-    from benchmarks import sharded_state
     from benchmarks.step_time import make_tree, mlp_shapes
     from layerwise_optax import _owner
 
@@ -834,31 +838,34 @@ def routes_case():
         "soap": lambda: lo.soap(1e-2, block_size=8, precondition_frequency=2),
         "psgd_kron": lambda: lo.psgd_kron(1e-2, block_size=8, precond_update_prob=1.0),
     }
+
+    def run(make, names, route=None, mesh=None, shardings=None):
+        """STEPS updates of ``make()`` on the leaves ``names``, on ``mesh`` if given
+        (placed by ``shardings``), ``_owner._route`` replaced by ``route`` meanwhile:
+        the updates and the aligned-member count of every route taken."""
+        place = (lambda x: jax.device_put(x, shardings)) if mesh is not None else (lambda x: x)
+        counted.clear()
+        if route is not None:
+            _owner._route = route
+        try:
+            tx = make()
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                p = place({n: params[n] for n in names})
+                state = jax.jit(tx.init)(p)
+                ups = []
+                for t in range(STEPS):
+                    g = place({n: grads(t)[n] for n in names})
+                    u, state = jax.jit(tx.update)(g, state, p)
+                    ups.append(u)
+        finally:
+            _owner._route = original
+        return ups, list(counted)
+
     out = {}
     for name, make in aliases.items():
-        reference = []
-        tx = make()
-        state = tx.init(params)
-        for t in range(STEPS):
-            u, state = jax.jit(tx.update)(grads(t), state, params)
-            reference.append(u)
-        runs = {}
-        for routed in (True, False):
-            _owner._route = counting if routed else (lambda *a: None)
-            counted.clear()
-            try:
-                tx = make()
-                with jax.set_mesh(mesh):
-                    p = jax.device_put(params, shardings)
-                    state = jax.jit(tx.init)(p)
-                    ups = []
-                    for t in range(STEPS):
-                        u, state = jax.jit(tx.update)(jax.device_put(grads(t), shardings), state, p)
-                        ups.append(u)
-            finally:
-                _owner._route = original
-            runs[routed] = (ups, list(counted))
-        (on, routes), (off, _) = runs[True], runs[False]
+        reference, _ = run(make, params)
+        on, routes = run(make, params, counting, mesh, shardings)
+        off, _ = run(make, params, lambda *a: None, mesh, shardings)
         out[name] = dict(
             identical=all(
                 bool(jnp.array_equal(x, y, equal_nan=True))
@@ -877,48 +884,22 @@ def routes_case():
         for n, (_, spec) in ROUTE_SHAPES.items()
         if n in ("aligned", "halves", "quarters", "bias")
     }
-    _owner._route = counting
-    counted.clear()
-    try:
-        tx = aliases["shampoo"]()
-        with jax.set_mesh(mesh2):
-            p = jax.device_put({n: params[n] for n in both}, both)
-            state = jax.jit(tx.init)(p)
-            ups = []
-            for t in range(STEPS):
-                g = jax.device_put({n: grads(t)[n] for n in both}, both)
-                u, state = jax.jit(tx.update)(g, state, p)
-                ups.append(u)
-    finally:
-        _owner._route = original
-    tx = aliases["shampoo"]()
-    plain = {n: params[n] for n in both}
-    state = tx.init(plain)
-    reference = []
-    for t in range(STEPS):
-        u, state = jax.jit(tx.update)({n: grads(t)[n] for n in both}, state, plain)
-        reference.append(u)
+    ups, routes = run(aliases["shampoo"], both, counting, mesh2, both)
+    reference, _ = run(aliases["shampoo"], both)
     out["shampoo_two_axes"] = dict(
-        routes=list(counted),
+        routes=routes,
         max_rel_err=max_rel_err(ups, reference),
         specs={n: str(x.sharding.spec) for n, x in ups[-1].items()},
     )
     mlp = make_tree(mlp_shapes(256, 256, 256, 10), jax.random.key(0))
     mlp_mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
-    specs = sharded_state._specs(mlp, 8)
-    mlp_sh = jax.tree.map(lambda spec: NamedSharding(mlp_mesh, spec), specs)
     tx = lo.shampoo(1e-3, block_size=32, precondition_frequency=10)
-    promised = lo.state_shardings(tx, mlp, specs, mesh=mlp_mesh)
-    with jax.set_mesh(mlp_mesh):
-        p = jax.device_put(mlp, mlp_sh)
-        state = jax.jit(tx.init, out_shardings=promised)(p)
-        step = jax.jit(tx.update, out_shardings=(mlp_sh, promised))
-        hlo = step.lower(p, state, p).compile().as_text()
+    _, collective_bytes = _step_collectives(tx, mlp, mlp_mesh)
     return dict(
         mode="routes",
         aliases=out,
         params_bytes=sum(x.nbytes for x in jax.tree.leaves(mlp)),
-        collective_bytes=sharded_state.hlo_collective_bytes(hlo)["ordinary"],
+        collective_bytes=collective_bytes["ordinary"],
     )
 
 
