@@ -149,11 +149,16 @@ def _with_exponents(o: _Options, path: Any, plan: Any) -> Any:
         return plan
     k = len(plan.spec.factor_axes)
     dims = tuple(plan.dims[:k])
+    where = f"param {_axes.path_label(path)} with shape {plan.shape}"
     if o.factor_exponents == "one_sided":
         raw: Any = _one_sided(o.root_exponent or 2, dims)
     else:
-        raw = o.factor_exponents(dims)
-    where = f"param {_axes.path_label(path)} with shape {plan.shape}"
+        try:
+            raw = o.factor_exponents(dims)
+        except Exception as e:  # the user's callable: say which leaf it failed on
+            raise ValueError(
+                f"{where}: factor_exponents{dims} raised {type(e).__name__}: {e}"
+            ) from e
     got: tuple[Any, ...] = tuple(raw) if isinstance(raw, (tuple, list)) else ()
     # NumPy and JAX integer scalars count as ints (``__index__``); bools do not.
     got = tuple(e if e is None or isinstance(e, bool) else _as_int(e) for e in got)

@@ -339,8 +339,9 @@ def test_bad_configurations_raise_at_construction(kw, match):
         (lambda dims: (True, 2), False, r"got \(True, 2\)"),
         (lambda dims: 2, False, r"got 2\."),
         (lambda dims: (3, None), True, "must be even"),
+        (lambda dims: {4: (2, 2)}[dims[1]], False, r"factor_exponents\(4, 3\) raised KeyError: 3"),
     ],
-    ids=["length", "zero", "bool", "not_a_tuple", "odd_kl"],
+    ids=["length", "zero", "bool", "not_a_tuple", "odd_kl", "callable_raises"],
 )
 def test_bad_orders_raise_at_init_naming_the_leaf(exponents, kl, match):
     kw = dict(factor_estimation="kl") if kl else {}
